@@ -1,0 +1,227 @@
+//! The two wire formats of an [`Envelope`]: bincode between services, JSON for internal
+//! producers. A log record says which one it uses in its `content-type` header.
+
+use crate::event::{Envelope, SCHEMA_VERSION};
+
+/// How an envelope is encoded on the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// `application/x-bincode`: serde through bincode's standard (varint) configuration.
+    Bincode,
+    /// `application/json`: serde_json, with enums externally tagged (`{"MediaDeleted": {...}}`).
+    Json,
+}
+
+/// Why a record could not be decoded. A decode error is permanent: retrying cannot fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("malformed bincode envelope: {0}")]
+    Bincode(String),
+    #[error("malformed json envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported content type {0:?}")]
+    ContentType(String),
+    #[error("unsupported schema version {0}")]
+    SchemaVersion(u16),
+}
+
+const BINCODE: bincode::config::Configuration = bincode::config::standard();
+
+impl Codec {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Codec::Bincode => "application/x-bincode",
+            Codec::Json => "application/json",
+        }
+    }
+
+    /// The codec named by a `content-type` header. A missing header means bincode.
+    pub fn from_content_type(value: Option<&str>) -> Result<Codec, DecodeError> {
+        match value.map(|v| v.split(';').next().unwrap_or("").trim()) {
+            None | Some("application/x-bincode") => Ok(Codec::Bincode),
+            Some("application/json") => Ok(Codec::Json),
+            Some(other) => Err(DecodeError::ContentType(other.to_owned())),
+        }
+    }
+
+    pub fn encode(self, envelope: &Envelope) -> Vec<u8> {
+        match self {
+            Codec::Bincode => bincode::serde::encode_to_vec(envelope, BINCODE)
+                .expect("envelopes contain only bincode-encodable types"),
+            Codec::Json => serde_json::to_vec(envelope).expect("envelopes serialize to json"),
+        }
+    }
+
+    pub fn decode(self, bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        let envelope: Envelope = match self {
+            Codec::Bincode => {
+                let (envelope, read) = bincode::serde::decode_from_slice(bytes, BINCODE)
+                    .map_err(|e| DecodeError::Bincode(e.to_string()))?;
+                if read != bytes.len() {
+                    return Err(DecodeError::Bincode(format!(
+                        "{} trailing bytes",
+                        bytes.len() - read
+                    )));
+                }
+                envelope
+            }
+            Codec::Json => serde_json::from_slice(bytes)?,
+        };
+        if envelope.schema_version == 0 || envelope.schema_version > SCHEMA_VERSION {
+            return Err(DecodeError::SchemaVersion(envelope.schema_version));
+        }
+        Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::*;
+    use std::path::PathBuf;
+    use uuid::Uuid;
+
+    /// One example of every event, with fixed ids so the fixture bytes are stable.
+    fn examples() -> Vec<(&'static str, Envelope)> {
+        let id = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+        let at = |n: u128| Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0100 + n);
+        let envelope = |n, payload| Envelope {
+            event_id: at(n),
+            aggregate_id: id,
+            version: 1_764_300_000_000_000 + n as u64,
+            occurred_at: 1_764_300_000_000_000 + n as i64,
+            producer: "fixture".into(),
+            schema_version: 1,
+            payload,
+        };
+        let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        vec![
+            (
+                "media_uploaded",
+                envelope(
+                    1,
+                    Event::MediaUploaded(MediaUploaded {
+                        owner: "alice".into(),
+                        original_key: format!("originals/{sha}"),
+                        sha256: sha.into(),
+                        bytes: 123_456,
+                        content_type: "image/jpeg".into(),
+                        title: Some("harbour at dawn".into()),
+                    }),
+                ),
+            ),
+            (
+                "media_processed",
+                envelope(
+                    2,
+                    Event::MediaProcessed(MediaProcessed {
+                        width: 2000,
+                        height: 3000,
+                        blurhash: "LEHV6nWB2yk8pyo0adR*.7kCMdnj".into(),
+                        variants: vec![VariantInfo {
+                            name: "thumb".into(),
+                            key: format!("variants/{sha}/thumb.jpg"),
+                            width: 171,
+                            height: 256,
+                            content_type: "image/jpeg".into(),
+                            bytes: 9_000,
+                        }],
+                        exif: ExifSummary {
+                            camera_make: Some("Canon".into()),
+                            camera_model: Some("EOS R5".into()),
+                            taken_at: Some("2026:11:28 07:00:00".into()),
+                        },
+                    }),
+                ),
+            ),
+            (
+                "media_processing_failed",
+                envelope(
+                    3,
+                    Event::MediaProcessingFailed(MediaProcessingFailed {
+                        reason: "truncated jpeg".into(),
+                    }),
+                ),
+            ),
+            (
+                "media_described",
+                envelope(
+                    4,
+                    Event::MediaDescribed(MediaDescribed {
+                        title: Some("harbour".into()),
+                        description: Some("boats before sunrise".into()),
+                        tags: vec!["sea".into(), "boats".into()],
+                    }),
+                ),
+            ),
+            (
+                "media_deleted",
+                envelope(5, Event::MediaDeleted(MediaDeleted { deleted_by: "alice".into() })),
+            ),
+        ]
+    }
+
+    fn fixtures_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1")
+    }
+
+    /// The golden bytes of every released event must decode forever. Run with
+    /// `UPDATE_FIXTURES=1` only when adding a new fixture, never to make a failure go away.
+    #[test]
+    fn golden_fixtures_decode() {
+        let dir = fixtures_dir();
+        for (name, expected) in examples() {
+            for (codec, ext) in [(Codec::Bincode, "bin"), (Codec::Json, "json")] {
+                let path = dir.join(format!("{name}.{ext}"));
+                if std::env::var_os("UPDATE_FIXTURES").is_some() && !path.exists() {
+                    std::fs::create_dir_all(&dir).unwrap();
+                    std::fs::write(&path, codec.encode(&expected)).unwrap();
+                }
+                let bytes = std::fs::read(&path)
+                    .unwrap_or_else(|e| panic!("missing fixture {}: {e}", path.display()));
+                let decoded = codec
+                    .decode(&bytes)
+                    .unwrap_or_else(|e| panic!("fixture {} no longer decodes: {e}", path.display()));
+                assert_eq!(decoded, expected, "fixture {}", path.display());
+                assert_eq!(codec.encode(&decoded), bytes, "re-encoding {}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn both_codecs_round_trip() {
+        for (_, envelope) in examples() {
+            for codec in [Codec::Bincode, Codec::Json] {
+                assert_eq!(codec.decode(&codec.encode(&envelope)).unwrap(), envelope);
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_decode_errors() {
+        let (_, envelope) = examples().remove(0);
+        let mut bytes = Codec::Bincode.encode(&envelope);
+        bytes.push(0);
+        assert!(matches!(Codec::Bincode.decode(&bytes), Err(DecodeError::Bincode(_))));
+        assert!(Codec::Bincode.decode(&[0xff; 7]).is_err());
+        assert!(matches!(Codec::Json.decode(b"{\"event_id\": 1}"), Err(DecodeError::Json(_))));
+    }
+
+    #[test]
+    fn a_future_schema_version_is_refused() {
+        let (_, mut envelope) = examples().remove(0);
+        envelope.schema_version = SCHEMA_VERSION + 1;
+        let bytes = Codec::Json.encode(&envelope);
+        assert!(matches!(Codec::Json.decode(&bytes), Err(DecodeError::SchemaVersion(_))));
+    }
+
+    #[test]
+    fn content_type_header_picks_the_codec() {
+        assert_eq!(Codec::from_content_type(None).unwrap(), Codec::Bincode);
+        assert_eq!(
+            Codec::from_content_type(Some("application/json; charset=utf-8")).unwrap(),
+            Codec::Json
+        );
+        assert!(Codec::from_content_type(Some("text/plain")).is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! The envelope and the events it carries.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The payload layout this build writes. A reader picks its decoder by the envelope's
+/// `schema_version`, so a later layout can add fields without breaking the golden bytes of
+/// this one (bincode is not self-describing, so "add a field with a default" needs a new
+/// version number on the wire).
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// Namespace for the deterministic (UUIDv5) ids of derived events.
+const DERIVED_NAMESPACE: Uuid = Uuid::from_u128(0x6a0f_5c2e_91d4_4d8e_b1a7_3f0c_9e24_d15b);
+
+/// One fact about one media item, with the metadata every consumer needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// UUIDv7 for events from the outside world; UUIDv5 of the cause for derived events, so a
+    /// redelivered cause yields the same derived event.
+    pub event_id: Uuid,
+    /// The media id. It is the partition key, so every event of one item is ordered.
+    pub aggregate_id: Uuid,
+    /// A causal timestamp in microseconds. A derived event's version is its cause's plus one,
+    /// and read models keep, per column group, the write with the highest version.
+    pub version: u64,
+    /// Wall-clock time the fact happened, in microseconds since the Unix epoch.
+    pub occurred_at: i64,
+    /// The service that produced the event (`ingest`, `processor`, or an internal producer).
+    pub producer: String,
+    /// The payload layout version; see [`SCHEMA_VERSION`].
+    pub schema_version: u16,
+    pub payload: Event,
+}
+
+/// The events. New variants go at the end: bincode encodes the variant index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    MediaUploaded(MediaUploaded),
+    MediaProcessed(MediaProcessed),
+    MediaProcessingFailed(MediaProcessingFailed),
+    MediaDescribed(MediaDescribed),
+    MediaDeleted(MediaDeleted),
+}
+
+impl Event {
+    /// The stable name of the event type, as used in log headers and metrics labels.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::MediaUploaded(_) => "MediaUploaded",
+            Event::MediaProcessed(_) => "MediaProcessed",
+            Event::MediaProcessingFailed(_) => "MediaProcessingFailed",
+            Event::MediaDescribed(_) => "MediaDescribed",
+            Event::MediaDeleted(_) => "MediaDeleted",
+        }
+    }
+}
+
+/// An original was stored and is waiting to be processed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaUploaded {
+    pub owner: String,
+    /// Content-addressed key of the original: `originals/{sha256}`.
+    pub original_key: String,
+    /// Hex sha256 of the original bytes.
+    pub sha256: String,
+    pub bytes: u64,
+    /// Sniffed from the bytes, never taken from the client.
+    pub content_type: String,
+    pub title: Option<String>,
+}
+
+/// The processor made the variants and read the metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaProcessed {
+    /// Dimensions after the EXIF orientation was applied.
+    pub width: u32,
+    pub height: u32,
+    pub blurhash: String,
+    pub variants: Vec<VariantInfo>,
+    pub exif: ExifSummary,
+}
+
+/// One stored rendition of an original.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantInfo {
+    /// `thumb`, `small` or `large`.
+    pub name: String,
+    /// Content-addressed key: `variants/{sha256 of the original}/{name}.{ext}`.
+    pub key: String,
+    pub width: u32,
+    pub height: u32,
+    pub content_type: String,
+    pub bytes: u64,
+}
+
+/// The EXIF fields Conveyor exposes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExifSummary {
+    pub camera_make: Option<String>,
+    pub camera_model: Option<String>,
+    /// `DateTimeOriginal` as written by the camera (`YYYY:MM:DD HH:MM:SS`).
+    pub taken_at: Option<String>,
+}
+
+/// The processor could not read the media; clients see `status: failed` and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaProcessingFailed {
+    pub reason: String,
+}
+
+/// Title, description and tags, set by internal producers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaDescribed {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// The media was deleted. Read models keep a tombstone at this version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaDeleted {
+    /// Who asked for the delete: the owner, or an internal producer's name.
+    pub deleted_by: String,
+}
+
+impl Envelope {
+    /// A new event from the outside world: a UUIDv7 id, and `version` taken from `clock`.
+    pub fn new(aggregate_id: Uuid, version: u64, producer: &str, payload: Event) -> Self {
+        Envelope {
+            event_id: Uuid::now_v7(),
+            aggregate_id,
+            version,
+            occurred_at: version as i64,
+            producer: producer.to_owned(),
+            schema_version: SCHEMA_VERSION,
+            payload,
+        }
+    }
+
+    /// An event caused by `self`. Its id and version are functions of the cause, so handling
+    /// the same cause twice produces the same event, and its version orders after the cause.
+    pub fn derive(&self, producer: &str, occurred_at: i64, payload: Event) -> Self {
+        let name = format!("{}/{}", self.event_id, payload.type_name());
+        Envelope {
+            event_id: Uuid::new_v5(&DERIVED_NAMESPACE, name.as_bytes()),
+            aggregate_id: self.aggregate_id,
+            version: self.version + 1,
+            occurred_at,
+            producer: producer.to_owned(),
+            schema_version: SCHEMA_VERSION,
+            payload,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_events_are_deterministic_and_ordered_after_their_cause() {
+        let cause = Envelope::new(
+            Uuid::now_v7(),
+            1_000,
+            "ingest",
+            Event::MediaDeleted(MediaDeleted { deleted_by: "a".into() }),
+        );
+        let failed = || {
+            Event::MediaProcessingFailed(MediaProcessingFailed { reason: "truncated".into() })
+        };
+        let a = cause.derive("processor", 5, failed());
+        let b = cause.derive("processor", 9, failed());
+        assert_eq!(a.event_id, b.event_id);
+        assert_eq!(a.version, 1_001);
+        assert_eq!(a.aggregate_id, cause.aggregate_id);
+        assert_ne!(a.event_id, cause.event_id);
+    }
+}

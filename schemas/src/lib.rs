@@ -1,0 +1,19 @@
+//! Conveyor's contracts: the event envelope, the events, their codecs, and the read-model rows.
+//!
+//! Everything that crosses a process boundary is defined here, so that producers, processors,
+//! projectors and the query edge agree on one set of types. Events are facts and are never
+//! edited: see [`codec`] for how the wire format evolves.
+
+pub mod codec;
+pub mod event;
+pub mod view;
+
+pub use codec::{Codec, DecodeError};
+pub use event::{
+    Envelope, Event, ExifSummary, MediaDeleted, MediaDescribed, MediaProcessed,
+    MediaProcessingFailed, MediaUploaded, SCHEMA_VERSION, VariantInfo,
+};
+pub use view::{MediaRow, MediaStatus, OwnerStats, TimelinePage};
+
+/// The topic every media event is appended to, keyed by media id.
+pub const MEDIA_EVENTS: &str = "media.events";

@@ -1,0 +1,69 @@
+//! The one factory that turns configured URIs into backend implementations.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use crate::config::Settings;
+use crate::log::EventLog;
+use crate::log::sqlite::SqliteLog;
+use crate::objects::ObjectStore;
+use crate::objects::fs::FsObjectStore;
+use crate::views::ReadStore;
+use crate::views::sqlite::SqliteReadStore;
+
+/// The three backends a service works against.
+#[derive(Clone)]
+pub struct Backends {
+    pub objects: Arc<dyn ObjectStore>,
+    pub log: Arc<dyn EventLog>,
+    pub views: Arc<dyn ReadStore>,
+}
+
+impl Backends {
+    /// Opens the backends the settings name, and makes sure the media topics exist.
+    pub async fn open(settings: &Settings) -> anyhow::Result<Backends> {
+        let objects = open_objects(&settings.objects_uri())?;
+        let log = open_log(settings)?;
+        let views = open_views(&settings.views_uri())?;
+        for topic in [conveyor_schemas::MEDIA_EVENTS, crate::consumer::DLQ_TOPIC] {
+            log.ensure_topic(topic, settings.log.partitions)
+                .await
+                .with_context(|| format!("failed to ensure topic {topic}"))?;
+        }
+        Ok(Backends { objects, log, views })
+    }
+}
+
+fn path_of(uri: &str, scheme: &str) -> Option<PathBuf> {
+    uri.strip_prefix(scheme).filter(|p| !p.is_empty()).map(PathBuf::from)
+}
+
+pub fn open_objects(uri: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    if let Some(path) = path_of(uri, "file://") {
+        let store = FsObjectStore::open(&path)
+            .with_context(|| format!("failed to open object store at {}", path.display()))?;
+        return Ok(Arc::new(store));
+    }
+    bail!("unsupported object store uri {uri:?}: expected file://PATH")
+}
+
+pub fn open_log(settings: &Settings) -> anyhow::Result<Arc<dyn EventLog>> {
+    let uri = settings.log_uri();
+    if let Some(path) = path_of(&uri, "sqlite://") {
+        let log = SqliteLog::open(&path, settings.log.durability)
+            .with_context(|| format!("failed to open event log at {}", path.display()))?;
+        return Ok(Arc::new(log));
+    }
+    bail!("unsupported event log uri {uri:?}: expected sqlite://PATH")
+}
+
+pub fn open_views(uri: &str) -> anyhow::Result<Arc<dyn ReadStore>> {
+    if let Some(path) = path_of(uri, "sqlite://") {
+        let store = SqliteReadStore::open(&path)
+            .with_context(|| format!("failed to open read store at {}", path.display()))?;
+        return Ok(Arc::new(store));
+    }
+    bail!("unsupported read store uri {uri:?}: expected sqlite://PATH")
+}

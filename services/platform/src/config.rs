@@ -1,0 +1,372 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then
+//! `CONVEYOR__SECTION__KEY` environment variables. Unknown keys are refused at every level, so
+//! a typo fails at startup instead of being silently ignored.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Everything a Conveyor process needs to know. Passed explicitly; never global.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where the embedded backends keep their files (log, views, objects, dev keys).
+    pub data_dir: PathBuf,
+    /// The address the HTTP edge listens on. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    pub log: LogSettings,
+    pub objects: ObjectSettings,
+    pub views: ViewSettings,
+    pub auth: AuthSettings,
+    pub limits: Limits,
+    pub processor: ProcessorSettings,
+    pub projector: ProjectorSettings,
+    pub query: QuerySettings,
+    pub cdn: CdnSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `sqlite://PATH`; unset means `sqlite://<data_dir>/log.db`.
+    pub uri: Option<String>,
+    /// Partitions of a topic created by Conveyor. A group scales up to this many consumers.
+    pub partitions: u32,
+    /// Appends a consumer may fail before the record goes to the dead-letter topic.
+    pub max_attempts: u32,
+    /// `fsync` (every group commit reaches the disk before it is acknowledged) or `os`
+    /// (survives a process crash, not a power cut).
+    pub durability: Durability,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Fsync,
+    Os,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectSettings {
+    /// `file://PATH`; unset means `file://<data_dir>/objects`.
+    pub uri: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewSettings {
+    /// `sqlite://PATH`; unset means `sqlite://<data_dir>/views.db`.
+    pub uri: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Client keys as `owner:key,owner2:key2`. Empty makes `serve` create a `dev` key.
+    pub api_keys: KeyList,
+    /// Internal producers' keys for `POST /v1/events`, as `service:key,…`.
+    pub service_keys: KeyList,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted upload, in bytes.
+    pub max_upload_bytes: u64,
+    /// Largest image processed, in pixels (width × height), checked before decoding.
+    pub max_pixels: u64,
+    /// Largest accepted width or height, checked before decoding.
+    pub max_side: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorSettings {
+    /// Images decoded at once in this process; 0 means one per core.
+    pub workers: usize,
+    /// Records of one partition in flight at once. Offsets commit up to the lowest unfinished.
+    pub per_partition: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorSettings {
+    /// Events of one partition folded into the read store per write.
+    pub batch: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuerySettings {
+    /// Read-model responses kept in the in-process cache.
+    pub cache_capacity: u64,
+    /// Upper bound on how stale a cached response can be if an invalidation is missed, in ms.
+    pub cache_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdnSettings {
+    /// Prefix of media URLs in read models, e.g. `https://cdn.example.com`. Empty means
+    /// relative `/media/...` URLs served by the query edge itself.
+    pub base_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("data"),
+            listen: "127.0.0.1:8080".parse().expect("valid default address"),
+            log: LogSettings::default(),
+            objects: ObjectSettings::default(),
+            views: ViewSettings::default(),
+            auth: AuthSettings::default(),
+            limits: Limits::default(),
+            processor: ProcessorSettings::default(),
+            projector: ProjectorSettings::default(),
+            query: QuerySettings::default(),
+            cdn: CdnSettings::default(),
+            telemetry: TelemetrySettings::default(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { uri: None, partitions: 32, max_attempts: 5, durability: Durability::Fsync }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_upload_bytes: 100 * 1024 * 1024, max_pixels: 50_000_000, max_side: 10_000 }
+    }
+}
+
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        ProcessorSettings { workers: 0, per_partition: 2 }
+    }
+}
+
+impl Default for ProjectorSettings {
+    fn default() -> Self {
+        ProjectorSettings { batch: 512 }
+    }
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        QuerySettings { cache_capacity: 100_000, cache_ttl_ms: 5_000 }
+    }
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings { format: LogFormat::Text }
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Settings {
+    /// Defaults, then `file` if given, then the `CONVEYOR__…` environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from_pairs(file, vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
+    /// Like [`Settings::load`], with the environment given as pairs, so tests and config
+    /// checks run exactly the parsing the binary runs.
+    pub fn load_from_pairs<'a>(
+        file: Option<&Path>,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        for (key, value) in pairs {
+            let Some(rest) = key.strip_prefix("CONVEYOR__") else { continue };
+            let path = rest.to_ascii_lowercase().replace("__", ".");
+            figment = figment.merge(Serialized::global(&path, env_value(value)));
+        }
+        figment.extract().map_err(|e| ConfigError(flatten(e)))
+    }
+
+    /// Settings for tests: a data dir of the caller's, port 0, OS durability, fast caches.
+    pub fn for_test(data_dir: &Path) -> Settings {
+        let mut settings = Settings {
+            data_dir: data_dir.to_owned(),
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            ..Settings::default()
+        };
+        settings.log.partitions = 8;
+        settings.log.durability = Durability::Os;
+        settings.auth.api_keys = KeyList::parse("alice:alice-key,bob:bob-key").expect("valid keys");
+        settings.auth.service_keys = KeyList::parse("describer:service-key").expect("valid keys");
+        settings
+    }
+
+    pub fn log_uri(&self) -> String {
+        self.log.uri.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("log.db").display()))
+    }
+
+    pub fn objects_uri(&self) -> String {
+        self.objects.uri.clone().unwrap_or_else(|| format!("file://{}", self.data_dir.join("objects").display()))
+    }
+
+    pub fn views_uri(&self) -> String {
+        self.views.uri.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("views.db").display()))
+    }
+}
+
+/// Parses an environment value the way figment's `Env` provider does.
+fn env_value(value: &str) -> figment::value::Value {
+    value.parse().unwrap_or_else(|_| figment::value::Value::from(value.to_owned()))
+}
+
+fn flatten(error: figment::Error) -> String {
+    error.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+}
+
+/// `name:key` pairs. The keys are secrets: `Debug` and serialization never show them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KeyList(Vec<(String, String)>);
+
+impl KeyList {
+    /// Parses `name:key,name2:key2`. Names and keys must be non-empty.
+    pub fn parse(text: &str) -> Result<KeyList, String> {
+        let mut pairs = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, key) = item
+                .split_once(':')
+                .ok_or_else(|| format!("key entry {item:?} is not `name:key`"))?;
+            if name.is_empty() || key.is_empty() {
+                return Err("key entries need a name and a key".into());
+            }
+            pairs.push((name.to_owned(), key.to_owned()));
+        }
+        Ok(KeyList(pairs))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn push(&mut self, name: &str, key: &str) {
+        self.0.push((name.to_owned(), key.to_owned()));
+    }
+
+    /// The name a presented key belongs to. Compares every entry in constant time per byte.
+    pub fn lookup(&self, presented: &str) -> Option<&str> {
+        let mut found = None;
+        for (name, key) in &self.0 {
+            if constant_time_eq(key.as_bytes(), presented.as_bytes()) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl fmt::Debug for KeyList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|(n, _)| n.as_str()).collect();
+        write!(f, "KeyList({names:?}, keys redacted)")
+    }
+}
+
+impl Serialize for KeyList {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Defaults are serialized into figment; a non-empty list is never written anywhere else.
+        let text: Vec<String> = self.0.iter().map(|(n, k)| format!("{n}:{k}")).collect();
+        serializer.serialize_str(&text.join(","))
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        KeyList::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let s = Settings::load_from_pairs(None, []).unwrap();
+        assert_eq!(s.log.partitions, 32);
+        assert_eq!(s.limits.max_upload_bytes, 100 * 1024 * 1024);
+        assert_eq!(s.limits.max_pixels, 50_000_000);
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.log_uri(), "sqlite://data/log.db");
+    }
+
+    #[test]
+    fn environment_overrides_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("conveyor.toml");
+        std::fs::write(&file, "data_dir = \"/srv/a\"\n[log]\npartitions = 16\n").unwrap();
+        let s = Settings::load_from_pairs(
+            Some(&file),
+            [
+                ("CONVEYOR__LOG__PARTITIONS", "64"),
+                ("CONVEYOR__AUTH__API_KEYS", "alice:k1,bob:k2"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/srv/a"));
+        assert_eq!(s.log.partitions, 64);
+        assert_eq!(s.auth.api_keys.lookup("k2"), Some("bob"));
+        assert_eq!(s.auth.api_keys.lookup("k3"), None);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Settings::load_from_pairs(None, [("CONVEYOR__LOG__PARTITONS", "8")]).unwrap_err();
+        assert!(err.to_string().contains("partitons"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[limits]\nmax_upload = 5\n").unwrap();
+        assert!(Settings::load_from_pairs(Some(&file), []).is_err());
+    }
+
+    #[test]
+    fn malformed_keys_are_refused_and_secrets_stay_hidden() {
+        assert!(Settings::load_from_pairs(None, [("CONVEYOR__AUTH__API_KEYS", "nocolon")]).is_err());
+        let keys = KeyList::parse("alice:supersecret").unwrap();
+        assert!(!format!("{keys:?}").contains("supersecret"));
+    }
+}

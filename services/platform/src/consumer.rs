@@ -1,0 +1,302 @@
+//! The consumer runtime every processor and projector runs on: at-least-once delivery with
+//! effects made idempotent by the handlers.
+//!
+//! - Records of a partition are handed to the handler in batches of up to `max_batch`, with up
+//!   to `per_partition` batches of one partition in flight at once (1 keeps strict order, as
+//!   projectors need; more lets a CPU-heavy processor use more cores than partitions).
+//! - A partition's offset is committed only up to its lowest unfinished record, and only after
+//!   the handler returned, i.e. after the effect is durable.
+//! - A failed batch is retried with backoff. A transient failure is retried until it succeeds
+//!   or the process stops. A permanent one is retried `max_attempts` times; a batch is then
+//!   split into single records, and a record that still fails is appended to the dead-letter
+//!   topic with its origin and error in headers, and the group moves on.
+//! - On shutdown the runtime stops fetching, lets in-flight work finish, commits it, and
+//!   returns.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{Delivered, EventLog, StartFrom};
+
+/// Where records that keep failing go.
+pub const DLQ_TOPIC: &str = "media.events.dlq";
+
+/// Why a handler could not finish a batch.
+#[derive(Debug)]
+pub enum HandleError {
+    /// Worth retrying as is: a backend timed out or is unavailable.
+    Transient(anyhow::Error),
+    /// Retrying will not help: the record is malformed or breaks an invariant.
+    Permanent(anyhow::Error),
+}
+
+impl std::fmt::Display for HandleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandleError::Transient(e) => write!(f, "transient: {e:#}"),
+            HandleError::Permanent(e) => write!(f, "permanent: {e:#}"),
+        }
+    }
+}
+
+/// A stage's work on a batch of records from one partition, in offset order.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Does the work and returns once its effect is durable. Must be idempotent: after a crash
+    /// the same records are handled again.
+    async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub topic: String,
+    pub group: String,
+    pub per_partition: usize,
+    pub max_batch: usize,
+    pub max_attempts: u32,
+    /// Most records fetched but not yet finished, across partitions.
+    pub max_buffered: usize,
+    /// First retry delay; doubles up to 30 s.
+    pub backoff: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(topic: &str, group: &str) -> Self {
+        ConsumerConfig {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            per_partition: 1,
+            max_batch: 1,
+            max_attempts: 5,
+            max_buffered: 4096,
+            backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PartitionState {
+    waiting: VecDeque<Delivered>,
+    /// First offsets of batches being handled, and the offsets they cover.
+    in_flight: usize,
+    unfinished: BTreeSet<u64>,
+    /// One past the highest offset fetched.
+    fetched_end: u64,
+    committed: Option<u64>,
+}
+
+impl PartitionState {
+    /// The offset everything below which is finished.
+    fn low_watermark(&self) -> u64 {
+        self.unfinished.first().copied().unwrap_or(self.fetched_end)
+    }
+}
+
+/// Runs `handler` over `config.topic` as a member of `config.group` until `stop` is cancelled.
+pub async fn run(
+    log: Arc<dyn EventLog>,
+    config: ConsumerConfig,
+    handler: Arc<dyn Handler>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut sub = log
+        .subscribe(&config.topic, &config.group, StartFrom::Earliest)
+        .await
+        .with_context(|| format!("failed to join group {} on {}", config.group, config.topic))?;
+    tracing::info!(group = %config.group, topic = %config.topic, "consumer started");
+    let mut partitions: HashMap<u32, PartitionState> = HashMap::new();
+    let mut tasks: JoinSet<(u32, Vec<u64>, bool)> = JoinSet::new();
+    // Handlers see a child token: cancelling it abandons retries, whose records stay
+    // uncommitted and are redelivered after a restart.
+    let work_stop = stop.child_token();
+    let mut buffered = 0usize;
+    let mut stopping = false;
+
+    loop {
+        // Hand waiting records to the handler, up to the in-flight bound of each partition.
+        if !stopping {
+            for (&partition, state) in partitions.iter_mut() {
+                while state.in_flight < config.per_partition && !state.waiting.is_empty() {
+                    let n = state.waiting.len().min(config.max_batch.max(1));
+                    let batch: Vec<Delivered> = state.waiting.drain(..n).collect();
+                    state.in_flight += 1;
+                    let (handler, log, config, token) =
+                        (handler.clone(), log.clone(), config.clone(), work_stop.clone());
+                    tasks.spawn(async move {
+                        let offsets: Vec<u64> = batch.iter().map(|r| r.offset).collect();
+                        let done = handle_with_retries(&*handler, &*log, &config, batch, &token).await;
+                        (partition, offsets, done)
+                    });
+                }
+            }
+        }
+        if stopping && tasks.is_empty() {
+            break;
+        }
+
+        tokio::select! {
+            biased;
+            _ = stop.cancelled(), if !stopping => {
+                tracing::info!(group = %config.group, in_flight = tasks.len(), "consumer draining");
+                stopping = true;
+            }
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                // Take whatever else already finished too, so one commit covers it all.
+                let mut next = Some(joined);
+                while let Some(joined) = next {
+                    let (partition, offsets, done) = joined.context("consumer task panicked")?;
+                    let state = partitions.get_mut(&partition).expect("partition of a running batch");
+                    state.in_flight -= 1;
+                    if done {
+                        for offset in &offsets {
+                            state.unfinished.remove(offset);
+                        }
+                        buffered -= offsets.len();
+                    }
+                    next = tasks.try_join_next();
+                }
+                commit_finished(sub.as_mut(), &mut partitions).await?;
+            }
+            polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), Duration::from_millis(500)),
+                if !stopping && buffered < config.max_buffered => {
+                let records = polled.context("failed to poll the event log")?;
+                for record in records {
+                    let state = partitions.entry(record.partition).or_default();
+                    state.unfinished.insert(record.offset);
+                    state.fetched_end = record.offset + 1;
+                    state.waiting.push_back(record);
+                    buffered += 1;
+                }
+            }
+        }
+    }
+    commit_finished(sub.as_mut(), &mut partitions).await?;
+    tracing::info!(group = %config.group, "consumer stopped");
+    Ok(())
+}
+
+async fn commit_finished(
+    sub: &mut dyn crate::log::Subscription,
+    partitions: &mut HashMap<u32, PartitionState>,
+) -> anyhow::Result<()> {
+    let mut offsets = Vec::new();
+    for (&partition, state) in partitions.iter() {
+        let mark = state.low_watermark();
+        if state.committed.is_none_or(|c| c < mark) && state.fetched_end > 0 {
+            offsets.push((partition, mark));
+        }
+    }
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    sub.commit(&offsets).await.context("failed to commit offsets")?;
+    for (partition, mark) in offsets {
+        partitions.get_mut(&partition).expect("committed partition").committed = Some(mark);
+    }
+    Ok(())
+}
+
+/// Returns whether the batch is finished (handled or dead-lettered). `false` means the runtime
+/// is stopping and the batch must be redelivered later.
+async fn handle_with_retries(
+    handler: &dyn Handler,
+    log: &dyn EventLog,
+    config: &ConsumerConfig,
+    batch: Vec<Delivered>,
+    stop: &CancellationToken,
+) -> bool {
+    match attempt(handler, config, &batch, stop).await {
+        Outcome::Done => true,
+        Outcome::Stopped => false,
+        Outcome::GaveUp(error) if batch.len() > 1 => {
+            tracing::warn!(group = %config.group, error = %error, size = batch.len(), "batch failed, retrying records one by one");
+            for record in batch {
+                let single = std::slice::from_ref(&record);
+                match attempt(handler, config, single, stop).await {
+                    Outcome::Done => {}
+                    Outcome::Stopped => return false,
+                    Outcome::GaveUp(error) => {
+                        if !dead_letter(log, config, &record, &error, stop).await {
+                            return false;
+                        }
+                    }
+                }
+            }
+            true
+        }
+        Outcome::GaveUp(error) => dead_letter(log, config, &batch[0], &error, stop).await,
+    }
+}
+
+enum Outcome {
+    Done,
+    Stopped,
+    GaveUp(String),
+}
+
+async fn attempt(handler: &dyn Handler, config: &ConsumerConfig, batch: &[Delivered], stop: &CancellationToken) -> Outcome {
+    let mut delay = config.backoff;
+    let mut permanent_failures = 0;
+    loop {
+        let error = match handler.handle(batch).await {
+            Ok(()) => return Outcome::Done,
+            Err(e) => e,
+        };
+        if let HandleError::Permanent(_) = error {
+            permanent_failures += 1;
+            if permanent_failures >= config.max_attempts {
+                return Outcome::GaveUp(error.to_string());
+            }
+        }
+        metrics::counter!("conveyor_handler_retries_total", "group" => config.group.clone()).increment(1);
+        tracing::warn!(group = %config.group, partition = batch[0].partition, offset = batch[0].offset, error = %error, "handler failed, retrying");
+        tokio::select! {
+            _ = stop.cancelled() => return Outcome::Stopped,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Appends the record to the dead-letter topic with where it came from and why it failed.
+/// Retries the append until it succeeds: a dead letter must not be lost.
+async fn dead_letter(
+    log: &dyn EventLog,
+    config: &ConsumerConfig,
+    record: &Delivered,
+    error: &str,
+    stop: &CancellationToken,
+) -> bool {
+    let mut dead = record.to_record();
+    dead.headers.retain(|(k, _)| !k.starts_with("dlq-"));
+    dead.headers.extend([
+        ("dlq-topic".to_owned(), record.topic.clone()),
+        ("dlq-partition".to_owned(), record.partition.to_string()),
+        ("dlq-offset".to_owned(), record.offset.to_string()),
+        ("dlq-group".to_owned(), config.group.clone()),
+        ("dlq-error".to_owned(), error.chars().take(1000).collect()),
+        ("dlq-attempts".to_owned(), config.max_attempts.to_string()),
+    ]);
+    let mut delay = config.backoff;
+    loop {
+        match log.append(DLQ_TOPIC, vec![dead.clone()]).await {
+            Ok(_) => {
+                metrics::counter!("conveyor_dead_letters_total", "group" => config.group.clone()).increment(1);
+                tracing::error!(group = %config.group, partition = record.partition, offset = record.offset, error, "record sent to the dead-letter topic");
+                return true;
+            }
+            Err(e) => tracing::error!(error = %e, "failed to append a dead letter, retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}

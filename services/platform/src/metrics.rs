@@ -1,0 +1,30 @@
+//! The process-wide Prometheus recorder. Metric names and label sets are bounded: routes,
+//! status classes, groups and partitions, never ids.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder on first use and returns the handle `/metrics` renders.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (e.g. by a test harness); then metrics go
+        // there and this handle renders an empty page, which is still valid exposition format.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Renders the Prometheus text exposition.
+pub fn render() -> String {
+    handle().render()
+}

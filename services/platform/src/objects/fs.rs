@@ -1,0 +1,190 @@
+//! The embedded object store: one file per key under a root directory.
+//!
+//! A put writes to `<root>/.tmp/<uuid>`, fsyncs it, renames it into place and fsyncs the
+//! directory, so a crash leaves either the old object or the new one. Leftover temp files
+//! from a crash are removed when the store opens.
+
+use std::io::SeekFrom;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+use super::{ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, validate_key};
+
+pub struct FsObjectStore {
+    root: PathBuf,
+}
+
+impl FsObjectStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join(".tmp"))?;
+        for entry in std::fs::read_dir(root.join(".tmp"))? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(FsObjectStore { root })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, ObjectError> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+async fn place(tmp: &Path, target: &Path) -> std::io::Result<()> {
+    let parent = target.parent().expect("object paths have a parent");
+    tokio::fs::create_dir_all(parent).await?;
+    tokio::fs::rename(tmp, target).await?;
+    sync_dir(parent).await
+}
+
+#[async_trait]
+impl ObjectStore for FsObjectStore {
+    async fn put(&self, key: &str, mut body: ByteStream) -> Result<ObjectMeta, ObjectError> {
+        let target = self.path(key)?;
+        let tmp = self.root.join(".tmp").join(uuid::Uuid::new_v4().to_string());
+        let result = async {
+            let file = tokio::fs::File::create(&tmp).await?;
+            let mut writer = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+            let mut size = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(ObjectError::Body)?;
+                size += chunk.len() as u64;
+                writer.write_all(&chunk).await?;
+            }
+            writer.flush().await?;
+            writer.into_inner().sync_all().await?;
+            place(&tmp, &target).await?;
+            Ok(ObjectMeta { key: key.to_owned(), size })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<GetObject, ObjectError> {
+        let path = self.path(key)?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ObjectError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        let size = file.metadata().await?.len();
+        let range = match range {
+            None => 0..size,
+            Some(r) if r.start >= size || r.start >= r.end => {
+                return Err(ObjectError::RangeNotSatisfiable { start: r.start, end: r.end, size });
+            }
+            Some(r) => r.start..r.end.min(size),
+        };
+        file.seek(SeekFrom::Start(range.start)).await?;
+        let reader = file.take(range.end - range.start);
+        let body = ReaderStream::with_capacity(reader, 64 * 1024).boxed();
+        Ok(GetObject { size, range, body })
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
+        let path = self.path(key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta { key: key.to_owned(), size: m.len() })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn promote(&self, from: &str, to: &str) -> Result<(), ObjectError> {
+        let (source, target) = (self.path(from)?, self.path(to)?);
+        if tokio::fs::metadata(&source).await.is_err() {
+            return Err(ObjectError::NotFound);
+        }
+        if tokio::fs::metadata(&target).await.is_ok() {
+            return self.delete(from).await;
+        }
+        place(&source, &target).await?;
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                for entry in entries {
+                    let entry = entry?;
+                    let path = entry.path();
+                    let rel = path.strip_prefix(&root).expect("walk stays under root");
+                    let key = rel.to_string_lossy().replace('\\', "/");
+                    if key == ".tmp" {
+                        continue;
+                    }
+                    let kind = entry.file_type()?;
+                    if kind.is_dir() {
+                        // Descend only where the prefix can still match.
+                        if prefix.starts_with(&format!("{key}/")) || key.starts_with(&prefix) || prefix.is_empty() {
+                            stack.push(path);
+                        }
+                    } else if kind.is_file() && key.starts_with(&prefix) {
+                        out.push(ObjectMeta { key, size: entry.metadata()?.len() });
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ObjectError::Io(std::io::Error::other(e)))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsObjectStore::open(dir.path()).unwrap();
+        super::super::conformance::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn crash_leftovers_are_cleaned_and_never_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        FsObjectStore::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join(".tmp/half-written"), b"partial").unwrap();
+        let store = FsObjectStore::open(dir.path()).unwrap();
+        assert!(std::fs::read_dir(dir.path().join(".tmp")).unwrap().next().is_none());
+        assert!(store.list("").await.unwrap().is_empty());
+    }
+}

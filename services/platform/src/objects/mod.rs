@@ -1,0 +1,117 @@
+//! Object storage: immutable blobs by key. The embedded implementation is a local directory
+//! ([`fs::FsObjectStore`]); S3 comes later behind the same trait.
+
+pub mod conformance;
+pub mod fs;
+
+use std::ops::Range;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+/// A body streamed into or out of a store.
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// What a store knows about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// A (possibly partial) object body.
+pub struct GetObject {
+    /// Size of the whole object, not of the range.
+    pub size: u64,
+    /// The byte range `body` carries.
+    pub range: Range<u64>,
+    pub body: ByteStream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("object not found")]
+    NotFound,
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("range {start}..{end} not satisfiable for an object of {size} bytes")]
+    RangeNotSatisfiable { start: u64, end: u64, size: u64 },
+    /// The body stream failed; nothing was stored.
+    #[error("upload body failed: {0}")]
+    Body(std::io::Error),
+    #[error("object store i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The contract every object store keeps. Keys are `/`-separated paths of
+/// `[A-Za-z0-9._-]` segments; no segment is empty, `.` or `..`.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Stores `body` under `key`, replacing any object there. Atomic: a reader sees the old
+    /// object, or the whole new one, never a part. Returns once the object is durable. If the
+    /// body stream yields an error, nothing is stored and [`ObjectError::Body`] is returned.
+    async fn put(&self, key: &str, body: ByteStream) -> Result<ObjectMeta, ObjectError>;
+
+    /// Reads `key`, or only `range` of it. A range past the end is
+    /// [`ObjectError::RangeNotSatisfiable`]; a range ending past the end is clamped.
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<GetObject, ObjectError>;
+
+    /// The object's metadata, or `None` if there is no such object.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError>;
+
+    /// Removes `key`. Idempotent: deleting a missing object succeeds.
+    async fn delete(&self, key: &str) -> Result<(), ObjectError>;
+
+    /// Makes the object at `from` available at `to` and removes `from`. If `to` already
+    /// exists, it is kept (keys under `to` are content-addressed, so it is the same bytes) and
+    /// `from` is removed. [`ObjectError::NotFound`] if `from` does not exist.
+    async fn promote(&self, from: &str, to: &str) -> Result<(), ObjectError>;
+
+    /// Every object whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError>;
+
+    /// Stores a body that is already in memory; same promises as [`ObjectStore::put`].
+    async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<ObjectMeta, ObjectError> {
+        self.put(key, Box::pin(futures::stream::once(async move { Ok(bytes) }))).await
+    }
+
+    /// Reads a whole object into memory.
+    async fn get_bytes(&self, key: &str) -> Result<Bytes, ObjectError> {
+        use futures::TryStreamExt;
+        let object = self.get(key, None).await?;
+        let mut out = Vec::with_capacity(object.size as usize);
+        let mut body = object.body;
+        while let Some(chunk) = body.try_next().await? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+/// Checks a key against the contract's grammar.
+pub fn validate_key(key: &str) -> Result<(), ObjectError> {
+    let ok = !key.is_empty()
+        && key.len() <= 1024
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok { Ok(()) } else { Err(ObjectError::InvalidKey(key.to_owned())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_grammar() {
+        assert!(validate_key("originals/ab12").is_ok());
+        assert!(validate_key("variants/ab/thumb.jpg").is_ok());
+        for bad in ["", "/abs", "a//b", "../etc/passwd", "a/./b", "a b", "a/"] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+    }
+}

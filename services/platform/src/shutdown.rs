@@ -1,0 +1,53 @@
+//! One cancellation token for the whole process, and the task tracker that drains on it.
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The process's shutdown tree. Every long-lived task is spawned on `tracker` and watches
+/// `token`; `drain` cancels and waits for all of them.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub token: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels the token on SIGTERM or Ctrl-C.
+    pub fn cancel_on_signal(&self) {
+        let token = self.token.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received, draining");
+            token.cancel();
+        });
+    }
+
+    /// Cancels everything and waits for every tracked task to finish.
+    pub async fn drain(&self) {
+        self.token.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,60 @@
+//! What the SQLite log and the SQLite read store share: connection setup and a pool of read
+//! connections used off the async runtime.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+/// Opens a connection in WAL mode with a generous busy timeout, since several processes may
+/// share one file.
+pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(512);
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    Ok(conn)
+}
+
+/// Read connections, opened on demand and reused.
+pub struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    pub fn new(path: PathBuf) -> Self {
+        ReaderPool { path, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// Runs `f` on a pooled connection in a blocking task. `E` must be able to describe a
+    /// failure to open the connection or to run the task.
+    pub async fn with<T, E>(
+        self: &std::sync::Arc<Self>,
+        f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<PoolError> + Send + 'static,
+    {
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = pool.idle.lock().expect("reader pool lock").pop();
+            let conn = match idle {
+                Some(c) => c,
+                None => open_connection(&pool.path).map_err(|e| PoolError(e.to_string()))?,
+            };
+            let result = f(&conn);
+            pool.idle.lock().expect("reader pool lock").push(conn);
+            result
+        })
+        .await
+        .map_err(|e| E::from(PoolError(e.to_string())))?
+    }
+}
+
+/// A read connection could not be opened, or its task died.
+#[derive(Debug, thiserror::Error)]
+#[error("sqlite reader: {0}")]
+pub struct PoolError(pub String);

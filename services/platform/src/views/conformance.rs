@@ -1,0 +1,154 @@
+//! The [`ReadStore`] conformance suite. Every implementation runs it: SQLite always, ScyllaDB
+//! when `SCYLLA_URI` is set. The store must be empty.
+
+use conveyor_schemas::{
+    Envelope, Event, ExifSummary, MediaDeleted, MediaDescribed, MediaProcessed, MediaStatus,
+    MediaUploaded, OwnerStats, VariantInfo,
+};
+use uuid::Uuid;
+
+use super::ReadStore;
+
+/// 2026-01-31T23:59:00Z and one day later, in µs: timelines must page across months.
+const JAN_31: u64 = 1_769_903_940_000_000;
+const DAY: u64 = 86_400_000_000;
+
+fn uploaded(id: Uuid, version: u64, owner: &str, bytes: u64) -> Envelope {
+    Envelope::new(
+        id,
+        version,
+        "conformance",
+        Event::MediaUploaded(MediaUploaded {
+            owner: owner.into(),
+            original_key: format!("originals/{id}"),
+            sha256: id.simple().to_string(),
+            bytes,
+            content_type: "image/jpeg".into(),
+            title: Some("upload title".into()),
+        }),
+    )
+}
+
+fn processed(cause: &Envelope, width: u32) -> Envelope {
+    cause.derive(
+        "conformance",
+        0,
+        Event::MediaProcessed(MediaProcessed {
+            width,
+            height: 10,
+            blurhash: "LKO2?U%2Tw=w]~RBVZRi};RPxuwH".into(),
+            variants: vec![VariantInfo {
+                name: "thumb".into(),
+                key: "variants/x/thumb.jpg".into(),
+                width: 256,
+                height: 10,
+                content_type: "image/jpeg".into(),
+                bytes: 99,
+            }],
+            exif: ExifSummary::default(),
+        }),
+    )
+}
+
+fn described(id: Uuid, version: u64, title: &str) -> Envelope {
+    Envelope::new(
+        id,
+        version,
+        "conformance",
+        Event::MediaDescribed(MediaDescribed {
+            title: Some(title.into()),
+            description: Some("d".into()),
+            tags: vec!["a".into()],
+        }),
+    )
+}
+
+fn deleted(id: Uuid, version: u64) -> Envelope {
+    Envelope::new(id, version, "conformance", Event::MediaDeleted(MediaDeleted { deleted_by: "x".into() }))
+}
+
+pub async fn run(store: &dyn ReadStore) {
+    store.ping().await.expect("ping");
+
+    // Upsert and get.
+    let a = Uuid::now_v7();
+    let up = uploaded(a, JAN_31, "alice", 100);
+    store.apply(std::slice::from_ref(&up)).await.unwrap();
+    let row = store.media(a).await.unwrap().expect("uploaded media is visible");
+    assert_eq!((row.status, row.owner.as_str(), row.bytes), (MediaStatus::Pending, "alice", 100));
+    assert_eq!(row.created_at, JAN_31 as i64);
+    assert_eq!(store.media(Uuid::now_v7()).await.unwrap(), None, "unknown id");
+
+    // Processing, then redelivery of everything: identical rows and stats.
+    let done = processed(&up, 640);
+    store.apply(std::slice::from_ref(&done)).await.unwrap();
+    let row = store.media(a).await.unwrap().unwrap();
+    assert_eq!((row.status, row.width, row.variants.len()), (MediaStatus::Processed, Some(640), 1));
+    let stats_before = store.owner_stats("alice").await.unwrap();
+    assert_eq!(stats_before, OwnerStats { media_count: 1, bytes: 100 });
+    store.apply(&[up.clone(), done.clone(), up.clone()]).await.unwrap();
+    assert_eq!(store.media(a).await.unwrap().unwrap(), row, "redelivery changes nothing");
+    assert_eq!(store.owner_stats("alice").await.unwrap(), stats_before, "stats count once");
+
+    // Out-of-order versions: an older description never overwrites a newer one, and column
+    // groups do not overwrite each other.
+    store.apply(&[described(a, JAN_31 + 20, "newer"), described(a, JAN_31 + 10, "older")]).await.unwrap();
+    let row = store.media(a).await.unwrap().unwrap();
+    assert_eq!(row.title.as_deref(), Some("newer"));
+    assert_eq!(row.status, MediaStatus::Processed, "a description leaves processing alone");
+    let reprocessed = processed(&up, 640);
+    store.apply(&[reprocessed]).await.unwrap();
+    assert_eq!(store.media(a).await.unwrap().unwrap().title.as_deref(), Some("newer"));
+
+    // Tombstones: a delete hides the row and its stats; an older event never brings it back.
+    let b = Uuid::now_v7();
+    let up_b = uploaded(b, JAN_31 + DAY, "alice", 50);
+    store.apply(std::slice::from_ref(&up_b)).await.unwrap();
+    assert_eq!(store.owner_stats("alice").await.unwrap(), OwnerStats { media_count: 2, bytes: 150 });
+    store.apply(&[deleted(b, JAN_31 + DAY + 5)]).await.unwrap();
+    store.apply(&[processed(&up_b, 10), up_b.clone(), described(b, JAN_31 + DAY + 1, "zombie")]).await.unwrap();
+    assert_eq!(store.media(b).await.unwrap(), None, "deleted stays deleted");
+    assert_eq!(store.owner_stats("alice").await.unwrap(), OwnerStats { media_count: 1, bytes: 100 });
+    // A delete that arrives before its upload still wins.
+    let c = Uuid::now_v7();
+    store.apply(&[deleted(c, JAN_31 + 9), uploaded(c, JAN_31 + 1, "alice", 7)]).await.unwrap();
+    assert_eq!(store.media(c).await.unwrap(), None);
+    assert_eq!(store.owner_stats("alice").await.unwrap().media_count, 1);
+
+    // Timelines: newest first, pages that cross a month boundary, nothing lost or repeated.
+    let mut ids = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..25u64 {
+        let id = Uuid::now_v7();
+        // Eleven hours apart: the timeline spans Jan 30 to Feb 10.
+        events.push(uploaded(id, JAN_31 - DAY + i * DAY * 11 / 24, "carol", 1));
+        ids.push(id);
+    }
+    store.apply(&events).await.unwrap();
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = store.owner_timeline("carol", cursor, 7).await.unwrap();
+        assert!(page.items.len() <= 7);
+        seen.extend(page.items.iter().map(|m| m.id));
+        pages += 1;
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every item once, newest first");
+    assert_eq!(pages, 4);
+    assert!(store.owner_timeline("nobody", None, 10).await.unwrap().items.is_empty());
+
+    // Stats after replaying the whole history again, in reverse order.
+    let mut history = vec![up.clone(), done, up_b, deleted(b, JAN_31 + DAY + 5)];
+    history.extend(events);
+    history.reverse();
+    store.apply(&history).await.unwrap();
+    assert_eq!(store.owner_stats("alice").await.unwrap(), OwnerStats { media_count: 1, bytes: 100 });
+    assert_eq!(store.owner_stats("carol").await.unwrap(), OwnerStats { media_count: 25, bytes: 25 });
+    assert_eq!(store.owner_stats("nobody").await.unwrap(), OwnerStats::default());
+}

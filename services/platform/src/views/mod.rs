@@ -1,0 +1,268 @@
+//! Read models: `media_by_id`, `media_by_owner` and `owner_stats`, folded from events. The
+//! embedded implementation is SQLite ([`sqlite::SqliteReadStore`]); ScyllaDB comes later
+//! behind the same trait.
+//!
+//! The folding rules live here, as a pure function ([`MediaState::apply`]), so every store
+//! agrees on them:
+//! - each event owns one column group (upload, description, processing) and a group keeps the
+//!   write with the highest `version`;
+//! - a delete is a tombstone at its version, and a deleted id never shows again;
+//! - `owner_stats` counts a media item while it has an upload and no tombstone, and changes
+//!   only when that flips, in the same write as the row.
+//!
+//! Every rule is a max over versions, so applying any set of events in any order, any number
+//! of times, gives the same visible state.
+
+pub mod conformance;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use conveyor_schemas::{
+    Envelope, Event, MediaProcessed, MediaRow, MediaStatus, OwnerStats, TimelinePage,
+};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("read store: {0}")]
+    Storage(String),
+}
+
+/// The contract every read store keeps.
+#[async_trait]
+pub trait ReadStore: Send + Sync + 'static {
+    /// Folds `events` into the read models, by the rules in this module, and returns once the
+    /// result is durable. Idempotent and order-insensitive: re-applying any events, in any
+    /// order, leaves the visible state unchanged.
+    async fn apply(&self, events: &[Envelope]) -> Result<(), ViewError>;
+
+    /// `media_by_id`: the media item, or `None` if it is unknown, not yet uploaded, or deleted.
+    async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError>;
+
+    /// `media_by_owner`: the owner's live media, newest first (`created_at`, then id,
+    /// descending), starting strictly after `after`. At most `limit` items.
+    async fn owner_timeline(
+        &self,
+        owner: &str,
+        after: Option<(i64, Uuid)>,
+        limit: usize,
+    ) -> Result<TimelinePage, ViewError>;
+
+    /// `owner_stats`: count and bytes of the owner's live media. Zero for unknown owners.
+    async fn owner_stats(&self, owner: &str) -> Result<OwnerStats, ViewError>;
+
+    /// Cheap check that the store answers, for `/readyz`.
+    async fn ping(&self) -> Result<(), ViewError>;
+}
+
+/// The upload column group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadGroup {
+    pub version: u64,
+    pub owner: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub original_key: String,
+    pub title: Option<String>,
+}
+
+/// The description column group, owned by `MediaDescribed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescribeGroup {
+    pub version: u64,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// The processing column group, owned by `MediaProcessed` and `MediaProcessingFailed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessGroup {
+    pub version: u64,
+    pub outcome: ProcessOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessOutcome {
+    Processed(MediaProcessed),
+    Failed(String),
+}
+
+/// Everything a store keeps about one media id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaState {
+    pub id: Uuid,
+    pub upload: Option<UploadGroup>,
+    pub describe: Option<DescribeGroup>,
+    pub process: Option<ProcessGroup>,
+    /// Version of the newest tombstone.
+    pub deleted: Option<u64>,
+}
+
+fn newer<T>(slot: &mut Option<T>, version: u64, current: impl Fn(&T) -> u64, value: impl FnOnce() -> T) -> bool {
+    match slot {
+        Some(existing) if current(existing) >= version => false,
+        _ => {
+            *slot = Some(value());
+            true
+        }
+    }
+}
+
+impl MediaState {
+    pub fn new(id: Uuid) -> Self {
+        MediaState { id, upload: None, describe: None, process: None, deleted: None }
+    }
+
+    /// Folds one event in. Returns whether anything changed.
+    pub fn apply(&mut self, event: &Envelope) -> bool {
+        let v = event.version;
+        match &event.payload {
+            Event::MediaUploaded(e) => newer(&mut self.upload, v, |g| g.version, || UploadGroup {
+                version: v,
+                owner: e.owner.clone(),
+                content_type: e.content_type.clone(),
+                bytes: e.bytes,
+                sha256: e.sha256.clone(),
+                original_key: e.original_key.clone(),
+                title: e.title.clone(),
+            }),
+            Event::MediaDescribed(e) => newer(&mut self.describe, v, |g| g.version, || DescribeGroup {
+                version: v,
+                title: e.title.clone(),
+                description: e.description.clone(),
+                tags: e.tags.clone(),
+            }),
+            Event::MediaProcessed(e) => newer(&mut self.process, v, |g| g.version, || ProcessGroup {
+                version: v,
+                outcome: ProcessOutcome::Processed(e.clone()),
+            }),
+            Event::MediaProcessingFailed(e) => newer(&mut self.process, v, |g| g.version, || ProcessGroup {
+                version: v,
+                outcome: ProcessOutcome::Failed(e.reason.clone()),
+            }),
+            Event::MediaDeleted(_) => newer(&mut self.deleted, v, |d| *d, || v),
+        }
+    }
+
+    /// Whether clients can see this item.
+    pub fn is_live(&self) -> bool {
+        self.upload.is_some() && self.deleted.is_none()
+    }
+
+    /// This item's contribution to its owner's stats: `(owner, bytes)` while live.
+    pub fn counted(&self) -> Option<(&str, u64)> {
+        match (&self.upload, self.deleted) {
+            (Some(u), None) => Some((u.owner.as_str(), u.bytes)),
+            _ => None,
+        }
+    }
+
+    /// The row clients see, if the item is live.
+    pub fn to_row(&self) -> Option<MediaRow> {
+        let upload = self.upload.as_ref().filter(|_| self.deleted.is_none())?;
+        let (status, processed, failure_reason) = match self.process.as_ref().map(|p| &p.outcome) {
+            None => (MediaStatus::Pending, None, None),
+            Some(ProcessOutcome::Processed(p)) => (MediaStatus::Processed, Some(p), None),
+            Some(ProcessOutcome::Failed(reason)) => (MediaStatus::Failed, None, Some(reason.clone())),
+        };
+        let (title, description, tags) = match &self.describe {
+            Some(d) => (d.title.clone().or_else(|| upload.title.clone()), d.description.clone(), d.tags.clone()),
+            None => (upload.title.clone(), None, Vec::new()),
+        };
+        Some(MediaRow {
+            id: self.id,
+            owner: upload.owner.clone(),
+            status,
+            content_type: upload.content_type.clone(),
+            bytes: upload.bytes,
+            sha256: upload.sha256.clone(),
+            original_key: upload.original_key.clone(),
+            width: processed.map(|p| p.width),
+            height: processed.map(|p| p.height),
+            title,
+            description,
+            tags,
+            blurhash: processed.map(|p| p.blurhash.clone()),
+            variants: processed.map(|p| p.variants.clone()).unwrap_or_default(),
+            exif: processed.map(|p| p.exif.clone()),
+            failure_reason,
+            created_at: upload.version as i64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_schemas::{MediaDeleted, MediaDescribed, MediaUploaded};
+
+    fn ev(id: Uuid, version: u64, payload: Event) -> Envelope {
+        Envelope::new(id, version, "test", payload)
+    }
+
+    fn uploaded(owner: &str) -> Event {
+        Event::MediaUploaded(MediaUploaded {
+            owner: owner.into(),
+            original_key: "originals/x".into(),
+            sha256: "x".into(),
+            bytes: 10,
+            content_type: "image/png".into(),
+            title: Some("from upload".into()),
+        })
+    }
+
+    #[test]
+    fn every_order_of_the_same_events_gives_the_same_row() {
+        let id = Uuid::now_v7();
+        let events = [
+            ev(id, 10, uploaded("alice")),
+            ev(id, 20, Event::MediaDescribed(MediaDescribed { title: Some("t1".into()), description: None, tags: vec![] })),
+            ev(id, 30, Event::MediaDescribed(MediaDescribed { title: Some("t2".into()), description: None, tags: vec!["x".into()] })),
+            ev(id, 11, Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed { reason: "bad".into() })),
+        ];
+        let mut reference = MediaState::new(id);
+        events.iter().for_each(|e| {
+            reference.apply(e);
+        });
+        // All 24 permutations, each applied twice.
+        let mut idx = [0usize, 1, 2, 3];
+        let mut permutations = vec![];
+        permute(&mut idx, 0, &mut permutations);
+        for order in permutations {
+            let mut state = MediaState::new(id);
+            for i in order.iter().chain(order.iter()) {
+                state.apply(&events[*i]);
+            }
+            assert_eq!(state.to_row(), reference.to_row(), "order {order:?}");
+        }
+        let row = reference.to_row().unwrap();
+        assert_eq!(row.title.as_deref(), Some("t2"));
+        assert_eq!(row.status, MediaStatus::Failed);
+    }
+
+    fn permute(items: &mut [usize; 4], k: usize, out: &mut Vec<[usize; 4]>) {
+        if k == items.len() {
+            out.push(*items);
+            return;
+        }
+        for i in k..items.len() {
+            items.swap(k, i);
+            permute(items, k + 1, out);
+            items.swap(k, i);
+        }
+    }
+
+    #[test]
+    fn a_tombstone_hides_the_item_whatever_comes_later() {
+        let id = Uuid::now_v7();
+        let mut state = MediaState::new(id);
+        state.apply(&ev(id, 10, uploaded("alice")));
+        assert_eq!(state.counted(), Some(("alice", 10)));
+        state.apply(&ev(id, 50, Event::MediaDeleted(MediaDeleted { deleted_by: "alice".into() })));
+        state.apply(&ev(id, 11, Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed { reason: "late".into() })));
+        assert_eq!(state.to_row(), None);
+        assert_eq!(state.counted(), None);
+    }
+}
