@@ -1,1 +1,9 @@
+//! The one Conveyor binary's library half: wiring roles together ([`app`]), operator commands
+//! ([`ops`]) and benchmarks ([`loadtest`]). `main.rs` only parses arguments.
 
+pub mod app;
+pub mod cli;
+pub mod loadtest;
+pub mod ops;
+
+pub use app::{App, Role, build};

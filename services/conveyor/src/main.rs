@@ -1,1 +1,53 @@
-fn main(){}
+use clap::Parser;
+use conveyor::cli::{Cli, Command, RoleArgs};
+use conveyor::{Role, ops};
+use conveyor_platform::Settings;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn settings(cli: &Cli, args: &RoleArgs) -> anyhow::Result<Settings> {
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(dir) = &args.data_dir {
+        settings.data_dir = dir.clone();
+    }
+    if let Some(listen) = args.listen {
+        settings.listen = listen;
+    }
+    Ok(settings)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let role = match &cli.command {
+        None => Some((Role::Serve, RoleArgs::default())),
+        Some(Command::Serve(a)) => Some((Role::Serve, a.clone())),
+        Some(Command::Ingest(a)) => Some((Role::Ingest, a.clone())),
+        Some(Command::Process(a)) => Some((Role::Process, a.clone())),
+        Some(Command::Project(a)) => Some((Role::Project, a.clone())),
+        Some(Command::Query(a)) => Some((Role::Query, a.clone())),
+        _ => None,
+    };
+    if let Some((role, args)) = role {
+        let settings = settings(&cli, &args)?;
+        conveyor_platform::telemetry::init(settings.telemetry.format);
+        let app = conveyor::build(settings, role).await?;
+        conveyor_platform::shutdown::cancel_on_signal(app.stop_token());
+        tracing::info!(role = ?role, port = app.port(), data_dir = %app.settings.data_dir.display(), "conveyor listening");
+        println!("conveyor {role:?} listening on http://{}:{}", app.settings.listen.ip(), app.port());
+        return app.run_until_stopped().await;
+    }
+    match cli.command {
+        Some(Command::Ops(cmd)) => ops::run(&cli.config, cmd).await,
+        Some(Command::Loadtest(cmd)) => conveyor::loadtest::run(cmd).await,
+        _ => unreachable!("roles are handled above"),
+    }
+}

@@ -300,3 +300,28 @@ async fn dead_letter(
         delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
+
+/// Publishes `conveyor_consumer_lag{group, partition}` for `groups` every `every`, until
+/// `stop`. Labels are bounded by groups × partitions. An autoscaler (KEDA) reads this.
+pub async fn report_lag(log: Arc<dyn EventLog>, topic: String, groups: Vec<String>, every: Duration, stop: CancellationToken) {
+    loop {
+        for group in &groups {
+            match log.lag(&topic, group).await {
+                Ok(partitions) => {
+                    let mut total = 0;
+                    for p in partitions {
+                        total += p.lag();
+                        metrics::gauge!("conveyor_consumer_lag", "group" => group.clone(), "partition" => p.partition.to_string())
+                            .set(p.lag() as f64);
+                    }
+                    metrics::gauge!("conveyor_consumer_lag_total", "group" => group.clone()).set(total as f64);
+                }
+                Err(e) => tracing::warn!(group = %group, error = %e, "failed to read consumer lag"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -6,9 +6,12 @@
 //! configured URIs into implementations.
 
 pub mod backends;
+pub mod changes;
 pub mod clock;
 pub mod config;
 pub mod consumer;
+pub mod events;
+pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod objects;

@@ -18,12 +18,7 @@ impl Shutdown {
 
     /// Cancels the token on SIGTERM or Ctrl-C.
     pub fn cancel_on_signal(&self) {
-        let token = self.token.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown signal received, draining");
-            token.cancel();
-        });
+        cancel_on_signal(self.token.clone());
     }
 
     /// Cancels everything and waits for every tracked task to finish.
@@ -32,6 +27,15 @@ impl Shutdown {
         self.tracker.close();
         self.tracker.wait().await;
     }
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received, draining");
+        token.cancel();
+    });
 }
 
 async fn wait_for_signal() {

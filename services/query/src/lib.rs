@@ -1,1 +1,105 @@
+//! The query edge: the read API over the read models, a cache in front of them, and (in
+//! embedded mode) the media bytes themselves.
+//!
+//! `GET /v1/media/{id}` is served from an in-process cache (moka): concurrent misses for one id
+//! are coalesced into one read-store lookup, and every change a projector commits drops the
+//! entry. In one process (`serve`) the projector tells the cache directly; a standalone query
+//! edge tails the log in a group of its own ([`tail_invalidations`]). A TTL bounds staleness
+//! if an invalidation races a load.
 
+mod media;
+mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use conveyor_platform::changes::Changes;
+use conveyor_platform::config::Settings;
+use conveyor_platform::log::StartFrom;
+use conveyor_platform::{Backends, EventLog};
+use conveyor_schemas::MEDIA_EVENTS;
+use moka::future::Cache;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A rendered read-model response, ready to send.
+#[derive(Debug)]
+pub struct Cached {
+    pub body: Bytes,
+    pub etag: String,
+}
+
+pub struct QueryState {
+    pub backends: Backends,
+    pub cache: Cache<Uuid, Arc<Cached>>,
+    /// Prefix of media URLs: the CDN, or empty for this edge's own `/media/`.
+    pub cdn_base: String,
+}
+
+impl QueryState {
+    pub fn new(backends: Backends, settings: &Settings) -> Arc<Self> {
+        let cache = Cache::builder()
+            .max_capacity(settings.query.cache_capacity)
+            .time_to_live(Duration::from_millis(settings.query.cache_ttl_ms.max(1)))
+            .build();
+        Arc::new(QueryState { backends, cache, cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned() })
+    }
+
+    pub fn media_url(&self, key: &str) -> String {
+        format!("{}/media/{key}", self.cdn_base)
+    }
+
+    /// Drops every cached response that `changes` announces, until `stop`.
+    pub fn follow(self: &Arc<Self>, changes: &Changes, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let mut rx = changes.subscribe();
+        let state = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    received = rx.recv() => match received {
+                        Ok(id) => state.cache.invalidate(&id).await,
+                        // Missed some: drop everything rather than serve stale entries.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.cache.invalidate_all(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// For a query edge without a projector beside it: tails `media.events` from its end in a
+/// group of its own and drops the cache entry of every id an event names. The entry may be
+/// reloaded before the projector writes; the cache TTL bounds that window.
+pub async fn tail_invalidations(state: Arc<QueryState>, log: Arc<dyn EventLog>, stop: CancellationToken) -> anyhow::Result<()> {
+    let group = format!("query-cache-{}", Uuid::now_v7());
+    let mut sub = log.subscribe(MEDIA_EVENTS, &group, StartFrom::Latest).await?;
+    while !stop.is_cancelled() {
+        let records = tokio::select! {
+            _ = stop.cancelled() => break,
+            polled = sub.poll(1024, Duration::from_millis(500)) => polled?,
+        };
+        for record in records {
+            if let Ok(id) = std::str::from_utf8(&record.key).map(Uuid::parse_str) {
+                if let Ok(id) = id {
+                    state.cache.invalidate(&id).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The read routes.
+pub fn router(state: Arc<QueryState>) -> Router {
+    Router::new()
+        .route("/v1/media/{id}", get(views::get_media))
+        .route("/v1/owners/{owner}/media", get(views::owner_timeline))
+        .route("/v1/owners/{owner}/stats", get(views::owner_stats))
+        .route("/media/{*key}", get(media::get_object))
+        .with_state(state)
+}

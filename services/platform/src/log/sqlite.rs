@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -386,7 +386,7 @@ impl EventLog for SqliteLog {
             group: group.to_owned(),
             info,
             positions,
-            conn: Some(conn),
+            conn: Arc::new(Mutex::new(conn)),
             appended: self.inner.appended.clone(),
             rotate: 0,
         }))
@@ -439,7 +439,7 @@ struct SqliteSubscription {
     info: Topic,
     /// Next offset to read, per partition.
     positions: Vec<u64>,
-    conn: Option<Connection>,
+    conn: Arc<Mutex<Connection>>,
     appended: watch::Receiver<u64>,
     /// Partition the next fetch starts at, so a deep backlog in one cannot starve the others.
     rotate: u32,
@@ -447,9 +447,12 @@ struct SqliteSubscription {
 
 impl SqliteSubscription {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivered>, LogError> {
-        let conn = self.conn.take().ok_or(LogError::Closed)?;
+        // Cancel-safe: if this future is dropped mid-read, the connection stays shared and the
+        // positions untouched, so the next poll reads the same records again.
+        let conn = self.conn.clone();
         let (topic, info, positions, start) = (self.topic.clone(), self.info, self.positions.clone(), self.rotate);
-        let (conn, result) = tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().expect("subscription connection lock");
             let mut out = Vec::new();
             let result = (|| -> Result<Vec<Delivered>, LogError> {
                 for i in 0..info.partitions {
@@ -462,11 +465,10 @@ impl SqliteSubscription {
                 }
                 Ok(out)
             })();
-            (conn, result)
+            result
         })
         .await
         .map_err(storage)?;
-        self.conn = Some(conn);
         self.rotate = (self.rotate + 1) % self.info.partitions;
         let records = result?;
         for r in &records {

@@ -1,0 +1,191 @@
+//! Wiring: which routers and consumer groups a role runs, on which backends.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use conveyor_platform::Backends;
+use conveyor_platform::changes::Changes;
+use conveyor_platform::config::{KeyList, Settings};
+use conveyor_platform::consumer::report_lag;
+use axum::response::IntoResponse;
+use conveyor_platform::http::{ApiError, not_found, ops_router, track_requests};
+use conveyor_platform::shutdown::Shutdown;
+use conveyor_schemas::MEDIA_EVENTS;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+/// What one process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every role in one process: ingest, processor, projector and query.
+    Serve,
+    Ingest,
+    Process,
+    Project,
+    Query,
+}
+
+impl Role {
+    fn ingests(self) -> bool {
+        matches!(self, Role::Serve | Role::Ingest)
+    }
+    fn queries(self) -> bool {
+        matches!(self, Role::Serve | Role::Query)
+    }
+    fn processes(self) -> bool {
+        matches!(self, Role::Serve | Role::Process)
+    }
+    fn projects(self) -> bool {
+        matches!(self, Role::Serve | Role::Project)
+    }
+}
+
+/// A built role, bound to its port and ready to run.
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    shutdown: Shutdown,
+    workers: Vec<(&'static str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    pub settings: Settings,
+}
+
+/// Opens the backends, binds the listener and starts the role's consumers.
+pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("failed to create data dir {}", settings.data_dir.display()))?;
+    if role == Role::Serve {
+        ensure_dev_keys(&mut settings)?;
+    }
+    let backends = Backends::open(&settings).await?;
+    let shutdown = Shutdown::new();
+    let changes = Changes::new();
+    let mut workers = Vec::new();
+
+    let mut router = ops_router(backends.clone());
+    if role.ingests() {
+        router = router.merge(conveyor_ingest::router(conveyor_ingest::IngestState::new(backends.clone(), &settings)));
+    }
+    if role.queries() {
+        let state = conveyor_query::QueryState::new(backends.clone(), &settings);
+        if role.projects() {
+            state.follow(&changes, shutdown.token.clone());
+        } else {
+            let (state, log, stop) = (state.clone(), backends.log.clone(), shutdown.token.clone());
+            workers.push(("query cache invalidation", shutdown.tracker.spawn(conveyor_query::tail_invalidations(state, log, stop))));
+        }
+        router = router.merge(conveyor_query::router(state));
+    }
+    let mut groups = Vec::new();
+    if role.processes() {
+        let processor = conveyor_processor::Processor::new(&backends, &settings);
+        let (settings, stop) = (settings.clone(), shutdown.token.clone());
+        workers.push(("processor", shutdown.tracker.spawn(async move { processor.run(&settings, stop).await })));
+        groups.push(conveyor_processor::GROUP.to_owned());
+    }
+    if role.projects() {
+        let projector = conveyor_projector::Projector::new(backends.views.clone(), changes.clone());
+        let (settings, log, stop) = (settings.clone(), backends.log.clone(), shutdown.token.clone());
+        workers.push(("projector", shutdown.tracker.spawn(async move { projector.run(log, &settings, stop).await })));
+        groups.push(conveyor_projector::GROUP.to_owned());
+    }
+    if !groups.is_empty() {
+        shutdown.tracker.spawn(report_lag(
+            backends.log.clone(),
+            MEDIA_EVENTS.to_owned(),
+            groups,
+            Duration::from_secs(5),
+            shutdown.token.clone(),
+        ));
+    }
+    let router = router
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(track_requests))
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()))
+        .layer(TraceLayer::new_for_http());
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", settings.listen))?;
+    Ok(App { listener, router, shutdown, workers, settings })
+}
+
+impl App {
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The token that stops this app; cancel it to shut down gracefully.
+    pub fn stop_token(&self) -> tokio_util::sync::CancellationToken {
+        self.shutdown.token.clone()
+    }
+
+    /// Serves until the stop token is cancelled or a worker fails, then drains: in-flight
+    /// requests finish, consumers finish their batches and commit.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let App { listener, router, shutdown, workers, .. } = self;
+        let token = shutdown.token.clone();
+        let server = axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
+        let server = tokio::spawn(async move { server.await });
+        let mut failure = None;
+        let watch_workers = async {
+            for (name, handle) in workers {
+                match handle.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Some(e.context(format!("{name} failed"))),
+                    Err(e) => return Some(anyhow::anyhow!("{name} panicked: {e}")),
+                }
+            }
+            None
+        };
+        tokio::select! {
+            _ = token.cancelled() => {}
+            err = watch_workers => {
+                if let Some(e) = err {
+                    tracing::error!(error = format!("{e:#}"), "worker failed, shutting down");
+                    failure = Some(e);
+                }
+            }
+        }
+        shutdown.drain().await;
+        server.await.context("server task panicked")?.context("server failed")?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// With no keys configured, `serve` uses (creating on first start) a `dev` client key and a
+/// `dev` service key kept in the data dir, so restarts keep working with the same keys.
+fn ensure_dev_keys(settings: &mut Settings) -> anyhow::Result<()> {
+    if settings.auth.api_keys.is_empty() {
+        let key = dev_key(&settings.data_dir.join("dev-api-key"))?;
+        println!("dev api key for owner `dev`: {key}  (saved in {})", settings.data_dir.join("dev-api-key").display());
+        settings.auth.api_keys = KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
+    }
+    if settings.auth.service_keys.is_empty() {
+        let key = dev_key(&settings.data_dir.join("dev-service-key"))?;
+        println!("dev service key for `dev`: {key}  (saved in {})", settings.data_dir.join("dev-service-key").display());
+        settings.auth.service_keys = KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+fn dev_key(path: &Path) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim();
+        if !existing.is_empty() {
+            return Ok(existing.to_owned());
+        }
+    }
+    let key = format!("cvk_{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(path, format!("{key}\n")).with_context(|| format!("failed to write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(key)
+}

@@ -1,0 +1,105 @@
+//! Command-line arguments. Flags override configuration; configuration is documented on
+//! [`conveyor_platform::Settings`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "conveyor",
+    version,
+    about = "Media and events under load: uploads → event log → processors → projectors → read API",
+    long_about = "Media and events under load.\n\n\
+        With no command, `conveyor` runs `serve`: every role in one process on embedded \
+        backends (SQLite and a local directory under ./data), listening on 127.0.0.1:8080.\n\n\
+        Configuration: built-in defaults, then --config FILE (TOML), then CONVEYOR__SECTION__KEY \
+        environment variables (e.g. CONVEYOR__LOG__PARTITIONS=64), then flags. Unknown keys are \
+        refused."
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "CONVEYOR_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every role in one process (the default).
+    Serve(RoleArgs),
+    /// Run only the upload and event-intake edge.
+    Ingest(RoleArgs),
+    /// Run only the processor group (thumbnails and metadata).
+    Process(RoleArgs),
+    /// Run only the projector group (read models).
+    Project(RoleArgs),
+    /// Run only the read API (and, in embedded mode, media bytes).
+    Query(RoleArgs),
+    /// Operator commands.
+    #[command(subcommand)]
+    Ops(OpsCommand),
+    /// Benchmarks that print numbers; see docs/benchmarks.md.
+    #[command(subcommand)]
+    Loadtest(LoadtestCommand),
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct RoleArgs {
+    /// Data directory for the embedded backends [default: ./data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpsCommand {
+    /// Print each consumer group's lag per partition.
+    Lag {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// Only this group (default: every group that has committed).
+        #[arg(long)]
+        group: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check configuration (file and environment) and print it, keys redacted.
+    Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LoadtestCommand {
+    /// Append MediaDescribed events to the embedded log and project them; print events/s.
+    Events {
+        /// Events to append.
+        #[arg(long, default_value_t = 200_000)]
+        count: usize,
+        /// Events per append call.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Concurrent producers.
+        #[arg(long, default_value_t = 4)]
+        producers: usize,
+        /// Distinct media ids the events describe.
+        #[arg(long, default_value_t = 10_000)]
+        media: usize,
+    },
+    /// Time thumbnails of one image against `vipsthumbnail` on the same file.
+    Thumbnail {
+        /// A JPEG, PNG, WebP or GIF file.
+        file: PathBuf,
+        /// Longest side of the thumbnail.
+        #[arg(long, default_value_t = 256)]
+        size: u32,
+        /// Runs of each; the median is reported.
+        #[arg(long, default_value_t = 9)]
+        runs: usize,
+    },
+}

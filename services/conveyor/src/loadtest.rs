@@ -1,0 +1,164 @@
+//! Benchmarks behind `conveyor loadtest`. They print numbers and compare against a reference
+//! in the same run where one exists; they never pass or fail on speed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use conveyor_platform::changes::Changes;
+use conveyor_platform::config::{Durability, Limits, Settings};
+use conveyor_platform::events::to_record;
+use conveyor_platform::{Backends, VersionClock};
+use conveyor_schemas::{Envelope, Event, MEDIA_EVENTS, MediaDescribed};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::cli::LoadtestCommand;
+
+pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
+    match command {
+        LoadtestCommand::Events { count, batch, producers, media } => events(count, batch, producers, media).await,
+        LoadtestCommand::Thumbnail { file, size, runs } => thumbnail(&file, size, runs),
+    }
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"))
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// Embedded log + projector throughput on `MediaDescribed`, with fsync durability.
+async fn events(count: usize, batch: usize, producers: usize, media: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("failed to create a temp dir")?;
+    let mut settings = Settings { data_dir: dir.path().to_owned(), ..Settings::default() };
+    settings.log.durability = Durability::Fsync;
+    let backends = Backends::open(&settings).await?;
+    let ids: Arc<Vec<Uuid>> = Arc::new((0..media.max(1)).map(|_| Uuid::now_v7()).collect());
+    let clock = Arc::new(VersionClock::new());
+
+    let stop = CancellationToken::new();
+    let projector = conveyor_projector::Projector::new(backends.views.clone(), Changes::new());
+    let projecting = {
+        let (log, settings, stop) = (backends.log.clone(), settings.clone(), stop.clone());
+        tokio::spawn(async move { projector.run(log, &settings, stop).await })
+    };
+
+    let bar = progress(count as u64, "appending");
+    let started = Instant::now();
+    let per_producer = count / producers.max(1);
+    let mut tasks = Vec::new();
+    for p in 0..producers.max(1) {
+        let (log, ids, clock, bar) = (backends.log.clone(), ids.clone(), clock.clone(), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < per_producer {
+                let n = batch.min(per_producer - sent);
+                let records = (0..n)
+                    .map(|i| {
+                        let id = ids[(p * per_producer + sent + i) % ids.len()];
+                        to_record(&Envelope::new(
+                            id,
+                            clock.next(),
+                            "loadtest",
+                            Event::MediaDescribed(MediaDescribed {
+                                title: Some(format!("title {sent}")),
+                                description: None,
+                                tags: vec!["load".into()],
+                            }),
+                        ))
+                    })
+                    .collect();
+                log.append(MEDIA_EVENTS, records).await?;
+                sent += n;
+                bar.inc(n as u64);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let appended = started.elapsed();
+    bar.finish_and_clear();
+    let total = (per_producer * producers.max(1)) as u64;
+
+    // Wait for the projector to commit everything.
+    let bar = progress(total, "projecting");
+    loop {
+        let lag = backends.log.lag(MEDIA_EVENTS, conveyor_projector::GROUP).await?;
+        let done: u64 = lag.iter().map(|l| l.committed).sum();
+        bar.set_position(done);
+        if done >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let projected = started.elapsed();
+    bar.finish_and_clear();
+    stop.cancel();
+    projecting.await??;
+
+    println!("events: {total} MediaDescribed on {} media ids, {producers} producers × batches of {batch}, fsync on", ids.len());
+    println!("  appended (durable):      {:>10.0} events/s  ({:.2?})", total as f64 / appended.as_secs_f64(), appended);
+    println!("  appended and projected:  {:>10.0} events/s  ({:.2?})", total as f64 / projected.as_secs_f64(), projected);
+    Ok(())
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Our thumbnail path against `vipsthumbnail`, on the same file, same size, same run.
+fn thumbnail(file: &Path, size: u32, runs: usize) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("failed to read {}", file.display()))?;
+    let limits = Limits::default();
+    let runs = runs.max(1);
+    let mut ours = Vec::with_capacity(runs);
+    let mut last = None;
+    for _ in 0..runs {
+        let started = Instant::now();
+        last = Some(conveyor_processor::thumbnail(&bytes, &limits, size)?);
+        ours.push(started.elapsed());
+    }
+    let thumb = last.expect("at least one run");
+    let mut full = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        conveyor_processor::render(&bytes, &limits)?;
+        full.push(started.elapsed());
+    }
+    let ours = median(ours);
+    println!("thumbnail of {} to {size} px, median of {runs}:", file.display());
+    println!("  conveyor thumbnail:        {:>8.1} ms  ({}x{})", ours.as_secs_f64() * 1e3, thumb.width, thumb.height);
+    println!("  conveyor all 3 variants:   {:>8.1} ms  (plus blurhash and EXIF)", median(full).as_secs_f64() * 1e3);
+
+    let out = tempfile::Builder::new().suffix(".jpg").tempfile()?;
+    let mut vips = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let status = std::process::Command::new("vipsthumbnail")
+            .arg(file)
+            .args(["-s", &size.to_string(), "-o"])
+            .arg(out.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => vips.push(started.elapsed()),
+            Ok(s) => anyhow::bail!("vipsthumbnail failed: {s}"),
+            Err(_) => {
+                println!("  vipsthumbnail:             not installed (apt-get install libvips-tools)");
+                return Ok(());
+            }
+        }
+    }
+    let vips = median(vips);
+    println!("  vipsthumbnail (process):   {:>8.1} ms", vips.as_secs_f64() * 1e3);
+    println!("  ratio conveyor / vips:     {:>8.2}", ours.as_secs_f64() / vips.as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! `POST /v1/media`: a multipart upload, streamed to the object store.
+
+use std::sync::Arc;
+
+use axum::extract::multipart::{Field, MultipartError};
+use axum::extract::{Multipart, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use conveyor_platform::objects::ObjectError;
+use conveyor_schemas::{Envelope, Event, MediaUploaded};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::IngestState;
+use conveyor_platform::http::ApiError;
+
+/// Longest accepted title, in characters.
+const MAX_TITLE: usize = 500;
+/// Bytes needed to recognise every accepted format.
+const SNIFF_BYTES: usize = 16;
+
+pub(crate) async fn upload(
+    State(state): State<Arc<IngestState>>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let owner = state.owner(&headers)?;
+    let mut multipart = multipart.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+    let mut stored: Option<Stored> = None;
+    let mut title: Option<String> = None;
+    let result = async {
+        while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+            match field.name() {
+                Some("file") if stored.is_none() => stored = Some(store_file(&state, field).await?),
+                Some("file") => return Err(ApiError::bad_request("invalid_multipart", "more than one `file` field")),
+                Some("title") => title = Some(read_title(field).await?),
+                other => {
+                    return Err(ApiError::bad_request(
+                        "invalid_multipart",
+                        format!("unexpected field {:?}; expected `file` and optionally `title`", other.unwrap_or("")),
+                    ));
+                }
+            }
+        }
+        stored.take().ok_or_else(|| ApiError::bad_request("invalid_multipart", "missing field `file`"))
+    }
+    .await;
+    let stored = match result {
+        Ok(s) => s,
+        Err(e) => {
+            // The file may have been stored before a later field failed; it is unreferenced
+            // and content-addressed, so removing the incoming copy is all there is to undo.
+            if let Some(s) = stored {
+                let _ = state.backends.objects.delete(&s.incoming_key).await;
+            }
+            return Err(e);
+        }
+    };
+
+    let original_key = format!("originals/{}", stored.sha256);
+    state.backends.objects.promote(&stored.incoming_key, &original_key).await.map_err(ApiError::unavailable)?;
+    let id = Uuid::now_v7();
+    let event = Envelope::new(
+        id,
+        state.clock.next(),
+        "ingest",
+        Event::MediaUploaded(MediaUploaded {
+            owner,
+            original_key,
+            sha256: stored.sha256.clone(),
+            bytes: stored.size,
+            content_type: stored.content_type.to_owned(),
+            title,
+        }),
+    );
+    state.append(std::slice::from_ref(&event)).await?;
+    metrics::counter!("conveyor_uploads_total").increment(1);
+    metrics::counter!("conveyor_upload_bytes_total").increment(stored.size);
+    let location = format!("/v1/media/{id}");
+    let body = serde_json::json!({
+        "id": id,
+        "status": "pending",
+        "sha256": stored.sha256,
+        "bytes": stored.size,
+        "content_type": stored.content_type,
+        "links": { "self": location },
+    });
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], axum::Json(body)).into_response())
+}
+
+struct Stored {
+    incoming_key: String,
+    sha256: String,
+    size: u64,
+    content_type: &'static str,
+}
+
+fn multipart_error(e: MultipartError) -> ApiError {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(status, "too_large", "the upload is over the size limit");
+    }
+    ApiError::new(status, "invalid_multipart", e.body_text())
+}
+
+async fn read_title(mut field: Field<'_>) -> Result<String, ApiError> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > MAX_TITLE * 4 {
+            return Err(ApiError::bad_request("invalid_title", format!("title: longer than {MAX_TITLE} characters")));
+        }
+    }
+    let title = String::from_utf8(bytes).map_err(|_| ApiError::bad_request("invalid_title", "title: not valid UTF-8"))?;
+    if title.chars().count() > MAX_TITLE {
+        return Err(ApiError::bad_request("invalid_title", format!("title: longer than {MAX_TITLE} characters")));
+    }
+    Ok(title)
+}
+
+/// The content type of an accepted format, from its leading bytes.
+fn sniff(head: &[u8]) -> Option<&'static str> {
+    match image::guess_format(head).ok()? {
+        image::ImageFormat::Jpeg => Some("image/jpeg"),
+        image::ImageFormat::Png => Some("image/png"),
+        image::ImageFormat::WebP => Some("image/webp"),
+        image::ImageFormat::Gif => Some("image/gif"),
+        _ => None,
+    }
+}
+
+fn unsupported() -> ApiError {
+    ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "the file is not a JPEG, PNG, WebP or GIF image")
+}
+
+/// Streams one file field into `incoming/{uuid}`, hashing, counting and sniffing as it goes.
+/// On any error nothing is left in the store.
+async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored, ApiError> {
+    let incoming_key = format!("incoming/{}", Uuid::now_v7());
+    // A small bounded channel between the request and the store: memory stays at a few chunks.
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let objects = state.backends.objects.clone();
+    let key = incoming_key.clone();
+    let put = tokio::spawn(async move {
+        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        objects.put(&key, Box::pin(body)).await
+    });
+
+    let limit = state.limits.max_upload_bytes;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut head: Vec<u8> = Vec::with_capacity(SNIFF_BYTES);
+    let mut content_type = None;
+    let fed: Result<(), ApiError> = async {
+        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the file is over the limit of {limit} bytes")));
+            }
+            if content_type.is_none() {
+                head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_BYTES - head.len())]);
+                if head.len() >= SNIFF_BYTES {
+                    content_type = Some(sniff(&head).ok_or_else(unsupported)?);
+                }
+            }
+            hasher.update(&chunk);
+            if tx.send(Ok(chunk)).await.is_err() {
+                break; // the store failed; its error is reported below
+            }
+        }
+        if content_type.is_none() {
+            content_type = Some(sniff(&head).ok_or_else(unsupported)?);
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = fed {
+        let _ = tx.send(Err(std::io::Error::other("upload aborted"))).await;
+        drop(tx);
+        let _ = put.await;
+        return Err(e);
+    }
+    drop(tx);
+    match put.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(ObjectError::Body(e))) => return Err(ApiError::bad_request("invalid_multipart", e.to_string())),
+        Ok(Err(e)) => return Err(ApiError::unavailable(e)),
+        Err(e) => return Err(ApiError::internal(e)),
+    }
+    Ok(Stored {
+        incoming_key,
+        sha256: hex::encode(hasher.finalize()),
+        size,
+        content_type: content_type.expect("sniffed above"),
+    })
+}

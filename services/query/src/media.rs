@@ -1,0 +1,106 @@
+//! `GET /media/{key}`: stored objects, served the way a CDN origin should serve immutable,
+//! content-addressed bytes: long-lived `Cache-Control`, a strong `ETag`, `304`, and single
+//! byte ranges (`206`/`416`).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use conveyor_platform::http::{ApiError, etag_of, not_modified};
+use conveyor_platform::objects::{ObjectError, validate_key};
+use futures::TryStreamExt;
+
+use crate::QueryState;
+
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+fn content_type_by_extension(key: &str) -> Option<&'static str> {
+    match key.rsplit_once('.')?.1 {
+        "jpg" | "jpeg" => Some("image/jpeg"),
+        "png" => Some("image/png"),
+        "webp" => Some("image/webp"),
+        "gif" => Some("image/gif"),
+        _ => None,
+    }
+}
+
+async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, ApiError> {
+    if let Some(ct) = content_type_by_extension(key) {
+        return Ok(ct);
+    }
+    // Originals carry no extension: sniff their first bytes.
+    let head = state.backends.objects.get(key, Some(0..16)).await.map_err(object_error)?;
+    let bytes: Vec<bytes::Bytes> = head.body.try_collect().await.map_err(ApiError::unavailable)?;
+    let head = bytes.concat();
+    Ok(match image::guess_format(&head) {
+        Ok(image::ImageFormat::Jpeg) => "image/jpeg",
+        Ok(image::ImageFormat::Png) => "image/png",
+        Ok(image::ImageFormat::WebP) => "image/webp",
+        Ok(image::ImageFormat::Gif) => "image/gif",
+        _ => "application/octet-stream",
+    })
+}
+
+fn object_error(e: ObjectError) -> ApiError {
+    match e {
+        ObjectError::NotFound | ObjectError::InvalidKey(_) => ApiError::not_found("no such object"),
+        other => ApiError::unavailable(other),
+    }
+}
+
+pub(crate) async fn get_object(
+    State(state): State<Arc<QueryState>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    validate_key(&key).map_err(|_| ApiError::not_found("no such object"))?;
+    // Keys are content-addressed and never rewritten, so the key itself identifies the bytes.
+    let etag = etag_of(key.as_bytes());
+    let etag_value = HeaderValue::from_str(&etag).expect("etags are hex");
+    let immutable = HeaderValue::from_static(IMMUTABLE);
+    if not_modified(&headers, &etag) {
+        if state.backends.objects.head(&key).await.map_err(object_error)?.is_none() {
+            return Err(ApiError::not_found("no such object"));
+        }
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), (header::CACHE_CONTROL, immutable)]).into_response());
+    }
+    let meta = state.backends.objects.head(&key).await.map_err(object_error)?;
+    let size = meta.ok_or_else(|| ApiError::not_found("no such object"))?.size;
+
+    // One range is served as 206; several, or a malformed header, fall back to the whole body
+    // (RFC 9110 lets a server ignore Range); a range past the end is 416.
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(value) => match http_range_header::parse_range_header(value).map(|r| r.validate(size)) {
+            Ok(Ok(ranges)) if ranges.len() == 1 => Some(ranges[0].clone()),
+            Ok(Err(_)) => {
+                return Ok((
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"))],
+                )
+                    .into_response());
+            }
+            _ => None,
+        },
+    };
+    let content_type = content_type(&state, &key).await?;
+    let requested = range.as_ref().map(|r| *r.start()..*r.end() + 1);
+    let object = state.backends.objects.get(&key, requested).await.map_err(object_error)?;
+    let length = object.range.end - object.range.start;
+    let mut response = Response::new(Body::from_stream(object.body));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    h.insert(header::ETAG, etag_value);
+    h.insert(header::CACHE_CONTROL, immutable);
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if range.is_some() {
+        let value = format!("bytes {}-{}/{}", object.range.start, object.range.end - 1, object.size);
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    Ok(response)
+}

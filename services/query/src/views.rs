@@ -1,0 +1,221 @@
+//! The read-model endpoints.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use conveyor_platform::http::{ApiError, etag_of, not_modified};
+use conveyor_schemas::MediaRow;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Cached, QueryState};
+
+#[derive(Serialize)]
+struct VariantView {
+    url: String,
+    width: u32,
+    height: u32,
+    content_type: String,
+}
+
+#[derive(Serialize)]
+struct MediaView<'a> {
+    id: Uuid,
+    owner: &'a str,
+    status: conveyor_schemas::MediaStatus,
+    content_type: &'a str,
+    bytes: u64,
+    sha256: &'a str,
+    width: Option<u32>,
+    height: Option<u32>,
+    title: Option<&'a str>,
+    description: Option<&'a str>,
+    tags: &'a [String],
+    blurhash: Option<&'a str>,
+    variants: BTreeMap<&'a str, VariantView>,
+    original: VariantLink,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exif: Option<&'a conveyor_schemas::ExifSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_reason: Option<&'a str>,
+    created_at: String,
+    links: Links,
+}
+
+#[derive(Serialize)]
+struct VariantLink {
+    url: String,
+}
+
+#[derive(Serialize)]
+struct Links {
+    #[serde(rename = "self")]
+    this: String,
+}
+
+fn rfc3339(micros: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn view<'a>(state: &QueryState, row: &'a MediaRow) -> MediaView<'a> {
+    MediaView {
+        id: row.id,
+        owner: &row.owner,
+        status: row.status,
+        content_type: &row.content_type,
+        bytes: row.bytes,
+        sha256: &row.sha256,
+        width: row.width,
+        height: row.height,
+        title: row.title.as_deref(),
+        description: row.description.as_deref(),
+        tags: &row.tags,
+        blurhash: row.blurhash.as_deref(),
+        variants: row
+            .variants
+            .iter()
+            .map(|v| {
+                (v.name.as_str(), VariantView {
+                    url: state.media_url(&v.key),
+                    width: v.width,
+                    height: v.height,
+                    content_type: v.content_type.clone(),
+                })
+            })
+            .collect(),
+        original: VariantLink { url: state.media_url(&row.original_key) },
+        exif: row.exif.as_ref(),
+        failure_reason: row.failure_reason.as_deref(),
+        created_at: rfc3339(row.created_at),
+        links: Links { this: format!("/v1/media/{}", row.id) },
+    }
+}
+
+/// Sends a JSON body with its ETag, or 304 if the client has it.
+fn respond(headers: &HeaderMap, body: Bytes, etag: &str) -> Response {
+    let etag_value = HeaderValue::from_str(etag).expect("etags are hex");
+    let cache_control = HeaderValue::from_static("no-cache");
+    if not_modified(headers, etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), (header::CACHE_CONTROL, cache_control)]).into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::ETAG, etag_value),
+            (header::CACHE_CONTROL, cache_control),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn json_bytes(value: &impl Serialize) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(value).map(Bytes::from).map_err(ApiError::internal)
+}
+
+pub(crate) async fn get_media(
+    State(state): State<Arc<QueryState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a media id")))?;
+    let loader = {
+        let state = state.clone();
+        async move {
+            let row = state.backends.views.media(id).await.map_err(ApiError::unavailable)?;
+            let row = row.ok_or_else(|| ApiError::not_found("no such media"))?;
+            let body = json_bytes(&view(&state, &row))?;
+            let etag = etag_of(&body);
+            Ok::<_, ApiError>(Arc::new(Cached { body, etag }))
+        }
+    };
+    let cached = state.cache.try_get_with(id, loader).await.map_err(|e: Arc<ApiError>| {
+        // Coalesced callers share one error; rebuild it for this response.
+        match Arc::try_unwrap(e) {
+            Ok(e) => e,
+            Err(shared) => ApiError::new(shared.status, shared.code, shared.message.clone()),
+        }
+    })?;
+    Ok(respond(&headers, cached.body.clone(), &cached.etag))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageParams {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+const MAX_LIMIT: usize = 100;
+
+fn encode_cursor((created_at, id): (i64, Uuid)) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{created_at}:{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<(i64, Uuid)> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
+    let (at, id) = text.split_once(':')?;
+    Some((at.parse().ok()?, Uuid::parse_str(id).ok()?))
+}
+
+pub(crate) async fn owner_timeline(
+    State(state): State<Arc<QueryState>>,
+    Path(owner): Path<String>,
+    params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let limit = match params.limit.as_deref() {
+        None => 20,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| ApiError::bad_request("invalid_query", format!("limit: expected a number from 1 to {MAX_LIMIT}")))?,
+    };
+    let after = match params.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::bad_request("invalid_query", "cursor: not a cursor from this API"))?),
+    };
+    let page = state.backends.views.owner_timeline(&owner, after, limit).await.map_err(ApiError::unavailable)?;
+    let items: Vec<MediaView<'_>> = page.items.iter().map(|row| view(&state, row)).collect();
+    let body = json_bytes(&serde_json::json!({
+        "items": items,
+        "next_cursor": page.next.map(encode_cursor),
+    }))?;
+    let etag = etag_of(&body);
+    Ok(respond(&headers, body, &etag))
+}
+
+pub(crate) async fn owner_stats(
+    State(state): State<Arc<QueryState>>,
+    Path(owner): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let stats = state.backends.views.owner_stats(&owner).await.map_err(ApiError::unavailable)?;
+    let body = json_bytes(&serde_json::json!({ "owner": owner, "media_count": stats.media_count, "bytes": stats.bytes }))?;
+    let etag = etag_of(&body);
+    Ok(respond(&headers, body, &etag))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let at = (1_764_300_000_000_000, Uuid::now_v7());
+        assert_eq!(decode_cursor(&encode_cursor(at)), Some(at));
+        assert_eq!(decode_cursor("not-a-cursor"), None);
+        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("12:nope")), None);
+    }
+}
