@@ -50,6 +50,8 @@ pub struct App {
     shutdown: Shutdown,
     workers: Vec<(&'static str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
     pub settings: Settings,
+    /// The backends this app runs on, for tests and operator tooling in the same process.
+    pub backends: Backends,
 }
 
 /// Opens the backends, binds the listener and starts the role's consumers.
@@ -59,6 +61,7 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     if role == Role::Serve {
         ensure_dev_keys(&mut settings)?;
     }
+    conveyor_platform::metrics::handle();
     let backends = Backends::open(&settings).await?;
     let shutdown = Shutdown::new();
     let changes = Changes::new();
@@ -108,7 +111,7 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
-    Ok(App { listener, router, shutdown, workers, settings })
+    Ok(App { listener, router, shutdown, workers, settings, backends })
 }
 
 impl App {

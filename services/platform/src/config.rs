@@ -226,6 +226,7 @@ impl Settings {
         };
         settings.log.partitions = 8;
         settings.log.durability = Durability::Os;
+        settings.query.cache_ttl_ms = 500;
         settings.auth.api_keys = KeyList::parse("alice:alice-key,bob:bob-key").expect("valid keys");
         settings.auth.service_keys = KeyList::parse("describer:service-key").expect("valid keys");
         settings

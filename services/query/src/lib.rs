@@ -84,10 +84,8 @@ pub async fn tail_invalidations(state: Arc<QueryState>, log: Arc<dyn EventLog>, 
             polled = sub.poll(1024, Duration::from_millis(500)) => polled?,
         };
         for record in records {
-            if let Ok(id) = std::str::from_utf8(&record.key).map(Uuid::parse_str) {
-                if let Ok(id) = id {
-                    state.cache.invalidate(&id).await;
-                }
+            if let Some(id) = std::str::from_utf8(&record.key).ok().and_then(|k| Uuid::parse_str(k).ok()) {
+                state.cache.invalidate(&id).await;
             }
         }
     }

@@ -157,6 +157,9 @@ impl SqliteLog {
     }
 }
 
+/// Answers one caller once the group's commit outcome is known.
+type Reply = Box<dyn FnOnce(Option<&LogError>)>;
+
 fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, appended: watch::Sender<u64>) {
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
@@ -166,7 +169,7 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, app
                 Err(_) => break,
             }
         }
-        let mut replies: Vec<Box<dyn FnOnce(Option<&LogError>)>> = Vec::with_capacity(ops.len());
+        let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
         let outcome = (|| -> Result<(), LogError> {
             let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
             let now = now_micros();
@@ -451,21 +454,17 @@ impl SqliteSubscription {
         // positions untouched, so the next poll reads the same records again.
         let conn = self.conn.clone();
         let (topic, info, positions, start) = (self.topic.clone(), self.info, self.positions.clone(), self.rotate);
-        let result = tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || -> Result<Vec<Delivered>, LogError> {
             let conn = conn.lock().expect("subscription connection lock");
             let mut out = Vec::new();
-            let result = (|| -> Result<Vec<Delivered>, LogError> {
-                for i in 0..info.partitions {
-                    let p = (start + i) % info.partitions;
-                    if out.len() >= max {
-                        break;
-                    }
-                    let got = read_partition(&conn, &topic, info, p, positions[p as usize], max - out.len())?;
-                    out.extend(got);
+            for i in 0..info.partitions {
+                let p = (start + i) % info.partitions;
+                if out.len() >= max {
+                    break;
                 }
-                Ok(out)
-            })();
-            result
+                out.extend(read_partition(&conn, &topic, info, p, positions[p as usize], max - out.len())?);
+            }
+            Ok(out)
         })
         .await
         .map_err(storage)?;

@@ -177,22 +177,31 @@ fn add_stats(conn: &Connection, owner: &str, count: i64, bytes: i64) -> rusqlite
     Ok(())
 }
 
+/// One item as a batch folds it: its state, and its stats contribution before the batch.
+struct Touched {
+    state: MediaState,
+    before: Option<(String, u64)>,
+    changed: bool,
+}
+
 fn apply_all(conn: &mut Connection, events: &[Envelope]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     // Fold the whole batch in memory first, so an item touched by many events in one batch is
     // read and written once.
-    let mut touched: HashMap<Uuid, (MediaState, Option<(String, u64)>, bool)> = HashMap::new();
+    let mut touched: HashMap<Uuid, Touched> = HashMap::new();
     for event in events {
         let id = event.aggregate_id;
-        if !touched.contains_key(&id) {
-            let state = load(&tx, id)?.unwrap_or_else(|| MediaState::new(id));
-            let before = state.counted().map(|(o, b)| (o.to_owned(), b));
-            touched.insert(id, (state, before, false));
-        }
-        let entry = touched.get_mut(&id).expect("inserted above");
-        entry.2 |= entry.0.apply(event);
+        let entry = match touched.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let state = load(&tx, id)?.unwrap_or_else(|| MediaState::new(id));
+                let before = state.counted().map(|(o, b)| (o.to_owned(), b));
+                e.insert(Touched { state, before, changed: false })
+            }
+        };
+        entry.changed |= entry.state.apply(event);
     }
-    for (state, before, changed) in touched.values() {
+    for Touched { state, before, changed } in touched.values() {
         if !changed {
             continue;
         }

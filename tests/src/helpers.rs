@@ -1,0 +1,180 @@
+//! `spawn_app()` and typed request helpers.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use conveyor::{App, Role};
+use conveyor_platform::{Backends, Settings};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// A running app and a client for it. Dropping it stops the app.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub backends: Backends,
+    stop: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub const ALICE: &str = "alice-key";
+pub const BOB: &str = "bob-key";
+pub const SERVICE: &str = "service-key";
+
+/// Spawns `serve` on port 0 in a fresh temp dir with test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Like [`spawn_app`], after `adjust` has changed the settings.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    conveyor_platform::telemetry::init_for_tests();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = Settings::for_test(dir.path());
+    adjust(&mut settings);
+    let mut app = spawn_in(settings).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// Spawns `serve` with exactly these settings (the caller owns the data dir).
+pub async fn spawn_in(settings: Settings) -> TestApp {
+    let app: App = conveyor::build(settings, Role::Serve).await.expect("app builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (settings, backends, stop) = (app.settings.clone(), app.backends.clone(), app.stop_token());
+    let handle = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        settings,
+        backends,
+        stop,
+        handle: Some(handle),
+        _dir: None,
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// Stops the app gracefully and waits for it to drain.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("app task").expect("app ran cleanly");
+        }
+    }
+
+    pub async fn upload(&self, key: &str, file: Vec<u8>, title: Option<&str>) -> reqwest::Response {
+        upload_to(&self.client, &self.address, key, file, title).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> (reqwest::StatusCode, Value) {
+        let response = self.client.get(self.url(path)).send().await.expect("request");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn media(&self, id: &str) -> (reqwest::StatusCode, Value) {
+        self.get_json(&format!("/v1/media/{id}")).await
+    }
+
+    /// Waits until the media's status is not `pending`, and returns its body.
+    pub async fn wait_processed(&self, id: &str) -> Value {
+        wait_until(Duration::from_secs(30), || async {
+            let (status, body) = self.media(id).await;
+            (status == 200 && body["status"] != "pending").then_some(body)
+        })
+        .await
+        .unwrap_or_else(|| panic!("media {id} was not processed in time"))
+    }
+
+    /// Waits until both consumer groups have committed everything in the log.
+    pub async fn wait_caught_up(&self) {
+        let log = self.backends.log.clone();
+        let done = wait_until(Duration::from_secs(30), || {
+            let log = log.clone();
+            async move {
+                for group in ["processor", "projector"] {
+                    let lag = log.lag(conveyor_schemas::MEDIA_EVENTS, group).await.ok()?;
+                    if lag.iter().any(|l| l.lag() > 0) {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+        done.expect("consumers caught up in time");
+    }
+}
+
+pub async fn upload_to(client: &reqwest::Client, base: &str, key: &str, file: Vec<u8>, title: Option<&str>) -> reqwest::Response {
+    let mut form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(file).file_name("photo.jpg"));
+    if let Some(t) = title {
+        form = form.text("title", t.to_owned());
+    }
+    client
+        .post(format!("{base}/v1/media"))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload request")
+}
+
+/// Polls `check` until it yields a value or `timeout` passes. Never a fixed sleep.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `conveyor` binary built beside this test binary (`cargo test` builds it, because the
+/// `conveyor` package has integration tests of its own).
+pub fn conveyor_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CONVEYOR_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test binary> → target/<profile>/conveyor
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let binary = profile_dir.join(format!("conveyor{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests through scripts/test (or `cargo build -p conveyor` first)",
+        binary.display()
+    );
+    binary
+}
+
+/// Counts files under `dir/prefix` (for "nothing was stored" checks).
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 })
+        .sum()
+}
