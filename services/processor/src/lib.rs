@@ -105,6 +105,15 @@ impl Processor {
         if upload.bytes > self.limits.max_upload_bytes {
             return Ok(Err(MediaError::TooLarge(upload.bytes)));
         }
+        // Check the header against the limits from the first bytes only, so an oversized or
+        // bogus original is refused without being read into memory.
+        let head = match self.read_head(&upload.original_key).await? {
+            Some(head) => head,
+            None => return Ok(Err(MediaError::Missing)),
+        };
+        if let Err(e) = render::probe(&head, &self.limits) {
+            return Ok(Err(e));
+        }
         let original = match self.objects.get_bytes(&upload.original_key).await {
             Ok(bytes) => bytes,
             Err(ObjectError::NotFound) => return Ok(Err(MediaError::Missing)),
@@ -140,6 +149,30 @@ impl Processor {
             });
         }
         Ok(Ok((rendered, variants)))
+    }
+}
+
+/// Bytes read to check an original's header before reading all of it. Every accepted format
+/// puts its dimensions well inside this (JPEG after its metadata segments, which are at most
+/// a few hundred KiB in practice).
+const PROBE_BYTES: u64 = 1 << 20;
+
+impl Processor {
+    async fn read_head(&self, key: &str) -> Result<Option<Bytes>, HandleError> {
+        use futures::TryStreamExt;
+        let object = match self.objects.get(key, Some(0..PROBE_BYTES)).await {
+            Ok(o) => o,
+            Err(ObjectError::NotFound) => return Ok(None),
+            // An empty object has no satisfiable range; its header check fails below.
+            Err(ObjectError::RangeNotSatisfiable { .. }) => return Ok(Some(Bytes::new())),
+            Err(e) => return Err(transient(e, "failed to read the original's header")),
+        };
+        let chunks: Vec<Bytes> = object
+            .body
+            .try_collect()
+            .await
+            .map_err(|e| transient(ObjectError::Io(e), "failed to read the original's header"))?;
+        Ok(Some(Bytes::from(chunks.concat())))
     }
 }
 
