@@ -60,6 +60,8 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         .with_context(|| format!("failed to create data dir {}", settings.data_dir.display()))?;
     if role == Role::Serve {
         ensure_dev_keys(&mut settings)?;
+    } else if role.ingests() && settings.auth.api_keys.is_empty() {
+        tracing::warn!("no CONVEYOR__AUTH__API_KEYS configured: every upload will be refused with 401");
     }
     conveyor_platform::metrics::handle();
     let backends = Backends::open(&settings).await?;

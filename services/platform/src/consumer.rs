@@ -325,3 +325,146 @@ pub async fn report_lag(log: Arc<dyn EventLog>, topic: String, groups: Vec<Strin
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+    use crate::log::Record;
+    use crate::log::sqlite::SqliteLog;
+    use std::sync::Mutex;
+
+    /// Fails permanently on `poison`, transiently on `stuck` (for as long as it is told to),
+    /// and records every value it finishes.
+    struct Scripted {
+        done: Mutex<Vec<String>>,
+        stuck_fails: bool,
+        in_flight: std::sync::atomic::AtomicUsize,
+        max_in_flight: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Scripted {
+        fn new(stuck_fails: bool) -> Arc<Self> {
+            Arc::new(Scripted {
+                done: Mutex::default(),
+                stuck_fails,
+                in_flight: Default::default(),
+                max_in_flight: Default::default(),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Handler for Scripted {
+        async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.in_flight.fetch_sub(1, SeqCst);
+            for r in records {
+                match &r.value[..] {
+                    b"poison" => return Err(HandleError::Permanent(anyhow::anyhow!("cannot parse"))),
+                    b"stuck" if self.stuck_fails => return Err(HandleError::Transient(anyhow::anyhow!("backend down"))),
+                    _ => {}
+                }
+            }
+            let mut done = self.done.lock().unwrap();
+            done.extend(records.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()));
+            Ok(())
+        }
+    }
+
+    async fn one_partition_log(values: &[&str]) -> (tempfile::TempDir, Arc<dyn EventLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(SqliteLog::open(dir.path().join("log.db"), Durability::Os).unwrap());
+        log.ensure_topic("t", 1).await.unwrap();
+        log.ensure_topic(DLQ_TOPIC, 1).await.unwrap();
+        let records = values
+            .iter()
+            .map(|v| Record { key: b"k".to_vec(), headers: vec![], value: bytes::Bytes::from(v.to_string()) })
+            .collect();
+        log.append("t", records).await.unwrap();
+        (dir, log)
+    }
+
+    fn config(per_partition: usize, max_batch: usize) -> ConsumerConfig {
+        let mut c = ConsumerConfig::new("t", "g");
+        c.per_partition = per_partition;
+        c.max_batch = max_batch;
+        c.max_attempts = 3;
+        c.backoff = Duration::from_millis(1);
+        c
+    }
+
+    async fn committed(log: &Arc<dyn EventLog>) -> u64 {
+        log.lag("t", "g").await.unwrap()[0].committed
+    }
+
+    async fn wait_committed(log: &Arc<dyn EventLog>, want: u64) {
+        for _ in 0..400 {
+            if committed(log).await >= want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("offset {want} was never committed (at {})", committed(log).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poison_record_is_dead_lettered_and_the_group_moves_on() {
+        let (_dir, log) = one_partition_log(&["a", "b", "poison", "c", "d"]).await;
+        let handler = Scripted::new(false);
+        let stop = CancellationToken::new();
+        // Batches of 4: the batch holding the poison is split, so its neighbours still land.
+        let run = tokio::spawn(run(log.clone(), config(1, 4), handler.clone(), stop.clone()));
+        wait_committed(&log, 5).await;
+        stop.cancel();
+        run.await.unwrap().unwrap();
+
+        assert_eq!(*handler.done.lock().unwrap(), vec!["a", "b", "c", "d"]);
+        let dead = log.read(DLQ_TOPIC, 0, 0, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(&dead[0].value[..], b"poison");
+        assert_eq!(dead[0].header("dlq-topic"), Some("t"));
+        assert_eq!(dead[0].header("dlq-offset"), Some("2"));
+        assert_eq!(dead[0].header("dlq-attempts"), Some("3"));
+        assert!(dead[0].header("dlq-error").unwrap().contains("cannot parse"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_stop_below_an_unfinished_record_and_it_is_redelivered() {
+        let values = ["0", "1", "2", "stuck", "4", "5", "6", "7"];
+        let (_dir, log) = one_partition_log(&values).await;
+
+        // Four in flight per partition: records after the stuck one finish, but the commit
+        // must stay at the stuck one's offset.
+        let handler = Scripted::new(true);
+        let stop = CancellationToken::new();
+        let run_once = tokio::spawn(run(log.clone(), config(4, 1), handler.clone(), stop.clone()));
+        for _ in 0..400 {
+            if handler.done.lock().unwrap().len() == 7 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(handler.done.lock().unwrap().len(), 7, "everything but the stuck record finished");
+        assert!(handler.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) > 1, "records ran concurrently");
+        wait_committed(&log, 3).await;
+        stop.cancel();
+        run_once.await.unwrap().unwrap();
+        assert_eq!(committed(&log).await, 3, "never past the lowest unfinished offset");
+
+        // After a restart the backend is back: the stuck record and everything after it are
+        // redelivered (at least once), and the group reaches the end.
+        let healthy = Scripted::new(false);
+        let stop = CancellationToken::new();
+        let run_twice = tokio::spawn(run(log.clone(), config(4, 1), healthy.clone(), stop.clone()));
+        wait_committed(&log, 8).await;
+        stop.cancel();
+        run_twice.await.unwrap().unwrap();
+        let mut redelivered = healthy.done.lock().unwrap().clone();
+        redelivered.sort();
+        assert_eq!(redelivered, vec!["4", "5", "6", "7", "stuck"]);
+    }
+}

@@ -55,7 +55,11 @@ pub(crate) async fn get_object(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    validate_key(&key).map_err(|_| ApiError::not_found("no such object"))?;
+    // Only finished media is public: not `incoming/` uploads still being checked.
+    let public = key.starts_with("originals/") || key.starts_with("variants/");
+    if !public || validate_key(&key).is_err() {
+        return Err(ApiError::not_found("no such object"));
+    }
     // Keys are content-addressed and never rewritten, so the key itself identifies the bytes.
     let etag = etag_of(key.as_bytes());
     let etag_value = HeaderValue::from_str(&etag).expect("etags are hex");
