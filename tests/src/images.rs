@@ -55,21 +55,10 @@ pub fn png_bomb_header(width: u32, height: u32) -> Vec<u8> {
         let start = png.len();
         png.extend_from_slice(kind);
         png.extend_from_slice(data);
-        let crc = crc32(&png[start..]);
+        let crc = crc32fast::hash(&png[start..]);
         png.extend_from_slice(&crc.to_be_bytes());
     }
     png
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 /// Decodes image bytes and returns their dimensions.
