@@ -12,7 +12,6 @@ use conveyor_platform::consumer::report_lag;
 use axum::response::IntoResponse;
 use conveyor_platform::http::{ApiError, not_found, ops_router, track_requests};
 use conveyor_platform::shutdown::Shutdown;
-use conveyor_schemas::MEDIA_EVENTS;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -69,7 +68,7 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     let changes = Changes::new();
     let mut workers = Vec::new();
 
-    let mut router = ops_router(backends.clone());
+    let mut router = ops_router(backends.clone(), settings.topic());
     if role.ingests() {
         router = router.merge(conveyor_ingest::router(conveyor_ingest::IngestState::new(backends.clone(), &settings)));
     }
@@ -79,7 +78,11 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             state.follow(&changes, shutdown.token.clone());
         } else {
             let (state, log, stop) = (state.clone(), backends.log.clone(), shutdown.token.clone());
-            workers.push(("query cache invalidation", shutdown.tracker.spawn(conveyor_query::tail_invalidations(state, log, stop))));
+            let topic = settings.topic().to_owned();
+            workers.push((
+                "query cache invalidation",
+                shutdown.tracker.spawn(conveyor_query::tail_invalidations(state, log, topic, stop)),
+            ));
         }
         router = router.merge(conveyor_query::router(state));
     }
@@ -99,7 +102,7 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     if !groups.is_empty() {
         shutdown.tracker.spawn(report_lag(
             backends.log.clone(),
-            MEDIA_EVENTS.to_owned(),
+            settings.topic().to_owned(),
             groups,
             Duration::from_secs(5),
             shutdown.token.clone(),

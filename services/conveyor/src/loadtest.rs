@@ -10,7 +10,7 @@ use conveyor_platform::changes::Changes;
 use conveyor_platform::config::{Durability, Limits, Settings};
 use conveyor_platform::events::to_record;
 use conveyor_platform::{Backends, VersionClock};
-use conveyor_schemas::{Envelope, Event, MEDIA_EVENTS, MediaDescribed};
+use conveyor_schemas::{Envelope, Event, MediaDescribed};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -55,6 +55,7 @@ async fn events(count: usize, batch: usize, producers: usize, media: usize) -> a
     let mut tasks = Vec::new();
     for p in 0..producers.max(1) {
         let (log, ids, clock, bar) = (backends.log.clone(), ids.clone(), clock.clone(), bar.clone());
+        let topic = settings.topic().to_owned();
         tasks.push(tokio::spawn(async move {
             let mut sent = 0;
             while sent < per_producer {
@@ -74,7 +75,7 @@ async fn events(count: usize, batch: usize, producers: usize, media: usize) -> a
                         ))
                     })
                     .collect();
-                log.append(MEDIA_EVENTS, records).await?;
+                log.append(&topic, records).await?;
                 sent += n;
                 bar.inc(n as u64);
             }
@@ -91,7 +92,7 @@ async fn events(count: usize, batch: usize, producers: usize, media: usize) -> a
     // Wait for the projector to commit everything.
     let bar = progress(total, "projecting");
     loop {
-        let lag = backends.log.lag(MEDIA_EVENTS, conveyor_projector::GROUP).await?;
+        let lag = backends.log.lag(settings.topic(), conveyor_projector::GROUP).await?;
         let done: u64 = lag.iter().map(|l| l.committed).sum();
         bar.set_position(done);
         if done >= total {

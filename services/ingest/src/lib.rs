@@ -18,7 +18,7 @@ use conveyor_platform::config::{AuthSettings, Limits, Settings};
 use conveyor_platform::events::to_record;
 use conveyor_platform::http::{ApiError, bearer, parse_json};
 use conveyor_platform::{Backends, VersionClock};
-use conveyor_schemas::{Envelope, Event, MEDIA_EVENTS, MediaDeleted};
+use conveyor_schemas::{Envelope, Event, MediaDeleted};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -28,6 +28,7 @@ pub struct IngestState {
     pub auth: AuthSettings,
     pub limits: Limits,
     pub clock: VersionClock,
+    pub topic: String,
 }
 
 impl IngestState {
@@ -37,6 +38,7 @@ impl IngestState {
             auth: settings.auth.clone(),
             limits: settings.limits.clone(),
             clock: VersionClock::new(),
+            topic: settings.topic().to_owned(),
         })
     }
 
@@ -50,7 +52,7 @@ impl IngestState {
 
     async fn append(&self, events: &[Envelope]) -> Result<Vec<conveyor_platform::log::Position>, ApiError> {
         let records = events.iter().map(to_record).collect();
-        self.backends.log.append(MEDIA_EVENTS, records).await.map_err(ApiError::unavailable)
+        self.backends.log.append(&self.topic, records).await.map_err(ApiError::unavailable)
     }
 }
 

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 
 use crate::config::Settings;
 use crate::log::EventLog;
+use crate::log::kafka::KafkaLog;
 use crate::log::sqlite::SqliteLog;
 use crate::objects::ObjectStore;
 use crate::objects::fs::FsObjectStore;
@@ -27,8 +28,8 @@ impl Backends {
         let objects = open_objects(&settings.objects_uri())?;
         let log = open_log(settings)?;
         let views = open_views(&settings.views_uri())?;
-        for topic in [conveyor_schemas::MEDIA_EVENTS, crate::consumer::DLQ_TOPIC] {
-            log.ensure_topic(topic, settings.log.partitions)
+        for topic in [settings.topic().to_owned(), settings.dlq_topic()] {
+            log.ensure_topic(&topic, settings.log.partitions)
                 .await
                 .with_context(|| format!("failed to ensure topic {topic}"))?;
         }
@@ -56,7 +57,11 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<Arc<dyn EventLog>> {
             .with_context(|| format!("failed to open event log at {}", path.display()))?;
         return Ok(Arc::new(log));
     }
-    bail!("unsupported event log uri {uri:?}: expected sqlite://PATH")
+    if uri.starts_with("kafka://") {
+        let log = KafkaLog::connect(&uri, &settings.log).with_context(|| format!("failed to connect to {uri}"))?;
+        return Ok(Arc::new(log));
+    }
+    bail!("unsupported event log uri {uri:?}: expected sqlite://PATH or kafka://HOST:PORT[,HOST:PORT]")
 }
 
 pub fn open_views(uri: &str) -> anyhow::Result<Arc<dyn ReadStore>> {

@@ -33,8 +33,18 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
-    /// `sqlite://PATH`; unset means `sqlite://<data_dir>/log.db`.
+    /// `sqlite://PATH`, or `kafka://host:port[,host:port]`; unset means
+    /// `sqlite://<data_dir>/log.db`.
     pub uri: Option<String>,
+    /// The media events topic. Its dead letters go to `<topic>.dlq`. Repartitioning is a
+    /// migration to a new topic (then a replay), which is why this is configurable.
+    pub topic: String,
+    /// Kafka replication factor for topics Conveyor creates.
+    pub replication: u16,
+    /// Kafka retention for topics Conveyor creates, in ms (-1 keeps records forever).
+    pub retention_ms: i64,
+    /// Kafka consumer session timeout, in ms: how long a dead member keeps its partitions.
+    pub session_timeout_ms: u32,
     /// Partitions of a topic created by Conveyor. A group scales up to this many consumers.
     pub partitions: u32,
     /// Appends a consumer may fail before the record goes to the dead-letter topic.
@@ -153,7 +163,16 @@ impl Default for Settings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { uri: None, partitions: 32, max_attempts: 5, durability: Durability::Fsync }
+        LogSettings {
+            uri: None,
+            topic: conveyor_schemas::MEDIA_EVENTS.to_owned(),
+            replication: 1,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            session_timeout_ms: 10_000,
+            partitions: 32,
+            max_attempts: 5,
+            durability: Durability::Fsync,
+        }
     }
 }
 
@@ -230,6 +249,16 @@ impl Settings {
         settings.auth.api_keys = KeyList::parse("alice:alice-key,bob:bob-key").expect("valid keys");
         settings.auth.service_keys = KeyList::parse("describer:service-key").expect("valid keys");
         settings
+    }
+
+    /// The media events topic.
+    pub fn topic(&self) -> &str {
+        &self.log.topic
+    }
+
+    /// Where records that keep failing go.
+    pub fn dlq_topic(&self) -> String {
+        format!("{}.dlq", self.log.topic)
     }
 
     pub fn log_uri(&self) -> String {

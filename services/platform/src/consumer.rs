@@ -24,9 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::log::{Delivered, EventLog, StartFrom};
 
-/// Where records that keep failing go.
-pub const DLQ_TOPIC: &str = "media.events.dlq";
-
 /// Why a handler could not finish a batch.
 #[derive(Debug)]
 pub enum HandleError {
@@ -57,6 +54,8 @@ pub trait Handler: Send + Sync + 'static {
 pub struct ConsumerConfig {
     pub topic: String,
     pub group: String,
+    /// Where records that keep failing go.
+    pub dlq_topic: String,
     pub per_partition: usize,
     pub max_batch: usize,
     pub max_attempts: u32,
@@ -71,6 +70,7 @@ impl ConsumerConfig {
         ConsumerConfig {
             topic: topic.to_owned(),
             group: group.to_owned(),
+            dlq_topic: format!("{topic}.dlq"),
             per_partition: 1,
             max_batch: 1,
             max_attempts: 5,
@@ -285,7 +285,7 @@ async fn dead_letter(
     ]);
     let mut delay = config.backoff;
     loop {
-        match log.append(DLQ_TOPIC, vec![dead.clone()]).await {
+        match log.append(&config.dlq_topic, vec![dead.clone()]).await {
             Ok(_) => {
                 metrics::counter!("conveyor_dead_letters_total", "group" => config.group.clone()).increment(1);
                 tracing::error!(group = %config.group, partition = record.partition, offset = record.offset, error, "record sent to the dead-letter topic");
@@ -379,7 +379,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log: Arc<dyn EventLog> = Arc::new(SqliteLog::open(dir.path().join("log.db"), Durability::Os).unwrap());
         log.ensure_topic("t", 1).await.unwrap();
-        log.ensure_topic(DLQ_TOPIC, 1).await.unwrap();
+        log.ensure_topic("t.dlq", 1).await.unwrap();
         let records = values
             .iter()
             .map(|v| Record { key: b"k".to_vec(), headers: vec![], value: bytes::Bytes::from(v.to_string()) })
@@ -423,7 +423,7 @@ mod tests {
         run.await.unwrap().unwrap();
 
         assert_eq!(*handler.done.lock().unwrap(), vec!["a", "b", "c", "d"]);
-        let dead = log.read(DLQ_TOPIC, 0, 0, 10).await.unwrap();
+        let dead = log.read("t.dlq", 0, 0, 10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(&dead[0].value[..], b"poison");
         assert_eq!(dead[0].header("dlq-topic"), Some("t"));

@@ -148,16 +148,17 @@ pub async fn track_requests(req: Request, next: Next) -> Response {
 }
 
 /// `/healthz` (the process runs), `/readyz` (its backends answer) and `/metrics`.
-pub fn ops_router(backends: Backends) -> Router {
+pub fn ops_router(backends: Backends, topic: &str) -> Router {
     Router::new()
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()) }))
-        .with_state(Arc::new(backends))
+        .with_state(Arc::new((backends, topic.to_owned())))
 }
 
-async fn readyz(State(backends): State<Arc<Backends>>) -> Response {
-    let log = backends.log.partitions(conveyor_schemas::MEDIA_EVENTS).await.map(|_| ()).map_err(|e| e.to_string());
+async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
+    let (backends, topic) = &*state;
+    let log = backends.log.partitions(topic).await.map(|_| ()).map_err(|e| e.to_string());
     let views = backends.views.ping().await.map_err(|e| e.to_string());
     let objects = backends.objects.head("readyz-probe").await.map(|_| ()).map_err(|e| e.to_string());
     let status = |r: &Result<(), String>| match r {

@@ -19,7 +19,7 @@ use conveyor_platform::log::Delivered;
 use conveyor_platform::objects::ObjectError;
 use conveyor_platform::{Backends, EventLog, ObjectStore};
 use conveyor_schemas::{
-    Envelope, Event, MEDIA_EVENTS, MediaProcessed, MediaProcessingFailed, MediaUploaded, VariantInfo,
+    Envelope, Event, MediaProcessed, MediaProcessingFailed, MediaUploaded, VariantInfo,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ pub struct Processor {
     objects: Arc<dyn ObjectStore>,
     log: Arc<dyn EventLog>,
     limits: Limits,
+    topic: String,
     /// Bounds the images decoded at once: decoding is CPU- and memory-heavy.
     cpu: Arc<Semaphore>,
 }
@@ -48,13 +49,14 @@ impl Processor {
             objects: backends.objects.clone(),
             log: backends.log.clone(),
             limits: settings.limits.clone(),
+            topic: settings.topic().to_owned(),
             cpu: Arc::new(Semaphore::new(workers)),
         }
     }
 
     /// The consumer settings a processor runs with.
     pub fn consumer_config(settings: &Settings) -> ConsumerConfig {
-        let mut config = ConsumerConfig::new(MEDIA_EVENTS, GROUP);
+        let mut config = ConsumerConfig::new(settings.topic(), GROUP);
         config.per_partition = settings.processor.per_partition.max(1);
         config.max_batch = 1;
         config.max_attempts = settings.log.max_attempts;
@@ -88,7 +90,7 @@ impl Processor {
         let kind = outcome.type_name();
         let derived = cause.derive("processor", now_micros(), outcome);
         self.log
-            .append(MEDIA_EVENTS, vec![to_record(&derived)])
+            .append(&self.topic, vec![to_record(&derived)])
             .await
             .map_err(|e| HandleError::Transient(anyhow::anyhow!(e).context("failed to append the outcome")))?;
         metrics::counter!("conveyor_processed_total", "outcome" => kind).increment(1);

@@ -13,7 +13,7 @@ use conveyor_platform::consumer::{self, ConsumerConfig, HandleError, Handler};
 use conveyor_platform::events::from_delivered;
 use conveyor_platform::log::Delivered;
 use conveyor_platform::{EventLog, ReadStore};
-use conveyor_schemas::{Envelope, MEDIA_EVENTS};
+use conveyor_schemas::Envelope;
 use tokio_util::sync::CancellationToken;
 
 /// The consumer group projectors join.
@@ -31,7 +31,7 @@ impl Projector {
     }
 
     pub fn consumer_config(settings: &Settings, group: &str) -> ConsumerConfig {
-        let mut config = ConsumerConfig::new(MEDIA_EVENTS, group);
+        let mut config = ConsumerConfig::new(settings.topic(), group);
         // One batch per partition at a time: read models are written in log order.
         config.per_partition = 1;
         config.max_batch = settings.projector.batch.max(1);

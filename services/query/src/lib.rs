@@ -20,7 +20,6 @@ use conveyor_platform::changes::Changes;
 use conveyor_platform::config::Settings;
 use conveyor_platform::log::StartFrom;
 use conveyor_platform::{Backends, EventLog};
-use conveyor_schemas::MEDIA_EVENTS;
 use moka::future::Cache;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -75,9 +74,14 @@ impl QueryState {
 /// For a query edge without a projector beside it: tails `media.events` from its end in a
 /// group of its own and drops the cache entry of every id an event names. The entry may be
 /// reloaded before the projector writes; the cache TTL bounds that window.
-pub async fn tail_invalidations(state: Arc<QueryState>, log: Arc<dyn EventLog>, stop: CancellationToken) -> anyhow::Result<()> {
+pub async fn tail_invalidations(
+    state: Arc<QueryState>,
+    log: Arc<dyn EventLog>,
+    topic: String,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let group = format!("query-cache-{}", Uuid::now_v7());
-    let mut sub = log.subscribe(MEDIA_EVENTS, &group, StartFrom::Latest).await?;
+    let mut sub = log.subscribe(&topic, &group, StartFrom::Latest).await?;
     while !stop.is_cancelled() {
         let records = tokio::select! {
             _ = stop.cancelled() => break,

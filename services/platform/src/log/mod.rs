@@ -2,6 +2,7 @@
 //! implementation is SQLite ([`sqlite::SqliteLog`]); Kafka comes later behind the same trait.
 
 pub mod conformance;
+pub mod kafka;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -150,6 +151,13 @@ pub trait Subscription: Send {
     /// Durably records, per partition, the next offset the group should read. Committing an
     /// offset lower than the group's current one is ignored: commits never move backwards.
     async fn commit(&mut self, offsets: &[(u32, u64)]) -> Result<(), LogError>;
+
+    /// Partitions taken from this member by a rebalance since the last call. Their records
+    /// already handed out may be handled (effects are idempotent), but their offsets are now
+    /// another member's to commit. Logs whose groups have a single member never revoke.
+    fn take_revoked(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// The partition of `key` among `partitions`: Kafka's murmur2 partitioner, so an embedded log,

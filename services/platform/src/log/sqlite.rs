@@ -516,6 +516,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
         let open = move || SqliteLog::open(&path, Durability::Os).map(|l| Box::new(l) as Box<dyn EventLog>);
-        super::super::conformance::run(&open).await;
+        super::super::conformance::run(&open, true).await;
     }
 }
