@@ -156,7 +156,12 @@ mod tests {
             ),
             (
                 "media_deleted",
-                envelope(5, Event::MediaDeleted(MediaDeleted { deleted_by: "alice".into() })),
+                envelope(
+                    5,
+                    Event::MediaDeleted(MediaDeleted {
+                        deleted_by: "alice".into(),
+                    }),
+                ),
             ),
         ]
     }
@@ -179,11 +184,16 @@ mod tests {
                 }
                 let bytes = std::fs::read(&path)
                     .unwrap_or_else(|e| panic!("missing fixture {}: {e}", path.display()));
-                let decoded = codec
-                    .decode(&bytes)
-                    .unwrap_or_else(|e| panic!("fixture {} no longer decodes: {e}", path.display()));
+                let decoded = codec.decode(&bytes).unwrap_or_else(|e| {
+                    panic!("fixture {} no longer decodes: {e}", path.display())
+                });
                 assert_eq!(decoded, expected, "fixture {}", path.display());
-                assert_eq!(codec.encode(&decoded), bytes, "re-encoding {}", path.display());
+                assert_eq!(
+                    codec.encode(&decoded),
+                    bytes,
+                    "re-encoding {}",
+                    path.display()
+                );
             }
         }
     }
@@ -202,9 +212,15 @@ mod tests {
         let (_, envelope) = examples().remove(0);
         let mut bytes = Codec::Bincode.encode(&envelope);
         bytes.push(0);
-        assert!(matches!(Codec::Bincode.decode(&bytes), Err(DecodeError::Bincode(_))));
+        assert!(matches!(
+            Codec::Bincode.decode(&bytes),
+            Err(DecodeError::Bincode(_))
+        ));
         assert!(Codec::Bincode.decode(&[0xff; 7]).is_err());
-        assert!(matches!(Codec::Json.decode(b"{\"event_id\": 1}"), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            Codec::Json.decode(b"{\"event_id\": 1}"),
+            Err(DecodeError::Json(_))
+        ));
     }
 
     #[test]
@@ -212,7 +228,10 @@ mod tests {
         let (_, mut envelope) = examples().remove(0);
         envelope.schema_version = SCHEMA_VERSION + 1;
         let bytes = Codec::Json.encode(&envelope);
-        assert!(matches!(Codec::Json.decode(&bytes), Err(DecodeError::SchemaVersion(_))));
+        assert!(matches!(
+            Codec::Json.decode(&bytes),
+            Err(DecodeError::SchemaVersion(_))
+        ));
     }
 
     #[test]

@@ -164,10 +164,14 @@ mod tests {
             Uuid::now_v7(),
             1_000,
             "ingest",
-            Event::MediaDeleted(MediaDeleted { deleted_by: "a".into() }),
+            Event::MediaDeleted(MediaDeleted {
+                deleted_by: "a".into(),
+            }),
         );
         let failed = || {
-            Event::MediaProcessingFailed(MediaProcessingFailed { reason: "truncated".into() })
+            Event::MediaProcessingFailed(MediaProcessingFailed {
+                reason: "truncated".into(),
+            })
         };
         let a = cause.derive("processor", 5, failed());
         let b = cause.derive("processor", 9, failed());

@@ -40,9 +40,60 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     app
 }
 
+/// Spawns `serve` on the Kafka broker named by `CONVEYOR_TEST_KAFKA`, with a topic and
+/// consumer groups of its own. `None` (after saying so on stderr) when the variable is unset.
+pub async fn spawn_app_on_kafka() -> Option<TestApp> {
+    let brokers = kafka_brokers()?;
+    Some(
+        spawn_app_with(|s| {
+            let run = uuid::Uuid::new_v4().simple().to_string();
+            s.log.uri = Some(format!("kafka://{brokers}"));
+            s.log.topic = format!("media-events-{run}");
+            s.log.session_timeout_ms = 6_000;
+            s.processor.group = format!("processor-{run}");
+            s.projector.group = format!("projector-{run}");
+        })
+        .await,
+    )
+}
+
+/// The test broker's address, or `None` after a loud skip notice.
+pub fn kafka_brokers() -> Option<String> {
+    match std::env::var("CONVEYOR_TEST_KAFKA") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ => {
+            eprintln!(
+                "SKIPPED: CONVEYOR_TEST_KAFKA is not set; scripts/test starts a Kafka-protocol broker and sets it"
+            );
+            None
+        }
+    }
+}
+
+/// Runs each named `async fn(TestApp)` twice: on the embedded log and on Kafka.
+#[macro_export]
+macro_rules! on_every_log {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::helpers::spawn_app().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kafka() {
+                if let Some(app) = $crate::helpers::spawn_app_on_kafka().await {
+                    super::$name(app).await
+                }
+            }
+        }
+    )*};
+}
+
 /// Spawns `serve` with exactly these settings (the caller owns the data dir).
 pub async fn spawn_in(settings: Settings) -> TestApp {
-    let app: App = conveyor::build(settings, Role::Serve).await.expect("app builds");
+    let app: App = conveyor::build(settings, Role::Serve)
+        .await
+        .expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let (settings, backends, stop) = (app.settings.clone(), app.backends.clone(), app.stop_token());
     let handle = tokio::spawn(app.run_until_stopped());
@@ -81,7 +132,12 @@ impl TestApp {
     }
 
     pub async fn get_json(&self, path: &str) -> (reqwest::StatusCode, Value) {
-        let response = self.client.get(self.url(path)).send().await.expect("request");
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
         let status = response.status();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -104,10 +160,10 @@ impl TestApp {
     pub async fn wait_caught_up(&self) {
         let log = self.backends.log.clone();
         let done = wait_until(Duration::from_secs(30), || {
-            let log = log.clone();
+            let (log, settings) = (log.clone(), self.settings.clone());
             async move {
-                for group in ["processor", "projector"] {
-                    let lag = log.lag(conveyor_schemas::MEDIA_EVENTS, group).await.ok()?;
+                for group in [&settings.processor.group, &settings.projector.group] {
+                    let lag = log.lag(&settings.log.topic, group).await.ok()?;
                     if lag.iter().any(|l| l.lag() > 0) {
                         return None;
                     }
@@ -120,8 +176,17 @@ impl TestApp {
     }
 }
 
-pub async fn upload_to(client: &reqwest::Client, base: &str, key: &str, file: Vec<u8>, title: Option<&str>) -> reqwest::Response {
-    let mut form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(file).file_name("photo.jpg"));
+pub async fn upload_to(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    file: Vec<u8>,
+    title: Option<&str>,
+) -> reqwest::Response {
+    let mut form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(file).file_name("photo.jpg"),
+    );
     if let Some(t) = title {
         form = form.text("title", t.to_owned());
     }
@@ -172,9 +237,17 @@ pub fn conveyor_binary() -> PathBuf {
 
 /// Counts files under `dir/prefix` (for "nothing was stored" checks).
 pub fn count_files(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .filter_map(Result::ok)
-        .map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 })
+        .map(|e| {
+            if e.path().is_dir() {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
         .sum()
 }

@@ -9,7 +9,9 @@ pub fn jpeg(width: u32, height: u32, seed: u32) -> Vec<u8> {
         image::Rgb([(v >> 3) as u8, (v >> 11) as u8, (x + y + seed) as u8])
     });
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80).encode_image(&image).expect("encode jpeg");
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80)
+        .encode_image(&image)
+        .expect("encode jpeg");
     out
 }
 
@@ -50,7 +52,11 @@ pub fn png_bomb_header(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&width.to_be_bytes());
     ihdr.extend_from_slice(&height.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    for (kind, data) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", &[0x78, 0x9c, 0x01, 0x00, 0x00, 0xff, 0xff][..]), (b"IEND", &[])] {
+    for (kind, data) in [
+        (&b"IHDR"[..], &ihdr[..]),
+        (b"IDAT", &[0x78, 0x9c, 0x01, 0x00, 0x00, 0xff, 0xff][..]),
+        (b"IEND", &[]),
+    ] {
         png.extend_from_slice(&(data.len() as u32).to_be_bytes());
         let start = png.len();
         png.extend_from_slice(kind);
@@ -64,7 +70,10 @@ pub fn png_bomb_header(width: u32, height: u32) -> Vec<u8> {
 /// Decodes image bytes and returns their dimensions.
 pub fn dimensions(bytes: &[u8]) -> (u32, u32) {
     let format = image::guess_format(bytes).expect("an image format");
-    assert!(matches!(format, ImageFormat::Jpeg | ImageFormat::Png), "{format:?}");
+    assert!(
+        matches!(format, ImageFormat::Jpeg | ImageFormat::Png),
+        "{format:?}"
+    );
     let image = image::load_from_memory(bytes).expect("decodes");
     (image.width(), image.height())
 }

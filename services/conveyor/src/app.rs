@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use axum::response::IntoResponse;
 use conveyor_platform::Backends;
 use conveyor_platform::changes::Changes;
 use conveyor_platform::config::{KeyList, Settings};
 use conveyor_platform::consumer::report_lag;
-use axum::response::IntoResponse;
 use conveyor_platform::http::{ApiError, not_found, ops_router, track_requests};
 use conveyor_platform::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -60,7 +60,9 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     if role == Role::Serve {
         ensure_dev_keys(&mut settings)?;
     } else if role.ingests() && settings.auth.api_keys.is_empty() {
-        tracing::warn!("no CONVEYOR__AUTH__API_KEYS configured: every upload will be refused with 401");
+        tracing::warn!(
+            "no CONVEYOR__AUTH__API_KEYS configured: every upload will be refused with 401"
+        );
     }
     conveyor_platform::metrics::handle();
     let backends = Backends::open(&settings).await?;
@@ -70,7 +72,10 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
 
     let mut router = ops_router(backends.clone(), settings.topic());
     if role.ingests() {
-        router = router.merge(conveyor_ingest::router(conveyor_ingest::IngestState::new(backends.clone(), &settings)));
+        router = router.merge(conveyor_ingest::router(conveyor_ingest::IngestState::new(
+            backends.clone(),
+            &settings,
+        )));
     }
     if role.queries() {
         let state = conveyor_query::QueryState::new(backends.clone(), &settings);
@@ -81,7 +86,9 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             let topic = settings.topic().to_owned();
             workers.push((
                 "query cache invalidation",
-                shutdown.tracker.spawn(conveyor_query::tail_invalidations(state, log, topic, stop)),
+                shutdown
+                    .tracker
+                    .spawn(conveyor_query::tail_invalidations(state, log, topic, stop)),
             ));
         }
         router = router.merge(conveyor_query::router(state));
@@ -89,15 +96,29 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     let mut groups = Vec::new();
     if role.processes() {
         let processor = conveyor_processor::Processor::new(&backends, &settings);
+        groups.push(settings.processor.group.clone());
         let (settings, stop) = (settings.clone(), shutdown.token.clone());
-        workers.push(("processor", shutdown.tracker.spawn(async move { processor.run(&settings, stop).await })));
-        groups.push(conveyor_processor::GROUP.to_owned());
+        workers.push((
+            "processor",
+            shutdown
+                .tracker
+                .spawn(async move { processor.run(&settings, stop).await }),
+        ));
     }
     if role.projects() {
         let projector = conveyor_projector::Projector::new(backends.views.clone(), changes.clone());
-        let (settings, log, stop) = (settings.clone(), backends.log.clone(), shutdown.token.clone());
-        workers.push(("projector", shutdown.tracker.spawn(async move { projector.run(log, &settings, stop).await })));
-        groups.push(conveyor_projector::GROUP.to_owned());
+        groups.push(settings.projector.group.clone());
+        let (settings, log, stop) = (
+            settings.clone(),
+            backends.log.clone(),
+            shutdown.token.clone(),
+        );
+        workers.push((
+            "projector",
+            shutdown
+                .tracker
+                .spawn(async move { projector.run(log, &settings, stop).await }),
+        ));
     }
     if !groups.is_empty() {
         shutdown.tracker.spawn(report_lag(
@@ -111,12 +132,21 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     let router = router
         .fallback(not_found)
         .layer(axum::middleware::from_fn(track_requests))
-        .layer(CatchPanicLayer::custom(|_| ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
+        }))
         .layer(TraceLayer::new_for_http());
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
-    Ok(App { listener, router, shutdown, workers, settings, backends })
+    Ok(App {
+        listener,
+        router,
+        shutdown,
+        workers,
+        settings,
+        backends,
+    })
 }
 
 impl App {
@@ -132,9 +162,16 @@ impl App {
     /// Serves until the stop token is cancelled or a worker fails, then drains: in-flight
     /// requests finish, consumers finish their batches and commit.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let App { listener, router, shutdown, workers, .. } = self;
+        let App {
+            listener,
+            router,
+            shutdown,
+            workers,
+            ..
+        } = self;
         let token = shutdown.token.clone();
-        let server = axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
+        let server =
+            axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
         let mut failure = None;
         let watch_workers = async {
@@ -157,7 +194,10 @@ impl App {
             }
         }
         shutdown.drain().await;
-        server.await.context("server task panicked")?.context("server failed")?;
+        server
+            .await
+            .context("server task panicked")?
+            .context("server failed")?;
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
@@ -170,13 +210,21 @@ impl App {
 fn ensure_dev_keys(settings: &mut Settings) -> anyhow::Result<()> {
     if settings.auth.api_keys.is_empty() {
         let key = dev_key(&settings.data_dir.join("dev-api-key"))?;
-        println!("dev api key for owner `dev`: {key}  (saved in {})", settings.data_dir.join("dev-api-key").display());
-        settings.auth.api_keys = KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
+        println!(
+            "dev api key for owner `dev`: {key}  (saved in {})",
+            settings.data_dir.join("dev-api-key").display()
+        );
+        settings.auth.api_keys =
+            KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
     }
     if settings.auth.service_keys.is_empty() {
         let key = dev_key(&settings.data_dir.join("dev-service-key"))?;
-        println!("dev service key for `dev`: {key}  (saved in {})", settings.data_dir.join("dev-service-key").display());
-        settings.auth.service_keys = KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
+        println!(
+            "dev service key for `dev`: {key}  (saved in {})",
+            settings.data_dir.join("dev-service-key").display()
+        );
+        settings.auth.service_keys =
+            KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }
@@ -189,7 +237,8 @@ fn dev_key(path: &Path) -> anyhow::Result<String> {
         }
     }
     let key = format!("cvk_{}", uuid::Uuid::new_v4().simple());
-    std::fs::write(path, format!("{key}\n")).with_context(|| format!("failed to write {}", path.display()))?;
+    std::fs::write(path, format!("{key}\n"))
+        .with_context(|| format!("failed to write {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -19,7 +19,12 @@ use crate::cli::LoadtestCommand;
 
 pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
     match command {
-        LoadtestCommand::Events { count, batch, producers, media } => events(count, batch, producers, media).await,
+        LoadtestCommand::Events {
+            count,
+            batch,
+            producers,
+            media,
+        } => events(count, batch, producers, media).await,
         LoadtestCommand::Thumbnail { file, size, runs } => thumbnail(&file, size, runs),
     }
 }
@@ -27,8 +32,10 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
 fn progress(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"))
-            .expect("valid template"),
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .expect("valid template"),
     );
     bar
 }
@@ -36,7 +43,10 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 /// Embedded log + projector throughput on `MediaDescribed`, with fsync durability.
 async fn events(count: usize, batch: usize, producers: usize, media: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("failed to create a temp dir")?;
-    let mut settings = Settings { data_dir: dir.path().to_owned(), ..Settings::default() };
+    let mut settings = Settings {
+        data_dir: dir.path().to_owned(),
+        ..Settings::default()
+    };
     settings.log.durability = Durability::Fsync;
     let backends = Backends::open(&settings).await?;
     let ids: Arc<Vec<Uuid>> = Arc::new((0..media.max(1)).map(|_| Uuid::now_v7()).collect());
@@ -54,7 +64,12 @@ async fn events(count: usize, batch: usize, producers: usize, media: usize) -> a
     let per_producer = count / producers.max(1);
     let mut tasks = Vec::new();
     for p in 0..producers.max(1) {
-        let (log, ids, clock, bar) = (backends.log.clone(), ids.clone(), clock.clone(), bar.clone());
+        let (log, ids, clock, bar) = (
+            backends.log.clone(),
+            ids.clone(),
+            clock.clone(),
+            bar.clone(),
+        );
         let topic = settings.topic().to_owned();
         tasks.push(tokio::spawn(async move {
             let mut sent = 0;
@@ -92,7 +107,10 @@ async fn events(count: usize, batch: usize, producers: usize, media: usize) -> a
     // Wait for the projector to commit everything.
     let bar = progress(total, "projecting");
     loop {
-        let lag = backends.log.lag(settings.topic(), conveyor_projector::GROUP).await?;
+        let lag = backends
+            .log
+            .lag(settings.topic(), &settings.projector.group)
+            .await?;
         let done: u64 = lag.iter().map(|l| l.committed).sum();
         bar.set_position(done);
         if done >= total {
@@ -105,9 +123,20 @@ async fn events(count: usize, batch: usize, producers: usize, media: usize) -> a
     stop.cancel();
     projecting.await??;
 
-    println!("events: {total} MediaDescribed on {} media ids, {producers} producers × batches of {batch}, fsync on", ids.len());
-    println!("  appended (durable):      {:>10.0} events/s  ({:.2?})", total as f64 / appended.as_secs_f64(), appended);
-    println!("  appended and projected:  {:>10.0} events/s  ({:.2?})", total as f64 / projected.as_secs_f64(), projected);
+    println!(
+        "events: {total} MediaDescribed on {} media ids, {producers} producers × batches of {batch}, fsync on",
+        ids.len()
+    );
+    println!(
+        "  appended (durable):      {:>10.0} events/s  ({:.2?})",
+        total as f64 / appended.as_secs_f64(),
+        appended
+    );
+    println!(
+        "  appended and projected:  {:>10.0} events/s  ({:.2?})",
+        total as f64 / projected.as_secs_f64(),
+        projected
+    );
     Ok(())
 }
 
@@ -118,7 +147,8 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 
 /// Our thumbnail path against `vipsthumbnail`, on the same file, same size, same run.
 fn thumbnail(file: &Path, size: u32, runs: usize) -> anyhow::Result<()> {
-    let bytes = std::fs::read(file).with_context(|| format!("failed to read {}", file.display()))?;
+    let bytes =
+        std::fs::read(file).with_context(|| format!("failed to read {}", file.display()))?;
     let limits = Limits::default();
     let runs = runs.max(1);
     let mut ours = Vec::with_capacity(runs);
@@ -136,9 +166,20 @@ fn thumbnail(file: &Path, size: u32, runs: usize) -> anyhow::Result<()> {
         full.push(started.elapsed());
     }
     let ours = median(ours);
-    println!("thumbnail of {} to {size} px, median of {runs}:", file.display());
-    println!("  conveyor thumbnail:        {:>8.1} ms  ({}x{})", ours.as_secs_f64() * 1e3, thumb.width, thumb.height);
-    println!("  conveyor all 3 variants:   {:>8.1} ms  (plus blurhash and EXIF)", median(full).as_secs_f64() * 1e3);
+    println!(
+        "thumbnail of {} to {size} px, median of {runs}:",
+        file.display()
+    );
+    println!(
+        "  conveyor thumbnail:        {:>8.1} ms  ({}x{})",
+        ours.as_secs_f64() * 1e3,
+        thumb.width,
+        thumb.height
+    );
+    println!(
+        "  conveyor all 3 variants:   {:>8.1} ms  (plus blurhash and EXIF)",
+        median(full).as_secs_f64() * 1e3
+    );
 
     let out = tempfile::Builder::new().suffix(".jpg").tempfile()?;
     let mut vips = Vec::with_capacity(runs);
@@ -153,13 +194,21 @@ fn thumbnail(file: &Path, size: u32, runs: usize) -> anyhow::Result<()> {
             Ok(s) if s.success() => vips.push(started.elapsed()),
             Ok(s) => anyhow::bail!("vipsthumbnail failed: {s}"),
             Err(_) => {
-                println!("  vipsthumbnail:             not installed (apt-get install libvips-tools)");
+                println!(
+                    "  vipsthumbnail:             not installed (apt-get install libvips-tools)"
+                );
                 return Ok(());
             }
         }
     }
     let vips = median(vips);
-    println!("  vipsthumbnail (process):   {:>8.1} ms", vips.as_secs_f64() * 1e3);
-    println!("  ratio conveyor / vips:     {:>8.2}", ours.as_secs_f64() / vips.as_secs_f64());
+    println!(
+        "  vipsthumbnail (process):   {:>8.1} ms",
+        vips.as_secs_f64() * 1e3
+    );
+    println!(
+        "  ratio conveyor / vips:     {:>8.2}",
+        ours.as_secs_f64() / vips.as_secs_f64()
+    );
     Ok(())
 }

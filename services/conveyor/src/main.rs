@@ -5,7 +5,10 @@ use conveyor_platform::Settings;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -42,7 +45,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let app = conveyor::build(settings, role).await?;
         conveyor_platform::shutdown::cancel_on_signal(app.stop_token());
         tracing::info!(role = ?role, port = app.port(), data_dir = %app.settings.data_dir.display(), "conveyor listening");
-        println!("conveyor {role:?} listening on http://{}:{}", app.settings.listen.ip(), app.port());
+        println!(
+            "conveyor {role:?} listening on http://{}:{}",
+            app.settings.listen.ip(),
+            app.port()
+        );
         return app.run_until_stopped().await;
     }
     match cli.command {

@@ -10,7 +10,11 @@ use crate::cli::OpsCommand;
 
 pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Result<()> {
     match command {
-        OpsCommand::Lag { target, group, json } => {
+        OpsCommand::Lag {
+            target,
+            group,
+            json,
+        } => {
             let mut settings = Settings::load(config.as_deref())?;
             if let Some(dir) = target.data_dir {
                 settings.data_dir = dir;
@@ -48,7 +52,10 @@ async fn lag(settings: &Settings, group: Option<String>, json: bool) -> anyhow::
         println!("no consumer group has committed on {MEDIA_EVENTS} yet");
         return Ok(());
     }
-    println!("{:<24} {:>9} {:>12} {:>12} {:>10}", "GROUP", "PARTITION", "COMMITTED", "END", "LAG");
+    println!(
+        "{:<24} {:>9} {:>12} {:>12} {:>10}",
+        "GROUP", "PARTITION", "COMMITTED", "END", "LAG"
+    );
     for r in &rows {
         println!(
             "{:<24} {:>9} {:>12} {:>12} {:>10}",

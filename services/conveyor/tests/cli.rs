@@ -8,7 +8,9 @@ fn conveyor() -> Command {
 
 #[test]
 fn every_role_has_help() {
-    for role in ["serve", "ingest", "process", "project", "query", "ops", "loadtest"] {
+    for role in [
+        "serve", "ingest", "process", "project", "query", "ops", "loadtest",
+    ] {
         let out = conveyor().args([role, "--help"]).output().unwrap();
         assert!(out.status.success(), "{role} --help failed");
         let text = String::from_utf8(out.stdout).unwrap();

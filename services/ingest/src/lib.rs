@@ -43,16 +43,29 @@ impl IngestState {
     }
 
     fn owner(&self, headers: &HeaderMap) -> Result<String, ApiError> {
-        bearer(headers).and_then(|k| self.auth.api_keys.lookup(k)).map(str::to_owned).ok_or_else(ApiError::unauthorized)
+        bearer(headers)
+            .and_then(|k| self.auth.api_keys.lookup(k))
+            .map(str::to_owned)
+            .ok_or_else(ApiError::unauthorized)
     }
 
     fn service(&self, headers: &HeaderMap) -> Result<String, ApiError> {
-        bearer(headers).and_then(|k| self.auth.service_keys.lookup(k)).map(str::to_owned).ok_or_else(ApiError::unauthorized)
+        bearer(headers)
+            .and_then(|k| self.auth.service_keys.lookup(k))
+            .map(str::to_owned)
+            .ok_or_else(ApiError::unauthorized)
     }
 
-    async fn append(&self, events: &[Envelope]) -> Result<Vec<conveyor_platform::log::Position>, ApiError> {
+    async fn append(
+        &self,
+        events: &[Envelope],
+    ) -> Result<Vec<conveyor_platform::log::Position>, ApiError> {
         let records = events.iter().map(to_record).collect();
-        self.backends.log.append(&self.topic, records).await.map_err(ApiError::unavailable)
+        self.backends
+            .log
+            .append(&self.topic, records)
+            .await
+            .map_err(ApiError::unavailable)
     }
 }
 
@@ -62,14 +75,18 @@ pub fn router(state: Arc<IngestState>) -> Router {
     // outer bound only caps the multipart envelope around it.
     let body_limit = state.limits.max_upload_bytes.saturating_add(1 << 20) as usize;
     Router::new()
-        .route("/v1/media", post(upload::upload).layer(DefaultBodyLimit::max(body_limit)))
+        .route(
+            "/v1/media",
+            post(upload::upload).layer(DefaultBodyLimit::max(body_limit)),
+        )
         .route("/v1/media/{id}", delete(delete_media))
         .route("/v1/events", post(post_events))
         .with_state(state)
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a media id")))
+    Uuid::parse_str(id)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a media id")))
 }
 
 async fn delete_media(
@@ -79,12 +96,22 @@ async fn delete_media(
 ) -> Result<Response, ApiError> {
     let owner = state.owner(&headers)?;
     let id = parse_id(&id)?;
-    let media = state.backends.views.media(id).await.map_err(ApiError::unavailable)?;
+    let media = state
+        .backends
+        .views
+        .media(id)
+        .await
+        .map_err(ApiError::unavailable)?;
     let media = media.ok_or_else(|| ApiError::not_found("no such media"))?;
     if media.owner != owner {
         return Err(ApiError::forbidden("only the owner may delete this media"));
     }
-    let event = Envelope::new(id, state.clock.next(), "ingest", Event::MediaDeleted(MediaDeleted { deleted_by: owner }));
+    let event = Envelope::new(
+        id,
+        state.clock.next(),
+        "ingest",
+        Event::MediaDeleted(MediaDeleted { deleted_by: owner }),
+    );
     state.append(std::slice::from_ref(&event)).await?;
     let body = serde_json::json!({ "id": id, "status": "deleted" });
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
@@ -112,7 +139,11 @@ async fn post_events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if !json {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "expected `Content-Type: application/json`"));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected `Content-Type: application/json`",
+        ));
     }
     // One event, or an array of them appended together.
     let incoming: Vec<IncomingEvent> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -127,7 +158,10 @@ async fn post_events(
         if !matches!(e.payload, Event::MediaDescribed(_) | Event::MediaDeleted(_)) {
             return Err(ApiError::bad_request(
                 "invalid_event",
-                format!("[{i}].payload: internal producers may send MediaDescribed or MediaDeleted, not {}", e.payload.type_name()),
+                format!(
+                    "[{i}].payload: internal producers may send MediaDescribed or MediaDeleted, not {}",
+                    e.payload.type_name()
+                ),
             ));
         }
         let mut envelope = Envelope::new(e.aggregate_id, state.clock.next(), &service, e.payload);
@@ -142,5 +176,9 @@ async fn post_events(
         .zip(positions)
         .map(|(e, p)| serde_json::json!({ "event_id": e.event_id, "aggregate_id": e.aggregate_id, "partition": p.partition, "offset": p.offset }))
         .collect();
-    Ok((StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "accepted": accepted }))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "accepted": accepted })),
+    )
+        .into_response())
 }

@@ -27,24 +27,35 @@ pub(crate) async fn upload(
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let owner = state.owner(&headers)?;
-    let mut multipart = multipart.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+    let mut multipart =
+        multipart.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
     let mut stored: Option<Stored> = None;
     let mut title: Option<String> = None;
     let result = async {
         while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
             match field.name() {
                 Some("file") if stored.is_none() => stored = Some(store_file(&state, field).await?),
-                Some("file") => return Err(ApiError::bad_request("invalid_multipart", "more than one `file` field")),
+                Some("file") => {
+                    return Err(ApiError::bad_request(
+                        "invalid_multipart",
+                        "more than one `file` field",
+                    ));
+                }
                 Some("title") => title = Some(read_title(field).await?),
                 other => {
                     return Err(ApiError::bad_request(
                         "invalid_multipart",
-                        format!("unexpected field {:?}; expected `file` and optionally `title`", other.unwrap_or("")),
+                        format!(
+                            "unexpected field {:?}; expected `file` and optionally `title`",
+                            other.unwrap_or("")
+                        ),
                     ));
                 }
             }
         }
-        stored.take().ok_or_else(|| ApiError::bad_request("invalid_multipart", "missing field `file`"))
+        stored
+            .take()
+            .ok_or_else(|| ApiError::bad_request("invalid_multipart", "missing field `file`"))
     }
     .await;
     let stored = match result {
@@ -60,7 +71,12 @@ pub(crate) async fn upload(
     };
 
     let original_key = format!("originals/{}", stored.sha256);
-    state.backends.objects.promote(&stored.incoming_key, &original_key).await.map_err(ApiError::unavailable)?;
+    state
+        .backends
+        .objects
+        .promote(&stored.incoming_key, &original_key)
+        .await
+        .map_err(ApiError::unavailable)?;
     let id = Uuid::now_v7();
     let event = Envelope::new(
         id,
@@ -87,7 +103,12 @@ pub(crate) async fn upload(
         "content_type": stored.content_type,
         "links": { "self": location },
     });
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], axum::Json(body)).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        axum::Json(body),
+    )
+        .into_response())
 }
 
 struct Stored {
@@ -110,12 +131,19 @@ async fn read_title(mut field: Field<'_>) -> Result<String, ApiError> {
     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
         bytes.extend_from_slice(&chunk);
         if bytes.len() > MAX_TITLE * 4 {
-            return Err(ApiError::bad_request("invalid_title", format!("title: longer than {MAX_TITLE} characters")));
+            return Err(ApiError::bad_request(
+                "invalid_title",
+                format!("title: longer than {MAX_TITLE} characters"),
+            ));
         }
     }
-    let title = String::from_utf8(bytes).map_err(|_| ApiError::bad_request("invalid_title", "title: not valid UTF-8"))?;
+    let title = String::from_utf8(bytes)
+        .map_err(|_| ApiError::bad_request("invalid_title", "title: not valid UTF-8"))?;
     if title.chars().count() > MAX_TITLE {
-        return Err(ApiError::bad_request("invalid_title", format!("title: longer than {MAX_TITLE} characters")));
+        return Err(ApiError::bad_request(
+            "invalid_title",
+            format!("title: longer than {MAX_TITLE} characters"),
+        ));
     }
     Ok(title)
 }
@@ -132,7 +160,11 @@ fn sniff(head: &[u8]) -> Option<&'static str> {
 }
 
 fn unsupported() -> ApiError {
-    ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "the file is not a JPEG, PNG, WebP or GIF image")
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "the file is not a JPEG, PNG, WebP or GIF image",
+    )
 }
 
 /// Streams one file field into `incoming/{uuid}`, hashing, counting and sniffing as it goes.
@@ -144,7 +176,9 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
     let objects = state.backends.objects.clone();
     let key = incoming_key.clone();
     let put = tokio::spawn(async move {
-        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let body = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
         objects.put(&key, Box::pin(body)).await
     });
 
@@ -157,7 +191,11 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
         while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
             size += chunk.len() as u64;
             if size > limit {
-                return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the file is over the limit of {limit} bytes")));
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the file is over the limit of {limit} bytes"),
+                ));
             }
             if content_type.is_none() {
                 head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_BYTES - head.len())]);
@@ -185,7 +223,9 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
     drop(tx);
     match put.await {
         Ok(Ok(_)) => {}
-        Ok(Err(ObjectError::Body(e))) => return Err(ApiError::bad_request("invalid_multipart", e.to_string())),
+        Ok(Err(ObjectError::Body(e))) => {
+            return Err(ApiError::bad_request("invalid_multipart", e.to_string()));
+        }
         Ok(Err(e)) => return Err(ApiError::unavailable(e)),
         Err(e) => return Err(ApiError::internal(e)),
     }

@@ -33,12 +33,18 @@ impl Backends {
                 .await
                 .with_context(|| format!("failed to ensure topic {topic}"))?;
         }
-        Ok(Backends { objects, log, views })
+        Ok(Backends {
+            objects,
+            log,
+            views,
+        })
     }
 }
 
 fn path_of(uri: &str, scheme: &str) -> Option<PathBuf> {
-    uri.strip_prefix(scheme).filter(|p| !p.is_empty()).map(PathBuf::from)
+    uri.strip_prefix(scheme)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 pub fn open_objects(uri: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
@@ -58,10 +64,13 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<Arc<dyn EventLog>> {
         return Ok(Arc::new(log));
     }
     if uri.starts_with("kafka://") {
-        let log = KafkaLog::connect(&uri, &settings.log).with_context(|| format!("failed to connect to {uri}"))?;
+        let log = KafkaLog::connect(&uri, &settings.log)
+            .with_context(|| format!("failed to connect to {uri}"))?;
         return Ok(Arc::new(log));
     }
-    bail!("unsupported event log uri {uri:?}: expected sqlite://PATH or kafka://HOST:PORT[,HOST:PORT]")
+    bail!(
+        "unsupported event log uri {uri:?}: expected sqlite://PATH or kafka://HOST:PORT[,HOST:PORT]"
+    )
 }
 
 pub fn open_views(uri: &str) -> anyhow::Result<Arc<dyn ReadStore>> {

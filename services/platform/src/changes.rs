@@ -18,7 +18,9 @@ impl Default for Changes {
 
 impl Changes {
     pub fn new() -> Self {
-        Changes { sender: broadcast::channel(16_384).0 }
+        Changes {
+            sender: broadcast::channel(16_384).0,
+        }
     }
 
     pub fn publish(&self, media_id: Uuid) {

@@ -20,7 +20,12 @@ impl VersionClock {
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let candidate = now.max(last + 1);
-            match self.last.compare_exchange_weak(last, candidate, Ordering::AcqRel, Ordering::Relaxed) {
+            match self.last.compare_exchange_weak(
+                last,
+                candidate,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return candidate,
                 Err(seen) => last = seen,
             }
@@ -30,7 +35,10 @@ impl VersionClock {
 
 /// Wall-clock microseconds since the Unix epoch.
 pub fn now_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

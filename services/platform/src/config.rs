@@ -98,6 +98,8 @@ pub struct Limits {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessorSettings {
+    /// Consumer group processors join.
+    pub group: String,
     /// Images decoded at once in this process; 0 means one per core.
     pub workers: usize,
     /// Records of one partition in flight at once. Offsets commit up to the lowest unfinished.
@@ -107,6 +109,8 @@ pub struct ProcessorSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorSettings {
+    /// Consumer group projectors join.
+    pub group: String,
     /// Events of one partition folded into the read store per write.
     pub batch: usize,
 }
@@ -178,31 +182,47 @@ impl Default for LogSettings {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_upload_bytes: 100 * 1024 * 1024, max_pixels: 50_000_000, max_side: 10_000 }
+        Limits {
+            max_upload_bytes: 100 * 1024 * 1024,
+            max_pixels: 50_000_000,
+            max_side: 10_000,
+        }
     }
 }
 
 impl Default for ProcessorSettings {
     fn default() -> Self {
-        ProcessorSettings { workers: 0, per_partition: 2 }
+        ProcessorSettings {
+            group: "processor".into(),
+            workers: 0,
+            per_partition: 2,
+        }
     }
 }
 
 impl Default for ProjectorSettings {
     fn default() -> Self {
-        ProjectorSettings { batch: 512 }
+        ProjectorSettings {
+            group: "projector".into(),
+            batch: 512,
+        }
     }
 }
 
 impl Default for QuerySettings {
     fn default() -> Self {
-        QuerySettings { cache_capacity: 100_000, cache_ttl_ms: 5_000 }
+        QuerySettings {
+            cache_capacity: 100_000,
+            cache_ttl_ms: 5_000,
+        }
     }
 }
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
-        TelemetrySettings { format: LogFormat::Text }
+        TelemetrySettings {
+            format: LogFormat::Text,
+        }
     }
 }
 
@@ -229,7 +249,9 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(file));
         }
         for (key, value) in pairs {
-            let Some(rest) = key.strip_prefix("CONVEYOR__") else { continue };
+            let Some(rest) = key.strip_prefix("CONVEYOR__") else {
+                continue;
+            };
             let path = rest.to_ascii_lowercase().replace("__", ".");
             figment = figment.merge(Serialized::global(&path, env_value(value)));
         }
@@ -262,25 +284,40 @@ impl Settings {
     }
 
     pub fn log_uri(&self) -> String {
-        self.log.uri.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("log.db").display()))
+        self.log
+            .uri
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("log.db").display()))
     }
 
     pub fn objects_uri(&self) -> String {
-        self.objects.uri.clone().unwrap_or_else(|| format!("file://{}", self.data_dir.join("objects").display()))
+        self.objects
+            .uri
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", self.data_dir.join("objects").display()))
     }
 
     pub fn views_uri(&self) -> String {
-        self.views.uri.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("views.db").display()))
+        self.views
+            .uri
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("views.db").display()))
     }
 }
 
 /// Parses an environment value the way figment's `Env` provider does.
 fn env_value(value: &str) -> figment::value::Value {
-    value.parse().unwrap_or_else(|_| figment::value::Value::from(value.to_owned()))
+    value
+        .parse()
+        .unwrap_or_else(|_| figment::value::Value::from(value.to_owned()))
 }
 
 fn flatten(error: figment::Error) -> String {
-    error.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+    error
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `name:key` pairs. The keys are secrets: `Debug` and serialization never show them.
@@ -395,7 +432,9 @@ mod tests {
 
     #[test]
     fn malformed_keys_are_refused_and_secrets_stay_hidden() {
-        assert!(Settings::load_from_pairs(None, [("CONVEYOR__AUTH__API_KEYS", "nocolon")]).is_err());
+        assert!(
+            Settings::load_from_pairs(None, [("CONVEYOR__AUTH__API_KEYS", "nocolon")]).is_err()
+        );
         let keys = KeyList::parse("alice:supersecret").unwrap();
         assert!(!format!("{keys:?}").contains("supersecret"));
     }

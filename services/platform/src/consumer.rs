@@ -82,6 +82,7 @@ impl ConsumerConfig {
 
 #[derive(Default)]
 struct PartitionState {
+    epoch: u64,
     waiting: VecDeque<Delivered>,
     /// First offsets of batches being handled, and the offsets they cover.
     in_flight: usize,
@@ -111,12 +112,15 @@ pub async fn run(
         .with_context(|| format!("failed to join group {} on {}", config.group, config.topic))?;
     tracing::info!(group = %config.group, topic = %config.topic, "consumer started");
     let mut partitions: HashMap<u32, PartitionState> = HashMap::new();
-    let mut tasks: JoinSet<(u32, Vec<u64>, bool)> = JoinSet::new();
+    let mut tasks: JoinSet<((u32, u64), Vec<u64>, bool)> = JoinSet::new();
     // Handlers see a child token: cancelling it abandons retries, whose records stay
     // uncommitted and are redelivered after a restart.
     let work_stop = stop.child_token();
     let mut buffered = 0usize;
     let mut stopping = false;
+    // Each ownership of a partition gets a new epoch, so a batch that outlives a revoke cannot
+    // touch the state of a later ownership.
+    let mut epochs = 0u64;
 
     loop {
         // Hand waiting records to the handler, up to the in-flight bound of each partition.
@@ -126,12 +130,18 @@ pub async fn run(
                     let n = state.waiting.len().min(config.max_batch.max(1));
                     let batch: Vec<Delivered> = state.waiting.drain(..n).collect();
                     state.in_flight += 1;
-                    let (handler, log, config, token) =
-                        (handler.clone(), log.clone(), config.clone(), work_stop.clone());
+                    let (handler, log, config, token) = (
+                        handler.clone(),
+                        log.clone(),
+                        config.clone(),
+                        work_stop.clone(),
+                    );
+                    let epoch = state.epoch;
                     tasks.spawn(async move {
                         let offsets: Vec<u64> = batch.iter().map(|r| r.offset).collect();
-                        let done = handle_with_retries(&*handler, &*log, &config, batch, &token).await;
-                        (partition, offsets, done)
+                        let done =
+                            handle_with_retries(&*handler, &*log, &config, batch, &token).await;
+                        ((partition, epoch), offsets, done)
                     });
                 }
             }
@@ -151,7 +161,12 @@ pub async fn run(
                 let mut next = Some(joined);
                 while let Some(joined) = next {
                     let (partition, offsets, done) = joined.context("consumer task panicked")?;
-                    let state = partitions.get_mut(&partition).expect("partition of a running batch");
+                    let (partition, epoch) = partition;
+                    let Some(state) = partitions.get_mut(&partition).filter(|s| s.epoch == epoch) else {
+                        // A batch of a partition revoked while it ran: already uncounted.
+                        next = tasks.try_join_next();
+                        continue;
+                    };
                     state.in_flight -= 1;
                     if done {
                         for offset in &offsets {
@@ -166,8 +181,18 @@ pub async fn run(
             polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), Duration::from_millis(500)),
                 if !stopping && buffered < config.max_buffered => {
                 let records = polled.context("failed to poll the event log")?;
+                // Partitions another member owns now: forget what is waiting for them, and let
+                // the batches in flight finish without committing (their new owner redoes them).
+                for partition in sub.take_revoked() {
+                    if let Some(state) = partitions.remove(&partition) {
+                        buffered -= state.unfinished.len();
+                    }
+                }
                 for record in records {
-                    let state = partitions.entry(record.partition).or_default();
+                    let state = partitions.entry(record.partition).or_insert_with(|| {
+                        epochs += 1;
+                        PartitionState { epoch: epochs, ..PartitionState::default() }
+                    });
                     state.unfinished.insert(record.offset);
                     state.fetched_end = record.offset + 1;
                     state.waiting.push_back(record);
@@ -195,9 +220,14 @@ async fn commit_finished(
     if offsets.is_empty() {
         return Ok(());
     }
-    sub.commit(&offsets).await.context("failed to commit offsets")?;
+    sub.commit(&offsets)
+        .await
+        .context("failed to commit offsets")?;
     for (partition, mark) in offsets {
-        partitions.get_mut(&partition).expect("committed partition").committed = Some(mark);
+        partitions
+            .get_mut(&partition)
+            .expect("committed partition")
+            .committed = Some(mark);
     }
     Ok(())
 }
@@ -240,7 +270,12 @@ enum Outcome {
     GaveUp(String),
 }
 
-async fn attempt(handler: &dyn Handler, config: &ConsumerConfig, batch: &[Delivered], stop: &CancellationToken) -> Outcome {
+async fn attempt(
+    handler: &dyn Handler,
+    config: &ConsumerConfig,
+    batch: &[Delivered],
+    stop: &CancellationToken,
+) -> Outcome {
     let mut delay = config.backoff;
     let mut permanent_failures = 0;
     loop {
@@ -254,7 +289,8 @@ async fn attempt(handler: &dyn Handler, config: &ConsumerConfig, batch: &[Delive
                 return Outcome::GaveUp(error.to_string());
             }
         }
-        metrics::counter!("conveyor_handler_retries_total", "group" => config.group.clone()).increment(1);
+        metrics::counter!("conveyor_handler_retries_total", "group" => config.group.clone())
+            .increment(1);
         tracing::warn!(group = %config.group, partition = batch[0].partition, offset = batch[0].offset, error = %error, "handler failed, retrying");
         tokio::select! {
             _ = stop.cancelled() => return Outcome::Stopped,
@@ -287,7 +323,8 @@ async fn dead_letter(
     loop {
         match log.append(&config.dlq_topic, vec![dead.clone()]).await {
             Ok(_) => {
-                metrics::counter!("conveyor_dead_letters_total", "group" => config.group.clone()).increment(1);
+                metrics::counter!("conveyor_dead_letters_total", "group" => config.group.clone())
+                    .increment(1);
                 tracing::error!(group = %config.group, partition = record.partition, offset = record.offset, error, "record sent to the dead-letter topic");
                 return true;
             }
@@ -303,7 +340,13 @@ async fn dead_letter(
 
 /// Publishes `conveyor_consumer_lag{group, partition}` for `groups` every `every`, until
 /// `stop`. Labels are bounded by groups × partitions. An autoscaler (KEDA) reads this.
-pub async fn report_lag(log: Arc<dyn EventLog>, topic: String, groups: Vec<String>, every: Duration, stop: CancellationToken) {
+pub async fn report_lag(
+    log: Arc<dyn EventLog>,
+    topic: String,
+    groups: Vec<String>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     loop {
         for group in &groups {
             match log.lag(&topic, group).await {
@@ -314,7 +357,8 @@ pub async fn report_lag(log: Arc<dyn EventLog>, topic: String, groups: Vec<Strin
                         metrics::gauge!("conveyor_consumer_lag", "group" => group.clone(), "partition" => p.partition.to_string())
                             .set(p.lag() as f64);
                     }
-                    metrics::gauge!("conveyor_consumer_lag_total", "group" => group.clone()).set(total as f64);
+                    metrics::gauge!("conveyor_consumer_lag_total", "group" => group.clone())
+                        .set(total as f64);
                 }
                 Err(e) => tracing::warn!(group = %group, error = %e, "failed to read consumer lag"),
             }
@@ -364,25 +408,38 @@ mod tests {
             self.in_flight.fetch_sub(1, SeqCst);
             for r in records {
                 match &r.value[..] {
-                    b"poison" => return Err(HandleError::Permanent(anyhow::anyhow!("cannot parse"))),
-                    b"stuck" if self.stuck_fails => return Err(HandleError::Transient(anyhow::anyhow!("backend down"))),
+                    b"poison" => {
+                        return Err(HandleError::Permanent(anyhow::anyhow!("cannot parse")));
+                    }
+                    b"stuck" if self.stuck_fails => {
+                        return Err(HandleError::Transient(anyhow::anyhow!("backend down")));
+                    }
                     _ => {}
                 }
             }
             let mut done = self.done.lock().unwrap();
-            done.extend(records.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()));
+            done.extend(
+                records
+                    .iter()
+                    .map(|r| String::from_utf8_lossy(&r.value).into_owned()),
+            );
             Ok(())
         }
     }
 
     async fn one_partition_log(values: &[&str]) -> (tempfile::TempDir, Arc<dyn EventLog>) {
         let dir = tempfile::tempdir().unwrap();
-        let log: Arc<dyn EventLog> = Arc::new(SqliteLog::open(dir.path().join("log.db"), Durability::Os).unwrap());
+        let log: Arc<dyn EventLog> =
+            Arc::new(SqliteLog::open(dir.path().join("log.db"), Durability::Os).unwrap());
         log.ensure_topic("t", 1).await.unwrap();
         log.ensure_topic("t.dlq", 1).await.unwrap();
         let records = values
             .iter()
-            .map(|v| Record { key: b"k".to_vec(), headers: vec![], value: bytes::Bytes::from(v.to_string()) })
+            .map(|v| Record {
+                key: b"k".to_vec(),
+                headers: vec![],
+                value: bytes::Bytes::from(v.to_string()),
+            })
             .collect();
         log.append("t", records).await.unwrap();
         (dir, log)
@@ -408,7 +465,10 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("offset {want} was never committed (at {})", committed(log).await);
+        panic!(
+            "offset {want} was never committed (at {})",
+            committed(log).await
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,7 +477,12 @@ mod tests {
         let handler = Scripted::new(false);
         let stop = CancellationToken::new();
         // Batches of 4: the batch holding the poison is split, so its neighbours still land.
-        let run = tokio::spawn(run(log.clone(), config(1, 4), handler.clone(), stop.clone()));
+        let run = tokio::spawn(run(
+            log.clone(),
+            config(1, 4),
+            handler.clone(),
+            stop.clone(),
+        ));
         wait_committed(&log, 5).await;
         stop.cancel();
         run.await.unwrap().unwrap();
@@ -429,7 +494,12 @@ mod tests {
         assert_eq!(dead[0].header("dlq-topic"), Some("t"));
         assert_eq!(dead[0].header("dlq-offset"), Some("2"));
         assert_eq!(dead[0].header("dlq-attempts"), Some("3"));
-        assert!(dead[0].header("dlq-error").unwrap().contains("cannot parse"));
+        assert!(
+            dead[0]
+                .header("dlq-error")
+                .unwrap()
+                .contains("cannot parse")
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,25 +511,49 @@ mod tests {
         // must stay at the stuck one's offset.
         let handler = Scripted::new(true);
         let stop = CancellationToken::new();
-        let run_once = tokio::spawn(run(log.clone(), config(4, 1), handler.clone(), stop.clone()));
+        let run_once = tokio::spawn(run(
+            log.clone(),
+            config(4, 1),
+            handler.clone(),
+            stop.clone(),
+        ));
         for _ in 0..400 {
             if handler.done.lock().unwrap().len() == 7 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(handler.done.lock().unwrap().len(), 7, "everything but the stuck record finished");
-        assert!(handler.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) > 1, "records ran concurrently");
+        assert_eq!(
+            handler.done.lock().unwrap().len(),
+            7,
+            "everything but the stuck record finished"
+        );
+        assert!(
+            handler
+                .max_in_flight
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 1,
+            "records ran concurrently"
+        );
         wait_committed(&log, 3).await;
         stop.cancel();
         run_once.await.unwrap().unwrap();
-        assert_eq!(committed(&log).await, 3, "never past the lowest unfinished offset");
+        assert_eq!(
+            committed(&log).await,
+            3,
+            "never past the lowest unfinished offset"
+        );
 
         // After a restart the backend is back: the stuck record and everything after it are
         // redelivered (at least once), and the group reaches the end.
         let healthy = Scripted::new(false);
         let stop = CancellationToken::new();
-        let run_twice = tokio::spawn(run(log.clone(), config(4, 1), healthy.clone(), stop.clone()));
+        let run_twice = tokio::spawn(run(
+            log.clone(),
+            config(4, 1),
+            healthy.clone(),
+            stop.clone(),
+        ));
         wait_committed(&log, 8).await;
         stop.cancel();
         run_twice.await.unwrap().unwrap();

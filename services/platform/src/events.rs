@@ -15,8 +15,14 @@ pub fn to_record_with(envelope: &Envelope, codec: Codec) -> Record {
         key: envelope.aggregate_id.to_string().into_bytes(),
         headers: vec![
             ("content-type".to_owned(), codec.content_type().to_owned()),
-            ("event-type".to_owned(), envelope.payload.type_name().to_owned()),
-            ("schema-version".to_owned(), envelope.schema_version.to_string()),
+            (
+                "event-type".to_owned(),
+                envelope.payload.type_name().to_owned(),
+            ),
+            (
+                "schema-version".to_owned(),
+                envelope.schema_version.to_string(),
+            ),
         ],
         value: codec.encode(envelope).into(),
     }
@@ -38,7 +44,9 @@ mod tests {
             uuid::Uuid::now_v7(),
             7,
             "test",
-            Event::MediaDeleted(MediaDeleted { deleted_by: "alice".into() }),
+            Event::MediaDeleted(MediaDeleted {
+                deleted_by: "alice".into(),
+            }),
         );
         for codec in [Codec::Bincode, Codec::Json] {
             let record = to_record_with(&envelope, codec);

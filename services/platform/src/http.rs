@@ -27,7 +27,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), source: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            source: None,
+        }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -39,7 +44,11 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` header is required")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <key>` header is required",
+        )
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -75,12 +84,19 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Some(source) = &self.source {
-            tracing::error!(status = self.status.as_u16(), code = self.code, error = format!("{source:#}"), "request failed");
+            tracing::error!(
+                status = self.status.as_u16(),
+                code = self.code,
+                error = format!("{source:#}"),
+                "request failed"
+            );
         }
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -119,7 +135,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let message = if path == "." || path.is_empty() { inner.to_string() } else { format!("{path}: {inner}") };
+        let message = if path == "." || path.is_empty() {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
         ApiError::bad_request("invalid_json", message)
     })
 }
@@ -150,17 +170,38 @@ pub async fn track_requests(req: Request, next: Next) -> Response {
 /// `/healthz` (the process runs), `/readyz` (its backends answer) and `/metrics`.
 pub fn ops_router(backends: Backends, topic: &str) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()) }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    crate::metrics::render(),
+                )
+            }),
+        )
         .with_state(Arc::new((backends, topic.to_owned())))
 }
 
 async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
     let (backends, topic) = &*state;
-    let log = backends.log.partitions(topic).await.map(|_| ()).map_err(|e| e.to_string());
+    let log = backends
+        .log
+        .partitions(topic)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     let views = backends.views.ping().await.map_err(|e| e.to_string());
-    let objects = backends.objects.head("readyz-probe").await.map(|_| ()).map_err(|e| e.to_string());
+    let objects = backends
+        .objects
+        .head("readyz-probe")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     let status = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_owned(),
         Err(e) => e.clone(),
@@ -170,7 +211,11 @@ async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
         "status": if ready { "ready" } else { "unavailable" },
         "log": status(&log), "views": status(&views), "objects": status(&objects),
     });
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, axum::Json(body)).into_response()
 }
 
@@ -202,5 +247,9 @@ pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
     headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').map(str::trim).any(|t| t == etag || t == "*" || t.strip_prefix("W/") == Some(etag)))
+        .is_some_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t == etag || t == "*" || t.strip_prefix("W/") == Some(etag))
+        })
 }

@@ -25,7 +25,10 @@ pub struct ReaderPool {
 
 impl ReaderPool {
     pub fn new(path: PathBuf) -> Self {
-        ReaderPool { path, idle: Mutex::new(Vec::new()) }
+        ReaderPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }
     }
 
     /// Runs `f` on a pooled connection in a blocking task. `E` must be able to describe a

@@ -26,9 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use render::{MediaError, Rendered, render, thumbnail};
 
-/// The consumer group processors join.
-pub const GROUP: &str = "processor";
-
 /// Handles `MediaUploaded`; every other event is acknowledged untouched.
 pub struct Processor {
     objects: Arc<dyn ObjectStore>,
@@ -42,7 +39,9 @@ pub struct Processor {
 impl Processor {
     pub fn new(backends: &Backends, settings: &Settings) -> Self {
         let workers = match settings.processor.workers {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             n => n,
         };
         Processor {
@@ -56,7 +55,7 @@ impl Processor {
 
     /// The consumer settings a processor runs with.
     pub fn consumer_config(settings: &Settings) -> ConsumerConfig {
-        let mut config = ConsumerConfig::new(settings.topic(), GROUP);
+        let mut config = ConsumerConfig::new(settings.topic(), &settings.processor.group);
         config.per_partition = settings.processor.per_partition.max(1);
         config.max_batch = 1;
         config.max_attempts = settings.log.max_attempts;
@@ -84,7 +83,9 @@ impl Processor {
             }),
             Err(error) => {
                 tracing::info!(reason = %error, "media could not be processed");
-                Event::MediaProcessingFailed(MediaProcessingFailed { reason: error.to_string() })
+                Event::MediaProcessingFailed(MediaProcessingFailed {
+                    reason: error.to_string(),
+                })
             }
         };
         let kind = outcome.type_name();
@@ -92,7 +93,9 @@ impl Processor {
         self.log
             .append(&self.topic, vec![to_record(&derived)])
             .await
-            .map_err(|e| HandleError::Transient(anyhow::anyhow!(e).context("failed to append the outcome")))?;
+            .map_err(|e| {
+                HandleError::Transient(anyhow::anyhow!(e).context("failed to append the outcome"))
+            })?;
         metrics::counter!("conveyor_processed_total", "outcome" => kind).increment(1);
         metrics::histogram!("conveyor_process_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
@@ -121,7 +124,12 @@ impl Processor {
             Err(ObjectError::NotFound) => return Ok(Err(MediaError::Missing)),
             Err(e) => return Err(transient(e, "failed to read the original")),
         };
-        let permit = self.cpu.clone().acquire_owned().await.expect("semaphore is never closed");
+        let permit = self
+            .cpu
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
         let limits = self.limits.clone();
         let rendered = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -169,11 +177,10 @@ impl Processor {
             Err(ObjectError::RangeNotSatisfiable { .. }) => return Ok(Some(Bytes::new())),
             Err(e) => return Err(transient(e, "failed to read the original's header")),
         };
-        let chunks: Vec<Bytes> = object
-            .body
-            .try_collect()
-            .await
-            .map_err(|e| transient(ObjectError::Io(e), "failed to read the original's header"))?;
+        let chunks: Vec<Bytes> =
+            object.body.try_collect().await.map_err(|e| {
+                transient(ObjectError::Io(e), "failed to read the original's header")
+            })?;
         Ok(Some(Bytes::from(chunks.concat())))
     }
 }
@@ -186,8 +193,9 @@ fn transient(e: ObjectError, what: &'static str) -> HandleError {
 impl Handler for Processor {
     async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
         for record in records {
-            let envelope = from_delivered(record)
-                .map_err(|e| HandleError::Permanent(anyhow::Error::new(e).context("undecodable record")))?;
+            let envelope = from_delivered(record).map_err(|e| {
+                HandleError::Permanent(anyhow::Error::new(e).context("undecodable record"))
+            })?;
             if let Event::MediaUploaded(upload) = &envelope.payload {
                 self.process(&envelope, upload).await?;
             }

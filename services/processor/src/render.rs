@@ -25,8 +25,15 @@ pub const VARIANTS: [(&str, u32); 3] = [("large", 1600), ("small", 640), ("thumb
 pub enum MediaError {
     #[error("not a supported image (jpeg, png, webp or gif)")]
     UnsupportedFormat,
-    #[error("image is {width}x{height}, over the limit of {max_side} px per side or {max_pixels} pixels")]
-    TooManyPixels { width: u32, height: u32, max_side: u32, max_pixels: u64 },
+    #[error(
+        "image is {width}x{height}, over the limit of {max_side} px per side or {max_pixels} pixels"
+    )]
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        max_side: u32,
+        max_pixels: u64,
+    },
     #[error("file of {0} bytes is over the upload limit")]
     TooLarge(u64),
     #[error("the original is missing from the object store")]
@@ -65,19 +72,24 @@ struct Exif {
 }
 
 fn read_exif(bytes: &[u8]) -> Exif {
-    let mut exif = Exif { orientation: Orientation::NoTransforms, summary: ExifSummary::default() };
+    let mut exif = Exif {
+        orientation: Orientation::NoTransforms,
+        summary: ExifSummary::default(),
+    };
     let Ok(parsed) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
         return exif;
     };
     let text = |tag| {
-        parsed.get_field(tag, exif::In::PRIMARY).map(|f| match &f.value {
-            exif::Value::Ascii(v) => v
-                .iter()
-                .map(|s| String::from_utf8_lossy(s).trim().to_owned())
-                .collect::<Vec<_>>()
-                .join(" "),
-            _ => f.display_value().to_string(),
-        })
+        parsed
+            .get_field(tag, exif::In::PRIMARY)
+            .map(|f| match &f.value {
+                exif::Value::Ascii(v) => v
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s).trim().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => f.display_value().to_string(),
+            })
     };
     exif.summary.camera_make = text(exif::Tag::Make).filter(|s| !s.is_empty());
     exif.summary.camera_model = text(exif::Tag::Model).filter(|s| !s.is_empty());
@@ -92,14 +104,23 @@ fn read_exif(bytes: &[u8]) -> Exif {
 }
 
 fn swaps_axes(o: Orientation) -> bool {
-    matches!(o, Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH)
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
 }
 
 /// Checks the header against the limits, without decoding pixels. Returns the format and the
 /// stored (pre-orientation) dimensions.
 pub fn probe(bytes: &[u8], limits: &Limits) -> Result<(ImageFormat, u32, u32), MediaError> {
     let format = image::guess_format(bytes).map_err(|_| MediaError::UnsupportedFormat)?;
-    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif) {
+    if !matches!(
+        format,
+        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif
+    ) {
         return Err(MediaError::UnsupportedFormat);
     }
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
@@ -111,7 +132,12 @@ pub fn probe(bytes: &[u8], limits: &Limits) -> Result<(ImageFormat, u32, u32), M
         || height > limits.max_side
         || width as u64 * height as u64 > limits.max_pixels
     {
-        return Err(MediaError::TooManyPixels { width, height, max_side: limits.max_side, max_pixels: limits.max_pixels });
+        return Err(MediaError::TooManyPixels {
+            width,
+            height,
+            max_side: limits.max_side,
+            max_pixels: limits.max_pixels,
+        });
     }
     Ok((format, width, height))
 }
@@ -133,7 +159,12 @@ impl Pixels {
 
 /// Decodes with at least `min_long` pixels on the longest side where the codec can shrink on
 /// load (JPEG), or at full size otherwise.
-fn decode(bytes: &[u8], format: ImageFormat, limits: &Limits, min_long: u32) -> Result<Pixels, MediaError> {
+fn decode(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: &Limits,
+    min_long: u32,
+) -> Result<Pixels, MediaError> {
     if format == ImageFormat::Jpeg {
         return decode_jpeg(bytes, min_long).map(Pixels::Rgb);
     }
@@ -143,14 +174,24 @@ fn decode(bytes: &[u8], format: ImageFormat, limits: &Limits, min_long: u32) -> 
     image_limits.max_image_height = Some(limits.max_side);
     image_limits.max_alloc = Some(limits.max_pixels * 4 + (64 << 20));
     reader.limits(image_limits);
-    let image = reader.decode().map_err(|e| MediaError::Decode(e.to_string()))?;
-    Ok(if image.color().has_alpha() { Pixels::Rgba(image.into_rgba8()) } else { Pixels::Rgb(image.into_rgb8()) })
+    let image = reader
+        .decode()
+        .map_err(|e| MediaError::Decode(e.to_string()))?;
+    Ok(if image.color().has_alpha() {
+        Pixels::Rgba(image.into_rgba8())
+    } else {
+        Pixels::Rgb(image.into_rgb8())
+    })
 }
 
 fn decode_jpeg(bytes: &[u8], min_long: u32) -> Result<RgbImage, MediaError> {
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    decoder.read_info().map_err(|e| MediaError::Decode(e.to_string()))?;
-    let info = decoder.info().ok_or_else(|| MediaError::Decode("missing jpeg header".into()))?;
+    decoder
+        .read_info()
+        .map_err(|e| MediaError::Decode(e.to_string()))?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| MediaError::Decode("missing jpeg header".into()))?;
     let (w, h) = (info.width as u32, info.height as u32);
     let long = w.max(h);
     if long > min_long {
@@ -158,11 +199,18 @@ fn decode_jpeg(bytes: &[u8], min_long: u32) -> Result<RgbImage, MediaError> {
         let want_w = (w * min_long).div_ceil(long).max(1);
         let want_h = (h * min_long).div_ceil(long).max(1);
         decoder
-            .scale(want_w.min(u16::MAX as u32) as u16, want_h.min(u16::MAX as u32) as u16)
+            .scale(
+                want_w.min(u16::MAX as u32) as u16,
+                want_h.min(u16::MAX as u32) as u16,
+            )
             .map_err(|e| MediaError::Decode(e.to_string()))?;
     }
-    let pixels = decoder.decode().map_err(|e| MediaError::Decode(e.to_string()))?;
-    let info = decoder.info().ok_or_else(|| MediaError::Decode("missing jpeg header".into()))?;
+    let pixels = decoder
+        .decode()
+        .map_err(|e| MediaError::Decode(e.to_string()))?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| MediaError::Decode("missing jpeg header".into()))?;
     let (w, h) = (info.width as u32, info.height as u32);
     let rgb = match info.pixel_format {
         jpeg_decoder::PixelFormat::RGB24 => pixels,
@@ -171,12 +219,19 @@ fn decode_jpeg(bytes: &[u8], min_long: u32) -> Result<RgbImage, MediaError> {
             .chunks_exact(4)
             .flat_map(|p| {
                 let k = p[3] as u16;
-                [(p[0] as u16 * k / 255) as u8, (p[1] as u16 * k / 255) as u8, (p[2] as u16 * k / 255) as u8]
+                [
+                    (p[0] as u16 * k / 255) as u8,
+                    (p[1] as u16 * k / 255) as u8,
+                    (p[2] as u16 * k / 255) as u8,
+                ]
             })
             .collect(),
-        jpeg_decoder::PixelFormat::L16 => return Err(MediaError::Decode("16-bit jpeg is not supported".into())),
+        jpeg_decoder::PixelFormat::L16 => {
+            return Err(MediaError::Decode("16-bit jpeg is not supported".into()));
+        }
     };
-    RgbImage::from_raw(w, h, rgb).ok_or_else(|| MediaError::Decode("jpeg pixel buffer has the wrong size".into()))
+    RgbImage::from_raw(w, h, rgb)
+        .ok_or_else(|| MediaError::Decode("jpeg pixel buffer has the wrong size".into()))
 }
 
 /// Fits `(w, h)` inside a `long`-pixel box, never upscaling.
@@ -186,10 +241,18 @@ fn fit(w: u32, h: u32, long: u32) -> (u32, u32) {
         return (w, h);
     }
     let scale = long as f64 / current as f64;
-    (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1))
+    (
+        ((w as f64 * scale).round() as u32).max(1),
+        ((h as f64 * scale).round() as u32).max(1),
+    )
 }
 
-fn resize(src: &Pixels, width: u32, height: u32, resizer: &mut Resizer) -> Result<Pixels, MediaError> {
+fn resize(
+    src: &Pixels,
+    width: u32,
+    height: u32,
+    resizer: &mut Resizer,
+) -> Result<Pixels, MediaError> {
     let (sw, sh) = src.dimensions();
     if (sw, sh) == (width, height) {
         return Ok(match src {
@@ -205,7 +268,9 @@ fn resize(src: &Pixels, width: u32, height: u32, resizer: &mut Resizer) -> Resul
         .map_err(|e| MediaError::Encode(e.to_string()))?;
     let mut target = Image::new(width, height, pixel_type);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
-    resizer.resize(&source, &mut target, &options).map_err(|e| MediaError::Encode(e.to_string()))?;
+    resizer
+        .resize(&source, &mut target, &options)
+        .map_err(|e| MediaError::Encode(e.to_string()))?;
     let raw = target.into_vec();
     let bad = || MediaError::Encode("resized buffer has the wrong size".into());
     Ok(match src {
@@ -214,7 +279,10 @@ fn resize(src: &Pixels, width: u32, height: u32, resizer: &mut Resizer) -> Resul
     })
 }
 
-fn encode(pixels: &Pixels, orientation: Orientation) -> Result<(DynamicImage, Bytes, &'static str, &'static str), MediaError> {
+fn encode(
+    pixels: &Pixels,
+    orientation: Orientation,
+) -> Result<(DynamicImage, Bytes, &'static str, &'static str), MediaError> {
     let mut image = match pixels {
         Pixels::Rgb(i) => DynamicImage::ImageRgb8(i.clone()),
         Pixels::Rgba(i) => DynamicImage::ImageRgba8(i.clone()),
@@ -224,11 +292,15 @@ fn encode(pixels: &Pixels, orientation: Orientation) -> Result<(DynamicImage, By
     let (content_type, extension) = match pixels {
         Pixels::Rgb(_) => {
             let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 82);
-            image.write_with_encoder(encoder).map_err(|e| MediaError::Encode(e.to_string()))?;
+            image
+                .write_with_encoder(encoder)
+                .map_err(|e| MediaError::Encode(e.to_string()))?;
             ("image/jpeg", "jpg")
         }
         Pixels::Rgba(_) => {
-            image.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).map_err(|e| MediaError::Encode(e.to_string()))?;
+            image
+                .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+                .map_err(|e| MediaError::Encode(e.to_string()))?;
             ("image/png", "png")
         }
     };
@@ -267,8 +339,18 @@ pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
     }
     let thumb = thumb_for_hash.expect("the thumb variant is always rendered");
     let blurhash = blurhash_of(&thumb)?;
-    let (width, height) = if swaps_axes(exif.orientation) { (stored_h, stored_w) } else { (stored_w, stored_h) };
-    Ok(Rendered { width, height, blurhash, variants, exif: exif.summary })
+    let (width, height) = if swaps_axes(exif.orientation) {
+        (stored_h, stored_w)
+    } else {
+        (stored_w, stored_h)
+    };
+    Ok(Rendered {
+        width,
+        height,
+        blurhash,
+        variants,
+        exif: exif.summary,
+    })
 }
 
 fn blurhash_of(image: &DynamicImage) -> Result<String, MediaError> {
@@ -288,7 +370,14 @@ pub fn thumbnail(bytes: &[u8], limits: &Limits, long: u32) -> Result<Variant, Me
     let (sw, sh) = decoded.dimensions();
     let resized = resize(&decoded, w.min(sw), h.min(sh), &mut Resizer::new())?;
     let (oriented, bytes, content_type, extension) = encode(&resized, exif.orientation)?;
-    Ok(Variant { name: "thumb", width: oriented.width(), height: oriented.height(), content_type, extension, bytes })
+    Ok(Variant {
+        name: "thumb",
+        width: oriented.width(),
+        height: oriented.height(),
+        content_type,
+        extension,
+        bytes,
+    })
 }
 
 #[cfg(test)]
@@ -296,17 +385,32 @@ mod tests {
     use super::*;
 
     fn jpeg(width: u32, height: u32) -> Vec<u8> {
-        let image = RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+        let image = RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+        });
         let mut out = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).encode_image(&image).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+            .encode_image(&image)
+            .unwrap();
         out
     }
 
     #[test]
     fn variants_fit_their_boxes_and_never_upscale() {
         let rendered = render(&jpeg(3000, 2000), &Limits::default()).unwrap();
-        let sizes: Vec<(&str, u32, u32)> = rendered.variants.iter().map(|v| (v.name, v.width, v.height)).collect();
-        assert_eq!(sizes, vec![("large", 1600, 1067), ("small", 640, 427), ("thumb", 256, 171)]);
+        let sizes: Vec<(&str, u32, u32)> = rendered
+            .variants
+            .iter()
+            .map(|v| (v.name, v.width, v.height))
+            .collect();
+        assert_eq!(
+            sizes,
+            vec![
+                ("large", 1600, 1067),
+                ("small", 640, 427),
+                ("thumb", 256, 171)
+            ]
+        );
         assert_eq!((rendered.width, rendered.height), (3000, 2000));
         assert!(!rendered.blurhash.is_empty());
         let small = render(&jpeg(300, 200), &Limits::default()).unwrap();
@@ -322,14 +426,19 @@ mod tests {
     fn a_header_over_the_pixel_limit_is_refused_before_decoding() {
         // A real 1×1 PNG whose header is rewritten to claim 100000×100000 (CRC fixed up).
         let mut png = Vec::new();
-        RgbImage::new(1, 1).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        RgbImage::new(1, 1)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
         png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
         png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
         let crc = crc32fast::hash(&png[12..29]);
         png[29..33].copy_from_slice(&crc.to_be_bytes());
         let started = std::time::Instant::now();
         let err = render(&png, &Limits::default()).unwrap_err();
-        assert!(matches!(err, MediaError::TooManyPixels { width: 100_000, .. }), "{err}");
+        assert!(
+            matches!(err, MediaError::TooManyPixels { width: 100_000, .. }),
+            "{err}"
+        );
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
@@ -338,6 +447,9 @@ mod tests {
         let full = jpeg(800, 600);
         let err = render(&full[..full.len() / 3], &Limits::default()).unwrap_err();
         assert!(matches!(err, MediaError::Decode(_)), "{err}");
-        assert!(matches!(render(b"%PDF-1.7 not an image", &Limits::default()), Err(MediaError::UnsupportedFormat)));
+        assert!(matches!(
+            render(b"%PDF-1.7 not an image", &Limits::default()),
+            Err(MediaError::UnsupportedFormat)
+        ));
     }
 }

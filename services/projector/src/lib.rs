@@ -16,9 +16,6 @@ use conveyor_platform::{EventLog, ReadStore};
 use conveyor_schemas::Envelope;
 use tokio_util::sync::CancellationToken;
 
-/// The consumer group projectors join.
-pub const GROUP: &str = "projector";
-
 pub struct Projector {
     views: Arc<dyn ReadStore>,
     changes: Changes,
@@ -30,8 +27,8 @@ impl Projector {
         Projector { views, changes }
     }
 
-    pub fn consumer_config(settings: &Settings, group: &str) -> ConsumerConfig {
-        let mut config = ConsumerConfig::new(settings.topic(), group);
+    pub fn consumer_config(settings: &Settings) -> ConsumerConfig {
+        let mut config = ConsumerConfig::new(settings.topic(), &settings.projector.group);
         // One batch per partition at a time: read models are written in log order.
         config.per_partition = 1;
         config.max_batch = settings.projector.batch.max(1);
@@ -46,7 +43,7 @@ impl Projector {
         settings: &Settings,
         stop: CancellationToken,
     ) -> anyhow::Result<()> {
-        consumer::run(log, Self::consumer_config(settings, GROUP), Arc::new(self), stop).await
+        consumer::run(log, Self::consumer_config(settings), Arc::new(self), stop).await
     }
 }
 
@@ -57,11 +54,12 @@ impl Handler for Projector {
             .iter()
             .map(from_delivered)
             .collect::<Result<_, _>>()
-            .map_err(|e| HandleError::Permanent(anyhow::Error::new(e).context("undecodable record")))?;
-        self.views
-            .apply(&events)
-            .await
-            .map_err(|e| HandleError::Transient(anyhow::Error::new(e).context("failed to write read models")))?;
+            .map_err(|e| {
+                HandleError::Permanent(anyhow::Error::new(e).context("undecodable record"))
+            })?;
+        self.views.apply(&events).await.map_err(|e| {
+            HandleError::Transient(anyhow::Error::new(e).context("failed to write read models"))
+        })?;
         metrics::counter!("conveyor_projected_events_total").increment(events.len() as u64);
         for event in &events {
             self.changes.publish(event.aggregate_id);

@@ -44,7 +44,11 @@ impl QueryState {
             .max_capacity(settings.query.cache_capacity)
             .time_to_live(Duration::from_millis(settings.query.cache_ttl_ms.max(1)))
             .build();
-        Arc::new(QueryState { backends, cache, cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned() })
+        Arc::new(QueryState {
+            backends,
+            cache,
+            cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned(),
+        })
     }
 
     pub fn media_url(&self, key: &str) -> String {
@@ -52,7 +56,11 @@ impl QueryState {
     }
 
     /// Drops every cached response that `changes` announces, until `stop`.
-    pub fn follow(self: &Arc<Self>, changes: &Changes, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn follow(
+        self: &Arc<Self>,
+        changes: &Changes,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let mut rx = changes.subscribe();
         let state = self.clone();
         tokio::spawn(async move {
@@ -88,7 +96,10 @@ pub async fn tail_invalidations(
             polled = sub.poll(1024, Duration::from_millis(500)) => polled?,
         };
         for record in records {
-            if let Some(id) = std::str::from_utf8(&record.key).ok().and_then(|k| Uuid::parse_str(k).ok()) {
+            if let Some(id) = std::str::from_utf8(&record.key)
+                .ok()
+                .and_then(|k| Uuid::parse_str(k).ok())
+            {
                 state.cache.invalidate(&id).await;
             }
         }

@@ -31,8 +31,17 @@ async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, Api
         return Ok(ct);
     }
     // Originals carry no extension: sniff their first bytes.
-    let head = state.backends.objects.get(key, Some(0..16)).await.map_err(object_error)?;
-    let bytes: Vec<bytes::Bytes> = head.body.try_collect().await.map_err(ApiError::unavailable)?;
+    let head = state
+        .backends
+        .objects
+        .get(key, Some(0..16))
+        .await
+        .map_err(object_error)?;
+    let bytes: Vec<bytes::Bytes> = head
+        .body
+        .try_collect()
+        .await
+        .map_err(ApiError::unavailable)?;
     let head = bytes.concat();
     Ok(match image::guess_format(&head) {
         Ok(image::ImageFormat::Jpeg) => "image/jpeg",
@@ -65,24 +74,49 @@ pub(crate) async fn get_object(
     let etag_value = HeaderValue::from_str(&etag).expect("etags are hex");
     let immutable = HeaderValue::from_static(IMMUTABLE);
     if not_modified(&headers, &etag) {
-        if state.backends.objects.head(&key).await.map_err(object_error)?.is_none() {
+        if state
+            .backends
+            .objects
+            .head(&key)
+            .await
+            .map_err(object_error)?
+            .is_none()
+        {
             return Err(ApiError::not_found("no such object"));
         }
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), (header::CACHE_CONTROL, immutable)]).into_response());
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [
+                (header::ETAG, etag_value),
+                (header::CACHE_CONTROL, immutable),
+            ],
+        )
+            .into_response());
     }
-    let meta = state.backends.objects.head(&key).await.map_err(object_error)?;
-    let size = meta.ok_or_else(|| ApiError::not_found("no such object"))?.size;
+    let meta = state
+        .backends
+        .objects
+        .head(&key)
+        .await
+        .map_err(object_error)?;
+    let size = meta
+        .ok_or_else(|| ApiError::not_found("no such object"))?
+        .size;
 
     // One range is served as 206; several, or a malformed header, fall back to the whole body
     // (RFC 9110 lets a server ignore Range); a range past the end is 416.
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
-        Some(value) => match http_range_header::parse_range_header(value).map(|r| r.validate(size)) {
+        Some(value) => match http_range_header::parse_range_header(value).map(|r| r.validate(size))
+        {
             Ok(Ok(ranges)) if ranges.len() == 1 => Some(ranges[0].clone()),
             Ok(Err(_)) => {
                 return Ok((
                     StatusCode::RANGE_NOT_SATISFIABLE,
-                    [(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"))],
+                    [(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+                    )],
                 )
                     .into_response());
             }
@@ -91,7 +125,12 @@ pub(crate) async fn get_object(
     };
     let content_type = content_type(&state, &key).await?;
     let requested = range.as_ref().map(|r| *r.start()..*r.end() + 1);
-    let object = state.backends.objects.get(&key, requested).await.map_err(object_error)?;
+    let object = state
+        .backends
+        .objects
+        .get(&key, requested)
+        .await
+        .map_err(object_error)?;
     let length = object.range.end - object.range.start;
     let mut response = Response::new(Body::from_stream(object.body));
     let h = response.headers_mut();
@@ -100,10 +139,21 @@ pub(crate) async fn get_object(
     h.insert(header::ETAG, etag_value);
     h.insert(header::CACHE_CONTROL, immutable);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if range.is_some() {
-        let value = format!("bytes {}-{}/{}", object.range.start, object.range.end - 1, object.size);
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
+        let value = format!(
+            "bytes {}-{}/{}",
+            object.range.start,
+            object.range.end - 1,
+            object.size
+        );
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&value).expect("ascii"),
+        );
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     Ok(response)

@@ -62,7 +62,10 @@ struct Links {
 fn rfc3339(micros: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -84,19 +87,26 @@ fn view<'a>(state: &QueryState, row: &'a MediaRow) -> MediaView<'a> {
             .variants
             .iter()
             .map(|v| {
-                (v.name.as_str(), VariantView {
-                    url: state.media_url(&v.key),
-                    width: v.width,
-                    height: v.height,
-                    content_type: v.content_type.clone(),
-                })
+                (
+                    v.name.as_str(),
+                    VariantView {
+                        url: state.media_url(&v.key),
+                        width: v.width,
+                        height: v.height,
+                        content_type: v.content_type.clone(),
+                    },
+                )
             })
             .collect(),
-        original: VariantLink { url: state.media_url(&row.original_key) },
+        original: VariantLink {
+            url: state.media_url(&row.original_key),
+        },
         exif: row.exif.as_ref(),
         failure_reason: row.failure_reason.as_deref(),
         created_at: rfc3339(row.created_at),
-        links: Links { this: format!("/v1/media/{}", row.id) },
+        links: Links {
+            this: format!("/v1/media/{}", row.id),
+        },
     }
 }
 
@@ -105,11 +115,21 @@ fn respond(headers: &HeaderMap, body: Bytes, etag: &str) -> Response {
     let etag_value = HeaderValue::from_str(etag).expect("etags are hex");
     let cache_control = HeaderValue::from_static("no-cache");
     if not_modified(headers, etag) {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), (header::CACHE_CONTROL, cache_control)]).into_response();
+        return (
+            StatusCode::NOT_MODIFIED,
+            [
+                (header::ETAG, etag_value),
+                (header::CACHE_CONTROL, cache_control),
+            ],
+        )
+            .into_response();
     }
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             (header::ETAG, etag_value),
             (header::CACHE_CONTROL, cache_control),
         ],
@@ -119,7 +139,9 @@ fn respond(headers: &HeaderMap, body: Bytes, etag: &str) -> Response {
 }
 
 fn json_bytes(value: &impl Serialize) -> Result<Bytes, ApiError> {
-    serde_json::to_vec(value).map(Bytes::from).map_err(ApiError::internal)
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(ApiError::internal)
 }
 
 pub(crate) async fn get_media(
@@ -127,24 +149,34 @@ pub(crate) async fn get_media(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a media id")))?;
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a media id")))?;
     let loader = {
         let state = state.clone();
         async move {
-            let row = state.backends.views.media(id).await.map_err(ApiError::unavailable)?;
+            let row = state
+                .backends
+                .views
+                .media(id)
+                .await
+                .map_err(ApiError::unavailable)?;
             let row = row.ok_or_else(|| ApiError::not_found("no such media"))?;
             let body = json_bytes(&view(&state, &row))?;
             let etag = etag_of(&body);
             Ok::<_, ApiError>(Arc::new(Cached { body, etag }))
         }
     };
-    let cached = state.cache.try_get_with(id, loader).await.map_err(|e: Arc<ApiError>| {
-        // Coalesced callers share one error; rebuild it for this response.
-        match Arc::try_unwrap(e) {
-            Ok(e) => e,
-            Err(shared) => ApiError::new(shared.status, shared.code, shared.message.clone()),
-        }
-    })?;
+    let cached = state
+        .cache
+        .try_get_with(id, loader)
+        .await
+        .map_err(|e: Arc<ApiError>| {
+            // Coalesced callers share one error; rebuild it for this response.
+            match Arc::try_unwrap(e) {
+                Ok(e) => e,
+                Err(shared) => ApiError::new(shared.status, shared.code, shared.message.clone()),
+            }
+        })?;
     Ok(respond(&headers, cached.body.clone(), &cached.etag))
 }
 
@@ -173,20 +205,33 @@ pub(crate) async fn owner_timeline(
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let limit = match params.limit.as_deref() {
         None => 20,
         Some(text) => text
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| ApiError::bad_request("invalid_query", format!("limit: expected a number from 1 to {MAX_LIMIT}")))?,
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("limit: expected a number from 1 to {MAX_LIMIT}"),
+                )
+            })?,
     };
     let after = match params.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::bad_request("invalid_query", "cursor: not a cursor from this API"))?),
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            ApiError::bad_request("invalid_query", "cursor: not a cursor from this API")
+        })?),
     };
-    let page = state.backends.views.owner_timeline(&owner, after, limit).await.map_err(ApiError::unavailable)?;
+    let page = state
+        .backends
+        .views
+        .owner_timeline(&owner, after, limit)
+        .await
+        .map_err(ApiError::unavailable)?;
     let items: Vec<MediaView<'_>> = page.items.iter().map(|row| view(&state, row)).collect();
     let body = json_bytes(&serde_json::json!({
         "items": items,
@@ -201,8 +246,15 @@ pub(crate) async fn owner_stats(
     Path(owner): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let stats = state.backends.views.owner_stats(&owner).await.map_err(ApiError::unavailable)?;
-    let body = json_bytes(&serde_json::json!({ "owner": owner, "media_count": stats.media_count, "bytes": stats.bytes }))?;
+    let stats = state
+        .backends
+        .views
+        .owner_stats(&owner)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let body = json_bytes(
+        &serde_json::json!({ "owner": owner, "media_count": stats.media_count, "bytes": stats.bytes }),
+    )?;
     let etag = etag_of(&body);
     Ok(respond(&headers, body, &etag))
 }

@@ -27,7 +27,10 @@ fn start(data_dir: &std::path::Path) -> (Child, String) {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let address = loop {
-        let line = lines.next().expect("conveyor printed its address").expect("utf-8 line");
+        let line = lines
+            .next()
+            .expect("conveyor printed its address")
+            .expect("utf-8 line");
         if let Some(rest) = line.split("listening on ").nth(1) {
             break rest.trim().to_owned();
         }
@@ -41,7 +44,10 @@ fn start(data_dir: &std::path::Path) -> (Child, String) {
 async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, address) = start(dir.path());
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
 
     // 200 uploads from 8 concurrent clients; kill the server once 60 have been answered.
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -52,28 +58,44 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
         tasks.push(tokio::spawn(async move {
             for i in (worker..total).step_by(8) {
                 let file = images::jpeg(48, 32, 1000 + i);
-                let form = reqwest::multipart::Form::new()
-                    .part("file", reqwest::multipart::Part::bytes(file).file_name("p.jpg"));
-                let sent = client.post(format!("{address}/v1/media")).bearer_auth(ALICE).multipart(form).send().await;
+                let form = reqwest::multipart::Form::new().part(
+                    "file",
+                    reqwest::multipart::Part::bytes(file).file_name("p.jpg"),
+                );
+                let sent = client
+                    .post(format!("{address}/v1/media"))
+                    .bearer_auth(ALICE)
+                    .multipart(form)
+                    .send()
+                    .await;
                 // After the kill, requests fail: that client stops.
                 let Ok(response) = sent else { return };
                 if response.status() == 202 {
                     let body: Value = response.json().await.unwrap();
-                    acked.lock().unwrap().push(body["id"].as_str().unwrap().to_owned());
+                    acked
+                        .lock()
+                        .unwrap()
+                        .push(body["id"].as_str().unwrap().to_owned());
                 }
             }
         }));
     }
-    wait_until(Duration::from_secs(60), || async { (acked.lock().unwrap().len() >= 60).then_some(()) })
-        .await
-        .expect("60 uploads answered");
+    wait_until(Duration::from_secs(60), || async {
+        (acked.lock().unwrap().len() >= 60).then_some(())
+    })
+    .await
+    .expect("60 uploads answered");
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
     for t in tasks {
         let _ = t.await;
     }
     let acked: Vec<String> = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 60 && acked.len() < total as usize, "killed partway: {} acked", acked.len());
+    assert!(
+        acked.len() >= 60 && acked.len() < total as usize,
+        "killed partway: {} acked",
+        acked.len()
+    );
 
     // Restart on the same data dir: everything acknowledged ends processed, once.
     let (mut child, address) = start(dir.path());
@@ -85,7 +107,10 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
             (body["status"] == "processed").then_some(body)
         })
         .await;
-        assert!(body.is_some(), "acknowledged upload {id} was lost or never processed");
+        assert!(
+            body.is_some(),
+            "acknowledged upload {id} was lost or never processed"
+        );
     }
 
     // Stats count each upload in the log exactly once: uploads whose 202 was lost in the kill
@@ -106,15 +131,30 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
             }
         }
     }
-    assert_eq!(upload_records, uploaded.len(), "no upload was appended twice");
+    assert_eq!(
+        upload_records,
+        uploaded.len(),
+        "no upload was appended twice"
+    );
     assert!(acked.iter().all(|id| uploaded.contains(id)));
     let stats_url = format!("{address}/v1/owners/alice/stats");
     let counted = wait_until(Duration::from_secs(60), || async {
-        let stats: Value = client.get(&stats_url).send().await.ok()?.json().await.ok()?;
+        let stats: Value = client
+            .get(&stats_url)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
         (stats["media_count"].as_u64() == Some(uploaded.len() as u64)).then_some(stats)
     })
     .await;
-    assert!(counted.is_some(), "stats count every upload in the log exactly once ({} uploads)", uploaded.len());
+    assert!(
+        counted.is_some(),
+        "stats count every upload in the log exactly once ({} uploads)",
+        uploaded.len()
+    );
 
     // And the timeline holds each of them once.
     let mut seen = HashSet::new();
@@ -126,7 +166,10 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
         }
         let page: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
         for item in page["items"].as_array().unwrap() {
-            assert!(seen.insert(item["id"].as_str().unwrap().to_owned()), "duplicate in timeline");
+            assert!(
+                seen.insert(item["id"].as_str().unwrap().to_owned()),
+                "duplicate in timeline"
+            );
         }
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),

@@ -1,8 +1,13 @@
 //! Redelivery and disorder leave the read models as if each event was applied once.
 
 use conveyor_platform::events::{from_delivered, to_record};
-use conveyor_schemas::{Event, MEDIA_EVENTS, MediaProcessed};
-use conveyor_tests::helpers::{ALICE, TestApp, spawn_app};
+use conveyor_schemas::{Event, MediaProcessed};
+conveyor_tests::on_every_log!(
+    the_same_upload_delivered_twice_changes_nothing,
+    an_older_event_after_a_delete_cannot_bring_the_media_back
+);
+
+use conveyor_tests::helpers::{ALICE, TestApp};
 use conveyor_tests::images;
 use serde_json::Value;
 
@@ -10,8 +15,9 @@ use serde_json::Value;
 async fn events_of(app: &TestApp, id: &str) -> Vec<conveyor_platform::log::Delivered> {
     let log = &app.backends.log;
     let mut out = Vec::new();
-    for p in 0..log.partitions(MEDIA_EVENTS).await.unwrap() {
-        for d in log.read(MEDIA_EVENTS, p, 0, 10_000).await.unwrap() {
+    let topic = &app.settings.log.topic;
+    for p in 0..log.partitions(topic).await.unwrap() {
+        for d in log.read(topic, p, 0, 10_000).await.unwrap() {
             if d.key == id.as_bytes() {
                 out.push(d);
             }
@@ -27,40 +33,67 @@ async fn snapshot(app: &TestApp, id: &str) -> (Value, Value, Value) {
     (media, timeline, stats)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_upload_delivered_twice_changes_nothing() {
-    let app = spawn_app().await;
+async fn the_same_upload_delivered_twice_changes_nothing(app: TestApp) {
     let response = app.upload(ALICE, images::jpeg(200, 100, 5), None).await;
-    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     app.wait_processed(&id).await;
     app.wait_caught_up().await;
     let before = snapshot(&app, &id).await;
-    let variants_before = conveyor_tests::helpers::count_files(&app.settings.data_dir.join("objects/variants"));
+    let variants_before =
+        conveyor_tests::helpers::count_files(&app.settings.data_dir.join("objects/variants"));
 
     // Append the very same MediaUploaded record again: both groups see it a second time.
     let events = events_of(&app, &id).await;
-    let uploaded = events.iter().find(|d| d.header("event-type") == Some("MediaUploaded")).unwrap();
-    app.backends.log.append(MEDIA_EVENTS, vec![uploaded.to_record()]).await.unwrap();
+    let uploaded = events
+        .iter()
+        .find(|d| d.header("event-type") == Some("MediaUploaded"))
+        .unwrap();
+    app.backends
+        .log
+        .append(&app.settings.log.topic, vec![uploaded.to_record()])
+        .await
+        .unwrap();
     app.wait_caught_up().await;
 
     assert_eq!(snapshot(&app, &id).await, before);
     assert_eq!(before.2["media_count"], 1);
-    let processed: Vec<_> = events_of(&app, &id).await.into_iter().filter(|d| d.header("event-type") == Some("MediaProcessed")).collect();
+    let processed: Vec<_> = events_of(&app, &id)
+        .await
+        .into_iter()
+        .filter(|d| d.header("event-type") == Some("MediaProcessed"))
+        .collect();
     assert_eq!(processed.len(), 2, "the processor ran again");
-    let (a, b) = (from_delivered(&processed[0]).unwrap(), from_delivered(&processed[1]).unwrap());
+    let (a, b) = (
+        from_delivered(&processed[0]).unwrap(),
+        from_delivered(&processed[1]).unwrap(),
+    );
     assert_eq!(a.event_id, b.event_id, "the derived event is deterministic");
     assert_eq!(a.payload, b.payload);
-    let variants_after = conveyor_tests::helpers::count_files(&app.settings.data_dir.join("objects/variants"));
-    assert_eq!(variants_before, variants_after, "content-addressed variants are rewritten, not duplicated");
+    let variants_after =
+        conveyor_tests::helpers::count_files(&app.settings.data_dir.join("objects/variants"));
+    assert_eq!(
+        variants_before, variants_after,
+        "content-addressed variants are rewritten, not duplicated"
+    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_older_event_after_a_delete_cannot_bring_the_media_back() {
-    let app = spawn_app().await;
+async fn an_older_event_after_a_delete_cannot_bring_the_media_back(app: TestApp) {
     let response = app.upload(ALICE, images::jpeg(200, 100, 6), None).await;
-    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     app.wait_processed(&id).await;
-    let deleted = app.client.delete(app.url(&format!("/v1/media/{id}"))).bearer_auth(ALICE).send().await.unwrap();
+    let deleted = app
+        .client
+        .delete(app.url(&format!("/v1/media/{id}")))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status(), 202);
     app.wait_caught_up().await;
     assert_eq!(app.media(&id).await.0, 404);
@@ -68,7 +101,10 @@ async fn an_older_event_after_a_delete_cannot_bring_the_media_back() {
     // A late MediaProcessed, derived from the original upload (so older than the delete), and
     // the upload itself, redelivered after the tombstone.
     let events = events_of(&app, &id).await;
-    let uploaded = events.iter().find(|d| d.header("event-type") == Some("MediaUploaded")).unwrap();
+    let uploaded = events
+        .iter()
+        .find(|d| d.header("event-type") == Some("MediaUploaded"))
+        .unwrap();
     let cause = from_delivered(uploaded).unwrap();
     let late = cause.derive(
         "test",
@@ -81,7 +117,14 @@ async fn an_older_event_after_a_delete_cannot_bring_the_media_back() {
             exif: Default::default(),
         }),
     );
-    app.backends.log.append(MEDIA_EVENTS, vec![to_record(&late), uploaded.to_record()]).await.unwrap();
+    app.backends
+        .log
+        .append(
+            &app.settings.log.topic,
+            vec![to_record(&late), uploaded.to_record()],
+        )
+        .await
+        .unwrap();
     app.wait_caught_up().await;
 
     assert_eq!(app.media(&id).await.0, 404);

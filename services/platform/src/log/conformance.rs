@@ -22,45 +22,74 @@ async fn drain(sub: &mut dyn super::Subscription, want: usize) -> Vec<super::Del
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while got.len() < want && std::time::Instant::now() < deadline {
-        got.extend(sub.poll(want - got.len(), Duration::from_millis(200)).await.expect("poll"));
+        got.extend(
+            sub.poll(want - got.len(), Duration::from_millis(200))
+                .await
+                .expect("poll"),
+        );
     }
     got
 }
 
 /// `refuses_unknown_topics` is false only for brokers that create any topic a client asks
 /// about (Tansu does; see docs/kafka.md).
-pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync), refuses_unknown_topics: bool) {
+pub async fn run(
+    open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync),
+    refuses_unknown_topics: bool,
+) {
     let log = open().expect("open log");
     // Unique names, so runs against a shared broker never meet.
     let run = uuid::Uuid::new_v4().simple().to_string();
     let topic: &'static str = Box::leak(format!("conformance-{run}").into_boxed_str());
-    let (group_a, group_b, tail_group) = (format!("a-{run}"), format!("b-{run}"), format!("tail-{run}"));
+    let (group_a, group_b, tail_group) = (
+        format!("a-{run}"),
+        format!("b-{run}"),
+        format!("tail-{run}"),
+    );
 
     // Topics: idempotent creation, no silent repartitioning, unknown topics refused.
     log.ensure_topic(topic, 4).await.expect("create topic");
-    log.ensure_topic(topic, 4).await.expect("ensure is idempotent");
-    assert!(matches!(log.ensure_topic(topic, 8).await, Err(LogError::PartitionMismatch { .. })));
+    log.ensure_topic(topic, 4)
+        .await
+        .expect("ensure is idempotent");
+    assert!(matches!(
+        log.ensure_topic(topic, 8).await,
+        Err(LogError::PartitionMismatch { .. })
+    ));
     assert_eq!(log.partitions(topic).await.unwrap(), 4);
     if refuses_unknown_topics {
         let unknown = format!("never-created-{run}");
-        assert!(matches!(log.append(&unknown, vec![record("k", "v")]).await, Err(LogError::UnknownTopic(_))));
+        assert!(matches!(
+            log.append(&unknown, vec![record("k", "v")]).await,
+            Err(LogError::UnknownTopic(_))
+        ));
     }
 
     // Appends: positions in input order, equal keys on one partition with dense offsets.
-    let batch: Vec<Record> = (0..40).map(|i| record(&format!("key-{}", i % 5), &format!("v{i}"))).collect();
+    let batch: Vec<Record> = (0..40)
+        .map(|i| record(&format!("key-{}", i % 5), &format!("v{i}")))
+        .collect();
     let positions = log.append(topic, batch.clone()).await.expect("append");
     assert_eq!(positions.len(), 40);
     let mut by_partition: HashMap<u32, Vec<u64>> = HashMap::new();
     let mut key_partition: HashMap<Vec<u8>, u32> = HashMap::new();
     for (rec, pos) in batch.iter().zip(&positions) {
         assert!(pos.partition < 4);
-        let p = *key_partition.entry(rec.key.clone()).or_insert(pos.partition);
+        let p = *key_partition
+            .entry(rec.key.clone())
+            .or_insert(pos.partition);
         assert_eq!(p, pos.partition, "one key, one partition");
-        by_partition.entry(pos.partition).or_default().push(pos.offset);
+        by_partition
+            .entry(pos.partition)
+            .or_default()
+            .push(pos.offset);
     }
     for offsets in by_partition.values() {
         let expected: Vec<u64> = (0..offsets.len() as u64).collect();
-        assert_eq!(offsets, &expected, "offsets are dense from 0, in append order");
+        assert_eq!(
+            offsets, &expected,
+            "offsets are dense from 0, in append order"
+        );
     }
 
     // Concurrent appenders all get distinct positions (group commit must not mix replies).
@@ -71,7 +100,11 @@ pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for i in 0..20 {
-                out.extend(log.append(topic, vec![record(&format!("c{t}"), &format!("{t}-{i}"))]).await.unwrap());
+                out.extend(
+                    log.append(topic, vec![record(&format!("c{t}"), &format!("{t}-{i}"))])
+                        .await
+                        .unwrap(),
+                );
             }
             out
         }));
@@ -85,13 +118,21 @@ pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)
     let total = 40 + 160;
 
     // A group reads everything once, in order per partition.
-    let mut sub = log.subscribe(topic, &group_a, StartFrom::Earliest).await.expect("subscribe");
+    let mut sub = log
+        .subscribe(topic, &group_a, StartFrom::Earliest)
+        .await
+        .expect("subscribe");
     let got = drain(sub.as_mut(), total).await;
     assert_eq!(got.len(), total);
     let mut last: HashMap<u32, u64> = HashMap::new();
     for d in &got {
         if let Some(prev) = last.insert(d.partition, d.offset) {
-            assert_eq!(d.offset, prev + 1, "partition {} skipped or repeated", d.partition);
+            assert_eq!(
+                d.offset,
+                prev + 1,
+                "partition {} skipped or repeated",
+                d.partition
+            );
         }
         assert_eq!(d.header("content-type"), Some("text/plain"));
     }
@@ -100,12 +141,26 @@ pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)
         .filter(|d| d.key == b"key-0")
         .map(|d| String::from_utf8(d.value.to_vec()).unwrap())
         .collect();
-    assert_eq!(per_key, (0..8).map(|i| format!("v{}", i * 5)).collect::<Vec<_>>(), "per-key order");
-    assert!(sub.poll(10, Duration::from_millis(50)).await.unwrap().is_empty(), "nothing twice");
+    assert_eq!(
+        per_key,
+        (0..8).map(|i| format!("v{}", i * 5)).collect::<Vec<_>>(),
+        "per-key order"
+    );
+    assert!(
+        sub.poll(10, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing twice"
+    );
 
     // Commit part of the way; commits never move backwards.
     let lag = log.lag(topic, &group_a).await.unwrap();
-    let first = lag.iter().find(|l| l.end >= 2).expect("a partition with records").partition;
+    let first = lag
+        .iter()
+        .find(|l| l.end >= 2)
+        .expect("a partition with records")
+        .partition;
     sub.commit(&[(first, 2)]).await.unwrap();
     sub.commit(&[(first, 1)]).await.unwrap();
     drop(sub);
@@ -119,21 +174,33 @@ pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)
     drop(log);
     drop(shared);
     let log = open().expect("reopen log");
-    let mut resumed = log.subscribe(topic, &group_a, StartFrom::Earliest).await.unwrap();
+    let mut resumed = log
+        .subscribe(topic, &group_a, StartFrom::Earliest)
+        .await
+        .unwrap();
     let again = drain(resumed.as_mut(), total - 2).await;
     assert_eq!(again.len(), total - 2);
     assert!(!again.iter().any(|d| d.partition == first && d.offset < 2));
-    let mut other = log.subscribe(topic, &group_b, StartFrom::Earliest).await.unwrap();
+    let mut other = log
+        .subscribe(topic, &group_b, StartFrom::Earliest)
+        .await
+        .unwrap();
     assert_eq!(drain(other.as_mut(), total).await.len(), total);
     assert!(log.groups(topic).await.unwrap().contains(&group_a));
 
     // A tail sees only what is appended after it subscribed, and a waiting poll wakes for it.
-    let mut tail = log.subscribe(topic, &tail_group, StartFrom::Latest).await.unwrap();
+    let mut tail = log
+        .subscribe(topic, &tail_group, StartFrom::Latest)
+        .await
+        .unwrap();
     let shared: std::sync::Arc<dyn EventLog> = std::sync::Arc::from(log);
     let appender = shared.clone();
     let late = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        appender.append(topic, vec![record("late", "after")]).await.unwrap()
+        appender
+            .append(topic, vec![record("late", "after")])
+            .await
+            .unwrap()
     });
     let fresh = tail.poll(10, Duration::from_secs(15)).await.unwrap();
     late.await.unwrap();
@@ -141,8 +208,14 @@ pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)
     assert_eq!(&fresh[0].value[..], b"after");
 
     // Reading outside a group.
-    let pos = shared.append(topic, vec![record("direct", "read-me")]).await.unwrap()[0];
-    let read = shared.read(topic, pos.partition, pos.offset, 10).await.unwrap();
+    let pos = shared
+        .append(topic, vec![record("direct", "read-me")])
+        .await
+        .unwrap()[0];
+    let read = shared
+        .read(topic, pos.partition, pos.offset, 10)
+        .await
+        .unwrap();
     assert_eq!(&read[0].value[..], b"read-me");
     assert_eq!(read[0].offset, pos.offset);
 }

@@ -32,7 +32,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::{Delivered, EventLog, LogError, PartitionLag, Position, Record, StartFrom, Subscription};
+use super::{
+    Delivered, EventLog, LogError, PartitionLag, Position, Record, StartFrom, Subscription,
+};
 use crate::config::LogSettings;
 
 /// How long metadata, watermark and offset requests may take.
@@ -78,8 +80,14 @@ impl KafkaLog {
             .set("allow.auto.create.topics", "false")
             .create()
             .map_err(kafka)?;
-        let admin = ClientConfig::new().set("bootstrap.servers", &brokers).create().map_err(kafka)?;
-        let meta = ClientConfig::new().set("bootstrap.servers", &brokers).create().map_err(kafka)?;
+        let admin = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .map_err(kafka)?;
+        let meta = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .map_err(kafka)?;
         Ok(KafkaLog {
             brokers,
             settings: settings.clone(),
@@ -97,14 +105,23 @@ impl KafkaLog {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", self.settings.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", (self.settings.session_timeout_ms / 3).max(100).to_string())
+            .set(
+                "session.timeout.ms",
+                self.settings.session_timeout_ms.to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (self.settings.session_timeout_ms / 3).max(100).to_string(),
+            )
             // The driver thread polls at least every 100 ms whatever the handlers do.
             .set("max.poll.interval.ms", "60000")
             // librdkafka refuses `assign` without a group id. Readers that assign partitions
             // themselves never join or commit, so a unique id leaves no state behind; group
             // members override it.
-            .set("group.id", format!("conveyor-reader-{}", uuid::Uuid::new_v4().simple()));
+            .set(
+                "group.id",
+                format!("conveyor-reader-{}", uuid::Uuid::new_v4().simple()),
+            );
         config
     }
 
@@ -113,15 +130,21 @@ impl KafkaLog {
         f: impl FnOnce(&BaseConsumer) -> Result<T, LogError> + Send + 'static,
     ) -> Result<T, LogError> {
         let meta = self.meta.clone();
-        tokio::task::spawn_blocking(move || f(&meta)).await.map_err(kafka)?
+        tokio::task::spawn_blocking(move || f(&meta))
+            .await
+            .map_err(kafka)?
     }
 }
 
 fn partition_count(client: &BaseConsumer, topic: &str) -> Result<u32, LogError> {
-    let metadata = client.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(kafka)?;
+    let metadata = client
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(kafka)?;
     let found = metadata.topics().iter().find(|t| t.name() == topic);
     match found {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as u32),
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as u32)
+        }
         _ => Err(LogError::UnknownTopic(topic.to_owned())),
     }
 }
@@ -130,25 +153,40 @@ fn partition_count(client: &BaseConsumer, topic: &str) -> Result<u32, LogError> 
 /// from just below it to confirm: Tansu 0.6 reports the last *batch's* base offset plus one as
 /// the high watermark, which undercounts by the rest of that batch (docs/kafka.md). On Apache
 /// Kafka the confirming read returns exactly the one record below the watermark.
-fn end_offsets(consumer: &BaseConsumer, topic: &str, partitions: &[u32]) -> Result<HashMap<u32, u64>, LogError> {
+fn end_offsets(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: &[u32],
+) -> Result<HashMap<u32, u64>, LogError> {
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for &p in partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, p as i32, REQUEST_TIMEOUT).map_err(kafka)?;
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p as i32, REQUEST_TIMEOUT)
+            .map_err(kafka)?;
         let high = high.max(0);
         ends.insert(p, high as u64);
         if high > 0 {
-            tpl.add_partition_offset(topic, p as i32, Offset::Offset(high - 1)).map_err(kafka)?;
+            tpl.add_partition_offset(topic, p as i32, Offset::Offset(high - 1))
+                .map_err(kafka)?;
         }
     }
     if tpl.count() == 0 {
         return Ok(ends);
     }
     consumer.assign(&tpl).map_err(kafka)?;
-    let mut unconfirmed: HashSet<u32> = tpl.elements().iter().map(|e| e.partition() as u32).collect();
+    let mut unconfirmed: HashSet<u32> = tpl
+        .elements()
+        .iter()
+        .map(|e| e.partition() as u32)
+        .collect();
     let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
     while std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(if unconfirmed.is_empty() { 50 } else { 200 })) {
+        match consumer.poll(Duration::from_millis(if unconfirmed.is_empty() {
+            50
+        } else {
+            200
+        })) {
             Some(Ok(m)) => {
                 let p = m.partition() as u32;
                 unconfirmed.remove(&p);
@@ -170,7 +208,12 @@ fn to_delivered(message: &rdkafka::message::BorrowedMessage<'_>) -> Delivered {
         .headers()
         .map(|h| {
             h.iter()
-                .map(|Header { key, value }| (key.to_owned(), String::from_utf8_lossy(value.unwrap_or_default()).into_owned()))
+                .map(|Header { key, value }| {
+                    (
+                        key.to_owned(),
+                        String::from_utf8_lossy(value.unwrap_or_default()).into_owned(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -189,17 +232,28 @@ fn to_delivered(message: &rdkafka::message::BorrowedMessage<'_>) -> Delivered {
 impl EventLog for KafkaLog {
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
         let retention = self.settings.retention_ms.to_string();
-        let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(self.settings.replication as i32))
-            .set("retention.ms", &retention);
+        let new = NewTopic::new(
+            topic,
+            partitions as i32,
+            TopicReplication::Fixed(self.settings.replication as i32),
+        )
+        .set("retention.ms", &retention);
         let results = self
             .admin
-            .create_topics([&new], &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)))
+            .create_topics(
+                [&new],
+                &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)),
+            )
             .await
             .map_err(kafka)?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => return Err(LogError::Storage(format!("kafka: failed to create topic {name}: {code}"))),
+                Err((name, code)) => {
+                    return Err(LogError::Storage(format!(
+                        "kafka: failed to create topic {name}: {code}"
+                    )));
+                }
             }
         }
         // Metadata may lag the creation by a moment.
@@ -218,7 +272,11 @@ impl EventLog for KafkaLog {
             })
             .await?;
         if existing != partitions {
-            return Err(LogError::PartitionMismatch { topic: new.name.to_owned(), existing, requested: partitions });
+            return Err(LogError::PartitionMismatch {
+                topic: new.name.to_owned(),
+                existing,
+                requested: partitions,
+            });
         }
         Ok(())
     }
@@ -228,8 +286,13 @@ impl EventLog for KafkaLog {
             return Ok(*n);
         }
         let name = topic.to_owned();
-        let n = self.blocking(move |meta| partition_count(meta, &name)).await?;
-        self.known.write().expect("topic cache").insert(topic.to_owned(), n);
+        let n = self
+            .blocking(move |meta| partition_count(meta, &name))
+            .await?;
+        self.known
+            .write()
+            .expect("topic cache")
+            .insert(topic.to_owned(), n);
         Ok(n)
     }
 
@@ -240,28 +303,45 @@ impl EventLog for KafkaLog {
         let sends = records.iter().map(|record| {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for (key, value) in &record.headers {
-                headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
             }
-            let message = FutureRecord::to(topic).key(&record.key[..]).payload(&record.value[..]).headers(headers);
+            let message = FutureRecord::to(topic)
+                .key(&record.key[..])
+                .payload(&record.value[..])
+                .headers(headers);
             self.producer.send(message, Duration::from_secs(30))
         });
         let results = futures::future::join_all(sends).await;
         results
             .into_iter()
             .map(|r| match r {
-                Ok(d) => Ok(Position { partition: d.partition as u32, offset: d.offset as u64 }),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition), _)) => {
-                    Err(LogError::UnknownTopic(topic.to_owned()))
-                }
+                Ok(d) => Ok(Position {
+                    partition: d.partition as u32,
+                    offset: d.offset as u64,
+                }),
+                Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition),
+                    _,
+                )) => Err(LogError::UnknownTopic(topic.to_owned())),
                 Err((e, _)) => Err(kafka(e)),
             })
             .collect()
     }
 
-    async fn subscribe(&self, topic: &str, group: &str, start: StartFrom) -> Result<Box<dyn Subscription>, LogError> {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartFrom,
+    ) -> Result<Box<dyn Subscription>, LogError> {
         let partitions = self.partitions(topic).await?;
         let shared = Arc::new(Shared::default());
-        let context = GroupContext { shared: shared.clone() };
+        let context = GroupContext {
+            shared: shared.clone(),
+        };
         let mut config = self.consumer_config();
         let consumer: BaseConsumer<GroupContext> = match start {
             StartFrom::Earliest => {
@@ -269,13 +349,15 @@ impl EventLog for KafkaLog {
                     .set("group.id", group)
                     .set("auto.offset.reset", "earliest")
                     .set("partition.assignment.strategy", "cooperative-sticky");
-                let consumer: BaseConsumer<GroupContext> = config.create_with_context(context).map_err(kafka)?;
+                let consumer: BaseConsumer<GroupContext> =
+                    config.create_with_context(context).map_err(kafka)?;
                 consumer.subscribe(&[topic]).map_err(kafka)?;
                 consumer
             }
             StartFrom::Latest => {
                 // Not a group member: every partition, from its end as of now.
-                let consumer: BaseConsumer<GroupContext> = config.create_with_context(context).map_err(kafka)?;
+                let consumer: BaseConsumer<GroupContext> =
+                    config.create_with_context(context).map_err(kafka)?;
                 let (topic_name, consumer) = (topic.to_owned(), Arc::new(consumer));
                 let probe: BaseConsumer = self.consumer_config().create().map_err(kafka)?;
                 let assigned = {
@@ -285,14 +367,24 @@ impl EventLog for KafkaLog {
                         let ends = end_offsets(&probe, &topic_name, &all)?;
                         let mut tpl = TopicPartitionList::new();
                         for p in all {
-                            tpl.add_partition_offset(&topic_name, p as i32, Offset::Offset(ends[&p] as i64)).map_err(kafka)?;
+                            tpl.add_partition_offset(
+                                &topic_name,
+                                p as i32,
+                                Offset::Offset(ends[&p] as i64),
+                            )
+                            .map_err(kafka)?;
                         }
                         consumer.assign(&tpl).map_err(kafka)
                     })
                 };
                 assigned.await.map_err(kafka)??;
-                shared.assigned.lock().expect("assignment lock").extend(0..partitions);
-                Arc::try_unwrap(consumer).map_err(|_| LogError::Storage("kafka: consumer still shared".into()))?
+                shared
+                    .assigned
+                    .lock()
+                    .expect("assignment lock")
+                    .extend(0..partitions);
+                Arc::try_unwrap(consumer)
+                    .map_err(|_| LogError::Storage("kafka: consumer still shared".into()))?
             }
         };
         let consumer = Arc::new(consumer);
@@ -317,10 +409,19 @@ impl EventLog for KafkaLog {
         }))
     }
 
-    async fn read(&self, topic: &str, partition: u32, offset: u64, max: usize) -> Result<Vec<Delivered>, LogError> {
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<Delivered>, LogError> {
         let partitions = self.partitions(topic).await?;
         if partition >= partitions {
-            return Err(LogError::UnknownPartition { topic: topic.to_owned(), partition });
+            return Err(LogError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+            });
         }
         let consumer: BaseConsumer = self.consumer_config().create().map_err(kafka)?;
         let topic = topic.to_owned();
@@ -328,7 +429,8 @@ impl EventLog for KafkaLog {
             let end = end_offsets(&consumer, &topic, &[partition])?[&partition];
             let want = end.saturating_sub(offset).min(max as u64) as usize;
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(offset as i64)).map_err(kafka)?;
+            tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(offset as i64))
+                .map_err(kafka)?;
             consumer.assign(&tpl).map_err(kafka)?;
             let mut out = Vec::with_capacity(want);
             let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
@@ -356,16 +458,25 @@ impl EventLog for KafkaLog {
             for p in 0..partitions as i32 {
                 tpl.add_partition(&topic, p);
             }
-            let committed = consumer.committed_offsets(tpl, REQUEST_TIMEOUT).map_err(kafka)?;
+            let committed = consumer
+                .committed_offsets(tpl, REQUEST_TIMEOUT)
+                .map_err(kafka)?;
             let all: Vec<u32> = (0..partitions).collect();
             let ends = end_offsets(&consumer, &topic, &all)?;
             (0..partitions)
                 .map(|p| {
-                    let committed = match committed.find_partition(&topic, p as i32).map(|e| e.offset()) {
+                    let committed = match committed
+                        .find_partition(&topic, p as i32)
+                        .map(|e| e.offset())
+                    {
                         Some(Offset::Offset(o)) if o >= 0 => o as u64,
                         _ => 0,
                     };
-                    Ok(PartitionLag { partition: p, committed, end: ends[&p] })
+                    Ok(PartitionLag {
+                        partition: p,
+                        committed,
+                        end: ends[&p],
+                    })
                 })
                 .collect()
         })
@@ -376,14 +487,21 @@ impl EventLog for KafkaLog {
     async fn groups(&self, topic: &str) -> Result<Vec<String>, LogError> {
         let mut names: Vec<String> = self
             .blocking(|meta| {
-                let list = meta.fetch_group_list(None, REQUEST_TIMEOUT).map_err(kafka)?;
+                let list = meta
+                    .fetch_group_list(None, REQUEST_TIMEOUT)
+                    .map_err(kafka)?;
                 Ok(list.groups().iter().map(|g| g.name().to_owned()).collect())
             })
             .await?;
         names.sort();
         let mut out = Vec::new();
         for name in names {
-            if self.lag(topic, &name).await?.iter().any(|l| l.committed > 0) {
+            if self
+                .lag(topic, &name)
+                .await?
+                .iter()
+                .any(|l| l.committed > 0)
+            {
                 out.push(name);
             }
         }
@@ -407,28 +525,48 @@ impl ClientContext for GroupContext {}
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let partitions: Vec<u32> = tpl.elements().iter().map(|e| e.partition() as u32).collect();
+            let partitions: Vec<u32> = tpl
+                .elements()
+                .iter()
+                .map(|e| e.partition() as u32)
+                .collect();
             tracing::info!(?partitions, "partitions revoked");
             let mut assigned = self.shared.assigned.lock().expect("assignment lock");
             for p in &partitions {
                 assigned.remove(p);
             }
-            self.shared.revoked.lock().expect("revoked lock").extend(partitions);
+            self.shared
+                .revoked
+                .lock()
+                .expect("revoked lock")
+                .extend(partitions);
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let partitions: Vec<u32> = tpl.elements().iter().map(|e| e.partition() as u32).collect();
+            let partitions: Vec<u32> = tpl
+                .elements()
+                .iter()
+                .map(|e| e.partition() as u32)
+                .collect();
             tracing::info!(?partitions, "partitions assigned");
-            self.shared.assigned.lock().expect("assignment lock").extend(partitions);
+            self.shared
+                .assigned
+                .lock()
+                .expect("assignment lock")
+                .extend(partitions);
         }
     }
 }
 
 /// Keeps polling `consumer` until `stop`, forwarding records. When the subscription stops
 /// taking them, pauses fetching (and keeps polling, to stay in the group).
-fn drive(consumer: Arc<BaseConsumer<GroupContext>>, tx: mpsc::Sender<Delivered>, stop: Arc<AtomicBool>) {
+fn drive(
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    tx: mpsc::Sender<Delivered>,
+    stop: Arc<AtomicBool>,
+) {
     let mut pending: VecDeque<Delivered> = VecDeque::new();
     let mut paused = false;
     while !stop.load(Ordering::Relaxed) {
@@ -445,7 +583,11 @@ fn drive(consumer: Arc<BaseConsumer<GroupContext>>, tx: mpsc::Sender<Delivered>,
         let backlogged = !pending.is_empty();
         if backlogged != paused {
             if let Ok(assignment) = consumer.assignment() {
-                let result = if backlogged { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+                let result = if backlogged {
+                    consumer.pause(&assignment)
+                } else {
+                    consumer.resume(&assignment)
+                };
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "failed to pause or resume fetching");
                 }
@@ -475,7 +617,11 @@ struct KafkaSubscription {
 
 impl KafkaSubscription {
     fn owns(&self, partition: u32) -> bool {
-        self.shared.assigned.lock().expect("assignment lock").contains(&partition)
+        self.shared
+            .assigned
+            .lock()
+            .expect("assignment lock")
+            .contains(&partition)
     }
 }
 
@@ -488,7 +634,12 @@ impl Subscription for KafkaSubscription {
             Ok(None) => return Err(LogError::Closed),
             Err(_) => return Ok(out),
         };
-        let owned = self.shared.assigned.lock().expect("assignment lock").clone();
+        let owned = self
+            .shared
+            .assigned
+            .lock()
+            .expect("assignment lock")
+            .clone();
         // Records fetched before a revoke belong to another member now; drop them.
         let keep = |record: Delivered, out: &mut Vec<Delivered>| {
             if owned.contains(&record.partition) {
@@ -515,14 +666,18 @@ impl Subscription for KafkaSubscription {
             if !self.owns(partition) || self.committed.get(&partition).is_some_and(|c| *c >= next) {
                 continue;
             }
-            tpl.add_partition_offset(&self.topic, partition as i32, Offset::Offset(next as i64)).map_err(kafka)?;
+            tpl.add_partition_offset(&self.topic, partition as i32, Offset::Offset(next as i64))
+                .map_err(kafka)?;
             advanced.push((partition, next));
         }
         if advanced.is_empty() {
             return Ok(());
         }
         let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await.map_err(kafka)?.map_err(kafka)?;
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(kafka)?
+            .map_err(kafka)?;
         self.committed.extend(advanced);
         Ok(())
     }
@@ -555,14 +710,23 @@ mod tests {
     /// Runs the conformance suite against the broker named by `CONVEYOR_TEST_KAFKA`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
-        let Some(brokers) = std::env::var("CONVEYOR_TEST_KAFKA").ok().filter(|s| !s.is_empty()) else {
-            eprintln!("SKIPPED kafka conformance: CONVEYOR_TEST_KAFKA is not set (scripts/test starts a broker and sets it)");
+        let Some(brokers) = std::env::var("CONVEYOR_TEST_KAFKA")
+            .ok()
+            .filter(|s| !s.is_empty())
+        else {
+            eprintln!(
+                "SKIPPED kafka conformance: CONVEYOR_TEST_KAFKA is not set (scripts/test starts a broker and sets it)"
+            );
             return;
         };
         crate::telemetry::init_for_tests();
         let uri = format!("kafka://{brokers}");
-        let settings = LogSettings { session_timeout_ms: 6000, ..LogSettings::default() };
-        let open = move || KafkaLog::connect(&uri, &settings).map(|l| Box::new(l) as Box<dyn EventLog>);
+        let settings = LogSettings {
+            session_timeout_ms: 6000,
+            ..LogSettings::default()
+        };
+        let open =
+            move || KafkaLog::connect(&uri, &settings).map(|l| Box::new(l) as Box<dyn EventLog>);
         // Tansu creates any topic a client asks about, so "unknown topic" cannot be checked there.
         let refuses_unknown_topics = std::env::var_os("CONVEYOR_TEST_KAFKA_IS_TANSU").is_none();
         super::super::conformance::run(&open, refuses_unknown_topics).await;

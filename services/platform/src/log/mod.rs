@@ -53,12 +53,19 @@ impl Delivered {
 
     /// The same record, ready to append elsewhere (a dead-letter topic, a redrive).
     pub fn to_record(&self) -> Record {
-        Record { key: self.key.clone(), headers: self.headers.clone(), value: self.value.clone() }
+        Record {
+            key: self.key.clone(),
+            headers: self.headers.clone(),
+            value: self.value.clone(),
+        }
     }
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Where a group with no committed offset starts reading.
@@ -91,7 +98,11 @@ pub enum LogError {
     #[error("unknown topic {0:?}")]
     UnknownTopic(String),
     #[error("topic {topic:?} exists with {existing} partitions, not {requested}")]
-    PartitionMismatch { topic: String, existing: u32, requested: u32 },
+    PartitionMismatch {
+        topic: String,
+        existing: u32,
+        requested: u32,
+    },
     #[error("partition {partition} out of range for topic {topic:?}")]
     UnknownPartition { topic: String, partition: u32 },
     #[error("event log is shut down")]
@@ -211,11 +222,19 @@ mod tests {
             (b"foobar", -790_332_482),
             (b"a-little-bit-long-string", -985_981_536),
             (b"a-little-bit-longer-string", -1_486_304_829),
-            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
             (b"abc", 479_470_107),
         ];
         for (input, expected) in cases {
-            assert_eq!(murmur2(input) as i32, expected, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                murmur2(input) as i32,
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

@@ -42,9 +42,22 @@ struct Topic {
 }
 
 enum WriteOp {
-    EnsureTopic { name: String, partitions: u32, reply: oneshot::Sender<Result<Topic, LogError>> },
-    Append { topic: Topic, records: Vec<Record>, reply: oneshot::Sender<Result<Vec<Position>, LogError>> },
-    Commit { group: String, topic: String, offsets: Vec<(u32, u64)>, reply: oneshot::Sender<Result<(), LogError>> },
+    EnsureTopic {
+        name: String,
+        partitions: u32,
+        reply: oneshot::Sender<Result<Topic, LogError>>,
+    },
+    Append {
+        topic: Topic,
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<Vec<Position>, LogError>>,
+    },
+    Commit {
+        group: String,
+        topic: String,
+        offsets: Vec<(u32, u64)>,
+        reply: oneshot::Sender<Result<(), LogError>>,
+    },
 }
 
 struct Inner {
@@ -87,7 +100,8 @@ impl SqliteLog {
             Durability::Fsync => "FULL",
             Durability::Os => "NORMAL",
         };
-        conn.pragma_update(None, "synchronous", sync).map_err(storage)?;
+        conn.pragma_update(None, "synchronous", sync)
+            .map_err(storage)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS topics (
                  name TEXT PRIMARY KEY,
@@ -121,9 +135,15 @@ impl SqliteLog {
         Ok(log)
     }
 
-    async fn send<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> WriteOp) -> Result<T, LogError> {
+    async fn send<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> WriteOp,
+    ) -> Result<T, LogError> {
         let (reply, rx) = oneshot::channel();
-        self.inner.writer.send(op(reply)).map_err(|_| LogError::Closed)?;
+        self.inner
+            .writer
+            .send(op(reply))
+            .map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -145,14 +165,23 @@ impl SqliteLog {
                 conn.query_row(
                     "SELECT id, partitions FROM topics WHERE name = ?1",
                     [&owned],
-                    |r| Ok(Topic { id: r.get(0)?, partitions: r.get(1)? }),
+                    |r| {
+                        Ok(Topic {
+                            id: r.get(0)?,
+                            partitions: r.get(1)?,
+                        })
+                    },
                 )
                 .optional()
                 .map_err(storage)
             })
             .await?;
         let topic = found.ok_or_else(|| LogError::UnknownTopic(name.to_owned()))?;
-        self.inner.topics.write().expect("topic cache").insert(name.to_owned(), topic);
+        self.inner
+            .topics
+            .write()
+            .expect("topic cache")
+            .insert(name.to_owned(), topic);
         Ok(topic)
     }
 }
@@ -160,7 +189,11 @@ impl SqliteLog {
 /// Answers one caller once the group's commit outcome is known.
 type Reply = Box<dyn FnOnce(Option<&LogError>)>;
 
-fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, appended: watch::Sender<u64>) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: std::sync::mpsc::Receiver<WriteOp>,
+    appended: watch::Sender<u64>,
+) {
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while ops.len() < MAX_GROUP {
@@ -171,11 +204,17 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, app
         }
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
         let outcome = (|| -> Result<(), LogError> {
-            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
+            let mut tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(storage)?;
             let now = now_micros();
             for op in ops.drain(..) {
                 match op {
-                    WriteOp::EnsureTopic { name, partitions, reply } => {
+                    WriteOp::EnsureTopic {
+                        name,
+                        partitions,
+                        reply,
+                    } => {
                         let result = isolated(&mut tx, |c| ensure_topic(c, &name, partitions))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
@@ -184,7 +223,11 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, app
                             });
                         }));
                     }
-                    WriteOp::Append { topic, records, reply } => {
+                    WriteOp::Append {
+                        topic,
+                        records,
+                        reply,
+                    } => {
                         let result = isolated(&mut tx, |c| append(c, topic, records, now))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
@@ -193,7 +236,12 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, app
                             });
                         }));
                     }
-                    WriteOp::Commit { group, topic, offsets, reply } => {
+                    WriteOp::Commit {
+                        group,
+                        topic,
+                        offsets,
+                        reply,
+                    } => {
                         let result = isolated(&mut tx, |c| commit(c, &group, &topic, &offsets))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
@@ -233,12 +281,21 @@ fn isolated<T>(
 
 fn ensure_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Topic, LogError> {
     if partitions == 0 {
-        return Err(LogError::Storage("a topic needs at least one partition".into()));
+        return Err(LogError::Storage(
+            "a topic needs at least one partition".into(),
+        ));
     }
     let existing = conn
-        .query_row("SELECT id, partitions FROM topics WHERE name = ?1", [name], |r| {
-            Ok(Topic { id: r.get(0)?, partitions: r.get(1)? })
-        })
+        .query_row(
+            "SELECT id, partitions FROM topics WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(Topic {
+                    id: r.get(0)?,
+                    partitions: r.get(1)?,
+                })
+            },
+        )
         .optional()
         .map_err(storage)?;
     if let Some(topic) = existing {
@@ -252,10 +309,15 @@ fn ensure_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Topic,
         return Ok(topic);
     }
     let id: i64 = conn
-        .query_row("SELECT coalesce(max(id), 0) + 1 FROM topics", [], |r| r.get(0))
+        .query_row("SELECT coalesce(max(id), 0) + 1 FROM topics", [], |r| {
+            r.get(0)
+        })
         .map_err(storage)?;
-    conn.execute("INSERT INTO topics (name, id, partitions) VALUES (?1, ?2, ?3)", params![name, id, partitions])
-        .map_err(storage)?;
+    conn.execute(
+        "INSERT INTO topics (name, id, partitions) VALUES (?1, ?2, ?3)",
+        params![name, id, partitions],
+    )
+    .map_err(storage)?;
     for p in 0..partitions {
         conn.execute_batch(&format!(
             "CREATE TABLE {} (off INTEGER PRIMARY KEY, key BLOB NOT NULL, headers TEXT NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL)",
@@ -266,7 +328,12 @@ fn ensure_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Topic,
     Ok(Topic { id, partitions })
 }
 
-fn append(conn: &Connection, topic: Topic, records: Vec<Record>, now: i64) -> Result<Vec<Position>, LogError> {
+fn append(
+    conn: &Connection,
+    topic: Topic,
+    records: Vec<Record>,
+    now: i64,
+) -> Result<Vec<Position>, LogError> {
     let mut positions = Vec::with_capacity(records.len());
     for record in records {
         let partition = partition_for(&record.key, topic.partitions);
@@ -277,14 +344,23 @@ fn append(conn: &Connection, topic: Topic, records: Vec<Record>, now: i64) -> Re
                 table(topic.id, partition)
             ))
             .map_err(storage)?;
-        stmt.execute(params![record.key, headers, &record.value[..], now]).map_err(storage)?;
+        stmt.execute(params![record.key, headers, &record.value[..], now])
+            .map_err(storage)?;
         let rowid = conn.last_insert_rowid();
-        positions.push(Position { partition, offset: (rowid - 1) as u64 });
+        positions.push(Position {
+            partition,
+            offset: (rowid - 1) as u64,
+        });
     }
     Ok(positions)
 }
 
-fn commit(conn: &Connection, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
+fn commit(
+    conn: &Connection,
+    group: &str,
+    topic: &str,
+    offsets: &[(u32, u64)],
+) -> Result<(), LogError> {
     let mut stmt = conn
         .prepare_cached(
             "INSERT INTO group_offsets (grp, topic, part, next_offset) VALUES (?1, ?2, ?3, ?4)
@@ -293,14 +369,21 @@ fn commit(conn: &Connection, group: &str, topic: &str, offsets: &[(u32, u64)]) -
         )
         .map_err(storage)?;
     for (partition, next) in offsets {
-        stmt.execute(params![group, topic, partition, *next as i64]).map_err(storage)?;
+        stmt.execute(params![group, topic, partition, *next as i64])
+            .map_err(storage)?;
     }
     Ok(())
 }
 
 fn end_offset(conn: &Connection, topic: Topic, partition: u32) -> Result<u64, LogError> {
-    let sql = format!("SELECT coalesce(max(off), 0) FROM {}", table(topic.id, partition));
-    let end: i64 = conn.prepare_cached(&sql).and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(storage)?;
+    let sql = format!(
+        "SELECT coalesce(max(off), 0) FROM {}",
+        table(topic.id, partition)
+    );
+    let end: i64 = conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(storage)?;
     Ok(end as u64)
 }
 
@@ -309,7 +392,9 @@ fn committed(conn: &Connection, group: &str, topic: &str) -> Result<HashMap<u32,
         .prepare_cached("SELECT part, next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2")
         .map_err(storage)?;
     let rows = stmt
-        .query_map(params![group, topic], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))
+        .query_map(params![group, topic], |r| {
+            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64))
+        })
         .map_err(storage)?;
     rows.collect::<Result<_, _>>().map_err(storage)
 }
@@ -348,8 +433,18 @@ fn read_partition(
 impl EventLog for SqliteLog {
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
         let name = topic.to_owned();
-        let created = self.send(|reply| WriteOp::EnsureTopic { name, partitions, reply }).await?;
-        self.inner.topics.write().expect("topic cache").insert(topic.to_owned(), created);
+        let created = self
+            .send(|reply| WriteOp::EnsureTopic {
+                name,
+                partitions,
+                reply,
+            })
+            .await?;
+        self.inner
+            .topics
+            .write()
+            .expect("topic cache")
+            .insert(topic.to_owned(), created);
         Ok(())
     }
 
@@ -362,10 +457,20 @@ impl EventLog for SqliteLog {
             return Ok(Vec::new());
         }
         let topic = self.topic(topic).await?;
-        self.send(|reply| WriteOp::Append { topic, records, reply }).await
+        self.send(|reply| WriteOp::Append {
+            topic,
+            records,
+            reply,
+        })
+        .await
     }
 
-    async fn subscribe(&self, topic: &str, group: &str, start: StartFrom) -> Result<Box<dyn Subscription>, LogError> {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartFrom,
+    ) -> Result<Box<dyn Subscription>, LogError> {
         let info = self.topic(topic).await?;
         let conn = open_connection(&self.inner.path).map_err(storage)?;
         let (group_name, topic_name) = (group.to_owned(), topic.to_owned());
@@ -395,13 +500,23 @@ impl EventLog for SqliteLog {
         }))
     }
 
-    async fn read(&self, topic: &str, partition: u32, offset: u64, max: usize) -> Result<Vec<Delivered>, LogError> {
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<Delivered>, LogError> {
         let info = self.topic(topic).await?;
         if partition >= info.partitions {
-            return Err(LogError::UnknownPartition { topic: topic.to_owned(), partition });
+            return Err(LogError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+            });
         }
         let name = topic.to_owned();
-        self.read_with(move |conn| read_partition(conn, &name, info, partition, offset, max)).await
+        self.read_with(move |conn| read_partition(conn, &name, info, partition, offset, max))
+            .await
     }
 
     async fn lag(&self, topic: &str, group: &str) -> Result<Vec<PartitionLag>, LogError> {
@@ -426,7 +541,9 @@ impl EventLog for SqliteLog {
         let topic = topic.to_owned();
         self.read_with(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT DISTINCT grp FROM group_offsets WHERE topic = ?1 ORDER BY grp")
+                .prepare_cached(
+                    "SELECT DISTINCT grp FROM group_offsets WHERE topic = ?1 ORDER BY grp",
+                )
                 .map_err(storage)?;
             let rows = stmt.query_map([&topic], |r| r.get(0)).map_err(storage)?;
             rows.collect::<Result<_, _>>().map_err(storage)
@@ -453,7 +570,12 @@ impl SqliteSubscription {
         // Cancel-safe: if this future is dropped mid-read, the connection stays shared and the
         // positions untouched, so the next poll reads the same records again.
         let conn = self.conn.clone();
-        let (topic, info, positions, start) = (self.topic.clone(), self.info, self.positions.clone(), self.rotate);
+        let (topic, info, positions, start) = (
+            self.topic.clone(),
+            self.info,
+            self.positions.clone(),
+            self.rotate,
+        );
         let result = tokio::task::spawn_blocking(move || -> Result<Vec<Delivered>, LogError> {
             let conn = conn.lock().expect("subscription connection lock");
             let mut out = Vec::new();
@@ -462,7 +584,14 @@ impl SqliteSubscription {
                 if out.len() >= max {
                     break;
                 }
-                out.extend(read_partition(&conn, &topic, info, p, positions[p as usize], max - out.len())?);
+                out.extend(read_partition(
+                    &conn,
+                    &topic,
+                    info,
+                    p,
+                    positions[p as usize],
+                    max - out.len(),
+                )?);
             }
             Ok(out)
         })
@@ -499,11 +628,21 @@ impl Subscription for SqliteSubscription {
         }
         for (p, _) in offsets {
             if *p >= self.info.partitions {
-                return Err(LogError::UnknownPartition { topic: self.topic.clone(), partition: *p });
+                return Err(LogError::UnknownPartition {
+                    topic: self.topic.clone(),
+                    partition: *p,
+                });
             }
         }
         let (group, topic, offsets) = (self.group.clone(), self.topic.clone(), offsets.to_vec());
-        self.log.send(|reply| WriteOp::Commit { group, topic, offsets, reply }).await
+        self.log
+            .send(|reply| WriteOp::Commit {
+                group,
+                topic,
+                offsets,
+                reply,
+            })
+            .await
     }
 }
 
@@ -515,7 +654,9 @@ mod tests {
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
-        let open = move || SqliteLog::open(&path, Durability::Os).map(|l| Box::new(l) as Box<dyn EventLog>);
+        let open = move || {
+            SqliteLog::open(&path, Durability::Os).map(|l| Box::new(l) as Box<dyn EventLog>)
+        };
         super::super::conformance::run(&open, true).await;
     }
 }

@@ -6,7 +6,11 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::{ObjectError, ObjectStore};
 
-async fn read_all(store: &dyn ObjectStore, key: &str, range: Option<std::ops::Range<u64>>) -> Vec<u8> {
+async fn read_all(
+    store: &dyn ObjectStore,
+    key: &str,
+    range: Option<std::ops::Range<u64>>,
+) -> Vec<u8> {
     let object = store.get(key, range).await.expect("get");
     let chunks: Vec<Bytes> = object.body.try_collect().await.expect("read body");
     chunks.concat()
@@ -23,12 +27,21 @@ pub async fn run(store: &dyn ObjectStore) {
     assert_eq!(read_all(store, "originals/abc", None).await, expected);
 
     // Head.
-    assert_eq!(store.head("originals/abc").await.unwrap().map(|m| m.size), Some(64_000));
+    assert_eq!(
+        store.head("originals/abc").await.unwrap().map(|m| m.size),
+        Some(64_000)
+    );
     assert_eq!(store.head("originals/missing").await.unwrap(), None);
 
     // Ranges: inside, clamped at the end, and past the end.
-    assert_eq!(read_all(store, "originals/abc", Some(1000..1003)).await, vec![1, 1, 1]);
-    let tail = store.get("originals/abc", Some(63_998..70_000)).await.unwrap();
+    assert_eq!(
+        read_all(store, "originals/abc", Some(1000..1003)).await,
+        vec![1, 1, 1]
+    );
+    let tail = store
+        .get("originals/abc", Some(63_998..70_000))
+        .await
+        .unwrap();
     assert_eq!((tail.size, tail.range.clone()), (64_000, 63_998..64_000));
     assert!(matches!(
         store.get("originals/abc", Some(64_000..64_001)).await,
@@ -36,8 +49,14 @@ pub async fn run(store: &dyn ObjectStore) {
     ));
 
     // Missing objects and bad keys.
-    assert!(matches!(store.get("originals/missing", None).await, Err(ObjectError::NotFound)));
-    assert!(matches!(store.get("../escape", None).await, Err(ObjectError::InvalidKey(_))));
+    assert!(matches!(
+        store.get("originals/missing", None).await,
+        Err(ObjectError::NotFound)
+    ));
+    assert!(matches!(
+        store.get("../escape", None).await,
+        Err(ObjectError::InvalidKey(_))
+    ));
     assert!(matches!(
         store.put_bytes("a//b", Bytes::from_static(b"x")).await,
         Err(ObjectError::InvalidKey(_))
@@ -49,35 +68,69 @@ pub async fn run(store: &dyn ObjectStore) {
         Err(std::io::Error::other("client went away")),
     ])
     .boxed();
-    assert!(matches!(store.put("originals/abc", failing).await, Err(ObjectError::Body(_))));
+    assert!(matches!(
+        store.put("originals/abc", failing).await,
+        Err(ObjectError::Body(_))
+    ));
     assert_eq!(read_all(store, "originals/abc", None).await.len(), 64_000);
     let failing = futures::stream::iter(vec![Err(std::io::Error::other("boom"))]).boxed();
     assert!(store.put("originals/never", failing).await.is_err());
     assert_eq!(store.head("originals/never").await.unwrap(), None);
 
     // Overwrite replaces the whole object.
-    store.put_bytes("originals/abc", Bytes::from_static(b"short")).await.unwrap();
+    store
+        .put_bytes("originals/abc", Bytes::from_static(b"short"))
+        .await
+        .unwrap();
     assert_eq!(read_all(store, "originals/abc", None).await, b"short");
 
     // Promote moves; promoting onto an existing key keeps the target and drops the source.
-    store.put_bytes("incoming/u1", Bytes::from_static(b"one")).await.unwrap();
+    store
+        .put_bytes("incoming/u1", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
     store.promote("incoming/u1", "originals/h1").await.unwrap();
     assert_eq!(read_all(store, "originals/h1", None).await, b"one");
     assert_eq!(store.head("incoming/u1").await.unwrap(), None);
-    store.put_bytes("incoming/u2", Bytes::from_static(b"one")).await.unwrap();
+    store
+        .put_bytes("incoming/u2", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
     store.promote("incoming/u2", "originals/h1").await.unwrap();
     assert_eq!(store.head("incoming/u2").await.unwrap(), None);
-    assert!(matches!(store.promote("incoming/gone", "originals/x").await, Err(ObjectError::NotFound)));
+    assert!(matches!(
+        store.promote("incoming/gone", "originals/x").await,
+        Err(ObjectError::NotFound)
+    ));
 
     // List by prefix, sorted.
-    store.put_bytes("variants/h1/thumb.jpg", Bytes::from_static(b"t")).await.unwrap();
-    store.put_bytes("variants/h1/large.jpg", Bytes::from_static(b"l")).await.unwrap();
-    store.put_bytes("variants/h2/thumb.jpg", Bytes::from_static(b"t")).await.unwrap();
-    let keys: Vec<String> =
-        store.list("variants/h1/").await.unwrap().into_iter().map(|m| m.key).collect();
+    store
+        .put_bytes("variants/h1/thumb.jpg", Bytes::from_static(b"t"))
+        .await
+        .unwrap();
+    store
+        .put_bytes("variants/h1/large.jpg", Bytes::from_static(b"l"))
+        .await
+        .unwrap();
+    store
+        .put_bytes("variants/h2/thumb.jpg", Bytes::from_static(b"t"))
+        .await
+        .unwrap();
+    let keys: Vec<String> = store
+        .list("variants/h1/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(keys, vec!["variants/h1/large.jpg", "variants/h1/thumb.jpg"]);
-    let originals: Vec<String> =
-        store.list("originals/").await.unwrap().into_iter().map(|m| m.key).collect();
+    let originals: Vec<String> = store
+        .list("originals/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(originals, vec!["originals/abc", "originals/h1"]);
     assert!(store.list("nothing-here/").await.unwrap().is_empty());
 
@@ -86,4 +139,3 @@ pub async fn run(store: &dyn ObjectStore) {
     store.delete("originals/abc").await.unwrap();
     assert_eq!(store.head("originals/abc").await.unwrap(), None);
 }
-

@@ -54,7 +54,10 @@ async fn place(tmp: &Path, target: &Path) -> std::io::Result<()> {
 impl ObjectStore for FsObjectStore {
     async fn put(&self, key: &str, mut body: ByteStream) -> Result<ObjectMeta, ObjectError> {
         let target = self.path(key)?;
-        let tmp = self.root.join(".tmp").join(uuid::Uuid::new_v4().to_string());
+        let tmp = self
+            .root
+            .join(".tmp")
+            .join(uuid::Uuid::new_v4().to_string());
         let result = async {
             let file = tokio::fs::File::create(&tmp).await?;
             let mut writer = tokio::io::BufWriter::with_capacity(256 * 1024, file);
@@ -67,7 +70,10 @@ impl ObjectStore for FsObjectStore {
             writer.flush().await?;
             writer.into_inner().sync_all().await?;
             place(&tmp, &target).await?;
-            Ok(ObjectMeta { key: key.to_owned(), size })
+            Ok(ObjectMeta {
+                key: key.to_owned(),
+                size,
+            })
         }
         .await;
         if result.is_err() {
@@ -80,14 +86,20 @@ impl ObjectStore for FsObjectStore {
         let path = self.path(key)?;
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ObjectError::NotFound),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ObjectError::NotFound);
+            }
             Err(e) => return Err(e.into()),
         };
         let size = file.metadata().await?.len();
         let range = match range {
             None => 0..size,
             Some(r) if r.start >= size || r.start >= r.end => {
-                return Err(ObjectError::RangeNotSatisfiable { start: r.start, end: r.end, size });
+                return Err(ObjectError::RangeNotSatisfiable {
+                    start: r.start,
+                    end: r.end,
+                    size,
+                });
             }
             Some(r) => r.start..r.end.min(size),
         };
@@ -100,7 +112,10 @@ impl ObjectStore for FsObjectStore {
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
         let path = self.path(key)?;
         match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_file() => Ok(Some(ObjectMeta { key: key.to_owned(), size: m.len() })),
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+                key: key.to_owned(),
+                size: m.len(),
+            })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
@@ -151,11 +166,17 @@ impl ObjectStore for FsObjectStore {
                     let kind = entry.file_type()?;
                     if kind.is_dir() {
                         // Descend only where the prefix can still match.
-                        if prefix.starts_with(&format!("{key}/")) || key.starts_with(&prefix) || prefix.is_empty() {
+                        if prefix.starts_with(&format!("{key}/"))
+                            || key.starts_with(&prefix)
+                            || prefix.is_empty()
+                        {
                             stack.push(path);
                         }
                     } else if kind.is_file() && key.starts_with(&prefix) {
-                        out.push(ObjectMeta { key, size: entry.metadata()?.len() });
+                        out.push(ObjectMeta {
+                            key,
+                            size: entry.metadata()?.len(),
+                        });
                     }
                 }
             }
@@ -184,7 +205,12 @@ mod tests {
         FsObjectStore::open(dir.path()).unwrap();
         std::fs::write(dir.path().join(".tmp/half-written"), b"partial").unwrap();
         let store = FsObjectStore::open(dir.path()).unwrap();
-        assert!(std::fs::read_dir(dir.path().join(".tmp")).unwrap().next().is_none());
+        assert!(
+            std::fs::read_dir(dir.path().join(".tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
         assert!(store.list("").await.unwrap().is_empty());
     }
 }

@@ -73,7 +73,11 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Stores a body that is already in memory; same promises as [`ObjectStore::put`].
     async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<ObjectMeta, ObjectError> {
-        self.put(key, Box::pin(futures::stream::once(async move { Ok(bytes) }))).await
+        self.put(
+            key,
+            Box::pin(futures::stream::once(async move { Ok(bytes) })),
+        )
+        .await
     }
 
     /// Reads a whole object into memory.
@@ -97,9 +101,15 @@ pub fn validate_key(key: &str) -> Result<(), ObjectError> {
             !seg.is_empty()
                 && seg != "."
                 && seg != ".."
-                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         });
-    if ok { Ok(()) } else { Err(ObjectError::InvalidKey(key.to_owned())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ObjectError::InvalidKey(key.to_owned()))
+    }
 }
 
 #[cfg(test)]

@@ -64,7 +64,14 @@ fn described(id: Uuid, version: u64, title: &str) -> Envelope {
 }
 
 fn deleted(id: Uuid, version: u64) -> Envelope {
-    Envelope::new(id, version, "conformance", Event::MediaDeleted(MediaDeleted { deleted_by: "x".into() }))
+    Envelope::new(
+        id,
+        version,
+        "conformance",
+        Event::MediaDeleted(MediaDeleted {
+            deleted_by: "x".into(),
+        }),
+    )
 }
 
 pub async fn run(store: &dyn ReadStore) {
@@ -74,44 +81,110 @@ pub async fn run(store: &dyn ReadStore) {
     let a = Uuid::now_v7();
     let up = uploaded(a, JAN_31, "alice", 100);
     store.apply(std::slice::from_ref(&up)).await.unwrap();
-    let row = store.media(a).await.unwrap().expect("uploaded media is visible");
-    assert_eq!((row.status, row.owner.as_str(), row.bytes), (MediaStatus::Pending, "alice", 100));
+    let row = store
+        .media(a)
+        .await
+        .unwrap()
+        .expect("uploaded media is visible");
+    assert_eq!(
+        (row.status, row.owner.as_str(), row.bytes),
+        (MediaStatus::Pending, "alice", 100)
+    );
     assert_eq!(row.created_at, JAN_31 as i64);
-    assert_eq!(store.media(Uuid::now_v7()).await.unwrap(), None, "unknown id");
+    assert_eq!(
+        store.media(Uuid::now_v7()).await.unwrap(),
+        None,
+        "unknown id"
+    );
 
     // Processing, then redelivery of everything: identical rows and stats.
     let done = processed(&up, 640);
     store.apply(std::slice::from_ref(&done)).await.unwrap();
     let row = store.media(a).await.unwrap().unwrap();
-    assert_eq!((row.status, row.width, row.variants.len()), (MediaStatus::Processed, Some(640), 1));
+    assert_eq!(
+        (row.status, row.width, row.variants.len()),
+        (MediaStatus::Processed, Some(640), 1)
+    );
     let stats_before = store.owner_stats("alice").await.unwrap();
-    assert_eq!(stats_before, OwnerStats { media_count: 1, bytes: 100 });
-    store.apply(&[up.clone(), done.clone(), up.clone()]).await.unwrap();
-    assert_eq!(store.media(a).await.unwrap().unwrap(), row, "redelivery changes nothing");
-    assert_eq!(store.owner_stats("alice").await.unwrap(), stats_before, "stats count once");
+    assert_eq!(
+        stats_before,
+        OwnerStats {
+            media_count: 1,
+            bytes: 100
+        }
+    );
+    store
+        .apply(&[up.clone(), done.clone(), up.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.media(a).await.unwrap().unwrap(),
+        row,
+        "redelivery changes nothing"
+    );
+    assert_eq!(
+        store.owner_stats("alice").await.unwrap(),
+        stats_before,
+        "stats count once"
+    );
 
     // Out-of-order versions: an older description never overwrites a newer one, and column
     // groups do not overwrite each other.
-    store.apply(&[described(a, JAN_31 + 20, "newer"), described(a, JAN_31 + 10, "older")]).await.unwrap();
+    store
+        .apply(&[
+            described(a, JAN_31 + 20, "newer"),
+            described(a, JAN_31 + 10, "older"),
+        ])
+        .await
+        .unwrap();
     let row = store.media(a).await.unwrap().unwrap();
     assert_eq!(row.title.as_deref(), Some("newer"));
-    assert_eq!(row.status, MediaStatus::Processed, "a description leaves processing alone");
+    assert_eq!(
+        row.status,
+        MediaStatus::Processed,
+        "a description leaves processing alone"
+    );
     let reprocessed = processed(&up, 640);
     store.apply(&[reprocessed]).await.unwrap();
-    assert_eq!(store.media(a).await.unwrap().unwrap().title.as_deref(), Some("newer"));
+    assert_eq!(
+        store.media(a).await.unwrap().unwrap().title.as_deref(),
+        Some("newer")
+    );
 
     // Tombstones: a delete hides the row and its stats; an older event never brings it back.
     let b = Uuid::now_v7();
     let up_b = uploaded(b, JAN_31 + DAY, "alice", 50);
     store.apply(std::slice::from_ref(&up_b)).await.unwrap();
-    assert_eq!(store.owner_stats("alice").await.unwrap(), OwnerStats { media_count: 2, bytes: 150 });
+    assert_eq!(
+        store.owner_stats("alice").await.unwrap(),
+        OwnerStats {
+            media_count: 2,
+            bytes: 150
+        }
+    );
     store.apply(&[deleted(b, JAN_31 + DAY + 5)]).await.unwrap();
-    store.apply(&[processed(&up_b, 10), up_b.clone(), described(b, JAN_31 + DAY + 1, "zombie")]).await.unwrap();
+    store
+        .apply(&[
+            processed(&up_b, 10),
+            up_b.clone(),
+            described(b, JAN_31 + DAY + 1, "zombie"),
+        ])
+        .await
+        .unwrap();
     assert_eq!(store.media(b).await.unwrap(), None, "deleted stays deleted");
-    assert_eq!(store.owner_stats("alice").await.unwrap(), OwnerStats { media_count: 1, bytes: 100 });
+    assert_eq!(
+        store.owner_stats("alice").await.unwrap(),
+        OwnerStats {
+            media_count: 1,
+            bytes: 100
+        }
+    );
     // A delete that arrives before its upload still wins.
     let c = Uuid::now_v7();
-    store.apply(&[deleted(c, JAN_31 + 9), uploaded(c, JAN_31 + 1, "alice", 7)]).await.unwrap();
+    store
+        .apply(&[deleted(c, JAN_31 + 9), uploaded(c, JAN_31 + 1, "alice", 7)])
+        .await
+        .unwrap();
     assert_eq!(store.media(c).await.unwrap(), None);
     assert_eq!(store.owner_stats("alice").await.unwrap().media_count, 1);
 
@@ -141,14 +214,36 @@ pub async fn run(store: &dyn ReadStore) {
     }
     assert_eq!(seen, ids, "every item once, newest first");
     assert_eq!(pages, 4);
-    assert!(store.owner_timeline("nobody", None, 10).await.unwrap().items.is_empty());
+    assert!(
+        store
+            .owner_timeline("nobody", None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 
     // Stats after replaying the whole history again, in reverse order.
     let mut history = vec![up.clone(), done, up_b, deleted(b, JAN_31 + DAY + 5)];
     history.extend(events);
     history.reverse();
     store.apply(&history).await.unwrap();
-    assert_eq!(store.owner_stats("alice").await.unwrap(), OwnerStats { media_count: 1, bytes: 100 });
-    assert_eq!(store.owner_stats("carol").await.unwrap(), OwnerStats { media_count: 25, bytes: 25 });
-    assert_eq!(store.owner_stats("nobody").await.unwrap(), OwnerStats::default());
+    assert_eq!(
+        store.owner_stats("alice").await.unwrap(),
+        OwnerStats {
+            media_count: 1,
+            bytes: 100
+        }
+    );
+    assert_eq!(
+        store.owner_stats("carol").await.unwrap(),
+        OwnerStats {
+            media_count: 25,
+            bytes: 25
+        }
+    );
+    assert_eq!(
+        store.owner_stats("nobody").await.unwrap(),
+        OwnerStats::default()
+    );
 }

@@ -100,7 +100,12 @@ pub struct MediaState {
     pub deleted: Option<u64>,
 }
 
-fn newer<T>(slot: &mut Option<T>, version: u64, current: impl Fn(&T) -> u64, value: impl FnOnce() -> T) -> bool {
+fn newer<T>(
+    slot: &mut Option<T>,
+    version: u64,
+    current: impl Fn(&T) -> u64,
+    value: impl FnOnce() -> T,
+) -> bool {
     match slot {
         Some(existing) if current(existing) >= version => false,
         _ => {
@@ -112,36 +117,62 @@ fn newer<T>(slot: &mut Option<T>, version: u64, current: impl Fn(&T) -> u64, val
 
 impl MediaState {
     pub fn new(id: Uuid) -> Self {
-        MediaState { id, upload: None, describe: None, process: None, deleted: None }
+        MediaState {
+            id,
+            upload: None,
+            describe: None,
+            process: None,
+            deleted: None,
+        }
     }
 
     /// Folds one event in. Returns whether anything changed.
     pub fn apply(&mut self, event: &Envelope) -> bool {
         let v = event.version;
         match &event.payload {
-            Event::MediaUploaded(e) => newer(&mut self.upload, v, |g| g.version, || UploadGroup {
-                version: v,
-                owner: e.owner.clone(),
-                content_type: e.content_type.clone(),
-                bytes: e.bytes,
-                sha256: e.sha256.clone(),
-                original_key: e.original_key.clone(),
-                title: e.title.clone(),
-            }),
-            Event::MediaDescribed(e) => newer(&mut self.describe, v, |g| g.version, || DescribeGroup {
-                version: v,
-                title: e.title.clone(),
-                description: e.description.clone(),
-                tags: e.tags.clone(),
-            }),
-            Event::MediaProcessed(e) => newer(&mut self.process, v, |g| g.version, || ProcessGroup {
-                version: v,
-                outcome: ProcessOutcome::Processed(e.clone()),
-            }),
-            Event::MediaProcessingFailed(e) => newer(&mut self.process, v, |g| g.version, || ProcessGroup {
-                version: v,
-                outcome: ProcessOutcome::Failed(e.reason.clone()),
-            }),
+            Event::MediaUploaded(e) => newer(
+                &mut self.upload,
+                v,
+                |g| g.version,
+                || UploadGroup {
+                    version: v,
+                    owner: e.owner.clone(),
+                    content_type: e.content_type.clone(),
+                    bytes: e.bytes,
+                    sha256: e.sha256.clone(),
+                    original_key: e.original_key.clone(),
+                    title: e.title.clone(),
+                },
+            ),
+            Event::MediaDescribed(e) => newer(
+                &mut self.describe,
+                v,
+                |g| g.version,
+                || DescribeGroup {
+                    version: v,
+                    title: e.title.clone(),
+                    description: e.description.clone(),
+                    tags: e.tags.clone(),
+                },
+            ),
+            Event::MediaProcessed(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Processed(e.clone()),
+                },
+            ),
+            Event::MediaProcessingFailed(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Failed(e.reason.clone()),
+                },
+            ),
             Event::MediaDeleted(_) => newer(&mut self.deleted, v, |d| *d, || v),
         }
     }
@@ -165,10 +196,16 @@ impl MediaState {
         let (status, processed, failure_reason) = match self.process.as_ref().map(|p| &p.outcome) {
             None => (MediaStatus::Pending, None, None),
             Some(ProcessOutcome::Processed(p)) => (MediaStatus::Processed, Some(p), None),
-            Some(ProcessOutcome::Failed(reason)) => (MediaStatus::Failed, None, Some(reason.clone())),
+            Some(ProcessOutcome::Failed(reason)) => {
+                (MediaStatus::Failed, None, Some(reason.clone()))
+            }
         };
         let (title, description, tags) = match &self.describe {
-            Some(d) => (d.title.clone().or_else(|| upload.title.clone()), d.description.clone(), d.tags.clone()),
+            Some(d) => (
+                d.title.clone().or_else(|| upload.title.clone()),
+                d.description.clone(),
+                d.tags.clone(),
+            ),
             None => (upload.title.clone(), None, Vec::new()),
         };
         Some(MediaRow {
@@ -218,9 +255,31 @@ mod tests {
         let id = Uuid::now_v7();
         let events = [
             ev(id, 10, uploaded("alice")),
-            ev(id, 20, Event::MediaDescribed(MediaDescribed { title: Some("t1".into()), description: None, tags: vec![] })),
-            ev(id, 30, Event::MediaDescribed(MediaDescribed { title: Some("t2".into()), description: None, tags: vec!["x".into()] })),
-            ev(id, 11, Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed { reason: "bad".into() })),
+            ev(
+                id,
+                20,
+                Event::MediaDescribed(MediaDescribed {
+                    title: Some("t1".into()),
+                    description: None,
+                    tags: vec![],
+                }),
+            ),
+            ev(
+                id,
+                30,
+                Event::MediaDescribed(MediaDescribed {
+                    title: Some("t2".into()),
+                    description: None,
+                    tags: vec!["x".into()],
+                }),
+            ),
+            ev(
+                id,
+                11,
+                Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed {
+                    reason: "bad".into(),
+                }),
+            ),
         ];
         let mut reference = MediaState::new(id);
         events.iter().for_each(|e| {
@@ -260,8 +319,20 @@ mod tests {
         let mut state = MediaState::new(id);
         state.apply(&ev(id, 10, uploaded("alice")));
         assert_eq!(state.counted(), Some(("alice", 10)));
-        state.apply(&ev(id, 50, Event::MediaDeleted(MediaDeleted { deleted_by: "alice".into() })));
-        state.apply(&ev(id, 11, Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed { reason: "late".into() })));
+        state.apply(&ev(
+            id,
+            50,
+            Event::MediaDeleted(MediaDeleted {
+                deleted_by: "alice".into(),
+            }),
+        ));
+        state.apply(&ev(
+            id,
+            11,
+            Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed {
+                reason: "late".into(),
+            }),
+        ));
         assert_eq!(state.to_row(), None);
         assert_eq!(state.counted(), None);
     }

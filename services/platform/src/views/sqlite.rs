@@ -14,7 +14,9 @@ use conveyor_schemas::{Envelope, MediaProcessed, MediaRow, OwnerStats, TimelineP
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
-use super::{DescribeGroup, MediaState, ProcessGroup, ProcessOutcome, ReadStore, UploadGroup, ViewError};
+use super::{
+    DescribeGroup, MediaState, ProcessGroup, ProcessOutcome, ReadStore, UploadGroup, ViewError,
+};
 use crate::sqlite::{PoolError, ReaderPool, open_connection};
 
 const SCHEMA: &str = "
@@ -74,9 +76,13 @@ impl SqliteReadStore {
         let conn = open_connection(&path).map_err(storage)?;
         // Read models can be rebuilt from the log, and the projector commits its offsets only
         // after this write returns; NORMAL survives a process crash, which is what that needs.
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(storage)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(storage)?;
         conn.execute_batch(SCHEMA).map_err(storage)?;
-        Ok(SqliteReadStore { writer: Arc::new(Mutex::new(conn)), readers: Arc::new(ReaderPool::new(path)) })
+        Ok(SqliteReadStore {
+            writer: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(ReaderPool::new(path)),
+        })
     }
 }
 
@@ -89,7 +95,8 @@ fn json_err(e: serde_json::Error) -> rusqlite::Error {
 
 fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaState> {
     let id: Vec<u8> = r.get(0)?;
-    let id = Uuid::from_slice(&id).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let id =
+        Uuid::from_slice(&id).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     let upload = match r.get::<_, Option<i64>>(1)? {
         None => None,
         Some(v) => Some(UploadGroup {
@@ -121,10 +128,19 @@ fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaState> {
                 ),
                 None => ProcessOutcome::Failed(r.get::<_, Option<String>>(14)?.unwrap_or_default()),
             };
-            Some(ProcessGroup { version: v as u64, outcome })
+            Some(ProcessGroup {
+                version: v as u64,
+                outcome,
+            })
         }
     };
-    Ok(MediaState { id, upload, describe, process, deleted: r.get::<_, Option<i64>>(15)?.map(|v| v as u64) })
+    Ok(MediaState {
+        id,
+        upload,
+        describe,
+        process,
+        deleted: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
+    })
 }
 
 fn load(conn: &Connection, id: Uuid) -> rusqlite::Result<Option<MediaState>> {
@@ -137,9 +153,14 @@ fn save(conn: &Connection, s: &MediaState) -> rusqlite::Result<()> {
     let u = s.upload.as_ref();
     let d = s.describe.as_ref();
     let p = s.process.as_ref();
-    let tags = d.map(|d| serde_json::to_string(&d.tags)).transpose().map_err(json_err)?;
+    let tags = d
+        .map(|d| serde_json::to_string(&d.tags))
+        .transpose()
+        .map_err(json_err)?;
     let (processed, failure) = match p.map(|p| &p.outcome) {
-        Some(ProcessOutcome::Processed(m)) => (Some(serde_json::to_string(m).map_err(json_err)?), None),
+        Some(ProcessOutcome::Processed(m)) => {
+            (Some(serde_json::to_string(m).map_err(json_err)?), None)
+        }
         Some(ProcessOutcome::Failed(reason)) => (None, Some(reason.as_str())),
         None => (None, None),
     };
@@ -185,7 +206,9 @@ struct Touched {
 }
 
 fn apply_all(conn: &mut Connection, events: &[Envelope]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: take the write lock up front. Two projector processes sharing the file would
+    // otherwise both read, then deadlock upgrading to write (SQLITE_BUSY without waiting).
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // Fold the whole batch in memory first, so an item touched by many events in one batch is
     // read and written once.
     let mut touched: HashMap<Uuid, Touched> = HashMap::new();
@@ -196,12 +219,21 @@ fn apply_all(conn: &mut Connection, events: &[Envelope]) -> rusqlite::Result<()>
             std::collections::hash_map::Entry::Vacant(e) => {
                 let state = load(&tx, id)?.unwrap_or_else(|| MediaState::new(id));
                 let before = state.counted().map(|(o, b)| (o.to_owned(), b));
-                e.insert(Touched { state, before, changed: false })
+                e.insert(Touched {
+                    state,
+                    before,
+                    changed: false,
+                })
             }
         };
         entry.changed |= entry.state.apply(event);
     }
-    for Touched { state, before, changed } in touched.values() {
+    for Touched {
+        state,
+        before,
+        changed,
+    } in touched.values()
+    {
         if !changed {
             continue;
         }
@@ -261,7 +293,10 @@ impl ReadStore for SqliteReadStore {
                     ))
                     .map_err(storage)?;
                 let rows = stmt
-                    .query_map(params![owner, v, &id.as_bytes()[..], (limit + 1) as i64], state_from_row)
+                    .query_map(
+                        params![owner, v, &id.as_bytes()[..], (limit + 1) as i64],
+                        state_from_row,
+                    )
                     .map_err(storage)?;
                 let mut items: Vec<MediaRow> = Vec::with_capacity(limit + 1);
                 for row in rows {
