@@ -72,6 +72,40 @@ pub enum OpsCommand {
     },
     /// Check configuration (file and environment) and print it, keys redacted.
     Config,
+    /// Topic administration.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Dead letters: records that kept failing.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create the media topic and its dead-letter topic if missing (partitions, replication and
+    /// retention from config). Idempotent; refuses a partition count that differs.
+    Ensure {
+        #[command(flatten)]
+        target: RoleArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters not yet redriven.
+    List {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Append every dead letter not yet redriven back to its original topic, once per original
+    /// record, and mark it redriven.
+    Redrive {
+        #[command(flatten)]
+        target: RoleArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,24 +1,32 @@
-//! Operator commands.
+//! Operator commands. Each works on every log backend: it goes through the `EventLog` trait.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::Context;
 use conveyor_platform::Settings;
 use conveyor_platform::backends::open_log;
-use conveyor_schemas::MEDIA_EVENTS;
+use conveyor_platform::log::{Delivered, EventLog, StartFrom};
+use indicatif::ProgressBar;
 
-use crate::cli::OpsCommand;
+use crate::cli::{DlqCommand, OpsCommand, RoleArgs, TopicsCommand};
+
+/// The group whose committed offsets on the dead-letter topic mark what has been redriven.
+pub const REDRIVE_GROUP: &str = "dlq-redrive";
+
+fn settings(config: &Option<PathBuf>, target: RoleArgs) -> anyhow::Result<Settings> {
+    let mut settings = Settings::load(config.as_deref())?;
+    if let Some(dir) = target.data_dir {
+        settings.data_dir = dir;
+    }
+    Ok(settings)
+}
 
 pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Result<()> {
     match command {
-        OpsCommand::Lag {
-            target,
-            group,
-            json,
-        } => {
-            let mut settings = Settings::load(config.as_deref())?;
-            if let Some(dir) = target.data_dir {
-                settings.data_dir = dir;
-            }
+        OpsCommand::Lag { target, group, json } => {
+            let settings = settings(config, target)?;
             lag(&settings, group, json).await
         }
         OpsCommand::Config => {
@@ -26,20 +34,131 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             println!("{settings:#?}");
             Ok(())
         }
+        OpsCommand::Topics(TopicsCommand::Ensure { target }) => {
+            let settings = settings(config, target)?;
+            let log = open_log(&settings)?;
+            for topic in [settings.topic().to_owned(), settings.dlq_topic()] {
+                log.ensure_topic(&topic, settings.log.partitions)
+                    .await
+                    .with_context(|| format!("failed to ensure topic {topic}"))?;
+                println!("topic {topic}: {} partitions", settings.log.partitions);
+            }
+            Ok(())
+        }
+        OpsCommand::Dlq(DlqCommand::List { target, json }) => {
+            let settings = settings(config, target)?;
+            let log = open_log(&settings)?;
+            let letters = dead_letters(&*log, &settings.dlq_topic()).await?;
+            if json {
+                for d in &letters {
+                    println!("{}", serde_json::to_string(&letter_json(d))?);
+                }
+            } else if letters.is_empty() {
+                println!("no dead letters waiting on {}", settings.dlq_topic());
+            } else {
+                println!("{:<20} {:>5} {:>9} {:<12} {:<40} ERROR", "ORIGIN", "PART", "OFFSET", "GROUP", "KEY");
+                for d in &letters {
+                    println!(
+                        "{:<20} {:>5} {:>9} {:<12} {:<40} {}",
+                        d.header("dlq-topic").unwrap_or("?"),
+                        d.header("dlq-partition").unwrap_or("?"),
+                        d.header("dlq-offset").unwrap_or("?"),
+                        d.header("dlq-group").unwrap_or("?"),
+                        String::from_utf8_lossy(&d.key),
+                        d.header("dlq-error").unwrap_or(""),
+                    );
+                }
+            }
+            Ok(())
+        }
+        OpsCommand::Dlq(DlqCommand::Redrive { target }) => {
+            let settings = settings(config, target)?;
+            let log = open_log(&settings)?;
+            let redriven = redrive(&*log, &settings).await?;
+            println!("redrove {redriven} dead letters");
+            Ok(())
+        }
     }
+}
+
+fn letter_json(d: &Delivered) -> serde_json::Value {
+    serde_json::json!({
+        "dlq_partition": d.partition, "dlq_offset": d.offset,
+        "key": String::from_utf8_lossy(&d.key),
+        "headers": d.headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        "bytes": d.value.len(),
+    })
+}
+
+/// Dead letters past the redrive group's committed offsets.
+pub async fn dead_letters(log: &dyn EventLog, dlq: &str) -> anyhow::Result<Vec<Delivered>> {
+    let mut out = Vec::new();
+    for p in log.lag(dlq, REDRIVE_GROUP).await? {
+        if p.lag() > 0 {
+            out.extend(log.read(dlq, p.partition, p.committed, p.lag() as usize).await?);
+        }
+    }
+    Ok(out)
+}
+
+/// Appends each waiting dead letter back to its original topic (once per original record,
+/// however many groups dead-lettered it), then commits the redrive group past it.
+pub async fn redrive(log: &dyn EventLog, settings: &Settings) -> anyhow::Result<usize> {
+    let dlq = settings.dlq_topic();
+    let ends: Vec<(u32, u64)> = log.lag(&dlq, REDRIVE_GROUP).await?.iter().map(|l| (l.partition, l.end)).collect();
+    let total: u64 = log.lag(&dlq, REDRIVE_GROUP).await?.iter().map(|l| l.lag()).sum();
+    if total == 0 {
+        return Ok(0);
+    }
+    let bar = ProgressBar::new(total);
+    let mut sub = log.subscribe(&dlq, REDRIVE_GROUP, StartFrom::Earliest).await?;
+    let mut seen = HashSet::new();
+    let mut redriven = 0;
+    let mut done = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while done < total {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "redrive timed out with {} of {total} done", done);
+        let batch = sub.poll(500, Duration::from_millis(500)).await?;
+        let mut commits = Vec::new();
+        for letter in batch {
+            let end = ends.iter().find(|(p, _)| *p == letter.partition).map(|(_, e)| *e).unwrap_or(0);
+            if letter.offset >= end {
+                continue; // dead-lettered after this redrive started: next time
+            }
+            let origin = (
+                letter.header("dlq-topic").unwrap_or(settings.topic()).to_owned(),
+                letter.header("dlq-partition").unwrap_or("").to_owned(),
+                letter.header("dlq-offset").unwrap_or("").to_owned(),
+            );
+            if seen.insert(origin.clone()) {
+                let mut record = letter.to_record();
+                record.headers.retain(|(k, _)| !k.starts_with("dlq-"));
+                record.headers.push(("redriven-from".into(), format!("{}/{}", letter.partition, letter.offset)));
+                log.append(&origin.0, vec![record]).await?;
+                redriven += 1;
+            }
+            commits.push((letter.partition, letter.offset + 1));
+            done += 1;
+            bar.inc(1);
+        }
+        sub.commit(&commits).await?;
+    }
+    bar.finish_and_clear();
+    Ok(redriven)
 }
 
 async fn lag(settings: &Settings, group: Option<String>, json: bool) -> anyhow::Result<()> {
     let log = open_log(settings)?;
+    let topic = settings.topic();
     let groups = match group {
         Some(g) => vec![g],
-        None => log.groups(MEDIA_EVENTS).await?,
+        None => log.groups(topic).await?,
     };
     let mut rows = Vec::new();
     for group in &groups {
-        for p in log.lag(MEDIA_EVENTS, group).await? {
+        for p in log.lag(topic, group).await? {
             rows.push(serde_json::json!({
-                "group": group, "topic": MEDIA_EVENTS, "partition": p.partition,
+                "group": group, "topic": topic, "partition": p.partition,
                 "committed": p.committed, "end": p.end, "lag": p.lag(),
             }));
         }
@@ -49,13 +168,10 @@ async fn lag(settings: &Settings, group: Option<String>, json: bool) -> anyhow::
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no consumer group has committed on {MEDIA_EVENTS} yet");
+        println!("no consumer group has committed on {topic} yet");
         return Ok(());
     }
-    println!(
-        "{:<24} {:>9} {:>12} {:>12} {:>10}",
-        "GROUP", "PARTITION", "COMMITTED", "END", "LAG"
-    );
+    println!("{:<24} {:>9} {:>12} {:>12} {:>10}", "GROUP", "PARTITION", "COMMITTED", "END", "LAG");
     for r in &rows {
         println!(
             "{:<24} {:>9} {:>12} {:>12} {:>10}",

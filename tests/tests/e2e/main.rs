@@ -2,5 +2,6 @@
 
 mod bad_input;
 mod crash;
+mod dead_letters;
 mod delivery;
 mod pipeline;
