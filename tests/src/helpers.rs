@@ -253,3 +253,48 @@ pub fn count_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// A `conveyor` process started by a test. Killed (SIGKILL) when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+    pub address: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `conveyor <role>` on port 0 with `data_dir` and `env`, and waits for its address.
+pub fn start_process(role: &str, data_dir: &Path, env: &[(&str, String)]) -> Process {
+    use std::io::{BufRead, BufReader};
+    let mut command = std::process::Command::new(conveyor_binary());
+    command
+        .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", std::env::var("TEST_LOG").map(|_| "info").unwrap_or("warn"))
+        .stdout(std::process::Stdio::piped());
+    if std::env::var_os("TEST_LOG").is_none() {
+        command.stderr(std::process::Stdio::null());
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("spawn conveyor");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let address = loop {
+        let line = match lines.next() {
+            Some(Ok(line)) => line,
+            _ => panic!("conveyor {role} exited before printing its address"),
+        };
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.trim().to_owned();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Process { child, address }
+}

@@ -186,11 +186,13 @@ impl App {
         };
         tokio::select! {
             _ = token.cancelled() => {}
-            err = watch_workers => {
-                if let Some(e) = err {
+            err = watch_workers => match err {
+                Some(e) => {
                     tracing::error!(error = format!("{e:#}"), "worker failed, shutting down");
                     failure = Some(e);
                 }
+                // No workers (an edge-only role), or all of them stopped cleanly: serve until told.
+                None => token.cancelled().await,
             }
         }
         shutdown.drain().await;

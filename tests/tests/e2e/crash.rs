@@ -1,49 +1,28 @@
 //! SIGKILL mid-load: every upload answered 202 ends processed, and counts exactly once.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conveyor_schemas::MEDIA_EVENTS;
-use conveyor_tests::helpers::{ALICE, conveyor_binary, wait_until};
+use conveyor_tests::helpers::{ALICE, Process, start_process, wait_until};
 use conveyor_tests::images;
 use serde_json::Value;
 
-/// Starts the real binary on port 0 and returns it with its base URL.
-fn start(data_dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(conveyor_binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}"))
-        .env("CONVEYOR__AUTH__SERVICE_KEYS", "svc:svc-key")
-        .env("CONVEYOR__LOG__PARTITIONS", "8")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn conveyor");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let address = loop {
-        let line = lines
-            .next()
-            .expect("conveyor printed its address")
-            .expect("utf-8 line");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().to_owned();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, address)
+fn start(data_dir: &std::path::Path) -> Process {
+    let env = [
+        ("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}")),
+        ("CONVEYOR__AUTH__SERVICE_KEYS", "svc:svc-key".to_owned()),
+        ("CONVEYOR__LOG__PARTITIONS", "8".to_owned()),
+    ];
+    start_process("serve", data_dir, &env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, address) = start(dir.path());
+    let server = start(dir.path());
+    let address = server.address.clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -85,8 +64,7 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     })
     .await
     .expect("60 uploads answered");
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    drop(server); // SIGKILL
     for t in tasks {
         let _ = t.await;
     }
@@ -98,7 +76,8 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     );
 
     // Restart on the same data dir: everything acknowledged ends processed, once.
-    let (mut child, address) = start(dir.path());
+    let server = start(dir.path());
+    let address = server.address.clone();
     for id in &acked {
         let url = format!("{address}/v1/media/{id}");
         let body = wait_until(Duration::from_secs(60), || async {
@@ -177,6 +156,5 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
         }
     }
     assert_eq!(seen, uploaded);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(server);
 }

@@ -5,3 +5,4 @@ mod crash;
 mod dead_letters;
 mod delivery;
 mod pipeline;
+mod scale_out;
