@@ -124,6 +124,25 @@ pub enum LoadtestCommand {
         /// Distinct media ids the events describe.
         #[arg(long, default_value_t = 10_000)]
         media: usize,
+        /// Event logs to measure, one after the other in this run: `sqlite` (embedded, in a
+        /// temp dir) and/or `kafka://host:port` (a fresh topic each run).
+        #[arg(long = "log", default_value = "sqlite")]
+        logs: Vec<String>,
+    },
+    /// Raw producer throughput: append records of SIZE bytes, in batches, and wait for every
+    /// acknowledgement.
+    Produce {
+        #[arg(long, default_value_t = 200_000)]
+        count: usize,
+        /// Payload bytes per record.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Records per append call.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Event logs to measure, as for `events`.
+        #[arg(long = "log", default_value = "sqlite")]
+        logs: Vec<String>,
     },
     /// Time thumbnails of one image against `vipsthumbnail` on the same file.
     Thumbnail {

@@ -63,6 +63,9 @@ pub struct ConsumerConfig {
     pub max_buffered: usize,
     /// First retry delay; doubles up to 30 s.
     pub backoff: Duration,
+    /// Finished work is committed at most this often (and always on shutdown), so a busy
+    /// group makes one commit round trip per interval rather than one per batch.
+    pub commit_interval: Duration,
 }
 
 impl ConsumerConfig {
@@ -76,6 +79,7 @@ impl ConsumerConfig {
             max_attempts: 5,
             max_buffered: 4096,
             backoff: Duration::from_millis(50),
+            commit_interval: Duration::from_millis(50),
         }
     }
 }
@@ -118,6 +122,7 @@ pub async fn run(
     let work_stop = stop.child_token();
     let mut buffered = 0usize;
     let mut stopping = false;
+    let mut last_commit = tokio::time::Instant::now();
     // Each ownership of a partition gets a new epoch, so a batch that outlives a revoke cannot
     // touch the state of a later ownership.
     let mut epochs = 0u64;
@@ -176,7 +181,14 @@ pub async fn run(
                     }
                     next = tasks.try_join_next();
                 }
+                if last_commit.elapsed() >= config.commit_interval {
+                    commit_finished(sub.as_mut(), &mut partitions).await?;
+                    last_commit = tokio::time::Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(last_commit + config.commit_interval), if !stopping => {
                 commit_finished(sub.as_mut(), &mut partitions).await?;
+                last_commit = tokio::time::Instant::now();
             }
             polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), Duration::from_millis(500)),
                 if !stopping && buffered < config.max_buffered => {

@@ -39,8 +39,10 @@ use crate::config::LogSettings;
 
 /// How long metadata, watermark and offset requests may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Records a subscription's driver holds for the runtime before it pauses fetching.
+/// Records handed to the subscription without waiting.
 const DRIVER_BUFFER: usize = 2048;
+/// Records the driver holds beyond that before it pauses fetching.
+const PAUSE_AT: usize = 8192;
 
 fn kafka(e: impl std::fmt::Display) -> LogError {
     LogError::Storage(format!("kafka: {e}"))
@@ -580,21 +582,19 @@ fn drive(
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
-        let backlogged = !pending.is_empty();
+        // Pause only once a real backlog builds, and resume once it is gone: pausing drops
+        // librdkafka's prefetched records, so flapping would refetch them over and over.
+        let backlogged = if paused { !pending.is_empty() } else { pending.len() >= PAUSE_AT };
         if backlogged != paused {
             if let Ok(assignment) = consumer.assignment() {
-                let result = if backlogged {
-                    consumer.pause(&assignment)
-                } else {
-                    consumer.resume(&assignment)
-                };
+                let result = if backlogged { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "failed to pause or resume fetching");
                 }
             }
             paused = backlogged;
         }
-        match consumer.poll(Duration::from_millis(if backlogged { 20 } else { 100 })) {
+        match consumer.poll(Duration::from_millis(if pending.is_empty() { 100 } else { 5 })) {
             Some(Ok(message)) => pending.push_back(to_delivered(&message)),
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
