@@ -274,7 +274,10 @@ pub fn start_process(role: &str, data_dir: &Path, env: &[(&str, String)]) -> Pro
     command
         .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
-        .env("RUST_LOG", std::env::var("TEST_LOG").map(|_| "info").unwrap_or("warn"))
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_LOG").map(|_| "info").unwrap_or("warn"),
+        )
         .stdout(std::process::Stdio::piped());
     if std::env::var_os("TEST_LOG").is_none() {
         command.stderr(std::process::Stdio::null());

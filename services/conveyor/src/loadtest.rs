@@ -19,13 +19,24 @@ use crate::cli::LoadtestCommand;
 
 pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
     match command {
-        LoadtestCommand::Events { count, batch, producers, media, logs } => {
+        LoadtestCommand::Events {
+            count,
+            batch,
+            producers,
+            media,
+            logs,
+        } => {
             for log in logs {
                 events(&log, count, batch, producers, media).await?;
             }
             Ok(())
         }
-        LoadtestCommand::Produce { count, size, batch, logs } => {
+        LoadtestCommand::Produce {
+            count,
+            size,
+            batch,
+            logs,
+        } => {
             for log in logs {
                 produce(&log, count, size, batch).await?;
             }
@@ -49,7 +60,10 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 /// Settings for a benchmark on `log` (`sqlite`, or a Kafka URI) in a fresh temp dir, with
 /// fsync durability and a topic and groups of the run's own.
 fn bench_settings(log: &str, dir: &Path) -> anyhow::Result<Settings> {
-    let mut settings = Settings { data_dir: dir.to_owned(), ..Settings::default() };
+    let mut settings = Settings {
+        data_dir: dir.to_owned(),
+        ..Settings::default()
+    };
     settings.log.durability = Durability::Fsync;
     if log.starts_with("kafka://") {
         let run = Uuid::now_v7().simple().to_string();
@@ -89,19 +103,35 @@ async fn events(
         Uuid::now_v7(),
         clock.next(),
         "loadtest",
-        Event::MediaDescribed(MediaDescribed { title: None, description: None, tags: vec![] }),
+        Event::MediaDescribed(MediaDescribed {
+            title: None,
+            description: None,
+            tags: vec![],
+        }),
     );
-    backends.log.append(settings.topic(), vec![to_record(&warm_up)]).await?;
+    backends
+        .log
+        .append(settings.topic(), vec![to_record(&warm_up)])
+        .await?;
     let joined = Instant::now();
     loop {
-        let lag = backends.log.lag(settings.topic(), &settings.projector.group).await?;
+        let lag = backends
+            .log
+            .lag(settings.topic(), &settings.projector.group)
+            .await?;
         if lag.iter().map(|l| l.committed).sum::<u64>() >= 1 {
             break;
         }
-        anyhow::ensure!(joined.elapsed() < Duration::from_secs(60), "the projector did not start in 60 s");
+        anyhow::ensure!(
+            joined.elapsed() < Duration::from_secs(60),
+            "the projector did not start in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("projector ready after {:.2?} (group join; not counted)", joined.elapsed());
+    println!(
+        "projector ready after {:.2?} (group join; not counted)",
+        joined.elapsed()
+    );
 
     let bar = progress(count as u64, "appending");
     let started = Instant::now();
@@ -155,7 +185,11 @@ async fn events(
             .log
             .lag(settings.topic(), &settings.projector.group)
             .await?;
-        let done: u64 = lag.iter().map(|l| l.committed).sum::<u64>().saturating_sub(1);
+        let done: u64 = lag
+            .iter()
+            .map(|l| l.committed)
+            .sum::<u64>()
+            .saturating_sub(1);
         bar.set_position(done);
         if done >= total {
             break;

@@ -25,7 +25,11 @@ fn settings(config: &Option<PathBuf>, target: RoleArgs) -> anyhow::Result<Settin
 
 pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Result<()> {
     match command {
-        OpsCommand::Lag { target, group, json } => {
+        OpsCommand::Lag {
+            target,
+            group,
+            json,
+        } => {
             let settings = settings(config, target)?;
             lag(&settings, group, json).await
         }
@@ -56,7 +60,10 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             } else if letters.is_empty() {
                 println!("no dead letters waiting on {}", settings.dlq_topic());
             } else {
-                println!("{:<20} {:>5} {:>9} {:<12} {:<40} ERROR", "ORIGIN", "PART", "OFFSET", "GROUP", "KEY");
+                println!(
+                    "{:<20} {:>5} {:>9} {:<12} {:<40} ERROR",
+                    "ORIGIN", "PART", "OFFSET", "GROUP", "KEY"
+                );
                 for d in &letters {
                     println!(
                         "{:<20} {:>5} {:>9} {:<12} {:<40} {}",
@@ -95,7 +102,10 @@ pub async fn dead_letters(log: &dyn EventLog, dlq: &str) -> anyhow::Result<Vec<D
     let mut out = Vec::new();
     for p in log.lag(dlq, REDRIVE_GROUP).await? {
         if p.lag() > 0 {
-            out.extend(log.read(dlq, p.partition, p.committed, p.lag() as usize).await?);
+            out.extend(
+                log.read(dlq, p.partition, p.committed, p.lag() as usize)
+                    .await?,
+            );
         }
     }
     Ok(out)
@@ -105,35 +115,61 @@ pub async fn dead_letters(log: &dyn EventLog, dlq: &str) -> anyhow::Result<Vec<D
 /// however many groups dead-lettered it), then commits the redrive group past it.
 pub async fn redrive(log: &dyn EventLog, settings: &Settings) -> anyhow::Result<usize> {
     let dlq = settings.dlq_topic();
-    let ends: Vec<(u32, u64)> = log.lag(&dlq, REDRIVE_GROUP).await?.iter().map(|l| (l.partition, l.end)).collect();
-    let total: u64 = log.lag(&dlq, REDRIVE_GROUP).await?.iter().map(|l| l.lag()).sum();
+    let ends: Vec<(u32, u64)> = log
+        .lag(&dlq, REDRIVE_GROUP)
+        .await?
+        .iter()
+        .map(|l| (l.partition, l.end))
+        .collect();
+    let total: u64 = log
+        .lag(&dlq, REDRIVE_GROUP)
+        .await?
+        .iter()
+        .map(|l| l.lag())
+        .sum();
     if total == 0 {
         return Ok(0);
     }
     let bar = ProgressBar::new(total);
-    let mut sub = log.subscribe(&dlq, REDRIVE_GROUP, StartFrom::Earliest).await?;
+    let mut sub = log
+        .subscribe(&dlq, REDRIVE_GROUP, StartFrom::Earliest)
+        .await?;
     let mut seen = HashSet::new();
     let mut redriven = 0;
     let mut done = 0u64;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while done < total {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "redrive timed out with {} of {total} done", done);
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "redrive timed out with {} of {total} done",
+            done
+        );
         let batch = sub.poll(500, Duration::from_millis(500)).await?;
         let mut commits = Vec::new();
         for letter in batch {
-            let end = ends.iter().find(|(p, _)| *p == letter.partition).map(|(_, e)| *e).unwrap_or(0);
+            let end = ends
+                .iter()
+                .find(|(p, _)| *p == letter.partition)
+                .map(|(_, e)| *e)
+                .unwrap_or(0);
             if letter.offset >= end {
                 continue; // dead-lettered after this redrive started: next time
             }
             let origin = (
-                letter.header("dlq-topic").unwrap_or(settings.topic()).to_owned(),
+                letter
+                    .header("dlq-topic")
+                    .unwrap_or(settings.topic())
+                    .to_owned(),
                 letter.header("dlq-partition").unwrap_or("").to_owned(),
                 letter.header("dlq-offset").unwrap_or("").to_owned(),
             );
             if seen.insert(origin.clone()) {
                 let mut record = letter.to_record();
                 record.headers.retain(|(k, _)| !k.starts_with("dlq-"));
-                record.headers.push(("redriven-from".into(), format!("{}/{}", letter.partition, letter.offset)));
+                record.headers.push((
+                    "redriven-from".into(),
+                    format!("{}/{}", letter.partition, letter.offset),
+                ));
                 log.append(&origin.0, vec![record]).await?;
                 redriven += 1;
             }
@@ -171,7 +207,10 @@ async fn lag(settings: &Settings, group: Option<String>, json: bool) -> anyhow::
         println!("no consumer group has committed on {topic} yet");
         return Ok(());
     }
-    println!("{:<24} {:>9} {:>12} {:>12} {:>10}", "GROUP", "PARTITION", "COMMITTED", "END", "LAG");
+    println!(
+        "{:<24} {:>9} {:>12} {:>12} {:>10}",
+        "GROUP", "PARTITION", "COMMITTED", "END", "LAG"
+    );
     for r in &rows {
         println!(
             "{:<24} {:>9} {:>12} {:>12} {:>10}",

@@ -15,7 +15,11 @@ use serde_json::Value;
 conveyor_tests::on_every_log!(a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it);
 
 async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: TestApp) {
-    let (log, topic, dlq) = (app.backends.log.clone(), app.settings.topic().to_owned(), app.settings.dlq_topic());
+    let (log, topic, dlq) = (
+        app.backends.log.clone(),
+        app.settings.topic().to_owned(),
+        app.settings.dlq_topic(),
+    );
     let poison_key = uuid::Uuid::now_v7().to_string();
     let poison = Record {
         key: poison_key.clone().into_bytes(),
@@ -31,21 +35,43 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
     })
     .await
     .expect("the poison record was dead-lettered by both groups");
-    let mut groups: Vec<&str> = letters.iter().map(|d| d.header("dlq-group").unwrap()).collect();
+    let mut groups: Vec<&str> = letters
+        .iter()
+        .map(|d| d.header("dlq-group").unwrap())
+        .collect();
     groups.sort();
-    assert_eq!(groups, vec![app.settings.processor.group.as_str(), app.settings.projector.group.as_str()]);
+    assert_eq!(
+        groups,
+        vec![
+            app.settings.processor.group.as_str(),
+            app.settings.projector.group.as_str()
+        ]
+    );
     for d in &letters {
         assert_eq!(d.key, poison_key.as_bytes());
         assert_eq!(d.header("dlq-topic"), Some(topic.as_str()));
-        assert_eq!(d.header("dlq-partition"), Some(at.partition.to_string().as_str()));
+        assert_eq!(
+            d.header("dlq-partition"),
+            Some(at.partition.to_string().as_str())
+        );
         assert_eq!(d.header("dlq-offset"), Some(at.offset.to_string().as_str()));
-        assert_eq!(d.header("dlq-attempts"), Some(app.settings.log.max_attempts.to_string().as_str()));
-        assert!(d.header("dlq-error").unwrap().contains("undecodable"), "{:?}", d.headers);
+        assert_eq!(
+            d.header("dlq-attempts"),
+            Some(app.settings.log.max_attempts.to_string().as_str())
+        );
+        assert!(
+            d.header("dlq-error").unwrap().contains("undecodable"),
+            "{:?}",
+            d.headers
+        );
     }
 
     // The groups moved on: an upload behind the poison record is processed.
     let response = app.upload(ALICE, images::jpeg(64, 48, 9), None).await;
-    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(app.wait_processed(&id).await["status"], "processed");
 
     // A dead letter that fails no more (say, from a bug fixed since): a description of that
@@ -55,7 +81,11 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
         media_id,
         conveyor_platform::clock::now_micros() as u64,
         "test",
-        Event::MediaDescribed(MediaDescribed { title: Some("redriven".into()), description: None, tags: vec![] }),
+        Event::MediaDescribed(MediaDescribed {
+            title: Some("redriven".into()),
+            description: None,
+            tags: vec![],
+        }),
     );
     let mut letter = to_record(&description);
     letter.headers.extend([
@@ -65,7 +95,11 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
         ("dlq-group".to_owned(), app.settings.projector.group.clone()),
     ]);
     log.append(&dlq, vec![letter]).await.unwrap();
-    assert_eq!(redrive(&*log, &app.settings).await.unwrap(), 2, "one per original record");
+    assert_eq!(
+        redrive(&*log, &app.settings).await.unwrap(),
+        2,
+        "one per original record"
+    );
 
     let described = wait_until(Duration::from_secs(30), || async {
         let (_, body) = app.media(&id).await;
@@ -81,5 +115,10 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
     .await
     .expect("the redriven poison was dead-lettered again");
     assert!(again.iter().all(|d| d.key == poison_key.as_bytes()));
-    assert!(again.iter().all(|d| d.header("dlq-offset") != Some(at.offset.to_string().as_str())), "the redriven copy");
+    assert!(
+        again
+            .iter()
+            .all(|d| d.header("dlq-offset") != Some(at.offset.to_string().as_str())),
+        "the redriven copy"
+    );
 }

@@ -133,3 +133,41 @@ async fn an_older_event_after_a_delete_cannot_bring_the_media_back(app: TestApp)
     let (_, timeline) = app.get_json("/v1/owners/alice/media").await;
     assert_eq!(timeline["items"].as_array().unwrap().len(), 0);
 }
+
+conveyor_tests::on_every_log!(json_records_from_internal_producers_are_projected);
+
+/// An internal producer writing straight to the log in JSON, as its `content-type` says.
+async fn json_records_from_internal_producers_are_projected(app: TestApp) {
+    let response = app.upload(ALICE, images::jpeg(80, 60, 11), None).await;
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_processed(&id).await;
+    let described = conveyor_schemas::Envelope::new(
+        id.parse().unwrap(),
+        conveyor_platform::clock::now_micros() as u64,
+        "catalogue-service",
+        Event::MediaDescribed(conveyor_schemas::MediaDescribed {
+            title: Some("from kafka json".into()),
+            description: None,
+            tags: vec!["json".into()],
+        }),
+    );
+    let record =
+        conveyor_platform::events::to_record_with(&described, conveyor_schemas::Codec::Json);
+    assert_eq!(record.header("content-type"), Some("application/json"));
+    assert!(record.value.starts_with(b"{"));
+    app.backends
+        .log
+        .append(&app.settings.log.topic, vec![record])
+        .await
+        .unwrap();
+    let body = conveyor_tests::helpers::wait_until(std::time::Duration::from_secs(20), || async {
+        let (_, body) = app.media(&id).await;
+        (body["title"] == "from kafka json").then_some(body)
+    })
+    .await
+    .expect("the JSON event was projected");
+    assert_eq!(body["tags"], serde_json::json!(["json"]));
+}

@@ -19,7 +19,9 @@ const KILL_AFTER: usize = 1_500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
-    let Some(brokers) = kafka_brokers() else { return };
+    let Some(brokers) = kafka_brokers() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let mut settings = Settings::for_test(dir.path());
@@ -34,17 +36,32 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
         ("CONVEYOR__LOG__PARTITIONS", "8".to_owned()),
         ("CONVEYOR__LOG__SESSION_TIMEOUT_MS", "6000".to_owned()),
         ("CONVEYOR__LOG__DURABILITY", "os".to_owned()),
-        ("CONVEYOR__PROCESSOR__GROUP", settings.processor.group.clone()),
-        ("CONVEYOR__PROJECTOR__GROUP", settings.projector.group.clone()),
+        (
+            "CONVEYOR__PROCESSOR__GROUP",
+            settings.processor.group.clone(),
+        ),
+        (
+            "CONVEYOR__PROJECTOR__GROUP",
+            settings.projector.group.clone(),
+        ),
         ("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}")),
     ];
     // The ingest edge creates the topics; the consumers start once they exist.
     let ingest = start_process("ingest", dir.path(), &env);
-    let mut processors = vec![start_process("process", dir.path(), &env), start_process("process", dir.path(), &env)];
-    let mut projectors = vec![start_process("project", dir.path(), &env), start_process("project", dir.path(), &env)];
+    let mut processors = vec![
+        start_process("process", dir.path(), &env),
+        start_process("process", dir.path(), &env),
+    ];
+    let mut projectors = vec![
+        start_process("project", dir.path(), &env),
+        start_process("project", dir.path(), &env),
+    ];
     let query = start_process("query", dir.path(), &env);
 
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -52,19 +69,31 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
         let (client, address, acked) = (client.clone(), ingest.address.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
             for i in (worker..UPLOADS).step_by(16) {
-                let form = reqwest::multipart::Form::new()
-                    .part("file", reqwest::multipart::Part::bytes(images::jpeg(24, 16, i)).file_name("p.jpg"));
-                let response =
-                    client.post(format!("{address}/v1/media")).bearer_auth(ALICE).multipart(form).send().await.unwrap();
+                let form = reqwest::multipart::Form::new().part(
+                    "file",
+                    reqwest::multipart::Part::bytes(images::jpeg(24, 16, i)).file_name("p.jpg"),
+                );
+                let response = client
+                    .post(format!("{address}/v1/media"))
+                    .bearer_auth(ALICE)
+                    .multipart(form)
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(response.status(), 202);
                 let body: Value = response.json().await.unwrap();
-                acked.lock().unwrap().push(body["id"].as_str().unwrap().to_owned());
+                acked
+                    .lock()
+                    .unwrap()
+                    .push(body["id"].as_str().unwrap().to_owned());
             }
         }));
     }
-    wait_until(Duration::from_secs(120), || async { (acked.lock().unwrap().len() >= KILL_AFTER).then_some(()) })
-        .await
-        .expect("uploads are being acknowledged");
+    wait_until(Duration::from_secs(120), || async {
+        (acked.lock().unwrap().len() >= KILL_AFTER).then_some(())
+    })
+    .await
+    .expect("uploads are being acknowledged");
     drop(processors.remove(0)); // SIGKILL
     drop(projectors.remove(0)); // SIGKILL
     for t in tasks {
@@ -72,7 +101,10 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
     }
     let acked: Vec<String> = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), UPLOADS as usize);
-    eprintln!("{UPLOADS} uploads acknowledged in {:.1?}", started.elapsed());
+    eprintln!(
+        "{UPLOADS} uploads acknowledged in {:.1?}",
+        started.elapsed()
+    );
 
     // The survivors catch up: lag returns to zero in both groups.
     let log = open_log(&settings).unwrap();
@@ -97,7 +129,10 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
         assert_eq!(row.status, MediaStatus::Processed, "{id}");
     }
     let stats = views.owner_stats("alice").await.unwrap();
-    assert_eq!(stats.media_count, UPLOADS as u64, "each upload counted once");
+    assert_eq!(
+        stats.media_count, UPLOADS as u64,
+        "each upload counted once"
+    );
     let mut seen = HashSet::new();
     let mut cursor = None;
     loop {
@@ -114,6 +149,13 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
 
     // The standalone query edge serves them too.
     let sample = &acked[acked.len() / 2];
-    let body: Value = client.get(format!("{}/v1/media/{sample}", query.address)).send().await.unwrap().json().await.unwrap();
+    let body: Value = client
+        .get(format!("{}/v1/media/{sample}", query.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["status"], "processed");
 }

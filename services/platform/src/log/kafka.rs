@@ -584,17 +584,29 @@ fn drive(
         }
         // Pause only once a real backlog builds, and resume once it is gone: pausing drops
         // librdkafka's prefetched records, so flapping would refetch them over and over.
-        let backlogged = if paused { !pending.is_empty() } else { pending.len() >= PAUSE_AT };
+        let backlogged = if paused {
+            !pending.is_empty()
+        } else {
+            pending.len() >= PAUSE_AT
+        };
         if backlogged != paused {
             if let Ok(assignment) = consumer.assignment() {
-                let result = if backlogged { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+                let result = if backlogged {
+                    consumer.pause(&assignment)
+                } else {
+                    consumer.resume(&assignment)
+                };
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "failed to pause or resume fetching");
                 }
             }
             paused = backlogged;
         }
-        match consumer.poll(Duration::from_millis(if pending.is_empty() { 100 } else { 5 })) {
+        match consumer.poll(Duration::from_millis(if pending.is_empty() {
+            100
+        } else {
+            5
+        })) {
             Some(Ok(message)) => pending.push_back(to_delivered(&message)),
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
