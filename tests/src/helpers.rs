@@ -158,23 +158,35 @@ impl TestApp {
         .unwrap_or_else(|| panic!("media {id} was not processed in time"))
     }
 
+    /// Waits until the media's title is `title`, and returns its body.
+    pub async fn wait_for_title(&self, id: &str, title: &str) -> Value {
+        wait_until(Duration::from_secs(20), || async {
+            let (_, body) = self.media(id).await;
+            (body["title"] == title).then_some(body)
+        })
+        .await
+        .unwrap_or_else(|| panic!("media {id} never got the title {title:?}"))
+    }
+
     /// Waits until both consumer groups have committed everything in the log.
     pub async fn wait_caught_up(&self) {
         let log = self.backends.log.clone();
-        let done = wait_until(Duration::from_secs(30), || {
-            let (log, settings) = (log.clone(), self.settings.clone());
-            async move {
-                for group in [&settings.processor.group, &settings.projector.group] {
-                    let lag = log.lag(&settings.log.topic, group).await.ok()?;
-                    if lag.iter().any(|l| l.lag() > 0) {
-                        return None;
-                    }
-                }
-                Some(())
-            }
+        let done = wait_until(Duration::from_secs(30), || async {
+            caught_up(&*log, &self.settings).await.then_some(())
         })
         .await;
         done.expect("consumers caught up in time");
+    }
+
+    /// `DELETE /v1/media/{id}` with `key`.
+    pub async fn delete(&self, key: &str, id: &str) -> reqwest::Response {
+        let url = self.url(&format!("/v1/media/{id}"));
+        self.client
+            .delete(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("delete request")
     }
 }
 
@@ -199,6 +211,17 @@ pub async fn upload_to(
         .send()
         .await
         .expect("upload request")
+}
+
+/// Whether the processor and projector groups have committed everything in the log.
+pub async fn caught_up(log: &dyn conveyor_platform::EventLog, settings: &Settings) -> bool {
+    for group in [&settings.processor.group, &settings.projector.group] {
+        match log.lag(&settings.log.topic, group).await {
+            Ok(lag) if lag.iter().all(|l| l.lag() == 0) => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Polls `check` until it yields a value or `timeout` passes. Never a fixed sleep.

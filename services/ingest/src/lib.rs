@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use conveyor_platform::config::{AuthSettings, Limits, Settings};
 use conveyor_platform::events::to_record;
-use conveyor_platform::http::{ApiError, bearer, parse_json};
+use conveyor_platform::http::{ApiError, bearer, parse_json, require_json};
 use conveyor_platform::{Backends, VersionClock};
 use conveyor_schemas::{Envelope, Event, MediaDeleted};
 use serde::Deserialize;
@@ -134,17 +134,7 @@ async fn post_events(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let service = state.service(&headers)?;
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "expected `Content-Type: application/json`",
-        ));
-    }
+    require_json(&headers)?;
     // One event, or an array of them appended together.
     let incoming: Vec<IncomingEvent> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => parse_json(&body)?,

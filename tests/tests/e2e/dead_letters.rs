@@ -101,12 +101,7 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
         "one per original record"
     );
 
-    let described = wait_until(Duration::from_secs(30), || async {
-        let (_, body) = app.media(&id).await;
-        (body["title"] == "redriven").then_some(body)
-    })
-    .await;
-    assert!(described.is_some(), "the redriven event was projected");
+    app.wait_for_title(&id, "redriven").await;
     // The poison went through both groups again, and failed again.
     let again = wait_until(Duration::from_secs(30), || async {
         let letters = dead_letters(&*log, &dlq).await.ok()?;

@@ -87,13 +87,7 @@ async fn an_older_event_after_a_delete_cannot_bring_the_media_back(app: TestApp)
         .unwrap()
         .to_owned();
     app.wait_processed(&id).await;
-    let deleted = app
-        .client
-        .delete(app.url(&format!("/v1/media/{id}")))
-        .bearer_auth(ALICE)
-        .send()
-        .await
-        .unwrap();
+    let deleted = app.delete(ALICE, &id).await;
     assert_eq!(deleted.status(), 202);
     app.wait_caught_up().await;
     assert_eq!(app.media(&id).await.0, 404);
@@ -163,11 +157,6 @@ async fn json_records_from_internal_producers_are_projected(app: TestApp) {
         .append(&app.settings.log.topic, vec![record])
         .await
         .unwrap();
-    let body = conveyor_tests::helpers::wait_until(std::time::Duration::from_secs(20), || async {
-        let (_, body) = app.media(&id).await;
-        (body["title"] == "from kafka json").then_some(body)
-    })
-    .await
-    .expect("the JSON event was projected");
+    let body = app.wait_for_title(&id, "from kafka json").await;
     assert_eq!(body["tags"], serde_json::json!(["json"]));
 }

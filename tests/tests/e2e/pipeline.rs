@@ -167,13 +167,7 @@ async fn internal_producers_describe_media_and_the_cache_follows(app: TestApp) {
     assert!(accepted["accepted"][0]["offset"].is_u64());
 
     // The cached response is invalidated by the projector's write, not by waiting out a TTL.
-    let updated =
-        conveyor_tests::helpers::wait_until(std::time::Duration::from_secs(10), || async {
-            let (_, body) = app.media(&id).await;
-            (body["title"] == "after").then_some(body)
-        })
-        .await
-        .expect("description visible");
+    let updated = app.wait_for_title(&id, "after").await;
     assert_eq!(updated["tags"], json!(["green"]));
     assert_eq!(updated["description"], "a field");
     assert_eq!(
@@ -190,24 +184,12 @@ async fn owners_delete_their_media_and_it_disappears_everywhere(app: TestApp) {
         .to_owned();
     app.wait_processed(&id).await;
 
-    let by_bob = app
-        .client
-        .delete(app.url(&format!("/v1/media/{id}")))
-        .bearer_auth(conveyor_tests::helpers::BOB)
-        .send()
-        .await
-        .unwrap();
+    let by_bob = app.delete(conveyor_tests::helpers::BOB, &id).await;
     assert_eq!(by_bob.status(), 403);
     let err: serde_json::Value = by_bob.json().await.unwrap();
     assert_eq!(err["error"]["code"], "forbidden");
 
-    let by_alice = app
-        .client
-        .delete(app.url(&format!("/v1/media/{id}")))
-        .bearer_auth(ALICE)
-        .send()
-        .await
-        .unwrap();
+    let by_alice = app.delete(ALICE, &id).await;
     assert_eq!(by_alice.status(), 202);
     let gone = conveyor_tests::helpers::wait_until(std::time::Duration::from_secs(10), || async {
         (app.media(&id).await.0 == 404).then_some(())

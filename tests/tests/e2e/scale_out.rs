@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use conveyor_platform::Settings;
 use conveyor_platform::backends::{open_log, open_views};
 use conveyor_schemas::MediaStatus;
-use conveyor_tests::helpers::{ALICE, kafka_brokers, start_process, wait_until};
+use conveyor_tests::helpers::{ALICE, caught_up, kafka_brokers, start_process, wait_until};
 use conveyor_tests::images;
 use serde_json::Value;
 
@@ -109,13 +109,7 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
     // The survivors catch up: lag returns to zero in both groups.
     let log = open_log(&settings).unwrap();
     let caught_up = wait_until(Duration::from_secs(180), || async {
-        for group in [&settings.processor.group, &settings.projector.group] {
-            let lag = log.lag(&settings.log.topic, group).await.ok()?;
-            if lag.iter().any(|l| l.lag() > 0) {
-                return None;
-            }
-        }
-        Some(())
+        caught_up(&*log, &settings).await.then_some(())
     })
     .await;
     assert!(caught_up.is_some(), "lag returned to 0 after the kills");
