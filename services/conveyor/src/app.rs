@@ -92,6 +92,10 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             ));
         }
         router = router.merge(conveyor_query::router(state));
+        if !role.ingests() {
+            let ingest = conveyor_ingest::IngestState::new(backends.clone(), &settings);
+            router = router.merge(conveyor_ingest::delete_router(ingest));
+        }
     }
     let mut groups = Vec::new();
     if role.processes() {

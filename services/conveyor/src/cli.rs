@@ -42,6 +42,12 @@ pub enum Command {
     /// Operator commands.
     #[command(subcommand)]
     Ops(OpsCommand),
+    /// Exit 0 if the service at URL answers its health check (for container HEALTHCHECKs,
+    /// whose images carry no curl).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
     /// Benchmarks that print numbers; see docs/benchmarks.md.
     #[command(subcommand)]
     Loadtest(LoadtestCommand),

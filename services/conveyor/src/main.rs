@@ -55,6 +55,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Ops(cmd)) => ops::run(&cli.config, cmd).await,
         Some(Command::Loadtest(cmd)) => conveyor::loadtest::run(cmd).await,
+        Some(Command::Healthcheck { url }) => {
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(3))
+                .build()?;
+            let status = client.get(&url).send().await?.status();
+            anyhow::ensure!(status.is_success(), "{url} answered {status}");
+            Ok(())
+        }
         _ => unreachable!("roles are handled above"),
     }
 }

@@ -31,3 +31,53 @@ fn an_unknown_config_key_stops_startup_with_its_name() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("partitons"), "{stderr}");
 }
+
+/// Each role starts on embedded backends, as its container runs it, and answers `/healthz`;
+/// `conveyor healthcheck` (the image's HEALTHCHECK) agrees.
+#[test]
+fn every_role_starts_and_answers_healthz() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    for role in ["serve", "ingest", "process", "project", "query"] {
+        let mut child = conveyor()
+            .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("CONVEYOR__AUTH__API_KEYS", "ops:ops-key")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let address = loop {
+            let line = lines.next().expect("role printed its address").unwrap();
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.trim().to_owned();
+            }
+        };
+        let check = conveyor().args(["healthcheck", "--url", &format!("{address}/healthz")]).output().unwrap();
+        let ready = conveyor().args(["healthcheck", "--url", &format!("{address}/readyz")]).output().unwrap();
+        let missing = conveyor().args(["healthcheck", "--url", &format!("{address}/no-such-route")]).output().unwrap();
+        let delete = raw_status(&address, "DELETE /v1/media/0190f0e0-0000-7000-8000-000000000001");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if matches!(role, "serve" | "ingest" | "query") {
+            // Query replicas take deletes too (path-based ingress cannot split by method).
+            assert_eq!(delete, 401, "{role}: DELETE without a key");
+        }
+        assert!(check.status.success(), "{role} /healthz: {}", String::from_utf8_lossy(&check.stderr));
+        assert!(ready.status.success(), "{role} /readyz: {}", String::from_utf8_lossy(&ready.stderr));
+        assert!(!missing.status.success(), "healthcheck must fail on a 404");
+    }
+}
+
+/// The status code of one bare HTTP/1.1 request.
+fn raw_status(address: &str, request_line: &str) -> u16 {
+    use std::io::{Read, Write};
+    let host = address.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(stream, "{request_line} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}

@@ -69,6 +69,12 @@ impl IngestState {
     }
 }
 
+/// `DELETE /v1/media/{id}` alone. Query replicas serve it too, because path-based ingress
+/// cannot send a DELETE and a GET of one path to different services.
+pub fn delete_router(state: Arc<IngestState>) -> Router {
+    Router::new().route("/v1/media/{id}", delete(delete_media)).with_state(state)
+}
+
 /// The ingest routes.
 pub fn router(state: Arc<IngestState>) -> Router {
     // The upload handler enforces `max_upload_bytes` on the file itself while streaming; this
