@@ -195,6 +195,32 @@ def check_compose():
     print(f"ok docker-compose.yml: {len(services)} services, {conveyor_services} run conveyor")
 
 
+def check_dockerfile():
+    text = (ROOT / "infra/docker/Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\w+)", text, re.M)
+    if "runtime" not in stages or len(stages) < 3:
+        fail("Dockerfile: expected a multi-stage build ending in a `runtime` stage")
+    runtime = text.split("AS runtime", 1)[-1]
+    if not re.search(r"^USER 10001", runtime, re.M):
+        fail("Dockerfile: the runtime stage must run as the non-root uid 10001")
+    health = re.search(r'HEALTHCHECK .*?CMD \[(.*?)\]', runtime, re.S)
+    if not health:
+        fail("Dockerfile: no HEALTHCHECK")
+    else:
+        args = [a.strip().strip('"') for a in health.group(1).split(",")]
+        if args[0] != "conveyor":
+            fail("Dockerfile: the HEALTHCHECK must run conveyor")
+        else:
+            check_command("Dockerfile HEALTHCHECK", args[1:2], {})
+    if 'ENTRYPOINT ["conveyor"]' not in runtime:
+        fail("Dockerfile: the entrypoint must be conveyor")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in ("target/", ".git/", "data/"):
+        if path not in ignored:
+            fail(f".dockerignore must exclude {path}")
+    print(f"ok infra/docker/Dockerfile: stages {', '.join(stages)}")
+
+
 def check_nginx():
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if not nginx:
@@ -220,6 +246,7 @@ if __name__ == "__main__":
     BINARY = sys.argv[1]
     check_kubernetes()
     check_compose()
+    check_dockerfile()
     check_nginx()
     if failures:
         sys.exit(f"{len(failures)} deployment check(s) failed")
