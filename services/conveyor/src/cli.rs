@@ -78,6 +78,23 @@ pub enum OpsCommand {
     },
     /// Check configuration (file and environment) and print it, keys redacted.
     Config,
+    /// Copy every object from one store to another (e.g. the embedded directory into S3).
+    /// Resumable: objects already at the target with the same size are skipped. Each copy is
+    /// verified by reading it back and comparing sha256.
+    MigrateObjects {
+        /// Source store: file://PATH or s3://BUCKET[/PREFIX].
+        #[arg(long)]
+        from: String,
+        /// Target store: file://PATH or s3://BUCKET[/PREFIX].
+        #[arg(long)]
+        to: String,
+        /// Objects copied at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Only keys under this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
     /// Topic administration.
     #[command(subcommand)]
     Topics(TopicsCommand),

@@ -55,18 +55,38 @@ fn every_role_starts_and_answers_healthz() {
                 break rest.trim().to_owned();
             }
         };
-        let check = conveyor().args(["healthcheck", "--url", &format!("{address}/healthz")]).output().unwrap();
-        let ready = conveyor().args(["healthcheck", "--url", &format!("{address}/readyz")]).output().unwrap();
-        let missing = conveyor().args(["healthcheck", "--url", &format!("{address}/no-such-route")]).output().unwrap();
-        let delete = raw_status(&address, "DELETE /v1/media/0190f0e0-0000-7000-8000-000000000001");
+        let check = conveyor()
+            .args(["healthcheck", "--url", &format!("{address}/healthz")])
+            .output()
+            .unwrap();
+        let ready = conveyor()
+            .args(["healthcheck", "--url", &format!("{address}/readyz")])
+            .output()
+            .unwrap();
+        let missing = conveyor()
+            .args(["healthcheck", "--url", &format!("{address}/no-such-route")])
+            .output()
+            .unwrap();
+        let delete = raw_status(
+            &address,
+            "DELETE /v1/media/0190f0e0-0000-7000-8000-000000000001",
+        );
         child.kill().unwrap();
         child.wait().unwrap();
         if matches!(role, "serve" | "ingest" | "query") {
             // Query replicas take deletes too (path-based ingress cannot split by method).
             assert_eq!(delete, 401, "{role}: DELETE without a key");
         }
-        assert!(check.status.success(), "{role} /healthz: {}", String::from_utf8_lossy(&check.stderr));
-        assert!(ready.status.success(), "{role} /readyz: {}", String::from_utf8_lossy(&ready.stderr));
+        assert!(
+            check.status.success(),
+            "{role} /healthz: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        assert!(
+            ready.status.success(),
+            "{role} /readyz: {}",
+            String::from_utf8_lossy(&ready.stderr)
+        );
         assert!(!missing.status.success(), "healthcheck must fail on a 404");
     }
 }
@@ -76,8 +96,16 @@ fn raw_status(address: &str, request_line: &str) -> u16 {
     use std::io::{Read, Write};
     let host = address.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(host).unwrap();
-    write!(stream, "{request_line} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "{request_line} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }

@@ -72,7 +72,9 @@ impl IngestState {
 /// `DELETE /v1/media/{id}` alone. Query replicas serve it too, because path-based ingress
 /// cannot send a DELETE and a GET of one path to different services.
 pub fn delete_router(state: Arc<IngestState>) -> Router {
-    Router::new().route("/v1/media/{id}", delete(delete_media)).with_state(state)
+    Router::new()
+        .route("/v1/media/{id}", delete(delete_media))
+        .with_state(state)
 }
 
 /// The ingest routes.

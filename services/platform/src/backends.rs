@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
-use crate::config::Settings;
+use crate::config::{ObjectSettings, Settings};
 use crate::log::EventLog;
 use crate::log::kafka::KafkaLog;
 use crate::log::sqlite::SqliteLog;
 use crate::objects::ObjectStore;
 use crate::objects::fs::FsObjectStore;
+use crate::objects::s3::S3ObjectStore;
 use crate::views::ReadStore;
 use crate::views::sqlite::SqliteReadStore;
 
@@ -25,7 +26,7 @@ pub struct Backends {
 impl Backends {
     /// Opens the backends the settings name, and makes sure the media topics exist.
     pub async fn open(settings: &Settings) -> anyhow::Result<Backends> {
-        let objects = open_objects(&settings.objects_uri())?;
+        let objects = open_objects(&settings.objects_uri(), &settings.objects).await?;
         let log = open_log(settings)?;
         let views = open_views(&settings.views_uri())?;
         for topic in [settings.topic().to_owned(), settings.dlq_topic()] {
@@ -47,13 +48,22 @@ fn path_of(uri: &str, scheme: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-pub fn open_objects(uri: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
+pub async fn open_objects(
+    uri: &str,
+    settings: &ObjectSettings,
+) -> anyhow::Result<Arc<dyn ObjectStore>> {
     if let Some(path) = path_of(uri, "file://") {
         let store = FsObjectStore::open(&path)
             .with_context(|| format!("failed to open object store at {}", path.display()))?;
         return Ok(Arc::new(store));
     }
-    bail!("unsupported object store uri {uri:?}: expected file://PATH")
+    if uri.starts_with("s3://") {
+        let store = S3ObjectStore::connect(uri, settings)
+            .await
+            .with_context(|| format!("failed to open {uri}"))?;
+        return Ok(Arc::new(store));
+    }
+    bail!("unsupported object store uri {uri:?}: expected file://PATH or s3://BUCKET[/PREFIX]")
 }
 
 pub fn open_log(settings: &Settings) -> anyhow::Result<Arc<dyn EventLog>> {

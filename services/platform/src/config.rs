@@ -61,11 +61,34 @@ pub enum Durability {
     Os,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObjectSettings {
-    /// `file://PATH`; unset means `file://<data_dir>/objects`.
+    /// `file://PATH` or `s3://bucket[/prefix]`; unset means `file://<data_dir>/objects`.
     pub uri: Option<String>,
+    /// S3 endpoint, for S3-compatible stores (MinIO, moto); unset means AWS.
+    pub endpoint: Option<String>,
+    /// S3 region; unset means the AWS chain's (`AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which MinIO and moto need.
+    pub path_style: bool,
+    /// Multipart part size in MiB (at least 5). Upload memory is part size × (concurrency + 1).
+    pub part_size_mib: u64,
+    /// Parts of one upload sent at once.
+    pub upload_concurrency: usize,
+}
+
+impl Default for ObjectSettings {
+    fn default() -> Self {
+        ObjectSettings {
+            uri: None,
+            endpoint: None,
+            region: None,
+            path_style: false,
+            part_size_mib: 8,
+            upload_concurrency: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -15,6 +15,8 @@ use futures::TryStreamExt;
 use crate::QueryState;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Lifetime of the presigned URLs `/media/{key}` redirects to in S3 mode.
+const PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn content_type_by_extension(key: &str) -> Option<&'static str> {
     match key.rsplit_once('.')?.1 {
@@ -68,6 +70,29 @@ pub(crate) async fn get_object(
     let public = key.starts_with("originals/") || key.starts_with("variants/");
     if !public || validate_key(&key).is_err() {
         return Err(ApiError::not_found("no such object"));
+    }
+    // A store that can hand out its own URLs (S3) serves the bytes itself: redirect there, so
+    // media never passes through this edge. The redirect is short-lived; the CDN in front of
+    // the store caches by path.
+    if let Some(url) = state
+        .backends
+        .objects
+        .presigned_get(&key, PRESIGN_TTL)
+        .await
+        .map_err(object_error)?
+    {
+        let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
+        return Ok((
+            StatusCode::FOUND,
+            [
+                (header::LOCATION, location),
+                (
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("private, max-age=240"),
+                ),
+            ],
+        )
+            .into_response());
     }
     // Keys are content-addressed and never rewritten, so the key itself identifies the bytes.
     let etag = etag_of(key.as_bytes());

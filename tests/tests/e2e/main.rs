@@ -5,4 +5,5 @@ mod crash;
 mod dead_letters;
 mod delivery;
 mod pipeline;
+mod s3;
 mod scale_out;

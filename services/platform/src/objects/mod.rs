@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod fs;
+pub mod s3;
 
 use std::ops::Range;
 
@@ -70,6 +71,17 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError>;
+
+    /// A URL that lets anyone GET `key` directly from the store for `ttl`, if the store can
+    /// issue one (S3 presigning). `None` means the store's bytes must be served by Conveyor.
+    async fn presigned_get(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, ObjectError> {
+        let _ = (key, ttl);
+        Ok(None)
+    }
 
     /// Stores a body that is already in memory; same promises as [`ObjectStore::put`].
     async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<ObjectMeta, ObjectError> {

@@ -1,0 +1,495 @@
+//! The object store on S3 (or any S3 API: MinIO, moto), through `aws-sdk-s3`.
+//!
+//! - `put` streams: a body smaller than one part is a single `PutObject`; a larger one is a
+//!   multipart upload whose parts go up concurrently. Memory stays within
+//!   `part size × (concurrency + 1)` whatever the object's size. A failing body aborts the
+//!   multipart upload, so nothing is stored.
+//! - `get` maps a range to a `Range` header, `head` to `HeadObject`, `list` pages through
+//!   `ListObjectsV2`, and `promote` is `CopyObject` then `DeleteObject` (keys under `to` are
+//!   content-addressed, so an existing target is kept).
+//! - Credentials come from the standard AWS chain (`AWS_ACCESS_KEY_ID`, profiles, IRSA…).
+
+use std::ops::Range;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream as S3Body;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use super::{ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, validate_key};
+use crate::config::ObjectSettings;
+
+/// S3's smallest part (except the last).
+const MIN_PART: usize = 5 * 1024 * 1024;
+
+pub struct S3ObjectStore {
+    client: Client,
+    bucket: String,
+    /// Prepended to every key, with its trailing `/`; empty for the bucket's root.
+    prefix: String,
+    part_size: usize,
+    concurrency: usize,
+}
+
+fn io(e: impl std::error::Error) -> ObjectError {
+    // The SDK's `Display` says only "service error"; the context has the code and message.
+    ObjectError::Io(std::io::Error::other(format!(
+        "s3: {}",
+        aws_sdk_s3::error::DisplayErrorContext(e)
+    )))
+}
+
+fn invalid(message: String) -> ObjectError {
+    ObjectError::Io(std::io::Error::other(format!("s3: {message}")))
+}
+
+impl S3ObjectStore {
+    /// Connects to `s3://bucket[/prefix]` with the endpoint, region and addressing style from
+    /// `settings`.
+    pub async fn connect(uri: &str, settings: &ObjectSettings) -> Result<Self, ObjectError> {
+        let rest = uri
+            .strip_prefix("s3://")
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| invalid(format!("not an s3 uri: {uri:?}")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &settings.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        let shared = loader.load().await;
+        let mut config =
+            aws_sdk_s3::config::Builder::from(&shared).force_path_style(settings.path_style);
+        if let Some(endpoint) = &settings.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        Ok(S3ObjectStore {
+            client: Client::from_conf(config.build()),
+            bucket: bucket.to_owned(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            part_size: ((settings.part_size_mib as usize) * 1024 * 1024).max(MIN_PART),
+            concurrency: settings.upload_concurrency.max(1),
+        })
+    }
+
+    /// The client and bucket, for operations beyond the trait (presigning, lifecycle rules).
+    pub fn client(&self) -> (&Client, &str) {
+        (&self.client, &self.bucket)
+    }
+
+    fn full(&self, key: &str) -> Result<String, ObjectError> {
+        validate_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    async fn multipart(
+        &self,
+        key: &str,
+        first: Bytes,
+        mut body: ByteStream,
+    ) -> Result<u64, ObjectError> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| io(e.into_service_error()))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| invalid("no upload id".into()))?
+            .to_owned();
+        let result = async {
+            let mut in_flight = FuturesUnordered::new();
+            let mut parts = Vec::new();
+            let mut size = first.len() as u64;
+            let mut number = 1;
+            let mut next = Some(first);
+            loop {
+                if let Some(part) = next.take() {
+                    let (client, bucket, key, upload_id) = (
+                        self.client.clone(),
+                        self.bucket.clone(),
+                        key.to_owned(),
+                        upload_id.clone(),
+                    );
+                    in_flight.push(async move {
+                        let out = client
+                            .upload_part()
+                            .bucket(bucket)
+                            .key(key)
+                            .upload_id(upload_id)
+                            .part_number(number)
+                            .body(S3Body::from(part))
+                            .send()
+                            .await
+                            .map_err(|e| io(e.into_service_error()))?;
+                        Ok::<_, ObjectError>(
+                            CompletedPart::builder()
+                                .part_number(number)
+                                .set_e_tag(out.e_tag)
+                                .build(),
+                        )
+                    });
+                    number += 1;
+                }
+                // Keep at most `concurrency` parts in flight: memory stays bounded.
+                while in_flight.len() >= self.concurrency {
+                    parts.push(in_flight.next().await.expect("non-empty")?);
+                }
+                match read_part(&mut body, self.part_size).await? {
+                    Some(part) => {
+                        size += part.len() as u64;
+                        next = Some(part);
+                    }
+                    None => break,
+                }
+            }
+            while let Some(part) = in_flight.next().await {
+                parts.push(part?);
+            }
+            parts.sort_by_key(|p| p.part_number());
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| io(e.into_service_error()))?;
+            Ok(size)
+        }
+        .await;
+        if result.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+}
+
+/// Reads up to `size` bytes from the body; `None` once it is exhausted.
+async fn read_part(body: &mut ByteStream, size: usize) -> Result<Option<Bytes>, ObjectError> {
+    let mut part = BytesMut::with_capacity(size);
+    while part.len() < size {
+        match body.next().await {
+            Some(Ok(chunk)) => part.extend_from_slice(&chunk),
+            Some(Err(e)) => return Err(ObjectError::Body(e)),
+            None => break,
+        }
+    }
+    Ok(if part.is_empty() {
+        None
+    } else {
+        Some(part.freeze())
+    })
+}
+
+#[async_trait]
+impl ObjectStore for S3ObjectStore {
+    async fn put(&self, key: &str, mut body: ByteStream) -> Result<ObjectMeta, ObjectError> {
+        let full = self.full(key)?;
+        let first = read_part(&mut body, self.part_size)
+            .await?
+            .unwrap_or_default();
+        let size = if first.len() < self.part_size {
+            let size = first.len() as u64;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .body(S3Body::from(first))
+                .send()
+                .await
+                .map_err(|e| io(e.into_service_error()))?;
+            size
+        } else {
+            self.multipart(&full, first, body).await?
+        };
+        Ok(ObjectMeta {
+            key: key.to_owned(),
+            size,
+        })
+    }
+
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<GetObject, ObjectError> {
+        let full = self.full(key)?;
+        let size = self.head(key).await?.ok_or(ObjectError::NotFound)?.size;
+        let range = match range {
+            None => 0..size,
+            Some(r) if r.start >= size || r.start >= r.end => {
+                return Err(ObjectError::RangeNotSatisfiable {
+                    start: r.start,
+                    end: r.end,
+                    size,
+                });
+            }
+            Some(r) => r.start..r.end.min(size),
+        };
+        let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
+        if range != (0..size) {
+            request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
+        }
+        let out = request.send().await.map_err(|e| {
+            let e = e.into_service_error();
+            if e.is_no_such_key() {
+                ObjectError::NotFound
+            } else {
+                io(e)
+            }
+        })?;
+        let body = futures::stream::unfold(out.body, |mut body| async move {
+            body.next()
+                .await
+                .map(|chunk| (chunk.map_err(std::io::Error::other), body))
+        })
+        .boxed();
+        Ok(GetObject { size, range, body })
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
+        let full = self.full(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_owned(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+            })),
+            Err(e) => {
+                let e = e.into_service_error();
+                if e.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(io(e))
+                }
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        let full = self.full(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| io(e.into_service_error()))?;
+        Ok(())
+    }
+
+    async fn promote(&self, from: &str, to: &str) -> Result<(), ObjectError> {
+        let (source, target) = (self.full(from)?, self.full(to)?);
+        if self.head(from).await?.is_none() {
+            return Err(ObjectError::NotFound);
+        }
+        if self.head(to).await?.is_none() {
+            // CopyObject takes objects up to 5 GiB, far above the upload limit.
+            self.client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(&target)
+                .copy_source(format!("{}/{}", self.bucket, source))
+                .send()
+                .await
+                .map_err(|e| io(e.into_service_error()))?;
+        }
+        self.delete(from).await
+    }
+
+    async fn presigned_get(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, ObjectError> {
+        let full = self.full(key)?;
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(io)?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .presigned(config)
+            .await
+            .map_err(|e| io(e.into_service_error()))?;
+        Ok(Some(request.uri().to_owned()))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}{prefix}", self.prefix))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| io(e.into_service_error()))?;
+            for object in page.contents() {
+                let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                    continue;
+                };
+                out.push(ObjectMeta {
+                    key: key.to_owned(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store on a fresh bucket of the S3 API named by `CONVEYOR_TEST_S3`, or `None` after a
+    /// loud skip notice.
+    pub(crate) async fn test_store(part_size_mib: u64) -> Option<S3ObjectStore> {
+        let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
+            .ok()
+            .filter(|s| !s.is_empty())
+        else {
+            eprintln!(
+                "SKIPPED s3 tests: CONVEYOR_TEST_S3 is not set (scripts/test starts moto and sets it)"
+            );
+            return None;
+        };
+        let settings = ObjectSettings {
+            endpoint: Some(endpoint),
+            region: Some("us-east-1".into()),
+            path_style: true,
+            part_size_mib,
+            upload_concurrency: 3,
+            ..ObjectSettings::default()
+        };
+        let bucket = format!("conveyor-test-{}", uuid::Uuid::new_v4().simple());
+        let store = S3ObjectStore::connect(&format!("s3://{bucket}/some/prefix"), &settings)
+            .await
+            .unwrap();
+        store
+            .client
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("create bucket");
+        Some(store)
+    }
+
+    #[tokio::test]
+    async fn conformance() {
+        if let Some(store) = test_store(5).await {
+            super::super::conformance::run(&store).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn large_bodies_go_up_in_concurrent_parts_and_failures_store_nothing() {
+        let Some(store) = test_store(5).await else {
+            return;
+        };
+        // 12 MiB in 64 KiB chunks: three parts of 5, 5 and 2 MiB.
+        let chunk = Bytes::from((0..65_536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let chunks = (0..192).map(|_| Ok(chunk.clone())).collect::<Vec<_>>();
+        let meta = store
+            .put("originals/big", futures::stream::iter(chunks).boxed())
+            .await
+            .unwrap();
+        assert_eq!(meta.size, 12 * 1024 * 1024);
+        let back = store.get_bytes("originals/big").await.unwrap();
+        assert_eq!(back.len(), 12 * 1024 * 1024);
+        assert!(back.chunks(65_536).all(|c| c == &chunk[..]));
+        let tail = store
+            .get("originals/big", Some(12 * 1024 * 1024 - 3..u64::MAX))
+            .await
+            .unwrap();
+        assert_eq!(tail.range.end - tail.range.start, 3);
+
+        // A body that fails after two parts aborts the multipart upload: nothing appears.
+        let mut failing: Vec<std::io::Result<Bytes>> =
+            (0..170).map(|_| Ok(chunk.clone())).collect();
+        failing.push(Err(std::io::Error::other("client went away")));
+        let err = store
+            .put("originals/broken", futures::stream::iter(failing).boxed())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ObjectError::Body(_)), "{err}");
+        assert_eq!(store.head("originals/broken").await.unwrap(), None);
+        let (client, bucket) = store.client();
+        let pending = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            pending.uploads().is_empty(),
+            "the failed upload was aborted"
+        );
+    }
+
+    #[tokio::test]
+    async fn presigned_gets_serve_the_bytes_without_credentials() {
+        let Some(store) = test_store(5).await else {
+            return;
+        };
+        store
+            .put_bytes(
+                "variants/x/thumb.jpg",
+                Bytes::from_static(b"thumbnail bytes"),
+            )
+            .await
+            .unwrap();
+        let url = store
+            .presigned_get("variants/x/thumb.jpg", std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let fetched = reqwest_get(&url).await;
+        assert_eq!(fetched, b"thumbnail bytes");
+    }
+
+    /// A plain HTTP GET with no AWS credentials, as a browser or CDN would make it.
+    async fn reqwest_get(url: &str) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rest = url.strip_prefix("http://").expect("loopback test endpoint");
+        let (host, path) = rest.split_once('/').unwrap();
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let at = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        response[at..].to_vec()
+    }
+}
