@@ -5,6 +5,7 @@
 //! flat whatever its size. Only once the original is durable under its content-addressed key
 //! is `MediaUploaded` appended, and only once that append is durable does the client get 202.
 
+pub mod direct;
 mod upload;
 
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
-use conveyor_platform::config::{AuthSettings, Limits, Settings};
+use conveyor_platform::config::{AuthSettings, Limits, Settings, UploadSettings};
 use conveyor_platform::events::to_record;
 use conveyor_platform::http::{ApiError, bearer, parse_json, require_json};
 use conveyor_platform::{Backends, VersionClock};
@@ -27,6 +28,7 @@ pub struct IngestState {
     pub backends: Backends,
     pub auth: AuthSettings,
     pub limits: Limits,
+    pub uploads: UploadSettings,
     pub clock: VersionClock,
     pub topic: String,
 }
@@ -37,6 +39,7 @@ impl IngestState {
             backends,
             auth: settings.auth.clone(),
             limits: settings.limits.clone(),
+            uploads: settings.uploads.clone(),
             clock: VersionClock::new(),
             topic: settings.topic().to_owned(),
         })
@@ -89,6 +92,12 @@ pub fn router(state: Arc<IngestState>) -> Router {
         )
         .route("/v1/media/{id}", delete(delete_media))
         .route("/v1/events", post(post_events))
+        .route("/v1/uploads", post(direct::create))
+        .route(
+            "/v1/uploads/{id}/data",
+            axum::routing::put(direct::put_data).layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .route("/v1/uploads/{id}/complete", post(direct::complete))
         .with_state(state)
 }
 

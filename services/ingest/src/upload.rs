@@ -149,7 +149,7 @@ async fn read_title(mut field: Field<'_>) -> Result<String, ApiError> {
 }
 
 /// The content type of an accepted format, from its leading bytes.
-fn sniff(head: &[u8]) -> Option<&'static str> {
+pub(crate) fn sniff(head: &[u8]) -> Option<&'static str> {
     match image::guess_format(head).ok()? {
         image::ImageFormat::Jpeg => Some("image/jpeg"),
         image::ImageFormat::Png => Some("image/png"),

@@ -23,6 +23,7 @@ pub struct Settings {
     pub views: ViewSettings,
     pub auth: AuthSettings,
     pub limits: Limits,
+    pub uploads: UploadSettings,
     pub processor: ProcessorSettings,
     pub projector: ProjectorSettings,
     pub query: QuerySettings,
@@ -120,6 +121,31 @@ pub struct Limits {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct UploadSettings {
+    /// How long presigned upload URLs, and uploads not yet completed, live, in seconds.
+    pub ttl_secs: u64,
+    /// Direct uploads at least this large (MiB) go up in presigned multipart parts.
+    pub multipart_threshold_mib: u64,
+    /// Part size (MiB) clients are told to use for multipart direct uploads (at least 5).
+    pub part_size_mib: u64,
+    /// Key for the edge's own signed upload URLs (embedded object store). Empty makes `serve`
+    /// create one in the data dir; other roles then refuse embedded direct uploads.
+    pub signing_key: KeyList,
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        UploadSettings {
+            ttl_secs: 3600,
+            multipart_threshold_mib: 64,
+            part_size_mib: 16,
+            signing_key: KeyList::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ProcessorSettings {
     /// Consumer group processors join.
     pub group: String,
@@ -179,6 +205,7 @@ impl Default for Settings {
             views: ViewSettings::default(),
             auth: AuthSettings::default(),
             limits: Limits::default(),
+            uploads: UploadSettings::default(),
             processor: ProcessorSettings::default(),
             projector: ProjectorSettings::default(),
             query: QuerySettings::default(),
@@ -293,6 +320,8 @@ impl Settings {
         settings.query.cache_ttl_ms = 500;
         settings.auth.api_keys = KeyList::parse("alice:alice-key,bob:bob-key").expect("valid keys");
         settings.auth.service_keys = KeyList::parse("describer:service-key").expect("valid keys");
+        settings.uploads.signing_key =
+            KeyList::parse("k2:new-signing-key,k1:old-signing-key").expect("valid keys");
         settings
     }
 
@@ -365,6 +394,19 @@ impl KeyList {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The first entry: the key new signatures use (later entries still verify, for rotation).
+    pub fn first(&self) -> Option<(&str, &str)> {
+        self.0.first().map(|(n, k)| (n.as_str(), k.as_str()))
+    }
+
+    /// The key named `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, k)| k.as_str())
     }
 
     pub fn push(&mut self, name: &str, key: &str) {

@@ -4,6 +4,7 @@ mod bad_input;
 mod crash;
 mod dead_letters;
 mod delivery;
+mod direct_uploads;
 mod pipeline;
 mod s3;
 mod scale_out;

@@ -83,6 +83,43 @@ pub trait ObjectStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// A URL a client can `PUT` the body of `key` to, without credentials, for `ttl`. `None`
+    /// if the store cannot issue one (the embedded store: the edge signs its own URLs).
+    async fn presigned_put(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, ObjectError> {
+        let _ = (key, ttl);
+        Ok(None)
+    }
+
+    /// Starts a multipart upload of `key` in `parts` parts and returns its id and one presigned
+    /// `PUT` URL per part, or `None` if the store has no multipart uploads.
+    async fn presigned_multipart(
+        &self,
+        key: &str,
+        parts: u32,
+        ttl: std::time::Duration,
+    ) -> Result<Option<(String, Vec<String>)>, ObjectError> {
+        let _ = (key, parts, ttl);
+        Ok(None)
+    }
+
+    /// Completes a multipart upload started by [`ObjectStore::presigned_multipart`], with the
+    /// ETags the part uploads returned, in part order.
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), ObjectError> {
+        let _ = (key, upload_id, etags);
+        Err(ObjectError::Io(std::io::Error::other(
+            "this store has no multipart uploads",
+        )))
+    }
+
     /// Stores a body that is already in memory; same promises as [`ObjectStore::put`].
     async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<ObjectMeta, ObjectError> {
         self.put(

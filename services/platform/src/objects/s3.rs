@@ -340,6 +340,94 @@ impl ObjectStore for S3ObjectStore {
         Ok(Some(request.uri().to_owned()))
     }
 
+    async fn presigned_put(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, ObjectError> {
+        let full = self.full(key)?;
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(io)?;
+        let request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .presigned(config)
+            .await
+            .map_err(|e| io(e.into_service_error()))?;
+        Ok(Some(request.uri().to_owned()))
+    }
+
+    async fn presigned_multipart(
+        &self,
+        key: &str,
+        parts: u32,
+        ttl: std::time::Duration,
+    ) -> Result<Option<(String, Vec<String>)>, ObjectError> {
+        let full = self.full(key)?;
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| io(e.into_service_error()))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| invalid("no upload id".into()))?
+            .to_owned();
+        let mut urls = Vec::with_capacity(parts as usize);
+        for number in 1..=parts as i32 {
+            let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(io)?;
+            let request = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .presigned(config)
+                .await
+                .map_err(|e| io(e.into_service_error()))?;
+            urls.push(request.uri().to_owned());
+        }
+        Ok(Some((upload_id, urls)))
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), ObjectError> {
+        let full = self.full(key)?;
+        let parts = etags
+            .iter()
+            .enumerate()
+            .map(|(i, etag)| {
+                CompletedPart::builder()
+                    .part_number(i as i32 + 1)
+                    .e_tag(etag)
+                    .build()
+            })
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| io(e.into_service_error()))?;
+        Ok(())
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
         let mut pages = self
             .client

@@ -1,0 +1,457 @@
+//! Direct uploads: the client sends the bytes straight to object storage, and the API only
+//! issues URLs and checks what arrived.
+//!
+//! 1. `POST /v1/uploads {content_type, bytes, sha256?}` records a pending upload
+//!    (`uploads/{id}.json` in the object store, so any edge replica can complete it) and
+//!    returns a presigned `PUT` URL for `incoming/{id}`, or presigned part URLs when the file
+//!    is large. The embedded store cannot presign, so the edge signs its own URL (HMAC-SHA256
+//!    over method, path and expiry, with a key id for rotation) and takes the bytes itself at
+//!    `PUT /v1/uploads/{id}/data`.
+//! 2. `POST /v1/uploads/{id}/complete {parts?}` completes a multipart upload, then checks the
+//!    size against the declared one, sniffs the type, and streams the object to compare its
+//!    sha256. A mismatch is 422: the object is removed and nothing is appended. Otherwise the
+//!    object moves to `originals/{sha256}` and `MediaUploaded` is appended.
+//!
+//! Uploads never completed expire: `conveyor ops sweep-uploads` removes them (ids are UUIDv7,
+//! so their age is in their name).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use conveyor_platform::clock::now_micros;
+use conveyor_platform::http::{ApiError, parse_json, require_json};
+use conveyor_platform::objects::ObjectError;
+use conveyor_schemas::{Envelope, Event, MediaUploaded};
+use futures::{StreamExt, TryStreamExt};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::{IngestState, parse_id};
+
+const ACCEPTED: [&str; 4] = ["image/jpeg", "image/png", "image/webp", "image/gif"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUpload {
+    content_type: String,
+    bytes: u64,
+    #[serde(default)]
+    sha256: Option<String>,
+}
+
+/// What `POST /v1/uploads` promised, kept until completion.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PendingUpload {
+    pub owner: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub sha256: Option<String>,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// The store's multipart upload id, when the client uploads parts.
+    pub multipart: Option<String>,
+}
+
+pub fn pending_key(id: Uuid) -> String {
+    format!("uploads/{id}.json")
+}
+
+pub fn incoming_key(id: Uuid) -> String {
+    format!("incoming/{id}")
+}
+
+fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+fn signature(key: &str, id: Uuid, expires: i64) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
+    mac.update(format!("PUT\n/v1/uploads/{id}/data\n{expires}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) async fn create(
+    State(state): State<Arc<IngestState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let owner = state.owner(&headers)?;
+    require_json(&headers)?;
+    let request: NewUpload = parse_json(&body)?;
+    if !ACCEPTED.contains(&request.content_type.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content_type: {:?} is not one of {}",
+                request.content_type,
+                ACCEPTED.join(", ")
+            ),
+        ));
+    }
+    if request.bytes == 0 {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "bytes: must be at least 1",
+        ));
+    }
+    if request.bytes > state.limits.max_upload_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "bytes: over the limit of {} bytes",
+                state.limits.max_upload_bytes
+            ),
+        ));
+    }
+    if let Some(sha) = &request.sha256 {
+        if sha.len() != 64
+            || !sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "sha256: expected 64 lowercase hex digits",
+            ));
+        }
+    }
+    let id = Uuid::now_v7();
+    let ttl = Duration::from_secs(state.uploads.ttl_secs.max(1));
+    let expires_at = now_micros() / 1_000_000 + ttl.as_secs() as i64;
+    let objects = &state.backends.objects;
+    let incoming = incoming_key(id);
+    let part_size = state.uploads.part_size_mib.max(5) * 1024 * 1024;
+    let mut multipart = None;
+    let mut answer = serde_json::json!({
+        "upload_id": id,
+        "method": "PUT",
+        "expires_at": rfc3339(expires_at),
+        "headers": { "content-type": request.content_type },
+        "complete": format!("/v1/uploads/{id}/complete"),
+    });
+    let large = request.bytes >= state.uploads.multipart_threshold_mib * 1024 * 1024;
+    let parts = request.bytes.div_ceil(part_size) as u32;
+    let presigned_parts = if large && parts > 1 {
+        objects
+            .presigned_multipart(&incoming, parts, ttl)
+            .await
+            .map_err(ApiError::unavailable)?
+    } else {
+        None
+    };
+    if let Some((upload_id, urls)) = presigned_parts {
+        multipart = Some(upload_id);
+        answer["part_size"] = part_size.into();
+        answer["parts"] = urls
+            .into_iter()
+            .enumerate()
+            .map(|(i, url)| serde_json::json!({ "part_number": i + 1, "url": url }))
+            .collect();
+    } else if let Some(url) = objects
+        .presigned_put(&incoming, ttl)
+        .await
+        .map_err(ApiError::unavailable)?
+    {
+        answer["url"] = url.into();
+    } else {
+        // The embedded store: this edge takes the bytes, at a URL it signs itself.
+        let (kid, key) = state.uploads.signing_key.first().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "direct_uploads_disabled",
+                "direct uploads to the embedded store need CONVEYOR__UPLOADS__SIGNING_KEY",
+            )
+        })?;
+        let sig = signature(key, id, expires_at);
+        answer["url"] =
+            format!("/v1/uploads/{id}/data?expires={expires_at}&kid={kid}&sig={sig}").into();
+    }
+    let pending = PendingUpload {
+        owner,
+        content_type: request.content_type,
+        bytes: request.bytes,
+        sha256: request.sha256,
+        expires_at,
+        multipart,
+    };
+    let record = serde_json::to_vec(&pending).map_err(ApiError::internal)?;
+    objects
+        .put_bytes(&pending_key(id), record.into())
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Signed {
+    expires: i64,
+    kid: String,
+    sig: String,
+}
+
+async fn load_pending(state: &IngestState, id: Uuid) -> Result<PendingUpload, ApiError> {
+    let bytes = match state.backends.objects.get_bytes(&pending_key(id)).await {
+        Ok(b) => b,
+        Err(ObjectError::NotFound) => {
+            return Err(ApiError::not_found(
+                "no such upload (completed, expired or never created)",
+            ));
+        }
+        Err(e) => return Err(ApiError::unavailable(e)),
+    };
+    serde_json::from_slice(&bytes).map_err(ApiError::internal)
+}
+
+/// `PUT /v1/uploads/{id}/data`: the embedded store's upload URL.
+pub(crate) async fn put_data(
+    State(state): State<Arc<IngestState>>,
+    Path(id): Path<String>,
+    signed: Result<Query<Signed>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let forbidden = || ApiError::forbidden("the upload URL's signature is invalid or has expired");
+    let Query(signed) = signed.map_err(|_| forbidden())?;
+    let key = state
+        .uploads
+        .signing_key
+        .get(&signed.kid)
+        .ok_or_else(forbidden)?;
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
+    mac.update(format!("PUT\n/v1/uploads/{id}/data\n{}", signed.expires).as_bytes());
+    let given = hex::decode(&signed.sig).map_err(|_| forbidden())?;
+    mac.verify_slice(&given).map_err(|_| forbidden())?;
+    if signed.expires < now_micros() / 1_000_000 {
+        return Err(forbidden());
+    }
+    let pending = load_pending(&state, id).await?;
+    let limit = pending.bytes;
+    let mut seen = 0u64;
+    let stream = body
+        .into_data_stream()
+        .map_err(std::io::Error::other)
+        .map(move |chunk| {
+            let chunk = chunk?;
+            seen += chunk.len() as u64;
+            if seen > limit {
+                return Err(std::io::Error::other("body larger than the declared size"));
+            }
+            Ok(chunk)
+        })
+        .boxed();
+    match state.backends.objects.put(&incoming_key(id), stream).await {
+        Ok(meta) => Ok((
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "bytes": meta.size })),
+        )
+            .into_response()),
+        Err(ObjectError::Body(e)) if e.to_string().contains("declared size") => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than the declared {limit} bytes"),
+        )),
+        Err(ObjectError::Body(e)) => Err(ApiError::bad_request("body", e.to_string())),
+        Err(e) => Err(ApiError::unavailable(e)),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Completion {
+    #[serde(default)]
+    parts: Vec<CompletedPart>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletedPart {
+    part_number: u32,
+    etag: String,
+}
+
+/// `POST /v1/uploads/{id}/complete`.
+pub(crate) async fn complete(
+    State(state): State<Arc<IngestState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let owner = state.owner(&headers)?;
+    let id = parse_id(&id)?;
+    let completion: Completion = if body.iter().all(u8::is_ascii_whitespace) {
+        Completion::default()
+    } else {
+        parse_json(&body)?
+    };
+    let pending = load_pending(&state, id).await?;
+    if pending.owner != owner {
+        return Err(ApiError::forbidden(
+            "only the uploader may complete this upload",
+        ));
+    }
+    if pending.expires_at < now_micros() / 1_000_000 {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "expired",
+            "the upload expired; start a new one",
+        ));
+    }
+    let objects = &state.backends.objects;
+    let incoming = incoming_key(id);
+    if let Some(upload_id) = &pending.multipart {
+        let mut parts = completion.parts;
+        if parts.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "parts: a multipart upload needs its parts' ETags",
+            ));
+        }
+        parts.sort_by_key(|p| p.part_number);
+        if parts
+            .iter()
+            .enumerate()
+            .any(|(i, p)| p.part_number as usize != i + 1)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "parts: part numbers must run 1, 2, 3… without gaps",
+            ));
+        }
+        let etags: Vec<String> = parts.into_iter().map(|p| p.etag).collect();
+        objects
+            .complete_multipart(&incoming, upload_id, &etags)
+            .await
+            .map_err(|e| {
+                unprocessable(
+                    "parts_mismatch",
+                    format!("the parts could not be assembled: {e}"),
+                )
+            })?;
+    }
+    let verified = verify(&state, &pending, &incoming).await;
+    let sha256 = match verified {
+        Ok(sha) => sha,
+        Err(e) => {
+            if e.status == StatusCode::UNPROCESSABLE_ENTITY {
+                // Nothing half written: the bad object and the pending record go.
+                let _ = objects.delete(&incoming).await;
+                let _ = objects.delete(&pending_key(id)).await;
+            }
+            return Err(e);
+        }
+    };
+    let original_key = format!("originals/{sha256}");
+    objects
+        .promote(&incoming, &original_key)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let media_id = Uuid::now_v7();
+    let event = Envelope::new(
+        media_id,
+        state.clock.next(),
+        "ingest",
+        Event::MediaUploaded(MediaUploaded {
+            owner,
+            original_key,
+            sha256: sha256.clone(),
+            bytes: pending.bytes,
+            content_type: pending.content_type.clone(),
+            title: None,
+        }),
+    );
+    state.append(std::slice::from_ref(&event)).await?;
+    let _ = objects.delete(&pending_key(id)).await;
+    let location = format!("/v1/media/{media_id}");
+    let body = serde_json::json!({
+        "id": media_id, "status": "pending", "sha256": sha256, "bytes": pending.bytes,
+        "content_type": pending.content_type, "links": { "self": location },
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [(axum::http::header::LOCATION, location)],
+        axum::Json(body),
+    )
+        .into_response())
+}
+
+/// Checks what arrived against what was declared; returns its sha256.
+async fn verify(
+    state: &IngestState,
+    pending: &PendingUpload,
+    key: &str,
+) -> Result<String, ApiError> {
+    let objects = &state.backends.objects;
+    let meta = objects.head(key).await.map_err(ApiError::unavailable)?;
+    let meta = meta.ok_or_else(|| {
+        unprocessable(
+            "nothing_uploaded",
+            "nothing was uploaded for this upload id",
+        )
+    })?;
+    if meta.size != pending.bytes {
+        return Err(unprocessable(
+            "size_mismatch",
+            format!(
+                "{} bytes arrived, {} were declared",
+                meta.size, pending.bytes
+            ),
+        ));
+    }
+    let mut body = objects
+        .get(key, None)
+        .await
+        .map_err(ApiError::unavailable)?
+        .body;
+    let mut hasher = Sha256::new();
+    let mut head = Vec::with_capacity(16);
+    while let Some(chunk) = body.try_next().await.map_err(ApiError::unavailable)? {
+        if head.len() < 16 {
+            head.extend_from_slice(&chunk[..chunk.len().min(16 - head.len())]);
+        }
+        hasher.update(&chunk);
+    }
+    let sniffed = crate::upload::sniff(&head);
+    if sniffed != Some(pending.content_type.as_str()) {
+        return Err(unprocessable(
+            "type_mismatch",
+            format!(
+                "the bytes are {}, not the declared {}",
+                sniffed.unwrap_or("not an accepted image"),
+                pending.content_type
+            ),
+        ));
+    }
+    let sha256 = hex::encode(hasher.finalize());
+    if pending
+        .sha256
+        .as_ref()
+        .is_some_and(|declared| declared != &sha256)
+    {
+        return Err(unprocessable(
+            "sha256_mismatch",
+            "the bytes' sha256 differs from the declared one",
+        ));
+    }
+    Ok(sha256)
+}

@@ -1,0 +1,329 @@
+//! Direct uploads: the API issues URLs, the client sends bytes straight to storage, and the
+//! completion checks what arrived before anything is appended.
+
+use conveyor_tests::helpers::{ALICE, BOB, TestApp, spawn_app, spawn_app_with};
+use conveyor_tests::images;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+async fn start_upload(app: &TestApp, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/uploads"))
+        .bearer_auth(ALICE)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn complete(app: &TestApp, key: &str, id: &str, body: Value) -> reqwest::Response {
+    let url = app.url(&format!("/v1/uploads/{id}/complete"));
+    app.client
+        .post(url)
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// PUTs `bytes` to a URL the API issued (relative ones go to the app).
+async fn put(app: &TestApp, url: &str, bytes: Vec<u8>, content_type: &str) -> reqwest::Response {
+    let url = if url.starts_with('/') {
+        app.url(url)
+    } else {
+        url.to_owned()
+    };
+    app.client
+        .put(url)
+        .header("content-type", content_type)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn log_uploads(app: &TestApp) -> impl std::future::Future<Output = usize> + '_ {
+    async move {
+        app.backends
+            .log
+            .lag(&app.settings.log.topic, "nobody")
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.end as usize)
+            .sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_direct_uploads_are_signed_checked_and_processed() {
+    let app = spawn_app().await;
+    let file = images::jpeg(640, 480, 31);
+    let sha = hex::encode(Sha256::digest(&file));
+    let created = start_upload(
+        &app,
+        json!({"content_type": "image/jpeg", "bytes": file.len(), "sha256": sha}),
+    )
+    .await;
+    assert_eq!(created.status(), 201);
+    let upload: Value = created.json().await.unwrap();
+    let (id, url) = (
+        upload["upload_id"].as_str().unwrap(),
+        upload["url"].as_str().unwrap(),
+    );
+    assert!(
+        url.contains("kid=k2"),
+        "signed with the first (newest) key: {url}"
+    );
+
+    // A forged or stretched signature is refused, and so is a stranger's completion.
+    let forged = url.replace("sig=", "sig=00");
+    assert_eq!(
+        put(&app, &forged, file.clone(), "image/jpeg")
+            .await
+            .status(),
+        403
+    );
+    let stretched = url.replace("expires=", "expires=9");
+    assert_eq!(
+        put(&app, &stretched, file.clone(), "image/jpeg")
+            .await
+            .status(),
+        403
+    );
+    let too_big = [file.clone(), vec![0; 10]].concat();
+    assert_eq!(put(&app, url, too_big, "image/jpeg").await.status(), 413);
+
+    assert_eq!(
+        put(&app, url, file.clone(), "image/jpeg").await.status(),
+        200
+    );
+    assert_eq!(complete(&app, BOB, id, json!({})).await.status(), 403);
+    let done = complete(&app, ALICE, id, json!({})).await;
+    assert_eq!(done.status(), 202);
+    let body: Value = done.json().await.unwrap();
+    assert_eq!(body["sha256"], sha);
+    let media = app.wait_processed(body["id"].as_str().unwrap()).await;
+    assert_eq!(media["status"], "processed");
+    assert_eq!(
+        (media["width"].as_u64(), media["height"].as_u64()),
+        (Some(640), Some(480))
+    );
+    assert_eq!(
+        complete(&app, ALICE, id, json!({})).await.status(),
+        404,
+        "completed once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatches_are_422_and_append_nothing() {
+    let app = spawn_app().await;
+    let file = images::jpeg(64, 64, 32);
+    let cases: [(Value, Vec<u8>, &str); 3] = [
+        // Declared one size, sent another.
+        (
+            json!({"content_type": "image/jpeg", "bytes": file.len() + 5}),
+            file.clone(),
+            "size_mismatch",
+        ),
+        // Declared PNG, sent JPEG.
+        (
+            json!({"content_type": "image/png", "bytes": file.len()}),
+            file.clone(),
+            "type_mismatch",
+        ),
+        // Declared another hash.
+        (
+            json!({"content_type": "image/jpeg", "bytes": file.len(), "sha256": "0".repeat(64)}),
+            file.clone(),
+            "sha256_mismatch",
+        ),
+    ];
+    for (declared, bytes, code) in cases {
+        let upload: Value = start_upload(&app, declared).await.json().await.unwrap();
+        let id = upload["upload_id"].as_str().unwrap();
+        assert_eq!(
+            put(&app, upload["url"].as_str().unwrap(), bytes, "image/jpeg")
+                .await
+                .status(),
+            200
+        );
+        let response = complete(&app, ALICE, id, json!({})).await;
+        assert_eq!(response.status(), 422, "{code}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code);
+        assert!(
+            app.backends
+                .objects
+                .head(&format!("incoming/{id}"))
+                .await
+                .unwrap()
+                .is_none(),
+            "removed"
+        );
+    }
+    // Nothing uploaded at all.
+    let upload: Value = start_upload(&app, json!({"content_type": "image/gif", "bytes": 10}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let response = complete(
+        &app,
+        ALICE,
+        upload["upload_id"].as_str().unwrap(),
+        json!({}),
+    )
+    .await;
+    assert_eq!(response.status(), 422);
+    // Bad requests.
+    assert_eq!(
+        start_upload(
+            &app,
+            json!({"content_type": "application/pdf", "bytes": 10})
+        )
+        .await
+        .status(),
+        415
+    );
+    assert_eq!(
+        start_upload(
+            &app,
+            json!({"content_type": "image/png", "bytes": 1u64 << 40})
+        )
+        .await
+        .status(),
+        413
+    );
+    assert_eq!(
+        start_upload(
+            &app,
+            json!({"content_type": "image/png", "bytes": 10, "sha256": "xyz"})
+        )
+        .await
+        .status(),
+        400
+    );
+    assert_eq!(start_upload(&app, json!({"bytes": 10})).await.status(), 400);
+    assert_eq!(log_uploads(&app).await, 0, "nothing appended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_direct_uploads_use_presigned_puts_and_parts() {
+    let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
+        .ok()
+        .filter(|s| !s.is_empty())
+    else {
+        eprintln!("SKIPPED: CONVEYOR_TEST_S3 is not set; scripts/test starts moto and sets it");
+        return;
+    };
+    let bucket = format!("conveyor-direct-{}", uuid::Uuid::new_v4().simple());
+    let app = spawn_app_with(|s| {
+        s.objects.uri = Some(format!("s3://{bucket}"));
+        s.objects.endpoint = Some(endpoint.clone());
+        s.objects.region = Some("us-east-1".into());
+        s.objects.path_style = true;
+        s.uploads.multipart_threshold_mib = 6;
+        s.uploads.part_size_mib = 5;
+    });
+    let app = {
+        // The bucket must exist before the app checks readiness.
+        let store = conveyor_platform::objects::s3::S3ObjectStore::connect(
+            &format!("s3://{bucket}"),
+            &conveyor_platform::config::ObjectSettings {
+                endpoint: Some(endpoint.clone()),
+                region: Some("us-east-1".into()),
+                path_style: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        store
+            .client()
+            .0
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+        app.await
+    };
+
+    // Small: one presigned PUT straight to S3.
+    let small = images::jpeg(320, 240, 33);
+    let upload: Value = start_upload(
+        &app,
+        json!({"content_type": "image/jpeg", "bytes": small.len()}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let url = upload["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&endpoint) && url.contains("X-Amz-Signature"),
+        "{url}"
+    );
+    assert_eq!(
+        put(&app, url, small.clone(), "image/jpeg").await.status(),
+        200
+    );
+    let done = complete(
+        &app,
+        ALICE,
+        upload["upload_id"].as_str().unwrap(),
+        json!({}),
+    )
+    .await;
+    assert_eq!(done.status(), 202);
+    let body: Value = done.json().await.unwrap();
+    assert_eq!(
+        app.wait_processed(body["id"].as_str().unwrap()).await["status"],
+        "processed"
+    );
+
+    // Large: presigned parts of the size the API names, completed with their ETags.
+    let mut large = images::jpeg(800, 600, 34);
+    large.resize(7 * 1024 * 1024, 0); // trailing bytes after the JPEG's end: still a JPEG
+    let upload: Value = start_upload(
+        &app,
+        json!({"content_type": "image/jpeg", "bytes": large.len()}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let part_size = upload["part_size"].as_u64().unwrap() as usize;
+    let parts = upload["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), large.len().div_ceil(part_size));
+    let mut etags = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let chunk = large[i * part_size..((i + 1) * part_size).min(large.len())].to_vec();
+        let sent = put(
+            &app,
+            part["url"].as_str().unwrap(),
+            chunk,
+            "application/octet-stream",
+        )
+        .await;
+        assert_eq!(sent.status(), 200);
+        etags.push(json!({"part_number": i + 1, "etag": sent.headers()["etag"].to_str().unwrap()}));
+    }
+    let id = upload["upload_id"].as_str().unwrap();
+    assert_eq!(
+        complete(&app, ALICE, id, json!({})).await.status(),
+        400,
+        "parts are required"
+    );
+    let done = complete(&app, ALICE, id, json!({ "parts": etags })).await;
+    assert_eq!(done.status(), 202);
+    let body: Value = done.json().await.unwrap();
+    assert_eq!(body["bytes"].as_u64(), Some(large.len() as u64));
+    assert_eq!(
+        app.wait_processed(body["id"].as_str().unwrap()).await["status"],
+        "processed"
+    );
+}
