@@ -76,6 +76,23 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             backends.clone(),
             &settings,
         )));
+        let (objects, stop) = (backends.objects.clone(), shutdown.token.clone());
+        let ttl = Duration::from_secs(settings.uploads.ttl_secs.max(1));
+        shutdown.tracker.spawn(async move {
+            // Every replica sweeps; deletes are idempotent, so overlapping sweeps are harmless.
+            let every = (ttl / 4).clamp(Duration::from_secs(30), Duration::from_secs(900));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match conveyor_ingest::direct::sweep(&*objects, ttl).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "swept expired uploads"),
+                    Err(e) => tracing::warn!(error = %e, "failed to sweep expired uploads"),
+                }
+            }
+        });
     }
     if role.queries() {
         let state = conveyor_query::QueryState::new(backends.clone(), &settings);

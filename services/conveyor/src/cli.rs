@@ -95,6 +95,15 @@ pub enum OpsCommand {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+    /// Remove direct uploads never completed (older than `uploads.ttl_secs`). `serve` and
+    /// `ingest` also do this every few minutes.
+    SweepUploads {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// On S3, also install a bucket lifecycle rule expiring `incoming/` after this many days.
+        #[arg(long)]
+        install_lifecycle_days: Option<i32>,
+    },
     /// Topic administration.
     #[command(subcommand)]
     Topics(TopicsCommand),

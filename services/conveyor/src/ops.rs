@@ -55,6 +55,29 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             );
             Ok(())
         }
+        OpsCommand::SweepUploads {
+            target,
+            install_lifecycle_days,
+        } => {
+            let settings = settings(config, target)?;
+            let uri = settings.objects_uri();
+            if let Some(days) = install_lifecycle_days {
+                anyhow::ensure!(
+                    uri.starts_with("s3://"),
+                    "lifecycle rules are for S3 stores, not {uri}"
+                );
+                let store =
+                    conveyor_platform::objects::s3::S3ObjectStore::connect(&uri, &settings.objects)
+                        .await?;
+                store.install_upload_lifecycle(days).await?;
+                println!("lifecycle rule installed: incoming/ expires after {days} days");
+            }
+            let objects = open_objects(&uri, &settings.objects).await?;
+            let ttl = std::time::Duration::from_secs(settings.uploads.ttl_secs);
+            let removed = conveyor_ingest::direct::sweep(&*objects, ttl).await?;
+            println!("removed {removed} expired upload objects");
+            Ok(())
+        }
         OpsCommand::Topics(TopicsCommand::Ensure { target }) => {
             let settings = settings(config, target)?;
             let log = open_log(&settings)?;

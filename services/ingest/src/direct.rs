@@ -455,3 +455,80 @@ async fn verify(
     }
     Ok(sha256)
 }
+
+/// Removes uploads never completed: `incoming/{id}` objects and `uploads/{id}.json` records
+/// whose UUIDv7 id is older than `ttl`. Works on every store. Returns how many it removed.
+pub async fn sweep(
+    objects: &dyn conveyor_platform::ObjectStore,
+    ttl: Duration,
+) -> Result<usize, ObjectError> {
+    let now_ms = (now_micros() / 1000) as u64;
+    let cutoff = now_ms.saturating_sub(ttl.as_millis() as u64);
+    let mut removed = 0;
+    for prefix in ["incoming/", "uploads/"] {
+        for object in objects.list(prefix).await? {
+            let name = object.key[prefix.len()..].trim_end_matches(".json");
+            let Ok(id) = Uuid::parse_str(name) else {
+                continue;
+            };
+            let created_ms = id.get_timestamp().map(|t| {
+                let (secs, nanos) = t.to_unix();
+                secs * 1000 + u64::from(nanos) / 1_000_000
+            });
+            if created_ms.is_some_and(|ms| ms < cutoff) {
+                objects.delete(&object.key).await?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_platform::ObjectStore;
+    use conveyor_platform::objects::fs::FsObjectStore;
+
+    #[tokio::test]
+    async fn the_sweeper_removes_only_expired_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsObjectStore::open(dir.path()).unwrap();
+        let old = Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            1_600_000_000,
+            0,
+        ));
+        let fresh = Uuid::now_v7();
+        for id in [old, fresh] {
+            store
+                .put_bytes(&incoming_key(id), Bytes::from_static(b"partial"))
+                .await
+                .unwrap();
+            store
+                .put_bytes(&pending_key(id), Bytes::from_static(b"{}"))
+                .await
+                .unwrap();
+        }
+        store
+            .put_bytes("originals/abc", Bytes::from_static(b"kept"))
+            .await
+            .unwrap();
+        assert_eq!(sweep(&store, Duration::from_secs(3600)).await.unwrap(), 2);
+        let left: Vec<String> = store
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(
+            left,
+            vec![
+                "incoming/".to_owned() + &fresh.to_string(),
+                "originals/abc".into(),
+                pending_key(fresh)
+            ]
+        );
+    }
+}

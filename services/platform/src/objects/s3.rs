@@ -79,6 +79,44 @@ impl S3ObjectStore {
         })
     }
 
+    /// Adds a lifecycle rule that expires `incoming/` objects and aborts unfinished multipart
+    /// uploads after `days`: S3's own sweeper for uploads never completed.
+    pub async fn install_upload_lifecycle(&self, days: i32) -> Result<(), ObjectError> {
+        use aws_sdk_s3::types::{
+            AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
+            LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
+        };
+        let rule = LifecycleRule::builder()
+            .id("conveyor-expire-incoming")
+            .status(ExpirationStatus::Enabled)
+            .filter(
+                LifecycleRuleFilter::builder()
+                    .prefix(format!("{}incoming/", self.prefix))
+                    .build(),
+            )
+            .expiration(LifecycleExpiration::builder().days(days).build())
+            .abort_incomplete_multipart_upload(
+                AbortIncompleteMultipartUpload::builder()
+                    .days_after_initiation(days)
+                    .build(),
+            )
+            .build()
+            .map_err(io)?;
+        self.client
+            .put_bucket_lifecycle_configuration()
+            .bucket(&self.bucket)
+            .lifecycle_configuration(
+                BucketLifecycleConfiguration::builder()
+                    .rules(rule)
+                    .build()
+                    .map_err(io)?,
+            )
+            .send()
+            .await
+            .map_err(|e| io(e.into_service_error()))?;
+        Ok(())
+    }
+
     /// The client and bucket, for operations beyond the trait (presigning, lifecycle rules).
     pub fn client(&self) -> (&Client, &str) {
         (&self.client, &self.bucket)
@@ -542,6 +580,25 @@ mod tests {
             pending.uploads().is_empty(),
             "the failed upload was aborted"
         );
+    }
+
+    #[tokio::test]
+    async fn the_upload_lifecycle_rule_expires_incoming() {
+        let Some(store) = test_store(5).await else {
+            return;
+        };
+        store.install_upload_lifecycle(2).await.unwrap();
+        let (client, bucket) = store.client();
+        let rules = client
+            .get_bucket_lifecycle_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        let rule = &rules.rules()[0];
+        assert_eq!(rule.expiration().and_then(|e| e.days()), Some(2));
+        let filter = rule.filter().and_then(|f| f.prefix()).unwrap_or_default();
+        assert_eq!(filter, "some/prefix/incoming/");
     }
 
     #[tokio::test]
