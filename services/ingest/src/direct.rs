@@ -123,17 +123,13 @@ pub(crate) async fn create(
             ),
         ));
     }
-    if let Some(sha) = &request.sha256 {
-        if sha.len() != 64
-            || !sha
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(ApiError::bad_request(
-                "invalid_json",
-                "sha256: expected 64 lowercase hex digits",
-            ));
-        }
+    let is_hex =
+        |sha: &str| sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if request.sha256.as_deref().is_some_and(|sha| !is_hex(sha)) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "sha256: expected 64 lowercase hex digits",
+        ));
     }
     let id = Uuid::now_v7();
     let ttl = Duration::from_secs(state.uploads.ttl_secs.max(1));

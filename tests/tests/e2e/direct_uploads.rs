@@ -43,8 +43,9 @@ async fn put(app: &TestApp, url: &str, bytes: Vec<u8>, content_type: &str) -> re
         .unwrap()
 }
 
-fn log_uploads(app: &TestApp) -> impl std::future::Future<Output = usize> + '_ {
-    async move {
+/// Records appended to the app's log, over all partitions.
+async fn log_uploads(app: &TestApp) -> usize {
+    {
         app.backends
             .log
             .lag(&app.settings.log.topic, "nobody")
