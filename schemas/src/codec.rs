@@ -163,6 +163,23 @@ mod tests {
                     }),
                 ),
             ),
+            (
+                "media_uploaded_with_visibility",
+                envelope(
+                    6,
+                    Event::MediaUploadedWithVisibility(MediaUploadedWithVisibility {
+                        upload: MediaUploaded {
+                            owner: "alice".into(),
+                            original_key: format!("private/originals/{sha}"),
+                            sha256: sha.into(),
+                            bytes: 4_096,
+                            content_type: "image/png".into(),
+                            title: None,
+                        },
+                        visibility: Visibility::Private,
+                    }),
+                ),
+            ),
         ]
     }
 

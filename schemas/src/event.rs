@@ -40,6 +40,9 @@ pub enum Event {
     MediaProcessingFailed(MediaProcessingFailed),
     MediaDescribed(MediaDescribed),
     MediaDeleted(MediaDeleted),
+    /// An upload with a visibility. Added after the first release, as a new variant, so the
+    /// golden bytes of `MediaUploaded` still decode; ingest writes it for private media.
+    MediaUploadedWithVisibility(MediaUploadedWithVisibility),
 }
 
 impl Event {
@@ -51,6 +54,16 @@ impl Event {
             Event::MediaProcessingFailed(_) => "MediaProcessingFailed",
             Event::MediaDescribed(_) => "MediaDescribed",
             Event::MediaDeleted(_) => "MediaDeleted",
+            Event::MediaUploadedWithVisibility(_) => "MediaUploadedWithVisibility",
+        }
+    }
+
+    /// The upload this event records, and its visibility, for either upload variant.
+    pub fn upload(&self) -> Option<(&MediaUploaded, Visibility)> {
+        match self {
+            Event::MediaUploaded(u) => Some((u, Visibility::Public)),
+            Event::MediaUploadedWithVisibility(u) => Some((&u.upload, u.visibility)),
+            _ => None,
         }
     }
 }
@@ -67,6 +80,24 @@ pub struct MediaUploaded {
     /// Sniffed from the bytes, never taken from the client.
     pub content_type: String,
     pub title: Option<String>,
+}
+
+/// Who may fetch a media item's bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    /// Anyone with the URL; served `public, immutable` and cached by the CDN.
+    #[default]
+    Public,
+    /// Only through signed URLs that expire. Objects live under `private/`.
+    Private,
+}
+
+/// `MediaUploaded` plus its visibility.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaUploadedWithVisibility {
+    pub upload: MediaUploaded,
+    pub visibility: Visibility,
 }
 
 /// The processor made the variants and read the metadata.

@@ -11,7 +11,8 @@ pub mod view;
 pub use codec::{Codec, DecodeError};
 pub use event::{
     Envelope, Event, ExifSummary, MediaDeleted, MediaDescribed, MediaProcessed,
-    MediaProcessingFailed, MediaUploaded, SCHEMA_VERSION, VariantInfo,
+    MediaProcessingFailed, MediaUploaded, MediaUploadedWithVisibility, SCHEMA_VERSION, VariantInfo,
+    Visibility,
 };
 pub use view::{MediaRow, MediaStatus, OwnerStats, TimelinePage};
 

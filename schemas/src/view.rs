@@ -32,6 +32,9 @@ pub struct MediaRow {
     pub variants: Vec<VariantInfo>,
     pub exif: Option<ExifSummary>,
     pub failure_reason: Option<String>,
+    /// Private media is served only through signed URLs.
+    #[serde(default)]
+    pub private: bool,
     /// Microseconds since the Unix epoch: the `MediaUploaded` version.
     pub created_at: i64,
 }

@@ -240,6 +240,11 @@ fn ensure_dev_keys(settings: &mut Settings) -> anyhow::Result<()> {
         settings.auth.api_keys =
             KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
     }
+    if settings.cdn.signing_keys.is_empty() {
+        let key = dev_key(&settings.data_dir.join("dev-media-key"))?;
+        settings.cdn.signing_keys =
+            KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
+    }
     if settings.uploads.signing_key.is_empty() {
         let key = dev_key(&settings.data_dir.join("dev-signing-key"))?;
         settings.uploads.signing_key =

@@ -26,9 +26,9 @@ use bytes::Bytes;
 use conveyor_platform::clock::now_micros;
 use conveyor_platform::http::{ApiError, parse_json, require_json};
 use conveyor_platform::objects::ObjectError;
-use conveyor_schemas::{Envelope, Event, MediaUploaded};
+use conveyor_platform::signing;
+use conveyor_schemas::Visibility;
 use futures::{StreamExt, TryStreamExt};
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -44,6 +44,8 @@ struct NewUpload {
     bytes: u64,
     #[serde(default)]
     sha256: Option<String>,
+    #[serde(default)]
+    visibility: Visibility,
 }
 
 /// What `POST /v1/uploads` promised, kept until completion.
@@ -57,6 +59,8 @@ pub struct PendingUpload {
     pub expires_at: i64,
     /// The store's multipart upload id, when the client uploads parts.
     pub multipart: Option<String>,
+    #[serde(default)]
+    pub visibility: Visibility,
 }
 
 pub fn pending_key(id: Uuid) -> String {
@@ -71,11 +75,9 @@ fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
 }
 
-fn signature(key: &str, id: Uuid, expires: i64) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
-    mac.update(format!("PUT\n/v1/uploads/{id}/data\n{expires}").as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+/// What an edge-signed upload URL signs.
+fn upload_message(id: Uuid, expires: i64) -> String {
+    format!("PUT\n/v1/uploads/{id}/data\n{expires}")
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -171,14 +173,14 @@ pub(crate) async fn create(
         answer["url"] = url.into();
     } else {
         // The embedded store: this edge takes the bytes, at a URL it signs itself.
-        let (kid, key) = state.uploads.signing_key.first().ok_or_else(|| {
+        let message = upload_message(id, expires_at);
+        let (kid, sig) = signing::sign(&state.uploads.signing_key, &message).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "direct_uploads_disabled",
                 "direct uploads to the embedded store need CONVEYOR__UPLOADS__SIGNING_KEY",
             )
         })?;
-        let sig = signature(key, id, expires_at);
         answer["url"] =
             format!("/v1/uploads/{id}/data?expires={expires_at}&kid={kid}&sig={sig}").into();
     }
@@ -189,6 +191,7 @@ pub(crate) async fn create(
         sha256: request.sha256,
         expires_at,
         multipart,
+        visibility: request.visibility,
     };
     let record = serde_json::to_vec(&pending).map_err(ApiError::internal)?;
     objects
@@ -228,17 +231,14 @@ pub(crate) async fn put_data(
     let id = parse_id(&id)?;
     let forbidden = || ApiError::forbidden("the upload URL's signature is invalid or has expired");
     let Query(signed) = signed.map_err(|_| forbidden())?;
-    let key = state
-        .uploads
-        .signing_key
-        .get(&signed.kid)
-        .ok_or_else(forbidden)?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
-    mac.update(format!("PUT\n/v1/uploads/{id}/data\n{}", signed.expires).as_bytes());
-    let given = hex::decode(&signed.sig).map_err(|_| forbidden())?;
-    mac.verify_slice(&given).map_err(|_| forbidden())?;
-    if signed.expires < now_micros() / 1_000_000 {
+    let message = upload_message(id, signed.expires);
+    if !signing::verify(
+        &state.uploads.signing_key,
+        &signed.kid,
+        &message,
+        &signed.sig,
+        signed.expires,
+    ) {
         return Err(forbidden());
     }
     let pending = load_pending(&state, id).await?;
@@ -357,26 +357,19 @@ pub(crate) async fn complete(
             return Err(e);
         }
     };
-    let original_key = format!("originals/{sha256}");
-    objects
-        .promote(&incoming, &original_key)
-        .await
-        .map_err(ApiError::unavailable)?;
-    let media_id = Uuid::now_v7();
-    let event = Envelope::new(
-        media_id,
-        state.clock.next(),
-        "ingest",
-        Event::MediaUploaded(MediaUploaded {
-            owner,
-            original_key,
-            sha256: sha256.clone(),
-            bytes: pending.bytes,
-            content_type: pending.content_type.clone(),
-            title: None,
-        }),
-    );
-    state.append(std::slice::from_ref(&event)).await?;
+    let media_id = state
+        .accept(
+            &incoming,
+            crate::Upload {
+                owner,
+                sha256: sha256.clone(),
+                bytes: pending.bytes,
+                content_type: pending.content_type.clone(),
+                title: None,
+                visibility: pending.visibility,
+            },
+        )
+        .await?;
     let _ = objects.delete(&pending_key(id)).await;
     let location = format!("/v1/media/{media_id}");
     let body = serde_json::json!({

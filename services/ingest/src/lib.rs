@@ -19,7 +19,9 @@ use conveyor_platform::config::{AuthSettings, Limits, Settings, UploadSettings};
 use conveyor_platform::events::to_record;
 use conveyor_platform::http::{ApiError, bearer, parse_json, require_json};
 use conveyor_platform::{Backends, VersionClock};
-use conveyor_schemas::{Envelope, Event, MediaDeleted};
+use conveyor_schemas::{
+    Envelope, Event, MediaDeleted, MediaUploaded, MediaUploadedWithVisibility, Visibility,
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -99,6 +101,67 @@ pub fn router(state: Arc<IngestState>) -> Router {
         )
         .route("/v1/uploads/{id}/complete", post(direct::complete))
         .with_state(state)
+}
+
+/// A stored upload, ready to become `MediaUploaded`.
+pub(crate) struct Upload {
+    pub owner: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub content_type: String,
+    pub title: Option<String>,
+    pub visibility: Visibility,
+}
+
+impl IngestState {
+    /// Moves a checked upload from `incoming` to its content-addressed key (under `private/`
+    /// for private media, which is served only through signed URLs) and appends the event.
+    /// Returns the new media id once the event is durable.
+    pub(crate) async fn accept(&self, incoming: &str, upload: Upload) -> Result<Uuid, ApiError> {
+        let prefix = if upload.visibility == Visibility::Private {
+            "private/"
+        } else {
+            ""
+        };
+        let original_key = format!("{prefix}originals/{}", upload.sha256);
+        self.backends
+            .objects
+            .promote(incoming, &original_key)
+            .await
+            .map_err(ApiError::unavailable)?;
+        let uploaded = MediaUploaded {
+            owner: upload.owner,
+            original_key,
+            sha256: upload.sha256,
+            bytes: upload.bytes,
+            content_type: upload.content_type,
+            title: upload.title,
+        };
+        // Public uploads keep the original event layout, which every consumer reads.
+        let payload = match upload.visibility {
+            Visibility::Public => Event::MediaUploaded(uploaded),
+            visibility => Event::MediaUploadedWithVisibility(MediaUploadedWithVisibility {
+                upload: uploaded,
+                visibility,
+            }),
+        };
+        let id = Uuid::now_v7();
+        let event = Envelope::new(id, self.clock.next(), "ingest", payload);
+        self.append(std::slice::from_ref(&event)).await?;
+        Ok(id)
+    }
+}
+
+/// `public` or `private`.
+pub(crate) fn parse_visibility(text: &str) -> Result<Visibility, ApiError> {
+    match text.trim() {
+        "public" => Ok(Visibility::Public),
+        "private" => Ok(Visibility::Private),
+        other => Err(ApiError::bad_request(
+            "invalid_visibility",
+            format!("visibility: expected `public` or `private`, not {other:?}"),
+        )),
+    }
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use conveyor_platform::objects::ObjectError;
-use conveyor_schemas::{Envelope, Event, MediaUploaded};
+use conveyor_schemas::Visibility;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -31,6 +31,7 @@ pub(crate) async fn upload(
         multipart.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
     let mut stored: Option<Stored> = None;
     let mut title: Option<String> = None;
+    let mut visibility = Visibility::Public;
     let result = async {
         while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
             match field.name() {
@@ -42,6 +43,9 @@ pub(crate) async fn upload(
                     ));
                 }
                 Some("title") => title = Some(read_title(field).await?),
+                Some("visibility") => {
+                    visibility = crate::parse_visibility(&read_title(field).await?)?
+                }
                 other => {
                     return Err(ApiError::bad_request(
                         "invalid_multipart",
@@ -70,28 +74,19 @@ pub(crate) async fn upload(
         }
     };
 
-    let original_key = format!("originals/{}", stored.sha256);
-    state
-        .backends
-        .objects
-        .promote(&stored.incoming_key, &original_key)
-        .await
-        .map_err(ApiError::unavailable)?;
-    let id = Uuid::now_v7();
-    let event = Envelope::new(
-        id,
-        state.clock.next(),
-        "ingest",
-        Event::MediaUploaded(MediaUploaded {
-            owner,
-            original_key,
-            sha256: stored.sha256.clone(),
-            bytes: stored.size,
-            content_type: stored.content_type.to_owned(),
-            title,
-        }),
-    );
-    state.append(std::slice::from_ref(&event)).await?;
+    let id = state
+        .accept(
+            &stored.incoming_key,
+            crate::Upload {
+                owner,
+                sha256: stored.sha256.clone(),
+                bytes: stored.size,
+                content_type: stored.content_type.to_owned(),
+                title,
+                visibility,
+            },
+        )
+        .await?;
     metrics::counter!("conveyor_uploads_total").increment(1);
     metrics::counter!("conveyor_upload_bytes_total").increment(stored.size);
     let location = format!("/v1/media/{id}");

@@ -173,12 +173,27 @@ pub struct QuerySettings {
     pub cache_ttl_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CdnSettings {
     /// Prefix of media URLs in read models, e.g. `https://cdn.example.com`. Empty means
     /// relative `/media/...` URLs served by the query edge itself.
     pub base_url: String,
+    /// Keys signing private media URLs, `kid:secret[,kid2:secret2]`; the first signs, all
+    /// verify. Empty makes `serve` create one in the data dir.
+    pub signing_keys: KeyList,
+    /// How long a signed private media URL lives, in seconds.
+    pub signed_url_ttl_secs: u64,
+}
+
+impl Default for CdnSettings {
+    fn default() -> Self {
+        CdnSettings {
+            base_url: String::new(),
+            signing_keys: KeyList::default(),
+            signed_url_ttl_secs: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -322,6 +337,8 @@ impl Settings {
         settings.auth.service_keys = KeyList::parse("describer:service-key").expect("valid keys");
         settings.uploads.signing_key =
             KeyList::parse("k2:new-signing-key,k1:old-signing-key").expect("valid keys");
+        settings.cdn.signing_keys =
+            KeyList::parse("m2:new-media-key,m1:old-media-key").expect("valid keys");
         settings
     }
 

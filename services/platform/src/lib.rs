@@ -16,6 +16,7 @@ pub mod log;
 pub mod metrics;
 pub mod objects;
 pub mod shutdown;
+pub mod signing;
 pub mod sqlite;
 pub mod telemetry;
 pub mod views;

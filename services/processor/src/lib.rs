@@ -19,7 +19,7 @@ use conveyor_platform::log::Delivered;
 use conveyor_platform::objects::ObjectError;
 use conveyor_platform::{Backends, EventLog, ObjectStore};
 use conveyor_schemas::{
-    Envelope, Event, MediaProcessed, MediaProcessingFailed, MediaUploaded, VariantInfo,
+    Envelope, Event, MediaProcessed, MediaProcessingFailed, MediaUploaded, VariantInfo, Visibility,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -71,9 +71,14 @@ impl Processor {
     }
 
     #[tracing::instrument(skip_all, fields(media_id = %cause.aggregate_id))]
-    async fn process(&self, cause: &Envelope, upload: &MediaUploaded) -> Result<(), HandleError> {
+    async fn process(
+        &self,
+        cause: &Envelope,
+        upload: &MediaUploaded,
+        visibility: Visibility,
+    ) -> Result<(), HandleError> {
         let started = std::time::Instant::now();
-        let outcome = match self.render(upload).await? {
+        let outcome = match self.render(upload, visibility).await? {
             Ok((rendered, variants)) => Event::MediaProcessed(MediaProcessed {
                 width: rendered.width,
                 height: rendered.height,
@@ -106,6 +111,7 @@ impl Processor {
     async fn render(
         &self,
         upload: &MediaUploaded,
+        visibility: Visibility,
     ) -> Result<Result<(Rendered, Vec<VariantInfo>), MediaError>, HandleError> {
         if upload.bytes > self.limits.max_upload_bytes {
             return Ok(Err(MediaError::TooLarge(upload.bytes)));
@@ -143,7 +149,16 @@ impl Processor {
         };
         let mut variants = Vec::with_capacity(rendered.variants.len());
         for v in &rendered.variants {
-            let key = format!("variants/{}/{}.{}", upload.sha256, v.name, v.extension);
+            // Private media's variants are private too: under `private/`, signed URLs only.
+            let prefix = if visibility == Visibility::Private {
+                "private/"
+            } else {
+                ""
+            };
+            let key = format!(
+                "{prefix}variants/{}/{}.{}",
+                upload.sha256, v.name, v.extension
+            );
             // Content-addressed: a redelivered upload rewrites the same bytes under the same key.
             self.objects
                 .put_bytes(&key, Bytes::clone(&v.bytes))
@@ -196,8 +211,8 @@ impl Handler for Processor {
             let envelope = from_delivered(record).map_err(|e| {
                 HandleError::Permanent(anyhow::Error::new(e).context("undecodable record"))
             })?;
-            if let Event::MediaUploaded(upload) = &envelope.payload {
-                self.process(&envelope, upload).await?;
+            if let Some((upload, visibility)) = envelope.payload.upload() {
+                self.process(&envelope, upload, visibility).await?;
             }
         }
         Ok(())

@@ -36,6 +36,10 @@ pub struct QueryState {
     pub cache: Cache<Uuid, Arc<Cached>>,
     /// Prefix of media URLs: the CDN, or empty for this edge's own `/media/`.
     pub cdn_base: String,
+    /// Keys for private media URLs: the first signs, all verify.
+    pub signing_keys: conveyor_platform::config::KeyList,
+    /// Lifetime of a signed URL, in seconds.
+    pub signed_ttl: u64,
 }
 
 impl QueryState {
@@ -48,11 +52,26 @@ impl QueryState {
             backends,
             cache,
             cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned(),
+            signing_keys: settings.cdn.signing_keys.clone(),
+            signed_ttl: settings.cdn.signed_url_ttl_secs.max(60),
         })
     }
 
+    /// The URL of a stored object. Private objects (under `private/`) get an HMAC signature
+    /// over the path and an expiry. The expiry is rounded up to the next ten minutes, so a
+    /// response and its URLs stay identical (and cacheable) for ten minutes at a time.
     pub fn media_url(&self, key: &str) -> String {
-        format!("{}/media/{key}", self.cdn_base)
+        let url = format!("{}/media/{key}", self.cdn_base);
+        if !key.starts_with("private/") {
+            return url;
+        }
+        let now = conveyor_platform::clock::now_micros() / 1_000_000;
+        let expires = (now + self.signed_ttl as i64) / 600 * 600 + 600;
+        match conveyor_platform::signing::sign(&self.signing_keys, &media_message(key, expires)) {
+            Some((kid, sig)) => format!("{url}?expires={expires}&kid={kid}&sig={sig}"),
+            // No keys: the URL cannot be signed, and `/media` will refuse it.
+            None => url,
+        }
     }
 
     /// Drops every cached response that `changes` announces, until `stop`.
@@ -105,6 +124,11 @@ pub async fn tail_invalidations(
         }
     }
     Ok(())
+}
+
+/// What a private media URL signs.
+pub fn media_message(key: &str, expires: i64) -> String {
+    format!("GET\n/media/{key}\n{expires}")
 }
 
 /// The read routes.

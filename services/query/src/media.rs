@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use conveyor_platform::http::{ApiError, etag_of, not_modified};
@@ -15,6 +17,8 @@ use futures::TryStreamExt;
 use crate::QueryState;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Private media: the bytes never change, but only the holder of a signed URL may keep them.
+const PRIVATE: &str = "private, max-age=3600, immutable";
 /// Lifetime of the presigned URLs `/media/{key}` redirects to in S3 mode.
 const PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -64,13 +68,36 @@ fn object_error(e: ObjectError) -> ApiError {
 pub(crate) async fn get_object(
     State(state): State<Arc<QueryState>>,
     Path(key): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Only finished media is public: not `incoming/` uploads still being checked.
-    let public = key.starts_with("originals/") || key.starts_with("variants/");
-    if !public || validate_key(&key).is_err() {
+    // Only finished media is served: not `incoming/` uploads still being checked, nor
+    // pending-upload records. Private media needs a valid, unexpired signature.
+    let private = key.starts_with("private/");
+    let media = key.trim_start_matches("private/");
+    let finished = media.starts_with("originals/") || media.starts_with("variants/");
+    if !finished || validate_key(&key).is_err() {
         return Err(ApiError::not_found("no such object"));
     }
+    if private {
+        let signed = || -> Option<bool> {
+            let expires: i64 = params.get("expires")?.parse().ok()?;
+            let message = crate::media_message(&key, expires);
+            Some(conveyor_platform::signing::verify(
+                &state.signing_keys,
+                params.get("kid")?,
+                &message,
+                params.get("sig")?,
+                expires,
+            ))
+        };
+        if signed() != Some(true) {
+            return Err(ApiError::forbidden(
+                "private media needs a valid, unexpired signed URL",
+            ));
+        }
+    }
+    let cache_control = HeaderValue::from_static(if private { PRIVATE } else { IMMUTABLE });
     // A store that can hand out its own URLs (S3) serves the bytes itself: redirect there, so
     // media never passes through this edge. The redirect is short-lived; the CDN in front of
     // the store caches by path.
@@ -97,7 +124,7 @@ pub(crate) async fn get_object(
     // Keys are content-addressed and never rewritten, so the key itself identifies the bytes.
     let etag = etag_of(key.as_bytes());
     let etag_value = HeaderValue::from_str(&etag).expect("etags are hex");
-    let immutable = HeaderValue::from_static(IMMUTABLE);
+    let immutable = cache_control;
     if not_modified(&headers, &etag) {
         if state
             .backends

@@ -6,5 +6,6 @@ mod dead_letters;
 mod delivery;
 mod direct_uploads;
 mod pipeline;
+mod private_media;
 mod s3;
 mod scale_out;

@@ -65,6 +65,7 @@ pub struct UploadGroup {
     pub sha256: String,
     pub original_key: String,
     pub title: Option<String>,
+    pub private: bool,
 }
 
 /// The description column group, owned by `MediaDescribed`.
@@ -130,20 +131,24 @@ impl MediaState {
     pub fn apply(&mut self, event: &Envelope) -> bool {
         let v = event.version;
         match &event.payload {
-            Event::MediaUploaded(e) => newer(
-                &mut self.upload,
-                v,
-                |g| g.version,
-                || UploadGroup {
-                    version: v,
-                    owner: e.owner.clone(),
-                    content_type: e.content_type.clone(),
-                    bytes: e.bytes,
-                    sha256: e.sha256.clone(),
-                    original_key: e.original_key.clone(),
-                    title: e.title.clone(),
-                },
-            ),
+            Event::MediaUploaded(_) | Event::MediaUploadedWithVisibility(_) => {
+                let (e, visibility) = event.payload.upload().expect("an upload event");
+                newer(
+                    &mut self.upload,
+                    v,
+                    |g| g.version,
+                    || UploadGroup {
+                        version: v,
+                        owner: e.owner.clone(),
+                        content_type: e.content_type.clone(),
+                        bytes: e.bytes,
+                        sha256: e.sha256.clone(),
+                        original_key: e.original_key.clone(),
+                        title: e.title.clone(),
+                        private: visibility == conveyor_schemas::Visibility::Private,
+                    },
+                )
+            }
             Event::MediaDescribed(e) => newer(
                 &mut self.describe,
                 v,
@@ -225,6 +230,7 @@ impl MediaState {
             variants: processed.map(|p| p.variants.clone()).unwrap_or_default(),
             exif: processed.map(|p| p.exif.clone()),
             failure_reason,
+            private: upload.private,
             created_at: upload.version as i64,
         })
     }

@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS media (
     processed TEXT,
     failure_reason TEXT,
     -- tombstone
-    deleted_v INTEGER
+    deleted_v INTEGER,
+    -- upload group, added later: 1 for private media
+    private INTEGER
 ) WITHOUT ROWID;
 -- media_by_owner: live items, newest first.
 CREATE INDEX IF NOT EXISTS media_by_owner ON media (owner, upload_v DESC, id DESC)
@@ -79,6 +81,18 @@ impl SqliteReadStore {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(storage)?;
         conn.execute_batch(SCHEMA).map_err(storage)?;
+        // Stores created before `private` existed get the column (NULL reads as public).
+        let has_private: bool = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('media') WHERE name = 'private'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(storage)?;
+        if !has_private {
+            conn.execute_batch("ALTER TABLE media ADD COLUMN private INTEGER")
+                .map_err(storage)?;
+        }
         Ok(SqliteReadStore {
             writer: Arc::new(Mutex::new(conn)),
             readers: Arc::new(ReaderPool::new(path)),
@@ -87,7 +101,7 @@ impl SqliteReadStore {
 }
 
 const COLUMNS: &str = "id, upload_v, owner, content_type, bytes, sha256, original_key, upload_title, \
-     describe_v, title, description, tags, process_v, processed, failure_reason, deleted_v";
+     describe_v, title, description, tags, process_v, processed, failure_reason, deleted_v, private";
 
 fn json_err(e: serde_json::Error) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(e))
@@ -107,6 +121,7 @@ fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaState> {
             sha256: r.get(5)?,
             original_key: r.get(6)?,
             title: r.get(7)?,
+            private: r.get::<_, Option<bool>>(16)?.unwrap_or(false),
         }),
     };
     let describe = match r.get::<_, Option<i64>>(8)? {
@@ -165,7 +180,7 @@ fn save(conn: &Connection, s: &MediaState) -> rusqlite::Result<()> {
         None => (None, None),
     };
     conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO media ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+        "INSERT OR REPLACE INTO media ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
     ))?
     .execute(params![
         &s.id.as_bytes()[..],
@@ -184,6 +199,7 @@ fn save(conn: &Connection, s: &MediaState) -> rusqlite::Result<()> {
         processed,
         failure,
         s.deleted.map(|v| v as i64),
+        u.map(|u| u.private),
     ])?;
     Ok(())
 }

@@ -1,0 +1,157 @@
+//! Private media: stored under `private/`, served only through HMAC-signed URLs that expire,
+//! with key ids so signing keys rotate.
+
+use conveyor_platform::config::KeyList;
+use conveyor_tests::helpers::{ALICE, spawn_app};
+use conveyor_tests::images;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_media_is_served_only_through_valid_signed_urls() {
+    let app = spawn_app().await;
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(images::jpeg(500, 400, 41)).file_name("p.jpg"),
+        )
+        .text("visibility", "private");
+    let response = app
+        .client
+        .post(app.url("/v1/media"))
+        .bearer_auth(ALICE)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let media = app.wait_processed(&id).await;
+    assert_eq!(media["status"], "processed", "{media}");
+
+    let url = media["variants"]["thumb"]["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        url.starts_with("/media/private/variants/")
+            && url.contains("sig=")
+            && url.contains("kid=m2"),
+        "{url}"
+    );
+    assert!(
+        media["original"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("/media/private/originals/")
+    );
+
+    // The signed URL serves the bytes, for private caches only.
+    let ok = app.client.get(app.url(&url)).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.headers()["cache-control"],
+        "private, max-age=3600, immutable"
+    );
+    assert_eq!(images::dimensions(&ok.bytes().await.unwrap()), (256, 205));
+
+    // Unsigned, forged, altered or expired: 403, with the usual JSON error.
+    let (path, query) = url.split_once('?').unwrap();
+    let expires: i64 = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("expires="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let forged = url.replace("sig=", "sig=0");
+    let stretched = url.replace(
+        &format!("expires={expires}"),
+        &format!("expires={}", expires + 3600),
+    );
+    let elsewhere = url.replace("thumb.jpg", "large.jpg");
+    let key = path.trim_start_matches("/media/");
+    let sign = |keys: &str, expires: i64| {
+        let keys = KeyList::parse(keys).unwrap();
+        let (kid, sig) =
+            conveyor_platform::signing::sign(&keys, &conveyor_query::media_message(key, expires))
+                .unwrap();
+        format!("{path}?expires={expires}&kid={kid}&sig={sig}")
+    };
+    let expired = sign("m2:new-media-key", expires - 100_000);
+    let unknown_key = sign("m9:some-other-key", expires);
+    for bad in [
+        path.to_owned(),
+        forged,
+        stretched,
+        elsewhere,
+        expired,
+        unknown_key,
+    ] {
+        let response = app.client.get(app.url(&bad)).send().await.unwrap();
+        assert_eq!(response.status(), 403, "{bad}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "forbidden");
+    }
+
+    // Rotation: a URL signed with the older key still verifies while that key is listed.
+    let by_old_key = sign("m1:old-media-key", expires);
+    assert_eq!(
+        app.client
+            .get(app.url(&by_old_key))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // The same bytes are not reachable by their public path.
+    let public_path = path.replacen("/media/private/", "/media/", 1);
+    assert_eq!(
+        app.client
+            .get(app.url(&public_path))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // A public upload's URLs carry no signature.
+    let public = app.upload(ALICE, images::jpeg(120, 90, 42), None).await;
+    let public_id = public.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let public_media = app.wait_processed(&public_id).await;
+    assert!(
+        !public_media["variants"]["thumb"]["url"]
+            .as_str()
+            .unwrap()
+            .contains('?')
+    );
+    assert_eq!(
+        app.get_json("/v1/owners/alice/stats").await.1["media_count"],
+        2
+    );
+
+    // Bad visibility values are a 400 naming the field.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(images::jpeg(8, 8, 43)).file_name("p.jpg"),
+        )
+        .text("visibility", "secret");
+    let response = app
+        .client
+        .post(app.url("/v1/media"))
+        .bearer_auth(ALICE)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("visibility"));
+}
