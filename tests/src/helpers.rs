@@ -59,6 +59,43 @@ pub async fn spawn_app_on_kafka() -> Option<TestApp> {
     )
 }
 
+/// Spawns `serve` with its objects in a fresh bucket of the S3 API named by
+/// `CONVEYOR_TEST_S3` (moto in `scripts/test`). `None`, after saying so, when it is unset.
+pub async fn spawn_app_on_s3() -> Option<TestApp> {
+    let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
+        .ok()
+        .filter(|e| !e.is_empty())
+    else {
+        eprintln!(
+            "SKIPPED: CONVEYOR_TEST_S3 is not set; scripts/test starts an S3 API and sets it"
+        );
+        return None;
+    };
+    let bucket = format!("conveyor-e2e-{}", uuid::Uuid::new_v4().simple());
+    let objects = conveyor_platform::config::ObjectSettings {
+        uri: Some(format!("s3://{bucket}")),
+        endpoint: Some(endpoint),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        ..Default::default()
+    };
+    let store = conveyor_platform::objects::s3::S3ObjectStore::connect(
+        objects.uri.as_deref().unwrap(),
+        &objects,
+    )
+    .await
+    .expect("connect to the test S3 API");
+    store
+        .client()
+        .0
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create the test bucket");
+    Some(spawn_app_with(|s| s.objects = objects).await)
+}
+
 /// The test broker's address, or `None` after a loud skip notice.
 pub fn kafka_brokers() -> Option<String> {
     match std::env::var("CONVEYOR_TEST_KAFKA") {
@@ -72,7 +109,8 @@ pub fn kafka_brokers() -> Option<String> {
     }
 }
 
-/// Runs each named `async fn(TestApp)` twice: on the embedded log and on Kafka.
+/// Runs each named `async fn(TestApp)` three times: on the embedded backends, with the log on
+/// Kafka, and with the objects in S3.
 #[macro_export]
 macro_rules! on_every_log {
     ($($name:ident),* $(,)?) => {$(
@@ -84,6 +122,12 @@ macro_rules! on_every_log {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn kafka() {
                 if let Some(app) = $crate::helpers::spawn_app_on_kafka().await {
+                    super::$name(app).await
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn s3() {
+                if let Some(app) = $crate::helpers::spawn_app_on_s3().await {
                     super::$name(app).await
                 }
             }

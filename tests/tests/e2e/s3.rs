@@ -130,6 +130,12 @@ async fn migrate_objects_copies_an_embedded_store_into_s3_resumably() {
         );
     }
 
+    // A second run copies nothing.
+    let again = migrate_objects(&*source, &target, "", 4, false)
+        .await
+        .unwrap();
+    assert_eq!((again.copied, again.skipped), (0, 12));
+
     // Interrupted half-way: the rest is copied, nothing twice.
     for meta in expected.iter().step_by(2) {
         target.delete(&meta.key).await.unwrap();

@@ -132,12 +132,15 @@ impl S3ObjectStore {
         key: &str,
         first: Bytes,
         mut body: ByteStream,
+        (cache, content_type): (Option<&str>, Option<&str>),
     ) -> Result<u64, ObjectError> {
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_cache_control(cache.map(str::to_owned))
+            .set_content_type(content_type.map(str::to_owned))
             .send()
             .await
             .map_err(|e| io(e.into_service_error()))?;
@@ -225,6 +228,49 @@ impl S3ObjectStore {
     }
 }
 
+/// The headers S3 should serve an object with, so that a CDN (or a presigned GET) in front of
+/// the bucket gets what Conveyor's own edge would send: media keys are immutable, private ones
+/// are for private caches only, and the type comes from the extension or the leading bytes.
+fn object_headers(key: &str, head: &[u8]) -> (Option<&'static str>, Option<&'static str>) {
+    let media = key.trim_start_matches("private/");
+    let cache = if !(media.starts_with("originals/") || media.starts_with("variants/")) {
+        None
+    } else if key.starts_with("private/") {
+        Some("private, max-age=3600, immutable")
+    } else {
+        Some("public, max-age=31536000, immutable")
+    };
+    let by_extension = match key.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("jpg" | "jpeg") => Some("image/jpeg"),
+        Some("png") => Some("image/png"),
+        Some("webp") => Some("image/webp"),
+        Some("gif") => Some("image/gif"),
+        _ => None,
+    };
+    let sniffed = match head {
+        [0xff, 0xd8, 0xff, ..] => Some("image/jpeg"),
+        [0x89, b'P', b'N', b'G', ..] => Some("image/png"),
+        [b'G', b'I', b'F', b'8', ..] => Some("image/gif"),
+        [
+            b'R',
+            b'I',
+            b'F',
+            b'F',
+            _,
+            _,
+            _,
+            _,
+            b'W',
+            b'E',
+            b'B',
+            b'P',
+            ..,
+        ] => Some("image/webp"),
+        _ => None,
+    };
+    (cache, by_extension.or(sniffed))
+}
+
 /// Reads up to `size` bytes from the body; `None` once it is exhausted.
 async fn read_part(body: &mut ByteStream, size: usize) -> Result<Option<Bytes>, ObjectError> {
     let mut part = BytesMut::with_capacity(size);
@@ -251,17 +297,21 @@ impl ObjectStore for S3ObjectStore {
             .unwrap_or_default();
         let size = if first.len() < self.part_size {
             let size = first.len() as u64;
+            let (cache, content_type) = object_headers(key, &first);
             self.client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&full)
+                .set_cache_control(cache.map(str::to_owned))
+                .set_content_type(content_type.map(str::to_owned))
                 .body(S3Body::from(first))
                 .send()
                 .await
                 .map_err(|e| io(e.into_service_error()))?;
             size
         } else {
-            self.multipart(&full, first, body).await?
+            let headers = object_headers(key, &first);
+            self.multipart(&full, first, body, headers).await?
         };
         Ok(ObjectMeta {
             key: key.to_owned(),
@@ -343,16 +393,37 @@ impl ObjectStore for S3ObjectStore {
 
     async fn promote(&self, from: &str, to: &str) -> Result<(), ObjectError> {
         let (source, target) = (self.full(from)?, self.full(to)?);
-        if self.head(from).await?.is_none() {
-            return Err(ObjectError::NotFound);
-        }
+        let found = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&source)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let e = e.into_service_error();
+                return Err(if e.is_not_found() {
+                    ObjectError::NotFound
+                } else {
+                    io(e)
+                });
+            }
+        };
         if self.head(to).await?.is_none() {
-            // CopyObject takes objects up to 5 GiB, far above the upload limit.
+            // The target's headers follow its key (public or private); its type was sniffed
+            // when the source was written. CopyObject takes objects up to 5 GiB, far above the
+            // upload limit.
+            let (cache, _) = object_headers(to, &[]);
             self.client
                 .copy_object()
                 .bucket(&self.bucket)
                 .key(&target)
                 .copy_source(format!("{}/{}", self.bucket, source))
+                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                .set_cache_control(cache.map(str::to_owned))
+                .set_content_type(found.content_type().map(str::to_owned))
                 .send()
                 .await
                 .map_err(|e| io(e.into_service_error()))?;
@@ -542,19 +613,19 @@ mod tests {
         let Some(store) = test_store(5).await else {
             return;
         };
-        // 12 MiB in 64 KiB chunks: three parts of 5, 5 and 2 MiB.
+        // 21 MiB in 64 KiB chunks: five parts, four of 5 MiB and one of 1 MiB.
         let chunk = Bytes::from((0..65_536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-        let chunks = (0..192).map(|_| Ok(chunk.clone())).collect::<Vec<_>>();
+        let chunks = (0..336).map(|_| Ok(chunk.clone())).collect::<Vec<_>>();
         let meta = store
             .put("originals/big", futures::stream::iter(chunks).boxed())
             .await
             .unwrap();
-        assert_eq!(meta.size, 12 * 1024 * 1024);
+        assert_eq!(meta.size, 21 * 1024 * 1024);
         let back = store.get_bytes("originals/big").await.unwrap();
-        assert_eq!(back.len(), 12 * 1024 * 1024);
+        assert_eq!(back.len(), 21 * 1024 * 1024);
         assert!(back.chunks(65_536).all(|c| c == &chunk[..]));
         let tail = store
-            .get("originals/big", Some(12 * 1024 * 1024 - 3..u64::MAX))
+            .get("originals/big", Some(21 * 1024 * 1024 - 3..u64::MAX))
             .await
             .unwrap();
         assert_eq!(tail.range.end - tail.range.start, 3);
