@@ -290,8 +290,11 @@ async fn read_part(body: &mut ByteStream, size: usize) -> Result<Option<Bytes>, 
 
 #[async_trait]
 impl ObjectStore for S3ObjectStore {
-    async fn put(&self, key: &str, mut body: ByteStream) -> Result<ObjectMeta, ObjectError> {
+    async fn put(&self, key: &str, body: ByteStream) -> Result<ObjectMeta, ObjectError> {
         let full = self.full(key)?;
+        // Parts are read until the body ends, and once more after: a fused stream may be
+        // polled past its end (many streams, `unfold` among them, panic otherwise).
+        let mut body: ByteStream = body.fuse().boxed();
         let first = read_part(&mut body, self.part_size)
             .await?
             .unwrap_or_default();
@@ -615,11 +618,13 @@ mod tests {
         };
         // 21 MiB in 64 KiB chunks: five parts, four of 5 MiB and one of 1 MiB.
         let chunk = Bytes::from((0..65_536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-        let chunks = (0..336).map(|_| Ok(chunk.clone())).collect::<Vec<_>>();
-        let meta = store
-            .put("originals/big", futures::stream::iter(chunks).boxed())
-            .await
-            .unwrap();
+        // An `unfold` stream, like the upload edge's, panics if polled after its end.
+        let source = chunk.clone();
+        let body = futures::stream::unfold(0, move |n| {
+            let chunk = source.clone();
+            async move { (n < 336).then(|| (Ok::<_, std::io::Error>(chunk), n + 1)) }
+        });
+        let meta = store.put("originals/big", body.boxed()).await.unwrap();
         assert_eq!(meta.size, 21 * 1024 * 1024);
         let back = store.get_bytes("originals/big").await.unwrap();
         assert_eq!(back.len(), 21 * 1024 * 1024);
