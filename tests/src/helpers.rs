@@ -59,9 +59,9 @@ pub async fn spawn_app_on_kafka() -> Option<TestApp> {
     )
 }
 
-/// Spawns `serve` with its objects in a fresh bucket of the S3 API named by
-/// `CONVEYOR_TEST_S3` (moto in `scripts/test`). `None`, after saying so, when it is unset.
-pub async fn spawn_app_on_s3() -> Option<TestApp> {
+/// Settings for a fresh bucket, created, on the S3 API named by `CONVEYOR_TEST_S3` (moto in
+/// `scripts/test`). `None`, after saying so on stderr, when it is unset.
+pub async fn s3_bucket() -> Option<conveyor_platform::config::ObjectSettings> {
     let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
         .ok()
         .filter(|e| !e.is_empty())
@@ -77,14 +77,10 @@ pub async fn spawn_app_on_s3() -> Option<TestApp> {
         endpoint: Some(endpoint),
         region: Some("us-east-1".into()),
         path_style: true,
+        part_size_mib: 5,
         ..Default::default()
     };
-    let store = conveyor_platform::objects::s3::S3ObjectStore::connect(
-        objects.uri.as_deref().unwrap(),
-        &objects,
-    )
-    .await
-    .expect("connect to the test S3 API");
+    let store = s3_store(&objects).await;
     store
         .client()
         .0
@@ -93,6 +89,22 @@ pub async fn spawn_app_on_s3() -> Option<TestApp> {
         .send()
         .await
         .expect("create the test bucket");
+    Some(objects)
+}
+
+/// A store on the bucket `objects` names.
+pub async fn s3_store(
+    objects: &conveyor_platform::config::ObjectSettings,
+) -> conveyor_platform::objects::s3::S3ObjectStore {
+    let uri = objects.uri.as_deref().expect("an s3 uri");
+    conveyor_platform::objects::s3::S3ObjectStore::connect(uri, objects)
+        .await
+        .expect("connect to the test S3 API")
+}
+
+/// Spawns `serve` with its objects in a fresh bucket ([`s3_bucket`]).
+pub async fn spawn_app_on_s3() -> Option<TestApp> {
+    let objects = s3_bucket().await?;
     Some(spawn_app_with(|s| s.objects = objects).await)
 }
 

@@ -1,7 +1,7 @@
 //! Direct uploads: the API issues URLs, the client sends bytes straight to storage, and the
 //! completion checks what arrived before anything is appended.
 
-use conveyor_tests::helpers::{ALICE, BOB, TestApp, spawn_app, spawn_app_with};
+use conveyor_tests::helpers::{ALICE, BOB, TestApp, s3_bucket, spawn_app, spawn_app_with};
 use conveyor_tests::images;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -226,45 +226,16 @@ async fn mismatches_are_422_and_append_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_direct_uploads_use_presigned_puts_and_parts() {
-    let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
-        .ok()
-        .filter(|s| !s.is_empty())
-    else {
-        eprintln!("SKIPPED: CONVEYOR_TEST_S3 is not set; scripts/test starts moto and sets it");
+    let Some(objects) = s3_bucket().await else {
         return;
     };
-    let bucket = format!("conveyor-direct-{}", uuid::Uuid::new_v4().simple());
+    let endpoint = objects.endpoint.clone().unwrap();
     let app = spawn_app_with(|s| {
-        s.objects.uri = Some(format!("s3://{bucket}"));
-        s.objects.endpoint = Some(endpoint.clone());
-        s.objects.region = Some("us-east-1".into());
-        s.objects.path_style = true;
+        s.objects = objects.clone();
         s.uploads.multipart_threshold_mib = 16;
         s.uploads.part_size_mib = 5;
-    });
-    let app = {
-        // The bucket must exist before the app checks readiness.
-        let store = conveyor_platform::objects::s3::S3ObjectStore::connect(
-            &format!("s3://{bucket}"),
-            &conveyor_platform::config::ObjectSettings {
-                endpoint: Some(endpoint.clone()),
-                region: Some("us-east-1".into()),
-                path_style: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        store
-            .client()
-            .0
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-        app.await
-    };
+    })
+    .await;
 
     // Small: one presigned PUT straight to S3.
     let small = images::jpeg(320, 240, 33);
@@ -344,35 +315,9 @@ async fn s3_direct_uploads_use_presigned_puts_and_parts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_presigned_s3_urls_and_uploads_are_refused() {
-    let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
-        .ok()
-        .filter(|s| !s.is_empty())
-    else {
-        eprintln!("SKIPPED: CONVEYOR_TEST_S3 is not set; scripts/test starts moto and sets it");
+    let Some(objects) = s3_bucket().await else {
         return;
     };
-    let bucket = format!("conveyor-expiry-{}", uuid::Uuid::new_v4().simple());
-    let objects = conveyor_platform::config::ObjectSettings {
-        uri: Some(format!("s3://{bucket}")),
-        endpoint: Some(endpoint),
-        region: Some("us-east-1".into()),
-        path_style: true,
-        ..Default::default()
-    };
-    let store = conveyor_platform::objects::s3::S3ObjectStore::connect(
-        objects.uri.as_deref().unwrap(),
-        &objects,
-    )
-    .await
-    .unwrap();
-    store
-        .client()
-        .0
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .unwrap();
     let app = spawn_app_with(|s| {
         s.objects = objects.clone();
         s.uploads.ttl_secs = 1;

@@ -3,50 +3,18 @@
 //! embedded store into a bucket, resumably and verified.
 
 use conveyor::ops::migrate_objects;
-use conveyor_platform::config::ObjectSettings;
 use conveyor_platform::objects::ObjectStore;
-use conveyor_platform::objects::s3::S3ObjectStore;
-use conveyor_tests::helpers::{ALICE, spawn_app, spawn_app_with};
+use conveyor_tests::helpers::{ALICE, s3_bucket, s3_store, spawn_app, spawn_app_with};
 use conveyor_tests::images;
 use serde_json::Value;
 
-fn s3_settings() -> Option<ObjectSettings> {
-    let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
-        .ok()
-        .filter(|s| !s.is_empty())
-    else {
-        eprintln!("SKIPPED: CONVEYOR_TEST_S3 is not set; scripts/test starts moto and sets it");
-        return None;
-    };
-    Some(ObjectSettings {
-        endpoint: Some(endpoint),
-        region: Some("us-east-1".into()),
-        path_style: true,
-        part_size_mib: 5,
-        ..ObjectSettings::default()
-    })
-}
-
-/// A fresh bucket, and a store on it.
-async fn bucket(settings: &ObjectSettings) -> (String, S3ObjectStore) {
-    let name = format!("conveyor-e2e-{}", uuid::Uuid::new_v4().simple());
-    let store = S3ObjectStore::connect(&format!("s3://{name}"), settings)
-        .await
-        .unwrap();
-    let (client, _) = store.client();
-    client.create_bucket().bucket(&name).send().await.unwrap();
-    (format!("s3://{name}"), store)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_land_in_s3_and_media_redirects_to_it() {
-    let Some(objects) = s3_settings() else { return };
-    let (uri, store) = bucket(&objects).await;
-    let app = spawn_app_with(|s| {
-        s.objects = objects.clone();
-        s.objects.uri = Some(uri.clone());
-    })
-    .await;
+    let Some(objects) = s3_bucket().await else {
+        return;
+    };
+    let store = s3_store(&objects).await;
+    let app = spawn_app_with(|s| s.objects = objects.clone()).await;
     let file = images::jpeg(900, 600, 21);
     let response = app.upload(ALICE, file.clone(), None).await;
     assert_eq!(response.status(), 202);
@@ -98,7 +66,9 @@ async fn uploads_land_in_s3_and_media_redirects_to_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_objects_copies_an_embedded_store_into_s3_resumably() {
-    let Some(objects) = s3_settings() else { return };
+    let Some(objects) = s3_bucket().await else {
+        return;
+    };
     // Fill an embedded store through the real pipeline.
     let app = spawn_app().await;
     for seed in 0..3 {
@@ -116,7 +86,7 @@ async fn migrate_objects_copies_an_embedded_store_into_s3_resumably() {
         "three originals and their three variants each"
     );
 
-    let (_, target) = bucket(&objects).await;
+    let target = s3_store(&objects).await;
     let first = migrate_objects(&*source, &target, "", 4, false)
         .await
         .unwrap();

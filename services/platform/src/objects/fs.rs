@@ -13,7 +13,9 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
-use super::{ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, validate_key};
+use super::{
+    ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, resolve_range, validate_key,
+};
 
 pub struct FsObjectStore {
     root: PathBuf,
@@ -92,17 +94,7 @@ impl ObjectStore for FsObjectStore {
             Err(e) => return Err(e.into()),
         };
         let size = file.metadata().await?.len();
-        let range = match range {
-            None => 0..size,
-            Some(r) if r.start >= size || r.start >= r.end => {
-                return Err(ObjectError::RangeNotSatisfiable {
-                    start: r.start,
-                    end: r.end,
-                    size,
-                });
-            }
-            Some(r) => r.start..r.end.min(size),
-        };
+        let range = resolve_range(range, size)?;
         file.seek(SeekFrom::Start(range.start)).await?;
         let reader = file.take(range.end - range.start);
         let body = ReaderStream::with_capacity(reader, 64 * 1024).boxed();

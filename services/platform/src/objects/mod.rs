@@ -142,6 +142,20 @@ pub trait ObjectStore: Send + Sync + 'static {
     }
 }
 
+/// The bytes a `get` of `range` serves from an object of `size` bytes, by the contract: the
+/// whole object for `None`, an end past the object clamped, a start past it refused.
+pub fn resolve_range(range: Option<Range<u64>>, size: u64) -> Result<Range<u64>, ObjectError> {
+    match range {
+        None => Ok(0..size),
+        Some(r) if r.start >= size || r.start >= r.end => Err(ObjectError::RangeNotSatisfiable {
+            start: r.start,
+            end: r.end,
+            size,
+        }),
+        Some(r) => Ok(r.start..r.end.min(size)),
+    }
+}
+
 /// Checks a key against the contract's grammar.
 pub fn validate_key(key: &str) -> Result<(), ObjectError> {
     let ok = !key.is_empty()

@@ -19,7 +19,9 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-use super::{ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, validate_key};
+use super::{
+    ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, resolve_range, validate_key,
+};
 use crate::config::ObjectSettings;
 
 /// S3's smallest part (except the last).
@@ -325,17 +327,7 @@ impl ObjectStore for S3ObjectStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<GetObject, ObjectError> {
         let full = self.full(key)?;
         let size = self.head(key).await?.ok_or(ObjectError::NotFound)?.size;
-        let range = match range {
-            None => 0..size,
-            Some(r) if r.start >= size || r.start >= r.end => {
-                return Err(ObjectError::RangeNotSatisfiable {
-                    start: r.start,
-                    end: r.end,
-                    size,
-                });
-            }
-            Some(r) => r.start..r.end.min(size),
-        };
+        let range = resolve_range(range, size)?;
         let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
         if range != (0..size) {
             request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
