@@ -234,6 +234,17 @@ impl TestApp {
         done.expect("consumers caught up in time");
     }
 
+    /// Records appended to the app's event topic, over all partitions.
+    pub async fn log_records(&self) -> u64 {
+        let lag = self
+            .backends
+            .log
+            .lag(&self.settings.log.topic, "nobody")
+            .await
+            .expect("lag");
+        lag.iter().map(|l| l.end).sum()
+    }
+
     /// `DELETE /v1/media/{id}` with `key`.
     pub async fn delete(&self, key: &str, id: &str) -> reqwest::Response {
         let url = self.url(&format!("/v1/media/{id}"));

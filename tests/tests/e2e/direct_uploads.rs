@@ -43,20 +43,6 @@ async fn put(app: &TestApp, url: &str, bytes: Vec<u8>, content_type: &str) -> re
         .unwrap()
 }
 
-/// Records appended to the app's log, over all partitions.
-async fn log_uploads(app: &TestApp) -> usize {
-    {
-        app.backends
-            .log
-            .lag(&app.settings.log.topic, "nobody")
-            .await
-            .unwrap()
-            .iter()
-            .map(|l| l.end as usize)
-            .sum()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_direct_uploads_are_signed_checked_and_processed() {
     let app = spawn_app().await;
@@ -221,7 +207,7 @@ async fn mismatches_are_422_and_append_nothing() {
         400
     );
     assert_eq!(start_upload(&app, json!({"bytes": 10})).await.status(), 400);
-    assert_eq!(log_uploads(&app).await, 0, "nothing appended");
+    assert_eq!(app.log_records().await, 0, "nothing appended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,5 +339,5 @@ async fn expired_presigned_s3_urls_and_uploads_are_refused() {
     })
     .await;
     assert!(gone.is_some(), "an expired upload cannot be completed");
-    assert_eq!(log_uploads(&app).await, 0);
+    assert_eq!(app.log_records().await, 0);
 }
