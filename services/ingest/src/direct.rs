@@ -221,16 +221,42 @@ async fn load_pending(state: &IngestState, id: Uuid) -> Result<PendingUpload, Ap
     serde_json::from_slice(&bytes).map_err(ApiError::internal)
 }
 
+/// Reads and drops the rest of a refused body (up to `cap` bytes) before answering: a client
+/// still sending would otherwise see its connection reset instead of the status.
+async fn refuse(data: &mut axum::body::BodyDataStream, cap: u64, error: ApiError) -> ApiError {
+    let mut read = 0u64;
+    while let Some(Ok(chunk)) = data.next().await {
+        read += chunk.len() as u64;
+        if read > cap {
+            break;
+        }
+    }
+    error
+}
+
+fn too_large(declared: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the body is larger than the declared {declared} bytes"),
+    )
+}
+
 /// `PUT /v1/uploads/{id}/data`: the embedded store's upload URL.
 pub(crate) async fn put_data(
     State(state): State<Arc<IngestState>>,
     Path(id): Path<String>,
     signed: Result<Query<Signed>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    let mut data = body.into_data_stream();
+    let cap = state.limits.max_upload_bytes;
     let forbidden = || ApiError::forbidden("the upload URL's signature is invalid or has expired");
-    let Query(signed) = signed.map_err(|_| forbidden())?;
+    let Ok(Query(signed)) = signed else {
+        return Err(refuse(&mut data, cap, forbidden()).await);
+    };
     let message = upload_message(id, signed.expires);
     if !signing::verify(
         &state.uploads.signing_key,
@@ -239,13 +265,22 @@ pub(crate) async fn put_data(
         &signed.sig,
         signed.expires,
     ) {
-        return Err(forbidden());
+        return Err(refuse(&mut data, cap, forbidden()).await);
     }
-    let pending = load_pending(&state, id).await?;
+    let pending = match load_pending(&state, id).await {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut data, cap, e).await),
+    };
+    let declared_too_small = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|length| length > pending.bytes);
+    if declared_too_small {
+        return Err(refuse(&mut data, cap, too_large(pending.bytes)).await);
+    }
     let limit = pending.bytes;
     let mut seen = 0u64;
-    let stream = body
-        .into_data_stream()
+    let stream = data
         .map_err(std::io::Error::other)
         .map(move |chunk| {
             let chunk = chunk?;
@@ -262,11 +297,9 @@ pub(crate) async fn put_data(
             axum::Json(serde_json::json!({ "bytes": meta.size })),
         )
             .into_response()),
-        Err(ObjectError::Body(e)) if e.to_string().contains("declared size") => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is larger than the declared {limit} bytes"),
-        )),
+        Err(ObjectError::Body(e)) if e.to_string().contains("declared size") => {
+            Err(too_large(limit))
+        }
         Err(ObjectError::Body(e)) => Err(ApiError::bad_request("body", e.to_string())),
         Err(e) => Err(ApiError::unavailable(e)),
     }
