@@ -149,6 +149,10 @@ def check_roles(target, docs):
         if doc["kind"] == "Secret":
             env.update(doc.get("stringData", {}))
     for doc in docs:
+        if doc["kind"] == "Job":
+            pod = doc["spec"]["template"]["spec"]
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                check_command(f"{target}: Job/{doc['metadata']['name']}/{container['name']}", container["args"], env)
         if doc["kind"] != "Deployment":
             continue
         container = doc["spec"]["template"]["spec"]["containers"][0]

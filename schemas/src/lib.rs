@@ -5,6 +5,7 @@
 //! edited: see [`codec`] for how the wire format evolves.
 
 pub mod codec;
+pub mod cql;
 pub mod event;
 pub mod view;
 

@@ -104,6 +104,14 @@ pub enum OpsCommand {
         #[arg(long)]
         install_lifecycle_days: Option<i32>,
     },
+    /// Create or update the read-model schema in ScyllaDB: the keyspace (replication factor
+    /// from `views.replication_factor`) and every migration in `schemas/cql/` not yet applied.
+    /// Idempotent. Refuses if an applied migration file has changed since. The embedded SQLite
+    /// store creates its schema itself and needs nothing.
+    Migrate {
+        #[command(flatten)]
+        target: RoleArgs,
+    },
     /// Topic administration.
     #[command(subcommand)]
     Topics(TopicsCommand),

@@ -78,6 +78,24 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             println!("removed {removed} expired upload objects");
             Ok(())
         }
+        OpsCommand::Migrate { target } => {
+            let settings = settings(config, target)?;
+            let uri = settings.views_uri();
+            if !uri.starts_with("scylla://") {
+                println!("{uri}: the embedded read store migrates itself when it opens");
+                return Ok(());
+            }
+            let report = conveyor_platform::views::scylla::migrate(&uri, &settings.views)
+                .await
+                .with_context(|| format!("failed to migrate {uri}"))?;
+            for name in &report.already {
+                println!("{name}: already applied");
+            }
+            for name in &report.applied {
+                println!("{name}: applied");
+            }
+            Ok(())
+        }
         OpsCommand::Topics(TopicsCommand::Ensure { target }) => {
             let settings = settings(config, target)?;
             let log = open_log(&settings)?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
-use crate::config::{ObjectSettings, Settings};
+use crate::config::{ObjectSettings, Settings, ViewSettings};
 use crate::log::EventLog;
 use crate::log::kafka::KafkaLog;
 use crate::log::sqlite::SqliteLog;
@@ -13,6 +13,7 @@ use crate::objects::ObjectStore;
 use crate::objects::fs::FsObjectStore;
 use crate::objects::s3::S3ObjectStore;
 use crate::views::ReadStore;
+use crate::views::scylla::ScyllaReadStore;
 use crate::views::sqlite::SqliteReadStore;
 
 /// The three backends a service works against.
@@ -28,7 +29,7 @@ impl Backends {
     pub async fn open(settings: &Settings) -> anyhow::Result<Backends> {
         let objects = open_objects(&settings.objects_uri(), &settings.objects).await?;
         let log = open_log(settings)?;
-        let views = open_views(&settings.views_uri())?;
+        let views = open_views(&settings.views_uri(), &settings.views).await?;
         for topic in [settings.topic().to_owned(), settings.dlq_topic()] {
             log.ensure_topic(&topic, settings.log.partitions)
                 .await
@@ -83,11 +84,20 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<Arc<dyn EventLog>> {
     )
 }
 
-pub fn open_views(uri: &str) -> anyhow::Result<Arc<dyn ReadStore>> {
+pub async fn open_views(uri: &str, settings: &ViewSettings) -> anyhow::Result<Arc<dyn ReadStore>> {
     if let Some(path) = path_of(uri, "sqlite://") {
         let store = SqliteReadStore::open(&path)
             .with_context(|| format!("failed to open read store at {}", path.display()))?;
         return Ok(Arc::new(store));
     }
-    bail!("unsupported read store uri {uri:?}: expected sqlite://PATH")
+    if uri.starts_with("scylla://") {
+        let store = ScyllaReadStore::connect(uri, settings)
+            .await
+            .with_context(|| format!("failed to open read store at {uri}"))?;
+        return Ok(Arc::new(store));
+    }
+    bail!(
+        "unsupported read store uri {uri:?}: expected sqlite://PATH or \
+         scylla://HOST:9042[,HOST:9042]/KEYSPACE"
+    )
 }

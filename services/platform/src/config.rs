@@ -92,11 +92,26 @@ impl Default for ObjectSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ViewSettings {
-    /// `sqlite://PATH`; unset means `sqlite://<data_dir>/views.db`.
+    /// `sqlite://PATH` or `scylla://HOST:9042[,HOST:9042]/KEYSPACE`; unset means
+    /// `sqlite://<data_dir>/views.db`.
     pub uri: Option<String>,
+    /// ScyllaDB: the keyspace's replication factor, used when `ops migrate` creates it.
+    pub replication_factor: u8,
+    /// ScyllaDB: how long one request may take before it fails (and, if idempotent, retries).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ViewSettings {
+    fn default() -> Self {
+        ViewSettings {
+            uri: None,
+            replication_factor: 3,
+            request_timeout_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -116,7 +116,9 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
     eprintln!("processed and projected in {:.1?}", started.elapsed());
 
     // Every acknowledged upload is processed, and counted exactly once.
-    let views = open_views(&settings.views_uri()).unwrap();
+    let views = open_views(&settings.views_uri(), &settings.views)
+        .await
+        .unwrap();
     for id in &acked {
         let row = views.media(id.parse().unwrap()).await.unwrap();
         let row = row.unwrap_or_else(|| panic!("acknowledged upload {id} is missing"));

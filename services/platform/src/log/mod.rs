@@ -1,5 +1,6 @@
 //! The event log: partitioned, append-only topics with consumer groups. The embedded
-//! implementation is SQLite ([`sqlite::SqliteLog`]); Kafka comes later behind the same trait.
+//! implementation is SQLite ([`sqlite::SqliteLog`]); the distributed one is Kafka
+//! ([`kafka::KafkaLog`]), behind the same trait.
 
 pub mod conformance;
 pub mod kafka;

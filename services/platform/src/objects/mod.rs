@@ -1,5 +1,6 @@
 //! Object storage: immutable blobs by key. The embedded implementation is a local directory
-//! ([`fs::FsObjectStore`]); S3 comes later behind the same trait.
+//! ([`fs::FsObjectStore`]); the distributed one is S3
+//! ([`s3::S3ObjectStore`]), behind the same trait.
 
 pub mod conformance;
 pub mod fs;

@@ -1,6 +1,6 @@
 //! Read models: `media_by_id`, `media_by_owner` and `owner_stats`, folded from events. The
-//! embedded implementation is SQLite ([`sqlite::SqliteReadStore`]); ScyllaDB comes later
-//! behind the same trait.
+//! embedded implementation is SQLite ([`sqlite::SqliteReadStore`]); the distributed one is
+//! ScyllaDB ([`scylla::ScyllaReadStore`]), behind the same trait and the same conformance suite.
 //!
 //! The folding rules live here, as a pure function ([`MediaState::apply`]), so every store
 //! agrees on them:
@@ -14,6 +14,7 @@
 //! of times, gives the same visible state.
 
 pub mod conformance;
+pub mod scylla;
 pub mod sqlite;
 
 use async_trait::async_trait;
