@@ -13,6 +13,7 @@ use conveyor_platform::consumer::report_lag;
 use conveyor_platform::http::{ApiError, not_found, ops_router, track_requests};
 use conveyor_platform::shutdown::Shutdown;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -51,6 +52,41 @@ pub struct App {
     pub settings: Settings,
     /// The backends this app runs on, for tests and operator tooling in the same process.
     pub backends: Backends,
+}
+
+/// Takes a backup every `every` and keeps the newest `backup.keep`, until `stop`. A failed
+/// backup is logged and retried at the next tick; it never stops the server.
+async fn scheduled_backups(settings: Settings, every: Duration, stop: CancellationToken) {
+    let uri = settings.backup_uri();
+    tracing::info!(every = ?every, to = %uri, keep = settings.backup.keep, "scheduled backups on");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let run = async {
+            let target = conveyor_platform::backends::open_objects(&uri, &settings.objects).await?;
+            let report = crate::backup::backup(&settings, &*target, 4, false).await?;
+            let pruned = crate::backup::prune(&*target, settings.backup.keep.max(1)).await?;
+            anyhow::Ok((report, pruned))
+        };
+        match run.await {
+            Ok((report, pruned)) => {
+                metrics::counter!("conveyor_backups_total").increment(1);
+                tracing::info!(
+                    id = %report.manifest.id,
+                    objects_copied = report.objects_copied,
+                    bytes_copied = report.bytes_copied,
+                    pruned = pruned.len(),
+                    "backup taken"
+                )
+            }
+            Err(e) => {
+                metrics::counter!("conveyor_backup_failures_total").increment(1);
+                tracing::error!(error = format!("{e:#}"), "scheduled backup failed")
+            }
+        }
+    }
 }
 
 /// Opens the backends, binds the listener and starts the role's consumers.
@@ -140,6 +176,12 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
                 .tracker
                 .spawn(async move { projector.run(log, &settings, stop).await }),
         ));
+    }
+    if let (Role::Serve, Some(every)) = (role, settings.backup.every) {
+        let (settings, stop) = (settings.clone(), shutdown.token.clone());
+        shutdown
+            .tracker
+            .spawn(scheduled_backups(settings, every.0, stop));
     }
     if !groups.is_empty() {
         shutdown.tracker.spawn(report_lag(

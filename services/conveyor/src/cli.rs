@@ -112,6 +112,41 @@ pub enum OpsCommand {
         #[command(flatten)]
         target: RoleArgs,
     },
+    /// Take a consistent online backup of the embedded mode: the log and read models (SQLite's
+    /// online backup API) and the media, with a manifest of sizes, counts and sha256s. Objects
+    /// are content-addressed, so only new ones are copied. Safe while serving.
+    Backup {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// A directory or s3://BUCKET[/PREFIX] [default: backup.to, or <data_dir>/backups].
+        #[arg(long)]
+        to: Option<String>,
+        /// Objects copied at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Afterwards, keep only the newest N backups (and the objects they name).
+        #[arg(long)]
+        keep: Option<usize>,
+    },
+    /// Restore a backup into an empty data dir (and empty media store), checking every file and
+    /// object against the manifest. Refuses a corrupt or incomplete backup, and leaves nothing
+    /// behind when it does.
+    Restore {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// A directory or s3://BUCKET[/PREFIX] holding backups.
+        #[arg(long)]
+        from: String,
+        /// Which backup [default: the newest complete one]. `--list` shows them.
+        #[arg(long)]
+        id: Option<String>,
+        /// List the complete backups and exit.
+        #[arg(long)]
+        list: bool,
+        /// Objects copied at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Topic administration.
     #[command(subcommand)]
     Topics(TopicsCommand),

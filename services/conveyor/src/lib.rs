@@ -2,6 +2,7 @@
 //! ([`ops`]) and benchmarks ([`loadtest`]). `main.rs` only parses arguments.
 
 pub mod app;
+pub mod backup;
 pub mod cli;
 pub mod loadtest;
 pub mod ops;

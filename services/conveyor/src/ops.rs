@@ -78,6 +78,70 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             println!("removed {removed} expired upload objects");
             Ok(())
         }
+        OpsCommand::Backup {
+            target,
+            to,
+            concurrency,
+            keep,
+        } => {
+            let settings = settings(config, target)?;
+            let uri = to
+                .as_deref()
+                .map(conveyor_platform::config::store_uri)
+                .unwrap_or_else(|| settings.backup_uri());
+            let store = open_objects(&uri, &settings.objects).await?;
+            let report = crate::backup::backup(&settings, &*store, concurrency, true).await?;
+            let m = &report.manifest;
+            println!(
+                "backup {} in {uri}: {} log records, {} live media, {} objects ({} new, {} bytes copied)",
+                m.id,
+                m.log
+                    .topics
+                    .values()
+                    .flatten()
+                    .map(|p| p.records)
+                    .sum::<u64>(),
+                m.views.as_ref().map_or(0, |v| v.live),
+                m.objects.len(),
+                report.objects_copied,
+                report.bytes_copied
+            );
+            if let Some(keep) = keep {
+                let pruned = crate::backup::prune(&*store, keep.max(1)).await?;
+                println!("removed {} older backups", pruned.len());
+            }
+            Ok(())
+        }
+        OpsCommand::Restore {
+            target,
+            from,
+            id,
+            list,
+            concurrency,
+        } => {
+            let settings = settings(config, target)?;
+            let uri = conveyor_platform::config::store_uri(&from);
+            let store = open_objects(&uri, &settings.objects).await?;
+            if list {
+                for id in crate::backup::list(&*store).await? {
+                    let m = crate::backup::read_manifest(&*store, &id).await?;
+                    println!("{id}  {}  {} objects", m.created_at, m.objects.len());
+                }
+                return Ok(());
+            }
+            let report =
+                crate::backup::restore(&settings, &*store, id.as_deref(), concurrency, true)
+                    .await?;
+            println!(
+                "restored backup {} into {}: log, read models and {} objects ({} bytes), all \
+                 matching the manifest",
+                report.manifest.id,
+                settings.data_dir.display(),
+                report.objects,
+                report.bytes
+            );
+            Ok(())
+        }
         OpsCommand::Migrate { target } => {
             let settings = settings(config, target)?;
             let uri = settings.views_uri();

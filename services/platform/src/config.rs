@@ -21,6 +21,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub objects: ObjectSettings,
     pub views: ViewSettings,
+    pub backup: BackupSettings,
     pub auth: AuthSettings,
     pub limits: Limits,
     pub uploads: UploadSettings,
@@ -179,6 +180,67 @@ pub struct ProjectorSettings {
     pub batch: usize,
 }
 
+/// An object-store uri from what an operator typed: a uri as is, a bare path as `file://`.
+pub fn store_uri(target: &str) -> String {
+    if target.contains("://") {
+        target.to_owned()
+    } else {
+        let path = Path::new(target);
+        let absolute = std::env::current_dir()
+            .map(|cwd| cwd.join(path))
+            .unwrap_or_else(|_| path.to_owned());
+        format!("file://{}", absolute.display())
+    }
+}
+
+/// A duration written the human way: `90s`, `15m`, `6h`, `1d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub std::time::Duration);
+
+impl Serialize for Interval {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let duration = humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like 6h or 30m: {e}"))
+        })?;
+        if duration.is_zero() {
+            return Err(serde::de::Error::custom(
+                "the interval must be more than zero",
+            ));
+        }
+        Ok(Interval(duration))
+    }
+}
+
+/// Scheduled backups, taken by `serve` (embedded mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSettings {
+    /// How often, e.g. `6h`; unset means no scheduled backups.
+    pub every: Option<Interval>,
+    /// How many backups to keep; older ones and the objects only they name are removed.
+    pub keep: usize,
+    /// Where: a directory or `s3://bucket[/prefix]`; unset means `<data_dir>/backups`. Put it
+    /// on another disk or in S3: a backup beside the data shares its fate.
+    pub to: Option<String>,
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        BackupSettings {
+            every: None,
+            keep: 7,
+            to: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuerySettings {
@@ -233,6 +295,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             objects: ObjectSettings::default(),
             views: ViewSettings::default(),
+            backup: BackupSettings::default(),
             auth: AuthSettings::default(),
             limits: Limits::default(),
             uploads: UploadSettings::default(),
@@ -379,6 +442,14 @@ impl Settings {
             .uri
             .clone()
             .unwrap_or_else(|| format!("file://{}", self.data_dir.join("objects").display()))
+    }
+
+    /// Where backups go, as an object-store uri.
+    pub fn backup_uri(&self) -> String {
+        match &self.backup.to {
+            Some(to) => store_uri(to),
+            None => format!("file://{}", self.data_dir.join("backups").display()),
+        }
     }
 
     pub fn views_uri(&self) -> String {

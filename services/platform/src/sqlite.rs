@@ -61,3 +61,26 @@ impl ReaderPool {
 #[derive(Debug, thiserror::Error)]
 #[error("sqlite reader: {0}")]
 pub struct PoolError(pub String);
+
+/// Copies the database at `src` into a new file `dst` with SQLite's online backup API, in one
+/// step, so the copy is a single consistent snapshot even while other connections (and other
+/// processes) write to `src`. The copy is a plain rollback-journal database: one file.
+pub fn snapshot(src: &Path, dst: &Path) -> rusqlite::Result<()> {
+    use rusqlite::backup::{Backup, StepResult};
+    let source = Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    source.busy_timeout(Duration::from_secs(10))?;
+    let mut target = Connection::open(dst)?;
+    {
+        let backup = Backup::new(&source, &mut target)?;
+        loop {
+            match backup.step(-1)? {
+                StepResult::Done => break,
+                StepResult::More => {}
+                // Another connection holds a lock the step needs: wait, as SQLite suggests.
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    target.pragma_update(None, "journal_mode", "DELETE")?;
+    Ok(())
+}

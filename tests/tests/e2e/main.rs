@@ -1,5 +1,6 @@
 //! End-to-end tests: the real app on port 0 with a temp dir, driven over HTTP.
 
+mod backup;
 mod bad_input;
 mod crash;
 mod dead_letters;

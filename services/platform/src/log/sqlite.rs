@@ -646,6 +646,139 @@ impl Subscription for SqliteSubscription {
     }
 }
 
+/// One partition of a log file, as a backup manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionSummary {
+    pub partition: u32,
+    pub records: u64,
+    pub end: u64,
+}
+
+/// One group's committed offsets on one topic.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupSummary {
+    pub group: String,
+    pub topic: String,
+    /// `(partition, next offset)`.
+    pub offsets: Vec<(u32, u64)>,
+}
+
+/// What a log file holds: every topic's partitions and every group's commits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogSummary {
+    pub topics: std::collections::BTreeMap<String, Vec<PartitionSummary>>,
+    pub groups: Vec<GroupSummary>,
+}
+
+/// Summarizes a log file that no process is writing (a backup copy).
+pub fn summarize_file(path: &std::path::Path) -> Result<LogSummary, LogError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(storage)?;
+    let topics: Vec<(String, Topic)> = conn
+        .prepare("SELECT name, id, partitions FROM topics ORDER BY name")
+        .and_then(|mut s| {
+            s.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    Topic {
+                        id: r.get(1)?,
+                        partitions: r.get(2)?,
+                    },
+                ))
+            })?
+            .collect()
+        })
+        .map_err(storage)?;
+    let mut summary = LogSummary::default();
+    for (name, topic) in topics {
+        let mut partitions = Vec::new();
+        for p in 0..topic.partitions {
+            let records: i64 = conn
+                .query_row(
+                    &format!("SELECT count(*) FROM {}", table(topic.id, p)),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(storage)?;
+            partitions.push(PartitionSummary {
+                partition: p,
+                records: records as u64,
+                end: end_offset(&conn, topic, p)?,
+            });
+        }
+        summary.topics.insert(name, partitions);
+    }
+    let mut stmt = conn
+        .prepare(
+            "SELECT grp, topic, part, next_offset FROM group_offsets ORDER BY grp, topic, part",
+        )
+        .map_err(storage)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })
+        .map_err(storage)?;
+    for row in rows {
+        let (group, topic, part, next) = row.map_err(storage)?;
+        match summary.groups.last_mut() {
+            Some(g) if g.group == group && g.topic == topic => g.offsets.push((part, next)),
+            _ => summary.groups.push(GroupSummary {
+                group,
+                topic,
+                offsets: vec![(part, next)],
+            }),
+        }
+    }
+    Ok(summary)
+}
+
+/// `group`'s committed offsets on `topic`, read from a log file other processes may be
+/// writing (a read transaction sees one consistent state).
+pub fn read_group_offsets(
+    path: &std::path::Path,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<(u32, u64)>, LogError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(storage)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(storage)?;
+    let mut offsets: Vec<(u32, u64)> = committed(&conn, group, topic)?.into_iter().collect();
+    offsets.sort();
+    Ok(offsets)
+}
+
+/// Sets `group`'s committed offsets on `topic` in a log file no process is writing (a backup
+/// copy), moving them backwards if need be: the one place commits may go back, so that a
+/// restored projector re-applies what a read-model snapshot may lack.
+pub fn set_group_offsets_in_file(
+    path: &std::path::Path,
+    group: &str,
+    topic: &str,
+    offsets: &[(u32, u64)],
+) -> Result<(), LogError> {
+    let mut conn = Connection::open(path).map_err(storage)?;
+    let tx = conn.transaction().map_err(storage)?;
+    tx.execute(
+        "DELETE FROM group_offsets WHERE grp = ?1 AND topic = ?2",
+        params![group, topic],
+    )
+    .map_err(storage)?;
+    for (part, next) in offsets {
+        tx.execute(
+            "INSERT INTO group_offsets (grp, topic, part, next_offset) VALUES (?1, ?2, ?3, ?4)",
+            params![group, topic, part, *next as i64],
+        )
+        .map_err(storage)?;
+    }
+    tx.commit().map_err(storage)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

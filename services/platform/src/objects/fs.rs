@@ -26,8 +26,16 @@ impl FsObjectStore {
     pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(root.join(".tmp"))?;
+        // Leftovers of a crash. Other processes (roles, `ops backup`) may share this directory
+        // and be writing right now, so only files untouched for an hour are removed: a live
+        // write keeps its file's mtime fresh.
+        let stale = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for entry in std::fs::read_dir(root.join(".tmp"))? {
-            let _ = std::fs::remove_file(entry?.path());
+            let entry = entry?;
+            let modified = entry.metadata().and_then(|m| m.modified());
+            if modified.is_ok_and(|m| m < stale) {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
         Ok(FsObjectStore { root })
     }

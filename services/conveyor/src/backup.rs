@@ -1,0 +1,554 @@
+//! Online backups of the embedded mode, and restores that check what they restore.
+//!
+//! A backup store (a directory or an S3 prefix) holds:
+//! - `objects/<key>`: the media, shared by every backup. Objects are immutable (originals are
+//!   content-addressed, variants are named by media id), so each backup copies only the ones the
+//!   store lacks.
+//! - `backups/<id>/log.db` and `backups/<id>/views.db`: SQLite online-backup snapshots.
+//! - `backups/<id>/manifest.json`, written last: a backup without one is incomplete and is
+//!   never restored. It records the sha256 and size of every file and object, and what the
+//!   databases hold (records per partition, group offsets, live media, stats).
+//!
+//! Consistency: the projector's offsets are read first, then the read models are snapshotted,
+//! then the log. In the log's copy the projector's offsets are set back to those first values,
+//! so a restored projector re-applies whatever the read-model snapshot may lack. Re-applying is
+//! idempotent, so the restored read models converge on exactly the restored log. Objects are
+//! copied last: every object an event in the snapshot names was stored before its event was
+//! appended, so it is there to copy.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail, ensure};
+use conveyor_platform::Settings;
+use conveyor_platform::log::sqlite::{
+    LogSummary, read_group_offsets, set_group_offsets_in_file, summarize_file,
+};
+use conveyor_platform::objects::{ByteStream, ObjectError, ObjectStore};
+use conveyor_platform::views::sqlite::{ViewSummary, summarize_file as summarize_views};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const MANIFEST: &str = "manifest.json";
+const FORMAT: u32 = 1;
+
+/// One stored file or object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub created_at: String,
+    pub conveyor_version: String,
+    /// The databases, keyed `log.db` and `views.db`.
+    pub files: BTreeMap<String, Entry>,
+    pub log: LogSummary,
+    /// `None` when the read models are not in SQLite (rebuild them with `ops replay`).
+    pub views: Option<ViewSummary>,
+    /// Keys relative to the media store; stored under `objects/`.
+    pub objects: Vec<Entry>,
+}
+
+/// What a backup did.
+#[derive(Debug)]
+pub struct BackupReport {
+    pub manifest: Manifest,
+    pub objects_copied: u64,
+    pub bytes_copied: u64,
+}
+
+fn sqlite_path(uri: &str, what: &str, how: &str) -> anyhow::Result<PathBuf> {
+    match uri.strip_prefix("sqlite://") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => bail!("the {what} is {uri}, not embedded SQLite: {how}"),
+    }
+}
+
+fn bar(progress: bool, len: u64, what: &str) -> ProgressBar {
+    let bar = if progress {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+fn backup_id() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}{:03}Z",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.millisecond()
+    )
+}
+
+/// Streams a local file into `store` under `key`, returning its size and sha256.
+async fn put_file(store: &dyn ObjectStore, key: &str, path: &Path) -> anyhow::Result<Entry> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    let tee = hasher.clone();
+    let body: ByteStream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+        .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
+        .boxed();
+    let meta = store
+        .put(key, body)
+        .await
+        .with_context(|| format!("failed to store {key}"))?;
+    let sha256 = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
+    Ok(Entry {
+        key: key.to_owned(),
+        bytes: meta.size,
+        sha256: hex::encode(sha256),
+    })
+}
+
+/// Copies `from_key` in `source` to `to_key` in `target`, hashing the bytes on the way.
+async fn copy_hashed(
+    source: &dyn ObjectStore,
+    from_key: &str,
+    target: &dyn ObjectStore,
+    to_key: &str,
+) -> anyhow::Result<(u64, String)> {
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    let tee = hasher.clone();
+    let body: ByteStream = source
+        .get(from_key, None)
+        .await
+        .with_context(|| format!("failed to read {from_key}"))?
+        .body
+        .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
+        .boxed();
+    let meta = target
+        .put(to_key, body)
+        .await
+        .with_context(|| format!("failed to copy {from_key} to {to_key}"))?;
+    let sha = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
+    Ok((meta.size, hex::encode(sha)))
+}
+
+async fn hash_object(store: &dyn ObjectStore, key: &str) -> anyhow::Result<String> {
+    let mut body = store.get(key, None).await?.body;
+    let mut hasher = Sha256::new();
+    while let Some(chunk) = body.try_next().await? {
+        hasher.update(&chunk);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The ids of the complete backups in `store`, oldest first.
+pub async fn list(store: &dyn ObjectStore) -> anyhow::Result<Vec<String>> {
+    let mut ids: Vec<String> = store
+        .list("backups/")
+        .await
+        .context("failed to list backups")?
+        .into_iter()
+        .filter_map(|m| {
+            let rest = m.key.strip_prefix("backups/")?;
+            let (id, file) = rest.split_once('/')?;
+            (file == MANIFEST).then(|| id.to_owned())
+        })
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+pub async fn read_manifest(store: &dyn ObjectStore, id: &str) -> anyhow::Result<Manifest> {
+    let key = format!("backups/{id}/{MANIFEST}");
+    let bytes = match store.get_bytes(&key).await {
+        Err(ObjectError::NotFound) => bail!("no backup {id} (no {key})"),
+        other => other.with_context(|| format!("failed to read {key}"))?,
+    };
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("backup {id} is corrupt: {key} is not a valid manifest"))?;
+    ensure!(
+        manifest.format == FORMAT,
+        "backup {id} has manifest format {}, this conveyor reads {FORMAT}",
+        manifest.format
+    );
+    Ok(manifest)
+}
+
+/// Takes a consistent online backup of the embedded log, the read models (if in SQLite) and
+/// every object, into `target`.
+pub async fn backup(
+    settings: &Settings,
+    target: &dyn ObjectStore,
+    concurrency: usize,
+    progress: bool,
+) -> anyhow::Result<BackupReport> {
+    let log_path = sqlite_path(
+        &settings.log_uri(),
+        "event log",
+        "on Kafka the log is kept by `conveyor archive` instead",
+    )?;
+    let views_path = sqlite_path(&settings.views_uri(), "read store", "").ok();
+    let objects =
+        conveyor_platform::backends::open_objects(&settings.objects_uri(), &settings.objects)
+            .await?;
+    let id = backup_id();
+    let scratch = tempfile::tempdir().context("failed to create a scratch dir")?;
+    let topic = settings.topic().to_owned();
+    let projector = settings.projector.group.clone();
+
+    // 1. The projector's offsets, before the read models are copied.
+    let projector_offsets = {
+        let (path, group, topic) = (log_path.clone(), projector.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || read_group_offsets(&path, &group, &topic)).await??
+    };
+
+    // 2. The read models, then 3. the log, each one online-backup snapshot.
+    let (log_copy, views_copy) = (
+        scratch.path().join("log.db"),
+        scratch.path().join("views.db"),
+    );
+    let (views_summary, log_summary) = {
+        let (log_copy, views_copy, log_path) = (log_copy.clone(), views_copy.clone(), log_path);
+        let views_path = views_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let views = match &views_path {
+                Some(path) => {
+                    conveyor_platform::sqlite::snapshot(path, &views_copy)
+                        .with_context(|| format!("failed to snapshot {}", path.display()))?;
+                    Some(summarize_views(&views_copy)?)
+                }
+                None => None,
+            };
+            conveyor_platform::sqlite::snapshot(&log_path, &log_copy)
+                .with_context(|| format!("failed to snapshot {}", log_path.display()))?;
+            if views.is_some() {
+                // No offsets (nothing committed yet) means: start from the beginning.
+                set_group_offsets_in_file(&log_copy, &projector, &topic, &projector_offsets)?;
+            }
+            anyhow::Ok((views, summarize_file(&log_copy)?))
+        })
+        .await??
+    };
+
+    // 4. The objects, skipping those the backup store already has.
+    let previous: BTreeMap<String, String> = match list(target).await?.last() {
+        Some(last) => read_manifest(target, last)
+            .await
+            .map(|m| m.objects.into_iter().map(|e| (e.key, e.sha256)).collect())
+            .unwrap_or_default(),
+        None => BTreeMap::new(),
+    };
+    let sources: Vec<_> = objects
+        .list("")
+        .await
+        .context("failed to list the media store")?
+        .into_iter()
+        .filter(|m| !m.key.starts_with("incoming/"))
+        .collect();
+    let bar = bar(progress, sources.len() as u64, "objects");
+    let entries: Vec<(Entry, bool)> = futures::stream::iter(sources)
+        .map(|object| {
+            let (objects, bar, previous) = (&objects, bar.clone(), &previous);
+            async move {
+                let key = format!("objects/{}", object.key);
+                let existing = target.head(&key).await?;
+                let entry = if existing.is_some_and(|m| m.size == object.size) {
+                    let sha256 = match previous.get(&object.key) {
+                        Some(sha) => sha.clone(),
+                        None => hash_object(target, &key).await?,
+                    };
+                    (
+                        Entry {
+                            key: object.key,
+                            bytes: object.size,
+                            sha256,
+                        },
+                        false,
+                    )
+                } else {
+                    let (bytes, sha256) =
+                        copy_hashed(&**objects, &object.key, target, &key).await?;
+                    (
+                        Entry {
+                            key: object.key,
+                            bytes,
+                            sha256,
+                        },
+                        true,
+                    )
+                };
+                bar.inc(1);
+                anyhow::Ok(entry)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    bar.finish_and_clear();
+
+    // 5. The database files, then the manifest, last.
+    let mut files = BTreeMap::new();
+    files.insert(
+        "log.db".to_owned(),
+        put_file(target, &format!("backups/{id}/log.db"), &log_copy).await?,
+    );
+    if views_summary.is_some() {
+        files.insert(
+            "views.db".to_owned(),
+            put_file(target, &format!("backups/{id}/views.db"), &views_copy).await?,
+        );
+    }
+    let objects_copied = entries.iter().filter(|(_, copied)| *copied).count() as u64;
+    let bytes_copied = entries
+        .iter()
+        .filter(|(_, copied)| *copied)
+        .map(|(e, _)| e.bytes)
+        .sum();
+    let mut objects: Vec<Entry> = entries.into_iter().map(|(e, _)| e).collect();
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let manifest = Manifest {
+        format: FORMAT,
+        id: id.clone(),
+        created_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        conveyor_version: env!("CARGO_PKG_VERSION").to_owned(),
+        files,
+        log: log_summary,
+        views: views_summary,
+        objects,
+    };
+    target
+        .put_bytes(
+            &format!("backups/{id}/{MANIFEST}"),
+            serde_json::to_vec_pretty(&manifest)?.into(),
+        )
+        .await
+        .context("failed to store the manifest")?;
+    Ok(BackupReport {
+        manifest,
+        objects_copied,
+        bytes_copied,
+    })
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct RestoreReport {
+    pub manifest: Manifest,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// Downloads `backups/<id>/<name>` to `dest`, refusing it unless its sha256 and size are the
+/// manifest's.
+async fn fetch_verified(
+    source: &dyn ObjectStore,
+    manifest: &Manifest,
+    name: &str,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let entry = manifest
+        .files
+        .get(name)
+        .with_context(|| format!("backup {} has no {name}", manifest.id))?;
+    use tokio::io::AsyncWriteExt;
+    let mut body = source
+        .get(&entry.key, None)
+        .await
+        .with_context(|| format!("backup {} is missing {}", manifest.id, entry.key))?
+        .body;
+    let mut file = tokio::fs::File::create(dest)
+        .await
+        .with_context(|| format!("failed to write {}", dest.display()))?;
+    let (mut hasher, mut bytes) = (Sha256::new(), 0u64);
+    while let Some(chunk) = body.try_next().await? {
+        hasher.update(&chunk);
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.sync_all().await?;
+    let sha256 = hex::encode(hasher.finalize());
+    ensure!(
+        sha256 == entry.sha256 && bytes == entry.bytes,
+        "backup {} is corrupt: {} has sha256 {sha256} and {bytes} bytes, the manifest says {} \
+         and {}; nothing was restored",
+        manifest.id,
+        entry.key,
+        entry.sha256,
+        entry.bytes
+    );
+    Ok(())
+}
+
+/// Restores backup `id` (default: the newest complete one) from `source` into the data dir and
+/// media store `settings` name, which must be empty. Every file and object is checked against
+/// the manifest; on any mismatch the restore stops, removes what it wrote, and says what was
+/// wrong.
+pub async fn restore(
+    settings: &Settings,
+    source: &dyn ObjectStore,
+    id: Option<&str>,
+    concurrency: usize,
+    progress: bool,
+) -> anyhow::Result<RestoreReport> {
+    let id = match id {
+        Some(id) => id.to_owned(),
+        None => list(source)
+            .await?
+            .pop()
+            .context("no complete backup (a backups/<id>/manifest.json) in that store")?,
+    };
+    let manifest = read_manifest(source, &id).await?;
+    let log_path = sqlite_path(
+        &settings.log_uri(),
+        "event log",
+        "restore needs the embedded log",
+    )?;
+    let views_path = match (
+        &manifest.views,
+        sqlite_path(&settings.views_uri(), "read store", ""),
+    ) {
+        (Some(_), Ok(path)) => Some(path),
+        _ => None,
+    };
+    for path in std::iter::once(&log_path).chain(&views_path) {
+        ensure!(
+            !path.exists(),
+            "{} already exists: restore only into an empty data dir",
+            path.display()
+        );
+    }
+    let objects =
+        conveyor_platform::backends::open_objects(&settings.objects_uri(), &settings.objects)
+            .await?;
+    ensure!(
+        objects.list("").await?.is_empty(),
+        "the media store {} is not empty: restore only into an empty one",
+        settings.objects_uri()
+    );
+    if let Some(parent) = log_path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+
+    // Databases to temporary names first; they take their real names only at the very end.
+    let staged_log = log_path.with_extension("db.restoring");
+    let staged_views = views_path
+        .as_ref()
+        .map(|p| p.with_extension("db.restoring"));
+    let manifest = &manifest;
+    let result = async {
+        fetch_verified(source, manifest, "log.db", &staged_log).await?;
+        let summary = summarize_file(&staged_log)?;
+        ensure!(
+            summary == manifest.log,
+            "backup {id} is inconsistent: log.db holds {summary:?}, the manifest says {:?}",
+            manifest.log
+        );
+        if let (Some(staged), Some(expected)) = (&staged_views, &manifest.views) {
+            fetch_verified(source, manifest, "views.db", staged).await?;
+            let summary = summarize_views(staged)?;
+            ensure!(
+                summary == *expected,
+                "backup {id} is inconsistent: views.db holds {summary:?}, the manifest says \
+                 {expected:?}"
+            );
+        }
+        let bar = bar(progress, manifest.objects.len() as u64, "objects");
+        futures::stream::iter(&manifest.objects)
+            .map(|entry| {
+                let (objects, bar) = (&objects, bar.clone());
+                async move {
+                    let (bytes, sha256) = copy_hashed(
+                        source,
+                        &format!("objects/{}", entry.key),
+                        &**objects,
+                        &entry.key,
+                    )
+                    .await?;
+                    ensure!(
+                        sha256 == entry.sha256 && bytes == entry.bytes,
+                        "backup {} is corrupt: objects/{} has sha256 {sha256} and {bytes} \
+                         bytes, the manifest says {} and {}; nothing was restored",
+                        manifest.id,
+                        entry.key,
+                        entry.sha256,
+                        entry.bytes
+                    );
+                    bar.inc(1);
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .try_collect::<()>()
+            .await?;
+        bar.finish_and_clear();
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&staged_log).await;
+        if let Some(staged) = &staged_views {
+            let _ = tokio::fs::remove_file(staged).await;
+        }
+        for entry in &manifest.objects {
+            let _ = objects.delete(&entry.key).await;
+        }
+        return Err(e);
+    }
+    if let (Some(staged), Some(path)) = (&staged_views, &views_path) {
+        tokio::fs::rename(staged, path).await?;
+    }
+    // The log last: a data dir without log.db is still empty.
+    tokio::fs::rename(&staged_log, &log_path).await?;
+    Ok(RestoreReport {
+        objects: manifest.objects.len() as u64,
+        bytes: manifest.objects.iter().map(|e| e.bytes).sum(),
+        manifest: manifest.clone(),
+    })
+}
+
+/// Keeps the newest `keep` backups: removes older ones (manifest first, so a half-removed
+/// backup is never mistaken for a complete one), then every object no kept manifest names.
+/// Returns the removed backup ids.
+pub async fn prune(store: &dyn ObjectStore, keep: usize) -> anyhow::Result<Vec<String>> {
+    let ids = list(store).await?;
+    if ids.len() <= keep {
+        return Ok(Vec::new());
+    }
+    let (old, kept) = ids.split_at(ids.len() - keep);
+    for id in old {
+        store.delete(&format!("backups/{id}/{MANIFEST}")).await?;
+        for file in store.list(&format!("backups/{id}/")).await? {
+            store.delete(&file.key).await?;
+        }
+    }
+    let mut referenced = HashSet::new();
+    for id in kept {
+        for entry in read_manifest(store, id).await?.objects {
+            referenced.insert(format!("objects/{}", entry.key));
+        }
+    }
+    for object in store.list("objects/").await? {
+        if !referenced.contains(&object.key) {
+            store.delete(&object.key).await?;
+        }
+    }
+    Ok(old.to_vec())
+}
