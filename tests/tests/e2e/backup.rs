@@ -158,7 +158,7 @@ async fn a_backup_during_uploads_restores_everything_processed_before_it() {
 
     // The newer, intact backup still restores; pruning to one keeps it.
     let pruned = conveyor::backup::prune(&store, 1).await.unwrap();
-    assert_eq!(pruned, [manifest.id.clone()]);
+    assert_eq!(pruned, std::slice::from_ref(&manifest.id));
     let again = tempfile::tempdir().unwrap();
     conveyor::backup::restore(&Settings::for_test(again.path()), &store, None, 4, false)
         .await

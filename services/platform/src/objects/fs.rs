@@ -203,14 +203,20 @@ mod tests {
     async fn crash_leftovers_are_cleaned_and_never_visible() {
         let dir = tempfile::tempdir().unwrap();
         FsObjectStore::open(dir.path()).unwrap();
-        std::fs::write(dir.path().join(".tmp/half-written"), b"partial").unwrap();
+        let stale = dir.path().join(".tmp/half-written");
+        std::fs::write(&stale, b"partial").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+            .unwrap();
+        // Another process's write in progress: recent, so left alone.
+        let live = dir.path().join(".tmp/being-written");
+        std::fs::write(&live, b"partial").unwrap();
         let store = FsObjectStore::open(dir.path()).unwrap();
-        assert!(
-            std::fs::read_dir(dir.path().join(".tmp"))
-                .unwrap()
-                .next()
-                .is_none()
-        );
+        assert!(!stale.exists(), "a crash's leftover is removed");
+        assert!(live.exists(), "a live write is not");
         assert!(store.list("").await.unwrap().is_empty());
     }
 }

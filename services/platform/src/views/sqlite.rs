@@ -123,6 +123,9 @@ pub struct SqliteReadStore {
     pinned: Option<u32>,
 }
 
+/// A read against one generation's tables.
+type ReadFn<T> = dyn Fn(&Connection, &Tables) -> Result<T, ViewError> + Send + Sync;
+
 fn is_missing_table(e: &ViewError) -> bool {
     matches!(e, ViewError::Storage(m) if m.contains("no such table"))
 }
@@ -174,16 +177,15 @@ impl SqliteReadStore {
     ) -> Result<T, ViewError> {
         let f = Arc::new(f);
         let pinned = self.pinned;
-        let attempt =
-            |f: Arc<dyn Fn(&Connection, &Tables) -> Result<T, ViewError> + Send + Sync>| {
-                self.readers.with(move |conn| {
-                    let tables = match pinned {
-                        Some(g) => Tables::of(g),
-                        None => Tables::of(current_generation(conn).map_err(storage)?),
-                    };
-                    f(conn, &tables)
-                })
-            };
+        let attempt = |f: Arc<ReadFn<T>>| {
+            self.readers.with(move |conn| {
+                let tables = match pinned {
+                    Some(g) => Tables::of(g),
+                    None => Tables::of(current_generation(conn).map_err(storage)?),
+                };
+                f(conn, &tables)
+            })
+        };
         match attempt(f.clone()).await {
             Err(e) if is_missing_table(&e) => attempt(f).await,
             other => other,
