@@ -1,6 +1,7 @@
 //! Wiring: which routers and consumer groups a role runs, on which backends.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,6 +27,8 @@ pub enum Role {
     Process,
     Project,
     Query,
+    /// The archive group: the log, copied to the object store (see `archive`).
+    Archive,
 }
 
 impl Role {
@@ -175,6 +178,30 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             shutdown
                 .tracker
                 .spawn(async move { projector.run(log, &settings, stop).await }),
+        ));
+    }
+    if role == Role::Archive {
+        let objects =
+            conveyor_platform::backends::open_objects(&settings.archive_uri(), &settings.objects)
+                .await?;
+        let mut config = conveyor_platform::consumer::ConsumerConfig::new(
+            settings.topic(),
+            &settings.archive.group,
+        );
+        config.max_batch = settings.archive.batch.max(1);
+        config.max_buffered = config.max_buffered.max(config.max_batch * 2);
+        config.max_attempts = settings.log.max_attempts;
+        // Segments are written as they fill or as the log goes quiet, never more than one per
+        // partition at a time, so a partition's segments never overlap (except after a crash).
+        config.per_partition = 1;
+        groups.push(settings.archive.group.clone());
+        let (log, stop) = (backends.log.clone(), shutdown.token.clone());
+        let archiver = Arc::new(crate::archive::Archiver::new(objects));
+        workers.push((
+            "archive",
+            shutdown.tracker.spawn(conveyor_platform::consumer::run(
+                log, config, archiver, stop,
+            )),
         ));
     }
     if let (Role::Serve, Some(every)) = (role, settings.backup.every) {

@@ -39,6 +39,10 @@ pub enum Command {
     Project(RoleArgs),
     /// Run only the read API (and, in embedded mode, media bytes).
     Query(RoleArgs),
+    /// Run the archive group: copy the log into the object store in compressed, checksummed
+    /// segments (archive/<topic>/<partition>/<first>-<last>.seg), so it outlives Kafka's
+    /// retention and `ops replay --from-archive` can rebuild from it.
+    Archive(RoleArgs),
     /// Operator commands.
     #[command(subcommand)]
     Ops(OpsCommand),
@@ -111,6 +115,32 @@ pub enum OpsCommand {
     Migrate {
         #[command(flatten)]
         target: RoleArgs,
+    },
+    /// Rebuild a read model from the log without downtime: project into a fresh table
+    /// generation under a new consumer group, catch up, switch reads atomically, drop the old
+    /// generation. Queries keep answering throughout. An interrupted replay resumes.
+    Replay {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// Which read model: `media` (media_by_id, media_by_owner and owner_stats).
+        #[arg(long)]
+        projection: String,
+        /// Abandon an interrupted replay and start again from the log's first event.
+        #[arg(long)]
+        from_start: bool,
+        /// Read the archive's segments first (`conveyor archive`), then continue from the log:
+        /// for events older than the log's retention.
+        #[arg(long)]
+        from_archive: bool,
+    },
+    /// Show each group's lag per partition, events per second, dead letters and the health of
+    /// every backend, in one screen.
+    Status {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Take a consistent online backup of the embedded mode: the log and read models (SQLite's
     /// online backup API) and the media, with a manifest of sizes, counts and sha256s. Objects

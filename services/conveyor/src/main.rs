@@ -37,6 +37,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Process(a)) => Some((Role::Process, a.clone())),
         Some(Command::Project(a)) => Some((Role::Project, a.clone())),
         Some(Command::Query(a)) => Some((Role::Query, a.clone())),
+        Some(Command::Archive(a)) => Some((Role::Archive, a.clone())),
         _ => None,
     };
     if let Some((role, args)) = role {

@@ -78,6 +78,48 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             println!("removed {removed} expired upload objects");
             Ok(())
         }
+        OpsCommand::Replay {
+            target,
+            projection,
+            from_start,
+            from_archive,
+        } => {
+            let settings = settings(config, target)?;
+            let log = open_log(&settings)?;
+            let archive = match from_archive {
+                true => Some(open_objects(&settings.archive_uri(), &settings.objects).await?),
+                false => None,
+            };
+            let report = crate::replay::replay(
+                &settings,
+                log,
+                &projection,
+                from_start,
+                archive.as_deref(),
+                true,
+            )
+            .await?;
+            println!(
+                "replayed {projection}: generation {} replaces {} ({} events from the archive, \
+                 {} from the log, {:.1} s); reads switched atomically",
+                report.generation,
+                report.replaced,
+                report.archived_events,
+                report.log_events,
+                report.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
+        OpsCommand::Status { target, json } => {
+            let settings = settings(config, target)?;
+            let status = status(&settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
         OpsCommand::Backup {
             target,
             to,
@@ -431,4 +473,169 @@ async fn lag(settings: &Settings, group: Option<String>, json: bool) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// One backend's health, as `ops status` reports it.
+#[derive(Debug, serde::Serialize)]
+pub struct Health {
+    pub uri: String,
+    pub ok: bool,
+    pub latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+async fn health<F: std::future::Future<Output = anyhow::Result<()>>>(
+    uri: String,
+    check: F,
+) -> Health {
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), check).await;
+    let error = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(_) => Some("no answer in 10 s".to_owned()),
+    };
+    Health {
+        uri,
+        ok: error.is_none(),
+        latency_ms: started.elapsed().as_secs_f64() * 1e3,
+        error,
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct GroupStatus {
+    pub group: String,
+    pub lag: u64,
+    /// `(partition, committed, end, lag)`.
+    pub partitions: Vec<serde_json::Value>,
+}
+
+/// Everything `ops status` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub topic: String,
+    pub records: u64,
+    pub events_per_sec: f64,
+    pub groups: Vec<GroupStatus>,
+    pub dead_letters: u64,
+    pub backends: std::collections::BTreeMap<&'static str, Health>,
+}
+
+/// Gathers lag, throughput (end offsets sampled one second apart), dead letters waiting, and
+/// each backend's health. Never fails on an unhealthy backend: it reports it.
+pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
+    let topic = settings.topic().to_owned();
+    let mut backends = std::collections::BTreeMap::new();
+    let objects_uri = settings.objects_uri();
+    backends.insert(
+        "objects",
+        health(objects_uri.clone(), async {
+            let store = open_objects(&objects_uri, &settings.objects).await?;
+            store.head("conveyor-status-probe").await?;
+            Ok(())
+        })
+        .await,
+    );
+    let views_uri = settings.views_uri();
+    backends.insert(
+        "views",
+        health(views_uri.clone(), async {
+            let views =
+                conveyor_platform::backends::open_views(&views_uri, &settings.views).await?;
+            views.ping().await?;
+            Ok(())
+        })
+        .await,
+    );
+    let log = open_log(settings);
+    let log_health = health(settings.log_uri(), async {
+        let log = log.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        log.partitions(&topic).await?;
+        Ok(())
+    })
+    .await;
+    let log_ok = log_health.ok;
+    backends.insert("log", log_health);
+    let mut status = Status {
+        topic: topic.clone(),
+        records: 0,
+        events_per_sec: 0.0,
+        groups: Vec::new(),
+        dead_letters: 0,
+        backends,
+    };
+    let (Ok(log), true) = (log, log_ok) else {
+        return Ok(status);
+    };
+    let ends = |log: std::sync::Arc<dyn EventLog>, topic: String| async move {
+        anyhow::Ok(
+            log.lag(&topic, "conveyor-status")
+                .await?
+                .iter()
+                .map(|l| l.end)
+                .sum::<u64>(),
+        )
+    };
+    let started = std::time::Instant::now();
+    let before = ends(log.clone(), topic.clone()).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = ends(log.clone(), topic.clone()).await?;
+    status.records = after;
+    status.events_per_sec = (after - before) as f64 / started.elapsed().as_secs_f64();
+    for group in log.groups(&topic).await? {
+        let lag = log.lag(&topic, &group).await?;
+        status.groups.push(GroupStatus {
+            lag: lag.iter().map(|l| l.lag()).sum(),
+            partitions: lag
+                .iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "partition": l.partition, "committed": l.committed,
+                        "end": l.end, "lag": l.lag(),
+                    })
+                })
+                .collect(),
+            group,
+        });
+    }
+    // Dead letters waiting: the DLQ's end past what redrive has taken.
+    if let Ok(lag) = log.lag(&settings.dlq_topic(), REDRIVE_GROUP).await {
+        status.dead_letters = lag.iter().map(|l| l.lag()).sum();
+    }
+    Ok(status)
+}
+
+fn print_status(status: &Status) {
+    println!("BACKENDS");
+    for (name, h) in &status.backends {
+        let state = if h.ok { "ok" } else { "DOWN" };
+        println!(
+            "  {name:<8} {state:<5} {:>8.1} ms  {}{}",
+            h.latency_ms,
+            h.uri,
+            h.error
+                .as_deref()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "\nLOG {}: {} records, {:.0} events/s, {} dead letters waiting",
+        status.topic, status.records, status.events_per_sec, status.dead_letters
+    );
+    if status.groups.is_empty() {
+        println!("\nno consumer group has committed yet");
+        return;
+    }
+    println!("\n{:<28} {:>10}  LAG PER PARTITION", "GROUP", "LAG");
+    for g in &status.groups {
+        let per: Vec<String> = g
+            .partitions
+            .iter()
+            .map(|p| format!("{}:{}", p["partition"], p["lag"]))
+            .collect();
+        println!("{:<28} {:>10}  {}", g.group, g.lag, per.join(" "));
+    }
 }

@@ -22,6 +22,7 @@ pub struct Settings {
     pub objects: ObjectSettings,
     pub views: ViewSettings,
     pub backup: BackupSettings,
+    pub archive: ArchiveSettings,
     pub auth: AuthSettings,
     pub limits: Limits,
     pub uploads: UploadSettings,
@@ -218,6 +219,29 @@ impl<'de> Deserialize<'de> for Interval {
     }
 }
 
+/// `conveyor archive`: the log, copied to the object store in segments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveSettings {
+    /// The archive's consumer group.
+    pub group: String,
+    /// Most records in one segment.
+    pub batch: usize,
+    /// Where segments go: a directory or `s3://bucket[/prefix]`; unset means the media store
+    /// (under `archive/`).
+    pub to: Option<String>,
+}
+
+impl Default for ArchiveSettings {
+    fn default() -> Self {
+        ArchiveSettings {
+            group: "archive".into(),
+            batch: 5_000,
+            to: None,
+        }
+    }
+}
+
 /// Scheduled backups, taken by `serve` (embedded mode).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -296,6 +320,7 @@ impl Default for Settings {
             objects: ObjectSettings::default(),
             views: ViewSettings::default(),
             backup: BackupSettings::default(),
+            archive: ArchiveSettings::default(),
             auth: AuthSettings::default(),
             limits: Limits::default(),
             uploads: UploadSettings::default(),
@@ -442,6 +467,14 @@ impl Settings {
             .uri
             .clone()
             .unwrap_or_else(|| format!("file://{}", self.data_dir.join("objects").display()))
+    }
+
+    /// Where the archive's segments go, as an object-store uri.
+    pub fn archive_uri(&self) -> String {
+        match &self.archive.to {
+            Some(to) => store_uri(to),
+            None => self.objects_uri(),
+        }
     }
 
     /// Where backups go, as an object-store uri.

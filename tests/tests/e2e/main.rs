@@ -8,5 +8,6 @@ mod delivery;
 mod direct_uploads;
 mod pipeline;
 mod private_media;
+mod replay;
 mod s3;
 mod scale_out;

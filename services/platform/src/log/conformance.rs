@@ -187,6 +187,19 @@ pub async fn run(
         .unwrap();
     assert_eq!(drain(other.as_mut(), total).await.len(), total);
     assert!(log.groups(topic).await.unwrap().contains(&group_a));
+    // A group with no running member can be deleted: its commits are gone.
+    drop(resumed);
+    drop(other);
+    log.delete_group(topic, &group_a).await.unwrap();
+    assert!(!log.groups(topic).await.unwrap().contains(&group_a));
+    assert!(
+        log.lag(topic, &group_a)
+            .await
+            .unwrap()
+            .iter()
+            .all(|l| l.committed == 0),
+        "a deleted group has no commits"
+    );
 
     // A tail sees only what is appended after it subscribed, and a waiting poll wakes for it.
     let mut tail = log

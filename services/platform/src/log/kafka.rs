@@ -496,7 +496,7 @@ impl EventLog for KafkaLog {
             })
             .await?;
         names.sort();
-        let mut out = Vec::new();
+        let mut out: Vec<String> = Vec::new();
         for name in names {
             if self
                 .lag(topic, &name)
@@ -508,6 +508,29 @@ impl EventLog for KafkaLog {
             }
         }
         Ok(out)
+    }
+
+    /// Kafka groups are not per topic: this deletes the whole group.
+    async fn delete_group(&self, _topic: &str, group: &str) -> Result<(), LogError> {
+        let results = self
+            .admin
+            .delete_groups(
+                &[group],
+                &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)),
+            )
+            .await
+            .map_err(kafka)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+                Err((name, code)) => {
+                    return Err(LogError::Storage(format!(
+                        "kafka: failed to delete group {name}: {code}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -151,6 +151,12 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The groups that have committed offsets on `topic`.
     async fn groups(&self, topic: &str) -> Result<Vec<String>, LogError>;
+
+    /// Forgets `group`'s committed offsets on `topic`, so it no longer shows in [`groups`] or
+    /// lag reports (a finished replay's group). The group must have no running members.
+    ///
+    /// [`groups`]: EventLog::groups
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<(), LogError>;
 }
 
 /// A group member's view of its partitions.

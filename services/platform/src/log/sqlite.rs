@@ -58,6 +58,11 @@ enum WriteOp {
         offsets: Vec<(u32, u64)>,
         reply: oneshot::Sender<Result<(), LogError>>,
     },
+    DeleteGroup {
+        group: String,
+        topic: String,
+        reply: oneshot::Sender<Result<(), LogError>>,
+    },
 }
 
 struct Inner {
@@ -243,6 +248,26 @@ fn writer_loop(
                         reply,
                     } => {
                         let result = isolated(&mut tx, |c| commit(c, &group, &topic, &offsets))?;
+                        replies.push(Box::new(move |err| {
+                            let _ = reply.send(match err {
+                                Some(e) => Err(LogError::Storage(e.to_string())),
+                                None => result,
+                            });
+                        }));
+                    }
+                    WriteOp::DeleteGroup {
+                        group,
+                        topic,
+                        reply,
+                    } => {
+                        let result = isolated(&mut tx, |c| {
+                            c.execute(
+                                "DELETE FROM group_offsets WHERE grp = ?1 AND topic = ?2",
+                                params![group, topic],
+                            )
+                            .map(|_| ())
+                            .map_err(storage)
+                        })?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 Some(e) => Err(LogError::Storage(e.to_string())),
@@ -547,6 +572,16 @@ impl EventLog for SqliteLog {
                 .map_err(storage)?;
             let rows = stmt.query_map([&topic], |r| r.get(0)).map_err(storage)?;
             rows.collect::<Result<_, _>>().map_err(storage)
+        })
+        .await
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<(), LogError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        self.send(|reply| WriteOp::DeleteGroup {
+            group,
+            topic,
+            reply,
         })
         .await
     }
