@@ -233,6 +233,10 @@ pub enum LoadtestCommand {
         /// temp dir) and/or `kafka://host:port` (a fresh topic each run).
         #[arg(long = "log", default_value = "sqlite")]
         logs: Vec<String>,
+        /// Then time `ops replay` of the same events, and `ops backup` against `dd` copying
+        /// the same database files (embedded log only).
+        #[arg(long)]
+        recovery: bool,
     },
     /// Raw producer throughput: append records of SIZE bytes, in batches, and wait for every
     /// acknowledgement.

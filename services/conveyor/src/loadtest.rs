@@ -25,9 +25,10 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             producers,
             media,
             logs,
+            recovery,
         } => {
             for log in logs {
-                events(&log, count, batch, producers, media).await?;
+                events(&log, count, batch, producers, media, recovery).await?;
             }
             Ok(())
         }
@@ -83,6 +84,7 @@ async fn events(
     batch: usize,
     producers: usize,
     media: usize,
+    recovery: bool,
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("failed to create a temp dir")?;
     let settings = bench_settings(log, dir.path())?;
@@ -214,6 +216,63 @@ async fn events(
         "  appended and projected:  {:>10.0} events/s  ({:.2?})",
         total as f64 / projected.as_secs_f64(),
         projected
+    );
+    if recovery {
+        recovery_ops(&settings, &backends).await?;
+    }
+    Ok(())
+}
+
+/// Times `ops replay` against the live projection of the same events, and `ops backup`
+/// against `dd` copying the same database bytes with fdatasync.
+async fn recovery_ops(settings: &Settings, backends: &Backends) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let report = crate::replay::replay(
+        settings,
+        backends.log.clone(),
+        "media",
+        false,
+        None,
+        false,
+    )
+    .await?;
+    let replay = started.elapsed();
+    println!(
+        "  ops replay:              {:>10.0} events/s  ({:.2?}, {} events, switch included)",
+        report.log_events as f64 / replay.as_secs_f64(),
+        replay,
+        report.log_events
+    );
+
+    let target = tempfile::tempdir()?;
+    let store = conveyor_platform::objects::fs::FsObjectStore::open(target.path())?;
+    let started = Instant::now();
+    let backup = crate::backup::backup(settings, &store, 8, false).await?;
+    let took = started.elapsed();
+    let bytes: u64 = backup.manifest.files.values().map(|f| f.bytes).sum();
+    println!(
+        "  ops backup:              {:>10.1} MB/s      ({:.2?}, {} MB of databases, manifest and hashes included)",
+        bytes as f64 / 1e6 / took.as_secs_f64(),
+        took,
+        bytes / 1_000_000
+    );
+    // The reference: dd copying the same files, durably.
+    let started = Instant::now();
+    for name in ["log.db", "views.db"] {
+        let out = std::process::Command::new("dd")
+            .arg(format!("if={}", settings.data_dir.join(name).display()))
+            .arg(format!("of={}", target.path().join(format!("dd-{name}")).display()))
+            .args(["bs=1M", "conv=fdatasync", "status=none"])
+            .status()
+            .context("failed to run dd")?;
+        anyhow::ensure!(out.success(), "dd failed");
+    }
+    let dd = started.elapsed();
+    println!(
+        "  dd (reference):          {:>10.1} MB/s      ({:.2?}); backup/dd time ratio {:.2}",
+        bytes as f64 / 1e6 / dd.as_secs_f64(),
+        dd,
+        took.as_secs_f64() / dd.as_secs_f64()
     );
     Ok(())
 }

@@ -516,6 +516,8 @@ pub struct GroupStatus {
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
     pub topic: String,
+    /// False until a role or `ops topics ensure` creates it.
+    pub topic_exists: bool,
     pub records: u64,
     pub events_per_sec: f64,
     pub groups: Vec<GroupStatus>,
@@ -550,9 +552,16 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         .await,
     );
     let log = open_log(settings);
+    let mut topic_exists = true;
     let log_health = health(settings.log_uri(), async {
         let log = log.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        log.partitions(&topic).await?;
+        match log.partitions(&topic).await {
+            // The log answers; the topic is simply not created yet.
+            Err(conveyor_platform::log::LogError::UnknownTopic(_)) => topic_exists = false,
+            other => {
+                other?;
+            }
+        }
         Ok(())
     })
     .await;
@@ -560,13 +569,14 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     backends.insert("log", log_health);
     let mut status = Status {
         topic: topic.clone(),
+        topic_exists,
         records: 0,
         events_per_sec: 0.0,
         groups: Vec::new(),
         dead_letters: 0,
         backends,
     };
-    let (Ok(log), true) = (log, log_ok) else {
+    let (Ok(log), true, true) = (log, log_ok, topic_exists) else {
         return Ok(status);
     };
     let ends = |log: std::sync::Arc<dyn EventLog>, topic: String| async move {
@@ -620,6 +630,13 @@ fn print_status(status: &Status) {
                 .map(|e| format!("  ({e})"))
                 .unwrap_or_default()
         );
+    }
+    if !status.topic_exists {
+        println!(
+            "\nLOG {}: the topic does not exist yet (start a role or run `conveyor ops topics ensure`)",
+            status.topic
+        );
+        return;
     }
     println!(
         "\nLOG {}: {} records, {:.0} events/s, {} dead letters waiting",

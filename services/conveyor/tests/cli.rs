@@ -9,7 +9,7 @@ fn conveyor() -> Command {
 #[test]
 fn every_role_has_help() {
     for role in [
-        "serve", "ingest", "process", "project", "query", "ops", "loadtest",
+        "serve", "ingest", "process", "project", "query", "archive", "ops", "loadtest",
     ] {
         let out = conveyor().args([role, "--help"]).output().unwrap();
         assert!(out.status.success(), "{role} --help failed");
@@ -38,7 +38,7 @@ fn an_unknown_config_key_stops_startup_with_its_name() {
 fn every_role_starts_and_answers_healthz() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    for role in ["serve", "ingest", "process", "project", "query"] {
+    for role in ["serve", "ingest", "process", "project", "query", "archive"] {
         let mut child = conveyor()
             .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
@@ -108,4 +108,74 @@ fn raw_status(address: &str, request_line: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+#[test]
+fn ops_status_reports_every_backend_and_group_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = conveyor()
+        .args(["ops", "status", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for backend in ["log", "objects", "views"] {
+        assert_eq!(status["backends"][backend]["ok"], true, "{status}");
+    }
+    assert_eq!(status["topic"], "media.events");
+    assert_eq!(status["topic_exists"], false, "nothing has created it yet");
+    assert_eq!(status["dead_letters"], 0);
+    assert!(status["groups"].as_array().unwrap().is_empty());
+
+    // A backend that does not answer is reported, not fatal.
+    let out = conveyor()
+        .args(["ops", "status", "--json", "--data-dir"])
+        .arg(dir.path())
+        .env("CONVEYOR__VIEWS__URI", "scylla://127.0.0.1:1/nowhere")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["backends"]["views"]["ok"], false);
+    assert!(
+        status["backends"]["views"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect to ScyllaDB")
+    );
+}
+
+#[test]
+fn a_backup_interval_that_is_not_a_duration_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = conveyor()
+        .args(["ops", "config"])
+        .current_dir(dir.path())
+        .env("CONVEYOR__BACKUP__EVERY", "often")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("often") && stderr.contains("duration"), "{stderr}");
+    let ok = conveyor()
+        .args(["ops", "config"])
+        .env("CONVEYOR__BACKUP__EVERY", "6h")
+        .env("CONVEYOR__BACKUP__KEEP", "3")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[test]
+fn replay_names_the_projections_it_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = conveyor()
+        .args(["ops", "replay", "--projection", "nope", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("unknown projection") && stderr.contains("media"), "{stderr}");
 }

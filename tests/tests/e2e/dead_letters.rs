@@ -35,6 +35,14 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
     })
     .await
     .expect("the poison record was dead-lettered by both groups");
+    // `ops status` counts them, and sees both groups past the poison record.
+    let status = conveyor::ops::status(&app.settings).await.unwrap();
+    assert_eq!(status.dead_letters, 2);
+    assert!(status.topic_exists && status.records >= 1);
+    assert!(status.backends.values().all(|h| h.ok));
+    for group in [&app.settings.processor.group, &app.settings.projector.group] {
+        assert!(status.groups.iter().any(|g| &g.group == group), "{group} listed");
+    }
     let mut groups: Vec<&str> = letters
         .iter()
         .map(|d| d.header("dlq-group").unwrap())
