@@ -227,15 +227,8 @@ async fn events(
 /// against `dd` copying the same database bytes with fdatasync.
 async fn recovery_ops(settings: &Settings, backends: &Backends) -> anyhow::Result<()> {
     let started = Instant::now();
-    let report = crate::replay::replay(
-        settings,
-        backends.log.clone(),
-        "media",
-        false,
-        None,
-        false,
-    )
-    .await?;
+    let report =
+        crate::replay::replay(settings, backends.log.clone(), "media", false, None, false).await?;
     let replay = started.elapsed();
     println!(
         "  ops replay:              {:>10.0} events/s  ({:.2?}, {} events, switch included)",
@@ -261,7 +254,10 @@ async fn recovery_ops(settings: &Settings, backends: &Backends) -> anyhow::Resul
     for name in ["log.db", "views.db"] {
         let out = std::process::Command::new("dd")
             .arg(format!("if={}", settings.data_dir.join(name).display()))
-            .arg(format!("of={}", target.path().join(format!("dd-{name}")).display()))
+            .arg(format!(
+                "of={}",
+                target.path().join(format!("dd-{name}")).display()
+            ))
             .args(["bs=1M", "conv=fdatasync", "status=none"])
             .status()
             .context("failed to run dd")?;

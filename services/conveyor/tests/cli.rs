@@ -118,7 +118,11 @@ fn ops_status_reports_every_backend_and_group_as_json() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for backend in ["log", "objects", "views"] {
         assert_eq!(status["backends"][backend]["ok"], true, "{status}");
@@ -157,14 +161,21 @@ fn a_backup_interval_that_is_not_a_duration_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("often") && stderr.contains("duration"), "{stderr}");
+    assert!(
+        stderr.contains("often") && stderr.contains("duration"),
+        "{stderr}"
+    );
     let ok = conveyor()
         .args(["ops", "config"])
         .env("CONVEYOR__BACKUP__EVERY", "6h")
         .env("CONVEYOR__BACKUP__KEEP", "3")
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 #[test]
@@ -177,5 +188,8 @@ fn replay_names_the_projections_it_knows() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("unknown projection") && stderr.contains("media"), "{stderr}");
+    assert!(
+        stderr.contains("unknown projection") && stderr.contains("media"),
+        "{stderr}"
+    );
 }

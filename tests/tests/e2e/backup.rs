@@ -164,3 +164,50 @@ async fn a_backup_during_uploads_restores_everything_processed_before_it() {
         .await
         .expect("the newest backup restores after pruning");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_scheduled_backups_and_keeps_the_newest() {
+    let backups = tempfile::tempdir().unwrap();
+    let to = backups.path().to_str().unwrap().to_owned();
+    let app = conveyor_tests::helpers::spawn_app_with(|s| {
+        s.backup.every = Some(conveyor_platform::config::Interval(
+            std::time::Duration::from_millis(300),
+        ));
+        s.backup.keep = 2;
+        s.backup.to = Some(to);
+    })
+    .await;
+    let id = upload_id(app.upload(ALICE, images::jpeg(64, 48, 1), None).await).await;
+    app.wait_processed(&id).await;
+    let store = FsObjectStore::open(backups.path()).unwrap();
+    let wait = std::time::Duration::from_secs(30);
+    let first = conveyor_tests::helpers::wait_until(wait, || async {
+        conveyor::backup::list(&store).await.ok()?.first().cloned()
+    })
+    .await
+    .expect("a scheduled backup ran");
+    // Later ones replace it: two are kept, and the first is pruned.
+    let newest = conveyor_tests::helpers::wait_until(wait, || async {
+        let ids = conveyor::backup::list(&store).await.ok()?;
+        let newest = ids.last()?.clone();
+        let manifest = conveyor::backup::read_manifest(&store, &newest)
+            .await
+            .ok()?;
+        // Keep 2: a third exists only between its manifest and the prune that follows it.
+        assert!(ids.len() <= 3, "{ids:?}");
+        (!ids.contains(&first) && manifest.views.as_ref()?.live == 1).then_some(newest)
+    })
+    .await
+    .expect("older scheduled backups are pruned");
+    let restored = tempfile::tempdir().unwrap();
+    conveyor::backup::restore(
+        &Settings::for_test(restored.path()),
+        &store,
+        Some(&newest),
+        4,
+        false,
+    )
+    .await
+    .expect("a scheduled backup restores");
+    app.stop().await;
+}

@@ -41,7 +41,10 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
     assert!(status.topic_exists && status.records >= 1);
     assert!(status.backends.values().all(|h| h.ok));
     for group in [&app.settings.processor.group, &app.settings.projector.group] {
-        assert!(status.groups.iter().any(|g| &g.group == group), "{group} listed");
+        assert!(
+            status.groups.iter().any(|g| &g.group == group),
+            "{group} listed"
+        );
     }
     let mut groups: Vec<&str> = letters
         .iter()
