@@ -107,21 +107,31 @@ async fn put_file(store: &dyn ObjectStore, key: &str, path: &Path) -> anyhow::Re
     let file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("failed to read {}", path.display()))?;
-    let hasher = Arc::new(Mutex::new(Sha256::new()));
-    let tee = hasher.clone();
-    let body: ByteStream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
-        .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
-        .boxed();
-    let meta = store
-        .put(key, body)
+    let body = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).boxed();
+    let (bytes, sha256) = put_hashed(store, key, body)
         .await
         .with_context(|| format!("failed to store {key}"))?;
-    let sha256 = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
     Ok(Entry {
         key: key.to_owned(),
-        bytes: meta.size,
-        sha256: hex::encode(sha256),
+        bytes,
+        sha256,
     })
+}
+
+/// Stores `body` under `key`, hashing it on the way: its size and sha256 (hex).
+async fn put_hashed(
+    store: &dyn ObjectStore,
+    key: &str,
+    body: ByteStream,
+) -> Result<(u64, String), ObjectError> {
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    let tee = hasher.clone();
+    let body = body
+        .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
+        .boxed();
+    let meta = store.put(key, body).await?;
+    let sha256 = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
+    Ok((meta.size, hex::encode(sha256)))
 }
 
 /// Copies `from_key` in `source` to `to_key` in `target`, hashing the bytes on the way.
@@ -131,21 +141,14 @@ async fn copy_hashed(
     target: &dyn ObjectStore,
     to_key: &str,
 ) -> anyhow::Result<(u64, String)> {
-    let hasher = Arc::new(Mutex::new(Sha256::new()));
-    let tee = hasher.clone();
-    let body: ByteStream = source
+    let body = source
         .get(from_key, None)
         .await
         .with_context(|| format!("failed to read {from_key}"))?
-        .body
-        .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
-        .boxed();
-    let meta = target
-        .put(to_key, body)
+        .body;
+    put_hashed(target, to_key, body)
         .await
-        .with_context(|| format!("failed to copy {from_key} to {to_key}"))?;
-    let sha = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
-    Ok((meta.size, hex::encode(sha)))
+        .with_context(|| format!("failed to copy {from_key} to {to_key}"))
 }
 
 async fn hash_object(store: &dyn ObjectStore, key: &str) -> anyhow::Result<String> {

@@ -56,6 +56,18 @@ pub trait ReadStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), ViewError>;
 }
 
+/// A timeline page from up to `limit + 1` items, newest first: the extra item, if present,
+/// only says that there is a next page, which starts after the page's last item.
+pub fn page_of(mut items: Vec<MediaRow>, limit: usize) -> TimelinePage {
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|m| (m.created_at, m.id))
+    } else {
+        None
+    };
+    TimelinePage { items, next }
+}
+
 /// The upload column group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadGroup {

@@ -394,23 +394,18 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
                 values,
             });
         }
-        if let Some(d) = describe {
-            let mut values = vec![big(d.version)];
-            values.extend(describe_values(d));
+        // `UPDATE … USING TIMESTAMP <version> SET <group> WHERE <row key>`.
+        let mut update = |stmt, version, group: Vec<Option<CqlValue>>| {
+            let mut values = vec![big(version)];
+            values.extend(group);
             values.extend(row_key.iter().cloned());
-            plan.owner_side.push(Write {
-                stmt: Stmt::DescribeByOwner,
-                values,
-            });
+            plan.owner_side.push(Write { stmt, values });
+        };
+        if let Some(d) = describe {
+            update(Stmt::DescribeByOwner, d.version, describe_values(d));
         }
         if let Some(p) = process {
-            let mut values = vec![big(p.version)];
-            values.extend(process_values(p));
-            values.extend(row_key.iter().cloned());
-            plan.owner_side.push(Write {
-                stmt: Stmt::ProcessByOwner,
-                values,
-            });
+            update(Stmt::ProcessByOwner, p.version, process_values(p));
         }
     }
     if let Some(u) = state.upload.as_ref().filter(|_| touched.upload) {
@@ -716,13 +711,7 @@ impl ReadStore for ScyllaReadStore {
                 }
             }
         }
-        let next = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|m| (m.created_at, m.id))
-        } else {
-            None
-        };
-        Ok(TimelinePage { items, next })
+        Ok(super::page_of(items, limit))
     }
 
     async fn owner_stats(&self, owner: &str) -> Result<OwnerStats, ViewError> {

@@ -562,13 +562,7 @@ impl ReadStore for SqliteReadStore {
                     items.push(item);
                 }
             }
-            let next = if items.len() > limit {
-                items.truncate(limit);
-                items.last().map(|m| (m.created_at, m.id))
-            } else {
-                None
-            };
-            Ok(TimelinePage { items, next })
+            Ok(super::page_of(items, limit))
         })
         .await
     }
