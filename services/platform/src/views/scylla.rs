@@ -408,34 +408,23 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
             update(Stmt::ProcessByOwner, p.version, process_values(p));
         }
     }
-    if let Some(u) = state.upload.as_ref().filter(|_| touched.upload) {
-        let mut values = vec![big(u.version)];
-        let mut group = upload_values(u);
-        group.insert(1, text(&u.owner));
+    // `UPDATE media_by_id USING TIMESTAMP <version> SET <group> WHERE id = ?`.
+    let mut update = |stmt, version, group: Vec<Option<CqlValue>>| {
+        let mut values = vec![big(version)];
         values.extend(group);
         values.push(id.clone());
-        plan.by_id.push(Write {
-            stmt: Stmt::UploadById,
-            values,
-        });
+        plan.by_id.push(Write { stmt, values });
+    };
+    if let Some(u) = state.upload.as_ref().filter(|_| touched.upload) {
+        let mut group = upload_values(u);
+        group.insert(1, text(&u.owner));
+        update(Stmt::UploadById, u.version, group);
     }
     if let Some(d) = state.describe.as_ref().filter(|_| touched.describe) {
-        let mut values = vec![big(d.version)];
-        values.extend(describe_values(d));
-        values.push(id.clone());
-        plan.by_id.push(Write {
-            stmt: Stmt::DescribeById,
-            values,
-        });
+        update(Stmt::DescribeById, d.version, describe_values(d));
     }
     if let Some(p) = state.process.as_ref().filter(|_| touched.process) {
-        let mut values = vec![big(p.version)];
-        values.extend(process_values(p));
-        values.push(id);
-        plan.by_id.push(Write {
-            stmt: Stmt::ProcessById,
-            values,
-        });
+        update(Stmt::ProcessById, p.version, process_values(p));
     }
 }
 
