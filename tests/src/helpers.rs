@@ -108,6 +108,31 @@ pub async fn spawn_app_on_s3() -> Option<TestApp> {
     Some(spawn_app_with(|s| s.objects = objects).await)
 }
 
+/// Spawns `serve` with its read models in ScyllaDB (`SCYLLA_URI`), in a fresh keyspace that
+/// `ops migrate` has just created. `None` (after saying so on stderr) when the variable is unset.
+pub async fn spawn_app_on_scylla() -> Option<TestApp> {
+    let Ok(base) = std::env::var("SCYLLA_URI") else {
+        eprintln!(
+            "SKIPPED: SCYLLA_URI is not set, so this end-to-end test did not run on ScyllaDB \
+             (see README.md, 'The distributed stack')"
+        );
+        return None;
+    };
+    let uri = format!(
+        "{base}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let views = conveyor_platform::config::ViewSettings {
+        uri: Some(uri.clone()),
+        replication_factor: 1,
+        ..Default::default()
+    };
+    conveyor_platform::views::scylla::migrate(&uri, &views)
+        .await
+        .expect("migrate the test keyspace");
+    Some(spawn_app_with(|s| s.views = views).await)
+}
+
 /// The test broker's address, or `None` after a loud skip notice.
 pub fn kafka_brokers() -> Option<String> {
     match std::env::var("CONVEYOR_TEST_KAFKA") {
@@ -121,8 +146,8 @@ pub fn kafka_brokers() -> Option<String> {
     }
 }
 
-/// Runs each named `async fn(TestApp)` three times: on the embedded backends, with the log on
-/// Kafka, and with the objects in S3.
+/// Runs each named `async fn(TestApp)` four times: on the embedded backends, with the log on
+/// Kafka, with the objects in S3, and with the read models in ScyllaDB.
 #[macro_export]
 macro_rules! on_every_log {
     ($($name:ident),* $(,)?) => {$(
@@ -140,6 +165,12 @@ macro_rules! on_every_log {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn s3() {
                 if let Some(app) = $crate::helpers::spawn_app_on_s3().await {
+                    super::$name(app).await
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn scylla() {
+                if let Some(app) = $crate::helpers::spawn_app_on_scylla().await {
                     super::$name(app).await
                 }
             }
