@@ -299,6 +299,15 @@ impl App {
 
 /// With no keys configured, `serve` uses (creating on first start) a `dev` client key and a
 /// `dev` service key kept in the data dir, so restarts keep working with the same keys.
+/// The keys `serve` creates in the data dir when none are configured. Backups carry them, so a
+/// restored data dir answers to the same keys.
+pub const DEV_KEY_FILES: [&str; 4] = [
+    "dev-api-key",
+    "dev-media-key",
+    "dev-signing-key",
+    "dev-service-key",
+];
+
 fn ensure_dev_keys(settings: &mut Settings) -> anyhow::Result<()> {
     if settings.auth.api_keys.is_empty() {
         let key = dev_key(&settings.data_dir.join("dev-api-key"))?;

@@ -49,7 +49,7 @@ pub struct Manifest {
     pub id: String,
     pub created_at: String,
     pub conveyor_version: String,
-    /// The databases, keyed `log.db` and `views.db`.
+    /// The databases (`log.db`, `views.db`) and dev keys (`dev-api-key`, …), by name.
     pub files: BTreeMap<String, Entry>,
     pub log: LogSummary,
     /// `None` when the read models are not in SQLite (rebuild them with `ops replay`).
@@ -317,6 +317,15 @@ pub async fn backup(
             put_file(target, &format!("backups/{id}/views.db"), &views_copy).await?,
         );
     }
+    for name in crate::app::DEV_KEY_FILES {
+        let path = settings.data_dir.join(name);
+        if path.exists() {
+            files.insert(
+                name.to_owned(),
+                put_file(target, &format!("backups/{id}/{name}"), &path).await?,
+            );
+        }
+    }
     let objects_copied = entries.iter().filter(|(_, copied)| *copied).count() as u64;
     let bytes_copied = entries
         .iter()
@@ -431,7 +440,15 @@ pub async fn restore(
         (Some(_), Ok(path)) => Some(path),
         _ => None,
     };
-    for path in std::iter::once(&log_path).chain(&views_path) {
+    let keys: Vec<(&str, PathBuf)> = crate::app::DEV_KEY_FILES
+        .into_iter()
+        .filter(|name| manifest.files.contains_key(*name))
+        .map(|name| (name, settings.data_dir.join(name)))
+        .collect();
+    let targets = std::iter::once(&log_path)
+        .chain(&views_path)
+        .chain(keys.iter().map(|(_, path)| path));
+    for path in targets {
         ensure!(
             !path.exists(),
             "{} already exists: restore only into an empty data dir",
@@ -502,10 +519,21 @@ pub async fn restore(
             .try_collect::<()>()
             .await?;
         bar.finish_and_clear();
+        for (name, path) in &keys {
+            fetch_verified(source, manifest, name, path).await?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).await?;
+            }
+        }
         anyhow::Ok(())
     }
     .await;
     if let Err(e) = result {
+        for (_, path) in &keys {
+            let _ = tokio::fs::remove_file(path).await;
+        }
         let _ = tokio::fs::remove_file(&staged_log).await;
         if let Some(staged) = &staged_views {
             let _ = tokio::fs::remove_file(staged).await;

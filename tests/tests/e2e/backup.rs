@@ -58,6 +58,8 @@ async fn a_backup_during_uploads_restores_everything_processed_before_it() {
     while uploaded.load(Ordering::Relaxed) < 5 {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    // A data dir's dev key travels with it.
+    std::fs::write(app.settings.data_dir.join("dev-api-key"), "cvk_kept\n").unwrap();
     let backups = tempfile::tempdir().unwrap();
     let store = FsObjectStore::open(backups.path()).unwrap();
     let first = conveyor::backup::backup(&app.settings, &store, 4, false)
@@ -89,6 +91,10 @@ async fn a_backup_during_uploads_restores_everything_processed_before_it() {
         .await
         .expect("restore");
     assert_eq!(report.objects as usize, manifest.objects.len());
+    assert_eq!(
+        std::fs::read_to_string(restored_dir.path().join("dev-api-key")).unwrap(),
+        "cvk_kept\n"
+    );
     let restored = spawn_in(settings).await;
     for id in &before {
         let (status, media) = restored.media(id).await;
