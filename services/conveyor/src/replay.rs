@@ -3,8 +3,10 @@
 //! 1. A fresh generation of the projection's tables is created beside the live one
 //!    ([`begin_generation`]), and a consumer group of its own (`<projector>-replay-g<n>`)
 //!    projects the log into it from the start, optionally after the archive's segments.
-//! 2. Once that group has caught up with the log's end, reads switch to the new generation in
-//!    one transaction ([`switch_generation`]). From then on the live projector writes there too.
+//! 2. Once that group is within a few hundred events of the log's end (it chases fixed targets,
+//!    so a steady stream of appends cannot keep it from finishing), reads switch to the new
+//!    generation in one transaction ([`switch_generation`]). From then on the live projector
+//!    writes there too.
 //! 3. The replay group catches up once more, to the log's end as it was at the switch: events
 //!    the live projector applied to the old generation just before the switch land in the new
 //!    one too (applying twice is a no-op).
@@ -60,13 +62,22 @@ async fn position(
         .collect())
 }
 
-/// Waits until `group` has committed at least `target` on every partition (the current end of
-/// each, if `None`), moving `bar` along.
-async fn catch_up(
+/// The end offset of every partition, as of now.
+async fn ends(log: &dyn EventLog, topic: &str, group: &str) -> anyhow::Result<HashMap<u32, u64>> {
+    Ok(position(log, topic, group)
+        .await?
+        .into_iter()
+        .map(|(p, (_, end))| (p, end))
+        .collect())
+}
+
+/// Waits until `group` has committed at least `target` on every partition, moving `bar`
+/// along. Returns the group's position then.
+async fn reach(
     log: &dyn EventLog,
     topic: &str,
     group: &str,
-    target: Option<&HashMap<u32, u64>>,
+    target: &HashMap<u32, u64>,
     bar: &ProgressBar,
     consumer: &tokio::task::JoinHandle<anyhow::Result<()>>,
 ) -> anyhow::Result<HashMap<u32, (u64, u64)>> {
@@ -76,10 +87,9 @@ async fn catch_up(
         let end: u64 = now.values().map(|(_, e)| e).sum();
         bar.set_length(end.max(committed));
         bar.set_position(committed);
-        let done = now.iter().all(|(p, (c, e))| {
-            let want = target.map_or(*e, |t| t.get(p).copied().unwrap_or(0));
-            c >= &want
-        });
+        let done = now
+            .iter()
+            .all(|(p, (c, _))| *c >= target.get(p).copied().unwrap_or(0));
         if done {
             return Ok(now);
         }
@@ -89,6 +99,12 @@ async fn catch_up(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// How close to the log's end the replay must be before reads switch to it. Under a steady
+/// stream of appends the end moves on while the replay chases it, so the replay chases fixed
+/// targets (the ends as of each lap's start) until a lap leaves at most this many events, then
+/// switches. The last lap, after the switch, brings in what is left.
+const SWITCH_WITHIN: u64 = 256;
 
 /// Rebuilds `projection` from the log (after `archive`'s segments, if given) and switches reads
 /// to it. See the module docs for the steps.
@@ -156,19 +172,22 @@ pub async fn replay(
         stop.clone(),
     ));
     let result = async {
-        catch_up(&*log, &topic, &group, None, &bar, &consumer).await?;
+        loop {
+            let target = ends(&*log, &topic, &group).await?;
+            let now = reach(&*log, &topic, &group, &target, &bar, &consumer).await?;
+            let behind: u64 = now.values().map(|(c, e)| e.saturating_sub(*c)).sum();
+            if behind <= SWITCH_WITHIN {
+                break;
+            }
+        }
         let replaced = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || switch_generation(&path, generation)).await??
         };
         // Whatever the live projector wrote to the old generation came before the switch, so
         // it is below the ends as they are now.
-        let ends: HashMap<u32, u64> = position(&*log, &topic, &group)
-            .await?
-            .into_iter()
-            .map(|(p, (_, end))| (p, end))
-            .collect();
-        let done = catch_up(&*log, &topic, &group, Some(&ends), &bar, &consumer).await?;
+        let target = ends(&*log, &topic, &group).await?;
+        let done = reach(&*log, &topic, &group, &target, &bar, &consumer).await?;
         anyhow::Ok((replaced, done.values().map(|(c, _)| c).sum::<u64>()))
     }
     .await;

@@ -217,3 +217,55 @@ async fn serve_takes_scheduled_backups_and_keeps_the_newest() {
     .expect("a scheduled backup restores");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_in_s3_backs_up_to_s3_and_restores_from_it() {
+    use conveyor_tests::helpers::{s3_bucket, s3_store, spawn_app_on_s3};
+    let Some(app) = spawn_app_on_s3().await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for seed in 0..3 {
+        ids.push(upload_id(app.upload(ALICE, images::jpeg(64, 48, seed), None).await).await);
+    }
+    for id in &ids {
+        app.wait_processed(id).await;
+    }
+    let target = s3_store(&s3_bucket().await.unwrap()).await;
+    let report = conveyor::backup::backup(&app.settings, &target, 4, false)
+        .await
+        .expect("backup into S3");
+    assert!(
+        report.objects_copied >= 3 * 4,
+        "originals and their variants"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::for_test(dir.path());
+    settings.objects = s3_bucket().await.unwrap();
+    conveyor::backup::restore(&settings, &target, None, 4, false)
+        .await
+        .expect("restore from S3 into an empty bucket");
+    let restored = spawn_in(settings).await;
+    for id in &ids {
+        let (status, media) = restored.media(id).await;
+        assert_eq!(
+            (status.as_u16(), media["status"].as_str()),
+            (200, Some("processed"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_on_kafka_is_refused_with_the_way_out() {
+    let Some(app) = conveyor_tests::helpers::spawn_app_on_kafka().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsObjectStore::open(dir.path()).unwrap();
+    let err = conveyor::backup::backup(&app.settings, &store, 4, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("conveyor archive"), "{err}");
+    assert_eq!(conveyor_tests::helpers::count_files(dir.path()), 0);
+}
