@@ -481,6 +481,16 @@ pub async fn restore(
             "backup {id} is inconsistent: log.db holds {summary:?}, the manifest says {:?}",
             manifest.log
         );
+        if staged_views.is_none() {
+            // The read models are not restored here (they live elsewhere, or the backup has
+            // none): the projector rebuilds them from the start of the log.
+            set_group_offsets_in_file(
+                &staged_log,
+                &settings.projector.group,
+                settings.topic(),
+                &[],
+            )?;
+        }
         if let (Some(staged), Some(expected)) = (&staged_views, &manifest.views) {
             fetch_verified(source, manifest, "views.db", staged).await?;
             let summary = summarize_views(staged)?;

@@ -133,13 +133,15 @@ pub async fn replay(
     };
     let started = Instant::now();
     let topic = settings.topic().to_owned();
-    let generation = {
+    let building = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || begin_generation(&path, from_start)).await??
     };
-    let group = format!("{}-replay-g{generation}", settings.projector.group);
-    if from_start {
-        log.delete_group(&topic, &group).await?;
+    let generation = building.generation;
+    let group_of = |g: u32| format!("{}-replay-g{g}", settings.projector.group);
+    let group = group_of(generation);
+    if let Some(abandoned) = building.abandoned {
+        log.delete_group(&topic, &group_of(abandoned)).await?;
     }
     let store: Arc<dyn ReadStore> = Arc::new(SqliteReadStore::open_generation(&path, generation)?);
     let style =

@@ -210,9 +210,17 @@ fn create_tables(conn: &Connection, tables: &Tables) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A generation for a replay to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Building {
+    pub generation: u32,
+    /// A half-built generation this one replaces (its tables are dropped already).
+    pub abandoned: Option<u32>,
+}
+
 /// The generation a replay of this file should build: the one already being built (to resume
 /// it), or a new one. `fresh` abandons a half-built generation and starts another.
-pub fn begin_generation(path: &Path, fresh: bool) -> Result<u32, ViewError> {
+pub fn begin_generation(path: &Path, fresh: bool) -> Result<Building, ViewError> {
     let mut conn = open_connection(path).map_err(storage)?;
     conn.execute_batch(META).map_err(storage)?;
     let tx = conn
@@ -225,13 +233,13 @@ pub fn begin_generation(path: &Path, fresh: bool) -> Result<u32, ViewError> {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .map_err(storage)?;
-    let generation = match building {
-        Some(g) if !fresh => g,
+    let (generation, abandoned) = match building {
+        Some(g) if !fresh => (g, None),
         abandoned => {
             if let Some(g) = abandoned {
                 drop_tables(&tx, &Tables::of(g)).map_err(storage)?;
             }
-            current.max(abandoned.unwrap_or(0)) + 1
+            (current.max(abandoned.unwrap_or(0)) + 1, abandoned)
         }
     };
     create_tables(&tx, &Tables::of(generation)).map_err(storage)?;
@@ -241,7 +249,10 @@ pub fn begin_generation(path: &Path, fresh: bool) -> Result<u32, ViewError> {
     )
     .map_err(storage)?;
     tx.commit().map_err(storage)?;
-    Ok(generation)
+    Ok(Building {
+        generation,
+        abandoned,
+    })
 }
 
 /// Makes `generation` the one every reader and the live projector use, atomically, and returns
@@ -629,10 +640,10 @@ mod tests {
         );
         live.apply(std::slice::from_ref(&up)).await.unwrap();
 
-        let next = begin_generation(&path, false).unwrap();
+        let next = begin_generation(&path, false).unwrap().generation;
         assert_eq!(next, 1);
         assert_eq!(
-            begin_generation(&path, false).unwrap(),
+            begin_generation(&path, false).unwrap().generation,
             1,
             "a rerun resumes it"
         );
@@ -656,7 +667,13 @@ mod tests {
         assert_eq!(summarize_file(&path).unwrap().generation, 1);
         assert!(drop_generation(&path, 1).is_err(), "the current one stays");
         // A fresh start abandons a half-built generation.
-        assert_eq!(begin_generation(&path, false).unwrap(), 2);
-        assert_eq!(begin_generation(&path, true).unwrap(), 3);
+        assert_eq!(begin_generation(&path, false).unwrap().generation, 2);
+        assert_eq!(
+            begin_generation(&path, true).unwrap(),
+            Building {
+                generation: 3,
+                abandoned: Some(2)
+            }
+        );
     }
 }
