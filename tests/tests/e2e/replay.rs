@@ -55,6 +55,22 @@ async fn model(
     (rows, stats, timelines)
 }
 
+/// `ops replay --projection <projection>`, from the log alone.
+async fn replay_log(
+    app: &TestApp,
+    projection: &str,
+) -> anyhow::Result<conveyor::replay::ReplayReport> {
+    conveyor::replay::replay(
+        &app.settings,
+        app.backends.log.clone(),
+        projection,
+        false,
+        None,
+        false,
+    )
+    .await
+}
+
 /// On ScyllaDB, replay is a documented procedure, and the command says so.
 fn on_scylla(app: &TestApp) -> bool {
     app.settings.views_uri().starts_with("scylla://")
@@ -63,16 +79,7 @@ fn on_scylla(app: &TestApp) -> bool {
 async fn a_replay_under_read_load_rebuilds_the_same_model(app: TestApp) {
     let ids = some_history(&app).await;
     if on_scylla(&app) {
-        let err = conveyor::replay::replay(
-            &app.settings,
-            app.backends.log.clone(),
-            "media",
-            false,
-            None,
-            false,
-        )
-        .await
-        .unwrap_err();
+        let err = replay_log(&app, "media").await.unwrap_err();
         assert!(err.to_string().contains("migrate a new keyspace"), "{err}");
         return;
     }
@@ -126,16 +133,7 @@ async fn a_replay_under_read_load_rebuilds_the_same_model(app: TestApp) {
             ids
         })
     };
-    let report = conveyor::replay::replay(
-        &app.settings,
-        app.backends.log.clone(),
-        "media",
-        false,
-        None,
-        false,
-    )
-    .await
-    .expect("replay");
+    let report = replay_log(&app, "media").await.expect("replay");
     stop.store(true, Ordering::Relaxed);
     readers.await.unwrap();
     let during = writers.await.unwrap();
@@ -171,16 +169,7 @@ async fn a_replay_under_read_load_rebuilds_the_same_model(app: TestApp) {
     app.wait_processed(id["id"].as_str().unwrap()).await;
 
     // An unknown projection is a clear error.
-    let err = conveyor::replay::replay(
-        &app.settings,
-        app.backends.log.clone(),
-        "nope",
-        false,
-        None,
-        false,
-    )
-    .await
-    .unwrap_err();
+    let err = replay_log(&app, "nope").await.unwrap_err();
     assert!(err.to_string().contains("unknown projection"), "{err}");
 }
 

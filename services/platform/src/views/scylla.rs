@@ -989,6 +989,14 @@ mod tests {
         plan
     }
 
+    /// A batch that carried only an upload.
+    const ONLY_UPLOAD: Touched = Touched {
+        upload: true,
+        describe: false,
+        process: false,
+        delete: false,
+    };
+
     fn stmts(writes: &[Write]) -> Vec<Stmt> {
         writes.iter().map(|w| w.stmt).collect()
     }
@@ -1114,13 +1122,7 @@ mod tests {
             }),
         );
         let (state, _) = fold(&[failed, up]);
-        let plan = plan_of(
-            &state,
-            Touched {
-                upload: true,
-                ..Touched::default()
-            },
-        );
+        let plan = plan_of(&state, ONLY_UPLOAD);
         assert_eq!(
             stmts(&plan.owner_side),
             [
@@ -1193,13 +1195,7 @@ mod tests {
             }),
         )]);
         late.apply(&ev(id, JAN_31, uploaded()));
-        let plan = plan_of(
-            &late,
-            Touched {
-                upload: true,
-                ..Touched::default()
-            },
-        );
+        let plan = plan_of(&late, ONLY_UPLOAD);
         assert_eq!(
             stmts(&plan.owner_side),
             [Stmt::DeleteByOwner, Stmt::UncountItem]
