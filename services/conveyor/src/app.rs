@@ -181,9 +181,17 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         ));
     }
     if role == Role::Archive {
-        let objects =
-            conveyor_platform::backends::open_objects(&settings.archive_uri(), &settings.objects)
-                .await?;
+        // The media store, already open, unless the archive has a store of its own.
+        let objects = match &settings.archive.to {
+            None => backends.objects.clone(),
+            Some(_) => {
+                conveyor_platform::backends::open_objects(
+                    &settings.archive_uri(),
+                    &settings.objects,
+                )
+                .await?
+            }
+        };
         let mut config = conveyor_platform::consumer::ConsumerConfig::new(
             settings.topic(),
             &settings.archive.group,

@@ -18,17 +18,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail, ensure};
 use conveyor_platform::Settings;
 use conveyor_platform::log::sqlite::{
     LogSummary, read_group_offsets, set_group_offsets_in_file, summarize_file,
 };
-use conveyor_platform::objects::{ByteStream, ObjectError, ObjectStore};
+use conveyor_platform::objects::{self, ObjectError, ObjectStore};
 use conveyor_platform::views::sqlite::{ViewSummary, summarize_file as summarize_views};
 use futures::{StreamExt, TryStreamExt};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -73,21 +71,6 @@ fn sqlite_path(uri: &str, what: &str, how: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn bar(progress: bool, len: u64, what: &str) -> ProgressBar {
-    let bar = if progress {
-        ProgressBar::new(len)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
-        ))
-        .expect("valid template"),
-    );
-    bar
-}
-
 fn backup_id() -> String {
     let now = time::OffsetDateTime::now_utc();
     format!(
@@ -108,7 +91,7 @@ async fn put_file(store: &dyn ObjectStore, key: &str, path: &Path) -> anyhow::Re
         .await
         .with_context(|| format!("failed to read {}", path.display()))?;
     let body = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).boxed();
-    let (bytes, sha256) = put_hashed(store, key, body)
+    let (bytes, sha256) = objects::put_hashed(store, key, body)
         .await
         .with_context(|| format!("failed to store {key}"))?;
     Ok(Entry {
@@ -118,46 +101,16 @@ async fn put_file(store: &dyn ObjectStore, key: &str, path: &Path) -> anyhow::Re
     })
 }
 
-/// Stores `body` under `key`, hashing it on the way: its size and sha256 (hex).
-async fn put_hashed(
-    store: &dyn ObjectStore,
-    key: &str,
-    body: ByteStream,
-) -> Result<(u64, String), ObjectError> {
-    let hasher = Arc::new(Mutex::new(Sha256::new()));
-    let tee = hasher.clone();
-    let body = body
-        .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
-        .boxed();
-    let meta = store.put(key, body).await?;
-    let sha256 = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
-    Ok((meta.size, hex::encode(sha256)))
-}
-
-/// Copies `from_key` in `source` to `to_key` in `target`, hashing the bytes on the way.
+/// Copies `from_key` in `source` to `to_key` in `target`: its size and sha256.
 async fn copy_hashed(
     source: &dyn ObjectStore,
     from_key: &str,
     target: &dyn ObjectStore,
     to_key: &str,
 ) -> anyhow::Result<(u64, String)> {
-    let body = source
-        .get(from_key, None)
-        .await
-        .with_context(|| format!("failed to read {from_key}"))?
-        .body;
-    put_hashed(target, to_key, body)
+    objects::copy_hashed(source, from_key, target, to_key)
         .await
         .with_context(|| format!("failed to copy {from_key} to {to_key}"))
-}
-
-async fn hash_object(store: &dyn ObjectStore, key: &str) -> anyhow::Result<String> {
-    let mut body = store.get(key, None).await?.body;
-    let mut hasher = Sha256::new();
-    while let Some(chunk) = body.try_next().await? {
-        hasher.update(&chunk);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The ids of the complete backups in `store`, oldest first.
@@ -264,7 +217,7 @@ pub async fn backup(
         .into_iter()
         .filter(|m| !m.key.starts_with("incoming/"))
         .collect();
-    let bar = bar(progress, sources.len() as u64, "objects");
+    let bar = crate::progress_bar(progress, sources.len() as u64, "objects");
     let entries: Vec<(Entry, bool)> = futures::stream::iter(sources)
         .map(|object| {
             let (objects, bar, previous) = (&objects, bar.clone(), &previous);
@@ -274,7 +227,7 @@ pub async fn backup(
                 let entry = if existing.is_some_and(|m| m.size == object.size) {
                     let sha256 = match previous.get(&object.key) {
                         Some(sha) => sha.clone(),
-                        None => hash_object(target, &key).await?,
+                        None => objects::sha256_of(target, &key).await?,
                     };
                     (
                         Entry {
@@ -500,7 +453,7 @@ pub async fn restore(
                  {expected:?}"
             );
         }
-        let bar = bar(progress, manifest.objects.len() as u64, "objects");
+        let bar = crate::progress_bar(progress, manifest.objects.len() as u64, "objects");
         futures::stream::iter(&manifest.objects)
             .map(|entry| {
                 let (objects, bar) = (&objects, bar.clone());

@@ -10,3 +10,20 @@ pub mod ops;
 pub mod replay;
 
 pub use app::{App, Role, build};
+
+/// A progress bar for `len` items of long work (`what` names them), or a hidden one when
+/// `visible` is false (tests, scheduled jobs).
+pub fn progress_bar(visible: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = if visible {
+        indicatif::ProgressBar::new(len)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}

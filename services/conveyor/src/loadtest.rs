@@ -11,7 +11,6 @@ use conveyor_platform::config::{Durability, Limits, Settings};
 use conveyor_platform::events::to_record;
 use conveyor_platform::{Backends, VersionClock};
 use conveyor_schemas::{Envelope, Event, MediaDescribed};
-use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -45,17 +44,6 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
         }
         LoadtestCommand::Thumbnail { file, size, runs } => thumbnail(&file, size, runs),
     }
-}
-
-fn progress(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
-        ))
-        .expect("valid template"),
-    );
-    bar
 }
 
 /// Settings for a benchmark on `log` (`sqlite`, or a Kafka URI) in a fresh temp dir, with
@@ -135,7 +123,7 @@ async fn events(
         joined.elapsed()
     );
 
-    let bar = progress(count as u64, "appending");
+    let bar = crate::progress_bar(true, count as u64, "appending");
     let started = Instant::now();
     let per_producer = count / producers.max(1);
     let mut tasks = Vec::new();
@@ -181,7 +169,7 @@ async fn events(
     let total = (per_producer * producers.max(1)) as u64;
 
     // Wait for the projector to commit everything.
-    let bar = progress(total, "projecting");
+    let bar = crate::progress_bar(true, total, "projecting");
     loop {
         let lag = backends
             .log
@@ -279,7 +267,7 @@ async fn produce(log: &str, count: usize, size: usize, batch: usize) -> anyhow::
     let settings = bench_settings(log, dir.path())?;
     let backends = Backends::open(&settings).await?;
     let payload = bytes::Bytes::from((0..size).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
-    let bar = progress(count as u64, "producing");
+    let bar = crate::progress_bar(true, count as u64, "producing");
     let started = Instant::now();
     let mut sent = 0;
     while sent < count {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use conveyor_platform::Settings;
 use conveyor_platform::backends::{open_log, open_objects};
 use conveyor_platform::log::{Delivered, EventLog, StartFrom};
-use conveyor_platform::objects::ObjectStore;
+use conveyor_platform::objects::{self, ObjectStore};
 use indicatif::ProgressBar;
 
 use crate::cli::{DlqCommand, OpsCommand, RoleArgs, TopicsCommand};
@@ -271,23 +271,12 @@ pub async fn migrate_objects(
     progress: bool,
 ) -> anyhow::Result<MigrationReport> {
     use futures::{StreamExt, TryStreamExt};
-    use sha2::{Digest, Sha256};
 
     let objects = source
         .list(prefix)
         .await
         .context("failed to list the source")?;
-    let bar = if progress {
-        ProgressBar::new(objects.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "migrating {bar:40} {pos}/{len} objects {per_sec} eta {eta}",
-        )
-        .expect("valid template"),
-    );
+    let bar = crate::progress_bar(progress, objects.len() as u64, "migrating objects");
     let results: Vec<(bool, u64)> = futures::stream::iter(objects)
         .map(|object| {
             let bar = bar.clone();
@@ -298,24 +287,12 @@ pub async fn migrate_objects(
                     return anyhow::Ok((false, 0));
                 }
                 // Hash while streaming the copy, then hash what landed.
-                let hasher = std::sync::Arc::new(std::sync::Mutex::new(Sha256::new()));
-                let body = source.get(&object.key, None).await?.body;
-                let tee = hasher.clone();
-                let body = body
-                    .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
-                    .boxed();
-                target
-                    .put(&object.key, body)
+                let (_, sent) = objects::copy_hashed(source, &object.key, target, &object.key)
                     .await
                     .with_context(|| format!("failed to copy {}", object.key))?;
-                let sent = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
-                let mut landed = Sha256::new();
-                let mut back = target.get(&object.key, None).await?.body;
-                while let Some(chunk) = back.try_next().await? {
-                    landed.update(&chunk);
-                }
+                let landed = objects::sha256_of(target, &object.key).await?;
                 anyhow::ensure!(
-                    landed.finalize() == sent,
+                    landed == sent,
                     "{}: the copy's sha256 differs from the source's",
                     object.key
                 );

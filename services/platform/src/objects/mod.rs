@@ -143,6 +143,48 @@ pub trait ObjectStore: Send + Sync + 'static {
     }
 }
 
+/// Stores `body` under `key`, hashing it on the way: the stored size and the sha256 (hex).
+pub async fn put_hashed(
+    store: &dyn ObjectStore,
+    key: &str,
+    body: ByteStream,
+) -> Result<(u64, String), ObjectError> {
+    use futures::{StreamExt, TryStreamExt};
+    use sha2::{Digest, Sha256};
+    let hasher = std::sync::Arc::new(std::sync::Mutex::new(Sha256::new()));
+    let tee = hasher.clone();
+    let body = body
+        .inspect_ok(move |chunk| tee.lock().expect("hasher lock").update(chunk))
+        .boxed();
+    let meta = store.put(key, body).await?;
+    let sha256 = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finalize();
+    Ok((meta.size, hex::encode(sha256)))
+}
+
+/// Copies `from` in `source` to `to` in `target`, streaming, hashing on the way: the size and
+/// the sha256 (hex) of what was sent.
+pub async fn copy_hashed(
+    source: &dyn ObjectStore,
+    from: &str,
+    target: &dyn ObjectStore,
+    to: &str,
+) -> Result<(u64, String), ObjectError> {
+    let body = source.get(from, None).await?.body;
+    put_hashed(target, to, body).await
+}
+
+/// The sha256 (hex) of an object, streamed.
+pub async fn sha256_of(store: &dyn ObjectStore, key: &str) -> Result<String, ObjectError> {
+    use futures::TryStreamExt;
+    use sha2::{Digest, Sha256};
+    let mut body = store.get(key, None).await?.body;
+    let mut hasher = Sha256::new();
+    while let Some(chunk) = body.try_next().await? {
+        hasher.update(&chunk);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// The bytes a `get` of `range` serves from an object of `size` bytes, by the contract: the
 /// whole object for `None`, an end past the object clamped, a start past it refused.
 pub fn resolve_range(range: Option<Range<u64>>, size: u64) -> Result<Range<u64>, ObjectError> {
