@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use conveyor::{App, Role};
-use conveyor_platform::{Backends, Settings};
+use conveyor_platform::{Backends, Settings, testing};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -62,15 +62,7 @@ pub async fn spawn_app_on_kafka() -> Option<TestApp> {
 /// Settings for a fresh bucket, created, on the S3 API named by `CONVEYOR_TEST_S3` (moto in
 /// `scripts/test`). `None`, after saying so on stderr, when it is unset.
 pub async fn s3_bucket() -> Option<conveyor_platform::config::ObjectSettings> {
-    let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
-        .ok()
-        .filter(|e| !e.is_empty())
-    else {
-        eprintln!(
-            "SKIPPED: CONVEYOR_TEST_S3 is not set; scripts/test starts an S3 API and sets it"
-        );
-        return None;
-    };
+    let endpoint = testing::engine(testing::S3, "an end-to-end test on S3")?;
     let bucket = format!("conveyor-e2e-{}", uuid::Uuid::new_v4().simple());
     let objects = conveyor_platform::config::ObjectSettings {
         uri: Some(format!("s3://{bucket}")),
@@ -108,16 +100,10 @@ pub async fn spawn_app_on_s3() -> Option<TestApp> {
     Some(spawn_app_with(|s| s.objects = objects).await)
 }
 
-/// Spawns `serve` with its read models in ScyllaDB (`SCYLLA_URI`), in a fresh keyspace that
+/// Spawns `serve` with its read models in ScyllaDB (`CONVEYOR_TEST_CQL`), in a fresh keyspace that
 /// `ops migrate` has just created. `None` (after saying so on stderr) when the variable is unset.
 pub async fn spawn_app_on_scylla() -> Option<TestApp> {
-    let Ok(base) = std::env::var("SCYLLA_URI") else {
-        eprintln!(
-            "SKIPPED: SCYLLA_URI is not set, so this end-to-end test did not run on ScyllaDB \
-             (see README.md, 'The distributed stack')"
-        );
-        return None;
-    };
+    let base = testing::engine(testing::CQL, "an end-to-end test on the CQL read store")?;
     let uri = format!(
         "{base}_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -135,15 +121,7 @@ pub async fn spawn_app_on_scylla() -> Option<TestApp> {
 
 /// The test broker's address, or `None` after a loud skip notice.
 pub fn kafka_brokers() -> Option<String> {
-    match std::env::var("CONVEYOR_TEST_KAFKA") {
-        Ok(b) if !b.is_empty() => Some(b),
-        _ => {
-            eprintln!(
-                "SKIPPED: CONVEYOR_TEST_KAFKA is not set; scripts/test starts a Kafka-protocol broker and sets it"
-            );
-            None
-        }
-    }
+    testing::engine(testing::KAFKA, "an end-to-end test on Kafka")
 }
 
 /// Runs each named `async fn(TestApp)` four times: on the embedded backends, with the log on

@@ -19,6 +19,7 @@ pub mod shutdown;
 pub mod signing;
 pub mod sqlite;
 pub mod telemetry;
+pub mod testing;
 pub mod views;
 
 pub use backends::Backends;

@@ -745,13 +745,8 @@ mod tests {
     /// Runs the conformance suite against the broker named by `CONVEYOR_TEST_KAFKA`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
-        let Some(brokers) = std::env::var("CONVEYOR_TEST_KAFKA")
-            .ok()
-            .filter(|s| !s.is_empty())
+        let Some(brokers) = crate::testing::engine(crate::testing::KAFKA, "the Kafka conformance suite")
         else {
-            eprintln!(
-                "SKIPPED kafka conformance: CONVEYOR_TEST_KAFKA is not set (scripts/test starts a broker and sets it)"
-            );
             return;
         };
         crate::telemetry::init_for_tests();

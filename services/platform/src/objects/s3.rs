@@ -565,15 +565,7 @@ mod tests {
     /// A store on a fresh bucket of the S3 API named by `CONVEYOR_TEST_S3`, or `None` after a
     /// loud skip notice.
     pub(crate) async fn test_store(part_size_mib: u64) -> Option<S3ObjectStore> {
-        let Some(endpoint) = std::env::var("CONVEYOR_TEST_S3")
-            .ok()
-            .filter(|s| !s.is_empty())
-        else {
-            eprintln!(
-                "SKIPPED s3 tests: CONVEYOR_TEST_S3 is not set (scripts/test starts moto and sets it)"
-            );
-            return None;
-        };
+        let endpoint = crate::testing::engine(crate::testing::S3, "an S3 test")?;
         let settings = ObjectSettings {
             endpoint: Some(endpoint),
             region: Some("us-east-1".into()),

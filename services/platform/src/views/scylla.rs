@@ -1233,11 +1233,8 @@ mod tests {
     /// The conformance suite, on a real node. Each run migrates a fresh keyspace and drops it.
     #[tokio::test]
     async fn conformance_on_a_real_node() {
-        let Ok(base) = std::env::var("SCYLLA_URI") else {
-            eprintln!(
-                "SKIPPED: ScyllaDB conformance suite: SCYLLA_URI is not set \
-                 (e.g. SCYLLA_URI=scylla://127.0.0.1:9042/conveyor_test)"
-            );
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL conformance suite")
+        else {
             return;
         };
         let uri = format!(
