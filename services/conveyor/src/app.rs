@@ -46,12 +46,15 @@ impl Role {
     }
 }
 
+/// A named task the process cannot run without: a consumer group, a cache tail.
+type Worker = (&'static str, tokio::task::JoinHandle<anyhow::Result<()>>);
+
 /// A built role, bound to its port and ready to run.
 pub struct App {
     listener: TcpListener,
     router: Router,
     shutdown: Shutdown,
-    workers: Vec<(&'static str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    workers: Vec<Worker>,
     pub settings: Settings,
     /// The backends this app runs on, for tests and operator tooling in the same process.
     pub backends: Backends,
@@ -272,24 +275,14 @@ impl App {
             axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
         let mut failure = None;
-        let watch_workers = async {
-            for (name, handle) in workers {
-                match handle.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Some(e.context(format!("{name} failed"))),
-                    Err(e) => return Some(anyhow::anyhow!("{name} panicked: {e}")),
-                }
-            }
-            None
-        };
         tokio::select! {
             _ = token.cancelled() => {}
-            err = watch_workers => match err {
+            err = first_failure(workers, token.clone()) => match err {
                 Some(e) => {
                     tracing::error!(error = format!("{e:#}"), "worker failed, shutting down");
                     failure = Some(e);
                 }
-                // No workers (an edge-only role), or all of them stopped cleanly: serve until told.
+                // No workers (an edge-only role): serve until told.
                 None => token.cancelled().await,
             }
         }
@@ -303,6 +296,26 @@ impl App {
             None => Ok(()),
         }
     }
+}
+
+/// Watches every worker at once and returns the first to fail, named: an error, a panic, or a
+/// return before `stop` was cancelled (a consumer group only returns when told to). `None`
+/// once every worker returned after `stop`, or at once if there are none.
+async fn first_failure(workers: Vec<Worker>, stop: CancellationToken) -> Option<anyhow::Error> {
+    use futures::StreamExt;
+    let mut running: futures::stream::FuturesUnordered<_> = workers
+        .into_iter()
+        .map(|(name, handle)| async move { (name, handle.await) })
+        .collect();
+    while let Some((name, joined)) = running.next().await {
+        match joined {
+            Ok(Ok(())) if stop.is_cancelled() => {}
+            Ok(Ok(())) => return Some(anyhow::anyhow!("{name} stopped on its own")),
+            Ok(Err(e)) => return Some(e.context(format!("{name} failed"))),
+            Err(e) => return Some(anyhow::anyhow!("{name} panicked: {e}")),
+        }
+    }
+    None
 }
 
 /// With no keys configured, `serve` uses (creating on first start) a `dev` client key and a
@@ -364,4 +377,37 @@ fn dev_key(path: &Path) -> anyhow::Result<String> {
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     }
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker that fails while the others run stops the whole process at once, named.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_failing_worker_stops_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::for_test(dir.path());
+        settings.listen = "127.0.0.1:0".parse().unwrap();
+        let mut app = build(settings, Role::Serve).await.unwrap();
+        app.workers.push((
+            "doomed worker",
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                anyhow::bail!("the backend went away")
+            }),
+        ));
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(10), app.run_until_stopped())
+            .await
+            .expect("the app stopped by itself");
+        let error = format!("{:#}", result.expect_err("the app reports the failure"));
+        assert!(error.contains("doomed worker failed"), "{error}");
+        assert!(error.contains("the backend went away"), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "stopped {:?} after the start, with the processor and projector still running",
+            started.elapsed()
+        );
+    }
 }

@@ -100,10 +100,18 @@ pub struct ViewSettings {
     /// `sqlite://PATH` or `scylla://HOST:9042[,HOST:9042]/KEYSPACE`; unset means
     /// `sqlite://<data_dir>/views.db`.
     pub uri: Option<String>,
-    /// ScyllaDB: the keyspace's replication factor, used when `ops migrate` creates it.
+    /// CQL: the keyspace's replication factor in the local data centre, used when `ops migrate`
+    /// creates it. `ops migrate` refuses a factor above the data centre's node count.
     pub replication_factor: u8,
-    /// ScyllaDB: how long one request may take before it fails (and, if idempotent, retries).
+    /// CQL: the data centre whose replicas `LOCAL_QUORUM` counts and whose nodes coordinate
+    /// requests. Unset: the cluster's only data centre (a cluster with several must name one).
+    pub local_datacenter: Option<String>,
+    /// CQL: how long one read or write may take before it fails. The driver does not retry a
+    /// client timeout; the consumer runtime retries the batch as transient (docs/data-model.md).
     pub request_timeout_ms: u64,
+    /// CQL: how long one schema change (`ops migrate`) may take, including the wait for schema
+    /// agreement. A schema change that times out is retried: every statement is idempotent.
+    pub ddl_timeout_ms: u64,
 }
 
 impl Default for ViewSettings {
@@ -111,7 +119,9 @@ impl Default for ViewSettings {
         ViewSettings {
             uri: None,
             replication_factor: 3,
+            local_datacenter: None,
             request_timeout_ms: 5_000,
+            ddl_timeout_ms: 60_000,
         }
     }
 }

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{ErrorKind, Kinded};
 use crate::log::{Delivered, EventLog, StartFrom};
 
 /// Why a handler could not finish a batch.
@@ -38,6 +39,45 @@ impl std::fmt::Display for HandleError {
         match self {
             HandleError::Transient(e) => write!(f, "transient: {e:#}"),
             HandleError::Permanent(e) => write!(f, "permanent: {e:#}"),
+        }
+    }
+}
+
+/// Turns any error into the queue's decision, at the point where a handler knows it
+/// (pict-rs's `JobError::{Retry, Abort}`):
+///
+/// ```ignore
+/// let events = decode(records).abort("undecodable record")?;      // never worth retrying
+/// store.write(&events).await.by_kind("failed to write")?;          // as the backend says
+/// ```
+pub trait JobResult<T> {
+    /// Transient: retried with backoff until it succeeds or the process stops.
+    fn retry(self, what: &'static str) -> Result<T, HandleError>;
+    /// Permanent: retried `max_attempts` times, then dead-lettered.
+    fn abort(self, what: &'static str) -> Result<T, HandleError>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> JobResult<T> for Result<T, E> {
+    fn retry(self, what: &'static str) -> Result<T, HandleError> {
+        self.map_err(|e| HandleError::Transient(anyhow::Error::new(e).context(what)))
+    }
+
+    fn abort(self, what: &'static str) -> Result<T, HandleError> {
+        self.map_err(|e| HandleError::Permanent(anyhow::Error::new(e).context(what)))
+    }
+}
+
+/// [`JobResult`] for backend errors, which know their [`ErrorKind`]: transient errors are
+/// retried, and the rest (permanent, not found) are permanent for the job.
+pub trait KindedJobResult<T> {
+    fn by_kind(self, what: &'static str) -> Result<T, HandleError>;
+}
+
+impl<T, E: Kinded + std::error::Error + Send + Sync + 'static> KindedJobResult<T> for Result<T, E> {
+    fn by_kind(self, what: &'static str) -> Result<T, HandleError> {
+        match self {
+            Err(e) if e.kind() == ErrorKind::Transient => Err(e).retry(what),
+            other => other.abort(what),
         }
     }
 }

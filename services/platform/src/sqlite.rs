@@ -84,3 +84,32 @@ pub fn snapshot(src: &Path, dst: &Path) -> rusqlite::Result<()> {
     target.pragma_update(None, "journal_mode", "DELETE")?;
     Ok(())
 }
+
+/// A SQLite or file failure with its kind, on its way into the log's or the read store's error.
+pub struct SqliteFailure(pub crate::error::ErrorKind, pub String);
+
+impl From<rusqlite::Error> for SqliteFailure {
+    fn from(e: rusqlite::Error) -> Self {
+        SqliteFailure(crate::error::sqlite_kind(&e), e.to_string())
+    }
+}
+
+impl From<std::io::Error> for SqliteFailure {
+    fn from(e: std::io::Error) -> Self {
+        SqliteFailure(crate::error::io_kind(&e), e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for SqliteFailure {
+    /// A stored document that does not parse: retrying reads the same bytes.
+    fn from(e: serde_json::Error) -> Self {
+        SqliteFailure(crate::error::ErrorKind::Permanent, e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for SqliteFailure {
+    /// A blocking task that was cancelled or panicked: this process's trouble, not the data's.
+    fn from(e: tokio::task::JoinError) -> Self {
+        SqliteFailure(crate::error::ErrorKind::Transient, e.to_string())
+    }
+}

@@ -13,7 +13,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use conveyor_platform::clock::now_micros;
 use conveyor_platform::config::{Limits, Settings};
-use conveyor_platform::consumer::{self, ConsumerConfig, HandleError, Handler};
+use conveyor_platform::consumer::{
+    self, ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
+};
 use conveyor_platform::events::{from_delivered, to_record};
 use conveyor_platform::log::Delivered;
 use conveyor_platform::objects::ObjectError;
@@ -98,9 +100,7 @@ impl Processor {
         self.log
             .append(&self.topic, vec![to_record(&derived)])
             .await
-            .map_err(|e| {
-                HandleError::Transient(anyhow::anyhow!(e).context("failed to append the outcome"))
-            })?;
+            .by_kind("failed to append the outcome")?;
         metrics::counter!("conveyor_processed_total", "outcome" => kind).increment(1);
         metrics::histogram!("conveyor_process_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
@@ -128,7 +128,7 @@ impl Processor {
         let original = match self.objects.get_bytes(&upload.original_key).await {
             Ok(bytes) => bytes,
             Err(ObjectError::NotFound) => return Ok(Err(MediaError::Missing)),
-            Err(e) => return Err(transient(e, "failed to read the original")),
+            Err(e) => return Err(e).by_kind("failed to read the original"),
         };
         let permit = self
             .cpu
@@ -141,8 +141,12 @@ impl Processor {
             let _permit = permit;
             render(&original, &limits)
         })
-        .await
-        .map_err(|e| HandleError::Transient(anyhow::anyhow!("render task failed: {e}")))?;
+        .await;
+        // A decoder that panics on these bytes panics on them again.
+        let rendered = match rendered {
+            Err(e) if e.is_panic() => return Err(e).abort("the renderer panicked"),
+            other => other.retry("the render task was cancelled")?,
+        };
         let rendered = match rendered {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
@@ -163,7 +167,7 @@ impl Processor {
             self.objects
                 .put_bytes(&key, Bytes::clone(&v.bytes))
                 .await
-                .map_err(|e| transient(e, "failed to store a variant"))?;
+                .by_kind("failed to store a variant")?;
             variants.push(VariantInfo {
                 name: v.name.to_owned(),
                 key,
@@ -190,27 +194,22 @@ impl Processor {
             Err(ObjectError::NotFound) => return Ok(None),
             // An empty object has no satisfiable range; its header check fails below.
             Err(ObjectError::RangeNotSatisfiable { .. }) => return Ok(Some(Bytes::new())),
-            Err(e) => return Err(transient(e, "failed to read the original's header")),
+            Err(e) => return Err(e).by_kind("failed to read the original's header"),
         };
-        let chunks: Vec<Bytes> =
-            object.body.try_collect().await.map_err(|e| {
-                transient(ObjectError::Io(e), "failed to read the original's header")
-            })?;
+        let chunks: Vec<Bytes> = object
+            .body
+            .try_collect()
+            .await
+            .retry("failed to read the original's header")?;
         Ok(Some(Bytes::from(chunks.concat())))
     }
-}
-
-fn transient(e: ObjectError, what: &'static str) -> HandleError {
-    HandleError::Transient(anyhow::Error::new(e).context(what))
 }
 
 #[async_trait]
 impl Handler for Processor {
     async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
         for record in records {
-            let envelope = from_delivered(record).map_err(|e| {
-                HandleError::Permanent(anyhow::Error::new(e).context("undecodable record"))
-            })?;
+            let envelope = from_delivered(record).abort("undecodable record")?;
             if let Some((upload, visibility)) = envelope.payload.upload() {
                 self.process(&envelope, upload, visibility).await?;
             }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use conveyor_platform::changes::Changes;
 use conveyor_platform::config::Settings;
-use conveyor_platform::consumer::{self, ConsumerConfig, HandleError, Handler};
+use conveyor_platform::consumer::{
+    self, ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
+};
 use conveyor_platform::events::from_delivered;
 use conveyor_platform::log::Delivered;
 use conveyor_platform::{EventLog, ReadStore};
@@ -54,12 +56,11 @@ impl Handler for Projector {
             .iter()
             .map(from_delivered)
             .collect::<Result<_, _>>()
-            .map_err(|e| {
-                HandleError::Permanent(anyhow::Error::new(e).context("undecodable record"))
-            })?;
-        self.views.apply(&events).await.map_err(|e| {
-            HandleError::Transient(anyhow::Error::new(e).context("failed to write read models"))
-        })?;
+            .abort("undecodable record")?;
+        self.views
+            .apply(&events)
+            .await
+            .by_kind("failed to write read models")?;
         metrics::counter!("conveyor_projected_events_total").increment(events.len() as u64);
         for event in &events {
             self.changes.publish(event.aggregate_id);

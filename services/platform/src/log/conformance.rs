@@ -31,12 +31,7 @@ async fn drain(sub: &mut dyn super::Subscription, want: usize) -> Vec<super::Del
     got
 }
 
-/// `refuses_unknown_topics` is false only for brokers that create any topic a client asks
-/// about (Tansu does; see docs/kafka.md).
-pub async fn run(
-    open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync),
-    refuses_unknown_topics: bool,
-) {
+pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)) {
     let log = open().expect("open log");
     // Unique names, so runs against a shared broker never meet.
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -57,13 +52,11 @@ pub async fn run(
         Err(LogError::PartitionMismatch { .. })
     ));
     assert_eq!(log.partitions(topic).await.unwrap(), 4);
-    if refuses_unknown_topics {
-        let unknown = format!("never-created-{run}");
-        assert!(matches!(
-            log.append(&unknown, vec![record("k", "v")]).await,
-            Err(LogError::UnknownTopic(_))
-        ));
-    }
+    let unknown = format!("never-created-{run}");
+    assert!(matches!(
+        log.append(&unknown, vec![record("k", "v")]).await,
+        Err(LogError::UnknownTopic(_))
+    ));
 
     // Appends: positions in input order, equal keys on one partition with dense offsets.
     let batch: Vec<Record> = (0..40)

@@ -11,6 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::error::{ErrorKind, Kinded};
+
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -108,8 +110,37 @@ pub enum LogError {
     UnknownPartition { topic: String, partition: u32 },
     #[error("event log is shut down")]
     Closed,
-    #[error("event log storage: {0}")]
-    Storage(String),
+    /// The backend failed; `kind` says whether retrying can help.
+    #[error("event log storage ({kind}): {message}")]
+    Storage { kind: ErrorKind, message: String },
+}
+
+impl LogError {
+    pub fn transient(message: impl std::fmt::Display) -> LogError {
+        LogError::Storage {
+            kind: ErrorKind::Transient,
+            message: message.to_string(),
+        }
+    }
+
+    pub fn permanent(message: impl std::fmt::Display) -> LogError {
+        LogError::Storage {
+            kind: ErrorKind::Permanent,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl Kinded for LogError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => ErrorKind::NotFound,
+            LogError::PartitionMismatch { .. } => ErrorKind::Permanent,
+            // A log shutting down under a worker: the next process picks the work up.
+            LogError::Closed => ErrorKind::Transient,
+            LogError::Storage { kind, .. } => *kind,
+        }
+    }
 }
 
 /// The contract every event log keeps.

@@ -28,7 +28,8 @@ use super::{
 };
 use crate::clock::now_micros;
 use crate::config::Durability;
-use crate::sqlite::{PoolError, ReaderPool, open_connection};
+use crate::error::Kinded;
+use crate::sqlite::{PoolError, ReaderPool, SqliteFailure, open_connection};
 
 /// How often a waiting consumer re-reads the file, to see appends made by other processes.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
@@ -79,8 +80,10 @@ pub struct SqliteLog {
     inner: Arc<Inner>,
 }
 
-fn storage(e: impl std::fmt::Display) -> LogError {
-    LogError::Storage(e.to_string())
+/// SQLite and file errors, by their kind: the one place this backend maps them.
+fn storage(e: impl Into<SqliteFailure>) -> LogError {
+    let SqliteFailure(kind, message) = e.into();
+    LogError::Storage { kind, message }
 }
 
 fn table(topic_id: i64, partition: u32) -> String {
@@ -89,7 +92,7 @@ fn table(topic_id: i64, partition: u32) -> String {
 
 impl From<PoolError> for LogError {
     fn from(e: PoolError) -> Self {
-        LogError::Storage(e.0)
+        LogError::transient(e.0)
     }
 }
 
@@ -223,7 +226,10 @@ fn writer_loop(
                         let result = isolated(&mut tx, |c| ensure_topic(c, &name, partitions))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage(e.to_string())),
+                                Some(e) => Err(LogError::Storage {
+                                    kind: e.kind(),
+                                    message: e.to_string(),
+                                }),
                                 None => result,
                             });
                         }));
@@ -236,7 +242,10 @@ fn writer_loop(
                         let result = isolated(&mut tx, |c| append(c, topic, records, now))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage(e.to_string())),
+                                Some(e) => Err(LogError::Storage {
+                                    kind: e.kind(),
+                                    message: e.to_string(),
+                                }),
                                 None => result,
                             });
                         }));
@@ -250,7 +259,10 @@ fn writer_loop(
                         let result = isolated(&mut tx, |c| commit(c, &group, &topic, &offsets))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage(e.to_string())),
+                                Some(e) => Err(LogError::Storage {
+                                    kind: e.kind(),
+                                    message: e.to_string(),
+                                }),
                                 None => result,
                             });
                         }));
@@ -270,7 +282,10 @@ fn writer_loop(
                         })?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage(e.to_string())),
+                                Some(e) => Err(LogError::Storage {
+                                    kind: e.kind(),
+                                    message: e.to_string(),
+                                }),
                                 None => result,
                             });
                         }));
@@ -306,9 +321,7 @@ fn isolated<T>(
 
 fn ensure_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Topic, LogError> {
     if partitions == 0 {
-        return Err(LogError::Storage(
-            "a topic needs at least one partition".into(),
-        ));
+        return Err(LogError::permanent("a topic needs at least one partition"));
     }
     let existing = conn
         .query_row(
@@ -825,6 +838,6 @@ mod tests {
         let open = move || {
             SqliteLog::open(&path, Durability::Os).map(|l| Box::new(l) as Box<dyn EventLog>)
         };
-        super::super::conformance::run(&open, true).await;
+        super::super::conformance::run(&open).await;
     }
 }

@@ -6,6 +6,7 @@ pub mod conformance;
 pub mod fs;
 pub mod s3;
 
+use crate::error::{ErrorKind, Kinded};
 use std::ops::Range;
 
 use async_trait::async_trait;
@@ -44,6 +45,24 @@ pub enum ObjectError {
     Body(std::io::Error),
     #[error("object store i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A remote store failed; `kind` says whether retrying can help.
+    #[error("object store ({kind}): {message}")]
+    Storage { kind: ErrorKind, message: String },
+}
+
+impl Kinded for ObjectError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ObjectError::NotFound => ErrorKind::NotFound,
+            ObjectError::InvalidKey(_) | ObjectError::RangeNotSatisfiable { .. } => {
+                ErrorKind::Permanent
+            }
+            // The client's body failed; the same body fails again.
+            ObjectError::Body(_) => ErrorKind::Permanent,
+            ObjectError::Io(e) => crate::error::io_kind(e),
+            ObjectError::Storage { kind, .. } => *kind,
+        }
+    }
 }
 
 /// The contract every object store keeps. Keys are `/`-separated paths of

@@ -23,6 +23,7 @@ use super::{
     ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, resolve_range, validate_key,
 };
 use crate::config::ObjectSettings;
+use crate::error::{ErrorKind, Kinded};
 
 /// S3's smallest part (except the last).
 const MIN_PART: usize = 5 * 1024 * 1024;
@@ -36,16 +37,43 @@ pub struct S3ObjectStore {
     concurrency: usize,
 }
 
+/// An SDK error that is not a request's outcome (a builder refusing its input).
 fn io(e: impl std::error::Error) -> ObjectError {
     // The SDK's `Display` says only "service error"; the context has the code and message.
-    ObjectError::Io(std::io::Error::other(format!(
-        "s3: {}",
-        aws_sdk_s3::error::DisplayErrorContext(e)
-    )))
+    ObjectError::Storage {
+        kind: ErrorKind::Permanent,
+        message: format!("s3: {}", aws_sdk_s3::error::DisplayErrorContext(e)),
+    }
+}
+
+/// A failed request, by its kind: the one place this backend maps the SDK's errors. No answer
+/// (timeouts, connection failures), a throttle (429, `SlowDown` as 503) and a server error (5xx)
+/// are transient; 404 is not found; any other answer is a refusal.
+fn s3<E: std::error::Error + Send + Sync + 'static>(
+    e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> ObjectError {
+    use aws_sdk_s3::error::SdkError;
+    let kind = match &e {
+        SdkError::ServiceError(context) => match context.raw().status().as_u16() {
+            404 => ErrorKind::NotFound,
+            408 | 429 => ErrorKind::Transient,
+            status if status >= 500 => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        },
+        SdkError::ConstructionFailure(_) => ErrorKind::Permanent,
+        _ => ErrorKind::Transient,
+    };
+    ObjectError::Storage {
+        kind,
+        message: format!("s3: {}", aws_sdk_s3::error::DisplayErrorContext(e)),
+    }
 }
 
 fn invalid(message: String) -> ObjectError {
-    ObjectError::Io(std::io::Error::other(format!("s3: {message}")))
+    ObjectError::Storage {
+        kind: ErrorKind::Permanent,
+        message: format!("s3: {message}"),
+    }
 }
 
 impl S3ObjectStore {
@@ -115,7 +143,7 @@ impl S3ObjectStore {
             )
             .send()
             .await
-            .map_err(|e| io(e.into_service_error()))?;
+            .map_err(s3)?;
         Ok(())
     }
 
@@ -145,7 +173,7 @@ impl S3ObjectStore {
             .set_content_type(content_type.map(str::to_owned))
             .send()
             .await
-            .map_err(|e| io(e.into_service_error()))?;
+            .map_err(s3)?;
         let upload_id = created
             .upload_id()
             .ok_or_else(|| invalid("no upload id".into()))?
@@ -174,7 +202,7 @@ impl S3ObjectStore {
                             .body(S3Body::from(part))
                             .send()
                             .await
-                            .map_err(|e| io(e.into_service_error()))?;
+                            .map_err(s3)?;
                         Ok::<_, ObjectError>(
                             CompletedPart::builder()
                                 .part_number(number)
@@ -212,7 +240,7 @@ impl S3ObjectStore {
                 )
                 .send()
                 .await
-                .map_err(|e| io(e.into_service_error()))?;
+                .map_err(s3)?;
             Ok(size)
         }
         .await;
@@ -312,7 +340,7 @@ impl ObjectStore for S3ObjectStore {
                 .body(S3Body::from(first))
                 .send()
                 .await
-                .map_err(|e| io(e.into_service_error()))?;
+                .map_err(s3)?;
             size
         } else {
             let headers = object_headers(key, &first);
@@ -332,13 +360,9 @@ impl ObjectStore for S3ObjectStore {
         if range != (0..size) {
             request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
         }
-        let out = request.send().await.map_err(|e| {
-            let e = e.into_service_error();
-            if e.is_no_such_key() {
-                ObjectError::NotFound
-            } else {
-                io(e)
-            }
+        let out = request.send().await.map_err(|e| match s3(e) {
+            e if e.kind() == ErrorKind::NotFound => ObjectError::NotFound,
+            e => e,
         })?;
         let body = futures::stream::unfold(out.body, |mut body| async move {
             body.next()
@@ -363,14 +387,10 @@ impl ObjectStore for S3ObjectStore {
                 key: key.to_owned(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
             })),
-            Err(e) => {
-                let e = e.into_service_error();
-                if e.is_not_found() {
-                    Ok(None)
-                } else {
-                    Err(io(e))
-                }
-            }
+            Err(e) => match s3(e) {
+                e if e.kind() == ErrorKind::NotFound => Ok(None),
+                e => Err(e),
+            },
         }
     }
 
@@ -382,7 +402,7 @@ impl ObjectStore for S3ObjectStore {
             .key(&full)
             .send()
             .await
-            .map_err(|e| io(e.into_service_error()))?;
+            .map_err(s3)?;
         Ok(())
     }
 
@@ -398,11 +418,9 @@ impl ObjectStore for S3ObjectStore {
         {
             Ok(out) => out,
             Err(e) => {
-                let e = e.into_service_error();
-                return Err(if e.is_not_found() {
-                    ObjectError::NotFound
-                } else {
-                    io(e)
+                return Err(match s3(e) {
+                    e if e.kind() == ErrorKind::NotFound => ObjectError::NotFound,
+                    e => e,
                 });
             }
         };
@@ -421,7 +439,7 @@ impl ObjectStore for S3ObjectStore {
                 .set_content_type(found.content_type().map(str::to_owned))
                 .send()
                 .await
-                .map_err(|e| io(e.into_service_error()))?;
+                .map_err(s3)?;
         }
         self.delete(from).await
     }
@@ -440,7 +458,7 @@ impl ObjectStore for S3ObjectStore {
             .key(&full)
             .presigned(config)
             .await
-            .map_err(|e| io(e.into_service_error()))?;
+            .map_err(s3)?;
         Ok(Some(request.uri().to_owned()))
     }
 
@@ -458,7 +476,7 @@ impl ObjectStore for S3ObjectStore {
             .key(&full)
             .presigned(config)
             .await
-            .map_err(|e| io(e.into_service_error()))?;
+            .map_err(s3)?;
         Ok(Some(request.uri().to_owned()))
     }
 
@@ -476,7 +494,7 @@ impl ObjectStore for S3ObjectStore {
             .key(&full)
             .send()
             .await
-            .map_err(|e| io(e.into_service_error()))?;
+            .map_err(s3)?;
         let upload_id = created
             .upload_id()
             .ok_or_else(|| invalid("no upload id".into()))?
@@ -493,7 +511,7 @@ impl ObjectStore for S3ObjectStore {
                 .part_number(number)
                 .presigned(config)
                 .await
-                .map_err(|e| io(e.into_service_error()))?;
+                .map_err(s3)?;
             urls.push(request.uri().to_owned());
         }
         Ok(Some((upload_id, urls)))
@@ -528,7 +546,7 @@ impl ObjectStore for S3ObjectStore {
             )
             .send()
             .await
-            .map_err(|e| io(e.into_service_error()))?;
+            .map_err(s3)?;
         Ok(())
     }
 
@@ -542,7 +560,7 @@ impl ObjectStore for S3ObjectStore {
             .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| io(e.into_service_error()))?;
+            let page = page.map_err(s3)?;
             for object in page.contents() {
                 let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
                     continue;

@@ -23,10 +23,66 @@ use conveyor_schemas::{
 };
 use uuid::Uuid;
 
+use crate::error::{ErrorKind, Kinded};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
-    #[error("read store: {0}")]
-    Storage(String),
+    /// The store failed; `kind` says whether retrying can help.
+    #[error("read store ({kind}): {message}")]
+    Storage { kind: ErrorKind, message: String },
+    /// An event no store may apply ([`validate`]); permanent.
+    #[error("event {event_id} refused: {reason}")]
+    InvalidEvent { event_id: Uuid, reason: String },
+}
+
+impl ViewError {
+    pub fn transient(message: impl std::fmt::Display) -> ViewError {
+        ViewError::Storage {
+            kind: ErrorKind::Transient,
+            message: message.to_string(),
+        }
+    }
+
+    pub fn permanent(message: impl std::fmt::Display) -> ViewError {
+        ViewError::Storage {
+            kind: ErrorKind::Permanent,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl Kinded for ViewError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ViewError::Storage { kind, .. } => *kind,
+            ViewError::InvalidEvent { .. } => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// How far past the store's clock an event's version may be, in µs: 1 day. A version further
+/// ahead would win every last-writer-wins comparison for as long as it stays ahead, so no
+/// later event could change the item; ScyllaDB itself refuses `USING TIMESTAMP` more than
+/// 3 days ahead (its `restrict_future_timestamp`), and both stores refuse the same events.
+pub const MAX_VERSION_AHEAD_MICROS: u64 = 24 * 3600 * 1_000_000;
+
+/// Refuses, as [`ViewError::InvalidEvent`], any event no store may apply: one whose version is
+/// more than [`MAX_VERSION_AHEAD_MICROS`] ahead of `now_micros`, or that cannot be stored as a
+/// CQL write timestamp (a signed 64-bit count of µs). Every store calls this before writing.
+pub fn validate(events: &[Envelope], now_micros: u64) -> Result<(), ViewError> {
+    for event in events {
+        let limit = now_micros.saturating_add(MAX_VERSION_AHEAD_MICROS);
+        if event.version > limit || event.version > i64::MAX as u64 {
+            return Err(ViewError::InvalidEvent {
+                event_id: event.event_id,
+                reason: format!(
+                    "version {} is more than {} µs ahead of the store's clock ({now_micros})",
+                    event.version, MAX_VERSION_AHEAD_MICROS
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The contract every read store keeps.

@@ -42,9 +42,131 @@ use super::{
     DescribeGroup, MediaState, ProcessGroup, ProcessOutcome, ReadStore, UploadGroup, ViewError,
 };
 use crate::config::ViewSettings;
+use crate::error::{ErrorKind, Kinded};
 
-fn storage(e: impl std::fmt::Display) -> ViewError {
-    ViewError::Storage(e.to_string())
+/// A driver error, by its kind: the one place this backend maps them ([`CqlFailure`]).
+fn storage(e: impl CqlFailure) -> ViewError {
+    ViewError::Storage {
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// What kind of failure a driver error is.
+///
+/// - The node refusing the statement for what it is (invalid, a syntax error, unauthorised, a
+///   bad configuration) is permanent, and so is a value the driver cannot serialise or a row
+///   it cannot read: the same record fails the same way every time.
+/// - Everything else is transient: unavailable replicas, read and write timeouts, overload, a
+///   broken connection, an empty pool, a client timeout.
+trait CqlFailure: std::fmt::Display {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Permanent
+    }
+}
+
+fn db_kind(e: &scylla::errors::DbError) -> ErrorKind {
+    use scylla::errors::DbError as Db;
+    match e {
+        Db::SyntaxError
+        | Db::Invalid
+        | Db::AlreadyExists { .. }
+        | Db::Unauthorized
+        | Db::AuthenticationError
+        | Db::ConfigError
+        | Db::FunctionFailure { .. }
+        | Db::ProtocolError => ErrorKind::Permanent,
+        _ => ErrorKind::Transient,
+    }
+}
+
+fn attempt_kind(e: &scylla::errors::RequestAttemptError) -> ErrorKind {
+    use scylla::errors::RequestAttemptError as A;
+    match e {
+        A::DbError(db, _) => db_kind(db),
+        A::SerializationError(_) | A::CqlRequestSerialization(_) => ErrorKind::Permanent,
+        _ => ErrorKind::Transient,
+    }
+}
+
+impl CqlFailure for scylla::errors::ExecutionError {
+    fn kind(&self) -> ErrorKind {
+        use scylla::errors::ExecutionError as E;
+        match self {
+            E::BadQuery(_) => ErrorKind::Permanent,
+            E::LastAttemptError(attempt) => attempt_kind(attempt),
+            E::PrepareError(scylla::errors::PrepareError::AllAttemptsFailed { first_attempt }) => {
+                attempt_kind(first_attempt)
+            }
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::PagerExecutionError {
+    fn kind(&self) -> ErrorKind {
+        use scylla::errors::PagerExecutionError as E;
+        match self {
+            E::SerializationError(_) => ErrorKind::Permanent,
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::NextRowError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            // A later page failed to arrive; a row that does not deserialise is permanent.
+            scylla::errors::NextRowError::NextPageError(_) => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::NewSessionError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Transient
+    }
+}
+
+impl CqlFailure for scylla::errors::UseKeyspaceError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            scylla::errors::UseKeyspaceError::RequestError(attempt) => attempt_kind(attempt),
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::SchemaAgreementError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Transient
+    }
+}
+
+impl CqlFailure for scylla::errors::PrepareError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            scylla::errors::PrepareError::AllAttemptsFailed { first_attempt } => {
+                attempt_kind(first_attempt)
+            }
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+impl CqlFailure for scylla::response::query_result::IntoRowsResultError {}
+impl CqlFailure for scylla::errors::RowsError {}
+impl CqlFailure for scylla::errors::TypeCheckError {}
+impl CqlFailure for scylla::errors::DeserializationError {}
+impl CqlFailure for serde_json::Error {}
+
+/// A driver error with what was being done, keeping its kind.
+fn context(what: impl std::fmt::Display, e: impl CqlFailure) -> ViewError {
+    ViewError::Storage {
+        kind: e.kind(),
+        message: format!("{what}: {e}"),
+    }
 }
 
 /// `scylla://HOST:PORT[,HOST:PORT]/KEYSPACE`.
@@ -57,7 +179,7 @@ pub struct ScyllaUri {
 impl ScyllaUri {
     pub fn parse(uri: &str) -> Result<ScyllaUri, ViewError> {
         let bad = |why: &str| {
-            ViewError::Storage(format!(
+            ViewError::permanent(format!(
                 "bad read store uri {uri:?}: {why}; expected scylla://HOST:9042[,HOST:9042]/KEYSPACE"
             ))
         };
@@ -432,7 +554,7 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
 fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
     let mut cols = row.columns.into_iter();
     let mut next = || cols.next().flatten();
-    let bad = |what: &str| ViewError::Storage(format!("read store row: unexpected {what}"));
+    let bad = |what: &str| ViewError::permanent(format!("read store row: unexpected {what}"));
     let id = match next() {
         Some(CqlValue::Uuid(id)) => id,
         _ => return Err(bad("id")),
@@ -512,24 +634,65 @@ pub struct ScyllaReadStore {
     prepared: HashMap<Stmt, PreparedStatement>,
 }
 
+/// A session whose requests run at `LOCAL_QUORUM`, coordinated by the local data centre's
+/// nodes, routed to a replica of the token, and failing after `request_timeout_ms`.
+///
+/// The local data centre is `views.local_datacenter`, or the cluster's only one. Without one,
+/// `LOCAL_QUORUM` would count replicas in whichever data centre each coordinator happens to be.
 async fn connect(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Session, ViewError> {
-    let profile = ExecutionProfile::builder()
-        .consistency(Consistency::LocalQuorum)
-        .load_balancing_policy(DefaultPolicy::builder().token_aware(true).build())
-        .request_timeout(Some(Duration::from_millis(settings.request_timeout_ms)))
-        .build();
-    SessionBuilder::new()
+    let profile = |datacenter: Option<String>| {
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = datacenter {
+            policy = policy.prefer_datacenter(dc).permit_dc_failover(false);
+        }
+        ExecutionProfile::builder()
+            .consistency(Consistency::LocalQuorum)
+            .load_balancing_policy(policy.build())
+            .request_timeout(Some(Duration::from_millis(settings.request_timeout_ms)))
+            .build()
+    };
+    let mut handle = profile(settings.local_datacenter.clone()).into_handle();
+    let session = SessionBuilder::new()
         .known_nodes(&uri.hosts)
         .connection_timeout(Duration::from_secs(5))
-        .default_execution_profile_handle(profile.into_handle())
+        .default_execution_profile_handle(handle.clone())
         .build()
         .await
         .map_err(|e| {
-            storage(format!(
-                "cannot connect to ScyllaDB at {:?}: {e}",
-                uri.hosts
-            ))
-        })
+            context(
+                format_args!("cannot connect to the CQL nodes {:?}", uri.hosts),
+                e,
+            )
+        })?;
+    let datacenters = datacenters(&session);
+    match &settings.local_datacenter {
+        Some(dc) if !datacenters.contains_key(dc) => Err(ViewError::permanent(format!(
+            "views.local_datacenter is {dc:?}, but the cluster's data centres are {:?}",
+            datacenters.keys().collect::<Vec<_>>()
+        ))),
+        Some(_) => Ok(session),
+        None if datacenters.len() == 1 => {
+            let only = datacenters.into_keys().next();
+            handle.map_to_another_profile(profile(only));
+            Ok(session)
+        }
+        None => Err(ViewError::permanent(format!(
+            "the cluster has several data centres ({:?}): set views.local_datacenter \
+             (CONVEYOR__VIEWS__LOCAL_DATACENTER) to the one this deployment runs in",
+            datacenters.keys().collect::<Vec<_>>()
+        ))),
+    }
+}
+
+/// The cluster's data centres and how many nodes each has.
+fn datacenters(session: &Session) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for node in session.get_cluster_state().get_nodes_info() {
+        if let Some(dc) = &node.datacenter {
+            *out.entry(dc.clone()).or_default() += 1;
+        }
+    }
+    out
 }
 
 impl ScyllaReadStore {
@@ -543,7 +706,7 @@ impl ScyllaReadStore {
             .iter()
             .find(|m| !applied.iter().any(|(v, _)| *v == m.version as i32))
         {
-            return Err(storage(format!(
+            return Err(ViewError::permanent(format!(
                 "keyspace {} lacks schema migration {}: run `conveyor ops migrate`",
                 uri.keyspace, missing.name
             )));
@@ -557,7 +720,7 @@ impl ScyllaReadStore {
             let mut p = session
                 .prepare(Statement::new(stmt.cql()).with_page_size(stmt.page_size()))
                 .await
-                .map_err(|e| storage(format!("cannot prepare {stmt:?}: {e}")))?;
+                .map_err(|e| context(format_args!("cannot prepare {stmt:?}"), e))?;
             // Every statement sets absolute values at a fixed timestamp or reads: retrying one
             // after a timeout cannot change the outcome.
             p.set_is_idempotent(true);
@@ -580,7 +743,7 @@ impl ScyllaReadStore {
                     .execute_unpaged(self.prepared(w.stmt), w.values)
                     .await
                     .map(|_| ())
-                    .map_err(|e| storage(format!("{:?}: {e}", w.stmt)))
+                    .map_err(|e| context(format_args!("{:?}", w.stmt), e))
             })
             .buffer_unordered(CONCURRENCY)
             .try_collect::<()>()
@@ -630,6 +793,7 @@ impl ScyllaReadStore {
 #[async_trait]
 impl ReadStore for ScyllaReadStore {
     async fn apply(&self, events: &[Envelope]) -> Result<(), ViewError> {
+        super::validate(events, crate::clock::now_micros() as u64)?;
         let mut touched: HashMap<Uuid, Touched> = HashMap::new();
         for event in events {
             touched
@@ -791,26 +955,63 @@ fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
+/// Attempts at one schema change before `ops migrate` gives up.
+const DDL_ATTEMPTS: u32 = 5;
+
 /// Creates the keyspace if needed and applies every migration not yet applied, in order.
 /// Idempotent; refuses to go on if an applied file has changed since.
 pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport, ViewError> {
     let uri = ScyllaUri::parse(uri)?;
     let session = connect(&uri, settings).await?;
     let ks = &uri.keyspace;
+    let datacenters = datacenters(&session);
+    let dc = match &settings.local_datacenter {
+        Some(dc) => dc.clone(),
+        None => datacenters.keys().next().cloned().unwrap_or_default(),
+    };
+    // An RF above the node count is accepted by the node with a warning, and then every
+    // LOCAL_QUORUM request fails as unavailable: refuse it before creating anything.
+    let nodes = datacenters.get(&dc).copied().unwrap_or(0);
+    if settings.replication_factor as usize > nodes || settings.replication_factor == 0 {
+        return Err(ViewError::permanent(format!(
+            "views.replication_factor is {}, but data centre {dc:?} has {nodes} node(s): \
+             set CONVEYOR__VIEWS__REPLICATION_FACTOR to at most {nodes} (and at least 1)",
+            settings.replication_factor
+        )));
+    }
+    let ddl_timeout = Duration::from_millis(settings.ddl_timeout_ms);
     let ddl = |cql: String| {
         let session = &session;
         async move {
-            session
-                .query_unpaged(cql.as_str(), ())
-                .await
-                .map_err(|e| storage(format!("{cql}: {e}")))?;
-            session.await_schema_agreement().await.map_err(storage)?;
-            Ok::<_, ViewError>(())
+            let mut statement = Statement::new(cql.as_str());
+            statement.set_request_timeout(Some(ddl_timeout));
+            statement.set_is_idempotent(true);
+            // Schema changes are idempotent (`IF NOT EXISTS`), so a timed-out or unavailable
+            // one is sent again, up to DDL_ATTEMPTS times.
+            let mut delay = Duration::from_millis(200);
+            for attempt in 1..=DDL_ATTEMPTS {
+                let result = match session.query_unpaged(statement.clone(), ()).await {
+                    Ok(_) => tokio::time::timeout(ddl_timeout, session.await_schema_agreement())
+                        .await
+                        .map_err(|_| ViewError::transient("schema agreement timed out"))
+                        .and_then(|agreed| agreed.map(|_| ()).map_err(storage)),
+                    Err(e) => Err(context(&cql, e)),
+                };
+                match result {
+                    Err(e) if e.is_transient() && attempt < DDL_ATTEMPTS => {
+                        tracing::warn!(error = %e, attempt, "schema change failed, retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    other => return other,
+                }
+            }
+            unreachable!("the last attempt returns")
         }
     };
     ddl(format!(
         "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
-         {{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
+         {{'class': 'NetworkTopologyStrategy', '{dc}': {}}}",
         settings.replication_factor
     ))
     .await?;
@@ -826,7 +1027,7 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
                 continue;
             }
             Some(_) => {
-                return Err(storage(format!(
+                return Err(ViewError::permanent(format!(
                     "migration {} was changed after it was applied to {ks}; \
                      a released migration is never edited: add a new file instead",
                     m.name

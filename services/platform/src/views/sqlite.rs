@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::{
     DescribeGroup, MediaState, ProcessGroup, ProcessOutcome, ReadStore, UploadGroup, ViewError,
 };
-use crate::sqlite::{PoolError, ReaderPool, open_connection};
+use crate::sqlite::{PoolError, ReaderPool, SqliteFailure, open_connection};
 
 /// The projection these tables hold, as `ops replay --projection` names it.
 pub const PROJECTION: &str = "media";
@@ -105,13 +105,15 @@ CREATE TABLE IF NOT EXISTS {stats} (
 ) WITHOUT ROWID;
 ";
 
-fn storage(e: impl std::fmt::Display) -> ViewError {
-    ViewError::Storage(e.to_string())
+/// SQLite and file errors, by their kind: the one place this backend maps them.
+fn storage(e: impl Into<SqliteFailure>) -> ViewError {
+    let SqliteFailure(kind, message) = e.into();
+    ViewError::Storage { kind, message }
 }
 
 impl From<PoolError> for ViewError {
     fn from(e: PoolError) -> Self {
-        ViewError::Storage(e.0)
+        ViewError::transient(e.0)
     }
 }
 
@@ -125,10 +127,6 @@ pub struct SqliteReadStore {
 
 /// A read against one generation's tables.
 type ReadFn<T> = dyn Fn(&Connection, &Tables) -> Result<T, ViewError> + Send + Sync;
-
-fn is_missing_table(e: &ViewError) -> bool {
-    matches!(e, ViewError::Storage(m) if m.contains("no such table"))
-}
 
 /// The generation reads and writes go to, unless pinned.
 fn current_generation(conn: &Connection) -> rusqlite::Result<u32> {
@@ -179,17 +177,19 @@ impl SqliteReadStore {
         let pinned = self.pinned;
         let attempt = |f: Arc<ReadFn<T>>| {
             self.readers.with(move |conn| {
-                let tables = match pinned {
-                    Some(g) => Tables::of(g),
-                    None => Tables::of(current_generation(conn).map_err(storage)?),
+                let generation = match pinned {
+                    Some(g) => g,
+                    None => current_generation(conn).map_err(storage)?,
                 };
-                f(conn, &tables)
+                Ok::<_, ViewError>((generation, f(conn, &Tables::of(generation))))
             })
         };
-        match attempt(f.clone()).await {
-            Err(e) if is_missing_table(&e) => attempt(f).await,
-            other => other,
+        let (generation, result) = attempt(f.clone()).await?;
+        if result.is_ok() || pinned.is_some() {
+            return result;
         }
+        let (now, again) = attempt(f).await?;
+        if now != generation { again } else { result }
     }
 }
 
@@ -279,7 +279,7 @@ pub fn drop_generation(path: &Path, generation: u32) -> Result<(), ViewError> {
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(storage)?;
     if current_generation(&tx).map_err(storage)? == generation {
-        return Err(ViewError::Storage(format!(
+        return Err(ViewError::permanent(format!(
             "generation {generation} is current; it cannot be dropped"
         )));
     }
@@ -526,6 +526,7 @@ impl ReadStore for SqliteReadStore {
         if events.is_empty() {
             return Ok(());
         }
+        super::validate(events, crate::clock::now_micros() as u64)?;
         let writer = self.writer.clone();
         let events = events.to_vec();
         let pinned = self.pinned;
@@ -534,7 +535,7 @@ impl ReadStore for SqliteReadStore {
             apply_all(&mut conn, pinned, &events).map_err(storage)
         })
         .await
-        .map_err(storage)?
+        .map_err(ViewError::transient)?
     }
 
     async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError> {
