@@ -1,9 +1,10 @@
-//! The [`ReadStore`] conformance suite. Every implementation runs it: SQLite always, ScyllaDB
-//! when `SCYLLA_URI` is set. The store must be empty.
+//! The [`ReadStore`] conformance suite. Every implementation runs it: SQLite always, the CQL
+//! store on the node named by `CONVEYOR_TEST_CQL` (Apache Cassandra in `scripts/test`). The
+//! store must be empty.
 
 use conveyor_schemas::{
-    Envelope, Event, ExifSummary, MediaDeleted, MediaDescribed, MediaProcessed, MediaStatus,
-    MediaUploaded, OwnerStats, VariantInfo,
+    Envelope, Event, ExifSummary, MediaDeleted, MediaDescribed, MediaProcessed,
+    MediaProcessingFailed, MediaStatus, MediaUploaded, OwnerStats, VariantInfo,
 };
 use uuid::Uuid;
 
@@ -244,6 +245,116 @@ pub async fn run(store: &dyn ReadStore) {
     );
     assert_eq!(
         store.owner_stats("nobody").await.unwrap(),
+        OwnerStats::default()
+    );
+
+    deletes_below_the_upload_version(store).await;
+    outcomes_at_one_version(store).await;
+    far_future_versions_are_refused(store).await;
+}
+
+/// A delete whose version is below its upload's (a producer's clock behind the ingest's): the
+/// item leaves the timeline and the stats too, whichever arrives first. On CQL a row tombstone
+/// hides only cells written at or below its timestamp, so this needs more than `USING
+/// TIMESTAMP <delete version>`.
+async fn deletes_below_the_upload_version(store: &dyn ReadStore) {
+    for (owner, upload_first) in [("dave", true), ("erin", false)] {
+        let id = Uuid::now_v7();
+        let up = uploaded(id, JAN_31 + 500, owner, 9);
+        let done = processed(&up, 12);
+        let gone = deleted(id, JAN_31 + 400);
+        if upload_first {
+            store.apply(&[up, done]).await.unwrap();
+            store.apply(&[gone]).await.unwrap();
+        } else {
+            store.apply(&[gone]).await.unwrap();
+            store.apply(&[up, done]).await.unwrap();
+        }
+        assert_eq!(store.media(id).await.unwrap(), None, "{owner}: deleted");
+        let timeline = store.owner_timeline(owner, None, 10).await.unwrap();
+        assert!(
+            timeline.items.is_empty(),
+            "{owner}: the timeline still shows {:?}",
+            timeline.items
+        );
+        assert_eq!(
+            store.owner_stats(owner).await.unwrap(),
+            OwnerStats::default(),
+            "{owner}: stats"
+        );
+    }
+}
+
+/// Two outcomes of one upload at one version (two processors racing, a producer's retry):
+/// the documented tiebreak, the greater encoding ([`super::ProcessOutcome::encode`]), in
+/// either order of arrival. A success beats a failure; of two failures the greater reason
+/// stays, whole: never an empty reason.
+async fn outcomes_at_one_version(store: &dyn ReadStore) {
+    let failure = |cause: &Envelope, version: u64, reason: &str| {
+        Envelope::new(
+            cause.aggregate_id,
+            version,
+            "conformance",
+            Event::MediaProcessingFailed(MediaProcessingFailed {
+                reason: reason.into(),
+            }),
+        )
+    };
+    for (owner, success_first) in [("frank", true), ("gail", false)] {
+        let up = uploaded(Uuid::now_v7(), JAN_31 + 600, owner, 3);
+        let ok = processed(&up, 320);
+        let failed = failure(&up, ok.version, "decoder gave up");
+        let (first, second) = if success_first {
+            (ok, failed)
+        } else {
+            (failed, ok)
+        };
+        store.apply(&[up.clone(), first]).await.unwrap();
+        store.apply(&[second]).await.unwrap();
+        let row = store.media(up.aggregate_id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.status, row.width, row.failure_reason.as_deref()),
+            (MediaStatus::Processed, Some(320), None),
+            "{owner}: the success wins the tie"
+        );
+        let listed = store.owner_timeline(owner, None, 10).await.unwrap();
+        assert_eq!(listed.items, vec![row], "{owner}: the timeline agrees");
+
+        let up = uploaded(Uuid::now_v7(), JAN_31 + 700, owner, 3);
+        let at = JAN_31 + 800;
+        let (first, second) = if success_first {
+            ("a: too many pixels", "b: not an image")
+        } else {
+            ("b: not an image", "a: too many pixels")
+        };
+        store
+            .apply(&[up.clone(), failure(&up, at, first)])
+            .await
+            .unwrap();
+        store.apply(&[failure(&up, at, second)]).await.unwrap();
+        let row = store.media(up.aggregate_id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.status, row.failure_reason.as_deref()),
+            (MediaStatus::Failed, Some("b: not an image")),
+            "{owner}: the greater failure wins the tie, whole"
+        );
+    }
+}
+
+/// An event whose version is far ahead of the clock would win every later comparison; both
+/// stores refuse it as permanent, and nothing of it is written.
+async fn far_future_versions_are_refused(store: &dyn ReadStore) {
+    use crate::error::{ErrorKind, Kinded};
+    let id = Uuid::now_v7();
+    let now = crate::clock::now_micros() as u64;
+    let error = store
+        .apply(&[uploaded(id, now + 3 * DAY, "hana", 1)])
+        .await
+        .expect_err("a version three days ahead is refused");
+    assert_eq!(error.kind(), ErrorKind::Permanent, "{error}");
+    assert_eq!(store.media(id).await.unwrap(), None);
+    assert_eq!(
+        store.owner_stats("hana").await.unwrap(),
         OwnerStats::default()
     );
 }

@@ -159,6 +159,41 @@ pub enum ProcessOutcome {
     Failed(String),
 }
 
+/// How a failure is stored in the `processed` text column, beside successes (which are the
+/// [`MediaProcessed`] JSON, whose first key is `width`).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailedCell {
+    failed: String,
+}
+
+impl ProcessOutcome {
+    /// The outcome as one text value: the `MediaProcessed` JSON, or `{"failed":"<reason>"}`.
+    ///
+    /// This is also the tiebreak between two outcomes at one version: the greater encoding
+    /// wins, which is how CQL reconciles two live cells written at one timestamp. So a success
+    /// beats a failure (`{"w…` > `{"f…`), on every store and in every order of arrival.
+    pub fn encode(&self) -> String {
+        match self {
+            ProcessOutcome::Processed(m) => {
+                serde_json::to_string(m).expect("MediaProcessed serializes")
+            }
+            ProcessOutcome::Failed(reason) => serde_json::to_string(&FailedCell {
+                failed: reason.clone(),
+            })
+            .expect("a failure serializes"),
+        }
+    }
+
+    /// The outcome [`encode`](Self::encode) wrote.
+    pub fn decode(text: &str) -> Result<ProcessOutcome, serde_json::Error> {
+        match serde_json::from_str::<FailedCell>(text) {
+            Ok(FailedCell { failed }) => Ok(ProcessOutcome::Failed(failed)),
+            Err(_) => serde_json::from_str(text).map(ProcessOutcome::Processed),
+        }
+    }
+}
+
 /// Everything a store keeps about one media id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaState {
@@ -170,19 +205,43 @@ pub struct MediaState {
     pub deleted: Option<u64>,
 }
 
+/// Puts `value` in `slot` if it is newer: a higher version, or, at an equal version, one that
+/// `wins_tie` prefers. Returns whether the slot changed.
 fn newer<T>(
     slot: &mut Option<T>,
     version: u64,
     current: impl Fn(&T) -> u64,
     value: impl FnOnce() -> T,
+    wins_tie: impl Fn(&T, &T) -> bool,
 ) -> bool {
     match slot {
-        Some(existing) if current(existing) >= version => false,
+        Some(existing) if current(existing) > version => false,
+        Some(existing) if current(existing) == version => {
+            let candidate = value();
+            if wins_tie(&candidate, existing) {
+                *slot = Some(candidate);
+                true
+            } else {
+                false
+            }
+        }
         _ => {
             *slot = Some(value());
             true
         }
     }
+}
+
+/// The tiebreak of groups whose equal-version conflicts this fold does not order: the first
+/// one folded stays (events of one upload, description or tombstone at one µs are one event
+/// redelivered, as far as Conveyor's producers go).
+fn keep_first<T>(_: &T, _: &T) -> bool {
+    false
+}
+
+/// Two outcomes at one version: the greater encoding wins ([`ProcessOutcome::encode`]).
+fn greater_outcome(candidate: &ProcessGroup, existing: &ProcessGroup) -> bool {
+    candidate.outcome.encode() > existing.outcome.encode()
 }
 
 impl MediaState {
@@ -216,6 +275,7 @@ impl MediaState {
                         title: e.title.clone(),
                         private: visibility == conveyor_schemas::Visibility::Private,
                     },
+                    keep_first,
                 )
             }
             Event::MediaDescribed(e) => newer(
@@ -228,6 +288,7 @@ impl MediaState {
                     description: e.description.clone(),
                     tags: e.tags.clone(),
                 },
+                keep_first,
             ),
             Event::MediaProcessed(e) => newer(
                 &mut self.process,
@@ -237,6 +298,7 @@ impl MediaState {
                     version: v,
                     outcome: ProcessOutcome::Processed(e.clone()),
                 },
+                greater_outcome,
             ),
             Event::MediaProcessingFailed(e) => newer(
                 &mut self.process,
@@ -246,8 +308,9 @@ impl MediaState {
                     version: v,
                     outcome: ProcessOutcome::Failed(e.reason.clone()),
                 },
+                greater_outcome,
             ),
-            Event::MediaDeleted(_) => newer(&mut self.deleted, v, |d| *d, || v),
+            Event::MediaDeleted(_) => newer(&mut self.deleted, v, |d| *d, || v, keep_first),
         }
     }
 

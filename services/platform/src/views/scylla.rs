@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use conveyor_schemas::cql::MIGRATIONS;
-use conveyor_schemas::{Envelope, Event, MediaProcessed, MediaRow, OwnerStats, TimelinePage};
+use conveyor_schemas::{Envelope, Event, MediaRow, OwnerStats, TimelinePage};
 use futures::{StreamExt, TryStreamExt, stream};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
@@ -290,8 +290,10 @@ impl Stmt {
             Stmt::DescribeById => "UPDATE media_by_id USING TIMESTAMP ? SET describe_v = ?, \
                 title = ?, description = ?, tags = ? WHERE id = ?"
                 .into(),
+            // The outcome is one cell (`processed`), never a null: two outcomes at one timestamp
+            // then resolve as the fold does (the greater value), instead of cell by cell.
             Stmt::ProcessById => "UPDATE media_by_id USING TIMESTAMP ? SET process_v = ?, \
-                processed = ?, failure_reason = ? WHERE id = ?"
+                processed = ? WHERE id = ?"
                 .into(),
             // One statement on one partition, so it lands whole: the tombstone version, and
             // every group erased at that timestamp, so older writes arriving late are shadowed.
@@ -310,7 +312,7 @@ impl Stmt {
                 WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
                 .into(),
             Stmt::ProcessByOwner => "UPDATE media_by_owner USING TIMESTAMP ? SET process_v = ?, \
-                processed = ?, failure_reason = ? \
+                processed = ? \
                 WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
                 .into(),
             Stmt::DeleteByOwner => "DELETE FROM media_by_owner USING TIMESTAMP ? \
@@ -424,16 +426,7 @@ fn describe_values(d: &DescribeGroup) -> Vec<Option<CqlValue>> {
 }
 
 fn process_values(p: &ProcessGroup) -> Vec<Option<CqlValue>> {
-    let (processed, failure) = match &p.outcome {
-        ProcessOutcome::Processed(m) => (
-            Some(CqlValue::Text(
-                serde_json::to_string(m).expect("MediaProcessed serializes"),
-            )),
-            None,
-        ),
-        ProcessOutcome::Failed(reason) => (None, text(reason)),
-    };
-    vec![big(p.version), processed, failure]
+    vec![big(p.version), text(&p.outcome.encode())]
 }
 
 /// What to write for one item, given its state after the batch and which groups the batch
@@ -452,7 +445,16 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
     if let Some(deleted) = state.deleted {
         if let Some((_, owner, bucket)) = &key {
             let created_at = big(state.upload.as_ref().map_or(0, |u| u.version));
-            let at = big(deleted);
+            // A row tombstone hides only cells written at or below its timestamp, and a delete
+            // is final whatever its version: so the owner-side rows are deleted at or above
+            // every version written to them. Nothing writes them again once the item is
+            // deleted (the fold keeps it deleted), so a high timestamp shadows nothing live.
+            let written = [
+                state.upload.as_ref().map(|g| g.version),
+                state.describe.as_ref().map(|g| g.version),
+                state.process.as_ref().map(|g| g.version),
+            ];
+            let at = big(written.into_iter().flatten().fold(deleted, u64::max));
             plan.owner_side.push(Write {
                 stmt: Stmt::DeleteByOwner,
                 values: vec![
@@ -610,9 +612,8 @@ fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
         Some(version) => Some(ProcessGroup {
             version,
             outcome: match processed {
-                Some(json) => ProcessOutcome::Processed(
-                    serde_json::from_str::<MediaProcessed>(&json).map_err(storage)?,
-                ),
+                Some(text) => ProcessOutcome::decode(&text).map_err(storage)?,
+                // Rows written before failures moved into `processed`.
                 None => ProcessOutcome::Failed(failure_reason.unwrap_or_default()),
             },
         }),
@@ -1335,7 +1336,13 @@ mod tests {
         );
         assert_eq!(
             &plan.owner_side[3].values[..4],
-            [big(JAN_31 + 1), big(JAN_31 + 1), None, text("bad")]
+            [
+                big(JAN_31 + 1),
+                big(JAN_31 + 1),
+                text(r#"{"failed":"bad"}"#),
+                text("alice")
+            ],
+            "the outcome is one cell, then the row key"
         );
         assert_eq!(
             stmts(&plan.by_id),
