@@ -100,9 +100,10 @@ pub async fn spawn_app_on_s3() -> Option<TestApp> {
     Some(spawn_app_with(|s| s.objects = objects).await)
 }
 
-/// Spawns `serve` with its read models in ScyllaDB (`CONVEYOR_TEST_CQL`), in a fresh keyspace that
-/// `ops migrate` has just created. `None` (after saying so on stderr) when the variable is unset.
-pub async fn spawn_app_on_scylla() -> Option<TestApp> {
+/// Read-store settings for a fresh keyspace that `ops migrate` has just created, on the CQL
+/// node named by `CONVEYOR_TEST_CQL` (Apache Cassandra in `scripts/test`). `None` (after
+/// saying so on stderr) when the variable is unset.
+pub async fn cql_views() -> Option<conveyor_platform::config::ViewSettings> {
     let base = testing::engine(testing::CQL, "an end-to-end test on the CQL read store")?;
     let uri = format!(
         "{base}_{}",
@@ -116,6 +117,12 @@ pub async fn spawn_app_on_scylla() -> Option<TestApp> {
     conveyor_platform::views::scylla::migrate(&uri, &views)
         .await
         .expect("migrate the test keyspace");
+    Some(views)
+}
+
+/// Spawns `serve` with its read models on the CQL node ([`cql_views`]).
+pub async fn spawn_app_on_scylla() -> Option<TestApp> {
+    let views = cql_views().await?;
     Some(spawn_app_with(|s| s.views = views).await)
 }
 
@@ -188,10 +195,25 @@ impl TestApp {
 
     /// Stops the app gracefully and waits for it to drain.
     pub async fn stop(mut self) {
+        self.drain().await;
+    }
+
+    async fn drain(&mut self) {
         self.stop.cancel();
         if let Some(h) = self.handle.take() {
             h.await.expect("app task").expect("app ran cleanly");
         }
+    }
+
+    /// Stops the app gracefully and starts it again on the same data dir and backends, after
+    /// `adjust` has changed its settings (an operator's fix and restart).
+    pub async fn restart_with(mut self, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        self.drain().await;
+        let mut settings = self.settings.clone();
+        adjust(&mut settings);
+        let mut app = spawn_in(settings).await;
+        app._dir = self._dir.take();
+        app
     }
 
     pub async fn upload(&self, key: &str, file: Vec<u8>, title: Option<&str>) -> reqwest::Response {

@@ -146,7 +146,7 @@ fn ops_status_reports_every_backend_and_group_as_json() {
         status["backends"]["views"]["error"]
             .as_str()
             .unwrap()
-            .contains("cannot connect to ScyllaDB")
+            .contains("cannot connect to the CQL nodes")
     );
 }
 

@@ -87,7 +87,8 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<Arc<dyn EventLog>> {
 pub async fn open_views(uri: &str, settings: &ViewSettings) -> anyhow::Result<Arc<dyn ReadStore>> {
     if let Some(path) = path_of(uri, "sqlite://") {
         let store = SqliteReadStore::open(&path)
-            .with_context(|| format!("failed to open read store at {}", path.display()))?;
+            .with_context(|| format!("failed to open read store at {}", path.display()))?
+            .with_max_version_ahead(settings.max_version_ahead_secs);
         return Ok(Arc::new(store));
     }
     if uri.starts_with("scylla://") {

@@ -112,6 +112,11 @@ pub struct ViewSettings {
     /// CQL: how long one schema change (`ops migrate`) may take, including the wait for schema
     /// agreement. A schema change that times out is retried: every statement is idempotent.
     pub ddl_timeout_ms: u64,
+    /// How far ahead of this process's clock an event's version may be, in seconds, before
+    /// the read store refuses the event as permanent (it goes to the dead-letter topic). An
+    /// event from a producer whose clock runs days ahead would otherwise win every later
+    /// write to its item. ScyllaDB refuses more than 3 days (259200) on its own.
+    pub max_version_ahead_secs: u64,
 }
 
 impl Default for ViewSettings {
@@ -122,6 +127,7 @@ impl Default for ViewSettings {
             local_datacenter: None,
             request_timeout_ms: 5_000,
             ddl_timeout_ms: 60_000,
+            max_version_ahead_secs: 86_400,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Scale-out on Kafka: one `ingest`, two `process`, two `project` and one `query` process
-//! share the broker and the stores. One processor and one projector are killed with SIGKILL
+//! Scale-out on Kafka, with the read models on the CQL node when one is configured (Cassandra in
+//! `scripts/test`): one `ingest`, two `process`, two `project` and one `query` process share
+//! the broker and the stores. One processor and one projector are killed with SIGKILL
 //! mid-load; the survivors take their partitions over, and every acknowledged upload ends in
 //! the read models exactly once.
 
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 use conveyor_platform::Settings;
 use conveyor_platform::backends::{open_log, open_views};
 use conveyor_schemas::MediaStatus;
-use conveyor_tests::helpers::{ALICE, caught_up, kafka_brokers, start_process, wait_until};
+use conveyor_tests::helpers::{
+    ALICE, caught_up, cql_views, kafka_brokers, start_process, wait_until,
+};
 use conveyor_tests::images;
 use serde_json::Value;
 
@@ -30,7 +33,8 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
     settings.log.partitions = 8;
     settings.processor.group = format!("processor-{run}");
     settings.projector.group = format!("projector-{run}");
-    let env = vec![
+    let views = cql_views().await;
+    let mut env = vec![
         ("CONVEYOR__LOG__URI", settings.log.uri.clone().unwrap()),
         ("CONVEYOR__LOG__TOPIC", settings.log.topic.clone()),
         ("CONVEYOR__LOG__PARTITIONS", "8".to_owned()),
@@ -46,6 +50,11 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
         ),
         ("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}")),
     ];
+    if let Some(views) = views {
+        env.push(("CONVEYOR__VIEWS__URI", views.uri.clone().unwrap()));
+        env.push(("CONVEYOR__VIEWS__REPLICATION_FACTOR", "1".to_owned()));
+        settings.views = views;
+    }
     // The ingest edge creates the topics; the consumers start once they exist.
     let ingest = start_process("ingest", dir.path(), &env);
     let mut processors = vec![

@@ -60,24 +60,27 @@ impl Kinded for ViewError {
     }
 }
 
-/// How far past the store's clock an event's version may be, in µs: 1 day. A version further
-/// ahead would win every last-writer-wins comparison for as long as it stays ahead, so no
-/// later event could change the item; ScyllaDB itself refuses `USING TIMESTAMP` more than
-/// 3 days ahead (its `restrict_future_timestamp`), and both stores refuse the same events.
+/// How far past the store's clock an event's version may be by default, in µs: 1 day
+/// (`views.max_version_ahead_secs`). A version further ahead would win every last-writer-wins
+/// comparison for as long as it stays ahead, so no later event could change the item.
+/// ScyllaDB itself refuses `USING TIMESTAMP` more than 3 days ahead (its
+/// `restrict_future_timestamp`); both stores refuse the same events, below that.
 pub const MAX_VERSION_AHEAD_MICROS: u64 = 24 * 3600 * 1_000_000;
 
-/// Refuses, as [`ViewError::InvalidEvent`], any event no store may apply: one whose version is
-/// more than [`MAX_VERSION_AHEAD_MICROS`] ahead of `now_micros`, or that cannot be stored as a
-/// CQL write timestamp (a signed 64-bit count of µs). Every store calls this before writing.
-pub fn validate(events: &[Envelope], now_micros: u64) -> Result<(), ViewError> {
+/// Refuses, as [`ViewError::InvalidEvent`] (permanent), any event no store may apply: one
+/// whose version is more than `max_ahead` µs ahead of `now_micros`, or that cannot be stored
+/// as a CQL write timestamp (a signed 64-bit count of µs). Every store calls this before
+/// writing anything of the batch.
+pub fn validate(events: &[Envelope], now_micros: u64, max_ahead: u64) -> Result<(), ViewError> {
+    let limit = now_micros.saturating_add(max_ahead).min(i64::MAX as u64);
     for event in events {
-        let limit = now_micros.saturating_add(MAX_VERSION_AHEAD_MICROS);
-        if event.version > limit || event.version > i64::MAX as u64 {
+        if event.version > limit {
             return Err(ViewError::InvalidEvent {
                 event_id: event.event_id,
                 reason: format!(
-                    "version {} is more than {} µs ahead of the store's clock ({now_micros})",
-                    event.version, MAX_VERSION_AHEAD_MICROS
+                    "version {} is more than {max_ahead} µs ahead of the store's clock \
+                     ({now_micros}); views.max_version_ahead_secs allows more",
+                    event.version
                 ),
             });
         }

@@ -633,6 +633,8 @@ const CONCURRENCY: usize = 64;
 pub struct ScyllaReadStore {
     session: Arc<Session>,
     prepared: HashMap<Stmt, PreparedStatement>,
+    /// [`ViewSettings::max_version_ahead_secs`], in µs.
+    max_version_ahead: u64,
 }
 
 /// A session whose requests run at `LOCAL_QUORUM`, coordinated by the local data centre's
@@ -730,6 +732,7 @@ impl ScyllaReadStore {
         Ok(ScyllaReadStore {
             session: Arc::new(session),
             prepared,
+            max_version_ahead: settings.max_version_ahead_secs.saturating_mul(1_000_000),
         })
     }
 
@@ -794,7 +797,11 @@ impl ScyllaReadStore {
 #[async_trait]
 impl ReadStore for ScyllaReadStore {
     async fn apply(&self, events: &[Envelope]) -> Result<(), ViewError> {
-        super::validate(events, crate::clock::now_micros() as u64)?;
+        super::validate(
+            events,
+            crate::clock::now_micros() as u64,
+            self.max_version_ahead,
+        )?;
         let mut touched: HashMap<Uuid, Touched> = HashMap::new();
         for event in events {
             touched

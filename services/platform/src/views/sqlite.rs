@@ -123,6 +123,8 @@ pub struct SqliteReadStore {
     /// `Some` for a store writing one generation (a replay building it); `None` follows the
     /// current generation.
     pinned: Option<u32>,
+    /// [`ViewSettings::max_version_ahead_secs`](crate::config::ViewSettings), in µs.
+    max_version_ahead: u64,
 }
 
 /// A read against one generation's tables.
@@ -152,7 +154,15 @@ impl SqliteReadStore {
             writer: Arc::new(Mutex::new(conn)),
             readers: Arc::new(ReaderPool::new(path)),
             pinned: None,
+            max_version_ahead: super::MAX_VERSION_AHEAD_MICROS,
         })
+    }
+
+    /// Refuses events whose version is more than `secs` ahead of this process's clock
+    /// ([`super::validate`]), instead of the default day.
+    pub fn with_max_version_ahead(mut self, secs: u64) -> Self {
+        self.max_version_ahead = secs.saturating_mul(1_000_000);
+        self
     }
 
     /// A store that reads and writes generation `generation` only, creating its tables: what
@@ -526,7 +536,11 @@ impl ReadStore for SqliteReadStore {
         if events.is_empty() {
             return Ok(());
         }
-        super::validate(events, crate::clock::now_micros() as u64)?;
+        super::validate(
+            events,
+            crate::clock::now_micros() as u64,
+            self.max_version_ahead,
+        )?;
         let writer = self.writer.clone();
         let events = events.to_vec();
         let pinned = self.pinned;
