@@ -74,6 +74,9 @@ impl ApiError {
     }
 }
 
+/// What a 503 asks clients to wait before retrying, in seconds.
+pub const RETRY_AFTER_SECS: &str = "5";
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}: {}", self.status, self.code, self.message)
@@ -96,6 +99,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // A backend that is down (a broker restarting, a node failing over) is usually back
+            // within seconds; RFC 9110 §10.2.3.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
         response
     }
@@ -242,4 +252,25 @@ pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
                 .map(str::trim)
                 .any(|t| t == etag || t == "*" || t.strip_prefix("W/") == Some(etag))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unavailable_backend_is_a_json_503_with_retry_after() {
+        let response = ApiError::unavailable(anyhow::anyhow!("broker down")).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], RETRY_AFTER_SECS);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "unavailable");
+        assert!(
+            !body.to_string().contains("broker down"),
+            "the cause is logged, never sent"
+        );
+    }
 }
