@@ -233,6 +233,11 @@ pub enum LoadtestCommand {
         /// temp dir) and/or `kafka://host:port` (a fresh topic each run).
         #[arg(long = "log", default_value = "sqlite")]
         logs: Vec<String>,
+        /// Read stores to project into, each with every log: `sqlite` (in the temp dir) and/or
+        /// `scylla://host:9042/keyspace` (a fresh keyspace per run, replication factor 1,
+        /// dropped at the end).
+        #[arg(long = "views", default_value = "sqlite")]
+        views: Vec<String>,
         /// Then time `ops replay` of the same events, and `ops backup` against `dd` copying
         /// the same database files (embedded log only).
         #[arg(long)]

@@ -24,10 +24,13 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             producers,
             media,
             logs,
+            views,
             recovery,
         } => {
-            for log in logs {
-                events(&log, count, batch, producers, media, recovery).await?;
+            for log in &logs {
+                for views in &views {
+                    events(log, views, count, batch, producers, media, recovery).await?;
+                }
             }
             Ok(())
         }
@@ -68,6 +71,7 @@ fn bench_settings(log: &str, dir: &Path) -> anyhow::Result<Settings> {
 /// Log + projector throughput on `MediaDescribed`: durable appends, SQLite read models.
 async fn events(
     log: &str,
+    views: &str,
     count: usize,
     batch: usize,
     producers: usize,
@@ -75,7 +79,19 @@ async fn events(
     recovery: bool,
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("failed to create a temp dir")?;
-    let settings = bench_settings(log, dir.path())?;
+    let mut settings = bench_settings(log, dir.path())?;
+    if views.starts_with("scylla://") {
+        settings.views.uri = Some(format!(
+            "{views}_{}",
+            &Uuid::now_v7().simple().to_string()[20..]
+        ));
+        settings.views.replication_factor = 1;
+        conveyor_platform::views::scylla::migrate(&settings.views_uri(), &settings.views)
+            .await
+            .context("failed to migrate the benchmark keyspace")?;
+    } else if views != "sqlite" {
+        anyhow::bail!("--views takes `sqlite` or `scylla://host:port/keyspace`, not {views:?}");
+    }
     let backends = Backends::open(&settings).await?;
     let ids: Arc<Vec<Uuid>> = Arc::new((0..media.max(1)).map(|_| Uuid::now_v7()).collect());
     let clock = Arc::new(VersionClock::new());
@@ -192,7 +208,7 @@ async fn events(
     projecting.await??;
 
     println!(
-        "events on {log}: {total} MediaDescribed on {} media ids, {producers} producers × batches of {batch}",
+        "events on {log}, views on {views}: {total} MediaDescribed on {} media ids, {producers} producers × batches of {batch}",
         ids.len()
     );
     println!(
@@ -207,6 +223,11 @@ async fn events(
     );
     if recovery {
         recovery_ops(&settings, &backends).await?;
+    }
+    if views.starts_with("scylla://") {
+        conveyor_platform::views::scylla::drop_keyspace(&settings.views_uri(), &settings.views)
+            .await
+            .context("failed to drop the benchmark keyspace")?;
     }
     Ok(())
 }
