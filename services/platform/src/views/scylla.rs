@@ -1474,3 +1474,81 @@ mod tests {
         drop_keyspace(&uri, &settings).await.expect("drop keyspace");
     }
 }
+
+#[cfg(test)]
+mod migrations_on_a_real_node {
+    use super::*;
+
+    fn keyspace_uri(base: &str) -> String {
+        format!("{base}_{}", &Uuid::now_v7().simple().to_string()[20..])
+    }
+
+    /// A replication factor above the data centre's node count is refused before anything is
+    /// created, naming both numbers; a data centre that does not exist is refused by name.
+    #[tokio::test]
+    async fn migrate_refuses_more_replicas_than_nodes_and_creates_nothing() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
+        else {
+            return;
+        };
+        let uri = keyspace_uri(&base);
+        let three = ViewSettings {
+            replication_factor: 3,
+            ..ViewSettings::default()
+        };
+        let error = migrate(&uri, &three).await.expect_err("RF 3 on one node");
+        let message = error.to_string();
+        assert_eq!(error.kind(), ErrorKind::Permanent, "{message}");
+        assert!(
+            message.contains("replication_factor is 3") && message.contains("has 1 node"),
+            "{message}"
+        );
+        let parsed = ScyllaUri::parse(&uri).unwrap();
+        let session = connect(&parsed, &ViewSettings::default()).await.unwrap();
+        let found = session
+            .query_unpaged(
+                "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?",
+                (parsed.keyspace.as_str(),),
+            )
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .rows_num();
+        assert_eq!(found, 0, "nothing was created");
+
+        let elsewhere = ViewSettings {
+            replication_factor: 1,
+            local_datacenter: Some("no-such-dc".into()),
+            ..ViewSettings::default()
+        };
+        let error = migrate(&uri, &elsewhere).await.expect_err("unknown data centre");
+        assert!(error.to_string().contains("no-such-dc"), "{error}");
+    }
+
+    /// Eight migrations of different keyspaces at once (eight test processes starting
+    /// together) all succeed: schema changes wait for agreement and retry when they time out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn eight_concurrent_migrations_all_succeed() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
+        else {
+            return;
+        };
+        let settings = ViewSettings {
+            replication_factor: 1,
+            ..ViewSettings::default()
+        };
+        let uris: Vec<String> = (0..8).map(|_| keyspace_uri(&base)).collect();
+        let results = futures::future::join_all(uris.iter().map(|uri| migrate(uri, &settings))).await;
+        for (uri, result) in uris.iter().zip(results) {
+            let report = result.unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert_eq!(report.applied.len(), MIGRATIONS.len(), "{uri}");
+        }
+        for uri in &uris {
+            ScyllaReadStore::connect(uri, &settings)
+                .await
+                .unwrap_or_else(|e| panic!("{uri}: {e}"));
+            drop_keyspace(uri, &settings).await.unwrap();
+        }
+    }
+}
