@@ -55,6 +55,10 @@ pub struct LogSettings {
     /// `fsync` (every group commit reaches the disk before it is acknowledged) or `os`
     /// (survives a process crash, not a power cut).
     pub durability: Durability,
+    /// Kafka: how long an append waits for the brokers' acknowledgement before it fails as
+    /// transient (`message.timeout.ms`), in ms. An upload waiting on a broker that is down
+    /// answers 503 after this long; the record is then never acknowledged.
+    pub append_timeout_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +364,7 @@ impl Default for LogSettings {
             partitions: 32,
             max_attempts: 5,
             durability: Durability::Fsync,
+            append_timeout_ms: 10_000,
         }
     }
 }

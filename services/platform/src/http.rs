@@ -189,12 +189,7 @@ pub fn ops_router(backends: Backends, topic: &str) -> Router {
 
 async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
     let (backends, topic) = &*state;
-    let log = backends
-        .log
-        .partitions(topic)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string());
+    let log = backends.log.ping(topic).await.map_err(|e| e.to_string());
     let views = backends.views.ping().await.map_err(|e| e.to_string());
     let objects = backends
         .objects
@@ -211,12 +206,16 @@ async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
         "status": if ready { "ready" } else { "unavailable" },
         "log": status(&log), "views": status(&views), "objects": status(&objects),
     });
-    let code = if ready {
-        StatusCode::OK
+    if ready {
+        (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, axum::Json(body)).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, RETRY_AFTER_SECS)],
+            axum::Json(body),
+        )
+            .into_response()
+    }
 }
 
 /// Unknown routes get the same JSON error shape as everything else.

@@ -40,6 +40,8 @@ use crate::error::ErrorKind;
 
 /// How long metadata, watermark and offset requests may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `/readyz` waits for the brokers' metadata.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Records handed to the subscription without waiting.
 const DRIVER_BUFFER: usize = 2048;
 /// Records the driver holds beyond that before it pauses fetching.
@@ -141,7 +143,7 @@ impl KafkaLog {
             // 202 prompt.
             .set("linger.ms", "5")
             .set("batch.size", "1000000")
-            .set("message.timeout.ms", "30000")
+            .set("message.timeout.ms", settings.append_timeout_ms.to_string())
             .set("allow.auto.create.topics", "false")
             .create()
             .map_err(kafka)?;
@@ -326,6 +328,16 @@ impl EventLog for KafkaLog {
         Ok(())
     }
 
+    async fn ping(&self, topic: &str) -> Result<(), LogError> {
+        let name = topic.to_owned();
+        self.blocking(move |meta| {
+            meta.fetch_metadata(Some(&name), PING_TIMEOUT)
+                .map(|_| ())
+                .map_err(kafka)
+        })
+        .await
+    }
+
     async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
         if let Some(n) = self.known.read().expect("topic cache").get(topic) {
             return Ok(*n);
@@ -357,7 +369,10 @@ impl EventLog for KafkaLog {
                 .key(&record.key[..])
                 .payload(&record.value[..])
                 .headers(headers);
-            self.producer.send(message, Duration::from_secs(30))
+            self.producer.send(
+                message,
+                Duration::from_millis(self.settings.append_timeout_ms.into()),
+            )
         });
         let results = futures::future::join_all(sends).await;
         results

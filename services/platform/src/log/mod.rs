@@ -151,8 +151,14 @@ pub trait EventLog: Send + Sync + 'static {
     /// [`LogError::PartitionMismatch`] (repartitioning is a migration, never done in place).
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError>;
 
-    /// The partition count of `topic`.
+    /// The partition count of `topic`. May be answered from a cache.
     async fn partitions(&self, topic: &str) -> Result<u32, LogError>;
+
+    /// Whether the log answers for `topic` now, for `/readyz`: never from a cache, and within a
+    /// couple of seconds, so a broker that is down shows as down.
+    async fn ping(&self, topic: &str) -> Result<(), LogError> {
+        self.partitions(topic).await.map(|_| ())
+    }
 
     /// Appends `records` and returns their positions, in the same order, only once every one
     /// of them is durable. Each record's partition is [`partition_for`] its key, so equal keys

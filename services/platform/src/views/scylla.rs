@@ -980,10 +980,15 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
     // An RF above the node count is accepted by the node with a warning, and then every
     // LOCAL_QUORUM request fails as unavailable: refuse it before creating anything.
     let nodes = datacenters.get(&dc).copied().unwrap_or(0);
-    if settings.replication_factor as usize > nodes || settings.replication_factor == 0 {
+    if settings.replication_factor == 0 {
+        return Err(ViewError::permanent(
+            "views.replication_factor is 0: a keyspace needs at least one replica",
+        ));
+    }
+    if settings.replication_factor as usize > nodes {
         return Err(ViewError::permanent(format!(
-            "views.replication_factor is {}, but data centre {dc:?} has {nodes} node(s): \
-             set CONVEYOR__VIEWS__REPLICATION_FACTOR to at most {nodes} (and at least 1)",
+            "views.replication_factor is {}, more than the {nodes} node(s) of data centre {dc:?}: \
+             set CONVEYOR__VIEWS__REPLICATION_FACTOR to {nodes} or fewer, or add nodes",
             settings.replication_factor
         )));
     }
@@ -1500,7 +1505,7 @@ mod migrations_on_a_real_node {
         let message = error.to_string();
         assert_eq!(error.kind(), ErrorKind::Permanent, "{message}");
         assert!(
-            message.contains("replication_factor is 3") && message.contains("has 1 node"),
+            message.contains("replication_factor is 3") && message.contains("the 1 node(s)"),
             "{message}"
         );
         let parsed = ScyllaUri::parse(&uri).unwrap();
