@@ -422,3 +422,85 @@ pub fn start_process(role: &str, data_dir: &Path, env: &[(&str, String)]) -> Pro
     std::thread::spawn(move || for _ in lines {});
     Process { child, address }
 }
+
+/// An engine of one test's own, started by `scripts/engines` in a temp dir, so the test can
+/// kill it and start it again without touching the engines every other test shares. Stopped
+/// when dropped.
+pub struct OwnEngine {
+    name: &'static str,
+    dir: tempfile::TempDir,
+    /// `host:port` for Kafka, a `scylla://` URI for Cassandra (as `scripts/engines` exports).
+    pub address: String,
+}
+
+impl OwnEngine {
+    /// Starts `name` (`kafka` or `cassandra`) and waits until it answers. `None`, after a loud
+    /// skip notice, where the shared engines are not configured either (so the machine has
+    /// none); with `CI` set that is a failure ([`testing::engine`]).
+    pub fn start(name: &'static str, var: &str) -> Option<OwnEngine> {
+        testing::engine(var, &format!("a test with its own {name}"))?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = OwnEngine::script(dir.path(), &["up", name]);
+        let prefix = format!("export {var}=");
+        let address = String::from_utf8_lossy(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .unwrap_or_else(|| panic!("scripts/engines up {name} printed no {var}"));
+        Some(OwnEngine { name, dir, address })
+    }
+
+    /// SIGKILLs the engine: an outage. Its data dir and ports are kept for [`restart`].
+    ///
+    /// [`restart`]: OwnEngine::restart
+    pub fn kill(&self) {
+        OwnEngine::script(self.dir.path(), &["kill", self.name]);
+    }
+
+    /// Starts the engine again on its ports and data, and waits until it answers.
+    pub fn restart(&self) {
+        OwnEngine::script(self.dir.path(), &["restart", self.name]);
+    }
+
+    fn script(dir: &Path, args: &[&str]) -> Vec<u8> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/engines");
+        let out = std::process::Command::new(&script)
+            .args(args)
+            .env("CONVEYOR_ENGINES_DIR", dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run scripts/engines");
+        assert!(out.status.success(), "scripts/engines {args:?} failed");
+        out.stdout
+    }
+}
+
+impl Drop for OwnEngine {
+    fn drop(&mut self) {
+        OwnEngine::script(self.dir.path(), &["down"]);
+    }
+}
+
+/// Every record of `topic`, decoded, in partition and offset order.
+pub async fn all_events(
+    log: &dyn conveyor_platform::EventLog,
+    topic: &str,
+) -> Vec<conveyor_schemas::Envelope> {
+    let mut events = Vec::new();
+    for p in log.lag(topic, "nobody").await.expect("partitions") {
+        let mut offset = 0;
+        while offset < p.end {
+            let batch = log
+                .read(topic, p.partition, offset, 1_000)
+                .await
+                .expect("read the log");
+            assert!(!batch.is_empty(), "partition {} ends early", p.partition);
+            offset = batch.last().unwrap().offset + 1;
+            events.extend(
+                batch
+                    .iter()
+                    .map(|r| conveyor_platform::events::from_delivered(r).expect("an event")),
+            );
+        }
+    }
+    events
+}

@@ -222,17 +222,30 @@ pub async fn run(
                     next = tasks.try_join_next();
                 }
                 if last_commit.elapsed() >= config.commit_interval {
-                    commit_finished(sub.as_mut(), &mut partitions).await?;
+                    commit_finished(sub.as_mut(), &mut partitions, &config).await?;
                     last_commit = tokio::time::Instant::now();
                 }
             }
             _ = tokio::time::sleep_until(last_commit + config.commit_interval), if !stopping => {
-                commit_finished(sub.as_mut(), &mut partitions).await?;
+                commit_finished(sub.as_mut(), &mut partitions, &config).await?;
                 last_commit = tokio::time::Instant::now();
             }
             polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), Duration::from_millis(500)),
                 if !stopping && buffered < config.max_buffered => {
-                let records = polled.context("failed to poll the event log")?;
+                let records = match polled {
+                    Ok(records) => records,
+                    // A broker that is down or electing a leader: wait and poll again. The
+                    // lag report shows the stall.
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(group = %config.group, error = %e, "failed to poll the event log, retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(config.backoff.max(Duration::from_millis(500))) => {}
+                        }
+                        Vec::new()
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context("failed to poll the event log")),
+                };
                 // Partitions another member owns now: forget what is waiting for them, and let
                 // the batches in flight finish without committing (their new owner redoes them).
                 for partition in sub.take_revoked() {
@@ -253,14 +266,19 @@ pub async fn run(
             }
         }
     }
-    commit_finished(sub.as_mut(), &mut partitions).await?;
+    commit_finished(sub.as_mut(), &mut partitions, &config).await?;
     tracing::info!(group = %config.group, "consumer stopped");
     Ok(())
 }
 
+/// Commits every partition's low watermark that moved. A transient failure (the broker is
+/// down) is logged and left for the next interval: the offsets stay where they were, so at
+/// worst finished records are redelivered, which effects tolerate. Any other failure stops the
+/// consumer.
 async fn commit_finished(
     sub: &mut dyn crate::log::Subscription,
     partitions: &mut HashMap<u32, PartitionState>,
+    config: &ConsumerConfig,
 ) -> anyhow::Result<()> {
     let mut offsets = Vec::new();
     for (&partition, state) in partitions.iter() {
@@ -272,9 +290,14 @@ async fn commit_finished(
     if offsets.is_empty() {
         return Ok(());
     }
-    sub.commit(&offsets)
-        .await
-        .context("failed to commit offsets")?;
+    match sub.commit(&offsets).await {
+        Ok(()) => {}
+        Err(e) if e.is_transient() => {
+            tracing::warn!(group = %config.group, error = %e, "failed to commit offsets, retrying at the next interval");
+            return Ok(());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("failed to commit offsets")),
+    }
     for (partition, mark) in offsets {
         partitions
             .get_mut(&partition)

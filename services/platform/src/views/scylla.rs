@@ -1527,7 +1527,9 @@ mod migrations_on_a_real_node {
             local_datacenter: Some("no-such-dc".into()),
             ..ViewSettings::default()
         };
-        let error = migrate(&uri, &elsewhere).await.expect_err("unknown data centre");
+        let error = migrate(&uri, &elsewhere)
+            .await
+            .expect_err("unknown data centre");
         assert!(error.to_string().contains("no-such-dc"), "{error}");
     }
 
@@ -1544,7 +1546,8 @@ mod migrations_on_a_real_node {
             ..ViewSettings::default()
         };
         let uris: Vec<String> = (0..8).map(|_| keyspace_uri(&base)).collect();
-        let results = futures::future::join_all(uris.iter().map(|uri| migrate(uri, &settings))).await;
+        let results =
+            futures::future::join_all(uris.iter().map(|uri| migrate(uri, &settings))).await;
         for (uri, result) in uris.iter().zip(results) {
             let report = result.unwrap_or_else(|e| panic!("{uri}: {e}"));
             assert_eq!(report.applied.len(), MIGRATIONS.len(), "{uri}");

@@ -1,0 +1,189 @@
+//! Outages of the real engines, each on an engine of the test's own (`OwnEngine`), so killing
+//! it disturbs no other test: a Kafka broker stopped during uploads, and a Cassandra node
+//! stopped while the projector works.
+
+use std::time::Duration;
+
+use conveyor_platform::testing;
+use conveyor_platform::views::sqlite::SqliteReadStore;
+use conveyor_platform::{ReadStore, Settings};
+use conveyor_tests::helpers::{ALICE, OwnEngine, TestApp, all_events, spawn_app_with, wait_until};
+use conveyor_tests::images;
+use serde_json::Value;
+
+async fn upload(app: &TestApp, seed: u32) -> reqwest::Response {
+    app.upload(ALICE, images::jpeg(32, 24, seed), None).await
+}
+
+async fn id_of(response: reqwest::Response) -> String {
+    response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// While the broker is down, uploads get 503 with `Retry-After` (never a 500, never a 202 for
+/// an event that was not appended) and `/readyz` names the log. After a restart uploads flow
+/// again, and every upload that got 202 ends processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_refuses_uploads_with_503_and_loses_no_acknowledged_one() {
+    let Some(kafka) = OwnEngine::start("kafka", testing::KAFKA) else {
+        return;
+    };
+    let app = spawn_app_with(|s: &mut Settings| {
+        s.log.uri = Some(format!("kafka://{}", kafka.address));
+        s.log.partitions = 4;
+        s.log.session_timeout_ms = 6_000;
+        s.log.append_timeout_ms = 3_000;
+    })
+    .await;
+    let mut acknowledged = Vec::new();
+    for seed in 0..5 {
+        let response = upload(&app, seed).await;
+        assert_eq!(response.status(), 202);
+        acknowledged.push(id_of(response).await);
+    }
+    app.wait_processed(&acknowledged[0]).await;
+
+    kafka.kill();
+    let mut refused = 0;
+    for seed in 5..9 {
+        let response = upload(&app, seed).await;
+        match response.status().as_u16() {
+            202 => acknowledged.push(id_of(response).await),
+            503 => {
+                refused += 1;
+                assert_eq!(response.headers()["retry-after"], "5");
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "unavailable");
+            }
+            other => panic!("an upload during the outage got {other}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "uploads were refused while the broker was down"
+    );
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_ne!(body["log"], "ok", "{body}");
+    assert_eq!(body["views"], "ok", "{body}");
+
+    kafka.restart();
+    let back = wait_until(Duration::from_secs(60), || async {
+        let response = upload(&app, 100).await;
+        (response.status() == 202).then_some(response)
+    })
+    .await
+    .expect("uploads are accepted again after the restart");
+    acknowledged.push(id_of(back).await);
+    for id in &acknowledged {
+        let body = wait_until(Duration::from_secs(60), || async {
+            let (status, body) = app.media(id).await;
+            (status == 200 && body["status"] != "pending").then_some(body)
+        })
+        .await
+        .unwrap_or_else(|| panic!("acknowledged upload {id} was not processed"));
+        assert_eq!(body["status"], "processed", "{id}");
+    }
+    let (status, _) = app.get_json("/readyz").await;
+    assert_eq!(status, 200);
+}
+
+/// While the CQL node is down the projector's partitions wait and retry; nothing goes to the
+/// dead-letter topic for being unavailable. After a restart the read models equal the SQLite
+/// fold of the same events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cql_node_outage_delays_projection_and_changes_nothing() {
+    let Some(cassandra) = OwnEngine::start("cassandra", testing::CQL) else {
+        return;
+    };
+    let views = conveyor_platform::config::ViewSettings {
+        uri: Some(format!("{}_outage", cassandra.address)),
+        replication_factor: 1,
+        request_timeout_ms: 2_000,
+        ..Default::default()
+    };
+    conveyor_platform::views::scylla::migrate(views.uri.as_deref().unwrap(), &views)
+        .await
+        .expect("migrate the keyspace");
+    let app = spawn_app_with(|s: &mut Settings| s.views = views.clone()).await;
+    let mut ids = Vec::new();
+    for seed in 0..4 {
+        ids.push(id_of(upload(&app, seed).await).await);
+    }
+    for id in &ids {
+        app.wait_processed(id).await;
+    }
+
+    cassandra.kill();
+    for seed in 4..10 {
+        let response = upload(&app, seed).await;
+        assert_eq!(
+            response.status(),
+            202,
+            "ingest does not need the read store"
+        );
+        ids.push(id_of(response).await);
+    }
+    // The projector retries (transient), and its lag shows the waiting records.
+    let group = app.settings.projector.group.clone();
+    wait_until(Duration::from_secs(30), || async {
+        let metrics = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics
+            .lines()
+            .any(|l| {
+                l.starts_with("conveyor_handler_retries_total")
+                    && l.contains(&format!("group=\"{group}\""))
+            })
+            .then_some(())
+    })
+    .await
+    .expect("the projector retried while the node was down");
+    let log = app.backends.log.clone();
+    let lag: u64 = log
+        .lag(app.settings.topic(), &group)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.lag())
+        .sum();
+    assert!(lag > 0, "the projector's lag shows the waiting records");
+
+    cassandra.restart();
+    app.wait_caught_up().await;
+    let dead = conveyor::ops::dead_letters(&*log, &app.settings.dlq_topic())
+        .await
+        .unwrap();
+    assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}");
+
+    // The read models equal the SQLite fold of every event in the log.
+    let dir = tempfile::tempdir().unwrap();
+    let fold = SqliteReadStore::open(dir.path().join("fold.db")).unwrap();
+    fold.apply(&all_events(&*log, app.settings.topic()).await)
+        .await
+        .unwrap();
+    let cql = &app.backends.views;
+    for id in &ids {
+        let id: uuid::Uuid = id.parse().unwrap();
+        let (row, expected) = (cql.media(id).await.unwrap(), fold.media(id).await.unwrap());
+        assert!(row.is_some(), "{id} is in the read model");
+        assert_eq!(row, expected, "{id}");
+    }
+    assert_eq!(
+        cql.owner_stats("alice").await.unwrap(),
+        fold.owner_stats("alice").await.unwrap()
+    );
+    assert_eq!(
+        cql.owner_timeline("alice", None, 100).await.unwrap(),
+        fold.owner_timeline("alice", None, 100).await.unwrap()
+    );
+}
