@@ -286,7 +286,7 @@ pub(crate) async fn put_data(
             let chunk = chunk?;
             seen += chunk.len() as u64;
             if seen > limit {
-                return Err(std::io::Error::other("body larger than the declared size"));
+                return Err(std::io::Error::other(LargerThanDeclared));
             }
             Ok(chunk)
         })
@@ -297,13 +297,21 @@ pub(crate) async fn put_data(
             axum::Json(serde_json::json!({ "bytes": meta.size })),
         )
             .into_response()),
-        Err(ObjectError::Body(e)) if e.to_string().contains("declared size") => {
+        Err(ObjectError::Body(e))
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<LargerThanDeclared>()) =>
+        {
             Err(too_large(limit))
         }
         Err(ObjectError::Body(e)) => Err(ApiError::bad_request("body", e.to_string())),
         Err(e) => Err(ApiError::unavailable(e)),
     }
 }
+
+/// A direct upload's body ran past the size its upload was created with.
+#[derive(Debug, thiserror::Error)]
+#[error("body larger than the declared size")]
+struct LargerThanDeclared;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
