@@ -257,6 +257,15 @@ pub enum LoadtestCommand {
         /// Event logs to measure, as for `events`.
         #[arg(long = "log", default_value = "sqlite")]
         logs: Vec<String>,
+        /// A folder of Apache Kafka's jars (the one `scripts/engines` caches:
+        /// ~/.cache/conveyor/engines/kafka-3.9.1). With it, every Kafka log is also measured with
+        /// Kafka's own `ProducerPerformance`, same record size, count, acks, idempotence,
+        /// compression, linger and partitions, interleaved with Conveyor's runs.
+        #[arg(long, value_name = "DIR")]
+        kafka_tools: Option<PathBuf>,
+        /// Runs of each, interleaved; medians are reported.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
     /// Time thumbnails of one image against `vipsthumbnail` on the same file.
     Thumbnail {

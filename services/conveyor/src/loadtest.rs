@@ -39,9 +39,30 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             size,
             batch,
             logs,
+            kafka_tools,
+            runs,
         } => {
             for log in logs {
-                produce(&log, count, size, batch).await?;
+                let reference = kafka_tools.as_deref().filter(|_| log.starts_with("kafka://"));
+                let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                for _ in 0..runs.max(1) {
+                    ours.push(produce(&log, count, size, batch).await?);
+                    if let Some(tools) = reference {
+                        theirs.push(producer_performance(tools, &log, count, size).await?);
+                    }
+                }
+                if runs > 1 || reference.is_some() {
+                    let ours = median_of(ours);
+                    print!("produce on {log}: median {ours:.0} records/s over {runs} run(s)");
+                    if !theirs.is_empty() {
+                        let theirs = median_of(theirs);
+                        print!(
+                            "; Kafka's ProducerPerformance: median {theirs:.0} records/s; ratio {:.2}",
+                            ours / theirs
+                        );
+                    }
+                    println!();
+                }
             }
             Ok(())
         }
@@ -283,7 +304,7 @@ async fn recovery_ops(settings: &Settings, backends: &Backends) -> anyhow::Resul
 }
 
 /// Appends `count` records of `size` random-ish bytes and reports acknowledged records/s.
-async fn produce(log: &str, count: usize, size: usize, batch: usize) -> anyhow::Result<()> {
+async fn produce(log: &str, count: usize, size: usize, batch: usize) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir().context("failed to create a temp dir")?;
     let settings = bench_settings(log, dir.path())?;
     let backends = Backends::open(&settings).await?;
@@ -306,12 +327,60 @@ async fn produce(log: &str, count: usize, size: usize, batch: usize) -> anyhow::
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();
+    let rate = count as f64 / elapsed.as_secs_f64();
     println!(
-        "produce on {log}: {count} records of {size} bytes in batches of {batch}: {:.0} records/s acknowledged ({:.2?})",
-        count as f64 / elapsed.as_secs_f64(),
-        elapsed
+        "produce on {log}: {count} records of {size} bytes in batches of {batch}: {rate:.0} records/s acknowledged ({elapsed:.2?})"
     );
-    Ok(())
+    Ok(rate)
+}
+
+/// The reference producer: Kafka's own `org.apache.kafka.tools.ProducerPerformance` from the
+/// jars in `tools`, run with `java` on a fresh topic of the same partition count, with the
+/// producer settings `KafkaLog` uses. Returns the records/s it reports.
+async fn producer_performance(
+    tools: &Path,
+    log: &str,
+    count: usize,
+    size: usize,
+) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir().context("failed to create a temp dir")?;
+    let settings = bench_settings(log, dir.path())?;
+    let backends = Backends::open(&settings).await?;
+    let brokers = log.trim_start_matches("kafka://");
+    let classpath = format!("{}/*", tools.display());
+    let output = tokio::process::Command::new(std::env::var("JAVA").unwrap_or("java".into()))
+        .args(["-Xmx512m", "-cp", &classpath])
+        .arg("org.apache.kafka.tools.ProducerPerformance")
+        .args(["--topic", settings.topic()])
+        .args(["--num-records", &count.to_string()])
+        .args(["--record-size", &size.to_string()])
+        .args(["--throughput", "-1", "--producer-props"])
+        .arg(format!("bootstrap.servers={brokers}"))
+        .args(["acks=all", "enable.idempotence=true", "compression.type=lz4"])
+        .args(["linger.ms=5", "batch.size=1000000"])
+        .output()
+        .await
+        .context("failed to run java (set JAVA to a Java 17 binary)")?;
+    drop(backends);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "ProducerPerformance failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Its last line: `200000 records sent, 207039.3 records/sec (19.74 MB/sec), …`.
+    let rate = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.split(" records/sec").next()?.rsplit(", ").next()?.parse::<f64>().ok())
+        .with_context(|| format!("no rate in ProducerPerformance's output: {stdout}"))?;
+    println!("  Kafka's ProducerPerformance on the same broker: {rate:.0} records/s");
+    Ok(rate)
+}
+
+fn median_of(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {
