@@ -235,11 +235,19 @@ fn newer<T>(
     }
 }
 
-/// The tiebreak of groups whose equal-version conflicts this fold does not order: the first
-/// one folded stays (events of one upload, description or tombstone at one µs are one event
-/// redelivered, as far as Conveyor's producers go).
+/// The tiebreak of groups that one event alone writes at a version (an upload, a tombstone):
+/// two at one version are that event redelivered, so the first one folded stays.
 fn keep_first<T>(_: &T, _: &T) -> bool {
     false
+}
+
+/// Two descriptions at one version (two producers in one µs): the greater `(title,
+/// description, tags)` wins, so the fold does not depend on the order of arrival. The CQL
+/// store holds these as three cells and reconciles each on its own (greater value, a null
+/// beats a value), so there the result can mix the two; see docs/data-model.md.
+fn greater_description(candidate: &DescribeGroup, existing: &DescribeGroup) -> bool {
+    (&candidate.title, &candidate.description, &candidate.tags)
+        > (&existing.title, &existing.description, &existing.tags)
 }
 
 /// Two outcomes at one version: the greater encoding wins ([`ProcessOutcome::encode`]).
@@ -291,7 +299,7 @@ impl MediaState {
                     description: e.description.clone(),
                     tags: e.tags.clone(),
                 },
-                keep_first,
+                greater_description,
             ),
             Event::MediaProcessed(e) => newer(
                 &mut self.process,
@@ -405,9 +413,11 @@ mod tests {
                     tags: vec![],
                 }),
             ),
+            // At the same version as the one above: the greater description wins, whatever
+            // the order of arrival.
             ev(
                 id,
-                30,
+                20,
                 Event::MediaDescribed(MediaDescribed {
                     title: Some("t2".into()),
                     description: None,
@@ -426,6 +436,10 @@ mod tests {
         events.iter().for_each(|e| {
             reference.apply(e);
         });
+        assert_eq!(
+            reference.describe.as_ref().and_then(|d| d.title.as_deref()),
+            Some("t2")
+        );
         // All 24 permutations, each applied twice.
         let mut idx = [0usize, 1, 2, 3];
         let mut permutations = vec![];
