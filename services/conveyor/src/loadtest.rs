@@ -43,7 +43,9 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             runs,
         } => {
             for log in logs {
-                let reference = kafka_tools.as_deref().filter(|_| log.starts_with("kafka://"));
+                let reference = kafka_tools
+                    .as_deref()
+                    .filter(|_| log.starts_with("kafka://"));
                 let (mut ours, mut theirs) = (Vec::new(), Vec::new());
                 for _ in 0..runs.max(1) {
                     ours.push(produce(&log, count, size, batch).await?);
@@ -356,7 +358,11 @@ async fn producer_performance(
         .args(["--record-size", &size.to_string()])
         .args(["--throughput", "-1", "--producer-props"])
         .arg(format!("bootstrap.servers={brokers}"))
-        .args(["acks=all", "enable.idempotence=true", "compression.type=lz4"])
+        .args([
+            "acks=all",
+            "enable.idempotence=true",
+            "compression.type=lz4",
+        ])
         .args(["linger.ms=5", "batch.size=1000000"])
         .output()
         .await
@@ -372,7 +378,14 @@ async fn producer_performance(
     let rate = stdout
         .lines()
         .rev()
-        .find_map(|l| l.split(" records/sec").next()?.rsplit(", ").next()?.parse::<f64>().ok())
+        .find_map(|l| {
+            l.split(" records/sec")
+                .next()?
+                .rsplit(", ")
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
         .with_context(|| format!("no rate in ProducerPerformance's output: {stdout}"))?;
     println!("  Kafka's ProducerPerformance on the same broker: {rate:.0} records/s");
     Ok(rate)

@@ -153,7 +153,7 @@ pub(crate) async fn create(
         objects
             .presigned_multipart(&incoming, parts, ttl)
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ApiError::backend)?
     } else {
         None
     };
@@ -168,7 +168,7 @@ pub(crate) async fn create(
     } else if let Some(url) = objects
         .presigned_put(&incoming, ttl)
         .await
-        .map_err(ApiError::unavailable)?
+        .map_err(ApiError::backend)?
     {
         answer["url"] = url.into();
     } else {
@@ -197,7 +197,7 @@ pub(crate) async fn create(
     objects
         .put_bytes(&pending_key(id), record.into())
         .await
-        .map_err(ApiError::unavailable)?;
+        .map_err(ApiError::backend)?;
     Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
 
@@ -216,7 +216,7 @@ async fn load_pending(state: &IngestState, id: Uuid) -> Result<PendingUpload, Ap
                 "no such upload (completed, expired or never created)",
             ));
         }
-        Err(e) => return Err(ApiError::unavailable(e)),
+        Err(e) => return Err(ApiError::backend(e)),
     };
     serde_json::from_slice(&bytes).map_err(ApiError::internal)
 }
@@ -304,7 +304,7 @@ pub(crate) async fn put_data(
             Err(too_large(limit))
         }
         Err(ObjectError::Body(e)) => Err(ApiError::bad_request("body", e.to_string())),
-        Err(e) => Err(ApiError::unavailable(e)),
+        Err(e) => Err(ApiError::backend(e)),
     }
 }
 
@@ -432,7 +432,7 @@ async fn verify(
     key: &str,
 ) -> Result<String, ApiError> {
     let objects = &state.backends.objects;
-    let meta = objects.head(key).await.map_err(ApiError::unavailable)?;
+    let meta = objects.head(key).await.map_err(ApiError::backend)?;
     let meta = meta.ok_or_else(|| {
         unprocessable(
             "nothing_uploaded",
@@ -451,7 +451,7 @@ async fn verify(
     let mut body = objects
         .get(key, None)
         .await
-        .map_err(ApiError::unavailable)?
+        .map_err(ApiError::backend)?
         .body;
     let mut hasher = Sha256::new();
     let mut head = Vec::with_capacity(16);

@@ -70,7 +70,7 @@ impl IngestState {
             .log
             .append(&self.topic, records)
             .await
-            .map_err(ApiError::unavailable)
+            .map_err(ApiError::backend)
     }
 }
 
@@ -128,7 +128,7 @@ impl IngestState {
             .objects
             .promote(incoming, &original_key)
             .await
-            .map_err(ApiError::unavailable)?;
+            .map_err(ApiError::backend)?;
         let uploaded = MediaUploaded {
             owner: upload.owner,
             original_key,
@@ -181,7 +181,7 @@ async fn delete_media(
         .views
         .media(id)
         .await
-        .map_err(ApiError::unavailable)?;
+        .map_err(ApiError::backend)?;
     let media = media.ok_or_else(|| ApiError::not_found("no such media"))?;
     if media.owner != owner {
         return Err(ApiError::forbidden("only the owner may delete this media"));

@@ -221,7 +221,7 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
         Ok(Err(ObjectError::Body(e))) => {
             return Err(ApiError::bad_request("invalid_multipart", e.to_string()));
         }
-        Ok(Err(e)) => return Err(ApiError::unavailable(e)),
+        Ok(Err(e)) => return Err(ApiError::backend(e)),
         Err(e) => return Err(ApiError::internal(e)),
     }
     Ok(Stored {

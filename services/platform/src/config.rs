@@ -56,8 +56,10 @@ pub struct LogSettings {
     /// (survives a process crash, not a power cut).
     pub durability: Durability,
     /// Kafka: how long an append waits for the brokers' acknowledgement before it fails as
-    /// transient (`message.timeout.ms`), in ms. An upload waiting on a broker that is down
-    /// answers 503 after this long; the record is then never acknowledged.
+    /// transient (`message.timeout.ms`), in ms; at least 1. An upload waiting on a broker that
+    /// is down answers 503 after this long. Its record may still have reached the broker just
+    /// before (a timeout cannot tell), so a client's retry can make a second media item; it
+    /// never gets a 202 for a record that was not appended.
     pub append_timeout_ms: u32,
 }
 

@@ -11,10 +11,12 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// Worth retrying as is: the backend is unavailable, timed out, throttled or overloaded.
-    /// Also the kind of an error the mapping does not recognise: retrying it stalls one
-    /// partition visibly (its lag grows), where giving up would dead-letter good records.
+    /// Also every failure that hits all requests alike until an operator acts (expired
+    /// credentials, a read-only or missing database, a missing bucket), and every driver error
+    /// a mapping does not recognise: retrying stalls one partition visibly (its lag grows),
+    /// where giving up would dead-letter good records by the thousand.
     Transient,
-    /// Retrying cannot help: the request is invalid, or refused for what it is.
+    /// Retrying cannot help: this request or record is invalid, or refused for what it is.
     Permanent,
     /// What was asked for does not exist.
     NotFound,
@@ -44,10 +46,9 @@ pub fn io_kind(e: &std::io::Error) -> ErrorKind {
     use std::io::ErrorKind as Io;
     match e.kind() {
         Io::NotFound => ErrorKind::NotFound,
-        Io::InvalidInput | Io::InvalidData | Io::PermissionDenied | Io::Unsupported => {
-            ErrorKind::Permanent
-        }
-        // Full disks, interrupted calls, timeouts: an operator or a moment can fix them.
+        Io::InvalidInput | Io::InvalidData | Io::Unsupported => ErrorKind::Permanent,
+        // Full disks, permissions, interrupted calls, timeouts: an operator or a moment can
+        // fix them, and they hit every record alike.
         _ => ErrorKind::Transient,
     }
 }
@@ -57,20 +58,13 @@ pub fn sqlite_kind(e: &rusqlite::Error) -> ErrorKind {
     use rusqlite::ffi::ErrorCode as Code;
     match e {
         rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
-            Code::DatabaseBusy
-            | Code::DatabaseLocked
-            | Code::SystemIoFailure
-            | Code::DiskFull
-            | Code::OutOfMemory
-            | Code::CannotOpen
-            | Code::FileLockingProtocolFailed => ErrorKind::Transient,
+            // What this record's values break. A busy, read-only, full, corrupt or missing
+            // database fails every record alike: transient, for an operator to fix while the
+            // lag shows it.
             Code::ConstraintViolation
             | Code::TooBig
             | Code::TypeMismatch
-            | Code::ParameterOutOfRange
-            | Code::ReadOnly
-            | Code::DatabaseCorrupt
-            | Code::NotADatabase => ErrorKind::Permanent,
+            | Code::ParameterOutOfRange => ErrorKind::Permanent,
             _ => ErrorKind::Transient,
         },
         rusqlite::Error::QueryReturnedNoRows => ErrorKind::NotFound,

@@ -64,6 +64,19 @@ impl ApiError {
         }
     }
 
+    /// A backend's failure, by its kind: a transient one is 503 with `Retry-After` (the client
+    /// should retry), and any other is 500 (retrying will not help; an operator must look).
+    pub fn backend<E>(error: E) -> Self
+    where
+        E: crate::error::Kinded + std::error::Error + Send + Sync + 'static,
+    {
+        if error.is_transient() {
+            Self::unavailable(error)
+        } else {
+            Self::internal(error)
+        }
+    }
+
     pub fn internal(source: impl Into<anyhow::Error>) -> Self {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -108,8 +108,14 @@ impl From<serde_json::Error> for SqliteFailure {
 }
 
 impl From<tokio::task::JoinError> for SqliteFailure {
-    /// A blocking task that was cancelled or panicked: this process's trouble, not the data's.
+    /// A blocking task that panicked panics again on the same records (permanent); one that
+    /// was cancelled is the process stopping (transient).
     fn from(e: tokio::task::JoinError) -> Self {
-        SqliteFailure(crate::error::ErrorKind::Transient, e.to_string())
+        let kind = if e.is_panic() {
+            crate::error::ErrorKind::Permanent
+        } else {
+            crate::error::ErrorKind::Transient
+        };
+        SqliteFailure(kind, e.to_string())
     }
 }

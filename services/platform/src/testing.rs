@@ -25,9 +25,15 @@ pub fn engine(var: &str, what: &str) -> Option<String> {
         "{what} did not run: {var} is not set (scripts/test starts the engines and sets it; \
          `eval \"$(scripts/engines up)\"` does it for a shell)"
     );
-    if std::env::var_os("CI").is_some() {
+    if on_ci() {
         panic!("{message}, and CI is set, so a missing engine is a failure");
     }
     eprintln!("SKIPPED: {message}");
     None
+}
+
+/// Whether this is a CI run: `CI` set to anything but empty, `0` or `false` (as `scripts/test`
+/// reads it too).
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
 }

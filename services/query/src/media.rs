@@ -61,7 +61,7 @@ async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, Api
 fn object_error(e: ObjectError) -> ApiError {
     match e {
         ObjectError::NotFound | ObjectError::InvalidKey(_) => ApiError::not_found("no such object"),
-        other => ApiError::unavailable(other),
+        other => ApiError::backend(other),
     }
 }
 

@@ -159,7 +159,7 @@ pub(crate) async fn get_media(
                 .views
                 .media(id)
                 .await
-                .map_err(ApiError::unavailable)?;
+                .map_err(ApiError::backend)?;
             let row = row.ok_or_else(|| ApiError::not_found("no such media"))?;
             let body = json_bytes(&view(&state, &row))?;
             let etag = etag_of(&body);
@@ -231,7 +231,7 @@ pub(crate) async fn owner_timeline(
         .views
         .owner_timeline(&owner, after, limit)
         .await
-        .map_err(ApiError::unavailable)?;
+        .map_err(ApiError::backend)?;
     let items: Vec<MediaView<'_>> = page.items.iter().map(|row| view(&state, row)).collect();
     let body = json_bytes(&serde_json::json!({
         "items": items,
@@ -251,7 +251,7 @@ pub(crate) async fn owner_stats(
         .views
         .owner_stats(&owner)
         .await
-        .map_err(ApiError::unavailable)?;
+        .map_err(ApiError::backend)?;
     let body = json_bytes(
         &serde_json::json!({ "owner": owner, "media_count": stats.media_count, "bytes": stats.bytes }),
     )?;

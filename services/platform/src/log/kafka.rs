@@ -65,12 +65,14 @@ fn kafka(e: KafkaError) -> LogError {
 
 /// Codes that no retry can fix: the request or record itself is refused. Everything else,
 /// brokers down, timeouts, leader elections, throttling and full queues among it, is transient:
-/// librdkafka and the brokers recover from it.
+/// librdkafka and the brokers recover from it. So are authentication and authorisation
+/// failures, which hit every record alike until an operator fixes the credentials or ACLs.
+/// `UnknownTopicOrPartition` on a produce is [`LogError::UnknownTopic`] (see `append`);
+/// elsewhere it is retriable while metadata propagates.
 fn kind_of(code: RDKafkaErrorCode) -> ErrorKind {
     use RDKafkaErrorCode as C;
     match code {
         C::UnknownTopic
-        | C::UnknownTopicOrPartition
         | C::UnknownPartition
         | C::GroupIdNotFound
         | C::ResourceNotFound
@@ -87,11 +89,6 @@ fn kind_of(code: RDKafkaErrorCode) -> ErrorKind {
         | C::InvalidRequest
         | C::InvalidArgument
         | C::PolicyViolation
-        | C::TopicAuthorizationFailed
-        | C::GroupAuthorizationFailed
-        | C::ClusterAuthorizationFailed
-        | C::SaslAuthenticationFailed
-        | C::Authentication
         | C::UnsupportedVersion
         | C::UnsupportedCompressionType
         | C::UnsupportedFeature
@@ -99,9 +96,7 @@ fn kind_of(code: RDKafkaErrorCode) -> ErrorKind {
         | C::OffsetMetadataTooLarge
         | C::KeySerialization
         | C::ValueSerialization
-        | C::NotImplemented
-        | C::Fatal
-        | C::ProducerFenced => ErrorKind::Permanent,
+        | C::NotImplemented => ErrorKind::Permanent,
         _ => ErrorKind::Transient,
     }
 }
@@ -133,6 +128,12 @@ impl KafkaLog {
             .ok_or_else(|| LogError::permanent(format!("not a kafka uri: {uri:?}")))?
             .trim_end_matches('/')
             .to_owned();
+        if settings.append_timeout_ms == 0 {
+            // librdkafka reads 0 as "wait forever": an upload would hang with the brokers.
+            return Err(LogError::permanent(
+                "log.append_timeout_ms must be at least 1",
+            ));
+        }
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("enable.idempotence", "true")
@@ -195,16 +196,29 @@ impl KafkaLog {
 
     /// A client that reads `group`'s committed offsets without joining it, made once per group:
     /// Kafka answers `OffsetFetch` for the group named in the client's own configuration.
+    /// Cached for the groups a process reports on (its own, a handful); dropped by
+    /// `delete_group`.
     fn offsets_reader(&self, group: &str) -> Result<Arc<BaseConsumer>, LogError> {
-        let mut readers = self.offsets_readers.lock().expect("offsets readers");
-        if let Some(reader) = readers.get(group) {
+        if let Some(reader) = self
+            .offsets_readers
+            .lock()
+            .expect("offsets readers")
+            .get(group)
+        {
             return Ok(reader.clone());
         }
+        let reader = Arc::new(self.new_offsets_reader(group)?);
+        self.offsets_readers
+            .lock()
+            .expect("offsets readers")
+            .insert(group.to_owned(), reader.clone());
+        Ok(reader)
+    }
+
+    fn new_offsets_reader(&self, group: &str) -> Result<BaseConsumer, LogError> {
         let mut config = self.consumer_config();
         config.set("group.id", group);
-        let reader: Arc<BaseConsumer> = Arc::new(config.create().map_err(kafka)?);
-        readers.insert(group.to_owned(), reader.clone());
-        Ok(reader)
+        config.create().map_err(kafka)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -219,9 +233,17 @@ impl KafkaLog {
 }
 
 fn partition_count(client: &BaseConsumer, topic: &str) -> Result<u32, LogError> {
-    let metadata = client
-        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-        .map_err(kafka)?;
+    partition_count_within(client, topic, REQUEST_TIMEOUT)
+}
+
+/// The topic's partition count from the brokers' metadata (a topic the metadata does not hold,
+/// or holds with an error, is unknown).
+fn partition_count_within(
+    client: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<u32, LogError> {
+    let metadata = client.fetch_metadata(Some(topic), timeout).map_err(kafka)?;
     let found = metadata.topics().iter().find(|t| t.name() == topic);
     match found {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
@@ -330,12 +352,8 @@ impl EventLog for KafkaLog {
 
     async fn ping(&self, topic: &str) -> Result<(), LogError> {
         let name = topic.to_owned();
-        self.blocking(move |meta| {
-            meta.fetch_metadata(Some(&name), PING_TIMEOUT)
-                .map(|_| ())
-                .map_err(kafka)
-        })
-        .await
+        self.blocking(move |meta| partition_count_within(meta, &name, PING_TIMEOUT).map(|_| ()))
+            .await
     }
 
     async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
@@ -508,8 +526,54 @@ impl EventLog for KafkaLog {
     }
 
     async fn lag(&self, topic: &str, group: &str) -> Result<Vec<PartitionLag>, LogError> {
+        let reader = self.offsets_reader(group)?;
+        self.lag_through(topic, reader).await
+    }
+
+    async fn groups(&self, topic: &str) -> Result<Vec<String>, LogError> {
+        let mut names: Vec<String> = self
+            .blocking(|meta| {
+                let list = meta
+                    .fetch_group_list(None, REQUEST_TIMEOUT)
+                    .map_err(kafka)?;
+                Ok(list.groups().iter().map(|g| g.name().to_owned()).collect())
+            })
+            .await?;
+        names.sort();
+        let mut out: Vec<String> = Vec::new();
+        for name in names {
+            // Every group on the cluster, most of them other applications': a reader each,
+            // dropped here, not cached as `lag`'s are.
+            let reader = Arc::new(self.new_offsets_reader(&name)?);
+            if self
+                .lag_through(topic, reader)
+                .await?
+                .iter()
+                .any(|l| l.committed > 0)
+            {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Kafka groups are not per topic: this deletes the whole group.
+    async fn delete_group(&self, _topic: &str, group: &str) -> Result<(), LogError> {
+        self.offsets_readers
+            .lock()
+            .expect("offsets readers")
+            .remove(group);
+        self.delete_group_on_brokers(group).await
+    }
+}
+
+impl KafkaLog {
+    async fn lag_through(
+        &self,
+        topic: &str,
+        consumer: Arc<BaseConsumer>,
+    ) -> Result<Vec<PartitionLag>, LogError> {
         let partitions = self.partitions(topic).await?;
-        let consumer = self.offsets_reader(group)?;
         let (topic, meta) = (topic.to_owned(), self.meta.clone());
         tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();
@@ -542,32 +606,7 @@ impl EventLog for KafkaLog {
         .map_err(task)?
     }
 
-    async fn groups(&self, topic: &str) -> Result<Vec<String>, LogError> {
-        let mut names: Vec<String> = self
-            .blocking(|meta| {
-                let list = meta
-                    .fetch_group_list(None, REQUEST_TIMEOUT)
-                    .map_err(kafka)?;
-                Ok(list.groups().iter().map(|g| g.name().to_owned()).collect())
-            })
-            .await?;
-        names.sort();
-        let mut out: Vec<String> = Vec::new();
-        for name in names {
-            if self
-                .lag(topic, &name)
-                .await?
-                .iter()
-                .any(|l| l.committed > 0)
-            {
-                out.push(name);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Kafka groups are not per topic: this deletes the whole group.
-    async fn delete_group(&self, _topic: &str, group: &str) -> Result<(), LogError> {
+    async fn delete_group_on_brokers(&self, group: &str) -> Result<(), LogError> {
         let results = self
             .admin
             .delete_groups(

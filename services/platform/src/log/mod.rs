@@ -136,8 +136,9 @@ impl Kinded for LogError {
         match self {
             LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => ErrorKind::NotFound,
             LogError::PartitionMismatch { .. } => ErrorKind::Permanent,
-            // A log shutting down under a worker: the next process picks the work up.
-            LogError::Closed => ErrorKind::Transient,
+            // The log (or a subscription's driver) is gone for good in this process: a worker
+            // that sees it stops, and the process exits for its orchestrator to restart.
+            LogError::Closed => ErrorKind::Permanent,
             LogError::Storage { kind, .. } => *kind,
         }
     }
@@ -154,8 +155,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// The partition count of `topic`. May be answered from a cache.
     async fn partitions(&self, topic: &str) -> Result<u32, LogError>;
 
-    /// Whether the log answers for `topic` now, for `/readyz`: never from a cache, and within a
-    /// couple of seconds, so a broker that is down shows as down.
+    /// Whether the log answers for `topic` now, for `/readyz`, within a couple of seconds. A
+    /// remote log must ask its servers (never a cache), so a broker that is down shows as down;
+    /// the default, [`partitions`](EventLog::partitions), suits a log in a local file.
     async fn ping(&self, topic: &str) -> Result<(), LogError> {
         self.partitions(topic).await.map(|_| ())
     }

@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream as S3Body;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
@@ -46,20 +47,38 @@ fn io(e: impl std::error::Error) -> ObjectError {
     }
 }
 
-/// A failed request, by its kind: the one place this backend maps the SDK's errors. No answer
-/// (timeouts, connection failures), a throttle (429, `SlowDown` as 503) and a server error (5xx)
-/// are transient; 404 is not found; any other answer is a refusal.
-fn s3<E: std::error::Error + Send + Sync + 'static>(
-    e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-) -> ObjectError {
+/// A failed request, by its kind: the one place this backend maps the SDK's errors.
+///
+/// - *Not found* only for a missing key (`NoSuchKey`; `HeadObject`'s bodiless 404 is checked
+///   where it is sent): a missing bucket or a wrong endpoint is the deployment's fault, not the
+///   object's, and must not read as "this upload has no bytes".
+/// - *Permanent* only for a request refused for what it is: 400, 411, 412, 413 and 416, unless
+///   S3's error code says the request merely expired or arrived late.
+/// - *Transient* for the rest: no answer, throttling, 5xx, and the refusals that hit every
+///   request alike until an operator acts (403 from rotated credentials or a skewed clock,
+///   404 `NoSuchBucket`, 409), so records wait instead of being dead-lettered.
+fn s3<E>(e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> ObjectError
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+{
     use aws_sdk_s3::error::SdkError;
+    const LATE: [&str; 5] = [
+        "RequestTimeout",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "RequestTimeTooSkewed",
+        "RequestExpired",
+    ];
     let kind = match &e {
-        SdkError::ServiceError(context) => match context.raw().status().as_u16() {
-            404 => ErrorKind::NotFound,
-            408 | 429 => ErrorKind::Transient,
-            status if status >= 500 => ErrorKind::Transient,
-            _ => ErrorKind::Permanent,
-        },
+        SdkError::ServiceError(context) => {
+            let code = context.err().code().unwrap_or_default();
+            match context.raw().status().as_u16() {
+                _ if code == "NoSuchKey" => ErrorKind::NotFound,
+                _ if LATE.contains(&code) => ErrorKind::Transient,
+                400 | 411 | 412 | 413 | 416 => ErrorKind::Permanent,
+                _ => ErrorKind::Transient,
+            }
+        }
         SdkError::ConstructionFailure(_) => ErrorKind::Permanent,
         _ => ErrorKind::Transient,
     };
@@ -387,10 +406,8 @@ impl ObjectStore for S3ObjectStore {
                 key: key.to_owned(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
             })),
-            Err(e) => match s3(e) {
-                e if e.kind() == ErrorKind::NotFound => Ok(None),
-                e => Err(e),
-            },
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(s3(e)),
         }
     }
 
@@ -417,12 +434,10 @@ impl ObjectStore for S3ObjectStore {
             .await
         {
             Ok(out) => out,
-            Err(e) => {
-                return Err(match s3(e) {
-                    e if e.kind() == ErrorKind::NotFound => ObjectError::NotFound,
-                    e => e,
-                });
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                return Err(ObjectError::NotFound);
             }
+            Err(e) => return Err(s3(e)),
         };
         if self.head(to).await?.is_none() {
             // The target's headers follow its key (public or private); its type was sniffed

@@ -54,11 +54,12 @@ fn storage(e: impl CqlFailure) -> ViewError {
 
 /// What kind of failure a driver error is.
 ///
-/// - The node refusing the statement for what it is (invalid, a syntax error, unauthorised, a
-///   bad configuration) is permanent, and so is a value the driver cannot serialise or a row
-///   it cannot read: the same record fails the same way every time.
+/// - The node refusing the statement for what it is (invalid, a syntax error) is permanent, and
+///   so is a value the driver cannot serialise or a row it cannot read: the same record fails
+///   the same way every time. (The default `kind` below is for those row and value errors.)
 /// - Everything else is transient: unavailable replicas, read and write timeouts, overload, a
-///   broken connection, an empty pool, a client timeout.
+///   broken connection, an empty pool, a client timeout, and unauthorised or misconfigured
+///   sessions, which fail every statement alike until an operator acts.
 trait CqlFailure: std::fmt::Display {
     fn kind(&self) -> ErrorKind {
         ErrorKind::Permanent
@@ -68,12 +69,11 @@ trait CqlFailure: std::fmt::Display {
 fn db_kind(e: &scylla::errors::DbError) -> ErrorKind {
     use scylla::errors::DbError as Db;
     match e {
+        // The statement or its values, refused for what they are. Authentication,
+        // authorisation and configuration errors hit every statement alike: transient.
         Db::SyntaxError
         | Db::Invalid
         | Db::AlreadyExists { .. }
-        | Db::Unauthorized
-        | Db::AuthenticationError
-        | Db::ConfigError
         | Db::FunctionFailure { .. }
         | Db::ProtocolError => ErrorKind::Permanent,
         _ => ErrorKind::Transient,
@@ -668,6 +668,12 @@ async fn connect(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Session, Vi
             )
         })?;
     let datacenters = datacenters(&session);
+    if datacenters.is_empty() {
+        return Err(ViewError::transient(format!(
+            "the CQL nodes {:?} have not reported their data centres yet",
+            uri.hosts
+        )));
+    }
     match &settings.local_datacenter {
         Some(dc) if !datacenters.contains_key(dc) => Err(ViewError::permanent(format!(
             "views.local_datacenter is {dc:?}, but the cluster's data centres are {:?}",
@@ -972,26 +978,28 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
     let uri = ScyllaUri::parse(uri)?;
     let session = connect(&uri, settings).await?;
     let ks = &uri.keyspace;
-    let datacenters = datacenters(&session);
-    let dc = match &settings.local_datacenter {
-        Some(dc) => dc.clone(),
-        None => datacenters.keys().next().cloned().unwrap_or_default(),
-    };
-    // An RF above the node count is accepted by the node with a warning, and then every
-    // LOCAL_QUORUM request fails as unavailable: refuse it before creating anything.
-    let nodes = datacenters.get(&dc).copied().unwrap_or(0);
-    if settings.replication_factor == 0 {
+    // Every data centre gets `replication_factor` replicas, so a deployment in any of them can
+    // read and write at LOCAL_QUORUM. An RF above a data centre's node count is accepted by the
+    // node with a warning, and then every LOCAL_QUORUM request there fails as unavailable:
+    // refuse it before creating anything.
+    let rf = settings.replication_factor as usize;
+    if rf == 0 {
         return Err(ViewError::permanent(
             "views.replication_factor is 0: a keyspace needs at least one replica",
         ));
     }
-    if settings.replication_factor as usize > nodes {
-        return Err(ViewError::permanent(format!(
-            "views.replication_factor is {}, more than the {nodes} node(s) of data centre {dc:?}: \
-             set CONVEYOR__VIEWS__REPLICATION_FACTOR to {nodes} or fewer, or add nodes",
-            settings.replication_factor
-        )));
+    for (dc, &nodes) in &datacenters(&session) {
+        if rf > nodes {
+            return Err(ViewError::permanent(format!(
+                "views.replication_factor is {rf}, more than the {nodes} node(s) of data centre \
+                 {dc:?}: set CONVEYOR__VIEWS__REPLICATION_FACTOR to {nodes} or fewer, or add nodes"
+            )));
+        }
     }
+    let replication: Vec<String> = datacenters(&session)
+        .keys()
+        .map(|dc| format!("'{dc}': {rf}"))
+        .collect();
     let ddl_timeout = Duration::from_millis(settings.ddl_timeout_ms);
     let ddl = |cql: String| {
         let session = &session;
@@ -1024,8 +1032,8 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
     };
     ddl(format!(
         "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
-         {{'class': 'NetworkTopologyStrategy', '{dc}': {}}}",
-        settings.replication_factor
+         {{'class': 'NetworkTopologyStrategy', {}}}",
+        replication.join(", ")
     ))
     .await?;
     session.use_keyspace(ks, false).await.map_err(storage)?;

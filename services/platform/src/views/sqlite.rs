@@ -549,7 +549,7 @@ impl ReadStore for SqliteReadStore {
             apply_all(&mut conn, pinned, &events).map_err(storage)
         })
         .await
-        .map_err(ViewError::transient)?
+        .map_err(storage)?
     }
 
     async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError> {
