@@ -14,11 +14,65 @@ pub struct Migration {
 
 /// Every migration, in the order they apply. A file is never edited once released: a change is
 /// a new file.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_read_models",
-    text: include_str!("../cql/0001_read_models.cql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_read_models",
+        text: include_str!("../cql/0001_read_models.cql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_one_cell_description",
+        text: include_str!("../cql/0002_one_cell_description.cql"),
+    },
+];
+
+/// `ALTER TABLE table ADD column type`, the one schema change besides `CREATE … IF NOT EXISTS`
+/// that migrations make. `None` for any other statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddColumn {
+    pub table: String,
+    pub column: String,
+    pub ty: String,
+}
+
+impl AddColumn {
+    pub fn parse(statement: &str) -> Option<AddColumn> {
+        let rest = strip_prefix_ci(statement.trim(), "ALTER TABLE ")?;
+        let mut words = rest.split_whitespace();
+        let table = words.next()?.to_owned();
+        if !words.next()?.eq_ignore_ascii_case("ADD") {
+            return None;
+        }
+        let (column, ty) = (words.next()?.to_owned(), words.next()?.to_owned());
+        let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        (words.next().is_none() && plain(&table) && plain(&column)).then_some(AddColumn {
+            table,
+            column,
+            ty,
+        })
+    }
+}
+
+/// The tables the migrations leave: every `CREATE TABLE`, with the columns later files add.
+pub fn final_tables() -> Result<Vec<TableDef>, DdlError> {
+    let mut tables: Vec<TableDef> = Vec::new();
+    for statement in MIGRATIONS.iter().flat_map(|m| m.statements()) {
+        if let Some(add) = AddColumn::parse(&statement) {
+            let table = tables
+                .iter_mut()
+                .find(|t| t.name == add.table)
+                .ok_or(DdlError {
+                    statement: statement.clone(),
+                    reason: "ALTER of a table no migration created",
+                })?;
+            table.columns.push((add.column, add.ty));
+        } else if strip_prefix_ci(&statement, "CREATE TABLE ").is_some() {
+            tables.push(parse_create_table(&statement)?);
+        }
+    }
+    Ok(tables)
+}
 
 impl Migration {
     /// The file's statements, without comments, in order.
@@ -222,8 +276,9 @@ mod tests {
             assert!(!statements.is_empty(), "{} has statements", m.name);
             for s in statements {
                 assert!(
-                    s.starts_with("CREATE ") || s.starts_with("ALTER "),
-                    "{}: only idempotent DDL belongs in a migration: {s}",
+                    s.starts_with("CREATE ") || AddColumn::parse(&s).is_some(),
+                    "{}: only CREATE … IF NOT EXISTS and ALTER TABLE … ADD (which `ops migrate` \
+                     skips when the column exists) belong in a migration: {s}",
                     m.name
                 );
                 assert!(
@@ -245,12 +300,7 @@ mod tests {
 
     #[test]
     fn the_tables_have_the_keys_their_queries_need() {
-        let tables: Vec<TableDef> = MIGRATIONS
-            .iter()
-            .flat_map(|m| m.statements())
-            .filter(|s| s.starts_with("CREATE TABLE"))
-            .map(|s| parse_create_table(&s).unwrap())
-            .collect();
+        let tables = final_tables().unwrap();
         let get = |name: &str| tables.iter().find(|t| t.name == name).unwrap();
         assert_eq!(get("media_by_id").partition_key, ["id"]);
         let by_owner = get("media_by_owner");
@@ -258,6 +308,28 @@ mod tests {
         assert_eq!(by_owner.clustering_key, ["created_at", "id"]);
         assert_eq!(get("owner_stats").partition_key, ["owner", "bucket"]);
         assert_eq!(get("owner_buckets").clustering_key, ["bucket"]);
+        assert!(get("media_by_id").has_column("described"), "added by 0002");
+        assert!(by_owner.has_column("described"), "added by 0002");
+    }
+
+    #[test]
+    fn alter_add_reads_table_column_and_type_only() {
+        assert_eq!(
+            AddColumn::parse("ALTER TABLE media_by_id ADD described text"),
+            Some(AddColumn {
+                table: "media_by_id".into(),
+                column: "described".into(),
+                ty: "text".into()
+            })
+        );
+        for other in [
+            "ALTER TABLE t DROP c",
+            "ALTER TABLE t ADD c text WITH x",
+            "ALTER TABLE t; ADD c text",
+            "CREATE TABLE t (c int PRIMARY KEY)",
+        ] {
+            assert_eq!(AddColumn::parse(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -250,6 +250,7 @@ pub async fn run(store: &dyn ReadStore) {
 
     deletes_below_the_upload_version(store).await;
     outcomes_at_one_version(store).await;
+    descriptions_at_one_version(store).await;
     far_future_versions_are_refused(store).await;
 }
 
@@ -338,6 +339,47 @@ async fn outcomes_at_one_version(store: &dyn ReadStore) {
             (MediaStatus::Failed, Some("b: not an image")),
             "{owner}: the greater failure wins the tie, whole"
         );
+    }
+}
+
+/// Two descriptions of one item at one version, in either order of arrival: the greater
+/// encoding ([`super::DescribeGroup::encode`]) stays, whole, on every store; never a mix of
+/// the two (a CQL store holding them as several cells would merge them cell by cell).
+async fn descriptions_at_one_version(store: &dyn ReadStore) {
+    let describe = |id: Uuid, title: Option<&str>, description: Option<&str>, tags: &[&str]| {
+        Envelope::new(
+            id,
+            JAN_31 + 900,
+            "conformance",
+            Event::MediaDescribed(MediaDescribed {
+                title: title.map(Into::into),
+                description: description.map(Into::into),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+            }),
+        )
+    };
+    for (owner, greater_first) in [("ines", true), ("jon", false)] {
+        let up = uploaded(Uuid::now_v7(), JAN_31 + 800, owner, 3);
+        let id = up.aggregate_id;
+        // `b` has the greater title but no description: a cell-by-cell merge would keep a's
+        // description beside b's title, which neither event said.
+        let a = describe(id, Some("a title"), Some("a description"), &["a"]);
+        let b = describe(id, Some("b title"), None, &[]);
+        let (first, second) = if greater_first { (b, a) } else { (a, b) };
+        store.apply(&[up, first]).await.unwrap();
+        store.apply(&[second]).await.unwrap();
+        let row = store.media(id).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                row.title.as_deref(),
+                row.description.as_deref(),
+                row.tags.len()
+            ),
+            (Some("b title"), None, 0),
+            "{owner}: the greater description, whole"
+        );
+        let listed = store.owner_timeline(owner, None, 10).await.unwrap();
+        assert_eq!(listed.items, vec![row], "{owner}: the timeline agrees");
     }
 }
 

@@ -149,6 +149,41 @@ pub struct DescribeGroup {
     pub tags: Vec<String>,
 }
 
+/// How the description group is stored in the CQL `described` text column: one cell.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DescribedCell {
+    title: Option<String>,
+    description: Option<String>,
+    tags: Vec<String>,
+}
+
+impl DescribeGroup {
+    /// The group's fields as one text value, `{"title":…,"description":…,"tags":[…]}`.
+    ///
+    /// Also the tiebreak between two descriptions at one version: the greater encoding wins,
+    /// which is how CQL reconciles two live cells written at one timestamp.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(&DescribedCell {
+            title: self.title.clone(),
+            description: self.description.clone(),
+            tags: self.tags.clone(),
+        })
+        .expect("a description serializes")
+    }
+
+    /// The group [`encode`](Self::encode) wrote, at `version`.
+    pub fn decode(version: u64, text: &str) -> Result<DescribeGroup, serde_json::Error> {
+        let cell: DescribedCell = serde_json::from_str(text)?;
+        Ok(DescribeGroup {
+            version,
+            title: cell.title,
+            description: cell.description,
+            tags: cell.tags,
+        })
+    }
+}
+
 /// The processing column group, owned by `MediaProcessed` and `MediaProcessingFailed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessGroup {
@@ -241,13 +276,10 @@ fn keep_first<T>(_: &T, _: &T) -> bool {
     false
 }
 
-/// Two descriptions at one version (two producers in one µs): the greater `(title,
-/// description, tags)` wins, so the fold does not depend on the order of arrival. The CQL
-/// store holds these as three cells and reconciles each on its own (greater value, a null
-/// beats a value), so there the result can mix the two; see docs/data-model.md.
+/// Two descriptions at one version (two producers in one µs): the greater encoding wins
+/// ([`DescribeGroup::encode`]), in any order of arrival and on every store.
 fn greater_description(candidate: &DescribeGroup, existing: &DescribeGroup) -> bool {
-    (&candidate.title, &candidate.description, &candidate.tags)
-        > (&existing.title, &existing.description, &existing.tags)
+    candidate.encode() > existing.encode()
 }
 
 /// Two outcomes at one version: the greater encoding wins ([`ProcessOutcome::encode`]).

@@ -258,7 +258,7 @@ pub enum Stmt {
 /// `deleted_v`.
 const ITEM_COLUMNS: &str = "id, upload_v, owner, content_type, bytes, sha256, original_key, \
      upload_title, private, describe_v, title, description, tags, process_v, processed, \
-     failure_reason";
+     failure_reason, described";
 
 impl Stmt {
     pub const ALL: [Stmt; 17] = [
@@ -287,8 +287,9 @@ impl Stmt {
                 owner = ?, content_type = ?, bytes = ?, sha256 = ?, original_key = ?, \
                 upload_title = ?, private = ? WHERE id = ?"
                 .into(),
+            // The description is one cell (`described`, migration 0002), as the outcome is.
             Stmt::DescribeById => "UPDATE media_by_id USING TIMESTAMP ? SET describe_v = ?, \
-                title = ?, description = ?, tags = ? WHERE id = ?"
+                described = ? WHERE id = ?"
                 .into(),
             // The outcome is one cell (`processed`), never a null: two outcomes at one timestamp
             // then resolve as the fold does (the greater value), instead of cell by cell.
@@ -308,7 +309,7 @@ impl Stmt {
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
                 .into(),
             Stmt::DescribeByOwner => "UPDATE media_by_owner USING TIMESTAMP ? SET describe_v = ?, \
-                title = ?, description = ?, tags = ? \
+                described = ? \
                 WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
                 .into(),
             Stmt::ProcessByOwner => "UPDATE media_by_owner USING TIMESTAMP ? SET process_v = ?, \
@@ -415,14 +416,7 @@ fn upload_values(u: &UploadGroup) -> Vec<Option<CqlValue>> {
 }
 
 fn describe_values(d: &DescribeGroup) -> Vec<Option<CqlValue>> {
-    vec![
-        big(d.version),
-        opt_text(d.title.as_ref()),
-        opt_text(d.description.as_ref()),
-        Some(CqlValue::List(
-            d.tags.iter().map(|t| CqlValue::Text(t.clone())).collect(),
-        )),
-    ]
+    vec![big(d.version), text(&d.encode())]
 }
 
 fn process_values(p: &ProcessGroup) -> Vec<Option<CqlValue>> {
@@ -587,6 +581,7 @@ fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
     let process_v = as_u64(next());
     let processed = as_text(next());
     let failure_reason = as_text(next());
+    let described = as_text(next());
     let deleted = as_u64(next());
     let upload = match (upload_v, owner) {
         (Some(version), Some(owner)) => Some(UploadGroup {
@@ -601,12 +596,19 @@ fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
         }),
         _ => None,
     };
-    let describe = describe_v.map(|version| DescribeGroup {
-        version,
-        title,
-        description,
-        tags,
-    });
+    let describe = match (describe_v, described) {
+        (None, _) => None,
+        (Some(version), Some(text)) => {
+            Some(DescribeGroup::decode(version, &text).map_err(storage)?)
+        }
+        // Rows written before migration 0002.
+        (Some(version), None) => Some(DescribeGroup {
+            version,
+            title,
+            description,
+            tags,
+        }),
+    };
     let process = match process_v {
         None => None,
         Some(version) => Some(ProcessGroup {
@@ -969,6 +971,27 @@ fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
+/// Whether `keyspace.table` has `column`, from the node's schema tables.
+async fn column_exists(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, ViewError> {
+    let rows = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns \
+             WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (keyspace, table, column),
+        )
+        .await
+        .map_err(storage)?
+        .into_rows_result()
+        .map_err(storage)?
+        .rows_num();
+    Ok(rows > 0)
+}
+
 /// Attempts at one schema change before `ops migrate` gives up.
 const DDL_ATTEMPTS: u32 = 5;
 
@@ -1057,6 +1080,13 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
             None => {}
         }
         for statement in m.statements() {
+            // `ALTER TABLE … ADD` is not idempotent in CQL: skip it when the column is there
+            // (a migration that failed half way, or a retried timeout, already added it).
+            if let Some(add) = conveyor_schemas::cql::AddColumn::parse(&statement)
+                && column_exists(&session, ks, &add.table, &add.column).await?
+            {
+                continue;
+            }
             ddl(statement).await?;
         }
         session
@@ -1085,18 +1115,13 @@ pub async fn drop_keyspace(uri: &str, settings: &ViewSettings) -> Result<(), Vie
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conveyor_schemas::cql::{TableDef, parse_create_table};
+    use conveyor_schemas::cql::TableDef;
     use conveyor_schemas::{MediaDeleted, MediaDescribed, MediaProcessingFailed, MediaUploaded};
 
     const JAN_31: u64 = 1_769_903_940_000_000;
 
     fn tables() -> Vec<TableDef> {
-        MIGRATIONS
-            .iter()
-            .flat_map(|m| m.statements())
-            .filter(|s| s.starts_with("CREATE TABLE"))
-            .map(|s| parse_create_table(&s).unwrap())
-            .collect()
+        conveyor_schemas::cql::final_tables().unwrap()
     }
 
     /// The words of a statement that name columns: everything that is not a keyword, a
@@ -1294,12 +1319,11 @@ mod tests {
         let plan = plan_of(&state, touched);
         assert!(plan.owner_side.is_empty());
         let v = big(JAN_31 + 5);
+        // One cell for the group, never a null (migration 0002).
         let group = vec![
             v.clone(),
             v.clone(),
-            text("t"),
-            None,
-            Some(CqlValue::List(vec![CqlValue::Text("x".into())])),
+            text(r#"{"title":"t","description":null,"tags":["x"]}"#),
         ];
         let mut by_id = group.clone();
         by_id.push(Some(CqlValue::Uuid(id)));
@@ -1539,6 +1563,39 @@ mod migrations_on_a_real_node {
             .await
             .expect_err("unknown data centre");
         assert!(error.to_string().contains("no-such-dc"), "{error}");
+    }
+
+    /// A migration that added its columns but was not recorded (the process died in between,
+    /// or the record's write timed out) runs again without failing on the columns it added.
+    #[tokio::test]
+    async fn a_half_applied_column_migration_runs_again() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
+        else {
+            return;
+        };
+        let uri = keyspace_uri(&base);
+        let settings = ViewSettings {
+            replication_factor: 1,
+            ..ViewSettings::default()
+        };
+        migrate(&uri, &settings).await.expect("migrate");
+        let parsed = ScyllaUri::parse(&uri).unwrap();
+        let session = connect(&parsed, &settings).await.unwrap();
+        let last = MIGRATIONS.last().unwrap();
+        session
+            .query_unpaged(
+                format!(
+                    "DELETE FROM {}.schema_migrations WHERE scope = 'conveyor' AND version = ?",
+                    parsed.keyspace
+                ),
+                (last.version as i32,),
+            )
+            .await
+            .unwrap();
+        let again = migrate(&uri, &settings).await.expect("migrate again");
+        assert_eq!(again.applied, [last.name]);
+        ScyllaReadStore::connect(&uri, &settings).await.unwrap();
+        drop_keyspace(&uri, &settings).await.unwrap();
     }
 
     /// Eight migrations of different keyspaces at once (eight test processes starting
