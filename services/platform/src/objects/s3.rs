@@ -75,6 +75,9 @@ where
             match context.raw().status().as_u16() {
                 _ if code == "NoSuchKey" => ErrorKind::NotFound,
                 _ if LATE.contains(&code) => ErrorKind::Transient,
+                // A multipart upload that was aborted or completed, an archived object: no
+                // retry brings them back.
+                _ if code == "NoSuchUpload" || code == "InvalidObjectState" => ErrorKind::Permanent,
                 400 | 411 | 412 | 413 | 416 => ErrorKind::Permanent,
                 _ => ErrorKind::Transient,
             }

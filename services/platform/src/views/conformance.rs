@@ -361,11 +361,13 @@ async fn descriptions_at_one_version(store: &dyn ReadStore) {
     for (owner, greater_first) in [("ines", true), ("jon", false)] {
         let up = uploaded(Uuid::now_v7(), JAN_31 + 800, owner, 3);
         let id = up.aggregate_id;
-        // `b` has the greater title but no description: a cell-by-cell merge would keep a's
-        // description beside b's title, which neither event said.
-        let a = describe(id, Some("a title"), Some("a description"), &["a"]);
-        let b = describe(id, Some("b title"), None, &[]);
-        let (first, second) = if greater_first { (b, a) } else { (a, b) };
+        // `g` encodes greater (its title), `l` has the greater description and tags: a store
+        // merging the fields one by one at one timestamp would keep g's title beside l's
+        // description, which neither event said. (The order "l first" is the one that makes a
+        // CQL store reconcile: the fold picks g and writes it over l at the same timestamp.)
+        let g = describe(id, Some("b title"), Some("a description"), &["a"]);
+        let l = describe(id, Some("a title"), Some("z description"), &["z"]);
+        let (first, second) = if greater_first { (g, l) } else { (l, g) };
         store.apply(&[up, first]).await.unwrap();
         store.apply(&[second]).await.unwrap();
         let row = store.media(id).await.unwrap().unwrap();
@@ -375,7 +377,7 @@ async fn descriptions_at_one_version(store: &dyn ReadStore) {
                 row.description.as_deref(),
                 row.tags.len()
             ),
-            (Some("b title"), None, 0),
+            (Some("b title"), Some("a description"), 1),
             "{owner}: the greater description, whole"
         );
         let listed = store.owner_timeline(owner, None, 10).await.unwrap();

@@ -149,22 +149,26 @@ pub struct DescribeGroup {
     pub tags: Vec<String>,
 }
 
-/// How the description group is stored in the CQL `described` text column: one cell.
+/// How the description group is stored in the CQL `described` text column: one cell. Unknown
+/// fields are ignored, so a later release may add some.
 #[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct DescribedCell {
+    /// The group's version, first: two cells at one timestamp hold the same one, and a reader
+    /// can tell a cell left behind by a newer write to the legacy columns.
+    v: u64,
     title: Option<String>,
     description: Option<String>,
     tags: Vec<String>,
 }
 
 impl DescribeGroup {
-    /// The group's fields as one text value, `{"title":…,"description":…,"tags":[…]}`.
+    /// The group as one text value, `{"v":…,"title":…,"description":…,"tags":[…]}`.
     ///
     /// Also the tiebreak between two descriptions at one version: the greater encoding wins,
     /// which is how CQL reconciles two live cells written at one timestamp.
     pub fn encode(&self) -> String {
         serde_json::to_string(&DescribedCell {
+            v: self.version,
             title: self.title.clone(),
             description: self.description.clone(),
             tags: self.tags.clone(),
@@ -172,11 +176,11 @@ impl DescribeGroup {
         .expect("a description serializes")
     }
 
-    /// The group [`encode`](Self::encode) wrote, at `version`.
-    pub fn decode(version: u64, text: &str) -> Result<DescribeGroup, serde_json::Error> {
+    /// The group [`encode`](Self::encode) wrote.
+    pub fn decode(text: &str) -> Result<DescribeGroup, serde_json::Error> {
         let cell: DescribedCell = serde_json::from_str(text)?;
         Ok(DescribeGroup {
-            version,
+            version: cell.v,
             title: cell.title,
             description: cell.description,
             tags: cell.tags,
@@ -198,9 +202,9 @@ pub enum ProcessOutcome {
 }
 
 /// How a failure is stored in the `processed` text column, beside successes (which are the
-/// [`MediaProcessed`] JSON, whose first key is `width`).
+/// [`MediaProcessed`] JSON, whose first key is `width`, and which has no `failed`). Unknown
+/// fields are ignored, so a later release may add some.
 #[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FailedCell {
     failed: String,
 }

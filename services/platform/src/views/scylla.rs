@@ -301,7 +301,7 @@ impl Stmt {
             Stmt::TombstoneById => "UPDATE media_by_id USING TIMESTAMP ? SET deleted_v = ?, \
                 upload_v = null, owner = null, content_type = null, bytes = null, \
                 sha256 = null, original_key = null, upload_title = null, private = null, \
-                describe_v = null, title = null, description = null, tags = null, \
+                describe_v = null, title = null, description = null, tags = null, described = null, \
                 process_v = null, processed = null, failure_reason = null WHERE id = ?"
                 .into(),
             Stmt::UploadByOwner => "INSERT INTO media_by_owner (owner, bucket, created_at, id, \
@@ -596,13 +596,17 @@ fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
         }),
         _ => None,
     };
-    let describe = match (describe_v, described) {
+    // The one cell when it holds the group at `describe_v`; else the legacy columns: rows
+    // from before migration 0002, or a description an older binary wrote during an upgrade
+    // (it writes the legacy columns and `describe_v`, and leaves the cell at its old version).
+    let cell = match &described {
+        Some(text) => Some(DescribeGroup::decode(text).map_err(storage)?),
+        None => None,
+    };
+    let describe = match (describe_v, cell) {
         (None, _) => None,
-        (Some(version), Some(text)) => {
-            Some(DescribeGroup::decode(version, &text).map_err(storage)?)
-        }
-        // Rows written before migration 0002.
-        (Some(version), None) => Some(DescribeGroup {
+        (Some(version), Some(cell)) if cell.version == version => Some(cell),
+        (Some(version), _) => Some(DescribeGroup {
             version,
             title,
             description,
@@ -1082,12 +1086,20 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
         for statement in m.statements() {
             // `ALTER TABLE … ADD` is not idempotent in CQL: skip it when the column is there
             // (a migration that failed half way, or a retried timeout, already added it).
-            if let Some(add) = conveyor_schemas::cql::AddColumn::parse(&statement)
-                && column_exists(&session, ks, &add.table, &add.column).await?
-            {
+            let Some(add) = conveyor_schemas::cql::AddColumn::parse(&statement) else {
+                ddl(statement).await?;
+                continue;
+            };
+            if column_exists(&session, ks, &add.table, &add.column).await? {
                 continue;
             }
-            ddl(statement).await?;
+            // A retry of an ADD that landed before its answer was lost is refused as
+            // "already exists": the column being there is the success it was after.
+            if let Err(e) = ddl(statement).await
+                && !column_exists(&session, ks, &add.table, &add.column).await?
+            {
+                return Err(e);
+            }
         }
         session
             .query_unpaged(
@@ -1302,6 +1314,24 @@ mod tests {
         );
     }
 
+    /// The tombstone erases every group, so it must name every column but the key and
+    /// `deleted_v`, including those later migrations add.
+    #[test]
+    fn the_tombstone_erases_every_column_of_media_by_id() {
+        let tables = tables();
+        let by_id = tables.iter().find(|t| t.name == "media_by_id").unwrap();
+        let cql = Stmt::TombstoneById.cql();
+        for (column, _) in &by_id.columns {
+            if column == "id" || column == "deleted_v" {
+                continue;
+            }
+            assert!(
+                cql.contains(&format!(" {column} = null")),
+                "the tombstone leaves {column}: {cql}"
+            );
+        }
+    }
+
     #[test]
     fn a_description_writes_only_its_own_columns() {
         let id = Uuid::now_v7();
@@ -1323,7 +1353,10 @@ mod tests {
         let group = vec![
             v.clone(),
             v.clone(),
-            text(r#"{"title":"t","description":null,"tags":["x"]}"#),
+            text(&format!(
+                r#"{{"v":{},"title":"t","description":null,"tags":["x"]}}"#,
+                JAN_31 + 5
+            )),
         ];
         let mut by_id = group.clone();
         by_id.push(Some(CqlValue::Uuid(id)));
