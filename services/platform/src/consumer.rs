@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{ErrorKind, Kinded};
+use crate::error::Kinded;
 use crate::log::{Delivered, EventLog, StartFrom};
 
 /// Why a handler could not finish a batch.
@@ -67,7 +67,7 @@ impl<T, E: std::error::Error + Send + Sync + 'static> JobResult<T> for Result<T,
     }
 }
 
-/// [`JobResult`] for backend errors, which know their [`ErrorKind`]: transient errors are
+/// [`JobResult`] for backend errors, which know their [`ErrorKind`](crate::ErrorKind): transient errors are
 /// retried, and the rest (permanent, not found) are permanent for the job.
 pub trait KindedJobResult<T> {
     fn by_kind(self, what: &'static str) -> Result<T, HandleError>;
@@ -76,7 +76,7 @@ pub trait KindedJobResult<T> {
 impl<T, E: Kinded + std::error::Error + Send + Sync + 'static> KindedJobResult<T> for Result<T, E> {
     fn by_kind(self, what: &'static str) -> Result<T, HandleError> {
         match self {
-            Err(e) if e.kind() == ErrorKind::Transient => Err(e).retry(what),
+            Err(e) if e.is_transient() => Err(e).retry(what),
             other => other.abort(what),
         }
     }

@@ -95,9 +95,8 @@ impl CqlFailure for scylla::errors::ExecutionError {
         match self {
             E::BadQuery(_) => ErrorKind::Permanent,
             E::LastAttemptError(attempt) => attempt_kind(attempt),
-            E::PrepareError(scylla::errors::PrepareError::AllAttemptsFailed { first_attempt }) => {
-                attempt_kind(first_attempt)
-            }
+            E::PrepareError(prepare) => prepare.kind(),
+            E::UseKeyspaceError(use_keyspace) => use_keyspace.kind(),
             _ => ErrorKind::Transient,
         }
     }
@@ -1015,7 +1014,8 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
             "views.replication_factor is 0: a keyspace needs at least one replica",
         ));
     }
-    for (dc, &nodes) in &datacenters(&session) {
+    let datacenters = datacenters(&session);
+    for (dc, &nodes) in &datacenters {
         if rf > nodes {
             return Err(ViewError::permanent(format!(
                 "views.replication_factor is {rf}, more than the {nodes} node(s) of data centre \
@@ -1023,7 +1023,7 @@ pub async fn migrate(uri: &str, settings: &ViewSettings) -> Result<MigrateReport
             )));
         }
     }
-    let replication: Vec<String> = datacenters(&session)
+    let replication: Vec<String> = datacenters
         .keys()
         .map(|dc| format!("'{dc}': {rf}"))
         .collect();
