@@ -15,6 +15,7 @@
 //! Uploads never completed expire: `conveyor ops sweep-uploads` removes them (ids are UUIDv7,
 //! so their age is in their name).
 
+use conveyor_platform::media::{MediaType, SNIFF_BYTES};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,6 @@ use uuid::Uuid;
 
 use crate::{IngestState, parse_id};
 
-const ACCEPTED: [&str; 4] = ["image/jpeg", "image/png", "image/webp", "image/gif"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,14 +98,14 @@ pub(crate) async fn create(
     let owner = state.owner(&headers)?;
     require_json(&headers)?;
     let request: NewUpload = parse_json(&body)?;
-    if !ACCEPTED.contains(&request.content_type.as_str()) {
+    if MediaType::from_content_type(&request.content_type).is_none() {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             format!(
                 "content_type: {:?} is not one of {}",
                 request.content_type,
-                ACCEPTED.join(", ")
+                MediaType::ALL.map(MediaType::content_type).join(", ")
             ),
         ));
     }
@@ -454,10 +454,10 @@ async fn verify(
         .map_err(ApiError::backend)?
         .body;
     let mut hasher = Sha256::new();
-    let mut head = Vec::with_capacity(16);
+    let mut head = Vec::with_capacity(SNIFF_BYTES);
     while let Some(chunk) = body.try_next().await.map_err(ApiError::unavailable)? {
-        if head.len() < 16 {
-            head.extend_from_slice(&chunk[..chunk.len().min(16 - head.len())]);
+        if head.len() < SNIFF_BYTES {
+            head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_BYTES - head.len())]);
         }
         hasher.update(&chunk);
     }

@@ -7,6 +7,7 @@ use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use conveyor_platform::media::{ACCEPTED, MediaType, SNIFF_BYTES};
 use conveyor_platform::objects::ObjectError;
 use conveyor_schemas::Visibility;
 use sha2::{Digest, Sha256};
@@ -19,7 +20,6 @@ use conveyor_platform::http::ApiError;
 /// Longest accepted title, in characters.
 const MAX_TITLE: usize = 500;
 /// Bytes needed to recognise every accepted format.
-const SNIFF_BYTES: usize = 16;
 
 pub(crate) async fn upload(
     State(state): State<Arc<IngestState>>,
@@ -143,22 +143,16 @@ async fn read_title(mut field: Field<'_>) -> Result<String, ApiError> {
     Ok(title)
 }
 
-/// The content type of an accepted format, from its leading bytes.
+/// The content type of an accepted format, from its leading bytes ([`MediaType::sniff`]).
 pub(crate) fn sniff(head: &[u8]) -> Option<&'static str> {
-    match image::guess_format(head).ok()? {
-        image::ImageFormat::Jpeg => Some("image/jpeg"),
-        image::ImageFormat::Png => Some("image/png"),
-        image::ImageFormat::WebP => Some("image/webp"),
-        image::ImageFormat::Gif => Some("image/gif"),
-        _ => None,
-    }
+    MediaType::sniff(head).map(MediaType::content_type)
 }
 
 fn unsupported() -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
-        "the file is not a JPEG, PNG, WebP or GIF image",
+        format!("the file is not an accepted image: {ACCEPTED}"),
     )
 }
 

@@ -153,10 +153,23 @@ pub struct AuthSettings {
 pub struct Limits {
     /// Largest accepted upload, in bytes.
     pub max_upload_bytes: u64,
-    /// Largest image processed, in pixels (width × height), checked before decoding.
+    /// Largest image processed, in pixels (width × height) of each frame, checked from the
+    /// header before decoding. The variants stream through libvips, so memory follows the
+    /// variants' size, not this, whatever the bytes per pixel (16-bit RGBA included).
     pub max_pixels: u64,
     /// Largest accepted width or height, checked before decoding.
     pub max_side: u32,
+    /// Most frames in an animated image (GIF, WebP, HEIF sequences), counted from the headers
+    /// before decoding. Only the first frame is rendered.
+    pub max_frames: u32,
+    /// Most scans in a progressive JPEG. libjpeg makes a full pass over the coefficients per
+    /// scan, so a few MB with thousands of scans cost minutes of CPU; encoders write about 10
+    /// (`jpegtran -progressive` writes 10). libjpeg-turbo advises a limit of 500 or less
+    /// (TurboJPEG's `TJPARAM_SCANLIMIT`); 100 leaves ten times the usual.
+    pub max_jpeg_scans: u32,
+    /// Longest a render of one original may take, in milliseconds, after which it fails as
+    /// timed out. A 50 MP PNG takes about 2 s here.
+    pub max_render_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -378,6 +391,9 @@ impl Default for Limits {
             max_upload_bytes: 100 * 1024 * 1024,
             max_pixels: 50_000_000,
             max_side: 10_000,
+            max_frames: 1_000,
+            max_jpeg_scans: 100,
+            max_render_ms: 30_000,
         }
     }
 }

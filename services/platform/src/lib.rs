@@ -14,6 +14,7 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod log;
+pub mod media;
 pub mod metrics;
 pub mod objects;
 pub mod shutdown;

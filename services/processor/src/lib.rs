@@ -26,7 +26,7 @@ use conveyor_schemas::{
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-pub use render::{MediaError, Rendered, render, thumbnail};
+pub use render::{Header, MediaError, Rendered, probe, render, thumbnail};
 
 /// Handles `MediaUploaded`; every other event is acknowledged untouched.
 pub struct Processor {
@@ -67,7 +67,12 @@ impl Processor {
     }
 
     /// Runs the processor group until `stop` is cancelled.
+    ///
+    /// # Errors
+    /// When libvips cannot start ([`render::init`]), before any record is read; then as
+    /// [`consumer::run`].
     pub async fn run(self, settings: &Settings, stop: CancellationToken) -> anyhow::Result<()> {
+        render::init()?;
         let log = self.log.clone();
         consumer::run(log, Self::consumer_config(settings), Arc::new(self), stop).await
     }
@@ -116,20 +121,16 @@ impl Processor {
         if upload.bytes > self.limits.max_upload_bytes {
             return Ok(Err(MediaError::TooLarge(upload.bytes)));
         }
-        // Check the header against the limits from the first bytes only, so an oversized or
-        // bogus original is refused without being read into memory.
-        let head = match self.read_head(&upload.original_key).await? {
-            Some(head) => head,
-            None => return Ok(Err(MediaError::Missing)),
-        };
-        if let Err(e) = render::probe(&head, &self.limits) {
-            return Ok(Err(e));
-        }
+        // The whole original, at most `max_upload_bytes`: headers may sit behind megabytes of
+        // metadata (phones' depth maps in extended XMP), and libvips reads from memory.
         let original = match self.objects.get_bytes(&upload.original_key).await {
             Ok(bytes) => bytes,
             Err(ObjectError::NotFound) => return Ok(Err(MediaError::Missing)),
             Err(e) => return Err(e).by_kind("failed to read the original"),
         };
+        if original.len() as u64 > self.limits.max_upload_bytes {
+            return Ok(Err(MediaError::TooLarge(original.len() as u64)));
+        }
         let permit = self
             .cpu
             .clone()
@@ -137,6 +138,8 @@ impl Processor {
             .await
             .expect("semaphore is never closed");
         let limits = self.limits.clone();
+        // The header checks run here too, off the async threads: a PNG's chunks or a GIF's
+        // frames are walked before anything is decoded, and that is CPU work.
         let rendered = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             render(&original, &limits)
@@ -149,7 +152,8 @@ impl Processor {
         };
         let rendered = match rendered {
             Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
+            Err(e) if e.is_permanent() => return Ok(Err(e)),
+            Err(e) => return Err(e).retry("the image engine failed"),
         };
         let mut variants = Vec::with_capacity(rendered.variants.len());
         for v in &rendered.variants {
@@ -178,30 +182,6 @@ impl Processor {
             });
         }
         Ok(Ok((rendered, variants)))
-    }
-}
-
-/// Bytes read to check an original's header before reading all of it. Every accepted format
-/// puts its dimensions well inside this (JPEG after its metadata segments, which are at most
-/// a few hundred KiB in practice).
-const PROBE_BYTES: u64 = 1 << 20;
-
-impl Processor {
-    async fn read_head(&self, key: &str) -> Result<Option<Bytes>, HandleError> {
-        use futures::TryStreamExt;
-        let object = match self.objects.get(key, Some(0..PROBE_BYTES)).await {
-            Ok(o) => o,
-            Err(ObjectError::NotFound) => return Ok(None),
-            // An empty object has no satisfiable range; its header check fails below.
-            Err(ObjectError::RangeNotSatisfiable { .. }) => return Ok(Some(Bytes::new())),
-            Err(e) => return Err(e).by_kind("failed to read the original's header"),
-        };
-        let chunks: Vec<Bytes> = object
-            .body
-            .try_collect()
-            .await
-            .retry("failed to read the original's header")?;
-        Ok(Some(Bytes::from(chunks.concat())))
     }
 }
 

@@ -1,29 +1,45 @@
-//! The image pipeline, as pure functions: bytes in, encoded variants out.
+//! The image pipeline on libvips, as pure functions: bytes in, encoded variants out.
 //!
-//! - Limits first: the header's dimensions are checked against the pixel and side limits
-//!   before any pixel is decoded, so decompression bombs cost nothing.
-//! - JPEGs decode at reduced size (DCT scaling, like libvips' shrink-on-load): only as many
-//!   pixels as the largest variant needs are ever produced.
-//! - Variants are resized in a cascade (large, then small from large, then thumb from small)
-//!   with a Lanczos filter, never upscaled, then rotated by the EXIF orientation.
+//! - **Only the accepted formats load.** The format is sniffed ([`MediaType::sniff`]) and its
+//!   own libvips loader is called by name (`jpegload_buffer`, `pngload_buffer`, …). libvips'
+//!   loader search never runs, so none of its other loaders (ImageMagick, PDF, SVG, FITS,
+//!   MATLAB, …) ever sees an upload: an allow-list, stricter than `vips_block_untrusted_set`.
+//! - **Limits before pixels.** [`probe`] reads the header (libvips loads lazily) and walks the
+//!   container where libvips would not stop a bomb: a JPEG's scans, a GIF's frames. Sides,
+//!   pixels, frames and scans are checked before any pixel is decoded.
+//! - **Shrink on load.** JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when the largest
+//!   variant still fits; everything streams (`access=sequential`), so memory follows the
+//!   output, not the original.
+//! - **Colour.** Every variant is 8-bit sRGB, converted from the embedded ICC profile (CMYK
+//!   without one goes through libvips' built-in CMYK profile). The EXIF orientation is applied,
+//!   then all metadata is stripped.
+//! - **Time.** A watchdog kills the render after [`Limits::max_render_ms`].
+//!
+//! The engine is set up once per process by [`init`]: one libvips thread per render (the
+//! processor runs `processor.workers` renders at once) and no operation cache.
 
-use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use conveyor_platform::config::Limits;
+use conveyor_platform::media::{ACCEPTED, MediaType};
 use conveyor_schemas::ExifSummary;
-use fast_image_resize::images::Image;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::metadata::Orientation;
-use image::{DynamicImage, ImageFormat, ImageReader, RgbImage, RgbaImage};
+use rs_vips::voption::{Setter, VOption};
+use rs_vips::{Vips, VipsImage};
 
 /// The variants, largest first: name and longest side in pixels.
 pub const VARIANTS: [(&str, u32); 3] = [("large", 1600), ("small", 640), ("thumb", 256)];
 
+/// JPEG quality of the variants (libjpeg's scale, 1–100).
+const JPEG_QUALITY: i32 = 82;
+
 /// Why media could not be processed. Shown to clients as the failure reason.
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
-    #[error("not a supported image (jpeg, png, webp or gif)")]
+    #[error("not a supported image: the accepted formats are {ACCEPTED}")]
     UnsupportedFormat,
     #[error(
         "image is {width}x{height}, over the limit of {max_side} px per side or {max_pixels} pixels"
@@ -34,6 +50,14 @@ pub enum MediaError {
         max_side: u32,
         max_pixels: u64,
     },
+    #[error("image has {frames} frames, over the limit of {max}")]
+    TooManyFrames { frames: u64, max: u32 },
+    #[error(
+        "progressive JPEG has {scans} scans, over the limit of {max} (encoders write about 10)"
+    )]
+    TooManyScans { scans: u64, max: u32 },
+    #[error("image is malformed: {0}")]
+    Malformed(String),
     #[error("file of {0} bytes is over the upload limit")]
     TooLarge(u64),
     #[error("the original is missing from the object store")]
@@ -42,6 +66,19 @@ pub enum MediaError {
     Decode(String),
     #[error("image could not be encoded: {0}")]
     Encode(String),
+    #[error("rendering took longer than the limit of {limit_ms} ms")]
+    TimedOut { limit_ms: u64 },
+    /// libvips could not start. Not the media's fault: the processor retries, and fails at
+    /// start-up before it ever gets here.
+    #[error("the image engine (libvips) could not start: {0}")]
+    Engine(String),
+}
+
+impl MediaError {
+    /// Whether the media itself is at fault, so that trying again cannot help.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, MediaError::Engine(_))
+    }
 }
 
 /// One encoded variant.
@@ -66,66 +103,404 @@ pub struct Rendered {
     pub exif: ExifSummary,
 }
 
-struct Exif {
-    orientation: Orientation,
-    summary: ExifSummary,
+/// What [`probe`] learns from the header, before any pixel is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub format: MediaType,
+    /// Stored dimensions of the first frame, before the EXIF orientation.
+    pub width: u32,
+    pub height: u32,
+    /// Frames (pages) in the file: 1 for a still image.
+    pub frames: u64,
+    /// EXIF orientation, 1–8 (1 when absent); 5–8 swap the axes.
+    pub orientation: u8,
 }
 
-fn read_exif(bytes: &[u8]) -> Exif {
-    let mut exif = Exif {
-        orientation: Orientation::NoTransforms,
-        summary: ExifSummary::default(),
-    };
-    let Ok(parsed) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
-        return exif;
-    };
-    let text = |tag| {
-        parsed
-            .get_field(tag, exif::In::PRIMARY)
-            .map(|f| match &f.value {
-                exif::Value::Ascii(v) => v
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s).trim().to_owned())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                _ => f.display_value().to_string(),
-            })
-    };
-    exif.summary.camera_make = text(exif::Tag::Make).filter(|s| !s.is_empty());
-    exif.summary.camera_model = text(exif::Tag::Model).filter(|s| !s.is_empty());
-    exif.summary.taken_at = text(exif::Tag::DateTimeOriginal).filter(|s| !s.is_empty());
-    if let Some(value) = parsed
-        .get_field(exif::Tag::Orientation, exif::In::PRIMARY)
-        .and_then(|f| f.value.get_uint(0))
-    {
-        exif.orientation = Orientation::from_exif(value as u8).unwrap_or(Orientation::NoTransforms);
+impl Header {
+    /// Width and height once the EXIF orientation is applied.
+    pub fn oriented(&self) -> (u32, u32) {
+        if self.orientation >= 5 {
+            (self.height, self.width)
+        } else {
+            (self.width, self.height)
+        }
     }
-    exif
 }
 
-fn swaps_axes(o: Orientation) -> bool {
-    matches!(
-        o,
-        Orientation::Rotate90
-            | Orientation::Rotate270
-            | Orientation::Rotate90FlipH
-            | Orientation::Rotate270FlipH
+/// Starts libvips once per process, for untrusted input: one worker thread per render (the
+/// processor bounds renders itself), and no operation cache, since no two uploads share an
+/// operation and the cache would keep decoded pixels alive. Later calls return the first
+/// call's outcome.
+///
+/// # Errors
+/// [`MediaError::Engine`] when `vips_init` fails (for example, libvips' modules are broken).
+pub fn init() -> Result<(), MediaError> {
+    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            Vips::init("conveyor").map_err(|e| e.to_string())?;
+            Vips::concurrency_set(1);
+            Vips::cache_set_max(0);
+            Vips::cache_set_max_mem(0);
+            Vips::cache_set_max_files(0);
+            Ok(())
+        })
+        .clone()
+        .map_err(MediaError::Engine)
+}
+
+/// Checks the header against the limits without decoding pixels.
+///
+/// # Errors
+/// [`MediaError::UnsupportedFormat`] for anything but the accepted formats;
+/// [`MediaError::TooManyPixels`], [`MediaError::TooManyFrames`] or [`MediaError::TooManyScans`]
+/// over a limit; [`MediaError::Malformed`] for a GIF frame outside its logical screen;
+/// [`MediaError::Decode`] when libvips cannot read the header.
+pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Header, MediaError> {
+    let format = MediaType::sniff(bytes).ok_or(MediaError::UnsupportedFormat)?;
+    init()?;
+    match format {
+        MediaType::Jpeg => {
+            let scans = jpeg_scans(bytes).scans;
+            if scans > limits.max_jpeg_scans as u64 {
+                return Err(MediaError::TooManyScans {
+                    scans,
+                    max: limits.max_jpeg_scans,
+                });
+            }
+        }
+        MediaType::Gif => check_gif(bytes, limits)?,
+        _ => {}
+    }
+    let image = load(&Source::new(bytes, format), 1)?;
+    let width = positive(image.get_width());
+    let height = positive(image.get_height());
+    check_pixels(width, height, limits)?;
+    let frames = image
+        .get_int("n-pages")
+        .map_or(1, |n| positive(n).max(1) as u64);
+    if frames > limits.max_frames as u64 {
+        return Err(MediaError::TooManyFrames {
+            frames,
+            max: limits.max_frames,
+        });
+    }
+    let orientation = image
+        .get_int("orientation")
+        .ok()
+        .and_then(|o| u8::try_from(o).ok())
+        .filter(|o| (1..=8).contains(o))
+        .unwrap_or(1);
+    Ok(Header {
+        format,
+        width,
+        height,
+        frames,
+        orientation,
+    })
+}
+
+/// Runs the whole pipeline on one original: [`probe`], the three [`VARIANTS`], the blurhash
+/// of the thumbnail, and the EXIF summary.
+///
+/// # Errors
+/// Every [`MediaError`] but `TooLarge` and `Missing`, which are the processor's.
+pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
+    let header = probe(bytes, limits)?;
+    let source = Source::new(bytes, header.format);
+    let watchdog = Watchdog::start(limits.max_render_ms);
+    let (_, largest) = VARIANTS[0];
+    let mut variants = Vec::with_capacity(VARIANTS.len());
+    // Each variant is made from the one before, which is already small, oriented and sRGB.
+    let mut previous: Option<VipsImage> = None;
+    let mut blurhash = String::new();
+    for (name, long) in VARIANTS {
+        let (width, height) = fit(header.oriented(), long);
+        let image = match &previous {
+            None => {
+                let loaded = load(&source, jpeg_shrink(&header, largest))?;
+                first_variant(&loaded, width, height)?
+            }
+            Some(bigger) => resize(bigger, width, height)?,
+        };
+        let image = watchdog.evaluate(image)?;
+        variants.push(encode(name, &image)?);
+        if name == "thumb" {
+            blurhash = blurhash_of(&image)?;
+        }
+        previous = Some(image);
+    }
+    let (width, height) = header.oriented();
+    Ok(Rendered {
+        width,
+        height,
+        blurhash,
+        variants,
+        exif: read_exif(bytes),
+    })
+}
+
+/// Just a thumbnail with `long` pixels on its longest side, oriented and sRGB: the benchmarked
+/// path (`conveyor loadtest thumbnail`), comparable to `vipsthumbnail -s long`.
+///
+/// # Errors
+/// As [`render`].
+pub fn thumbnail(bytes: &[u8], limits: &Limits, long: u32) -> Result<Variant, MediaError> {
+    let header = probe(bytes, limits)?;
+    let watchdog = Watchdog::start(limits.max_render_ms);
+    let loaded = load(&Source::new(bytes, header.format), jpeg_shrink(&header, long))?;
+    let (width, height) = fit(header.oriented(), long);
+    let image = watchdog.evaluate(first_variant(&loaded, width, height)?)?;
+    encode("thumb", &image)
+}
+
+/// An original as libvips should read it: the bytes, repaired if need be, and how strictly.
+struct Source<'a> {
+    bytes: std::borrow::Cow<'a, [u8]>,
+    format: MediaType,
+    fail_on: &'static str,
+}
+
+impl<'a> Source<'a> {
+    /// libvips' `fail_on` decides when damage is an error. `truncated` matches what browsers,
+    /// Pillow and ImageMagick show: warnings (stray bytes, bad restart markers) are tolerated,
+    /// missing image data is not. One repair goes first: a JPEG that lacks only its 2-byte end
+    /// marker (some phones' panoramas) gets it back, and is then read at `warning`, so that a
+    /// file cut short mid-scan (which libjpeg reports as a warning once the marker is there)
+    /// is still refused.
+    fn new(bytes: &'a [u8], format: MediaType) -> Self {
+        if format == MediaType::Jpeg && !jpeg_scans(bytes).ended {
+            let mut repaired = Vec::with_capacity(bytes.len() + 2);
+            repaired.extend_from_slice(bytes);
+            repaired.extend_from_slice(&[0xff, 0xd9]);
+            return Source {
+                bytes: repaired.into(),
+                format,
+                fail_on: "warning",
+            };
+        }
+        Source {
+            bytes: bytes.into(),
+            format,
+            fail_on: "truncated",
+        }
+    }
+}
+
+/// Opens `source` with its own format's loader, lazily: only the header is read until pixels
+/// are asked for. `shrink` (1, 2, 4 or 8) is JPEG's decode-time downscale; other formats
+/// ignore it. Animated formats load their first frame.
+fn load(source: &Source<'_>, shrink: i32) -> Result<VipsImage, MediaError> {
+    let bytes: &[u8] = &source.bytes;
+    let options = VOption::new()
+        .set("access", "sequential")
+        .set("fail_on", source.fail_on);
+    let loaded = match source.format {
+        MediaType::Jpeg => VipsImage::jpegload_buffer_with_opts(bytes, options.set("shrink", shrink)),
+        MediaType::Png => VipsImage::pngload_buffer_with_opts(bytes, options),
+        MediaType::WebP => VipsImage::webpload_buffer_with_opts(bytes, options),
+        MediaType::Gif => VipsImage::gifload_buffer_with_opts(bytes, options),
+        MediaType::Heic | MediaType::Avif => VipsImage::heifload_buffer_with_opts(bytes, options),
+    };
+    loaded.map_err(|e| MediaError::Decode(vips_reason(&e)))
+}
+
+/// The largest JPEG shrink-on-load factor that still leaves `long` pixels on the longest side
+/// and at least one on the shortest. libvips 8.14 rounds the shrunk sides down and aborts the
+/// process (a failed assertion, not an error) when one reaches 0, as a 10000×3 panorama at
+/// 1/4 would.
+fn jpeg_shrink(header: &Header, long: u32) -> i32 {
+    if header.format != MediaType::Jpeg {
+        return 1;
+    }
+    let (stored_long, stored_short) = (
+        header.width.max(header.height),
+        header.width.min(header.height),
+    );
+    [8, 4, 2]
+        .into_iter()
+        .find(|&s| stored_long / s >= long && stored_short / s >= 1)
+        .map_or(1, |s| s as i32)
+}
+
+/// Fits `(width, height)` inside a `long`-pixel box, never upscaling and never below 1 pixel
+/// a side (a 10000×3 panorama's large variant is 1600×1).
+fn fit((width, height): (u32, u32), long: u32) -> (u32, u32) {
+    let current = width.max(height);
+    if current <= long {
+        return (width, height);
+    }
+    let scale = long as f64 / current as f64;
+    (
+        ((width as f64 * scale).round() as u32).max(1),
+        ((height as f64 * scale).round() as u32).max(1),
     )
 }
 
-/// Checks the header against the limits, without decoding pixels. Returns the format and the
-/// stored (pre-orientation) dimensions.
-pub fn probe(bytes: &[u8], limits: &Limits) -> Result<(ImageFormat, u32, u32), MediaError> {
-    let format = image::guess_format(bytes).map_err(|_| MediaError::UnsupportedFormat)?;
-    if !matches!(
-        format,
-        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif
-    ) {
-        return Err(MediaError::UnsupportedFormat);
+/// The first variant, from the loaded original: resized to exactly `width`×`height` (which
+/// [`fit`] computed from the original's proportions, so libvips never rounds a side to 0),
+/// turned upright by its EXIF orientation, and converted to 8-bit sRGB from its embedded
+/// profile.
+fn first_variant(loaded: &VipsImage, width: u32, height: u32) -> Result<VipsImage, MediaError> {
+    let mut options = VOption::new()
+        .set("height", height as i32)
+        .set("size", "force");
+    // Only a tagged image is converted through its profile: libvips 8.14 shifts untagged
+    // sRGB (an R of 10 comes out as 67) when asked to export it. CMYK without a profile goes
+    // through libvips' built-in CMYK profile either way.
+    if loaded.get_typeof("icc-profile-data").unwrap_or(0) != 0 {
+        // libvips 8.14's name; later versions keep it as an alias of `output-profile`.
+        options = options.set("export-profile", "srgb");
     }
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
-        .into_dimensions()
-        .map_err(|e| MediaError::Decode(e.to_string()))?;
+    let resized = loaded
+        .thumbnail_image_with_opts(width as i32, options)
+        .map_err(|e| MediaError::Decode(vips_reason(&e)))?;
+    // Grey, 16-bit and other untagged spaces come out of the thumbnail in their own space.
+    resized
+        .colourspace(rs_vips::enums::Interpretation::Srgb)
+        .map_err(|e| MediaError::Decode(vips_reason(&e)))
+}
+
+/// A later variant from the one before it, which is already upright and sRGB; never larger
+/// than its source.
+fn resize(bigger: &VipsImage, width: u32, height: u32) -> Result<VipsImage, MediaError> {
+    let width = width.min(positive(bigger.get_width())).max(1);
+    let height = height.min(positive(bigger.get_height())).max(1);
+    let options = VOption::new()
+        .set("height", height as i32)
+        .set("size", "force")
+        .set("no-rotate", true);
+    bigger
+        .thumbnail_image_with_opts(width as i32, options)
+        .map_err(|e| MediaError::Encode(vips_reason(&e)))
+}
+
+/// JPEG when opaque, PNG when the image has transparency; metadata stripped.
+fn encode(name: &'static str, image: &VipsImage) -> Result<Variant, MediaError> {
+    let (bytes, content_type, extension) = if image.hasalpha() {
+        let options = VOption::new().set("strip", true).set("compression", 6);
+        let bytes = image.pngsave_buffer_with_opts(options);
+        (bytes, "image/png", "png")
+    } else {
+        let options = VOption::new()
+            .set("Q", JPEG_QUALITY)
+            .set("strip", true)
+            .set("optimize-coding", true);
+        let bytes = image.jpegsave_buffer_with_opts(options);
+        (bytes, "image/jpeg", "jpg")
+    };
+    let bytes = bytes.map_err(|e| MediaError::Encode(vips_reason(&e)))?;
+    Ok(Variant {
+        name,
+        width: positive(image.get_width()),
+        height: positive(image.get_height()),
+        content_type,
+        extension,
+        bytes: Bytes::from(bytes),
+    })
+}
+
+fn blurhash_of(thumb: &VipsImage) -> Result<String, MediaError> {
+    // A 32-pixel rendition is plenty for a 4×3-component hash and keeps it under a millisecond.
+    let (width, height) = fit((positive(thumb.get_width()), positive(thumb.get_height())), 32);
+    let small = resize(thumb, width, height)?;
+    let (width, height) = (positive(small.get_width()), positive(small.get_height()));
+    let bands = small.get_bands().max(1) as usize;
+    let pixels = small.write_to_memory();
+    let rgba: Vec<u8> = pixels
+        .chunks_exact(bands)
+        .flat_map(|p| match p {
+            [r, g, b, a, ..] => [*r, *g, *b, *a],
+            [r, g, b] => [*r, *g, *b, 255],
+            [l, a] => [*l, *l, *l, *a],
+            [l] => [*l, *l, *l, 255],
+            [] => [0, 0, 0, 255],
+        })
+        .collect();
+    blurhash::encode(4, 3, width, height, &rgba)
+        .map_err(|e| MediaError::Encode(format!("blurhash: {e}")))
+}
+
+/// Stops renders that run past their time limit. libvips checks an image's kill flag between
+/// tiles, so a render stops within a tile's work of the deadline. (A decoder stuck before its
+/// first tile is bounded by the header checks instead: see [`Limits::max_jpeg_scans`].)
+struct Watchdog {
+    limit_ms: u64,
+    expired: Arc<AtomicBool>,
+    watch: mpsc::Sender<Arc<VipsImage>>,
+}
+
+impl Watchdog {
+    fn start(limit_ms: u64) -> Self {
+        let (watch, images) = mpsc::channel::<Arc<VipsImage>>();
+        let expired = Arc::new(AtomicBool::new(false));
+        let deadline = std::time::Instant::now() + Duration::from_millis(limit_ms);
+        let flag = expired.clone();
+        std::thread::spawn(move || {
+            let mut watched = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match images.recv_timeout(left) {
+                    Ok(image) => watched.push(image),
+                    // The render finished and dropped its end.
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+            }
+            flag.store(true, Ordering::SeqCst);
+            for image in &watched {
+                image.set_kill(true);
+            }
+            // Images registered after the deadline are killed as they arrive.
+            for image in images {
+                image.set_kill(true);
+            }
+        });
+        Watchdog {
+            limit_ms,
+            expired,
+            watch,
+        }
+    }
+
+    /// Computes `image` into memory, or fails with [`MediaError::TimedOut`] past the deadline.
+    fn evaluate(&self, image: VipsImage) -> Result<VipsImage, MediaError> {
+        let timed_out = || MediaError::TimedOut {
+            limit_ms: self.limit_ms,
+        };
+        if self.expired.load(Ordering::SeqCst) {
+            return Err(timed_out());
+        }
+        let image = Arc::new(image);
+        // The watchdog thread outlives its receiver only if it already gave up.
+        let _ = self.watch.send(image.clone());
+        let computed = image.copy_memory();
+        if self.expired.load(Ordering::SeqCst) {
+            return Err(timed_out());
+        }
+        computed.map_err(|e| MediaError::Decode(vips_reason(&e)))
+    }
+}
+
+/// libvips' own words for a failure, without the binding's prefix, on one line.
+fn vips_reason(error: &rs_vips::error::Error) -> String {
+    let text = match error {
+        rs_vips::error::Error::InitializationError(m)
+        | rs_vips::error::Error::IOError(m)
+        | rs_vips::error::Error::OperationError(m) => m,
+    };
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match text.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+fn positive(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+fn check_pixels(width: u32, height: u32, limits: &Limits) -> Result<(), MediaError> {
     if width == 0
         || height == 0
         || width > limits.max_side
@@ -139,317 +514,205 @@ pub fn probe(bytes: &[u8], limits: &Limits) -> Result<(ImageFormat, u32, u32), M
             max_pixels: limits.max_pixels,
         });
     }
-    Ok((format, width, height))
+    Ok(())
 }
 
-/// A decoded image: RGB, or RGBA when the source has transparency.
-enum Pixels {
-    Rgb(RgbImage),
-    Rgba(RgbaImage),
+/// What a walk over a JPEG's markers finds (ITU T.81 Annex B).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct JpegMarkers {
+    /// Start-of-scan segments: 1 for a baseline image, about 10 for a progressive one.
+    scans: u64,
+    /// Whether an end-of-image marker was reached.
+    ended: bool,
 }
 
-impl Pixels {
-    fn dimensions(&self) -> (u32, u32) {
-        match self {
-            Pixels::Rgb(i) => i.dimensions(),
-            Pixels::Rgba(i) => i.dimensions(),
+/// Walks a JPEG's marker segments and entropy-coded data without decoding anything: each
+/// scan costs a full pass over the coefficients in libjpeg, so a file of a few MB with
+/// thousands of scans costs minutes of CPU before its first row comes out. Stops at the end
+/// marker, or where the structure breaks (libvips then judges the rest).
+fn jpeg_scans(bytes: &[u8]) -> JpegMarkers {
+    let mut found = JpegMarkers::default();
+    let mut i = 2; // past SOI
+    while i + 1 < bytes.len() {
+        if bytes[i] != 0xff {
+            return found;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xff => i += 1, // fill byte
+            0xd9 => {
+                found.ended = true;
+                return found;
+            }
+            0x01 | 0xd0..=0xd7 => i += 2, // TEM, RSTn: no length
+            _ => {
+                let Some(len) = bytes.get(i + 2..i + 4) else {
+                    return found;
+                };
+                let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+                if len < 2 {
+                    return found;
+                }
+                i += 2 + len;
+                if marker == 0xda {
+                    found.scans += 1;
+                    i = skip_entropy_coded(bytes, i);
+                }
+            }
         }
     }
+    found
 }
 
-/// Decodes with at least `min_long` pixels on the longest side where the codec can shrink on
-/// load (JPEG), or at full size otherwise.
-fn decode(
-    bytes: &[u8],
-    format: ImageFormat,
-    limits: &Limits,
-    min_long: u32,
-) -> Result<Pixels, MediaError> {
-    if format == ImageFormat::Jpeg {
-        return decode_jpeg(bytes, min_long).map(Pixels::Rgb);
+/// The index of the marker that ends the entropy-coded data starting at `i`: the first `FF`
+/// followed by neither a stuffed `00` nor a restart marker `D0`–`D7`.
+fn skip_entropy_coded(bytes: &[u8], mut i: usize) -> usize {
+    while let Some(at) = bytes.get(i..).and_then(|rest| rest.iter().position(|&b| b == 0xff)) {
+        i += at;
+        match bytes.get(i + 1) {
+            Some(0x00 | 0xd0..=0xd7) => i += 2,
+            Some(0xff) => i += 1,
+            Some(_) => return i,
+            None => return bytes.len(),
+        }
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut image_limits = image::Limits::default();
-    image_limits.max_image_width = Some(limits.max_side);
-    image_limits.max_image_height = Some(limits.max_side);
-    image_limits.max_alloc = Some(limits.max_pixels * 4 + (64 << 20));
-    reader.limits(image_limits);
-    let image = reader
-        .decode()
-        .map_err(|e| MediaError::Decode(e.to_string()))?;
-    Ok(if image.color().has_alpha() {
-        Pixels::Rgba(image.into_rgba8())
+    bytes.len()
+}
+
+/// Checks every frame of a GIF against the limits and its logical screen, and counts them,
+/// without decompressing any (GIF89a §18–§23: a screen descriptor, then image descriptors
+/// and extensions, each followed by length-prefixed sub-blocks).
+fn check_gif(bytes: &[u8], limits: &Limits) -> Result<(), MediaError> {
+    let u16_at = |i: usize| {
+        bytes
+            .get(i..i + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+    };
+    let truncated = || MediaError::Decode("GIF ends inside its headers".into());
+    let (screen_w, screen_h) = (u16_at(6).ok_or_else(truncated)?, u16_at(8).ok_or_else(truncated)?);
+    let flags = *bytes.get(10).ok_or_else(truncated)?;
+    let mut i = 13 + color_table_len(flags);
+    let mut frames = 0u64;
+    let skip_sub_blocks = |mut i: usize| -> Option<usize> {
+        loop {
+            let len = *bytes.get(i)? as usize;
+            i += 1 + len;
+            if len == 0 {
+                return Some(i);
+            }
+        }
+    };
+    while let Some(&block) = bytes.get(i) {
+        match block {
+            0x2c => {
+                let (x, y) = (u16_at(i + 1).ok_or_else(truncated)?, u16_at(i + 3).ok_or_else(truncated)?);
+                let (w, h) = (u16_at(i + 5).ok_or_else(truncated)?, u16_at(i + 7).ok_or_else(truncated)?);
+                let flags = *bytes.get(i + 9).ok_or_else(truncated)?;
+                check_pixels(w, h, limits)?;
+                if x + w > screen_w || y + h > screen_h {
+                    return Err(MediaError::Malformed(format!(
+                        "GIF frame {} ({w}x{h} at {x},{y}) lies outside its {screen_w}x{screen_h} screen",
+                        frames + 1
+                    )));
+                }
+                frames += 1;
+                if frames > limits.max_frames as u64 {
+                    return Err(MediaError::TooManyFrames {
+                        frames,
+                        max: limits.max_frames,
+                    });
+                }
+                // Past the descriptor, the local colour table and the LZW code size.
+                let data = i + 10 + color_table_len(flags) + 1;
+                match skip_sub_blocks(data) {
+                    Some(next) => i = next,
+                    None => return Ok(()),
+                }
+            }
+            0x21 => match skip_sub_blocks(i + 2) {
+                Some(next) => i = next,
+                None => return Ok(()),
+            },
+            // The trailer, or bytes that are not GIF: libvips judges what came before.
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the colour table a GIF flags byte declares: 3 × 2^(n+1) when its top bit is set.
+fn color_table_len(flags: u8) -> usize {
+    if flags & 0x80 == 0 {
+        0
     } else {
-        Pixels::Rgb(image.into_rgb8())
-    })
+        3 << ((flags & 0x07) + 1)
+    }
 }
 
-fn decode_jpeg(bytes: &[u8], min_long: u32) -> Result<RgbImage, MediaError> {
-    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    decoder
-        .read_info()
-        .map_err(|e| MediaError::Decode(e.to_string()))?;
-    let info = decoder
-        .info()
-        .ok_or_else(|| MediaError::Decode("missing jpeg header".into()))?;
-    let (w, h) = (info.width as u32, info.height as u32);
-    let long = w.max(h);
-    if long > min_long {
-        // The smallest DCT scale (1/8 … 1) whose output still covers `min_long`.
-        let want_w = (w * min_long).div_ceil(long).max(1);
-        let want_h = (h * min_long).div_ceil(long).max(1);
-        decoder
-            .scale(
-                want_w.min(u16::MAX as u32) as u16,
-                want_h.min(u16::MAX as u32) as u16,
-            )
-            .map_err(|e| MediaError::Decode(e.to_string()))?;
-    }
-    let pixels = decoder
-        .decode()
-        .map_err(|e| MediaError::Decode(e.to_string()))?;
-    let info = decoder
-        .info()
-        .ok_or_else(|| MediaError::Decode("missing jpeg header".into()))?;
-    let (w, h) = (info.width as u32, info.height as u32);
-    let rgb = match info.pixel_format {
-        jpeg_decoder::PixelFormat::RGB24 => pixels,
-        jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&l| [l, l, l]).collect(),
-        jpeg_decoder::PixelFormat::CMYK32 => pixels
-            .chunks_exact(4)
-            .flat_map(|p| {
-                let k = p[3] as u16;
-                [
-                    (p[0] as u16 * k / 255) as u8,
-                    (p[1] as u16 * k / 255) as u8,
-                    (p[2] as u16 * k / 255) as u8,
-                ]
+/// The EXIF summary, read tolerantly: a broken entry or IFD costs that entry, not the rest.
+/// (The orientation is libvips' own reading, applied in [`fit`].)
+fn read_exif(bytes: &[u8]) -> ExifSummary {
+    let mut reader = exif::Reader::new();
+    reader.continue_on_error(true);
+    let parsed = reader
+        .read_from_container(&mut std::io::Cursor::new(bytes))
+        .or_else(|e| {
+            e.distill_partial_result(|errors| {
+                tracing::debug!(?errors, "EXIF entries skipped");
             })
-            .collect(),
-        jpeg_decoder::PixelFormat::L16 => {
-            return Err(MediaError::Decode("16-bit jpeg is not supported".into()));
-        }
-    };
-    RgbImage::from_raw(w, h, rgb)
-        .ok_or_else(|| MediaError::Decode("jpeg pixel buffer has the wrong size".into()))
-}
-
-/// Fits `(w, h)` inside a `long`-pixel box, never upscaling.
-fn fit(w: u32, h: u32, long: u32) -> (u32, u32) {
-    let current = w.max(h);
-    if current <= long {
-        return (w, h);
-    }
-    let scale = long as f64 / current as f64;
-    (
-        ((w as f64 * scale).round() as u32).max(1),
-        ((h as f64 * scale).round() as u32).max(1),
-    )
-}
-
-fn resize(
-    src: &Pixels,
-    width: u32,
-    height: u32,
-    resizer: &mut Resizer,
-) -> Result<Pixels, MediaError> {
-    let (sw, sh) = src.dimensions();
-    if (sw, sh) == (width, height) {
-        return Ok(match src {
-            Pixels::Rgb(i) => Pixels::Rgb(i.clone()),
-            Pixels::Rgba(i) => Pixels::Rgba(i.clone()),
         });
+    let Ok(parsed) = parsed else {
+        return ExifSummary::default();
+    };
+    let text = |tag| {
+        parsed
+            .get_field(tag, exif::In::PRIMARY)
+            .map(|f| match &f.value {
+                exif::Value::Ascii(v) => v
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s).trim().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => f.display_value().to_string(),
+            })
+            .filter(|s| !s.is_empty())
+    };
+    ExifSummary {
+        camera_make: text(exif::Tag::Make),
+        camera_model: text(exif::Tag::Model),
+        taken_at: text(exif::Tag::DateTimeOriginal),
     }
-    let (buffer, pixel_type) = match src {
-        Pixels::Rgb(i) => (i.as_raw().as_slice(), PixelType::U8x3),
-        Pixels::Rgba(i) => (i.as_raw().as_slice(), PixelType::U8x4),
-    };
-    let source = fast_image_resize::images::ImageRef::new(sw, sh, buffer, pixel_type)
-        .map_err(|e| MediaError::Encode(e.to_string()))?;
-    let mut target = Image::new(width, height, pixel_type);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
-    resizer
-        .resize(&source, &mut target, &options)
-        .map_err(|e| MediaError::Encode(e.to_string()))?;
-    let raw = target.into_vec();
-    let bad = || MediaError::Encode("resized buffer has the wrong size".into());
-    Ok(match src {
-        Pixels::Rgb(_) => Pixels::Rgb(RgbImage::from_raw(width, height, raw).ok_or_else(bad)?),
-        Pixels::Rgba(_) => Pixels::Rgba(RgbaImage::from_raw(width, height, raw).ok_or_else(bad)?),
-    })
-}
-
-fn encode(
-    pixels: &Pixels,
-    orientation: Orientation,
-) -> Result<(DynamicImage, Bytes, &'static str, &'static str), MediaError> {
-    let mut image = match pixels {
-        Pixels::Rgb(i) => DynamicImage::ImageRgb8(i.clone()),
-        Pixels::Rgba(i) => DynamicImage::ImageRgba8(i.clone()),
-    };
-    image.apply_orientation(orientation);
-    let mut out = Vec::new();
-    let (content_type, extension) = match pixels {
-        Pixels::Rgb(_) => {
-            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 82);
-            image
-                .write_with_encoder(encoder)
-                .map_err(|e| MediaError::Encode(e.to_string()))?;
-            ("image/jpeg", "jpg")
-        }
-        Pixels::Rgba(_) => {
-            image
-                .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
-                .map_err(|e| MediaError::Encode(e.to_string()))?;
-            ("image/png", "png")
-        }
-    };
-    Ok((image, Bytes::from(out), content_type, extension))
-}
-
-/// Runs the whole pipeline on one original.
-pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
-    let (format, stored_w, stored_h) = probe(bytes, limits)?;
-    let exif = read_exif(bytes);
-    let largest = VARIANTS[0].1;
-    let decoded = decode(bytes, format, limits, largest)?;
-    let mut resizer = Resizer::new();
-    let mut variants = Vec::with_capacity(VARIANTS.len());
-    let mut source = decoded;
-    let mut thumb_for_hash = None;
-    for (name, long) in VARIANTS {
-        // Target size from the original's dimensions, so DCT scaling never changes the result.
-        let (w, h) = fit(stored_w, stored_h, long);
-        let (sw, sh) = source.dimensions();
-        let (w, h) = (w.min(sw), h.min(sh));
-        let resized = resize(&source, w, h, &mut resizer)?;
-        let (oriented, encoded, content_type, extension) = encode(&resized, exif.orientation)?;
-        variants.push(Variant {
-            name,
-            width: oriented.width(),
-            height: oriented.height(),
-            content_type,
-            extension,
-            bytes: encoded,
-        });
-        if name == "thumb" {
-            thumb_for_hash = Some(oriented);
-        }
-        source = resized;
-    }
-    let thumb = thumb_for_hash.expect("the thumb variant is always rendered");
-    let blurhash = blurhash_of(&thumb)?;
-    let (width, height) = if swaps_axes(exif.orientation) {
-        (stored_h, stored_w)
-    } else {
-        (stored_w, stored_h)
-    };
-    Ok(Rendered {
-        width,
-        height,
-        blurhash,
-        variants,
-        exif: exif.summary,
-    })
-}
-
-fn blurhash_of(image: &DynamicImage) -> Result<String, MediaError> {
-    // A 32-pixel rendition is plenty for a 4×3-component hash and keeps it under a millisecond.
-    let small = image.thumbnail(32, 32).into_rgba8();
-    blurhash::encode(4, 3, small.width(), small.height(), small.as_raw())
-        .map_err(|e| MediaError::Encode(format!("blurhash: {e}")))
-}
-
-/// Just a thumbnail with `long` pixels on its longest side, oriented: the benchmarked path
-/// (`conveyor loadtest thumbnail`), comparable to `vipsthumbnail -s long`.
-pub fn thumbnail(bytes: &[u8], limits: &Limits, long: u32) -> Result<Variant, MediaError> {
-    let (format, stored_w, stored_h) = probe(bytes, limits)?;
-    let exif = read_exif(bytes);
-    let decoded = decode(bytes, format, limits, long)?;
-    let (w, h) = fit(stored_w, stored_h, long);
-    let (sw, sh) = decoded.dimensions();
-    let resized = resize(&decoded, w.min(sw), h.min(sh), &mut Resizer::new())?;
-    let (oriented, bytes, content_type, extension) = encode(&resized, exif.orientation)?;
-    Ok(Variant {
-        name: "thumb",
-        width: oriented.width(),
-        height: oriented.height(),
-        content_type,
-        extension,
-        bytes,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn jpeg(width: u32, height: u32) -> Vec<u8> {
-        let image = RgbImage::from_fn(width, height, |x, y| {
-            image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
-        });
-        let mut out = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
-            .encode_image(&image)
-            .unwrap();
-        out
-    }
-
     #[test]
-    fn variants_fit_their_boxes_and_never_upscale() {
-        let rendered = render(&jpeg(3000, 2000), &Limits::default()).unwrap();
-        let sizes: Vec<(&str, u32, u32)> = rendered
-            .variants
-            .iter()
-            .map(|v| (v.name, v.width, v.height))
-            .collect();
+    fn the_scan_walk_counts_scans_and_sees_the_end() {
+        // SOI, a 4-byte APP0, SOS with 2 bytes of data (one stuffed FF, one RST), SOS, EOI.
+        let jpeg = [
+            0xff, 0xd8, 0xff, 0xe0, 0x00, 0x04, 0x00, 0x00, //
+            0xff, 0xda, 0x00, 0x02, 0x12, 0xff, 0x00, 0xff, 0xd3, 0x34, //
+            0xff, 0xda, 0x00, 0x02, 0x56, //
+            0xff, 0xd9,
+        ];
         assert_eq!(
-            sizes,
-            vec![
-                ("large", 1600, 1067),
-                ("small", 640, 427),
-                ("thumb", 256, 171)
-            ]
+            jpeg_scans(&jpeg),
+            JpegMarkers {
+                scans: 2,
+                ended: true
+            }
         );
-        assert_eq!((rendered.width, rendered.height), (3000, 2000));
-        assert!(!rendered.blurhash.is_empty());
-        let small = render(&jpeg(300, 200), &Limits::default()).unwrap();
-        let sizes: Vec<(u32, u32)> = small.variants.iter().map(|v| (v.width, v.height)).collect();
-        assert_eq!(sizes, vec![(300, 200), (300, 200), (256, 171)]);
-        for v in &small.variants {
-            let decoded = image::load_from_memory(&v.bytes).unwrap();
-            assert_eq!((decoded.width(), decoded.height()), (v.width, v.height));
-        }
-    }
-
-    #[test]
-    fn a_header_over_the_pixel_limit_is_refused_before_decoding() {
-        // A real 1×1 PNG whose header is rewritten to claim 100000×100000 (CRC fixed up).
-        let mut png = Vec::new();
-        RgbImage::new(1, 1)
-            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
-            .unwrap();
-        png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-        png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-        let crc = crc32fast::hash(&png[12..29]);
-        png[29..33].copy_from_slice(&crc.to_be_bytes());
-        let started = std::time::Instant::now();
-        let err = render(&png, &Limits::default()).unwrap_err();
-        assert!(
-            matches!(err, MediaError::TooManyPixels { width: 100_000, .. }),
-            "{err}"
+        assert_eq!(
+            jpeg_scans(&jpeg[..jpeg.len() - 2]),
+            JpegMarkers {
+                scans: 2,
+                ended: false
+            }
         );
-        assert!(started.elapsed() < std::time::Duration::from_secs(1));
-    }
-
-    #[test]
-    fn truncated_and_foreign_bytes_are_media_errors() {
-        let full = jpeg(800, 600);
-        let err = render(&full[..full.len() / 3], &Limits::default()).unwrap_err();
-        assert!(matches!(err, MediaError::Decode(_)), "{err}");
-        assert!(matches!(
-            render(b"%PDF-1.7 not an image", &Limits::default()),
-            Err(MediaError::UnsupportedFormat)
-        ));
+        // A segment length that runs off the end, or garbage where a marker should be.
+        assert_eq!(jpeg_scans(&[0xff, 0xd8, 0xff, 0xe1, 0x7f]).scans, 0);
+        assert_eq!(jpeg_scans(&[0xff, 0xd8, 0x00, 0x00]), JpegMarkers::default());
     }
 }

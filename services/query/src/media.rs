@@ -2,6 +2,7 @@
 //! content-addressed bytes: long-lived `Cache-Control`, a strong `ETag`, `304`, and single
 //! byte ranges (`206`/`416`).
 
+use conveyor_platform::media::{MediaType, SNIFF_BYTES};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -23,13 +24,8 @@ const PRIVATE: &str = "private, max-age=3600, immutable";
 const PRESIGN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn content_type_by_extension(key: &str) -> Option<&'static str> {
-    match key.rsplit_once('.')?.1 {
-        "jpg" | "jpeg" => Some("image/jpeg"),
-        "png" => Some("image/png"),
-        "webp" => Some("image/webp"),
-        "gif" => Some("image/gif"),
-        _ => None,
-    }
+    let (_, extension) = key.rsplit_once('.')?;
+    MediaType::from_extension(extension).map(MediaType::content_type)
 }
 
 async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, ApiError> {
@@ -40,7 +36,7 @@ async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, Api
     let head = state
         .backends
         .objects
-        .get(key, Some(0..16))
+        .get(key, Some(0..SNIFF_BYTES as u64))
         .await
         .map_err(object_error)?;
     let bytes: Vec<bytes::Bytes> = head
@@ -49,13 +45,7 @@ async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, Api
         .await
         .map_err(ApiError::unavailable)?;
     let head = bytes.concat();
-    Ok(match image::guess_format(&head) {
-        Ok(image::ImageFormat::Jpeg) => "image/jpeg",
-        Ok(image::ImageFormat::Png) => "image/png",
-        Ok(image::ImageFormat::WebP) => "image/webp",
-        Ok(image::ImageFormat::Gif) => "image/gif",
-        _ => "application/octet-stream",
-    })
+    Ok(MediaType::sniff(&head).map_or("application/octet-stream", MediaType::content_type))
 }
 
 fn object_error(e: ObjectError) -> ApiError {

@@ -17,8 +17,11 @@ use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream as S3Body;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
+
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+
+use crate::media::MediaType;
 
 use super::{
     ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, resolve_range, validate_key,
@@ -292,35 +295,13 @@ fn object_headers(key: &str, head: &[u8]) -> (Option<&'static str>, Option<&'sta
     } else {
         Some("public, max-age=31536000, immutable")
     };
-    let by_extension = match key.rsplit_once('.').map(|(_, ext)| ext) {
-        Some("jpg" | "jpeg") => Some("image/jpeg"),
-        Some("png") => Some("image/png"),
-        Some("webp") => Some("image/webp"),
-        Some("gif") => Some("image/gif"),
-        _ => None,
-    };
-    let sniffed = match head {
-        [0xff, 0xd8, 0xff, ..] => Some("image/jpeg"),
-        [0x89, b'P', b'N', b'G', ..] => Some("image/png"),
-        [b'G', b'I', b'F', b'8', ..] => Some("image/gif"),
-        [
-            b'R',
-            b'I',
-            b'F',
-            b'F',
-            _,
-            _,
-            _,
-            _,
-            b'W',
-            b'E',
-            b'B',
-            b'P',
-            ..,
-        ] => Some("image/webp"),
-        _ => None,
-    };
-    (cache, by_extension.or(sniffed))
+    let by_extension = key
+        .rsplit_once('.')
+        .and_then(|(_, ext)| MediaType::from_extension(ext));
+    let content_type = by_extension
+        .or_else(|| MediaType::sniff(head))
+        .map(MediaType::content_type);
+    (cache, content_type)
 }
 
 /// Reads up to `size` bytes from the body; `None` once it is exhausted.

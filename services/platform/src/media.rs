@@ -1,0 +1,196 @@
+//! The accepted media formats, and the one place that tells them apart by their leading bytes.
+//!
+//! Every path that names a type (the streamed upload, the direct upload's completion, the media
+//! route and the S3 store's `Content-Type`) sniffs with [`MediaType::sniff`], so the formats
+//! the edge accepts are exactly the ones the processor decodes.
+
+use std::fmt;
+
+/// An accepted image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MediaType {
+    Jpeg,
+    Png,
+    WebP,
+    Gif,
+    /// HEIF with HEVC-coded images: what iPhones store photos as by default.
+    Heic,
+    /// HEIF with AV1-coded images.
+    Avif,
+}
+
+/// The accepted formats, as a client reads them in an error message.
+pub const ACCEPTED: &str = "JPEG, PNG, WebP, GIF, HEIC or AVIF";
+
+/// Leading bytes [`MediaType::sniff`] needs to see every format's signature: an ISO-BMFF
+/// `ftyp` box lists its compatible brands after its 16-byte head, and encoders write up to a
+/// dozen of them.
+pub const SNIFF_BYTES: usize = 64;
+
+impl MediaType {
+    /// Every accepted format.
+    pub const ALL: [MediaType; 6] = [
+        MediaType::Jpeg,
+        MediaType::Png,
+        MediaType::WebP,
+        MediaType::Gif,
+        MediaType::Heic,
+        MediaType::Avif,
+    ];
+
+    /// The format whose signature `head` starts with, or `None` for anything else (SVG, TIFF,
+    /// PDF, video, text). `head` should hold the first [`SNIFF_BYTES`] bytes, or the whole file
+    /// when it is shorter.
+    ///
+    /// Signatures: JPEG `FF D8 FF` (ITU T.81 SOI plus the next marker's prefix), PNG's 8-byte
+    /// signature (RFC 2083 §3.1), `GIF87a`/`GIF89a`, RIFF `WEBP`, and for HEIF an ISO-BMFF `ftyp`
+    /// box (ISO/IEC 14496-12 §4.3) whose major or compatible brands name HEVC (`heic`, `heix`,
+    /// `heim`, `heis`, `hevc`, `hevx`) or AV1 (`avif`, `avis`) images (ISO/IEC 23008-12 Annex B,
+    /// AV1 Image File Format §9). A bare `mif1` names neither codec and is refused.
+    pub fn sniff(head: &[u8]) -> Option<MediaType> {
+        match head {
+            [0xff, 0xd8, 0xff, ..] => Some(MediaType::Jpeg),
+            [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, ..] => Some(MediaType::Png),
+            [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some(MediaType::Gif),
+            [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => {
+                Some(MediaType::WebP)
+            }
+            [_, _, _, _, b'f', b't', b'y', b'p', ..] => heif_brand(head),
+            _ => None,
+        }
+    }
+
+    /// The MIME type (RFC 2046; `image/heic` and `image/avif` as IANA registers them).
+    pub fn content_type(self) -> &'static str {
+        match self {
+            MediaType::Jpeg => "image/jpeg",
+            MediaType::Png => "image/png",
+            MediaType::WebP => "image/webp",
+            MediaType::Gif => "image/gif",
+            MediaType::Heic => "image/heic",
+            MediaType::Avif => "image/avif",
+        }
+    }
+
+    /// The format a MIME type names, for the types [`MediaType::content_type`] gives.
+    pub fn from_content_type(content_type: &str) -> Option<MediaType> {
+        MediaType::ALL
+            .into_iter()
+            .find(|t| t.content_type() == content_type)
+    }
+
+    /// The usual file extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            MediaType::Jpeg => "jpg",
+            MediaType::Png => "png",
+            MediaType::WebP => "webp",
+            MediaType::Gif => "gif",
+            MediaType::Heic => "heic",
+            MediaType::Avif => "avif",
+        }
+    }
+
+    /// The format a file extension (without the dot, any case) names.
+    pub fn from_extension(extension: &str) -> Option<MediaType> {
+        let extension = extension.to_ascii_lowercase();
+        match extension.as_str() {
+            "jpeg" | "jpe" => Some(MediaType::Jpeg),
+            "heif" => Some(MediaType::Heic),
+            other => MediaType::ALL.into_iter().find(|t| t.extension() == other),
+        }
+    }
+}
+
+impl fmt::Display for MediaType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MediaType::Jpeg => "JPEG",
+            MediaType::Png => "PNG",
+            MediaType::WebP => "WebP",
+            MediaType::Gif => "GIF",
+            MediaType::Heic => "HEIC",
+            MediaType::Avif => "AVIF",
+        })
+    }
+}
+
+/// The HEIF flavour an `ftyp` box declares: its major brand, then its compatible brands, in
+/// the box and inside `head`.
+fn heif_brand(head: &[u8]) -> Option<MediaType> {
+    let size = u32::from_be_bytes(head[..4].try_into().ok()?) as usize;
+    let end = size.clamp(8, head.len());
+    // Major brand at 8..12, minor version at 12..16, compatible brands from 16.
+    let major = head.get(8..12).into_iter();
+    let compatible = head.get(16..end).unwrap_or_default().chunks_exact(4);
+    major.chain(compatible).find_map(|brand| match brand {
+        b"heic" | b"heix" | b"heim" | b"heis" | b"hevc" | b"hevx" => Some(MediaType::Heic),
+        b"avif" | b"avis" => Some(MediaType::Avif),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ftyp(major: &[u8; 4], compatible: &[&[u8; 4]]) -> Vec<u8> {
+        let size = 16 + 4 * compatible.len() as u32;
+        let mut b = size.to_be_bytes().to_vec();
+        b.extend_from_slice(b"ftyp");
+        b.extend_from_slice(major);
+        b.extend_from_slice(&[0, 0, 0, 0]);
+        for c in compatible {
+            b.extend_from_slice(*c);
+        }
+        b.extend_from_slice(b"\0\0\0\x08meta");
+        b
+    }
+
+    #[test]
+    fn heif_is_told_apart_by_its_brands() {
+        assert_eq!(
+            MediaType::sniff(&ftyp(b"heic", &[b"mif1", b"heic"])),
+            Some(MediaType::Heic)
+        );
+        assert_eq!(
+            MediaType::sniff(&ftyp(b"mif1", &[b"mif1", b"miaf", b"heic"])),
+            Some(MediaType::Heic)
+        );
+        assert_eq!(
+            MediaType::sniff(&ftyp(b"avif", &[b"mif1", b"miaf"])),
+            Some(MediaType::Avif)
+        );
+        // Video (mp4, QuickTime) and a HEIF that names no image codec are not images here.
+        assert_eq!(MediaType::sniff(&ftyp(b"isom", &[b"isom", b"mp41"])), None);
+        assert_eq!(MediaType::sniff(&ftyp(b"qt  ", &[b"qt  "])), None);
+        assert_eq!(MediaType::sniff(&ftyp(b"mif1", &[b"mif1"])), None);
+        // A brand past the box's own size belongs to the next box.
+        let mut lying = ftyp(b"mif1", &[]);
+        lying.extend_from_slice(b"heic");
+        assert_eq!(MediaType::sniff(&lying), None);
+    }
+
+    #[test]
+    fn other_formats_and_short_heads() {
+        assert_eq!(MediaType::sniff(b"\xff\xd8\xff\xe0"), Some(MediaType::Jpeg));
+        assert_eq!(MediaType::sniff(b"\x89PNG\r\n\x1a\n"), Some(MediaType::Png));
+        assert_eq!(MediaType::sniff(b"GIF89a"), Some(MediaType::Gif));
+        assert_eq!(MediaType::sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(MediaType::WebP));
+        for foreign in [
+            &b"<svg xmlns='http://www.w3.org/2000/svg'/>"[..],
+            b"II*\0",
+            b"MM\0*",
+            b"%PDF-1.7",
+            b"\x89PNG",
+            b"\0\0\0\x08ftyp",
+            b"",
+        ] {
+            assert_eq!(MediaType::sniff(foreign), None, "{foreign:?}");
+        }
+        for t in MediaType::ALL {
+            assert_eq!(MediaType::from_content_type(t.content_type()), Some(t));
+            assert_eq!(MediaType::from_extension(t.extension()), Some(t));
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! A PNG whose colour-profile chunk inflates to 1 GiB, six at once: the memory a render takes
+//! is bounded by the image, not by what its ancillary chunks claim. A test binary of its own,
+//! so the peak RSS it reads is this test's alone.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use conveyor_platform::config::Limits;
+use conveyor_processor::render;
+use flate2::Compression;
+use flate2::write::ZlibEncoder;
+
+fn chunk(png: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let start = png.len();
+    png.extend_from_slice(kind);
+    png.extend_from_slice(data);
+    let crc = crc32fast::hash(&png[start..]);
+    png.extend_from_slice(&crc.to_be_bytes());
+}
+
+/// A 64×64 grey-blue PNG with an `iCCP` chunk of `inflated` zero bytes, deflated.
+fn png_with_icc_bomb(inflated: usize) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&64u32.to_be_bytes());
+    ihdr.extend_from_slice(&64u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+    chunk(&mut png, b"IHDR", &ihdr);
+    let mut iccp = b"bomb\0\0".to_vec(); // profile name, compression method 0
+    let mut zlib = ZlibEncoder::new(Vec::new(), Compression::fast());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..inflated / zeros.len() {
+        zlib.write_all(&zeros).unwrap();
+    }
+    iccp.extend(zlib.finish().unwrap());
+    chunk(&mut png, b"iCCP", &iccp);
+    let mut rows = Vec::new();
+    for _ in 0..64 {
+        rows.push(0); // filter: none
+        for _ in 0..64 {
+            rows.extend_from_slice(&[60, 90, 140]);
+        }
+    }
+    let mut zlib = ZlibEncoder::new(Vec::new(), Compression::default());
+    zlib.write_all(&rows).unwrap();
+    chunk(&mut png, b"IDAT", &zlib.finish().unwrap());
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+/// A `/proc/self/status` field, in KiB.
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix(" kB")?.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+}
+
+#[test]
+fn six_icc_bombs_at_once_stay_within_a_bounded_rss() {
+    render::init().unwrap();
+    let bomb = png_with_icc_bomb(1 << 30);
+    assert!(bomb.len() < 8 << 20, "{} bytes", bomb.len());
+    // Writing 5 resets the peak RSS (VmHWM) to the current RSS (proc(5), clear_refs).
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let before = status_kib("VmRSS:");
+    let started = Instant::now();
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| render::render(&bomb, &Limits::default())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = started.elapsed();
+    let growth_mib = status_kib("VmHWM:").saturating_sub(before) / 1024;
+    for outcome in outcomes {
+        // The profile is dropped and the pixels shown, or the file refused with a reason.
+        match outcome {
+            Ok(r) => assert_eq!((r.width, r.height), (64, 64)),
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+    }
+    assert!(growth_mib < 96, "six renders grew the RSS by {growth_mib} MiB");
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+}
