@@ -216,6 +216,11 @@ def check_dockerfile():
             fail("Dockerfile: the HEALTHCHECK must run conveyor")
         else:
             check_command("Dockerfile HEALTHCHECK", args[1:2], {})
+    builder = text.split("AS runtime", 1)[0]
+    if not re.search(r"apt-get install[^\n]*libvips-dev", builder):
+        fail("Dockerfile: the build stages must install libvips-dev (the image engine)")
+    if not re.search(r"apt-get install[^\n]*libvips42", runtime):
+        fail("Dockerfile: the runtime stage must install libvips42 (the image engine)")
     if 'ENTRYPOINT ["conveyor"]' not in runtime:
         fail("Dockerfile: the entrypoint must be conveyor")
     ignored = (ROOT / ".dockerignore").read_text().split()

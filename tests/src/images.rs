@@ -77,3 +77,41 @@ pub fn dimensions(bytes: &[u8]) -> (u32, u32) {
     let image = image::load_from_memory(bytes).expect("decodes");
     (image.width(), image.height())
 }
+
+/// A `width`×`height` photo-like image (a gradient with noise) as HEIC (`"hevc"`) or AVIF
+/// (`"av1"`), encoded by libheif through libvips, as a phone saves it.
+pub fn heif(width: i32, height: i32, compression: &str) -> Vec<u8> {
+    use rs_vips::voption::{Setter, VOption};
+    rs_vips::Vips::init("conveyor-tests").expect("libvips starts");
+    let noise = rs_vips::VipsImage::gaussnoise_with_opts(
+        width,
+        height,
+        VOption::new().set("mean", 128.0).set("sigma", 30.0),
+    )
+    .expect("noise");
+    let rgb = rs_vips::VipsImage::bandjoin(&[
+        noise.linear(&[1.0], &[40.0]).expect("r"),
+        noise.linear(&[0.8], &[0.0]).expect("g"),
+        noise.linear(&[0.5], &[20.0]).expect("b"),
+    ])
+    .expect("bands")
+    .cast(rs_vips::enums::BandFormat::Uchar)
+    .expect("8-bit");
+    rgb.heifsave_buffer_with_opts(VOption::new().set("compression", compression).set("Q", 80))
+        .expect("libheif encodes")
+}
+
+/// `jpeg` with `megabytes` of extended XMP (APP1 segments of 64 KB) before its frame header,
+/// as phones store a portrait photo's depth map.
+pub fn with_extended_xmp(jpeg: &[u8], megabytes: usize) -> Vec<u8> {
+    let mut payload = b"http://ns.adobe.com/xmp/extension/\0".to_vec();
+    payload.resize(65_000, b'x');
+    let mut out = jpeg[..2].to_vec();
+    for _ in 0..megabytes * 1_000_000 / payload.len() + 1 {
+        out.extend_from_slice(&[0xff, 0xe1]);
+        out.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&payload);
+    }
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}

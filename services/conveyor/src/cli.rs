@@ -267,9 +267,26 @@ pub enum LoadtestCommand {
         #[arg(long, default_value_t = 1)]
         runs: usize,
     },
+    /// Photos per second through the whole embedded pipeline (upload over HTTP, process,
+    /// project), against `vipsthumbnail` over the same files in one process.
+    Photos {
+        /// A folder of photos to upload (JPEG, PNG, WebP, GIF, HEIC, AVIF). Without it,
+        /// `--count` noise JPEGs of `--size` are made first.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Photos to make when no `--dir` is given.
+        #[arg(long, default_value_t = 40)]
+        count: usize,
+        /// Size of the photos made, `WIDTHxHEIGHT` (4000x3000 is 12 MP).
+        #[arg(long, default_value = "4000x3000")]
+        size: String,
+        /// Uploads in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Time thumbnails of one image against `vipsthumbnail` on the same file.
     Thumbnail {
-        /// A JPEG, PNG, WebP or GIF file.
+        /// A JPEG, PNG, WebP, GIF, HEIC or AVIF file.
         file: PathBuf,
         /// Longest side of the thumbnail.
         #[arg(long, default_value_t = 256)]

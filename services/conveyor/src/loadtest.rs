@@ -69,6 +69,12 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LoadtestCommand::Thumbnail { file, size, runs } => thumbnail(&file, size, runs),
+        LoadtestCommand::Photos {
+            dir,
+            count,
+            size,
+            concurrency,
+        } => photos(dir.as_deref(), count, &size, concurrency).await,
     }
 }
 
@@ -467,4 +473,190 @@ fn thumbnail(file: &Path, size: u32, runs: usize) -> anyhow::Result<()> {
         ours.as_secs_f64() / vips.as_secs_f64()
     );
     Ok(())
+}
+
+/// Photos through the whole embedded pipeline, against `vipsthumbnail` over the same files.
+async fn photos(
+    dir: Option<&Path>,
+    count: usize,
+    size: &str,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+
+    let scratch = tempfile::tempdir().context("failed to create a temp dir")?;
+    let files = match dir {
+        Some(dir) => photo_files(dir)?,
+        None => make_photos(&scratch.path().join("photos"), count, size)?,
+    };
+    anyhow::ensure!(!files.is_empty(), "no photos to upload");
+    let bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+
+    let mut settings = Settings {
+        data_dir: scratch.path().join("data"),
+        listen: "127.0.0.1:0".parse().expect("a valid address"),
+        ..Settings::default()
+    };
+    settings.auth.api_keys =
+        conveyor_platform::config::KeyList::parse("bench:bench-key").map_err(anyhow::Error::msg)?;
+    let app = crate::app::build(settings, crate::app::Role::Serve).await?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let stop = app.stop_token();
+    let serving = tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::new();
+
+    let progress = indicatif::ProgressBar::new(files.len() as u64 * 2).with_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {elapsed}")
+            .expect("a valid template"),
+    );
+    progress.set_message("uploaded");
+    let started = Instant::now();
+    let ids: Vec<String> = futures::stream::iter(files.iter().cloned())
+        .map(|file| {
+            let (client, base, progress) = (client.clone(), base.clone(), progress.clone());
+            async move {
+                let body = tokio::fs::read(&file).await?;
+                let form = reqwest::multipart::Form::new().part(
+                    "file",
+                    reqwest::multipart::Part::bytes(body).file_name("photo"),
+                );
+                let response = client
+                    .post(format!("{base}/v1/media"))
+                    .bearer_auth("bench-key")
+                    .multipart(form)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status() == reqwest::StatusCode::ACCEPTED,
+                    "{} was refused: {}",
+                    file.display(),
+                    response.text().await.unwrap_or_default()
+                );
+                let body: serde_json::Value = response.json().await?;
+                progress.inc(1);
+                Ok(body["id"].as_str().unwrap_or_default().to_owned())
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect::<Vec<anyhow::Result<String>>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    let uploaded = started.elapsed();
+    progress.set_message("processed");
+    let mut failed = 0;
+    for id in &ids {
+        loop {
+            let media: serde_json::Value = client
+                .get(format!("{base}/v1/media/{id}"))
+                .bearer_auth("bench-key")
+                .send()
+                .await?
+                .json()
+                .await
+                .unwrap_or_default();
+            match media["status"].as_str() {
+                Some("processed") => break,
+                Some("failed") => {
+                    failed += 1;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        progress.inc(1);
+    }
+    let elapsed = started.elapsed();
+    progress.finish_and_clear();
+    stop.cancel();
+    serving.await??;
+
+    let n = files.len();
+    println!(
+        "{n} photos ({:.1} MB) through upload, process (3 variants, blurhash, EXIF) and project:",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "  conveyor pipeline:            {:>8.2} photos/s  ({:.1} s; all uploaded after {:.1} s; {failed} failed)",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        uploaded.as_secs_f64()
+    );
+    let out = scratch.path().join("vipsthumbnail");
+    std::fs::create_dir_all(&out)?;
+    let started = Instant::now();
+    let status = std::process::Command::new("vipsthumbnail")
+        .args(["-s", "1600", "-o"])
+        .arg(out.join("%s.jpg"))
+        .args(&files)
+        .status();
+    match status {
+        Ok(s) if s.success() => {
+            let theirs = n as f64 / started.elapsed().as_secs_f64();
+            println!(
+                "  vipsthumbnail -s 1600, one process: {theirs:>8.2} photos/s (one variant, no store)"
+            );
+            println!(
+                "  ratio conveyor / vipsthumbnail:     {:>8.2}",
+                n as f64 / elapsed.as_secs_f64() / theirs
+            );
+        }
+        Ok(s) => anyhow::bail!("vipsthumbnail failed: {s}"),
+        Err(_) => println!("  vipsthumbnail: not installed (apt-get install libvips-tools)"),
+    }
+    Ok(())
+}
+
+/// The files directly inside `dir`, sorted.
+fn photo_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("failed to read {}", dir.display()))?
+    {
+        let path = entry?.path();
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// `count` distinct noise JPEGs of `size` (`WIDTHxHEIGHT`) in `dir`, made with libvips.
+fn make_photos(dir: &Path, count: usize, size: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use rs_vips::voption::{Setter, VOption};
+    let (width, height) = size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse::<i32>().ok()?, h.parse::<i32>().ok()?)))
+        .filter(|&(w, h)| w > 0 && h > 0)
+        .with_context(|| format!("--size takes WIDTHxHEIGHT, not {size:?}"))?;
+    conveyor_processor::render::init()?;
+    std::fs::create_dir_all(dir)?;
+    let progress = indicatif::ProgressBar::new(count as u64).with_message("making photos");
+    let mut files = Vec::with_capacity(count);
+    for i in 0..count {
+        let noise = rs_vips::VipsImage::gaussnoise_with_opts(
+            width,
+            height,
+            VOption::new().set("mean", 128.0).set("sigma", 40.0),
+        )?;
+        let photo = rs_vips::VipsImage::bandjoin(&[
+            noise.linear(&[1.0], &[-20.0])?,
+            noise.linear(&[0.8], &[10.0])?,
+            noise.linear(&[0.6], &[30.0])?,
+        ])?
+        .cast(rs_vips::enums::BandFormat::Uchar)?;
+        let path = dir.join(format!("photo-{i:04}.jpg"));
+        std::fs::write(
+            &path,
+            photo.jpegsave_buffer_with_opts(VOption::new().set("Q", 85))?,
+        )?;
+        files.push(path);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok(files)
 }

@@ -36,7 +36,6 @@ use uuid::Uuid;
 
 use crate::{IngestState, parse_id};
 
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewUpload {

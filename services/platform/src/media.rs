@@ -52,9 +52,21 @@ impl MediaType {
             [0xff, 0xd8, 0xff, ..] => Some(MediaType::Jpeg),
             [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, ..] => Some(MediaType::Png),
             [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some(MediaType::Gif),
-            [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => {
-                Some(MediaType::WebP)
-            }
+            [
+                b'R',
+                b'I',
+                b'F',
+                b'F',
+                _,
+                _,
+                _,
+                _,
+                b'W',
+                b'E',
+                b'B',
+                b'P',
+                ..,
+            ] => Some(MediaType::WebP),
             [_, _, _, _, b'f', b't', b'y', b'p', ..] => heif_brand(head),
             _ => None,
         }
@@ -176,7 +188,10 @@ mod tests {
         assert_eq!(MediaType::sniff(b"\xff\xd8\xff\xe0"), Some(MediaType::Jpeg));
         assert_eq!(MediaType::sniff(b"\x89PNG\r\n\x1a\n"), Some(MediaType::Png));
         assert_eq!(MediaType::sniff(b"GIF89a"), Some(MediaType::Gif));
-        assert_eq!(MediaType::sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(MediaType::WebP));
+        assert_eq!(
+            MediaType::sniff(b"RIFF\0\0\0\0WEBPVP8 "),
+            Some(MediaType::WebP)
+        );
         for foreign in [
             &b"<svg xmlns='http://www.w3.org/2000/svg'/>"[..],
             b"II*\0",

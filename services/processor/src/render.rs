@@ -248,7 +248,10 @@ pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
 pub fn thumbnail(bytes: &[u8], limits: &Limits, long: u32) -> Result<Variant, MediaError> {
     let header = probe(bytes, limits)?;
     let watchdog = Watchdog::start(limits.max_render_ms);
-    let loaded = load(&Source::new(bytes, header.format), jpeg_shrink(&header, long))?;
+    let loaded = load(
+        &Source::new(bytes, header.format),
+        jpeg_shrink(&header, long),
+    )?;
     let (width, height) = fit(header.oriented(), long);
     let image = watchdog.evaluate(first_variant(&loaded, width, height)?)?;
     encode("thumb", &image)
@@ -296,7 +299,9 @@ fn load(source: &Source<'_>, shrink: i32) -> Result<VipsImage, MediaError> {
         .set("access", "sequential")
         .set("fail_on", source.fail_on);
     let loaded = match source.format {
-        MediaType::Jpeg => VipsImage::jpegload_buffer_with_opts(bytes, options.set("shrink", shrink)),
+        MediaType::Jpeg => {
+            VipsImage::jpegload_buffer_with_opts(bytes, options.set("shrink", shrink))
+        }
         MediaType::Png => VipsImage::pngload_buffer_with_opts(bytes, options),
         MediaType::WebP => VipsImage::webpload_buffer_with_opts(bytes, options),
         MediaType::Gif => VipsImage::gifload_buffer_with_opts(bytes, options),
@@ -402,7 +407,10 @@ fn encode(name: &'static str, image: &VipsImage) -> Result<Variant, MediaError> 
 
 fn blurhash_of(thumb: &VipsImage) -> Result<String, MediaError> {
     // A 32-pixel rendition is plenty for a 4×3-component hash and keeps it under a millisecond.
-    let (width, height) = fit((positive(thumb.get_width()), positive(thumb.get_height())), 32);
+    let (width, height) = fit(
+        (positive(thumb.get_width()), positive(thumb.get_height())),
+        32,
+    );
     let small = resize(thumb, width, height)?;
     let (width, height) = (positive(small.get_width()), positive(small.get_height()));
     let bands = small.get_bands().max(1) as usize;
@@ -567,7 +575,10 @@ fn jpeg_scans(bytes: &[u8]) -> JpegMarkers {
 /// The index of the marker that ends the entropy-coded data starting at `i`: the first `FF`
 /// followed by neither a stuffed `00` nor a restart marker `D0`–`D7`.
 fn skip_entropy_coded(bytes: &[u8], mut i: usize) -> usize {
-    while let Some(at) = bytes.get(i..).and_then(|rest| rest.iter().position(|&b| b == 0xff)) {
+    while let Some(at) = bytes
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|&b| b == 0xff))
+    {
         i += at;
         match bytes.get(i + 1) {
             Some(0x00 | 0xd0..=0xd7) => i += 2,
@@ -589,7 +600,10 @@ fn check_gif(bytes: &[u8], limits: &Limits) -> Result<(), MediaError> {
             .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
     };
     let truncated = || MediaError::Decode("GIF ends inside its headers".into());
-    let (screen_w, screen_h) = (u16_at(6).ok_or_else(truncated)?, u16_at(8).ok_or_else(truncated)?);
+    let (screen_w, screen_h) = (
+        u16_at(6).ok_or_else(truncated)?,
+        u16_at(8).ok_or_else(truncated)?,
+    );
     let flags = *bytes.get(10).ok_or_else(truncated)?;
     let mut i = 13 + color_table_len(flags);
     let mut frames = 0u64;
@@ -605,8 +619,14 @@ fn check_gif(bytes: &[u8], limits: &Limits) -> Result<(), MediaError> {
     while let Some(&block) = bytes.get(i) {
         match block {
             0x2c => {
-                let (x, y) = (u16_at(i + 1).ok_or_else(truncated)?, u16_at(i + 3).ok_or_else(truncated)?);
-                let (w, h) = (u16_at(i + 5).ok_or_else(truncated)?, u16_at(i + 7).ok_or_else(truncated)?);
+                let (x, y) = (
+                    u16_at(i + 1).ok_or_else(truncated)?,
+                    u16_at(i + 3).ok_or_else(truncated)?,
+                );
+                let (w, h) = (
+                    u16_at(i + 5).ok_or_else(truncated)?,
+                    u16_at(i + 7).ok_or_else(truncated)?,
+                );
                 let flags = *bytes.get(i + 9).ok_or_else(truncated)?;
                 check_pixels(w, h, limits)?;
                 if x + w > screen_w || y + h > screen_h {
@@ -713,6 +733,9 @@ mod tests {
         );
         // A segment length that runs off the end, or garbage where a marker should be.
         assert_eq!(jpeg_scans(&[0xff, 0xd8, 0xff, 0xe1, 0x7f]).scans, 0);
-        assert_eq!(jpeg_scans(&[0xff, 0xd8, 0x00, 0x00]), JpegMarkers::default());
+        assert_eq!(
+            jpeg_scans(&[0xff, 0xd8, 0x00, 0x00]),
+            JpegMarkers::default()
+        );
     }
 }

@@ -54,7 +54,13 @@ fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix(" kB")?.parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
 }
 
@@ -82,6 +88,9 @@ fn six_icc_bombs_at_once_stay_within_a_bounded_rss() {
             Err(e) => assert!(!e.to_string().is_empty()),
         }
     }
-    assert!(growth_mib < 96, "six renders grew the RSS by {growth_mib} MiB");
+    assert!(
+        growth_mib < 96,
+        "six renders grew the RSS by {growth_mib} MiB"
+    );
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
 }

@@ -140,7 +140,10 @@ fn scan_bomb(progressive: &[u8], scans: usize) -> Vec<u8> {
         .expect("a scan");
     let eoi = progressive.len() - 2;
     let scan = &progressive[last_sos..eoi];
-    let existing = progressive.windows(2).filter(|w| *w == [0xff, 0xda]).count();
+    let existing = progressive
+        .windows(2)
+        .filter(|w| *w == [0xff, 0xda])
+        .count();
     let mut out = progressive[..eoi].to_vec();
     for _ in existing..scans {
         out.extend_from_slice(scan);
@@ -205,10 +208,18 @@ fn assert_close(got: &[f64], want: [f64; 3], tolerance: f64, what: &str) {
 #[test]
 fn variants_fit_their_boxes_and_never_upscale() {
     let r = rendered(&jpeg(&noise(3000, 2000)));
-    let sizes: Vec<_> = r.variants.iter().map(|v| (v.name, v.width, v.height)).collect();
+    let sizes: Vec<_> = r
+        .variants
+        .iter()
+        .map(|v| (v.name, v.width, v.height))
+        .collect();
     assert_eq!(
         sizes,
-        vec![("large", 1600, 1067), ("small", 640, 427), ("thumb", 256, 171)]
+        vec![
+            ("large", 1600, 1067),
+            ("small", 640, 427),
+            ("thumb", 256, 171)
+        ]
     );
     assert_eq!((r.width, r.height), (3000, 2000));
     assert!(!r.blurhash.is_empty());
@@ -235,11 +246,19 @@ fn cmyk_jpegs_keep_their_colours_with_and_without_a_profile() {
     let without = cmyk
         .jpegsave_buffer_with_opts(VOption::new().set("Q", 90).set("strip", true))
         .unwrap();
-    assert!(without.len() + 1000 < with_profile.len(), "the profile was stripped");
+    assert!(
+        without.len() + 1000 < with_profile.len(),
+        "the profile was stripped"
+    );
     for (what, file) in [("embedded profile", with_profile), ("no profile", without)] {
         let r = rendered(&file);
         assert_close(&pixel(&variant(&r, "thumb").bytes, 0, 0), brick, 12.0, what);
-        assert_close(&pixel(&variant(&r, "large").bytes, 63, 47), brick, 12.0, what);
+        assert_close(
+            &pixel(&variant(&r, "large").bytes, 63, 47),
+            brick,
+            12.0,
+            what,
+        );
     }
 }
 
@@ -267,16 +286,29 @@ fn wide_gamut_and_grey_photos_come_out_srgb() {
             .zip(green)
             .map(|(s, g)| (s - g).abs())
             .fold(0.0, f64::max);
-        assert!(shift > 15.0, "{what}: the stored numbers differ visibly ({stored:?})");
+        assert!(
+            shift > 15.0,
+            "{what}: the stored numbers differ visibly ({stored:?})"
+        );
         let r = rendered(&jpeg(&wide));
-        assert_close(&pixel(&variant(&r, "thumb").bytes, 10, 10), green, 6.0, what);
+        assert_close(
+            &pixel(&variant(&r, "thumb").bytes, 10, 10),
+            green,
+            6.0,
+            what,
+        );
     }
     let grey = solid(64, 64, [120.0; 3])
         .colourspace(rs_vips::enums::Interpretation::BW)
         .unwrap();
     assert_eq!(grey.get_bands(), 1);
     let r = rendered(&jpeg(&grey));
-    assert_close(&pixel(&variant(&r, "thumb").bytes, 5, 5), [120.0; 3], 4.0, "grey");
+    assert_close(
+        &pixel(&variant(&r, "thumb").bytes, 5, 5),
+        [120.0; 3],
+        4.0,
+        "grey",
+    );
 }
 
 #[test]
@@ -285,13 +317,29 @@ fn a_broken_exif_entry_costs_that_entry_only() {
     for bad_gps_link in [true, false] {
         let file = with_segments(&landscape, &[(0xe1, broken_exif(bad_gps_link))]);
         let r = rendered(&file);
-        let case = if bad_gps_link { "GPS next-IFD 0xFFFFFFFF" } else { "offset past the end" };
-        assert_eq!((r.width, r.height), (300, 400), "{case}: rotated to portrait");
+        let case = if bad_gps_link {
+            "GPS next-IFD 0xFFFFFFFF"
+        } else {
+            "offset past the end"
+        };
+        assert_eq!(
+            (r.width, r.height),
+            (300, 400),
+            "{case}: rotated to portrait"
+        );
         let thumb = variant(&r, "thumb");
         assert_eq!((thumb.width, thumb.height), (192, 256), "{case}");
         assert_eq!(r.exif.camera_make.as_deref(), Some("Phonemaker"), "{case}");
-        assert_eq!(r.exif.camera_model.as_deref(), Some("Phone 12 Pro"), "{case}");
-        assert_eq!(r.exif.taken_at.as_deref(), Some("2024:05:17 10:11:12"), "{case}");
+        assert_eq!(
+            r.exif.camera_model.as_deref(),
+            Some("Phone 12 Pro"),
+            "{case}"
+        );
+        assert_eq!(
+            r.exif.taken_at.as_deref(),
+            Some("2024:05:17 10:11:12"),
+            "{case}"
+        );
     }
 }
 
@@ -308,7 +356,12 @@ fn megabytes_of_metadata_before_the_frame_header_are_read_through() {
     assert!(file.len() > 3_000_000);
     let r = rendered(&file);
     assert_eq!((r.width, r.height), (320, 200));
-    assert_close(&pixel(&variant(&r, "thumb").bytes, 3, 3), [10.0, 20.0, 200.0], 8.0, "xmp");
+    assert_close(
+        &pixel(&variant(&r, "thumb").bytes, 3, 3),
+        [10.0, 20.0, 200.0],
+        8.0,
+        "xmp",
+    );
 }
 
 #[test]
@@ -319,9 +372,17 @@ fn a_jpeg_missing_only_its_end_marker_is_shown_and_a_cut_one_is_not() {
     let no_end = full[..full.len() - 2].to_vec();
     let mut with_trailer = no_end.clone();
     with_trailer.extend(b"VENDOR-PANORAMA-TRAILER".repeat(64));
-    for (what, file) in [("no end marker", no_end), ("no end marker, trailer", with_trailer)] {
+    for (what, file) in [
+        ("no end marker", no_end),
+        ("no end marker, trailer", with_trailer),
+    ] {
         let r = rendered(&file);
-        assert_close(&pixel(&variant(&r, "large").bytes, 700, 500), blue, 6.0, what);
+        assert_close(
+            &pixel(&variant(&r, "large").bytes, 700, 500),
+            blue,
+            6.0,
+            what,
+        );
     }
     let photo = jpeg(&noise(800, 600));
     let cut = &photo[..photo.len() / 2];
@@ -332,16 +393,29 @@ fn a_jpeg_missing_only_its_end_marker_is_shown_and_a_cut_one_is_not() {
 #[test]
 fn a_progressive_jpeg_with_thousands_of_scans_fails_fast() {
     let progressive = progressive_jpeg(&noise(1200, 900));
-    assert!(rendered(&progressive).variants.len() == VARIANTS.len(), "an honest one renders");
+    assert!(
+        rendered(&progressive).variants.len() == VARIANTS.len(),
+        "an honest one renders"
+    );
     let bomb = scan_bomb(&progressive, 5_000);
     let started = Instant::now();
     let err = render::render(&bomb, &Limits::default()).unwrap_err();
     assert!(
-        matches!(err, MediaError::TooManyScans { scans: 5_000, max: 100 }),
+        matches!(
+            err,
+            MediaError::TooManyScans {
+                scans: 5_000,
+                max: 100
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("5000 scans"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -361,7 +435,10 @@ fn a_36_megapixel_16_bit_rgba_png_is_rendered() {
     let r = rendered(&png);
     assert_eq!((r.width, r.height), (7200, 5000));
     let thumb = variant(&r, "thumb");
-    assert_eq!((thumb.content_type, thumb.width, thumb.height), ("image/png", 256, 178));
+    assert_eq!(
+        (thumb.content_type, thumb.width, thumb.height),
+        ("image/png", 256, 178)
+    );
     let decoded = VipsImage::new_from_buffer(&thumb.bytes, "").unwrap();
     assert_eq!(decoded.get_bands(), 4, "alpha kept");
     // 16-bit 20000/40000/60000 of 65535 is 8-bit 78/156/233.
@@ -381,7 +458,11 @@ fn a_render_past_its_time_limit_stops_with_a_reason() {
     let started = Instant::now();
     let err = render::render(&png, &limits).unwrap_err();
     assert!(matches!(err, MediaError::TimedOut { limit_ms: 1 }), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -403,7 +484,10 @@ fn gif_frames_are_checked_from_their_headers() {
         ..Limits::default()
     };
     let err = render::render(&many, &limits).unwrap_err();
-    assert!(matches!(err, MediaError::TooManyFrames { max: 10, .. }), "{err}");
+    assert!(
+        matches!(err, MediaError::TooManyFrames { max: 10, .. }),
+        "{err}"
+    );
     // Within the limits, an animation renders its first frame.
     let anim = gif((4, 4), &[(0, 0, 4, 4); 3]);
     let r = rendered(&anim);
@@ -431,11 +515,7 @@ fn heic_and_avif_from_phones_are_rendered() {
     let orange = [230.0, 140.0, 30.0];
     for compression in ["hevc", "av1"] {
         let file = solid(640, 480, orange)
-            .heifsave_buffer_with_opts(
-                VOption::new()
-                    .set("compression", compression)
-                    .set("Q", 90),
-            )
+            .heifsave_buffer_with_opts(VOption::new().set("compression", compression).set("Q", 90))
             .unwrap();
         let r = rendered(&file);
         assert_eq!((r.width, r.height), (640, 480), "{compression}");
@@ -458,7 +538,10 @@ fn headers_over_the_limits_and_foreign_formats_are_refused_before_decoding() {
     };
     let started = Instant::now();
     let err = render::render(&bomb, &Limits::default()).unwrap_err();
-    assert!(matches!(err, MediaError::TooManyPixels { width: 100_000, .. }), "{err}");
+    assert!(
+        matches!(err, MediaError::TooManyPixels { width: 100_000, .. }),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(1));
 
     let tiff = solid(16, 16, [1.0; 3]).tiffsave_buffer().unwrap();
@@ -469,6 +552,9 @@ fn headers_over_the_limits_and_foreign_formats_are_refused_before_decoding() {
     ] {
         let err = render::render(&foreign, &Limits::default()).unwrap_err();
         assert!(matches!(err, MediaError::UnsupportedFormat), "{err}");
-        assert!(err.to_string().contains("HEIC"), "names the accepted formats: {err}");
+        assert!(
+            err.to_string().contains("HEIC"),
+            "names the accepted formats: {err}"
+        );
     }
 }

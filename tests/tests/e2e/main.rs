@@ -7,6 +7,7 @@ mod dead_letters;
 mod delivery;
 mod direct_uploads;
 mod outages;
+mod photos;
 mod pipeline;
 mod private_media;
 mod replay;
