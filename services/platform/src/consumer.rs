@@ -101,8 +101,12 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     /// Most records fetched but not yet finished, across partitions.
     pub max_buffered: usize,
-    /// First retry delay; doubles up to 30 s.
+    /// First retry delay; doubles up to `max_backoff`.
     pub backoff: Duration,
+    /// Longest retry delay. Once an outage ends, a partition waits at most this long for its
+    /// next try, so catching up costs at most this much on top of the outage; while the
+    /// outage lasts, each stalled partition tries once per this interval.
+    pub max_backoff: Duration,
     /// Finished work is committed at most this often (and always on shutdown), so a busy
     /// group makes one commit round trip per interval rather than one per batch.
     pub commit_interval: Duration,
@@ -119,6 +123,7 @@ impl ConsumerConfig {
             max_attempts: 5,
             max_buffered: 4096,
             backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
             commit_interval: Duration::from_millis(50),
         }
     }
@@ -371,7 +376,7 @@ async fn attempt(
             _ = stop.cancelled() => return Outcome::Stopped,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
+        delay = (delay * 2).min(config.max_backoff);
     }
 }
 
@@ -409,7 +414,7 @@ async fn dead_letter(
             _ = stop.cancelled() => return false,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
+        delay = (delay * 2).min(config.max_backoff);
     }
 }
 
