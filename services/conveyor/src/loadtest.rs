@@ -580,7 +580,7 @@ async fn photos(
         bytes as f64 / 1e6
     );
     println!(
-        "  conveyor pipeline:            {:>8.2} photos/s  ({:.1} s; all uploaded after {:.1} s; {failed} failed)",
+        "  conveyor pipeline:                  {:>8.2} photos/s  ({:.1} s; all uploaded after {:.1} s; {failed} failed)",
         n as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64(),
         uploaded.as_secs_f64()
