@@ -19,8 +19,6 @@ use conveyor_platform::http::ApiError;
 
 /// Longest accepted title, in characters.
 const MAX_TITLE: usize = 500;
-/// Bytes needed to recognise every accepted format.
-
 pub(crate) async fn upload(
     State(state): State<Arc<IngestState>>,
     headers: HeaderMap,

@@ -44,13 +44,9 @@ fn png_with_icc_bomb(inflated: usize) -> Vec<u8> {
     }
     iccp.extend(zlib.finish().unwrap());
     chunk(&mut png, b"iCCP", &iccp);
-    let mut rows = Vec::new();
-    for _ in 0..64 {
-        rows.push(0); // filter: none
-        for _ in 0..64 {
-            rows.extend_from_slice(&[60, 90, 140]);
-        }
-    }
+    // 64 rows, each a filter byte (0: none) and 64 RGB pixels.
+    let row: Vec<u8> = std::iter::once(0).chain([60, 90, 140].repeat(64)).collect();
+    let rows = row.repeat(64);
     let mut zlib = ZlibEncoder::new(Vec::new(), Compression::default());
     zlib.write_all(&rows).unwrap();
     chunk(&mut png, b"IDAT", &zlib.finish().unwrap());
