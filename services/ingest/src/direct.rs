@@ -15,7 +15,6 @@
 //! Uploads never completed expire: `conveyor ops sweep-uploads` removes them (ids are UUIDv7,
 //! so their age is in their name).
 
-use conveyor_platform::media::{MediaType, SNIFF_BYTES};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use conveyor_platform::clock::now_micros;
 use conveyor_platform::http::{ApiError, parse_json, require_json};
+use conveyor_platform::media::{MediaType, SNIFF_BYTES};
 use conveyor_platform::objects::ObjectError;
 use conveyor_platform::signing;
 use conveyor_schemas::Visibility;

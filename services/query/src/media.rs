@@ -2,16 +2,15 @@
 //! content-addressed bytes: long-lived `Cache-Control`, a strong `ETag`, `304`, and single
 //! byte ranges (`206`/`416`).
 
-use conveyor_platform::media::{MediaType, SNIFF_BYTES};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use std::collections::HashMap;
-
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use conveyor_platform::http::{ApiError, etag_of, not_modified};
+use conveyor_platform::media::{MediaType, SNIFF_BYTES};
 use conveyor_platform::objects::{ObjectError, validate_key};
 use futures::TryStreamExt;
 
