@@ -220,13 +220,18 @@ impl TestApp {
         upload_to(&self.client, &self.address, key, file, title).await
     }
 
+    /// GETs `path` without a key, as anyone on the internet would.
     pub async fn get_json(&self, path: &str) -> (reqwest::StatusCode, Value) {
-        let response = self
-            .client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request");
+        self.get_json_as(None, path).await
+    }
+
+    /// GETs `path` with the client key `key`, if any.
+    pub async fn get_json_as(&self, key: Option<&str>, path: &str) -> (reqwest::StatusCode, Value) {
+        let mut request = self.client.get(self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request");
         let status = response.status();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -235,10 +240,16 @@ impl TestApp {
         self.get_json(&format!("/v1/media/{id}")).await
     }
 
-    /// Waits until the media's status is not `pending`, and returns its body.
+    /// Waits until public media's status is not `pending`, and returns its body.
     pub async fn wait_processed(&self, id: &str) -> Value {
+        self.wait_processed_as(None, id).await
+    }
+
+    /// Waits until media `key` may see is not `pending` (private media: the owner's key).
+    pub async fn wait_processed_as(&self, key: Option<&str>, id: &str) -> Value {
+        let path = format!("/v1/media/{id}");
         wait_until(Duration::from_secs(30), || async {
-            let (status, body) = self.media(id).await;
+            let (status, body) = self.get_json_as(key, &path).await;
             (status == 200 && body["status"] != "pending").then_some(body)
         })
         .await

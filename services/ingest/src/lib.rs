@@ -183,6 +183,10 @@ async fn delete_media(
         .await
         .map_err(ApiError::backend)?;
     let media = media.ok_or_else(|| ApiError::not_found("no such media"))?;
+    if media.owner != owner && media.private {
+        // Someone else's private media does not exist for this caller (the read routes agree).
+        return Err(ApiError::not_found("no such media"));
+    }
     if media.owner != owner {
         return Err(ApiError::forbidden("only the owner may delete this media"));
     }

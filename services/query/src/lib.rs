@@ -18,17 +18,21 @@ use axum::routing::get;
 use bytes::Bytes;
 use conveyor_platform::changes::Changes;
 use conveyor_platform::config::Settings;
+use conveyor_platform::http::ApiError;
 use conveyor_platform::log::StartFrom;
 use conveyor_platform::{Backends, EventLog};
 use moka::future::Cache;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// A rendered read-model response, ready to send.
+/// A rendered read-model response, ready to send, with who may see it.
 #[derive(Debug)]
 pub struct Cached {
     pub body: Bytes,
     pub etag: String,
+    pub owner: String,
+    /// Private media is shown to its owner only; anyone else gets the 404 of absent media.
+    pub private: bool,
 }
 
 pub struct QueryState {
@@ -40,6 +44,8 @@ pub struct QueryState {
     pub signing_keys: conveyor_platform::config::KeyList,
     /// Lifetime of a signed URL, in seconds.
     pub signed_ttl: u64,
+    /// Client keys: a request that presents one reads as its owner, and sees its private media.
+    pub api_keys: conveyor_platform::config::KeyList,
 }
 
 impl QueryState {
@@ -54,7 +60,24 @@ impl QueryState {
             cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned(),
             signing_keys: settings.cdn.signing_keys.clone(),
             signed_ttl: settings.cdn.signed_url_ttl_secs.max(60),
+            api_keys: settings.auth.api_keys.clone(),
         })
+    }
+
+    /// Who is reading: the owner a presented client key belongs to, or `None` for a request
+    /// without `Authorization`. Reads of public media need no key.
+    ///
+    /// # Errors
+    /// 401 when a key is presented but is not a valid client key: a typo must not read as
+    /// anonymous and quietly hide the caller's private media.
+    pub fn viewer(&self, headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+        if !headers.contains_key(axum::http::header::AUTHORIZATION) {
+            return Ok(None);
+        }
+        conveyor_platform::http::bearer(headers)
+            .and_then(|key| self.api_keys.lookup(key))
+            .map(|owner| Some(owner.to_owned()))
+            .ok_or_else(ApiError::unauthorized)
     }
 
     /// The URL of a stored object. Private objects (under `private/`) get an HMAC signature

@@ -151,6 +151,7 @@ pub(crate) async fn get_media(
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a media id")))?;
+    let viewer = state.viewer(&headers)?;
     let loader = {
         let state = state.clone();
         async move {
@@ -163,7 +164,12 @@ pub(crate) async fn get_media(
             let row = row.ok_or_else(|| ApiError::not_found("no such media"))?;
             let body = json_bytes(&view(&state, &row))?;
             let etag = etag_of(&body);
-            Ok::<_, ApiError>(Arc::new(Cached { body, etag }))
+            Ok::<_, ApiError>(Arc::new(Cached {
+                body,
+                etag,
+                owner: row.owner,
+                private: row.private,
+            }))
         }
     };
     let cached = state
@@ -177,7 +183,20 @@ pub(crate) async fn get_media(
                 Err(shared) => ApiError::new(shared.status, shared.code, shared.message.clone()),
             }
         })?;
+    if !visible_to(viewer.as_deref(), &cached.owner, cached.private) {
+        return Err(no_such_media());
+    }
     Ok(respond(&headers, cached.body.clone(), &cached.etag))
+}
+
+fn no_such_media() -> ApiError {
+    ApiError::not_found("no such media")
+}
+
+/// Whether `viewer` may see an item of `owner`'s: public items are anyone's to read, private
+/// ones their owner's only. Everyone else is answered exactly as if the item did not exist.
+fn visible_to(viewer: Option<&str>, owner: &str, private: bool) -> bool {
+    !private || viewer == Some(owner)
 }
 
 #[derive(Deserialize)]
@@ -207,6 +226,7 @@ pub(crate) async fn owner_timeline(
 ) -> Result<Response, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let viewer = state.viewer(&headers)?;
     let limit = match params.limit.as_deref() {
         None => 20,
         Some(text) => text
@@ -232,7 +252,14 @@ pub(crate) async fn owner_timeline(
         .owner_timeline(&owner, after, limit)
         .await
         .map_err(ApiError::backend)?;
-    let items: Vec<MediaView<'_>> = page.items.iter().map(|row| view(&state, row)).collect();
+    // Others' pages leave private items out, so a page may hold fewer than `limit` items
+    // while `next_cursor` still leads on.
+    let items: Vec<MediaView<'_>> = page
+        .items
+        .iter()
+        .filter(|row| visible_to(viewer.as_deref(), &row.owner, row.private))
+        .map(|row| view(&state, row))
+        .collect();
     let body = json_bytes(&serde_json::json!({
         "items": items,
         "next_cursor": page.next.map(encode_cursor),
@@ -246,6 +273,13 @@ pub(crate) async fn owner_stats(
     Path(owner): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // The counts include private media, so they are the owner's alone; anyone else gets the
+    // 404 of an owner without media, whatever the owner has.
+    if state.viewer(&headers)?.as_deref() != Some(owner.as_str()) {
+        return Err(ApiError::not_found(
+            "no stats for this owner (stats are shown to their owner, with the owner's key)",
+        ));
+    }
     let stats = state
         .backends
         .views

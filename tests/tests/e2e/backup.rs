@@ -113,7 +113,9 @@ async fn a_backup_during_uploads_restores_everything_processed_before_it() {
     // The restored projector re-applies what the read-model snapshot may lack, and the restored
     // models then agree with the restored log: stats count exactly the timeline's items.
     restored.wait_caught_up().await;
-    let (_, stats) = restored.get_json("/v1/owners/alice/stats").await;
+    let (_, stats) = restored
+        .get_json_as(Some(ALICE), "/v1/owners/alice/stats")
+        .await;
     let mut items = 0;
     let mut cursor: Option<String> = None;
     loop {

@@ -120,6 +120,7 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     let counted = wait_until(Duration::from_secs(60), || async {
         let stats: Value = client
             .get(&stats_url)
+            .bearer_auth(ALICE)
             .send()
             .await
             .ok()?

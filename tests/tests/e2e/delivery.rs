@@ -29,7 +29,10 @@ async fn events_of(app: &TestApp, id: &str) -> Vec<conveyor_platform::log::Deliv
 async fn snapshot(app: &TestApp, id: &str) -> (Value, Value, Value) {
     let media = app.media(id).await.1;
     let timeline = app.get_json("/v1/owners/alice/media").await.1;
-    let stats = app.get_json("/v1/owners/alice/stats").await.1;
+    let stats = app
+        .get_json_as(Some(ALICE), "/v1/owners/alice/stats")
+        .await
+        .1;
     (media, timeline, stats)
 }
 
@@ -122,7 +125,7 @@ async fn an_older_event_after_a_delete_cannot_bring_the_media_back(app: TestApp)
     app.wait_caught_up().await;
 
     assert_eq!(app.media(&id).await.0, 404);
-    let (_, stats) = app.get_json("/v1/owners/alice/stats").await;
+    let (_, stats) = app.get_json_as(Some(ALICE), "/v1/owners/alice/stats").await;
     assert_eq!(stats["media_count"], 0);
     let (_, timeline) = app.get_json("/v1/owners/alice/media").await;
     assert_eq!(timeline["items"].as_array().unwrap().len(), 0);

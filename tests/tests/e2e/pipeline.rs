@@ -119,7 +119,7 @@ async fn an_upload_with_exif_orientation_ends_processed_with_rotated_variants(ap
         .await;
     assert_eq!(page2["items"][0]["id"], id);
     assert!(page2["next_cursor"].is_null());
-    let (_, stats) = app.get_json("/v1/owners/alice/stats").await;
+    let (_, stats) = app.get_json_as(Some(ALICE), "/v1/owners/alice/stats").await;
     assert_eq!(stats["media_count"], 2);
 
     // Read-model responses revalidate with their ETag.
@@ -196,7 +196,7 @@ async fn owners_delete_their_media_and_it_disappears_everywhere(app: TestApp) {
     })
     .await;
     assert!(gone.is_some(), "deleted media answers 404");
-    let (_, stats) = app.get_json("/v1/owners/alice/stats").await;
+    let (_, stats) = app.get_json_as(Some(ALICE), "/v1/owners/alice/stats").await;
     assert_eq!(stats["media_count"], 0);
     let (_, timeline) = app.get_json("/v1/owners/alice/media").await;
     assert_eq!(timeline["items"], json!([]));

@@ -1,8 +1,8 @@
 //! Private media: stored under `private/`, served only through HMAC-signed URLs that expire,
-//! with key ids so signing keys rotate.
+//! with key ids so signing keys rotate, and shown to its owner only.
 
 use conveyor_platform::config::KeyList;
-use conveyor_tests::helpers::{ALICE, spawn_app};
+use conveyor_tests::helpers::{ALICE, BOB, spawn_app};
 use conveyor_tests::images;
 use serde_json::Value;
 
@@ -28,7 +28,7 @@ async fn private_media_is_served_only_through_valid_signed_urls() {
         .as_str()
         .unwrap()
         .to_owned();
-    let media = app.wait_processed(&id).await;
+    let media = app.wait_processed_as(Some(ALICE), &id).await;
     assert_eq!(media["status"], "processed", "{media}");
 
     let url = media["variants"]["thumb"]["url"]
@@ -133,7 +133,9 @@ async fn private_media_is_served_only_through_valid_signed_urls() {
             .contains('?')
     );
     assert_eq!(
-        app.get_json("/v1/owners/alice/stats").await.1["media_count"],
+        app.get_json_as(Some(ALICE), "/v1/owners/alice/stats")
+            .await
+            .1["media_count"],
         2
     );
 
@@ -154,4 +156,117 @@ async fn private_media_is_served_only_through_valid_signed_urls() {
         .unwrap();
     assert_eq!(response.status(), 400);
     assert!(response.text().await.unwrap().contains("visibility"));
+}
+
+/// Reported: with no key at all, `GET /v1/media/{id}` and the owner's timeline returned
+/// private items with freshly signed URLs, and those URLs served the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_media_is_absent_for_everyone_but_its_owner() {
+    let app = spawn_app().await;
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(images::jpeg(300, 200, 44)).file_name("p.jpg"),
+        )
+        .text("visibility", "private");
+    let response = app
+        .client
+        .post(app.url("/v1/media"))
+        .bearer_auth(ALICE)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let public = app.upload(ALICE, images::jpeg(120, 90, 45), None).await;
+    let public_id = public.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let own = app.wait_processed_as(Some(ALICE), &id).await;
+    assert_eq!(own["status"], "processed", "{own}");
+    app.wait_processed(&public_id).await;
+
+    // Item: anyone else gets exactly what an id that never existed gets.
+    let absent = app
+        .get_json(&format!("/v1/media/{}", uuid::Uuid::now_v7()))
+        .await;
+    assert_eq!(absent.0, 404);
+    for key in [None, Some(BOB)] {
+        let seen = app.get_json_as(key, &format!("/v1/media/{id}")).await;
+        assert_eq!(seen, absent, "as {key:?}");
+    }
+    let bobs_delete = app
+        .client
+        .delete(app.url(&format!("/v1/media/{id}")))
+        .bearer_auth(BOB)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        bobs_delete.status(),
+        404,
+        "not 403: that would say it exists"
+    );
+    // A key that is not a key is refused, not read as anonymous.
+    let (status, body) = app
+        .get_json_as(Some("not-a-key"), &format!("/v1/media/{id}"))
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+
+    // Timeline: others see the public item only; the owner sees both.
+    let ids_in = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for key in [None, Some(BOB)] {
+        let (status, page) = app.get_json_as(key, "/v1/owners/alice/media").await;
+        assert_eq!(status, 200);
+        assert_eq!(ids_in(&page), vec![public_id.clone()], "as {key:?}");
+        assert!(!page.to_string().contains("/media/private/"), "as {key:?}");
+    }
+    let (_, page) = app.get_json_as(Some(ALICE), "/v1/owners/alice/media").await;
+    assert_eq!(ids_in(&page), vec![public_id.clone(), id.clone()]);
+
+    // Stats count private items, so they are the owner's alone.
+    for key in [None, Some(BOB)] {
+        let (status, body) = app.get_json_as(key, "/v1/owners/alice/stats").await;
+        assert_eq!(
+            (status.as_u16(), body["error"]["code"].as_str()),
+            (404, Some("not_found"))
+        );
+    }
+    let (status, stats) = app.get_json_as(Some(ALICE), "/v1/owners/alice/stats").await;
+    assert_eq!(
+        (status.as_u16(), stats["media_count"].as_u64()),
+        (200, Some(2))
+    );
+
+    // The bytes: the unsigned private path is refused, and so is the public path of the
+    // same bytes.
+    let thumb = own["variants"]["thumb"]["url"].as_str().unwrap();
+    let (path, _) = thumb.split_once('?').unwrap();
+    for bare in [
+        path.to_owned(),
+        path.replacen("/media/private/", "/media/", 1),
+    ] {
+        let status = app
+            .client
+            .get(app.url(&bare))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status == 403 || status == 404, "{bare}: {status}");
+    }
 }
