@@ -70,6 +70,28 @@ pub fn incoming_key(id: Uuid) -> String {
     format!("incoming/{id}")
 }
 
+/// The completion's claim on an upload: created exclusively ([`ObjectStore::put_if_absent`]),
+/// so one completion runs at a time on every replica, and PUTs are refused while it stands.
+///
+/// [`ObjectStore::put_if_absent`]: conveyor_platform::ObjectStore::put_if_absent
+pub fn claim_key(id: Uuid) -> String {
+    format!("uploads/{id}.claim")
+}
+
+/// The bytes a completion works on: moved out of `incoming/{id}` once claimed, where no PUT
+/// writes, so the bytes hashed are exactly the bytes promoted.
+pub fn claimed_key(id: Uuid) -> String {
+    format!("incoming/{id}.claimed")
+}
+
+fn completing() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "upload_completing",
+        "this upload is being completed; its bytes can no longer change (read the media once the completion answers)",
+    )
+}
+
 fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
 }
@@ -270,6 +292,9 @@ pub(crate) async fn put_data(
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut data, cap, e).await),
     };
+    if is_claimed(&state, id).await? {
+        return Err(refuse(&mut data, cap, completing()).await);
+    }
     let declared_too_small = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -291,6 +316,9 @@ pub(crate) async fn put_data(
         })
         .boxed();
     match state.backends.objects.put(&incoming_key(id), stream).await {
+        // A completion claimed the upload while these bytes arrived: they may or may not be
+        // the ones it took, so the client is not told they were.
+        Ok(_) if is_claimed(&state, id).await? => Err(completing()),
         Ok(meta) => Ok((
             StatusCode::OK,
             axum::Json(serde_json::json!({ "bytes": meta.size })),
@@ -305,6 +333,11 @@ pub(crate) async fn put_data(
         Err(ObjectError::Body(e)) => Err(ApiError::bad_request("body", e.to_string())),
         Err(e) => Err(ApiError::backend(e)),
     }
+}
+
+async fn is_claimed(state: &IngestState, id: Uuid) -> Result<bool, ApiError> {
+    let claim = state.backends.objects.head(&claim_key(id)).await;
+    Ok(claim.map_err(ApiError::backend)?.is_some())
 }
 
 /// A direct upload's body ran past the size its upload was created with.
@@ -354,8 +387,63 @@ pub(crate) async fn complete(
         ));
     }
     let objects = &state.backends.objects;
-    let incoming = incoming_key(id);
-    if let Some(upload_id) = &pending.multipart {
+    // One completion at a time: the others get 409 until this one answers, and 404 after.
+    let claimed = objects
+        .put_if_absent(&claim_key(id), Bytes::from(now_micros().to_string()))
+        .await
+        .map_err(ApiError::backend)?;
+    if !claimed {
+        return Err(completing());
+    }
+    // A completion that finished between our read of the pending record and our claim.
+    if let Err(e) = load_pending(&state, id).await {
+        let _ = objects.delete(&claim_key(id)).await;
+        return Err(if e.status == StatusCode::NOT_FOUND {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "upload_completed",
+                "another request completed this upload",
+            )
+        } else {
+            e
+        });
+    }
+    let outcome = complete_claimed(&state, id, &pending, owner, completion).await;
+    match &outcome {
+        Ok(_) => {
+            // The pending record goes first: from then on a completion finds no upload (404).
+            let _ = objects.delete(&pending_key(id)).await;
+        }
+        Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => {
+            // Nothing half written: the bad bytes and the pending record go.
+            let _ = objects.delete(&claimed_key(id)).await;
+            let _ = objects.delete(&incoming_key(id)).await;
+            let _ = objects.delete(&pending_key(id)).await;
+        }
+        // A transient failure: the claimed bytes stay for the retry, which takes them again.
+        Err(_) => {}
+    }
+    let _ = objects.delete(&claim_key(id)).await;
+    outcome
+}
+
+/// The completion, under its claim: assemble the parts, take the bytes out of PUTs' reach,
+/// verify them, promote them and append `MediaUploaded`.
+async fn complete_claimed(
+    state: &IngestState,
+    id: Uuid,
+    pending: &PendingUpload,
+    owner: String,
+    completion: Completion,
+) -> Result<Response, ApiError> {
+    let objects = &state.backends.objects;
+    let (incoming, claimed) = (incoming_key(id), claimed_key(id));
+    let taken_before = objects
+        .head(&claimed)
+        .await
+        .map_err(ApiError::backend)?
+        .is_some();
+    if let (Some(upload_id), false) = (&pending.multipart, taken_before) {
         let mut parts = completion.parts;
         if parts.is_empty() {
             return Err(ApiError::bad_request(
@@ -385,21 +473,23 @@ pub(crate) async fn complete(
                 )
             })?;
     }
-    let verified = verify(&state, &pending, &incoming).await;
-    let sha256 = match verified {
-        Ok(sha) => sha,
-        Err(e) => {
-            if e.status == StatusCode::UNPROCESSABLE_ENTITY {
-                // Nothing half written: the bad object and the pending record go.
-                let _ = objects.delete(&incoming).await;
-                let _ = objects.delete(&pending_key(id)).await;
-            }
-            return Err(e);
+    // Take the bytes out of PUTs' reach. An earlier attempt that failed transiently may have
+    // taken them already; bytes PUT since then replace those.
+    match objects.promote(&incoming, &claimed).await {
+        Ok(()) => {}
+        Err(ObjectError::NotFound) if taken_before => {}
+        Err(ObjectError::NotFound) => {
+            return Err(unprocessable(
+                "nothing_uploaded",
+                "nothing was uploaded for this upload id",
+            ));
         }
-    };
+        Err(e) => return Err(ApiError::backend(e)),
+    }
+    let sha256 = verify(state, pending, &claimed).await?;
     let media_id = state
         .accept(
-            &incoming,
+            &claimed,
             crate::Upload {
                 owner,
                 sha256: sha256.clone(),
@@ -410,7 +500,6 @@ pub(crate) async fn complete(
             },
         )
         .await?;
-    let _ = objects.delete(&pending_key(id)).await;
     let location = format!("/v1/media/{media_id}");
     let body = serde_json::json!({
         "id": media_id, "status": "pending", "sha256": sha256, "bytes": pending.bytes,
@@ -485,8 +574,8 @@ async fn verify(
     Ok(sha256)
 }
 
-/// Removes uploads never completed: `incoming/{id}` objects and `uploads/{id}.json` records
-/// whose UUIDv7 id is older than `ttl`. Works on every store. Returns how many it removed.
+/// Removes uploads never completed: `incoming/{id}` objects (and their claimed copies) and
+/// `uploads/{id}.json` records (and their claims) whose UUIDv7 id is older than `ttl`. Works on every store. Returns how many it removed.
 pub async fn sweep(
     objects: &dyn conveyor_platform::ObjectStore,
     ttl: Duration,
@@ -496,7 +585,11 @@ pub async fn sweep(
     let mut removed = 0;
     for prefix in ["incoming/", "uploads/"] {
         for object in objects.list(prefix).await? {
-            let name = object.key[prefix.len()..].trim_end_matches(".json");
+            // `{id}`, `{id}.json`, `{id}.claim`, `{id}.claimed`.
+            let name = object.key[prefix.len()..]
+                .split('.')
+                .next()
+                .unwrap_or_default();
             let Ok(id) = Uuid::parse_str(name) else {
                 continue;
             };

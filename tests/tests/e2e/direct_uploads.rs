@@ -341,3 +341,121 @@ async fn expired_presigned_s3_urls_and_uploads_are_refused() {
     assert!(gone.is_some(), "an expired upload cannot be completed");
     assert_eq!(app.log_records().await, 0);
 }
+
+/// Starts an embedded direct upload of `file` and PUTs it; returns the upload id and URL.
+async fn uploaded(app: &TestApp, file: &[u8]) -> (String, String) {
+    let created = start_upload(
+        app,
+        json!({"content_type": "image/jpeg", "bytes": file.len()}),
+    )
+    .await;
+    assert_eq!(created.status(), 201);
+    let upload: Value = created.json().await.unwrap();
+    let url = upload["url"].as_str().unwrap();
+    assert_eq!(
+        put(app, url, file.to_vec(), "image/jpeg").await.status(),
+        200
+    );
+    (
+        upload["upload_id"].as_str().unwrap().to_owned(),
+        url.to_owned(),
+    )
+}
+
+/// Reported: a second PUT racing a completion left other bytes under the first file's
+/// sha256, and promotion kept whatever sat at the target, so every later upload of the first
+/// file deduped onto the other bytes. The race's outcome is planted here directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_address_always_holds_the_bytes_it_names() {
+    let app = spawn_app().await;
+    let (file, other) = (images::jpeg(320, 240, 51), images::jpeg(320, 240, 52));
+    let sha = hex::encode(Sha256::digest(&file));
+    app.backends
+        .objects
+        .put_bytes(&format!("originals/{sha}"), other.into())
+        .await
+        .unwrap();
+    let (id, _) = uploaded(&app, &file).await;
+    let done = complete(&app, ALICE, &id, json!({})).await;
+    assert_eq!(done.status(), 202);
+    let body: Value = done.json().await.unwrap();
+    assert_eq!(body["sha256"], sha);
+    let stored = app
+        .client
+        .get(app.url(&format!("/media/originals/{sha}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&stored)),
+        sha,
+        "the name holds its bytes"
+    );
+}
+
+/// Reported: concurrent completions of one upload gave one 202 and several 503s logged at
+/// ERROR, or, when the bytes already existed, two media items from one upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_completions_make_one_media_item_and_no_5xx() {
+    let app = spawn_app().await;
+    let mut items = 0;
+    for (round, bytes_exist) in [(0u32, false), (1, true)] {
+        let file = images::jpeg(400, 300, 60 + round);
+        if bytes_exist {
+            assert_eq!(app.upload(ALICE, file.clone(), None).await.status(), 202);
+            items += 1;
+        }
+        let (id, _) = uploaded(&app, &file).await;
+        let answers =
+            futures::future::join_all((0..8).map(|_| complete(&app, ALICE, &id, json!({})))).await;
+        let statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+        assert_eq!(
+            statuses.iter().filter(|&&s| s == 202).count(),
+            1,
+            "one winner: {statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| [202, 409, 404].contains(s)),
+            "only the winner, 409 or 404: {statuses:?}"
+        );
+        items += 1;
+        app.wait_caught_up().await;
+        let (_, page) = app
+            .get_json_as(Some(ALICE), "/v1/owners/alice/media?limit=100")
+            .await;
+        assert_eq!(
+            page["items"].as_array().unwrap().len(),
+            items,
+            "one media item per upload, round {round}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_upload_refuses_puts_and_other_completions_with_409() {
+    let app = spawn_app().await;
+    let file = images::jpeg(200, 150, 70);
+    let (id, url) = uploaded(&app, &file).await;
+    let uuid = uuid::Uuid::parse_str(&id).unwrap();
+    // A completion in progress elsewhere holds the claim.
+    let claim = conveyor_ingest::direct::claim_key(uuid);
+    assert!(
+        app.backends
+            .objects
+            .put_if_absent(&claim, bytes::Bytes::from_static(b"0"))
+            .await
+            .unwrap()
+    );
+    let late_put = put(&app, &url, images::jpeg(200, 150, 71), "image/jpeg").await;
+    assert_eq!(late_put.status(), 409, "the bytes can no longer change");
+    let again = complete(&app, ALICE, &id, json!({})).await;
+    assert_eq!(again.status(), 409);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upload_completing");
+    app.backends.objects.delete(&claim).await.unwrap();
+    let done = complete(&app, ALICE, &id, json!({})).await;
+    assert_eq!(done.status(), 202, "the claim released, it completes");
+}

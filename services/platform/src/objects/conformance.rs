@@ -84,7 +84,8 @@ pub async fn run(store: &dyn ObjectStore) {
         .unwrap();
     assert_eq!(read_all(store, "originals/abc", None).await, b"short");
 
-    // Promote moves; promoting onto an existing key keeps the target and drops the source.
+    // Promote moves; promoting onto an existing key replaces it (a target that does not hold
+    // what its name says is corrected) and drops the source.
     store
         .put_bytes("incoming/u1", Bytes::from_static(b"one"))
         .await
@@ -93,11 +94,35 @@ pub async fn run(store: &dyn ObjectStore) {
     assert_eq!(read_all(store, "originals/h1", None).await, b"one");
     assert_eq!(store.head("incoming/u1").await.unwrap(), None);
     store
-        .put_bytes("incoming/u2", Bytes::from_static(b"one"))
+        .put_bytes("incoming/u2", Bytes::from_static(b"two"))
         .await
         .unwrap();
     store.promote("incoming/u2", "originals/h1").await.unwrap();
+    assert_eq!(read_all(store, "originals/h1", None).await, b"two");
     assert_eq!(store.head("incoming/u2").await.unwrap(), None);
+
+    // An exclusive claim: the first put_if_absent creates, every later one leaves it alone.
+    let claim = "uploads/c1.claim";
+    assert!(
+        store
+            .put_if_absent(claim, Bytes::from_static(b"first"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_if_absent(claim, Bytes::from_static(b"second"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(read_all(store, claim, None).await, b"first");
+    let racers = futures::future::join_all(
+        (0..8).map(|i| store.put_if_absent("uploads/c2.claim", Bytes::from(vec![i as u8; 4]))),
+    )
+    .await;
+    let winners = racers.into_iter().filter(|r| *r.as_ref().unwrap()).count();
+    assert_eq!(winners, 1, "exactly one of 8 concurrent claims wins");
+    store.delete("uploads/c2.claim").await.unwrap();
     assert!(matches!(
         store.promote("incoming/gone", "originals/x").await,
         Err(ObjectError::NotFound)

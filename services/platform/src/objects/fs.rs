@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
@@ -136,11 +137,40 @@ impl ObjectStore for FsObjectStore {
         if tokio::fs::metadata(&source).await.is_err() {
             return Err(ObjectError::NotFound);
         }
-        if tokio::fs::metadata(&target).await.is_ok() {
-            return self.delete(from).await;
+        // rename(2) replaces the target atomically.
+        match place(&source, &target).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ObjectError::NotFound),
+            other => Ok(other?),
         }
-        place(&source, &target).await?;
-        Ok(())
+    }
+
+    async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, ObjectError> {
+        let target = self.path(key)?;
+        let tmp = self
+            .root
+            .join(".tmp")
+            .join(uuid::Uuid::new_v4().to_string());
+        // Written whole and synced first, then linked into place: link(2) fails if the target
+        // exists, so the claim is exclusive and never seen half written.
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            file.write_all(&bytes).await?;
+            file.sync_all().await?;
+            let parent = target.parent().expect("object paths have a parent");
+            tokio::fs::create_dir_all(parent).await?;
+            let created = match tokio::fs::hard_link(&tmp, &target).await {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+            if created {
+                sync_dir(parent).await?;
+            }
+            Ok(created)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        Ok(result?)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {

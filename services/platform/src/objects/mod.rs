@@ -84,10 +84,17 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Removes `key`. Idempotent: deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), ObjectError>;
 
-    /// Makes the object at `from` available at `to` and removes `from`. If `to` already
-    /// exists, it is kept (keys under `to` are content-addressed, so it is the same bytes) and
-    /// `from` is removed. [`ObjectError::NotFound`] if `from` does not exist.
+    /// Makes the object at `from` available at `to`, replacing whatever is there, and removes
+    /// `from`. Readers of `to` see the old object or the new one, never a part. Replacing,
+    /// rather than keeping an existing `to`, means a content-addressed key always ends up
+    /// holding the bytes its caller verified, even if something else was put there first.
+    /// [`ObjectError::NotFound`] if `from` does not exist.
     async fn promote(&self, from: &str, to: &str) -> Result<(), ObjectError>;
+
+    /// Stores `bytes` under `key` only if nothing is there yet: `Ok(true)` if this call
+    /// created it, `Ok(false)` if an object was already there (left untouched). Of concurrent
+    /// calls on one key, exactly one gets `true`, on every replica: an exclusive claim.
+    async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, ObjectError>;
 
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError>;

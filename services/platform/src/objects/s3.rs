@@ -423,24 +423,46 @@ impl ObjectStore for S3ObjectStore {
             }
             Err(e) => return Err(s3(e)),
         };
-        if self.head(to).await?.is_none() {
-            // The target's headers follow its key (public or private); its type was sniffed
-            // when the source was written. CopyObject takes objects up to 5 GiB, far above the
-            // upload limit.
-            let (cache, _) = object_headers(to, &[]);
-            self.client
-                .copy_object()
-                .bucket(&self.bucket)
-                .key(&target)
-                .copy_source(format!("{}/{}", self.bucket, source))
-                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-                .set_cache_control(cache.map(str::to_owned))
-                .set_content_type(found.content_type().map(str::to_owned))
-                .send()
-                .await
-                .map_err(s3)?;
-        }
+        // The target's headers follow its key (public or private); its type was sniffed when
+        // the source was written. CopyObject takes objects up to 5 GiB, far above the upload
+        // limit, and replaces the target atomically.
+        let (cache, _) = object_headers(to, &[]);
+        self.client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(&target)
+            .copy_source(format!("{}/{}", self.bucket, source))
+            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+            .set_cache_control(cache.map(str::to_owned))
+            .set_content_type(found.content_type().map(str::to_owned))
+            .send()
+            .await
+            .map_err(s3)?;
         self.delete(from).await
+    }
+
+    async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, ObjectError> {
+        // A conditional write (`If-None-Match: *`): S3 answers 412 Precondition Failed when
+        // the key exists, and 409 ConditionalRequestConflict to the loser of a race.
+        let outcome = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full(key)?)
+            .if_none_match("*")
+            .body(S3Body::from(bytes))
+            .send()
+            .await;
+        match outcome {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.raw_response()
+                    .is_some_and(|r| matches!(r.status().as_u16(), 409 | 412)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(s3(e)),
+        }
     }
 
     async fn presigned_get(
