@@ -154,8 +154,9 @@ pub struct Limits {
     /// Largest accepted upload, in bytes.
     pub max_upload_bytes: u64,
     /// Largest image processed, in pixels (width × height) of each frame, checked from the
-    /// header before decoding. The variants stream through libvips, so memory follows the
-    /// variants' size, not this, whatever the bytes per pixel (16-bit RGBA included).
+    /// header before decoding. libvips streams PNGs and baseline JPEGs, so a 36 MP 16-bit RGBA
+    /// PNG renders in tens of MB; WebP, HEIF and progressive JPEG decode whole, about 150–300 MB
+    /// for a 7000×7000 image. Memory is bounded by this times `processor.workers`.
     pub max_pixels: u64,
     /// Largest accepted width or height, checked before decoding.
     pub max_side: u32,

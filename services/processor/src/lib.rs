@@ -138,13 +138,22 @@ impl Processor {
             .await
             .expect("semaphore is never closed");
         let limits = self.limits.clone();
+        let limit_ms = limits.max_render_ms;
         // The header checks run here too, off the async threads: a PNG's chunks or a GIF's
         // frames are walked before anything is decoded, and that is CPU work.
-        let rendered = tokio::task::spawn_blocking(move || {
+        let rendering = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             render(&original, &limits)
-        })
-        .await;
+        });
+        // The render's own watchdog stops libvips between tiles; a decoder inside one long
+        // call (libheif decoding a grid) is not stopped by it. The job still ends at the
+        // limit, with a grace second: its thread finishes in the background, holding its
+        // worker slot until then, so renders at once stay bounded.
+        let grace = std::time::Duration::from_millis(limit_ms.saturating_add(1_000));
+        let rendered = match tokio::time::timeout(grace, rendering).await {
+            Ok(joined) => joined,
+            Err(_) => return Ok(Err(MediaError::TimedOut { limit_ms })),
+        };
         // A decoder that panics on these bytes panics on them again.
         let rendered = match rendered {
             Err(e) if e.is_panic() => return Err(e).abort("the renderer panicked"),

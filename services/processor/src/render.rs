@@ -36,6 +36,18 @@ pub const VARIANTS: [(&str, u32); 3] = [("large", 1600), ("small", 640), ("thumb
 /// JPEG quality of the variants (libjpeg's scale, 1–100).
 const JPEG_QUALITY: i32 = 82;
 
+/// Most compressed bytes a PNG may carry in `zTXt`, `iTXt` and `iCCP` chunks, together.
+/// libpng inflates each such chunk on every read (up to its 8 MB chunk cap, after reading the
+/// whole stream), so 90 chunks that each inflate to 1 GiB once cost a minute of CPU. Real
+/// files carry a few KB (an ICC profile) to a few hundred KB (an editor's XMP history).
+const MAX_PNG_METADATA_BYTES: u64 = 1 << 20;
+
+/// Most tiles in a HEIF grid image (ISO/IEC 23008-12 §6.6.2.3, `dimg` references of the
+/// primary item). libheif decodes the grid in one call that no kill flag interrupts, at a few
+/// ms per tile: 12,100 tiles of 64×64 took 30 s. Phones write 512×512 tiles (48 for 12 MP);
+/// 1,024 tiles of 256×256 cover the default pixel limit.
+const MAX_HEIF_TILES: u64 = 1024;
+
 /// Why media could not be processed. Shown to clients as the failure reason.
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
@@ -58,6 +70,12 @@ pub enum MediaError {
     TooManyScans { scans: u64, max: u32 },
     #[error("image is malformed: {0}")]
     Malformed(String),
+    #[error(
+        "PNG carries {bytes} bytes of compressed metadata (text and colour-profile chunks), over the limit of {max}"
+    )]
+    TooMuchMetadata { bytes: u64, max: u64 },
+    #[error("HEIF image is a grid of {tiles} tiles, over the limit of {max}")]
+    TooManyTiles { tiles: u64, max: u64 },
     #[error("file of {0} bytes is over the upload limit")]
     TooLarge(u64),
     #[error("the original is missing from the object store")]
@@ -153,15 +171,23 @@ pub fn init() -> Result<(), MediaError> {
 ///
 /// # Errors
 /// [`MediaError::UnsupportedFormat`] for anything but the accepted formats;
-/// [`MediaError::TooManyPixels`], [`MediaError::TooManyFrames`] or [`MediaError::TooManyScans`]
-/// over a limit; [`MediaError::Malformed`] for a GIF frame outside its logical screen;
-/// [`MediaError::Decode`] when libvips cannot read the header.
+/// [`MediaError::TooManyPixels`], [`MediaError::TooManyFrames`], [`MediaError::TooManyScans`],
+/// [`MediaError::TooManyTiles`] or [`MediaError::TooMuchMetadata`] over a limit;
+/// [`MediaError::Malformed`] for a GIF frame outside its logical screen;
+/// [`MediaError::Decode`] when the header cannot be read.
 pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Header, MediaError> {
-    let format = MediaType::sniff(bytes).ok_or(MediaError::UnsupportedFormat)?;
+    let source = Source::new(bytes)?;
+    inspect(&source, limits).map(|(header, _)| header)
+}
+
+/// [`probe`] on an opened source; also returns the lazily loaded image (shrink 1), so that
+/// formats without shrink-on-load are read once.
+fn inspect(source: &Source<'_>, limits: &Limits) -> Result<(Header, VipsImage), MediaError> {
     init()?;
+    let format = source.format;
     match format {
         MediaType::Jpeg => {
-            let scans = jpeg_scans(bytes).scans;
+            let scans = source.jpeg.scans;
             if scans > limits.max_jpeg_scans as u64 {
                 return Err(MediaError::TooManyScans {
                     scans,
@@ -169,35 +195,58 @@ pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Header, MediaError> {
                 });
             }
         }
-        MediaType::Gif => check_gif(bytes, limits)?,
-        _ => {}
+        MediaType::Gif => check_gif(&source.bytes, limits)?,
+        MediaType::Png => {
+            let bytes = png_metadata_bytes(&source.bytes);
+            if bytes > MAX_PNG_METADATA_BYTES {
+                return Err(MediaError::TooMuchMetadata {
+                    bytes,
+                    max: MAX_PNG_METADATA_BYTES,
+                });
+            }
+        }
+        MediaType::Heic | MediaType::Avif => {
+            let tiles = heif_grid_tiles(&source.bytes);
+            if tiles > MAX_HEIF_TILES {
+                return Err(MediaError::TooManyTiles {
+                    tiles,
+                    max: MAX_HEIF_TILES,
+                });
+            }
+        }
+        MediaType::WebP => {}
     }
-    let image = load(&Source::new(bytes, format), 1)?;
+    let image = load(source, 1)?;
     let width = positive(image.get_width());
     let height = positive(image.get_height());
     check_pixels(width, height, limits)?;
-    let frames = image
-        .get_int("n-pages")
-        .map_or(1, |n| positive(n).max(1) as u64);
+    let frames = int_field(&image, "n-pages").map_or(1, |n| positive(n).max(1) as u64);
     if frames > limits.max_frames as u64 {
         return Err(MediaError::TooManyFrames {
             frames,
             max: limits.max_frames,
         });
     }
-    let orientation = image
-        .get_int("orientation")
-        .ok()
+    let orientation = int_field(&image, "orientation")
         .and_then(|o| u8::try_from(o).ok())
         .filter(|o| (1..=8).contains(o))
         .unwrap_or(1);
-    Ok(Header {
+    let header = Header {
         format,
         width,
         height,
         frames,
         orientation,
-    })
+    };
+    Ok((header, image))
+}
+
+/// An integer metadata field, if the image has it. Asking libvips for a field it lacks
+/// leaves a message in its error buffer, so the field's presence is checked first.
+fn int_field(image: &VipsImage, name: &str) -> Option<i32> {
+    (image.get_typeof(name).unwrap_or(0) != 0)
+        .then(|| image.get_int(name).ok())
+        .flatten()
 }
 
 /// Runs the whole pipeline on one original: [`probe`], the three [`VARIANTS`], the blurhash
@@ -206,10 +255,15 @@ pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Header, MediaError> {
 /// # Errors
 /// Every [`MediaError`] but `TooLarge` and `Missing`, which are the processor's.
 pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
-    let header = probe(bytes, limits)?;
-    let source = Source::new(bytes, header.format);
+    let source = Source::new(bytes)?;
+    let (header, opened) = inspect(&source, limits)?;
     let watchdog = Watchdog::start(limits.max_render_ms);
     let (_, largest) = VARIANTS[0];
+    let loaded = match jpeg_shrink(&header, largest) {
+        1 => opened,
+        shrink => load(&source, shrink)?,
+    };
+    let exif = read_exif(&loaded);
     let mut variants = Vec::with_capacity(VARIANTS.len());
     // Each variant is made from the one before, which is already small, oriented and sRGB.
     let mut previous: Option<VipsImage> = None;
@@ -218,12 +272,12 @@ pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
         let (width, height) = fit(header.oriented(), long);
         let image = match &previous {
             None => {
-                let loaded = load(&source, jpeg_shrink(&header, largest))?;
-                first_variant(&loaded, width, height)?
+                let first =
+                    watchdog.evaluate(first_variant(&loaded, width, height)?, header.format)?;
+                drop_opaque_alpha(first)?
             }
-            Some(bigger) => resize(bigger, width, height)?,
+            Some(bigger) => watchdog.evaluate(resize(bigger, width, height)?, header.format)?,
         };
-        let image = watchdog.evaluate(image)?;
         variants.push(encode(name, &image)?);
         if name == "thumb" {
             blurhash = blurhash_of(&image)?;
@@ -236,7 +290,7 @@ pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
         height,
         blurhash,
         variants,
-        exif: read_exif(bytes),
+        exif,
     })
 }
 
@@ -246,21 +300,28 @@ pub fn render(bytes: &[u8], limits: &Limits) -> Result<Rendered, MediaError> {
 /// # Errors
 /// As [`render`].
 pub fn thumbnail(bytes: &[u8], limits: &Limits, long: u32) -> Result<Variant, MediaError> {
-    let header = probe(bytes, limits)?;
+    let source = Source::new(bytes)?;
+    let (header, opened) = inspect(&source, limits)?;
     let watchdog = Watchdog::start(limits.max_render_ms);
-    let loaded = load(
-        &Source::new(bytes, header.format),
-        jpeg_shrink(&header, long),
-    )?;
+    let loaded = match jpeg_shrink(&header, long) {
+        1 => opened,
+        shrink => load(&source, shrink)?,
+    };
     let (width, height) = fit(header.oriented(), long);
-    let image = watchdog.evaluate(first_variant(&loaded, width, height)?)?;
-    encode("thumb", &image)
+    let image = watchdog.evaluate(first_variant(&loaded, width, height)?, header.format)?;
+    encode("thumb", &drop_opaque_alpha(image)?)
 }
 
 /// An original as libvips should read it: the bytes, repaired if need be, and how strictly.
+///
+/// libvips takes the bytes by reference (its blob does not copy them), so every image loaded
+/// from a source must be dropped before the source is; the operation cache, which would keep
+/// them longer, is off ([`init`]).
 struct Source<'a> {
     bytes: std::borrow::Cow<'a, [u8]>,
     format: MediaType,
+    /// The JPEG's marker walk (empty for other formats).
+    jpeg: JpegMarkers,
     fail_on: &'static str,
 }
 
@@ -271,22 +332,29 @@ impl<'a> Source<'a> {
     /// marker (some phones' panoramas) gets it back, and is then read at `warning`, so that a
     /// file cut short mid-scan (which libjpeg reports as a warning once the marker is there)
     /// is still refused.
-    fn new(bytes: &'a [u8], format: MediaType) -> Self {
-        if format == MediaType::Jpeg && !jpeg_scans(bytes).ended {
+    fn new(bytes: &'a [u8]) -> Result<Self, MediaError> {
+        let format = MediaType::sniff(bytes).ok_or(MediaError::UnsupportedFormat)?;
+        let jpeg = match format {
+            MediaType::Jpeg => jpeg_scans(bytes),
+            _ => JpegMarkers::default(),
+        };
+        if format == MediaType::Jpeg && !jpeg.ended {
             let mut repaired = Vec::with_capacity(bytes.len() + 2);
             repaired.extend_from_slice(bytes);
             repaired.extend_from_slice(&[0xff, 0xd9]);
-            return Source {
+            return Ok(Source {
                 bytes: repaired.into(),
                 format,
+                jpeg,
                 fail_on: "warning",
-            };
+            });
         }
-        Source {
+        Ok(Source {
             bytes: bytes.into(),
             format,
+            jpeg,
             fail_on: "truncated",
-        }
+        })
     }
 }
 
@@ -298,6 +366,7 @@ fn load(source: &Source<'_>, shrink: i32) -> Result<VipsImage, MediaError> {
     let options = VOption::new()
         .set("access", "sequential")
         .set("fail_on", source.fail_on);
+    Vips::error_clear();
     let loaded = match source.format {
         MediaType::Jpeg => {
             VipsImage::jpegload_buffer_with_opts(bytes, options.set("shrink", shrink))
@@ -307,7 +376,21 @@ fn load(source: &Source<'_>, shrink: i32) -> Result<VipsImage, MediaError> {
         MediaType::Gif => VipsImage::gifload_buffer_with_opts(bytes, options),
         MediaType::Heic | MediaType::Avif => VipsImage::heifload_buffer_with_opts(bytes, options),
     };
-    loaded.map_err(|e| MediaError::Decode(vips_reason(&e)))
+    loaded.map_err(|e| {
+        failed(
+            &e,
+            MediaError::Decode(format!("not a readable {} file", source.format)),
+        )
+    })
+}
+
+/// The reason a client reads for a libvips failure, by the step that failed. libvips' own
+/// words go to the log only: its error buffer is one per process, so it can hold another
+/// upload's messages.
+fn failed(error: &rs_vips::error::Error, reason: MediaError) -> MediaError {
+    tracing::debug!(libvips = %vips_reason(error), %reason, "libvips failed");
+    Vips::error_clear();
+    reason
 }
 
 /// The largest JPEG shrink-on-load factor that still leaves `long` pixels on the longest side
@@ -359,11 +442,35 @@ fn first_variant(loaded: &VipsImage, width: u32, height: u32) -> Result<VipsImag
     }
     let resized = loaded
         .thumbnail_image_with_opts(width as i32, options)
-        .map_err(|e| MediaError::Decode(vips_reason(&e)))?;
+        .map_err(|e| failed(&e, resize_failed()))?;
     // Grey, 16-bit and other untagged spaces come out of the thumbnail in their own space.
     resized
         .colourspace(rs_vips::enums::Interpretation::Srgb)
-        .map_err(|e| MediaError::Decode(vips_reason(&e)))
+        .map_err(|e| failed(&e, resize_failed()))
+}
+
+fn resize_failed() -> MediaError {
+    MediaError::Decode("its colours or size could not be converted".into())
+}
+
+/// The image without its alpha band when every pixel is opaque (GIFs always load with one),
+/// so that it is encoded as JPEG. `image` is in memory, so the check is one pass over it.
+fn drop_opaque_alpha(image: VipsImage) -> Result<VipsImage, MediaError> {
+    if !image.hasalpha() {
+        return Ok(image);
+    }
+    let bands = image.get_bands();
+    let alpha = image
+        .extract_band(bands - 1)
+        .and_then(|a| a.min())
+        .map_err(|e| failed(&e, resize_failed()))?;
+    if alpha < 255.0 {
+        return Ok(image);
+    }
+    image
+        .extract_band_with_opts(0, VOption::new().set("n", bands - 1))
+        .and_then(|i| i.copy_memory())
+        .map_err(|e| failed(&e, resize_failed()))
 }
 
 /// A later variant from the one before it, which is already upright and sRGB; never larger
@@ -377,7 +484,7 @@ fn resize(bigger: &VipsImage, width: u32, height: u32) -> Result<VipsImage, Medi
         .set("no-rotate", true);
     bigger
         .thumbnail_image_with_opts(width as i32, options)
-        .map_err(|e| MediaError::Encode(vips_reason(&e)))
+        .map_err(|e| failed(&e, resize_failed()))
 }
 
 /// JPEG when opaque, PNG when the image has transparency; metadata stripped.
@@ -394,7 +501,8 @@ fn encode(name: &'static str, image: &VipsImage) -> Result<Variant, MediaError> 
         let bytes = image.jpegsave_buffer_with_opts(options);
         (bytes, "image/jpeg", "jpg")
     };
-    let bytes = bytes.map_err(|e| MediaError::Encode(vips_reason(&e)))?;
+    let bytes =
+        bytes.map_err(|e| failed(&e, MediaError::Encode(format!("{name} as {extension}"))))?;
     Ok(Variant {
         name,
         width: positive(image.get_width()),
@@ -472,7 +580,8 @@ impl Watchdog {
     }
 
     /// Computes `image` into memory, or fails with [`MediaError::TimedOut`] past the deadline.
-    fn evaluate(&self, image: VipsImage) -> Result<VipsImage, MediaError> {
+    /// A failure here is the decoder's: the data ran out or broke.
+    fn evaluate(&self, image: VipsImage, format: MediaType) -> Result<VipsImage, MediaError> {
         let timed_out = || MediaError::TimedOut {
             limit_ms: self.limit_ms,
         };
@@ -486,11 +595,16 @@ impl Watchdog {
         if self.expired.load(Ordering::SeqCst) {
             return Err(timed_out());
         }
-        computed.map_err(|e| MediaError::Decode(vips_reason(&e)))
+        computed.map_err(|e| {
+            failed(
+                &e,
+                MediaError::Decode(format!("the {format} data is damaged or cut short")),
+            )
+        })
     }
 }
 
-/// libvips' own words for a failure, without the binding's prefix, on one line.
+/// libvips' own words for a failure, on one line, for the log.
 fn vips_reason(error: &rs_vips::error::Error) -> String {
     let text = match error {
         rs_vips::error::Error::InitializationError(m)
@@ -498,7 +612,7 @@ fn vips_reason(error: &rs_vips::error::Error) -> String {
         | rs_vips::error::Error::OperationError(m) => m,
     };
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    match text.char_indices().nth(300) {
+    match text.char_indices().nth(1000) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text,
     }
@@ -670,17 +784,25 @@ fn color_table_len(flags: u8) -> usize {
 }
 
 /// The EXIF summary, read tolerantly: a broken entry or IFD costs that entry, not the rest.
-/// (The orientation is libvips' own reading, applied in [`fit`].)
-fn read_exif(bytes: &[u8]) -> ExifSummary {
+/// The EXIF block is the one libvips found in the file (JPEG APP1, PNG `eXIf`, WebP `EXIF`,
+/// HEIF `Exif` item), parsed by `kamadak-exif`. (The orientation is libvips' own reading,
+/// applied in [`first_variant`].)
+fn read_exif(image: &VipsImage) -> ExifSummary {
+    if image.get_typeof("exif-data").unwrap_or(0) == 0 {
+        return ExifSummary::default();
+    }
+    let Ok(blob) = image.get_blob("exif-data") else {
+        return ExifSummary::default();
+    };
+    // libvips keeps the APP1 payload, `Exif\0\0` then the TIFF structure.
+    let tiff = blob.strip_prefix(b"Exif\0\0").unwrap_or(&blob).to_vec();
     let mut reader = exif::Reader::new();
     reader.continue_on_error(true);
-    let parsed = reader
-        .read_from_container(&mut std::io::Cursor::new(bytes))
-        .or_else(|e| {
-            e.distill_partial_result(|errors| {
-                tracing::debug!(?errors, "EXIF entries skipped");
-            })
-        });
+    let parsed = reader.read_raw(tiff).or_else(|e| {
+        e.distill_partial_result(|errors| {
+            tracing::debug!(?errors, "EXIF entries skipped");
+        })
+    });
     let Ok(parsed) = parsed else {
         return ExifSummary::default();
     };
@@ -702,6 +824,84 @@ fn read_exif(bytes: &[u8]) -> ExifSummary {
         camera_model: text(exif::Tag::Model),
         taken_at: text(exif::Tag::DateTimeOriginal),
     }
+}
+
+/// Compressed bytes in a PNG's `zTXt`, `iTXt` and `iCCP` chunks (RFC 2083 §4.2), from a walk
+/// over the chunk headers; stops where the structure breaks.
+fn png_metadata_bytes(bytes: &[u8]) -> u64 {
+    let mut total = 0u64;
+    let mut i = 8;
+    while let Some(head) = bytes.get(i..i + 8) {
+        let length = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as u64;
+        match &head[4..8] {
+            b"zTXt" | b"iTXt" | b"iCCP" => total += length,
+            b"IDAT" | b"IEND" => break,
+            _ => {}
+        }
+        let Some(next) = usize::try_from(length)
+            .ok()
+            .and_then(|l| i.checked_add(12)?.checked_add(l))
+        else {
+            break;
+        };
+        i = next;
+    }
+    total
+}
+
+/// ISO-BMFF boxes in `data` (ISO/IEC 14496-12 §4.2): type and payload. Stops where the
+/// structure breaks.
+fn boxes(data: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    let mut i = 0usize;
+    std::iter::from_fn(move || {
+        let head = data.get(i..i + 8)?;
+        let kind: [u8; 4] = head[4..8].try_into().ok()?;
+        let (header, size) = match u32::from_be_bytes(head[..4].try_into().ok()?) {
+            0 => (8, data.len() - i),
+            1 => (
+                16,
+                usize::try_from(u64::from_be_bytes(
+                    data.get(i + 8..i + 16)?.try_into().ok()?,
+                ))
+                .ok()?,
+            ),
+            n => (8, n as usize),
+        };
+        let payload = data.get(i + header..i.checked_add(size)?)?;
+        i += size.max(header);
+        Some((kind, payload))
+    })
+}
+
+/// The tiles of a HEIF file's grid images: the `dimg` references in its `meta` box's `iref`
+/// (ISO/IEC 23008-12 §9.3, §6.6.2.3), over every item, so a grid that is not the primary
+/// item counts too. 0 for a file without references.
+fn heif_grid_tiles(bytes: &[u8]) -> u64 {
+    let Some((_, meta)) = boxes(bytes).find(|(kind, _)| kind == b"meta") else {
+        return 0;
+    };
+    // `meta` and `iref` are full boxes: a version byte and 3 flag bytes first.
+    let Some((_, iref)) = meta
+        .get(4..)
+        .and_then(|children| boxes(children).find(|(kind, _)| kind == b"iref"))
+    else {
+        return 0;
+    };
+    let Some(&version) = iref.first() else {
+        return 0;
+    };
+    let id_size = if version == 0 { 2 } else { 4 };
+    let mut tiles = 0u64;
+    for (kind, reference) in boxes(iref.get(4..).unwrap_or_default()) {
+        if &kind != b"dimg" {
+            continue;
+        }
+        // from_item_ID, reference_count (u16), then that many to_item_IDs.
+        if let Some(count) = reference.get(id_size..id_size + 2) {
+            tiles += u16::from_be_bytes([count[0], count[1]]) as u64;
+        }
+    }
+    tiles
 }
 
 #[cfg(test)]

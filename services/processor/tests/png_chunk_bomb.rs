@@ -21,8 +21,8 @@ fn chunk(png: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 
 /// A 64×64 grey-blue PNG with an `iCCP` chunk that inflates to `inflated` bytes: an ICC
 /// header that declares that size (ICC.1:2010 §7.2: the size, then `acsp` at byte 36), then
-/// zeros, deflated.
-fn png_with_icc_bomb(inflated: usize) -> Vec<u8> {
+/// zeros, deflated at `level`.
+fn png_with_icc_bomb(inflated: usize, level: Compression) -> Vec<u8> {
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut ihdr = Vec::new();
     ihdr.extend_from_slice(&64u32.to_be_bytes());
@@ -30,7 +30,7 @@ fn png_with_icc_bomb(inflated: usize) -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
     chunk(&mut png, b"IHDR", &ihdr);
     let mut iccp = b"bomb\0\0".to_vec(); // profile name, compression method 0
-    let mut zlib = ZlibEncoder::new(Vec::new(), Compression::fast());
+    let mut zlib = ZlibEncoder::new(Vec::new(), level);
     let mut header = [0u8; 128];
     header[..4].copy_from_slice(&(inflated as u32).to_be_bytes());
     header[12..16].copy_from_slice(b"mntr");
@@ -72,8 +72,13 @@ fn status_kib(field: &str) -> u64 {
 #[test]
 fn six_icc_bombs_at_once_stay_within_a_bounded_rss() {
     render::init().unwrap();
-    let bomb = png_with_icc_bomb(1 << 30);
-    assert!(bomb.len() < 8 << 20, "{} bytes", bomb.len());
+    // 1 GiB in 4.9 MB is refused from the chunk headers, before libpng inflates anything.
+    let big = png_with_icc_bomb(1 << 30, Compression::fast());
+    let err = render::render(&big, &Limits::default()).unwrap_err();
+    assert!(err.to_string().contains("compressed metadata"), "{err}");
+    // 512 MiB in 0.5 MB passes that check: libpng's own 8 MB chunk cap must hold it.
+    let bomb = png_with_icc_bomb(1 << 29, Compression::best());
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
     // Writing 5 resets the peak RSS (VmHWM) to the current RSS (proc(5), clear_refs).
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let before = status_kib("VmRSS:");
@@ -87,7 +92,7 @@ fn six_icc_bombs_at_once_stay_within_a_bounded_rss() {
     let elapsed = started.elapsed();
     let growth_mib = status_kib("VmHWM:").saturating_sub(before) / 1024;
     for outcome in outcomes {
-        // libpng refuses the profile ("exceeds application limits", its 8 MB chunk cap) and
+        // libpng refuses the profile ("exceeds application limits": its 8 MB chunk cap) and
         // the pixels are shown.
         let r = outcome.unwrap_or_else(|e| panic!("not rendered: {e}"));
         assert_eq!((r.width, r.height), (64, 64));

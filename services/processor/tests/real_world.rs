@@ -423,7 +423,7 @@ fn a_36_megapixel_16_bit_rgba_png_is_rendered() {
     render::init().unwrap();
     let rgba = VipsImage::black_with_opts(7200, 5000, VOption::new().set("bands", 4))
         .unwrap()
-        .linear(&[1.0; 4], &[20000.0, 40000.0, 60000.0, 65535.0])
+        .linear(&[1.0; 4], &[20000.0, 40000.0, 60000.0, 32896.0])
         .unwrap()
         .cast(BandFormat::Ushort)
         .unwrap()
@@ -441,9 +441,10 @@ fn a_36_megapixel_16_bit_rgba_png_is_rendered() {
     );
     let decoded = VipsImage::new_from_buffer(&thumb.bytes, "").unwrap();
     assert_eq!(decoded.get_bands(), 4, "alpha kept");
-    // 16-bit 20000/40000/60000 of 65535 is 8-bit 78/156/233.
+    // 16-bit 20000/40000/60000 of 65535 is 8-bit 78/156/233; alpha 32896 is 128.
     let p = decoded.getpoint(100, 100).unwrap();
     assert_close(&p[..3], [78.0, 156.0, 233.0], 2.0, "16 to 8 bits");
+    assert!((p[3] - 128.0).abs() <= 1.0, "alpha {}", p[3]);
 }
 
 #[test]
@@ -557,4 +558,104 @@ fn headers_over_the_limits_and_foreign_formats_are_refused_before_decoding() {
             "names the accepted formats: {err}"
         );
     }
+}
+
+#[test]
+fn failure_reasons_say_what_is_wrong_in_plain_words() {
+    // A render that reads metadata first, then broken files: libvips' process-wide error
+    // buffer must not leak into the reasons.
+    rendered(&jpeg(&noise(64, 48)));
+    let photo = jpeg(&noise(800, 600));
+    let cut = render::render(&photo[..photo.len() / 2], &Limits::default()).unwrap_err();
+    assert_eq!(
+        cut.to_string(),
+        "image could not be decoded: the JPEG data is damaged or cut short"
+    );
+    let header_only = render::render(&[0xff, 0xd8, 0xff], &Limits::default()).unwrap_err();
+    assert_eq!(
+        header_only.to_string(),
+        "image could not be decoded: not a readable JPEG file"
+    );
+    let png = solid(300, 200, [9.0, 9.0, 9.0]).pngsave_buffer().unwrap();
+    let err = render::render(&png[..png.len() - 40], &Limits::default()).unwrap_err();
+    assert!(matches!(err, MediaError::Decode(_)), "{err}");
+    assert!(!err.to_string().contains("vips"), "{err}");
+}
+
+#[test]
+fn pngs_with_megabytes_of_compressed_metadata_are_refused_from_their_chunks() {
+    // Two zTXt chunks of 600 KB each: a minute of inflating if they were 1 GiB bombs.
+    let png = solid(16, 16, [1.0; 3]).pngsave_buffer().unwrap();
+    let mut bombed = png[..33].to_vec(); // signature and IHDR
+    for _ in 0..2 {
+        let data = [b"Comment\0\0".to_vec(), vec![0x78; 600_000]].concat();
+        bombed.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = bombed.len();
+        bombed.extend_from_slice(b"zTXt");
+        bombed.extend_from_slice(&data);
+        let crc = crc32fast::hash(&bombed[start..]);
+        bombed.extend_from_slice(&crc.to_be_bytes());
+    }
+    bombed.extend_from_slice(&png[33..]);
+    let started = Instant::now();
+    let err = render::render(&bombed, &Limits::default()).unwrap_err();
+    assert!(matches!(err, MediaError::TooMuchMetadata { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn a_heif_grid_of_thousands_of_tiles_is_refused_from_its_references() {
+    fn boxed(kind: &[u8; 4], payload: &[u8]) -> Vec<u8> {
+        [
+            &((payload.len() + 8) as u32).to_be_bytes()[..],
+            kind,
+            payload,
+        ]
+        .concat()
+    }
+    // iref (version 0) with one `dimg` reference from item 1 to 12,100 tiles.
+    let mut dimg = 1u16.to_be_bytes().to_vec();
+    dimg.extend_from_slice(&12_100u16.to_be_bytes());
+    for tile in 0..12_100u16 {
+        dimg.extend_from_slice(&(tile + 2).to_be_bytes());
+    }
+    let iref = boxed(
+        b"iref",
+        &[&[0, 0, 0, 0][..], &boxed(b"dimg", &dimg)].concat(),
+    );
+    let meta = boxed(b"meta", &[&[0, 0, 0, 0][..], &iref].concat());
+    let file = [boxed(b"ftyp", b"heic\0\0\0\0mif1heic"), meta].concat();
+    let err = render::render(&file, &Limits::default()).unwrap_err();
+    assert!(
+        matches!(err, MediaError::TooManyTiles { tiles: 12_100, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn opaque_gifs_become_jpegs_and_webp_exif_is_read() {
+    let gif = solid(120, 80, [200.0, 40.0, 40.0])
+        .gifsave_buffer()
+        .unwrap();
+    let r = rendered(&gif);
+    assert_eq!(
+        variant(&r, "thumb").content_type,
+        "image/jpeg",
+        "no alpha to keep"
+    );
+    assert_close(
+        &pixel(&variant(&r, "thumb").bytes, 5, 5),
+        [200.0, 40.0, 40.0],
+        12.0,
+        "gif",
+    );
+
+    let with_exif = with_segments(&jpeg(&noise(400, 300)), &[(0xe1, broken_exif(false))]);
+    let webp = VipsImage::new_from_buffer(&with_exif, "")
+        .unwrap()
+        .webpsave_buffer()
+        .unwrap();
+    let r = rendered(&webp);
+    assert_eq!(r.exif.camera_make.as_deref(), Some("Phonemaker"));
+    assert_eq!((r.width, r.height), (300, 400), "orientation 6 applied");
 }
