@@ -11,7 +11,7 @@ use conveyor_platform::Backends;
 use conveyor_platform::changes::Changes;
 use conveyor_platform::config::{KeyList, Settings};
 use conveyor_platform::consumer::report_lag;
-use conveyor_platform::http::{ApiError, not_found, ops_router, track_requests};
+use conveyor_platform::http::{ApiError, json_errors, not_found, ops_router, track_requests};
 use conveyor_platform::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -232,6 +232,7 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     }
     let router = router
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(track_requests))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()

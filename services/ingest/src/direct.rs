@@ -242,13 +242,24 @@ async fn load_pending(state: &IngestState, id: Uuid) -> Result<PendingUpload, Ap
     serde_json::from_slice(&bytes).map_err(ApiError::internal)
 }
 
-/// Reads and drops the rest of a refused body (up to `cap` bytes) before answering: a client
-/// still sending would otherwise see its connection reset instead of the status.
-async fn refuse(data: &mut axum::body::BodyDataStream, cap: u64, error: ApiError) -> ApiError {
+/// Most of a refused body read and dropped before answering. A client still sending would
+/// otherwise see its connection reset instead of the status; past this, a reset it is.
+const REFUSED_BODY_DRAIN: u64 = 256 << 10;
+
+/// Answers `error` without reading the body when the client waits for the go-ahead
+/// (`Expect: 100-continue`), and after draining at most [`REFUSED_BODY_DRAIN`] otherwise.
+async fn refuse(
+    data: &mut axum::body::BodyDataStream,
+    expects_continue: bool,
+    error: ApiError,
+) -> ApiError {
+    if expects_continue {
+        return error;
+    }
     let mut read = 0u64;
     while let Some(Ok(chunk)) = data.next().await {
         read += chunk.len() as u64;
-        if read > cap {
+        if read > REFUSED_BODY_DRAIN {
             break;
         }
     }
@@ -273,10 +284,12 @@ pub(crate) async fn put_data(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let mut data = body.into_data_stream();
-    let cap = state.limits.max_upload_bytes;
+    let expects_continue = headers
+        .get(axum::http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let forbidden = || ApiError::forbidden("the upload URL's signature is invalid or has expired");
     let Ok(Query(signed)) = signed else {
-        return Err(refuse(&mut data, cap, forbidden()).await);
+        return Err(refuse(&mut data, expects_continue, forbidden()).await);
     };
     let message = upload_message(id, signed.expires);
     if !signing::verify(
@@ -286,21 +299,21 @@ pub(crate) async fn put_data(
         &signed.sig,
         signed.expires,
     ) {
-        return Err(refuse(&mut data, cap, forbidden()).await);
+        return Err(refuse(&mut data, expects_continue, forbidden()).await);
     }
     let pending = match load_pending(&state, id).await {
         Ok(p) => p,
-        Err(e) => return Err(refuse(&mut data, cap, e).await),
+        Err(e) => return Err(refuse(&mut data, expects_continue, e).await),
     };
     if is_claimed(&state, id).await? {
-        return Err(refuse(&mut data, cap, completing()).await);
+        return Err(refuse(&mut data, expects_continue, completing()).await);
     }
     let declared_too_small = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|length| length > pending.bytes);
     if declared_too_small {
-        return Err(refuse(&mut data, cap, too_large(pending.bytes)).await);
+        return Err(refuse(&mut data, expects_continue, too_large(pending.bytes)).await);
     }
     let limit = pending.bytes;
     let mut seen = 0u64;

@@ -6,6 +6,7 @@
 //! is `MediaUploaded` appended, and only once that append is durable does the client get 202.
 
 pub mod direct;
+mod events;
 mod upload;
 
 use std::sync::Arc;
@@ -13,16 +14,16 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use conveyor_platform::config::{AuthSettings, Limits, Settings, UploadSettings};
 use conveyor_platform::events::to_record;
-use conveyor_platform::http::{ApiError, bearer, parse_json, require_json};
+use conveyor_platform::http::{ApiError, bearer, content_length_over};
 use conveyor_platform::{Backends, VersionClock};
 use conveyor_schemas::{
     Envelope, Event, MediaDeleted, MediaUploaded, MediaUploadedWithVisibility, Visibility,
 };
-use serde::Deserialize;
 use uuid::Uuid;
 
 /// What the ingest handlers share.
@@ -82,25 +83,86 @@ pub fn delete_router(state: Arc<IngestState>) -> Router {
         .with_state(state)
 }
 
+/// Bodies of the JSON routes (`/v1/events`, `/v1/uploads`, completions): axum's default.
+const JSON_BODY_LIMIT: u64 = 2 << 20;
+
 /// The ingest routes.
 pub fn router(state: Arc<IngestState>) -> Router {
     // The upload handler enforces `max_upload_bytes` on the file itself while streaming; this
     // outer bound only caps the multipart envelope around it.
-    let body_limit = state.limits.max_upload_bytes.saturating_add(1 << 20) as usize;
+    let body_limit = state.limits.max_upload_bytes.saturating_add(1 << 20);
+    let client = |limit| Gate {
+        state: state.clone(),
+        key: KeyKind::Client,
+        limit,
+    };
+    let service = Gate {
+        state: state.clone(),
+        key: KeyKind::Service,
+        limit: JSON_BODY_LIMIT,
+    };
     Router::new()
         .route(
             "/v1/media",
-            post(upload::upload).layer(DefaultBodyLimit::max(body_limit)),
+            post(upload::upload)
+                .layer(DefaultBodyLimit::max(body_limit as usize))
+                .route_layer(from_fn_with_state(client(body_limit), gate)),
         )
         .route("/v1/media/{id}", delete(delete_media))
-        .route("/v1/events", post(post_events))
-        .route("/v1/uploads", post(direct::create))
+        .route(
+            "/v1/events",
+            post(events::post_events).route_layer(from_fn_with_state(service, gate)),
+        )
+        .route(
+            "/v1/uploads",
+            post(direct::create).route_layer(from_fn_with_state(client(JSON_BODY_LIMIT), gate)),
+        )
         .route(
             "/v1/uploads/{id}/data",
-            axum::routing::put(direct::put_data).layer(DefaultBodyLimit::max(body_limit)),
+            axum::routing::put(direct::put_data).layer(DefaultBodyLimit::max(body_limit as usize)),
         )
-        .route("/v1/uploads/{id}/complete", post(direct::complete))
+        .route(
+            "/v1/uploads/{id}/complete",
+            post(direct::complete).route_layer(from_fn_with_state(client(JSON_BODY_LIMIT), gate)),
+        )
         .with_state(state)
+}
+
+#[derive(Clone, Copy)]
+enum KeyKind {
+    Client,
+    Service,
+}
+
+/// What a route asks of a request before its body is read.
+#[derive(Clone)]
+struct Gate {
+    state: Arc<IngestState>,
+    key: KeyKind,
+    /// Largest body, in bytes.
+    limit: u64,
+}
+
+/// Refuses a request without a valid key (401) or with a declared `Content-Length` over the
+/// route's limit (413) from its headers alone: no byte of its body is read, and a client that
+/// sent `Expect: 100-continue` never gets the go-ahead.
+async fn gate(
+    State(gate): State<Gate>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let authorized = match gate.key {
+        KeyKind::Client => gate.state.owner(headers).is_ok(),
+        KeyKind::Service => gate.state.service(headers).is_ok(),
+    };
+    if !authorized {
+        return ApiError::unauthorized().into_response();
+    }
+    if let Some(too_large) = content_length_over(headers, gate.limit) {
+        return too_large.into_response();
+    }
+    next.run(request).await
 }
 
 /// A stored upload, ready to become `MediaUploaded`.
@@ -199,60 +261,4 @@ async fn delete_media(
     state.append(std::slice::from_ref(&event)).await?;
     let body = serde_json::json!({ "id": id, "status": "deleted" });
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
-}
-
-/// An event from an internal producer. Conveyor assigns the version and time; the producer
-/// may give an `event_id` to make retries of its own idempotent.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IncomingEvent {
-    aggregate_id: Uuid,
-    #[serde(default)]
-    event_id: Option<Uuid>,
-    payload: Event,
-}
-
-async fn post_events(
-    State(state): State<Arc<IngestState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let service = state.service(&headers)?;
-    require_json(&headers)?;
-    // One event, or an array of them appended together.
-    let incoming: Vec<IncomingEvent> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') => parse_json(&body)?,
-        _ => vec![parse_json(&body)?],
-    };
-    if incoming.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "no events given"));
-    }
-    let mut events = Vec::with_capacity(incoming.len());
-    for (i, e) in incoming.into_iter().enumerate() {
-        if !matches!(e.payload, Event::MediaDescribed(_) | Event::MediaDeleted(_)) {
-            return Err(ApiError::bad_request(
-                "invalid_event",
-                format!(
-                    "[{i}].payload: internal producers may send MediaDescribed or MediaDeleted, not {}",
-                    e.payload.type_name()
-                ),
-            ));
-        }
-        let mut envelope = Envelope::new(e.aggregate_id, state.clock.next(), &service, e.payload);
-        if let Some(id) = e.event_id {
-            envelope.event_id = id;
-        }
-        events.push(envelope);
-    }
-    let positions = state.append(&events).await?;
-    let accepted: Vec<serde_json::Value> = events
-        .iter()
-        .zip(positions)
-        .map(|(e, p)| serde_json::json!({ "event_id": e.event_id, "aggregate_id": e.aggregate_id, "partition": p.partition, "offset": p.offset }))
-        .collect();
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(serde_json::json!({ "accepted": accepted })),
-    )
-        .into_response())
 }

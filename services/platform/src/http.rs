@@ -146,7 +146,7 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// `payload.MediaDescribed.tags: invalid type: string "x", expected a sequence`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = if path == "." || path.is_empty() {
@@ -155,7 +155,15 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("{path}: {inner}")
         };
         ApiError::bad_request("invalid_json", message)
-    })
+    })?;
+    // One document per body: anything after it but whitespace is refused, not ignored.
+    de.end().map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("trailing input after the JSON document: {e}"),
+        )
+    })?;
+    Ok(value)
 }
 
 /// Records request count and latency per route and status class.
@@ -235,6 +243,83 @@ async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
 /// Unknown routes get the same JSON error shape as everything else.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
+}
+
+/// Makes every error response JSON. The framework answers some requests before any handler
+/// runs (a path segment that is not UTF-8, a body over its route's limit, a wrong method), in
+/// plain text or with no body at all; this rewrites those as `{"error": {"code", "message"}}`
+/// with the same status and headers (`Allow` on a 405 among them). Responses that are JSON
+/// already pass untouched.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // The framework's rejection texts are one line; anything longer is cut, not buffered.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    };
+    let allow = parts
+        .headers
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let message = match (text.is_empty(), allow) {
+        (false, _) => text,
+        (true, Some(allow)) => format!("this route takes {allow}"),
+        (true, None) => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase(),
+    };
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}
+
+/// Refuses a request whose declared `Content-Length` is over `limit` bytes with 413, before
+/// any of its body is read (and before a client that sent `Expect: 100-continue` is told to
+/// go on). A body without a length is still cut at `limit` while it streams.
+pub fn content_length_over(headers: &HeaderMap, limit: u64) -> Option<ApiError> {
+    let length = headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    (length > limit).then(|| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body of {length} bytes is over this route's limit of {limit} bytes"),
+        )
+    })
 }
 
 /// The owner a client key belongs to, from `Authorization: Bearer <key>`.

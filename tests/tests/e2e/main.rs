@@ -6,6 +6,7 @@ mod crash;
 mod dead_letters;
 mod delivery;
 mod direct_uploads;
+mod hostile;
 mod outages;
 mod photos;
 mod pipeline;

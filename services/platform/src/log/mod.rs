@@ -30,7 +30,9 @@ impl Record {
 }
 
 /// Where an appended record landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Position {
     pub partition: u32,
     pub offset: u64,

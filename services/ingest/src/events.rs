@@ -1,0 +1,309 @@
+//! `POST /v1/events`: internal producers describe and delete media.
+//!
+//! - **Strict.** Only the two events producers own are accepted, and an unknown field anywhere
+//!   is a 400 naming its JSON path: a misspelt `"titel"` must not read as "no title" and wipe
+//!   the item's description.
+//! - **Idempotent by `event_id`.** The first request with an `event_id` leaves a receipt
+//!   (`events/{event_id}.json` in the object store, claimed with
+//!   [`ObjectStore::put_if_absent`], so it holds across every edge replica): a fingerprint of
+//!   what was sent and where it was appended. The same id with the same event answers with
+//!   that first result and appends nothing; the same id with a different event is a 409.
+//!
+//! [`ObjectStore::put_if_absent`]: conveyor_platform::ObjectStore::put_if_absent
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use conveyor_platform::clock::now_micros;
+use conveyor_platform::http::{ApiError, parse_json, require_json};
+use conveyor_platform::log::Position;
+use conveyor_platform::objects::ObjectError;
+use conveyor_schemas::{Envelope, Event, MediaDeleted, MediaDescribed};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::IngestState;
+
+/// An event from an internal producer. Conveyor assigns the version and time; the producer
+/// may give an `event_id` to make retries of its own idempotent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingEvent {
+    aggregate_id: Uuid,
+    #[serde(default)]
+    event_id: Option<Uuid>,
+    payload: ProducerEvent,
+}
+
+/// The events producers own, in the log's JSON layout, refusing fields the log's types lack.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+enum ProducerEvent {
+    MediaDescribed(Described),
+    MediaDeleted(Deleted),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Described {
+    title: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Deleted {
+    deleted_by: String,
+}
+
+impl From<ProducerEvent> for Event {
+    fn from(event: ProducerEvent) -> Event {
+        match event {
+            ProducerEvent::MediaDescribed(d) => Event::MediaDescribed(MediaDescribed {
+                title: d.title,
+                description: d.description,
+                tags: d.tags,
+            }),
+            ProducerEvent::MediaDeleted(d) => Event::MediaDeleted(MediaDeleted {
+                deleted_by: d.deleted_by,
+            }),
+        }
+    }
+}
+
+/// What the first request with an `event_id` left behind.
+#[derive(Debug, Serialize, Deserialize)]
+struct Receipt {
+    /// sha256 over the producer, the aggregate and the event, as sent.
+    fingerprint: String,
+    aggregate_id: Uuid,
+    /// Where it was appended; `None` while the first request is still appending.
+    position: Option<Position>,
+    /// When the receipt was claimed, in microseconds since the epoch.
+    claimed_at: i64,
+}
+
+/// A receipt without a position older than this was left by a request that died before its
+/// append; a retry takes it over. Appends time out well within it (`log.append_timeout_ms`).
+const ABANDONED_AFTER_MICROS: i64 = 60_000_000;
+
+fn receipt_key(event_id: Uuid) -> String {
+    format!("events/{event_id}.json")
+}
+
+fn fingerprint(service: &str, event: &IncomingEvent) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(service.as_bytes());
+    hasher.update([0]);
+    hasher.update(event.aggregate_id.as_bytes());
+    hasher.update(serde_json::to_vec(&event.payload).expect("events serialize"));
+    hex::encode(hasher.finalize())
+}
+
+fn conflict(i: usize, event_id: Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "event_id_conflict",
+        format!("[{i}].event_id: {event_id} was already used for a different event"),
+    )
+}
+
+fn in_progress(i: usize, event_id: Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "event_in_progress",
+        format!("[{i}].event_id: a request with {event_id} is still appending it; retry shortly"),
+    )
+}
+
+/// One event's fate in this request.
+enum Fate {
+    /// Appended now; its receipt (if it has an `event_id`) is to be completed.
+    New(Envelope, Option<(Uuid, String)>),
+    /// Appended by an earlier request with the same `event_id` and the same event.
+    Replayed(Uuid, Uuid, Position),
+}
+
+pub(crate) async fn post_events(
+    State(state): State<Arc<IngestState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let service = state.service(&headers)?;
+    require_json(&headers)?;
+    // One event, or an array of them appended together.
+    let incoming: Vec<IncomingEvent> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => parse_json(&body)?,
+        _ => vec![parse_json(&body)?],
+    };
+    if incoming.is_empty() {
+        return Err(ApiError::bad_request("invalid_json", "no events given"));
+    }
+    let mut seen = HashSet::new();
+    for (i, e) in incoming.iter().enumerate() {
+        if let Some(id) = e.event_id.filter(|id| !seen.insert(*id)) {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                format!("[{i}].event_id: {id} appears twice in this request"),
+            ));
+        }
+    }
+    let mut fates = Vec::with_capacity(incoming.len());
+    let mut claimed = Vec::new();
+    for (i, e) in incoming.into_iter().enumerate() {
+        let fate = match e.event_id {
+            None => Ok(Fate::New(
+                Envelope::new(
+                    e.aggregate_id,
+                    state.clock.next(),
+                    &service,
+                    e.payload.into(),
+                ),
+                None,
+            )),
+            Some(event_id) => claim(&state, i, event_id, &service, e).await,
+        };
+        match fate {
+            Ok(fate) => {
+                if let Fate::New(_, Some((id, _))) = &fate {
+                    claimed.push(*id);
+                }
+                fates.push(fate);
+            }
+            Err(e) => {
+                release(&state, &claimed).await;
+                return Err(e);
+            }
+        }
+    }
+    let new: Vec<Envelope> = fates
+        .iter()
+        .filter_map(|f| match f {
+            Fate::New(envelope, _) => Some(envelope.clone()),
+            Fate::Replayed(..) => None,
+        })
+        .collect();
+    let mut positions = match state.append(&new).await {
+        Ok(positions) => positions.into_iter(),
+        Err(e) => {
+            release(&state, &claimed).await;
+            return Err(e);
+        }
+    };
+    let mut accepted = Vec::with_capacity(fates.len());
+    for fate in fates {
+        let (event_id, aggregate_id, position, replayed) = match fate {
+            Fate::New(envelope, receipt) => {
+                let position = positions.next().expect("one position per appended event");
+                if let Some((_, fingerprint)) = receipt {
+                    complete(&state, &envelope, fingerprint, position).await?;
+                }
+                (envelope.event_id, envelope.aggregate_id, position, false)
+            }
+            Fate::Replayed(event_id, aggregate_id, position) => {
+                (event_id, aggregate_id, position, true)
+            }
+        };
+        accepted.push(serde_json::json!({
+            "event_id": event_id, "aggregate_id": aggregate_id,
+            "partition": position.partition, "offset": position.offset,
+            "replayed": replayed,
+        }));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "accepted": accepted })),
+    )
+        .into_response())
+}
+
+/// Claims `event_id` for this request, or finds the first request's result.
+async fn claim(
+    state: &IngestState,
+    i: usize,
+    event_id: Uuid,
+    service: &str,
+    event: IncomingEvent,
+) -> Result<Fate, ApiError> {
+    let objects = &state.backends.objects;
+    let key = receipt_key(event_id);
+    let fingerprint = fingerprint(service, &event);
+    let receipt = Receipt {
+        fingerprint: fingerprint.clone(),
+        aggregate_id: event.aggregate_id,
+        position: None,
+        claimed_at: now_micros(),
+    };
+    let body = Bytes::from(serde_json::to_vec(&receipt).expect("receipts serialize"));
+    for _ in 0..2 {
+        if objects
+            .put_if_absent(&key, body.clone())
+            .await
+            .map_err(ApiError::backend)?
+        {
+            let mut envelope = Envelope::new(
+                event.aggregate_id,
+                state.clock.next(),
+                service,
+                event.payload.into(),
+            );
+            envelope.event_id = event_id;
+            return Ok(Fate::New(envelope, Some((event_id, fingerprint))));
+        }
+        let existing = match objects.get_bytes(&key).await {
+            Ok(bytes) => bytes,
+            // Released between our claim and our read: claim again.
+            Err(ObjectError::NotFound) => continue,
+            Err(e) => return Err(ApiError::backend(e)),
+        };
+        let existing: Receipt = serde_json::from_slice(&existing).map_err(ApiError::internal)?;
+        if existing.fingerprint != fingerprint {
+            return Err(conflict(i, event_id));
+        }
+        match existing.position {
+            Some(position) => return Ok(Fate::Replayed(event_id, existing.aggregate_id, position)),
+            None if now_micros() - existing.claimed_at > ABANDONED_AFTER_MICROS => {
+                objects.delete(&key).await.map_err(ApiError::backend)?;
+            }
+            None => return Err(in_progress(i, event_id)),
+        }
+    }
+    Err(in_progress(i, event_id))
+}
+
+/// Records where a claimed event landed, so that a retry answers with it.
+async fn complete(
+    state: &IngestState,
+    envelope: &Envelope,
+    fingerprint: String,
+    position: Position,
+) -> Result<(), ApiError> {
+    let receipt = Receipt {
+        fingerprint,
+        aggregate_id: envelope.aggregate_id,
+        position: Some(position),
+        claimed_at: now_micros(),
+    };
+    let body = Bytes::from(serde_json::to_vec(&receipt).expect("receipts serialize"));
+    state
+        .backends
+        .objects
+        .put_bytes(&receipt_key(envelope.event_id), body)
+        .await
+        .map_err(ApiError::backend)?;
+    Ok(())
+}
+
+/// Gives up this request's claims after a failure, so that a retry can take them.
+async fn release(state: &IngestState, claimed: &[Uuid]) {
+    for id in claimed {
+        let _ = state.backends.objects.delete(&receipt_key(*id)).await;
+    }
+}

@@ -1,0 +1,224 @@
+//! A hostile but realistic client, as reported against this API: events that lie about their
+//! fields or come twice, bodies that are too big or never meant to be read, and the requests
+//! the framework answers before any handler runs. Each test is one reported fault.
+
+use std::time::Duration;
+
+use conveyor_tests::helpers::{ALICE, SERVICE, TestApp, spawn_app};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn post_events(app: &TestApp, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    let response = app
+        .client
+        .post(app.url("/v1/events"))
+        .bearer_auth(SERVICE)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn described(id: &str, title: &str) -> Value {
+    json!({"aggregate_id": id, "payload": {"MediaDescribed": {"title": title, "description": null, "tags": []}}})
+}
+
+/// Reported: `"titel"` was ignored, and the event wiped the title, description and tags;
+/// trailing bytes after the document were accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_and_trailing_input_are_400s_that_name_them() {
+    let app = spawn_app().await;
+    let id = "0190f0e0-0000-7000-8000-0000000000a1";
+    let before = app.log_records().await;
+    let misspelt = json!({"aggregate_id": id, "payload": {"MediaDescribed": {"titel": "harbour"}}});
+    let (status, body) = post_events(&app, misspelt.to_string()).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("payload.MediaDescribed") && message.contains("titel"),
+        "{message}"
+    );
+    let extra_top = json!({"aggregate_id": id, "payload": {"MediaDeleted": {"deleted_by": "x"}}, "priority": 1});
+    let (status, body) = post_events(&app, extra_top.to_string()).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("priority"),
+        "{body}"
+    );
+    let in_array = json!([described(id, "a"), {"aggregate_id": id, "payload": {"MediaDeleted": {"deleted_by": "x", "why": "y"}}}]);
+    let (status, body) = post_events(&app, in_array.to_string()).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("[1].payload.MediaDeleted"),
+        "{body}"
+    );
+    let trailing = format!("{} {{\"more\": true}}", described(id, "a"));
+    let (status, body) = post_events(&app, trailing).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("trailing"),
+        "{body}"
+    );
+    assert_eq!(app.log_records().await, before, "nothing appended");
+}
+
+/// Reported: a repeated `event_id` was appended again, and an older event sent again
+/// overwrote a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_id_is_appended_once_and_a_different_event_under_it_is_409() {
+    let app = spawn_app().await;
+    let media = app
+        .upload(ALICE, conveyor_tests::images::jpeg(64, 64, 90), None)
+        .await;
+    let id = media.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_processed(&id).await;
+    let first_id = "0190f0e0-0000-7000-8000-0000000000b1";
+    let mut first = described(&id, "older");
+    first["event_id"] = json!(first_id);
+    let mut second = described(&id, "newer");
+    second["event_id"] = json!("0190f0e0-0000-7000-8000-0000000000b2");
+
+    let (status, original) = post_events(&app, first.to_string()).await;
+    assert_eq!(status, 202, "{original}");
+    assert_eq!(original["accepted"][0]["replayed"], false);
+    assert_eq!(post_events(&app, second.to_string()).await.0, 202);
+    app.wait_for_title(&id, "newer").await;
+    let records = app.log_records().await;
+
+    // The older event again: the first append's answer, nothing appended, nothing changed.
+    let (status, again) = post_events(&app, first.to_string()).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["accepted"][0]["replayed"], true);
+    for field in ["event_id", "partition", "offset"] {
+        assert_eq!(
+            again["accepted"][0][field], original["accepted"][0][field],
+            "{field}"
+        );
+    }
+    app.wait_caught_up().await;
+    assert_eq!(app.log_records().await, records);
+    assert_eq!(app.media(&id).await.1["title"], "newer");
+
+    // The same id for another event.
+    let mut forged = described(&id, "something else");
+    forged["event_id"] = json!(first_id);
+    let (status, body) = post_events(&app, forged.to_string()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("event_id_conflict"))
+    );
+    // Twice in one request.
+    let (status, _) = post_events(&app, json!([first.clone(), first]).to_string()).await;
+    assert_eq!(status, 400);
+}
+
+/// Reported: a `%ff` in a path got 400 in text/plain, an over-limit event body 413 in
+/// text/plain, and a wrong method 405 with an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_is_json_with_the_right_status() {
+    let app = spawn_app().await;
+    let check = |response: reqwest::Response, status: u16, code: &'static str| async move {
+        assert_eq!(response.status().as_u16(), status);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let allow = response.headers().get("allow").cloned();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+        allow
+    };
+    let bad_path = app
+        .client
+        .get(app.url("/v1/media/%ff"))
+        .send()
+        .await
+        .unwrap();
+    check(bad_path, 400, "bad_request").await;
+    let unknown = app.client.get(app.url("/v1/nothing")).send().await.unwrap();
+    check(unknown, 404, "not_found").await;
+    let wrong_method = app
+        .client
+        .patch(app.url("/v1/media/0190f0e0-0000-7000-8000-000000000001"))
+        .send()
+        .await
+        .unwrap();
+    let allow = check(wrong_method, 405, "method_not_allowed").await;
+    assert!(allow.is_some_and(|a| a.to_str().unwrap().contains("GET")));
+    let big = vec![b' '; 3 << 20];
+    let no_key = app
+        .client
+        .post(app.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    check(no_key, 401, "unauthorized").await;
+    let over = app
+        .client
+        .post(app.url("/v1/events"))
+        .bearer_auth(SERVICE)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    check(over, 413, "too_large").await;
+}
+
+/// Sends only a request's head, as a client that waits for `100 Continue` does, and returns
+/// the status line the server answers with.
+async fn status_before_body(app: &TestApp, head: &str) -> String {
+    let address = app.address.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Reported: over-limit bodies were read before they were refused, even from clients without
+/// a key and even with `Expect: 100-continue`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_declared_lengths_are_checked_before_the_body() {
+    let app = spawn_app_with_small_uploads().await;
+    let head = |key: Option<&str>, length: u64| {
+        let auth = key
+            .map(|k| format!("Authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "POST /v1/media HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        )
+    };
+    let no_key = status_before_body(&app, &head(None, 200 << 20)).await;
+    assert!(no_key.starts_with("HTTP/1.1 401"), "{no_key}");
+    let over = status_before_body(&app, &head(Some(ALICE), 200 << 20)).await;
+    assert!(over.starts_with("HTTP/1.1 413"), "{over}");
+    let fine = status_before_body(&app, &head(Some(ALICE), 1000)).await;
+    assert!(
+        fine.starts_with("HTTP/1.1 100"),
+        "a body within the limit is asked for: {fine}"
+    );
+}
+
+async fn spawn_app_with_small_uploads() -> TestApp {
+    conveyor_tests::helpers::spawn_app_with(|s| s.limits.max_upload_bytes = 1 << 20).await
+}
