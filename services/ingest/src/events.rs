@@ -126,7 +126,7 @@ fn in_progress(i: usize, event_id: Uuid) -> ApiError {
 /// One event's fate in this request.
 enum Fate {
     /// Appended now; its receipt (if it has an `event_id`) is to be completed.
-    New(Envelope, Option<(Uuid, String)>),
+    New(Box<Envelope>, Option<(Uuid, String)>),
     /// Appended by an earlier request with the same `event_id` and the same event.
     Replayed(Uuid, Uuid, Position),
 }
@@ -186,7 +186,7 @@ pub(crate) async fn post_events(
     let new: Vec<Envelope> = fates
         .iter()
         .filter_map(|f| match f {
-            Fate::New(envelope, _) => Some(envelope.clone()),
+            Fate::New(envelope, _) => Some(Envelope::clone(envelope)),
             Fate::Replayed(..) => None,
         })
         .collect();
@@ -255,7 +255,7 @@ async fn claim(
                 event.payload.into(),
             );
             envelope.event_id = event_id;
-            return Ok(Fate::New(envelope, Some((event_id, fingerprint))));
+            return Ok(Fate::New(Box::new(envelope), Some((event_id, fingerprint))));
         }
         let existing = match objects.get_bytes(&key).await {
             Ok(bytes) => bytes,

@@ -7,6 +7,7 @@
 
 pub mod direct;
 mod events;
+mod multipart_guard;
 mod upload;
 
 use std::sync::Arc;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{Multipart, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use conveyor_platform::media::{ACCEPTED, MediaType, SNIFF_BYTES};
@@ -21,12 +21,34 @@ use conveyor_platform::http::ApiError;
 const MAX_TITLE: usize = 500;
 pub(crate) async fn upload(
     State(state): State<Arc<IngestState>>,
-    headers: HeaderMap,
-    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    use axum::extract::FromRequest;
+    let headers = request.headers().clone();
     let owner = state.owner(&headers)?;
-    let mut multipart =
-        multipart.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+    // The body passes through the guard, which bounds what the parser buffers.
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::multipart_guard::boundary)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_multipart",
+                "expected `Content-Type: multipart/form-data; boundary=…`",
+            )
+        })?;
+    let violation = Arc::new(std::sync::OnceLock::new());
+    let (parts, body) = request.into_parts();
+    let guarded =
+        crate::multipart_guard::Guard::new(body.into_data_stream(), &boundary, violation.clone());
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(guarded));
+    let mut multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+    let multipart_error = |e: MultipartError| match violation.get() {
+        Some(v) => ApiError::bad_request("invalid_multipart", v.message()),
+        None => multipart_error(e),
+    };
     let mut stored: Option<Stored> = None;
     let mut title: Option<String> = None;
     let mut visibility = Visibility::Public;
@@ -115,6 +137,14 @@ fn multipart_error(e: MultipartError) -> ApiError {
     let status = e.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(status, "too_large", "the upload is over the size limit");
+    }
+    // axum calls a body that could not be read (it ended before its declared length, or the
+    // client went away) a 500. It is the client's: a 400, logged as one.
+    if status.is_server_error() {
+        return ApiError::bad_request(
+            "incomplete_body",
+            "the request body ended early or broke off before the upload was complete",
+        );
     }
     ApiError::new(status, "invalid_multipart", e.body_text())
 }
