@@ -160,12 +160,12 @@ pub(crate) async fn post_events(
     for (i, e) in incoming.into_iter().enumerate() {
         let fate = match e.event_id {
             None => Ok(Fate::New(
-                Envelope::new(
+                Box::new(Envelope::new(
                     e.aggregate_id,
                     state.clock.next(),
                     &service,
                     e.payload.into(),
-                ),
+                )),
                 None,
             )),
             Some(event_id) => claim(&state, i, event_id, &service, e).await,
