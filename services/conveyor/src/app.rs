@@ -269,12 +269,18 @@ impl App {
             router,
             shutdown,
             workers,
+            settings,
             ..
         } = self;
+        let self_settings_http = settings.http.clone();
         let token = shutdown.token.clone();
-        let server =
-            axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
-        let server = tokio::spawn(async move { server.await });
+        let http = self_settings_http;
+        let server = {
+            let token = token.clone();
+            tokio::spawn(async move {
+                conveyor_platform::http::serve(listener, router, &http, token).await
+            })
+        };
         let mut failure = None;
         tokio::select! {
             _ = token.cancelled() => {}

@@ -18,6 +18,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The address the HTTP edge listens on. Port 0 picks a free port.
     pub listen: SocketAddr,
+    pub http: HttpSettings,
     pub log: LogSettings,
     pub objects: ObjectSettings,
     pub views: ViewSettings,
@@ -353,6 +354,7 @@ impl Default for Settings {
         Settings {
             data_dir: PathBuf::from("data"),
             listen: "127.0.0.1:8080".parse().expect("valid default address"),
+            http: HttpSettings::default(),
             log: LogSettings::default(),
             objects: ObjectSettings::default(),
             views: ViewSettings::default(),
@@ -366,6 +368,40 @@ impl Default for Settings {
             query: QuerySettings::default(),
             cdn: CdnSettings::default(),
             telemetry: TelemetrySettings::default(),
+        }
+    }
+}
+
+/// What the HTTP edge allows a client connection, so that idle, slow or half-sent requests
+/// cannot hold it open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// How long a client may take to send a request's head, in milliseconds. hyper starts the
+    /// clock when it waits for a head, so this is also how long an idle keep-alive connection
+    /// stays open: a load balancer in front should close idle connections sooner (AWS ALB's
+    /// default of 60 s must be lowered). 30 s is hyper's own default; nginx waits 60 s.
+    pub header_read_timeout_ms: u64,
+    /// Longest wait for the next chunk of a request body, in milliseconds, after which the
+    /// request fails: an upload that stalls is cut off rather than held. (tower-http's
+    /// `RequestBodyTimeout`.)
+    pub body_idle_timeout_ms: u64,
+    /// Most client connections open at once; past it, new ones are closed at once (and
+    /// counted in `conveyor_connections_refused_total`). Each costs a task and its buffers;
+    /// keep it under the process's file-descriptor limit.
+    pub max_connections: usize,
+    /// How long a shutdown waits for open requests before closing their connections, in
+    /// milliseconds.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_read_timeout_ms: 30_000,
+            body_idle_timeout_ms: 30_000,
+            max_connections: 4_096,
+            drain_timeout_ms: 30_000,
         }
     }
 }

@@ -372,3 +372,83 @@ mod tests {
         );
     }
 }
+
+/// Serves `router` on `listener` until `stop`, then drains: open requests get
+/// `drain_timeout_ms` to finish. Unlike `axum::serve`, connections are held to `settings`:
+/// a deadline on every request head (which also closes idle keep-alive connections), a
+/// deadline between body chunks, and a cap on open connections.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    settings: &crate::config::HttpSettings,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        std::time::Duration::from_millis(settings.body_idle_timeout_ms.max(1)),
+    ));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_millis(
+            settings.header_read_timeout_ms.max(1),
+        ));
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections.max(1)));
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // wait a moment rather than spin.
+                    tracing::warn!(error = %e, "failed to accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("conveyor_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let header_read_timeout =
+            std::time::Duration::from_millis(settings.header_read_timeout_ms.max(1));
+        let service =
+            hyper_util::service::TowerToHyperService::new(router.clone().map_request(
+                |r: hyper::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+            ));
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            // hyper's head deadline starts once it reads; a connection that never sends its
+            // first byte (while the HTTP/1 or HTTP/2 preface is sniffed) is held to it here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let _ = watcher.watch(connection).await;
+        });
+    }
+    drop(listener);
+    let drain = std::time::Duration::from_millis(settings.drain_timeout_ms);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still open after the drain timeout; closing their connections");
+    }
+    Ok(())
+}

@@ -347,3 +347,92 @@ async fn bodies_whose_boundary_never_comes_are_cut_off_with_bounded_memory() {
         "8 × 24 MB without a boundary grew the RSS by {growth_mib} MiB"
     );
 }
+
+/// Whether the server closed `stream` within `within`: a read that ends (0 bytes) or fails.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buffer = [0u8; 256];
+    loop {
+        match tokio::time::timeout(within, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A 408 or similar before the close: keep reading to the end.
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Reported: no header-read timeout, no idle timeout and no cap on connections; 2,000 idle
+/// connections and 500 half-sent headers stayed open for as long as the client wanted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_are_closed_while_clients_are_served() {
+    let app = conveyor_tests::helpers::spawn_app_with(|s| {
+        s.http.header_read_timeout_ms = 1_000;
+    })
+    .await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for i in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        if i % 2 == 1 {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(stream);
+    }
+    // A keep-alive connection that went quiet after a request.
+    let mut kept = tokio::net::TcpStream::connect(&address).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: kept\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 512];
+    let n = kept.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    idle.push(kept);
+    // A normal client is served throughout.
+    for _ in 0..5 {
+        let (status, _) = app.get_json("/healthz").await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, stream) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, Duration::from_secs(5)).await,
+            "connection {i} ({}) still open",
+            match i {
+                20 => "keep-alive, quiet",
+                i if i % 2 == 1 => "half a head",
+                _ => "idle",
+            }
+        );
+    }
+    assert_eq!(app.get_json("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_at_once() {
+    let app = conveyor_tests::helpers::spawn_app_with(|s| {
+        s.http.max_connections = 8;
+        s.http.header_read_timeout_ms = 10_000;
+    })
+    .await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ninth = tokio::net::TcpStream::connect(&address).await.unwrap();
+    assert!(
+        closed_within(&mut ninth, Duration::from_secs(2)).await,
+        "the ninth connection is closed long before the 10 s head deadline"
+    );
+    drop(held);
+    // The slots free up as their connections close.
+    let served = conveyor_tests::helpers::wait_until(Duration::from_secs(5), || async {
+        (app.get_json("/healthz").await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(served.is_some());
+}
