@@ -352,27 +352,6 @@ pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
         })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn an_unavailable_backend_is_a_json_503_with_retry_after() {
-        let response = ApiError::unavailable(anyhow::anyhow!("broker down")).into_response();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()[header::RETRY_AFTER], RETRY_AFTER_SECS);
-        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
-            .await
-            .unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(body["error"]["code"], "unavailable");
-        assert!(
-            !body.to_string().contains("broker down"),
-            "the cause is logged, never sent"
-        );
-    }
-}
-
 /// Serves `router` on `listener` until `stop`, then drains: open requests get
 /// `drain_timeout_ms` to finish. Unlike `axum::serve`, connections are held to `settings`:
 /// a deadline on every request head (which also closes idle keep-alive connections), a
@@ -451,4 +430,25 @@ pub async fn serve(
         tracing::warn!("requests still open after the drain timeout; closing their connections");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unavailable_backend_is_a_json_503_with_retry_after() {
+        let response = ApiError::unavailable(anyhow::anyhow!("broker down")).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], RETRY_AFTER_SECS);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "unavailable");
+        assert!(
+            !body.to_string().contains("broker down"),
+            "the cause is logged, never sent"
+        );
+    }
 }
