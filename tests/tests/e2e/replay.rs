@@ -101,7 +101,13 @@ async fn a_replay_under_read_load_rebuilds_the_same_model(app: TestApp) {
                     "/v1/owners/alice/media?limit=5".to_owned(),
                     "/v1/owners/alice/stats".to_owned(),
                 ] {
-                    let response = client.get(format!("{base}{path}")).send().await.unwrap();
+                    // Alice's key: her stats are hers alone.
+                    let response = client
+                        .get(format!("{base}{path}"))
+                        .bearer_auth(ALICE)
+                        .send()
+                        .await
+                        .unwrap();
                     assert_eq!(response.status(), 200, "{path} answers during the replay");
                     reads.fetch_add(1, Ordering::Relaxed);
                 }
