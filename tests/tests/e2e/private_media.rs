@@ -6,13 +6,12 @@ use conveyor_tests::helpers::{ALICE, BOB, spawn_app};
 use conveyor_tests::images;
 use serde_json::Value;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn private_media_is_served_only_through_valid_signed_urls() {
-    let app = spawn_app().await;
+/// Uploads `file` as Alice's private media; returns its id.
+async fn upload_private(app: &conveyor_tests::helpers::TestApp, file: Vec<u8>) -> String {
     let form = reqwest::multipart::Form::new()
         .part(
             "file",
-            reqwest::multipart::Part::bytes(images::jpeg(500, 400, 41)).file_name("p.jpg"),
+            reqwest::multipart::Part::bytes(file).file_name("p.jpg"),
         )
         .text("visibility", "private");
     let response = app
@@ -24,10 +23,16 @@ async fn private_media_is_served_only_through_valid_signed_urls() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
+    response.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_media_is_served_only_through_valid_signed_urls() {
+    let app = spawn_app().await;
+    let id = upload_private(&app, images::jpeg(500, 400, 41)).await;
     let media = app.wait_processed_as(Some(ALICE), &id).await;
     assert_eq!(media["status"], "processed", "{media}");
 
@@ -163,24 +168,7 @@ async fn private_media_is_served_only_through_valid_signed_urls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_media_is_absent_for_everyone_but_its_owner() {
     let app = spawn_app().await;
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(images::jpeg(300, 200, 44)).file_name("p.jpg"),
-        )
-        .text("visibility", "private");
-    let response = app
-        .client
-        .post(app.url("/v1/media"))
-        .bearer_auth(ALICE)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = upload_private(&app, images::jpeg(300, 200, 44)).await;
     let public = app.upload(ALICE, images::jpeg(120, 90, 45), None).await;
     let public_id = public.json::<Value>().await.unwrap()["id"]
         .as_str()

@@ -61,14 +61,20 @@ async fn place(tmp: &Path, target: &Path) -> std::io::Result<()> {
     sync_dir(parent).await
 }
 
+impl FsObjectStore {
+    /// A fresh path under `.tmp/`, where objects are written before they are placed.
+    fn scratch(&self) -> PathBuf {
+        self.root
+            .join(".tmp")
+            .join(uuid::Uuid::new_v4().to_string())
+    }
+}
+
 #[async_trait]
 impl ObjectStore for FsObjectStore {
     async fn put(&self, key: &str, mut body: ByteStream) -> Result<ObjectMeta, ObjectError> {
         let target = self.path(key)?;
-        let tmp = self
-            .root
-            .join(".tmp")
-            .join(uuid::Uuid::new_v4().to_string());
+        let tmp = self.scratch();
         let result = async {
             let file = tokio::fs::File::create(&tmp).await?;
             let mut writer = tokio::io::BufWriter::with_capacity(256 * 1024, file);
@@ -146,10 +152,7 @@ impl ObjectStore for FsObjectStore {
 
     async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, ObjectError> {
         let target = self.path(key)?;
-        let tmp = self
-            .root
-            .join(".tmp")
-            .join(uuid::Uuid::new_v4().to_string());
+        let tmp = self.scratch();
         // Written whole and synced first, then linked into place: link(2) fails if the target
         // exists, so the claim is exclusive and never seen half written.
         let result = async {
