@@ -332,6 +332,15 @@ pub(crate) async fn put_data(
         // A completion claimed the upload while these bytes arrived: they may or may not be
         // the ones it took, so the client is not told they were.
         Ok(_) if is_claimed(&state, id).await? => Err(completing()),
+        // The upload was completed while these bytes arrived: they go nowhere.
+        Ok(_) if load_pending(&state, id).await.is_err() => {
+            let _ = state.backends.objects.delete(&incoming_key(id)).await;
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "upload_completed",
+                "the upload was completed while these bytes arrived; they were not used",
+            ))
+        }
         Ok(meta) => Ok((
             StatusCode::OK,
             axum::Json(serde_json::json!({ "bytes": meta.size })),

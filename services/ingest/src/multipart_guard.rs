@@ -97,6 +97,9 @@ impl<S> Guard<S> {
             let rest = &window[at..];
             match self.state {
                 State::Preamble => match self.first.find(rest) {
+                    Some(i) if base + (at + i) as u64 > MAX_HEAD_BYTES as u64 => {
+                        return Some(Violation::Preamble);
+                    }
                     Some(i) => {
                         at += i + self.first.needle().len();
                         self.state = State::Headers(base + at as u64);
@@ -105,6 +108,9 @@ impl<S> Guard<S> {
                     None => break,
                 },
                 State::Headers(start) => match self.end_of_headers.find(rest) {
+                    Some(i) if base + (at + i) as u64 - start > MAX_HEAD_BYTES as u64 => {
+                        return Some(Violation::PartHeaders);
+                    }
                     Some(i) => {
                         at += i + 4;
                         self.state = State::Body;
@@ -206,6 +212,23 @@ mod tests {
         assert!(passed <= MAX_HEAD_BYTES, "{passed}");
         let (_, violation) = run(vec![b"--xyz\r\nX-Long: ", junk, junk, junk, junk, junk]).await;
         assert_eq!(violation, Some(Violation::PartHeaders));
+        // The same in one chunk that also holds the end: the bound holds however it arrives.
+        let long_preamble: &'static [u8] = Box::leak(
+            [vec![b'a'; 20_000], b"--xyz\r\n\r\nDATA\r\n--xyz--".to_vec()]
+                .concat()
+                .into_boxed_slice(),
+        );
+        assert_eq!(run(vec![long_preamble]).await.1, Some(Violation::Preamble));
+        let long_header: &'static [u8] = Box::leak(
+            [
+                b"--xyz\r\nX: ".to_vec(),
+                vec![b'h'; 17_000],
+                b"\r\n\r\nDATA".to_vec(),
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        assert_eq!(run(vec![long_header]).await.1, Some(Violation::PartHeaders));
     }
 
     #[test]

@@ -192,9 +192,22 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let objects = state.backends.objects.clone();
     let key = incoming_key.clone();
+    // Set once every chunk is sent. A channel that closes without it means the handler was
+    // dropped (the client went away mid-request): the body then ends in an error, so the
+    // store keeps nothing.
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let complete = finished.clone();
     let put = tokio::spawn(async move {
-        let body = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
+        let body = futures::stream::unfold(Some(rx), move |rx| {
+            let complete = complete.clone();
+            async move {
+                let mut rx = rx?;
+                match rx.recv().await {
+                    Some(item) => Some((item, Some(rx))),
+                    None if complete.load(std::sync::atomic::Ordering::SeqCst) => None,
+                    None => Some((Err(std::io::Error::other("the request was dropped")), None)),
+                }
+            }
         });
         objects.put(&key, Box::pin(body)).await
     });
@@ -237,6 +250,7 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
         let _ = put.await;
         return Err(e);
     }
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(tx);
     match put.await {
         Ok(Ok(_)) => {}

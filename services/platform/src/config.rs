@@ -386,6 +386,10 @@ pub struct HttpSettings {
     /// request fails: an upload that stalls is cut off rather than held. (tower-http's
     /// `RequestBodyTimeout`.)
     pub body_idle_timeout_ms: u64,
+    /// Longest a response may wait for the client to take more of it, in milliseconds. A
+    /// client that stops reading would otherwise hold its connection, and a slot under
+    /// `max_connections`, for as long as it likes.
+    pub write_stall_timeout_ms: u64,
     /// Most client connections open at once; past it, new ones are closed at once (and
     /// counted in `conveyor_connections_refused_total`). Each costs a task and its buffers;
     /// keep it under the process's file-descriptor limit.
@@ -400,6 +404,7 @@ impl Default for HttpSettings {
         HttpSettings {
             header_read_timeout_ms: 30_000,
             body_idle_timeout_ms: 30_000,
+            write_stall_timeout_ms: 30_000,
             max_connections: 4_096,
             drain_timeout_ms: 30_000,
         }

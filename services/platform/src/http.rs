@@ -375,6 +375,8 @@ pub async fn serve(
         .header_read_timeout(std::time::Duration::from_millis(
             settings.header_read_timeout_ms.max(1),
         ));
+    // A client may close its sending side once its request is out and still read the answer.
+    builder.http1().half_close(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections.max(1)));
@@ -398,6 +400,7 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let write_stall = std::time::Duration::from_millis(settings.write_stall_timeout_ms.max(1));
         let header_read_timeout =
             std::time::Duration::from_millis(settings.header_read_timeout_ms.max(1));
         let service =
@@ -415,8 +418,9 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
+            let io = TokioIo::new(WriteDeadline::new(stream, write_stall));
             let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(io, service)
                 .into_owned();
             let _ = watcher.watch(connection).await;
         });
@@ -430,6 +434,108 @@ pub async fn serve(
         tracing::warn!("requests still open after the drain timeout; closing their connections");
     }
     Ok(())
+}
+
+/// A connection whose writes may not stall: a client that stops reading makes every write
+/// wait, holding its connection, and a slot under the cap, for as long as it likes. A write or
+/// flush that makes no progress for `limit` fails with `TimedOut`, and hyper drops the
+/// connection.
+struct WriteDeadline<IO> {
+    io: IO,
+    limit: std::time::Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> WriteDeadline<IO> {
+    fn new(io: IO, limit: std::time::Duration) -> Self {
+        WriteDeadline {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write returned `Pending`: pending still, or timed out.
+    fn waiting<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        let limit = self.limit;
+        let deadline = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading the response",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn progressed<T>(&mut self, ready: std::io::Result<T>) -> std::task::Poll<std::io::Result<T>> {
+        self.stalled = None;
+        std::task::Poll::Ready(ready)
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<IO> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<IO> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.io).poll_write(cx, buf) {
+            std::task::Poll::Ready(r) => this.progressed(r),
+            std::task::Poll::Pending => this.waiting(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Ready(r) => this.progressed(r),
+            std::task::Poll::Pending => this.waiting(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.io).poll_flush(cx) {
+            std::task::Poll::Ready(r) => this.progressed(r),
+            std::task::Poll::Pending => this.waiting(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

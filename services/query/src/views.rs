@@ -246,26 +246,63 @@ pub(crate) async fn owner_timeline(
             ApiError::bad_request("invalid_query", "cursor: not a cursor from this API")
         })?),
     };
-    let page = state
-        .backends
-        .views
-        .owner_timeline(&owner, after, limit)
-        .await
-        .map_err(ApiError::backend)?;
-    // Others' pages leave private items out, so a page may hold fewer than `limit` items
-    // while `next_cursor` still leads on.
-    let items: Vec<MediaView<'_>> = page
-        .items
-        .iter()
-        .filter(|row| visible_to(viewer.as_deref(), &row.owner, row.private))
-        .map(|row| view(&state, row))
-        .collect();
+    let (rows, next) = visible_page(&state, &owner, viewer.as_deref(), after, limit).await?;
+    let items: Vec<MediaView<'_>> = rows.iter().map(|row| view(&state, row)).collect();
     let body = json_bytes(&serde_json::json!({
         "items": items,
-        "next_cursor": page.next.map(encode_cursor),
+        "next_cursor": next.map(encode_cursor),
     }))?;
     let etag = etag_of(&body);
     Ok(respond(&headers, body, &etag))
+}
+
+/// Most rows one timeline request reads past for someone who is not the owner, hidden private
+/// items included.
+const MAX_SCANNED: usize = 1_000;
+
+/// Up to `limit` of `owner`'s items that `viewer` may see, after `after`, and the cursor for
+/// the next page. For anyone but the owner, private items are skipped (reading on until the
+/// page is full), and the cursor is always a visible item's position: a cursor taken from a
+/// private item would tell its id and time. Past [`MAX_SCANNED`] rows without filling the page,
+/// the page ends at the last visible item, and with none, there is no next page: a wall of
+/// over a thousand private items hides what lies behind it.
+async fn visible_page(
+    state: &QueryState,
+    owner: &str,
+    viewer: Option<&str>,
+    mut after: Option<(i64, Uuid)>,
+    limit: usize,
+) -> Result<(Vec<MediaRow>, Option<(i64, Uuid)>), ApiError> {
+    let views = &state.backends.views;
+    if viewer == Some(owner) {
+        let page = views
+            .owner_timeline(owner, after, limit)
+            .await
+            .map_err(ApiError::backend)?;
+        return Ok((page.items, page.next));
+    }
+    let mut rows = Vec::with_capacity(limit);
+    let mut scanned = 0;
+    loop {
+        let page = views
+            .owner_timeline(owner, after, limit - rows.len())
+            .await
+            .map_err(ApiError::backend)?;
+        scanned += page.items.len();
+        rows.extend(
+            page.items
+                .into_iter()
+                .filter(|row| visible_to(viewer, &row.owner, row.private)),
+        );
+        let more = page.next.is_some();
+        if rows.len() == limit || !more || scanned >= MAX_SCANNED {
+            let next = (more && !rows.is_empty())
+                .then(|| rows.last().map(|r| (r.created_at, r.id)))
+                .flatten();
+            return Ok((rows, next));
+        }
+        after = page.next;
+    }
 }
 
 pub(crate) async fn owner_stats(

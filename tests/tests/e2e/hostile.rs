@@ -437,3 +437,48 @@ async fn connections_past_the_cap_are_closed_at_once() {
     .await;
     assert!(served.is_some());
 }
+
+/// Reported: a client that asks for a large object and never reads the response held its
+/// connection, and a slot under the cap, for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped() {
+    let app = conveyor_tests::helpers::spawn_app_with(|s| {
+        s.http.write_stall_timeout_ms = 1_000;
+    })
+    .await;
+    // 24 MB that sniffs as a JPEG: more than the kernel buffers on both sides hold.
+    let mut original = vec![0xff, 0xd8, 0xff, 0xe0];
+    original.extend((0..24_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    let response = app.upload(ALICE, original.clone(), None).await;
+    assert_eq!(response.status(), 202);
+    let sha: String = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(&original))
+    };
+    let address: std::net::SocketAddr = app.address.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(address).await.unwrap();
+    stream
+        .write_all(format!("GET /media/originals/{sha} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Reading now gets what was buffered, then the end: the server gave up on this client.
+    let mut received = 0usize;
+    let mut buffer = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection is still open");
+    assert!(
+        received < original.len(),
+        "all {received} bytes came: it never stalled"
+    );
+}
