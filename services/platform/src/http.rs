@@ -265,7 +265,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    // The framework's rejection texts are one line; anything longer is cut, not buffered.
+    // The framework's rejection texts are one line; a longer body is replaced, not buffered.
     let text = axum::body::to_bytes(body, 4096)
         .await
         .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
