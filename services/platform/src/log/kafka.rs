@@ -96,6 +96,8 @@ fn kind_of(code: RDKafkaErrorCode) -> ErrorKind {
         | C::OffsetMetadataTooLarge
         | C::KeySerialization
         | C::ValueSerialization
+        // librdkafka's RD_KAFKA_RESP_ERR__NOT_IMPLEMENTED: the client lacks the feature asked
+        // for, which no retry changes. An error code, not a stub of ours.
         | C::NotImplemented => ErrorKind::Permanent,
         _ => ErrorKind::Transient,
     }
