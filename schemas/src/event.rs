@@ -83,7 +83,7 @@ pub struct MediaUploaded {
 }
 
 /// Who may fetch a media item's bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Visibility {
     /// Anyone with the URL; served `public, immutable` and cached by the CDN.
@@ -125,7 +125,7 @@ pub struct VariantInfo {
 }
 
 /// The EXIF fields Conveyor exposes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExifSummary {
     pub camera_make: Option<String>,
     pub camera_model: Option<String>,

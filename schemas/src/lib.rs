@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod cql;
 pub mod event;
+pub mod intake;
 pub mod view;
 
 pub use codec::{Codec, DecodeError};

@@ -5,7 +5,8 @@ use uuid::Uuid;
 
 use crate::event::{ExifSummary, VariantInfo};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a media item is in the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MediaStatus {
     Pending,

@@ -110,13 +110,35 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     let backends = Backends::open(&settings).await?;
     let shutdown = Shutdown::new();
     let changes = Changes::new();
+    let keys = conveyor_platform::keys::Keys::with_issued(&settings.auth, backends.objects.clone());
+    if role.ingests() || role.queries() {
+        // The first read is awaited, so issued keys work from the first request.
+        if let Err(e) = keys.refresh().await {
+            tracing::warn!(error = %e, "could not read the issued API keys; retrying in the background");
+        }
+        shutdown.tracker.spawn(keys.clone().follow(
+            Duration::from_millis(settings.auth.refresh_ms.max(100)),
+            shutdown.token.clone(),
+        ));
+    }
     let mut workers = Vec::new();
 
-    let mut router = ops_router(backends.clone(), settings.topic());
+    let mut router = ops_router(backends.clone(), settings.topic()).route(
+        "/openapi.json",
+        axum::routing::get(|| async {
+            static DOCUMENT: std::sync::LazyLock<String> =
+                std::sync::LazyLock::new(crate::openapi::to_json);
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                DOCUMENT.as_str(),
+            )
+        }),
+    );
     if role.ingests() {
         router = router.merge(conveyor_ingest::router(conveyor_ingest::IngestState::new(
             backends.clone(),
             &settings,
+            keys.clone(),
         )));
         let (objects, stop) = (backends.objects.clone(), shutdown.token.clone());
         let ttl = Duration::from_secs(settings.uploads.ttl_secs.max(1));
@@ -137,7 +159,7 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         });
     }
     if role.queries() {
-        let state = conveyor_query::QueryState::new(backends.clone(), &settings);
+        let state = conveyor_query::QueryState::new(backends.clone(), &settings, keys.clone());
         if role.projects() {
             state.follow(&changes, shutdown.token.clone());
         } else {
@@ -152,7 +174,8 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         }
         router = router.merge(conveyor_query::router(state));
         if !role.ingests() {
-            let ingest = conveyor_ingest::IngestState::new(backends.clone(), &settings);
+            let ingest =
+                conveyor_ingest::IngestState::new(backends.clone(), &settings, keys.clone());
             router = router.merge(conveyor_ingest::delete_router(ingest));
         }
     }
@@ -232,12 +255,26 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
     }
     let router = router
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            conveyor_platform::http::RateLimit::new(
+                keys,
+                settings.auth.rate_per_sec,
+                settings.auth.rate_burst,
+            ),
+            conveyor_platform::http::rate_limit,
+        ))
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(track_requests))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
         .layer(TraceLayer::new_for_http());
+    let router = match conveyor_platform::http::cors(&settings.http.cors_origins)
+        .map_err(anyhow::Error::msg)?
+    {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;

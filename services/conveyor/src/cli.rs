@@ -52,6 +52,9 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
+    /// Print the API's OpenAPI 3.1 document (what `GET /openapi.json` serves; checked in as
+    /// schemas/openapi.json).
+    Openapi,
     /// Benchmarks that print numbers; see docs/benchmarks.md.
     #[command(subcommand)]
     Loadtest(LoadtestCommand),
@@ -177,12 +180,45 @@ pub enum OpsCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// API keys issued into the object store, which every replica re-reads every
+    /// `auth.refresh_ms`. Only their sha256 is stored: a key is shown once, when created.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Topic administration.
     #[command(subcommand)]
     Topics(TopicsCommand),
     /// Dead letters: records that kept failing.
     #[command(subcommand)]
     Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Issue a key and print it (once: only its hash is kept).
+    Create {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// The owner a client key acts as, or the service a `--service` key names.
+        name: String,
+        /// A service key, for `POST /v1/events`, instead of a client key.
+        #[arg(long)]
+        service: bool,
+    },
+    /// List issued keys: id, kind, name, creation time and whether revoked. Never the keys.
+    List {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an issued key by its id; every replica refuses it within `auth.refresh_ms`.
+    Revoke {
+        #[command(flatten)]
+        target: RoleArgs,
+        /// The key's id (`ops keys list`; the 16 hex digits after `cvk_`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

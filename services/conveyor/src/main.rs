@@ -56,6 +56,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Ops(cmd)) => ops::run(&cli.config, cmd).await,
         Some(Command::Loadtest(cmd)) => conveyor::loadtest::run(cmd).await,
+        Some(Command::Openapi) => {
+            print!("{}", conveyor::openapi::to_json());
+            Ok(())
+        }
         Some(Command::Healthcheck { url }) => {
             let client = reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(3))

@@ -11,7 +11,7 @@ use conveyor_platform::log::{Delivered, EventLog, StartFrom};
 use conveyor_platform::objects::{self, ObjectStore};
 use indicatif::ProgressBar;
 
-use crate::cli::{DlqCommand, OpsCommand, RoleArgs, TopicsCommand};
+use crate::cli::{DlqCommand, KeysCommand, OpsCommand, RoleArgs, TopicsCommand};
 
 /// The group whose committed offsets on the dead-letter topic mark what has been redriven.
 pub const REDRIVE_GROUP: &str = "dlq-redrive";
@@ -110,6 +110,7 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             );
             Ok(())
         }
+        OpsCommand::Keys(command) => keys(config, command).await,
         OpsCommand::Status { target, json } => {
             let settings = settings(config, target)?;
             let status = status(&settings).await?;
@@ -500,6 +501,23 @@ pub struct Status {
     pub groups: Vec<GroupStatus>,
     pub dead_letters: u64,
     pub backends: std::collections::BTreeMap<&'static str, Health>,
+    pub access: Access,
+}
+
+/// Who may call the API, and how much.
+#[derive(Debug, serde::Serialize)]
+pub struct Access {
+    /// Requests per second per key, per replica (`auth.rate_per_sec`); 0 is unlimited.
+    pub rate_per_sec: u32,
+    /// `auth.rate_burst`.
+    pub rate_burst: u32,
+    /// Bytes of originals per owner (`auth.owner_quota_bytes`); 0 is unlimited.
+    pub owner_quota_bytes: u64,
+    /// Keys in the configuration (client and service).
+    pub configured_keys: usize,
+    /// Keys issued with `ops keys create` and not revoked, or `None` when the store is down.
+    pub issued_keys: Option<usize>,
+    pub revoked_keys: Option<usize>,
 }
 
 /// Gathers lag, throughput (end offsets sampled one second apart), dead letters waiting, and
@@ -544,6 +562,21 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     .await;
     let log_ok = log_health.ok;
     backends.insert("log", log_health);
+    let issued = match open_objects(&objects_uri, &settings.objects).await {
+        Ok(store) => conveyor_platform::keys::list(&*store).await.ok(),
+        Err(_) => None,
+    };
+    let access = Access {
+        rate_per_sec: settings.auth.rate_per_sec,
+        rate_burst: settings.auth.rate_burst,
+        owner_quota_bytes: settings.auth.owner_quota_bytes,
+        configured_keys: settings.auth.api_keys.entries().count()
+            + settings.auth.service_keys.entries().count(),
+        issued_keys: issued
+            .as_ref()
+            .map(|keys| keys.iter().filter(|k| !k.revoked).count()),
+        revoked_keys: issued.map(|keys| keys.iter().filter(|k| k.revoked).count()),
+    };
     let mut status = Status {
         topic: topic.clone(),
         topic_exists,
@@ -552,6 +585,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
         groups: Vec::new(),
         dead_letters: 0,
         backends,
+        access,
     };
     let (Ok(log), true, true) = (log, log_ok, topic_exists) else {
         return Ok(status);
@@ -595,6 +629,24 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
 }
 
 fn print_status(status: &Status) {
+    let a = &status.access;
+    let or_unlimited = |n: u64, unit: &str| {
+        if n == 0 {
+            "unlimited".to_owned()
+        } else {
+            format!("{n} {unit}")
+        }
+    };
+    let count = |n: Option<usize>| n.map_or("?".to_owned(), |n| n.to_string());
+    println!(
+        "ACCESS\n  rate per key {} (burst {}), quota per owner {}\n  keys: {} configured, {} issued, {} revoked\n",
+        or_unlimited(a.rate_per_sec.into(), "req/s"),
+        a.rate_burst,
+        or_unlimited(a.owner_quota_bytes, "bytes"),
+        a.configured_keys,
+        count(a.issued_keys),
+        count(a.revoked_keys),
+    );
     println!("BACKENDS");
     for (name, h) in &status.backends {
         let state = if h.ok { "ok" } else { "DOWN" };
@@ -632,4 +684,77 @@ fn print_status(status: &Status) {
             .collect();
         println!("{:<28} {:>10}  {}", g.group, g.lag, per.join(" "));
     }
+}
+
+async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<()> {
+    use conveyor_platform::keys::{self, KeyKind};
+    let target = match &command {
+        KeysCommand::Create { target, .. }
+        | KeysCommand::List { target, .. }
+        | KeysCommand::Revoke { target, .. } => target.clone(),
+    };
+    let settings = settings(config, target)?;
+    let objects = open_objects(&settings.objects_uri(), &settings.objects).await?;
+    match command {
+        KeysCommand::Create { name, service, .. } => {
+            anyhow::ensure!(
+                !name.is_empty() && !name.contains(['/', ':', ',']) && !name.trim().is_empty(),
+                "the name must be non-empty, without `/`, `:` or `,`"
+            );
+            let kind = if service {
+                KeyKind::Service
+            } else {
+                KeyKind::Client
+            };
+            let (record, key) = keys::issue(&*objects, kind, &name).await?;
+            eprintln!(
+                "issued {kind:?} key {} for {name}; it is shown only now, keep it secret:",
+                record.id
+            );
+            println!("{key}");
+        }
+        KeysCommand::List { json, .. } => {
+            let listed = keys::list(&*objects).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listed)?);
+            } else {
+                println!(
+                    "{:<18} {:<8} {:<24} {:<22} STATE",
+                    "ID", "KIND", "NAME", "CREATED"
+                );
+                for k in listed {
+                    let created = time::OffsetDateTime::from_unix_timestamp(k.record.created_at)
+                        .ok()
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "{:<18} {:<8} {:<24} {:<22} {}",
+                        k.record.id,
+                        format!("{:?}", k.record.kind).to_lowercase(),
+                        k.record.name,
+                        created,
+                        if k.revoked { "revoked" } else { "active" }
+                    );
+                }
+            }
+        }
+        KeysCommand::Revoke { id, .. } => {
+            anyhow::ensure!(
+                id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id:?} is not a key id (16 hex digits; see `conveyor ops keys list`)"
+            );
+            anyhow::ensure!(
+                keys::revoke(&*objects, &id).await?,
+                "no issued key has the id {id}"
+            );
+            println!(
+                "revoked {id}; every replica refuses it within {} ms",
+                settings.auth.refresh_ms
+            );
+        }
+    }
+    Ok(())
 }

@@ -131,6 +131,9 @@ fn ops_status_reports_every_backend_and_group_as_json() {
     assert_eq!(status["topic_exists"], false, "nothing has created it yet");
     assert_eq!(status["dead_letters"], 0);
     assert!(status["groups"].as_array().unwrap().is_empty());
+    assert_eq!(status["access"]["rate_per_sec"], 100, "{status}");
+    assert_eq!(status["access"]["owner_quota_bytes"], 0, "{status}");
+    assert_eq!(status["access"]["issued_keys"], 0, "{status}");
 
     // A backend that does not answer is reported, not fatal.
     let out = conveyor()
@@ -192,4 +195,51 @@ fn replay_names_the_projections_it_knows() {
         stderr.contains("unknown projection") && stderr.contains("media"),
         "{stderr}"
     );
+}
+
+/// `ops keys create` prints a key once, `list` shows it without the key, and `revoke` marks it;
+/// a bad id is refused with a message that says what an id is.
+#[test]
+fn ops_keys_create_list_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = conveyor()
+            .args(["ops", "keys"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, key, err) = run(&["create", "carol"]);
+    assert!(ok, "{err}");
+    let key = key.trim().to_owned();
+    assert!(
+        key.starts_with("cvk_") && key.len() == 4 + 16 + 1 + 64,
+        "{key}"
+    );
+    let id = &key[4..20];
+    let (ok, listed, err) = run(&["list", "--json"]);
+    assert!(ok, "{err}");
+    assert!(!listed.contains(&key[21..]), "the list never shows a key");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["id"], id);
+    assert_eq!(listed[0]["name"], "carol");
+    assert_eq!(listed[0]["kind"], "client");
+    assert_eq!(listed[0]["revoked"], false);
+    let (ok, _, err) = run(&["revoke", id]);
+    assert!(ok, "{err}");
+    let (_, table, _) = run(&["list"]);
+    assert!(table.contains(id) && table.contains("revoked"), "{table}");
+    let (ok, _, err) = run(&["revoke", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("not a key id"), "{err}");
+    let (ok, _, err) = run(&["revoke", "0123456789abcdef"]);
+    assert!(!ok);
+    assert!(err.contains("no issued key"), "{err}");
 }

@@ -10,7 +10,9 @@
 //! 2. `POST /v1/uploads/{id}/complete {parts?}` completes a multipart upload, then checks the
 //!    size against the declared one, sniffs the type, and streams the object to compare its
 //!    sha256. A mismatch is 422: the object is removed and nothing is appended. Otherwise the
-//!    object moves to `originals/{sha256}` and `MediaUploaded` is appended.
+//!    object moves to `originals/{sha256}` and `MediaUploaded` is appended, with the upload id
+//!    as the media id. A completion that failed transiently (503) can be retried: what it
+//!    verified is kept (`uploads/{id}.verified`), and the retry appends the same event.
 //!
 //! Uploads never completed expire: `conveyor ops sweep-uploads` removes them (ids are UUIDv7,
 //! so their age is in their name).
@@ -24,7 +26,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use conveyor_platform::clock::now_micros;
-use conveyor_platform::http::{ApiError, parse_json, require_json};
+use conveyor_platform::http::{ApiError, ErrorBody, SelfLink, parse_json, require_json};
 use conveyor_platform::media::{MediaType, SNIFF_BYTES};
 use conveyor_platform::objects::ObjectError;
 use conveyor_platform::signing;
@@ -34,17 +36,68 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::upload::Accepted;
 use crate::{IngestState, parse_id};
 
-#[derive(Debug, Deserialize)]
+/// `POST /v1/uploads`'s body: what the client promises to send.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewUpload {
+pub(crate) struct NewUpload {
+    /// One of the accepted image types; the bytes must turn out to be this type.
+    #[schema(example = "image/jpeg")]
     content_type: String,
+    /// The exact size, in bytes: at least 1, at most `limits.max_upload_bytes`.
+    #[schema(minimum = 1)]
     bytes: u64,
+    /// The bytes' sha256, as 64 lowercase hex digits; the completion checks it when given.
     #[serde(default)]
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     sha256: Option<String>,
     #[serde(default)]
     visibility: Visibility,
+}
+
+/// `POST /v1/uploads`'s answer: where to send the bytes, and how to complete.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct UploadCreated {
+    upload_id: Uuid,
+    /// Always `PUT`.
+    method: &'static str,
+    /// The URL to `PUT` the whole file to (absent when `parts` is given). Presigned on S3;
+    /// an edge-signed `/v1/uploads/{id}/data?…` on the embedded store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    /// Size of each part but the last, in bytes, for a multipart upload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part_size: Option<u64>,
+    /// One presigned URL per part, for files from `uploads.multipart_threshold_mib` up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parts: Option<Vec<PartUrl>>,
+    /// When the URLs and the upload expire (RFC 3339).
+    expires_at: String,
+    /// Headers to send with each `PUT`.
+    headers: PutHeaders,
+    /// Where to `POST` once the bytes are sent.
+    complete: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct PartUrl {
+    part_number: u32,
+    url: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct PutHeaders {
+    #[serde(rename = "content-type")]
+    content_type: String,
+}
+
+/// `PUT /v1/uploads/{id}/data`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Received {
+    /// How many bytes were stored.
+    bytes: u64,
 }
 
 /// What `POST /v1/uploads` promised, kept until completion.
@@ -76,6 +129,23 @@ pub fn incoming_key(id: Uuid) -> String {
 /// [`ObjectStore::put_if_absent`]: conveyor_platform::ObjectStore::put_if_absent
 pub fn claim_key(id: Uuid) -> String {
     format!("uploads/{id}.claim")
+}
+
+/// What a completion verified, written before it promotes the bytes and appends: a retry
+/// after a transient failure (the log down during the append) finds the bytes where this
+/// attempt promoted them and appends the very same event, so a client that retries gets one
+/// media item, whichever attempt's append landed.
+pub fn verified_key(id: Uuid) -> String {
+    format!("uploads/{id}.verified")
+}
+
+/// The record at [`verified_key`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Verified {
+    sha256: String,
+    /// `MediaUploaded`'s event id and version, fixed on the first attempt.
+    event_id: Uuid,
+    version: u64,
 }
 
 /// The bytes a completion works on: moved out of `incoming/{id}` once claimed, where no PUT
@@ -111,6 +181,17 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Start a direct upload: the client sends the bytes straight to storage.
+#[utoipa::path(post, path = "/v1/uploads", tag = "uploads",
+    request_body = NewUpload,
+    responses(
+        (status = 201, description = "Where to send the bytes", body = UploadCreated),
+        (status = 400, description = "A malformed body; the message names the field", body = ErrorBody),
+        (status = 401, description = "No valid client key", body = ErrorBody),
+        (status = 413, description = "`bytes` is over `limits.max_upload_bytes`, or would pass the owner's quota (`quota_exceeded`)", body = ErrorBody),
+        (status = 415, description = "Not JSON, or `content_type` is not an accepted image type", body = ErrorBody),
+    ),
+    security(("client_key" = [])))]
 pub(crate) async fn create(
     State(state): State<Arc<IngestState>>,
     headers: HeaderMap,
@@ -146,6 +227,7 @@ pub(crate) async fn create(
             ),
         ));
     }
+    state.check_quota(&owner, request.bytes).await?;
     let is_hex =
         |sha: &str| sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if request.sha256.as_deref().is_some_and(|sha| !is_hex(sha)) {
@@ -161,13 +243,18 @@ pub(crate) async fn create(
     let incoming = incoming_key(id);
     let part_size = state.uploads.part_size_mib.max(5) * 1024 * 1024;
     let mut multipart = None;
-    let mut answer = serde_json::json!({
-        "upload_id": id,
-        "method": "PUT",
-        "expires_at": rfc3339(expires_at),
-        "headers": { "content-type": request.content_type },
-        "complete": format!("/v1/uploads/{id}/complete"),
-    });
+    let mut answer = UploadCreated {
+        upload_id: id,
+        method: "PUT",
+        url: None,
+        part_size: None,
+        parts: None,
+        expires_at: rfc3339(expires_at),
+        headers: PutHeaders {
+            content_type: request.content_type.clone(),
+        },
+        complete: format!("/v1/uploads/{id}/complete"),
+    };
     let large = request.bytes >= state.uploads.multipart_threshold_mib * 1024 * 1024;
     let parts = request.bytes.div_ceil(part_size) as u32;
     let presigned_parts = if large && parts > 1 {
@@ -180,18 +267,22 @@ pub(crate) async fn create(
     };
     if let Some((upload_id, urls)) = presigned_parts {
         multipart = Some(upload_id);
-        answer["part_size"] = part_size.into();
-        answer["parts"] = urls
-            .into_iter()
-            .enumerate()
-            .map(|(i, url)| serde_json::json!({ "part_number": i + 1, "url": url }))
-            .collect();
+        answer.part_size = Some(part_size);
+        answer.parts = Some(
+            urls.into_iter()
+                .enumerate()
+                .map(|(i, url)| PartUrl {
+                    part_number: i as u32 + 1,
+                    url,
+                })
+                .collect(),
+        );
     } else if let Some(url) = objects
         .presigned_put(&incoming, ttl)
         .await
         .map_err(ApiError::backend)?
     {
-        answer["url"] = url.into();
+        answer.url = Some(url);
     } else {
         // The embedded store: this edge takes the bytes, at a URL it signs itself.
         let message = upload_message(id, expires_at);
@@ -202,8 +293,9 @@ pub(crate) async fn create(
                 "direct uploads to the embedded store need CONVEYOR__UPLOADS__SIGNING_KEY",
             )
         })?;
-        answer["url"] =
-            format!("/v1/uploads/{id}/data?expires={expires_at}&kid={kid}&sig={sig}").into();
+        answer.url = Some(format!(
+            "/v1/uploads/{id}/data?expires={expires_at}&kid={kid}&sig={sig}"
+        ));
     }
     let pending = PendingUpload {
         owner,
@@ -222,10 +314,15 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// The signature of an edge-signed upload URL, as `POST /v1/uploads` gave it.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct Signed {
+    /// Unix seconds.
     expires: i64,
+    /// The signing key's id.
     kid: String,
+    /// HMAC-SHA256 over the method, path and expiry.
     sig: String,
 }
 
@@ -274,7 +371,20 @@ fn too_large(declared: u64) -> ApiError {
     )
 }
 
-/// `PUT /v1/uploads/{id}/data`: the embedded store's upload URL.
+/// The embedded store's upload URL, as `POST /v1/uploads` gave it: the signature is the
+/// credential, so no key is needed.
+#[utoipa::path(put, path = "/v1/uploads/{id}/data", tag = "uploads",
+    params(("id" = Uuid, Path, description = "The upload id"), Signed),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "The file's bytes, exactly as many as declared"),
+    responses(
+        (status = 200, description = "The bytes are stored; complete the upload next", body = Received),
+        (status = 400, description = "A malformed id, or a body that ended early", body = ErrorBody),
+        (status = 403, description = "A forged, altered or expired signature", body = ErrorBody),
+        (status = 404, description = "No such upload (completed, expired or never created)", body = ErrorBody),
+        (status = 409, description = "The upload is being completed or was completed; its bytes can no longer change", body = ErrorBody),
+        (status = 413, description = "More bytes than declared", body = ErrorBody),
+    ))]
 pub(crate) async fn put_data(
     State(state): State<Arc<IngestState>>,
     Path(id): Path<String>,
@@ -341,11 +451,7 @@ pub(crate) async fn put_data(
                 "the upload was completed while these bytes arrived; they were not used",
             ))
         }
-        Ok(meta) => Ok((
-            StatusCode::OK,
-            axum::Json(serde_json::json!({ "bytes": meta.size })),
-        )
-            .into_response()),
+        Ok(meta) => Ok((StatusCode::OK, axum::Json(Received { bytes: meta.size })).into_response()),
         Err(ObjectError::Body(e))
             if e.get_ref()
                 .is_some_and(|inner| inner.is::<LargerThanDeclared>()) =>
@@ -357,9 +463,16 @@ pub(crate) async fn put_data(
     }
 }
 
+/// Whether a completion holds the upload or has verified its bytes: either way, no PUT may
+/// change them.
 async fn is_claimed(state: &IngestState, id: Uuid) -> Result<bool, ApiError> {
-    let claim = state.backends.objects.head(&claim_key(id)).await;
-    Ok(claim.map_err(ApiError::backend)?.is_some())
+    for key in [claim_key(id), verified_key(id)] {
+        let held = state.backends.objects.head(&key).await;
+        if held.map_err(ApiError::backend)?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A direct upload's body ran past the size its upload was created with.
@@ -367,21 +480,41 @@ async fn is_claimed(state: &IngestState, id: Uuid) -> Result<bool, ApiError> {
 #[error("body larger than the declared size")]
 struct LargerThanDeclared;
 
-#[derive(Debug, Default, Deserialize)]
+/// `POST /v1/uploads/{id}/complete`'s body; an empty body means no parts.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Completion {
+pub(crate) struct Completion {
+    /// Every part of a multipart upload, with the `ETag` its `PUT` answered.
     #[serde(default)]
     parts: Vec<CompletedPart>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CompletedPart {
+pub(crate) struct CompletedPart {
+    #[schema(minimum = 1)]
     part_number: u32,
     etag: String,
 }
 
-/// `POST /v1/uploads/{id}/complete`.
+/// Complete a direct upload: check what arrived, then store and append it as `POST /v1/media`
+/// does. Safe to retry after a 503.
+#[utoipa::path(post, path = "/v1/uploads/{id}/complete", tag = "uploads",
+    params(("id" = Uuid, Path, description = "The upload id")),
+    request_body(content = Option<Completion>, description = "Only for multipart uploads"),
+    responses(
+        (status = 202, description = "Verified, stored and appended; the media id is the upload id", body = Accepted,
+            headers(("location" = String, description = "The media's URL"))),
+        (status = 400, description = "A malformed id or body", body = ErrorBody),
+        (status = 401, description = "No valid client key", body = ErrorBody),
+        (status = 403, description = "Someone else's upload", body = ErrorBody),
+        (status = 404, description = "No such upload (completed, expired or never created)", body = ErrorBody),
+        (status = 409, description = "Another request is completing it, or has", body = ErrorBody),
+        (status = 410, description = "The upload expired", body = ErrorBody),
+        (status = 413, description = "It would pass the owner's quota (`quota_exceeded`); the upload stays, for after a delete", body = ErrorBody),
+        (status = 422, description = "What arrived is not what was declared (size, type, sha256, parts); nothing is kept", body = ErrorBody),
+    ),
+    security(("client_key" = [])))]
 pub(crate) async fn complete(
     State(state): State<Arc<IngestState>>,
     Path(id): Path<String>,
@@ -408,6 +541,7 @@ pub(crate) async fn complete(
             "the upload expired; start a new one",
         ));
     }
+    state.check_quota(&owner, pending.bytes).await?;
     let objects = &state.backends.objects;
     // One completion at a time: the others get 409 until this one answers, and 404 after.
     let claimed = objects
@@ -435,22 +569,26 @@ pub(crate) async fn complete(
         Ok(_) => {
             // The pending record goes first: from then on a completion finds no upload (404).
             let _ = objects.delete(&pending_key(id)).await;
+            let _ = objects.delete(&verified_key(id)).await;
         }
         Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => {
             // Nothing half written: the bad bytes and the pending record go.
             let _ = objects.delete(&claimed_key(id)).await;
             let _ = objects.delete(&incoming_key(id)).await;
+            let _ = objects.delete(&verified_key(id)).await;
             let _ = objects.delete(&pending_key(id)).await;
         }
-        // A transient failure: the claimed bytes stay for the retry, which takes them again.
+        // A transient failure: the claimed (or verified and promoted) bytes stay for the
+        // retry, which takes them again.
         Err(_) => {}
     }
     let _ = objects.delete(&claim_key(id)).await;
     outcome
 }
 
-/// The completion, under its claim: assemble the parts, take the bytes out of PUTs' reach,
-/// verify them, promote them and append `MediaUploaded`.
+/// The completion, under its claim: verify the bytes (or find what an earlier attempt
+/// verified), promote them and append `MediaUploaded`. The media id is the upload id, so one
+/// upload is one media item however often its completion is retried.
 async fn complete_claimed(
     state: &IngestState,
     id: Uuid,
@@ -458,6 +596,77 @@ async fn complete_claimed(
     owner: String,
     completion: Completion,
 ) -> Result<Response, ApiError> {
+    let objects = &state.backends.objects;
+    let verified = match objects.get_bytes(&verified_key(id)).await {
+        Ok(record) => serde_json::from_slice(&record).map_err(ApiError::internal)?,
+        Err(ObjectError::NotFound) => {
+            let sha256 = take_and_verify(state, id, pending, completion).await?;
+            let verified = Verified {
+                sha256,
+                event_id: Uuid::now_v7(),
+                version: state.clock.next(),
+            };
+            let record = serde_json::to_vec(&verified).map_err(ApiError::internal)?;
+            objects
+                .put_bytes(&verified_key(id), record.into())
+                .await
+                .map_err(ApiError::backend)?;
+            verified
+        }
+        Err(e) => return Err(ApiError::backend(e)),
+    };
+    let upload = crate::Upload {
+        owner,
+        sha256: verified.sha256.clone(),
+        bytes: pending.bytes,
+        content_type: pending.content_type.clone(),
+        title: None,
+        visibility: pending.visibility,
+    };
+    let original_key = upload.original_key();
+    match objects.promote(&claimed_key(id), &original_key).await {
+        Ok(()) => {}
+        // An earlier attempt promoted them before its append failed.
+        Err(ObjectError::NotFound)
+            if objects
+                .head(&original_key)
+                .await
+                .map_err(ApiError::backend)?
+                .is_some() => {}
+        Err(ObjectError::NotFound) => {
+            return Err(unprocessable(
+                "nothing_uploaded",
+                "the verified bytes are gone; start a new upload",
+            ));
+        }
+        Err(e) => return Err(ApiError::backend(e)),
+    }
+    let event = conveyor_schemas::Envelope {
+        event_id: verified.event_id,
+        ..conveyor_schemas::Envelope::new(id, verified.version, "ingest", upload.into_event())
+    };
+    state.append(std::slice::from_ref(&event)).await?;
+    Ok(Accepted {
+        id,
+        status: "pending",
+        sha256: verified.sha256,
+        bytes: pending.bytes,
+        content_type: pending.content_type.clone(),
+        links: SelfLink {
+            this: format!("/v1/media/{id}"),
+        },
+    }
+    .respond())
+}
+
+/// Assembles the parts, takes the bytes out of PUTs' reach (to `incoming/{id}.claimed`) and
+/// verifies them; returns their sha256.
+async fn take_and_verify(
+    state: &IngestState,
+    id: Uuid,
+    pending: &PendingUpload,
+    completion: Completion,
+) -> Result<String, ApiError> {
     let objects = &state.backends.objects;
     let (incoming, claimed) = (incoming_key(id), claimed_key(id));
     let taken_before = objects
@@ -508,31 +717,7 @@ async fn complete_claimed(
         }
         Err(e) => return Err(ApiError::backend(e)),
     }
-    let sha256 = verify(state, pending, &claimed).await?;
-    let media_id = state
-        .accept(
-            &claimed,
-            crate::Upload {
-                owner,
-                sha256: sha256.clone(),
-                bytes: pending.bytes,
-                content_type: pending.content_type.clone(),
-                title: None,
-                visibility: pending.visibility,
-            },
-        )
-        .await?;
-    let location = format!("/v1/media/{media_id}");
-    let body = serde_json::json!({
-        "id": media_id, "status": "pending", "sha256": sha256, "bytes": pending.bytes,
-        "content_type": pending.content_type, "links": { "self": location },
-    });
-    Ok((
-        StatusCode::ACCEPTED,
-        [(axum::http::header::LOCATION, location)],
-        axum::Json(body),
-    )
-        .into_response())
+    verify(state, pending, &claimed).await
 }
 
 /// Checks what arrived against what was declared; returns its sha256.
@@ -607,7 +792,7 @@ pub async fn sweep(
     let mut removed = 0;
     for prefix in ["incoming/", "uploads/"] {
         for object in objects.list(prefix).await? {
-            // `{id}`, `{id}.json`, `{id}.claim`, `{id}.claimed`.
+            // `{id}`, `{id}.json`, `{id}.claim`, `{id}.verified`, `{id}.claimed`.
             let name = object.key[prefix.len()..]
                 .split('.')
                 .next()

@@ -19,63 +19,34 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use conveyor_platform::clock::now_micros;
-use conveyor_platform::http::{ApiError, parse_json, require_json};
+use conveyor_platform::http::{ApiError, ErrorBody, require_json};
 use conveyor_platform::log::Position;
 use conveyor_platform::objects::ObjectError;
-use conveyor_schemas::{Envelope, Event, MediaDeleted, MediaDescribed};
+use conveyor_schemas::Envelope;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use conveyor_schemas::intake::{IncomingEvent, IncomingEvents};
+
 use crate::IngestState;
 
-/// An event from an internal producer. Conveyor assigns the version and time; the producer
-/// may give an `event_id` to make retries of its own idempotent.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IncomingEvent {
+/// `POST /v1/events`'s answer: each event's fate, in the order sent.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct EventsAccepted {
+    accepted: Vec<AcceptedEvent>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct AcceptedEvent {
+    event_id: Uuid,
     aggregate_id: Uuid,
-    #[serde(default)]
-    event_id: Option<Uuid>,
-    payload: ProducerEvent,
-}
-
-/// The events producers own, in the log's JSON layout, refusing fields the log's types lack.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-enum ProducerEvent {
-    MediaDescribed(Described),
-    MediaDeleted(Deleted),
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Described {
-    title: Option<String>,
-    description: Option<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Deleted {
-    deleted_by: String,
-}
-
-impl From<ProducerEvent> for Event {
-    fn from(event: ProducerEvent) -> Event {
-        match event {
-            ProducerEvent::MediaDescribed(d) => Event::MediaDescribed(MediaDescribed {
-                title: d.title,
-                description: d.description,
-                tags: d.tags,
-            }),
-            ProducerEvent::MediaDeleted(d) => Event::MediaDeleted(MediaDeleted {
-                deleted_by: d.deleted_by,
-            }),
-        }
-    }
+    /// Where the event is in the log.
+    partition: u32,
+    offset: u64,
+    /// `true` when an earlier request with this `event_id` appended it, and this one appended
+    /// nothing.
+    replayed: bool,
 }
 
 /// What the first request with an `event_id` left behind.
@@ -131,6 +102,19 @@ enum Fate {
     Replayed(Uuid, Uuid, Position),
 }
 
+/// Append events from an internal producer (a service key): describe or delete media.
+/// Idempotent by `event_id`.
+#[utoipa::path(post, path = "/v1/events", tag = "events",
+    request_body = IncomingEvents,
+    responses(
+        (status = 202, description = "Appended (or replayed); durable in the log", body = EventsAccepted),
+        (status = 400, description = "Malformed JSON, an unknown field (named by its JSON path), trailing input, or no events", body = ErrorBody),
+        (status = 401, description = "No valid service key", body = ErrorBody),
+        (status = 409, description = "An `event_id` used for a different event, or one still being appended", body = ErrorBody),
+        (status = 413, description = "A body over 2 MiB", body = ErrorBody),
+        (status = 415, description = "Not `application/json`", body = ErrorBody),
+    ),
+    security(("service_key" = [])))]
 pub(crate) async fn post_events(
     State(state): State<Arc<IngestState>>,
     headers: HeaderMap,
@@ -138,14 +122,8 @@ pub(crate) async fn post_events(
 ) -> Result<Response, ApiError> {
     let service = state.service(&headers)?;
     require_json(&headers)?;
-    // One event, or an array of them appended together.
-    let incoming: Vec<IncomingEvent> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') => parse_json(&body)?,
-        _ => vec![parse_json(&body)?],
-    };
-    if incoming.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "no events given"));
-    }
+    let incoming = conveyor_wire::intake::parse(&body)
+        .map_err(|message| ApiError::bad_request("invalid_json", message))?;
     let mut seen = HashSet::new();
     for (i, e) in incoming.iter().enumerate() {
         if let Some(id) = e.event_id.filter(|id| !seen.insert(*id)) {
@@ -211,15 +189,17 @@ pub(crate) async fn post_events(
                 (event_id, aggregate_id, position, true)
             }
         };
-        accepted.push(serde_json::json!({
-            "event_id": event_id, "aggregate_id": aggregate_id,
-            "partition": position.partition, "offset": position.offset,
-            "replayed": replayed,
-        }));
+        accepted.push(AcceptedEvent {
+            event_id,
+            aggregate_id,
+            partition: position.partition,
+            offset: position.offset,
+            replayed,
+        });
     }
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(serde_json::json!({ "accepted": accepted })),
+        axum::Json(EventsAccepted { accepted }),
     )
         .into_response())
 }

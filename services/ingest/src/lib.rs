@@ -18,9 +18,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
-use conveyor_platform::config::{AuthSettings, Limits, Settings, UploadSettings};
+use conveyor_platform::config::{Limits, Settings, UploadSettings};
 use conveyor_platform::events::to_record;
-use conveyor_platform::http::{ApiError, bearer, content_length_over};
+use conveyor_platform::http::{ApiError, ErrorBody, bearer, content_length_over};
+use conveyor_platform::keys::{KeyKind, Keys};
 use conveyor_platform::{Backends, VersionClock};
 use conveyor_schemas::{
     Envelope, Event, MediaDeleted, MediaUploaded, MediaUploadedWithVisibility, Visibility,
@@ -30,7 +31,9 @@ use uuid::Uuid;
 /// What the ingest handlers share.
 pub struct IngestState {
     pub backends: Backends,
-    pub auth: AuthSettings,
+    pub keys: Keys,
+    /// Most bytes of originals per owner (`auth.owner_quota_bytes`); 0 for none.
+    pub owner_quota_bytes: u64,
     pub limits: Limits,
     pub uploads: UploadSettings,
     pub clock: VersionClock,
@@ -38,10 +41,11 @@ pub struct IngestState {
 }
 
 impl IngestState {
-    pub fn new(backends: Backends, settings: &Settings) -> Arc<Self> {
+    pub fn new(backends: Backends, settings: &Settings, keys: Keys) -> Arc<Self> {
         Arc::new(IngestState {
             backends,
-            auth: settings.auth.clone(),
+            keys,
+            owner_quota_bytes: settings.auth.owner_quota_bytes,
             limits: settings.limits.clone(),
             uploads: settings.uploads.clone(),
             clock: VersionClock::new(),
@@ -51,16 +55,44 @@ impl IngestState {
 
     fn owner(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         bearer(headers)
-            .and_then(|k| self.auth.api_keys.lookup(k))
-            .map(str::to_owned)
+            .and_then(|k| self.keys.lookup(k, KeyKind::Client))
+            .map(|principal| principal.name)
             .ok_or_else(ApiError::unauthorized)
     }
 
     fn service(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         bearer(headers)
-            .and_then(|k| self.auth.service_keys.lookup(k))
-            .map(str::to_owned)
+            .and_then(|k| self.keys.lookup(k, KeyKind::Service))
+            .map(|principal| principal.name)
             .ok_or_else(ApiError::unauthorized)
+    }
+
+    /// Refuses with 413 `quota_exceeded` when `owner`'s originals plus `adding` bytes would
+    /// pass `auth.owner_quota_bytes`. The owner's total is the read model's, so uploads still
+    /// in flight are not in it.
+    async fn check_quota(&self, owner: &str, adding: u64) -> Result<(), ApiError> {
+        let quota = self.owner_quota_bytes;
+        if quota == 0 {
+            return Ok(());
+        }
+        let used = self
+            .backends
+            .views
+            .owner_stats(owner)
+            .await
+            .map_err(ApiError::backend)?
+            .bytes;
+        if used.saturating_add(adding) <= quota {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "quota_exceeded",
+            format!(
+                "{owner} keeps {used} bytes of originals, and this upload of {adding} bytes would \
+                 pass the quota of {quota} bytes (auth.owner_quota_bytes); delete media to make room"
+            ),
+        ))
     }
 
     async fn append(
@@ -83,6 +115,18 @@ pub fn delete_router(state: Arc<IngestState>) -> Router {
         .route("/v1/media/{id}", delete(delete_media))
         .with_state(state)
 }
+
+/// The ingest routes' part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    upload::upload,
+    delete_media,
+    events::post_events,
+    direct::create,
+    direct::put_data,
+    direct::complete,
+))]
+pub struct IngestApi;
 
 /// Bodies of the JSON routes (`/v1/events`, `/v1/uploads`, completions): axum's default.
 const JSON_BODY_LIMIT: u64 = 2 << 20;
@@ -127,12 +171,6 @@ pub fn router(state: Arc<IngestState>) -> Router {
             post(direct::complete).route_layer(from_fn_with_state(client(JSON_BODY_LIMIT), gate)),
         )
         .with_state(state)
-}
-
-#[derive(Clone, Copy)]
-enum KeyKind {
-    Client,
-    Service,
 }
 
 /// What a route asks of a request before its body is read.
@@ -181,37 +219,49 @@ impl IngestState {
     /// for private media, which is served only through signed URLs) and appends the event.
     /// Returns the new media id once the event is durable.
     pub(crate) async fn accept(&self, incoming: &str, upload: Upload) -> Result<Uuid, ApiError> {
-        let prefix = if upload.visibility == Visibility::Private {
-            "private/"
-        } else {
-            ""
-        };
-        let original_key = format!("{prefix}originals/{}", upload.sha256);
+        let original_key = upload.original_key();
         self.backends
             .objects
             .promote(incoming, &original_key)
             .await
             .map_err(ApiError::backend)?;
-        let uploaded = MediaUploaded {
-            owner: upload.owner,
-            original_key,
-            sha256: upload.sha256,
-            bytes: upload.bytes,
-            content_type: upload.content_type,
-            title: upload.title,
+        let id = Uuid::now_v7();
+        let event = Envelope::new(id, self.clock.next(), "ingest", upload.into_event());
+        self.append(std::slice::from_ref(&event)).await?;
+        Ok(id)
+    }
+}
+
+impl Upload {
+    /// `originals/{sha256}`, or `private/originals/{sha256}` for private media.
+    pub(crate) fn original_key(&self) -> String {
+        let prefix = if self.visibility == Visibility::Private {
+            "private/"
+        } else {
+            ""
         };
-        // Public uploads keep the original event layout, which every consumer reads.
-        let payload = match upload.visibility {
+        format!("{prefix}originals/{}", self.sha256)
+    }
+
+    /// `MediaUploaded`, or `MediaUploadedWithVisibility` for anything but public media: public
+    /// uploads keep the original event layout, which every consumer reads.
+    pub(crate) fn into_event(self) -> Event {
+        let original_key = self.original_key();
+        let uploaded = MediaUploaded {
+            owner: self.owner,
+            original_key,
+            sha256: self.sha256,
+            bytes: self.bytes,
+            content_type: self.content_type,
+            title: self.title,
+        };
+        match self.visibility {
             Visibility::Public => Event::MediaUploaded(uploaded),
             visibility => Event::MediaUploadedWithVisibility(MediaUploadedWithVisibility {
                 upload: uploaded,
                 visibility,
             }),
-        };
-        let id = Uuid::now_v7();
-        let event = Envelope::new(id, self.clock.next(), "ingest", payload);
-        self.append(std::slice::from_ref(&event)).await?;
-        Ok(id)
+        }
     }
 }
 
@@ -232,6 +282,26 @@ pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a media id")))
 }
 
+/// `DELETE /v1/media/{id}`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Deleted {
+    id: Uuid,
+    /// Always `deleted`: `MediaDeleted` is durable; the item and its bytes go as it is applied.
+    #[schema(example = "deleted")]
+    status: &'static str,
+}
+
+/// Delete media (its owner only).
+#[utoipa::path(delete, path = "/v1/media/{id}", tag = "media",
+    params(("id" = Uuid, Path, description = "The media id")),
+    responses(
+        (status = 202, description = "`MediaDeleted` is appended", body = Deleted),
+        (status = 400, description = "Not a media id", body = ErrorBody),
+        (status = 401, description = "No valid client key", body = ErrorBody),
+        (status = 403, description = "Someone else's public media", body = ErrorBody),
+        (status = 404, description = "No such media (or someone else's private media)", body = ErrorBody),
+    ),
+    security(("client_key" = [])))]
 async fn delete_media(
     State(state): State<Arc<IngestState>>,
     Path(id): Path<String>,
@@ -260,6 +330,9 @@ async fn delete_media(
         Event::MediaDeleted(MediaDeleted { deleted_by: owner }),
     );
     state.append(std::slice::from_ref(&event)).await?;
-    let body = serde_json::json!({ "id": id, "status": "deleted" });
+    let body = Deleted {
+        id,
+        status: "deleted",
+    };
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }

@@ -15,10 +15,67 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::IngestState;
-use conveyor_platform::http::ApiError;
+use conveyor_platform::http::{ApiError, ErrorBody};
 
 /// Longest accepted title, in characters.
 const MAX_TITLE: usize = 500;
+
+/// The form `POST /v1/media` takes.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // The form is read field by field, as it streams; this only describes it.
+pub(crate) struct UploadForm {
+    /// The image: JPEG, PNG, GIF, WebP, HEIC or AVIF, recognised from its bytes (the part's
+    /// declared type is ignored). At most `limits.max_upload_bytes` (100 MiB by default).
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// At most 500 characters.
+    title: Option<String>,
+    visibility: Option<Visibility>,
+}
+
+/// An upload that is stored and whose `MediaUploaded` is durable; processing follows.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct Accepted {
+    /// The media id.
+    pub id: Uuid,
+    /// Always `pending`: watch `links.self` until it is `processed` or `failed`.
+    #[schema(example = "pending")]
+    pub status: &'static str,
+    /// Hex sha256 of the bytes, which is also their content address.
+    pub sha256: String,
+    /// Size of the original, in bytes.
+    pub bytes: u64,
+    /// The sniffed type, such as `image/jpeg`.
+    pub content_type: String,
+    pub links: conveyor_platform::http::SelfLink,
+}
+
+impl Accepted {
+    /// The 202 with its `Location`.
+    pub(crate) fn respond(self) -> Response {
+        let location = format!("/v1/media/{}", self.id);
+        (
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, location)],
+            axum::Json(self),
+        )
+            .into_response()
+    }
+}
+
+/// Upload a photo, streamed: it is stored under its sha256 and `MediaUploaded` is appended
+/// before the 202.
+#[utoipa::path(post, path = "/v1/media", tag = "media",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 202, description = "Stored and appended; processing follows", body = Accepted,
+            headers(("location" = String, description = "The media's URL"))),
+        (status = 400, description = "Not a well-formed form, a missing `file`, an unknown field, a body that ended early", body = ErrorBody),
+        (status = 401, description = "No valid client key", body = ErrorBody),
+        (status = 413, description = "Over `limits.max_upload_bytes`, or the owner's quota (`quota_exceeded`)", body = ErrorBody),
+        (status = 415, description = "Not one of the accepted image formats", body = ErrorBody),
+    ),
+    security(("client_key" = [])))]
 pub(crate) async fn upload(
     State(state): State<Arc<IngestState>>,
     request: axum::extract::Request,
@@ -26,6 +83,8 @@ pub(crate) async fn upload(
     use axum::extract::FromRequest;
     let headers = request.headers().clone();
     let owner = state.owner(&headers)?;
+    // An owner at the quota is refused before the body is read.
+    state.check_quota(&owner, 1).await?;
     // The body passes through the guard, which bounds what the parser buffers.
     let boundary = headers
         .get(header::CONTENT_TYPE)
@@ -82,6 +141,16 @@ pub(crate) async fn upload(
             .ok_or_else(|| ApiError::bad_request("invalid_multipart", "missing field `file`"))
     }
     .await;
+    let result = match result {
+        Ok(s) => match state.check_quota(&owner, s.size).await {
+            Ok(()) => Ok(s),
+            Err(e) => {
+                stored = Some(s);
+                Err(e)
+            }
+        },
+        Err(e) => Err(e),
+    };
     let stored = match result {
         Ok(s) => s,
         Err(e) => {
@@ -109,21 +178,17 @@ pub(crate) async fn upload(
         .await?;
     metrics::counter!("conveyor_uploads_total").increment(1);
     metrics::counter!("conveyor_upload_bytes_total").increment(stored.size);
-    let location = format!("/v1/media/{id}");
-    let body = serde_json::json!({
-        "id": id,
-        "status": "pending",
-        "sha256": stored.sha256,
-        "bytes": stored.size,
-        "content_type": stored.content_type,
-        "links": { "self": location },
-    });
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        axum::Json(body),
-    )
-        .into_response())
+    Ok(Accepted {
+        id,
+        status: "pending",
+        sha256: stored.sha256,
+        bytes: stored.size,
+        content_type: stored.content_type.to_owned(),
+        links: conveyor_platform::http::SelfLink {
+            this: format!("/v1/media/{id}"),
+        },
+    }
+    .respond())
 }
 
 struct Stored {

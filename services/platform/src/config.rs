@@ -140,13 +140,43 @@ impl Default for ViewSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Who may call the API; see [`crate::keys`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    /// Client keys as `owner:key,owner2:key2`. Empty makes `serve` create a `dev` key.
+    /// Client keys as `owner:key,owner2:key2`, or `owner:sha256:<hex of the key's sha256>`.
+    /// Empty makes `serve` create a `dev` key. Keys issued with `conveyor ops keys create`
+    /// work besides these.
     pub api_keys: KeyList,
-    /// Internal producers' keys for `POST /v1/events`, as `service:key,…`.
+    /// Internal producers' keys for `POST /v1/events`, as `service:key,…` (or `sha256:`).
     pub service_keys: KeyList,
+    /// How often each process re-reads the keys issued with `conveyor ops keys`, in
+    /// milliseconds: a revoked key stops working everywhere within this.
+    pub refresh_ms: u64,
+    /// Requests per second each key may make, on each replica, on average; past it (and its
+    /// burst), 429 with `Retry-After`. 0 turns the limit off. The default, 100, is far above
+    /// what one client of a media API needs and well below what one replica serves.
+    pub rate_per_sec: u32,
+    /// Requests a key may make at once above its rate (a token bucket's size, GCRA in the
+    /// `governor` crate).
+    pub rate_burst: u32,
+    /// Most bytes of originals one owner may keep, or 0 (the default) for no quota. Checked
+    /// against the owner's stats before an upload is read and after it is stored; uploads
+    /// still in flight are not counted, so concurrent ones can pass it by their own size.
+    pub owner_quota_bytes: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            api_keys: KeyList::default(),
+            service_keys: KeyList::default(),
+            refresh_ms: 2_000,
+            rate_per_sec: 100,
+            rate_burst: 200,
+            owner_quota_bytes: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -397,6 +427,11 @@ pub struct HttpSettings {
     /// How long a shutdown waits for open requests before closing their connections, in
     /// milliseconds.
     pub drain_timeout_ms: u64,
+    /// Origins whose browser scripts may call the API (CORS), comma-separated, such as
+    /// `https://app.example.com,https://admin.example.com`, or `*` for any. Empty (the
+    /// default) sends no CORS headers, so browsers keep other origins out. Keys travel in
+    /// `Authorization`, never in cookies, so no origin is ever sent `Allow-Credentials`.
+    pub cors_origins: String,
 }
 
 impl Default for HttpSettings {
@@ -407,6 +442,7 @@ impl Default for HttpSettings {
             write_stall_timeout_ms: 30_000,
             max_connections: 4_096,
             drain_timeout_ms: 30_000,
+            cors_origins: String::new(),
         }
     }
 }
@@ -612,6 +648,11 @@ impl KeyList {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Every `(name, key)`, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, k)| (n.as_str(), k.as_str()))
     }
 
     /// The first entry: the key new signatures use (later entries still verify, for rotation).

@@ -87,6 +87,43 @@ impl ApiError {
     }
 }
 
+/// The body of every response that is not a success, whatever answered it: a handler, an
+/// extractor, the router (404, 405) or a body limit (413).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": {"code": "not_found", "message": "no such media"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable (`not_found`, `invalid_json`, `too_large`, …): match on
+    /// this, never on the message.
+    pub code: String,
+    /// For people: what was wrong, naming the JSON path or parameter when there is one.
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// `links.self`: where a resource is read.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SelfLink {
+    /// A path on this API, such as `/v1/media/{id}`.
+    #[serde(rename = "self")]
+    pub this: String,
+}
+
 /// What a 503 asks clients to wait before retrying, in seconds.
 pub const RETRY_AFTER_SECS: &str = "5";
 
@@ -106,7 +143,7 @@ impl IntoResponse for ApiError {
                 "request failed"
             );
         }
-        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody::new(self.code, self.message);
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
@@ -145,25 +182,8 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// Parses JSON, turning errors into 400s that name the field, e.g.
 /// `payload.MediaDescribed.tags: invalid type: string "x", expected a sequence`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = if path == "." || path.is_empty() {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
-        };
-        ApiError::bad_request("invalid_json", message)
-    })?;
-    // One document per body: anything after it but whitespace is refused, not ignored.
-    de.end().map_err(|e| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("trailing input after the JSON document: {e}"),
-        )
-    })?;
-    Ok(value)
+    conveyor_wire::json::parse_strict(bytes)
+        .map_err(|message| ApiError::bad_request("invalid_json", message))
 }
 
 /// Records request count and latency per route and status class.
@@ -192,23 +212,64 @@ pub async fn track_requests(req: Request, next: Next) -> Response {
 /// `/healthz` (the process runs), `/readyz` (its backends answer) and `/metrics`.
 pub fn ops_router(backends: Backends, topic: &str) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    crate::metrics::render(),
-                )
-            }),
-        )
+        .route("/metrics", get(metrics))
         .with_state(Arc::new((backends, topic.to_owned())))
 }
 
+/// The operations routes' part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(healthz, readyz, metrics))]
+pub struct OpsApi;
+
+/// `/healthz`'s body.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`: the process serves requests.
+    pub status: String,
+}
+
+/// `/readyz`'s body: `ok`, or what each backend answered.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    pub status: String,
+    /// The event log: `ok`, or its error.
+    pub log: String,
+    /// The read-model store: `ok`, or its error.
+    pub views: String,
+    /// The object store: `ok`, or its error.
+    pub objects: String,
+}
+
+/// Liveness: the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process serves requests", body = Health)))]
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Prometheus metrics, in the text exposition format 0.0.4.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Every metric of this process",
+        body = String, content_type = "text/plain")))]
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+}
+
+/// Readiness: the log, the read-model store and the object store answer.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Every backend answers", body = Readiness),
+        (status = 503, description = "A backend does not answer; each one's state is given",
+            body = Readiness, headers(("retry-after" = String, description = "Seconds to wait"))),
+    ))]
 async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
     let (backends, topic) = &*state;
     let log = backends.log.ping(topic).await.map_err(|e| e.to_string());
@@ -224,10 +285,12 @@ async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
         Err(e) => e.clone(),
     };
     let ready = log.is_ok() && views.is_ok() && objects.is_ok();
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "unavailable" },
-        "log": status(&log), "views": status(&views), "objects": status(&objects),
-    });
+    let body = Readiness {
+        status: if ready { "ready" } else { "unavailable" }.into(),
+        log: status(&log),
+        views: status(&views),
+        objects: status(&objects),
+    };
     if ready {
         (StatusCode::OK, axum::Json(body)).into_response()
     } else {
@@ -294,13 +357,117 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
             .unwrap_or("request failed")
             .to_lowercase(),
     };
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let body = serde_json::to_string(&ErrorBody::new(code, message)).expect("errors serialize");
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// Per-key request rates (`auth.rate_per_sec`, `auth.rate_burst`): every request that
+/// presents a valid key is counted against it, on this replica; past the rate and its burst
+/// it gets 429 with `Retry-After`. Requests without a valid key are not counted here (they
+/// get their 401 from the route, or read public media, which the CDN fronts).
+pub struct RateLimit {
+    keys: crate::keys::Keys,
+    limiter: Option<governor::DefaultKeyedRateLimiter<crate::keys::Principal>>,
+}
+
+impl RateLimit {
+    pub fn new(keys: crate::keys::Keys, per_sec: u32, burst: u32) -> Arc<RateLimit> {
+        let limiter = std::num::NonZeroU32::new(per_sec).map(|rate| {
+            let burst = std::num::NonZeroU32::new(burst.max(per_sec)).unwrap_or(rate);
+            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
+        });
+        Arc::new(RateLimit { keys, limiter })
+    }
+}
+
+/// The middleware for [`RateLimit`].
+pub async fn rate_limit(State(limit): State<Arc<RateLimit>>, req: Request, next: Next) -> Response {
+    use governor::clock::{Clock, DefaultClock};
+    let Some(limiter) = &limit.limiter else {
+        return next.run(req).await;
+    };
+    let verdict = bearer(req.headers())
+        .and_then(|key| limit.keys.identify(key))
+        .map(|principal| limiter.check_key(&principal));
+    if let Some(Err(not_until)) = verdict {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        metrics::counter!("conveyor_rate_limited_total").increment(1);
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "this key is over its request rate; retry in {} s",
+                seconds.max(1)
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        return response;
+    }
+    next.run(req).await
+}
+
+/// The CORS layer `origins` asks for (`http.cors_origins`), or `None` when it is empty.
+/// Preflights are answered for a day; the headers clients send and read are the API's own.
+pub fn cors(origins: &str) -> Result<Option<tower_http::cors::CorsLayer>, String> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = origins.trim();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins == "*" {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .split(',')
+            .map(|o| {
+                let o = o.trim();
+                let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                    && !o.trim_end_matches('/').contains(['*', ' '])
+                    && o.len() > "http://".len();
+                ok.then(|| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+                    .flatten()
+                    .ok_or_else(|| {
+                        format!(
+                            "http.cors_origins: {o:?} is not an origin (scheme://host[:port]) or `*`"
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::HEAD,
+                axum::http::Method::POST,
+                axum::http::Method::PUT,
+                axum::http::Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_NONE_MATCH,
+                header::RANGE,
+            ])
+            .expose_headers([
+                header::ETAG,
+                header::LOCATION,
+                header::RETRY_AFTER,
+                header::CONTENT_RANGE,
+            ])
+            .max_age(std::time::Duration::from_secs(86_400)),
+    ))
 }
 
 /// Refuses a request whose declared `Content-Length` is over `limit` bytes with 413, before

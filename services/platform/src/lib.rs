@@ -13,9 +13,11 @@ pub mod consumer;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod keys;
 pub mod log;
-pub mod media;
 pub mod metrics;
+/// The accepted media formats; see [`conveyor_wire::media`].
+pub use conveyor_wire::media;
 pub mod objects;
 pub mod shutdown;
 pub mod signing;

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use conveyor_platform::changes::Changes;
 use conveyor_platform::config::Settings;
 use conveyor_platform::http::ApiError;
+use conveyor_platform::keys::KeyKind;
 use conveyor_platform::log::StartFrom;
 use conveyor_platform::{Backends, EventLog};
 use moka::future::Cache;
@@ -45,11 +46,15 @@ pub struct QueryState {
     /// Lifetime of a signed URL, in seconds.
     pub signed_ttl: u64,
     /// Client keys: a request that presents one reads as its owner, and sees its private media.
-    pub api_keys: conveyor_platform::config::KeyList,
+    pub keys: conveyor_platform::keys::Keys,
 }
 
 impl QueryState {
-    pub fn new(backends: Backends, settings: &Settings) -> Arc<Self> {
+    pub fn new(
+        backends: Backends,
+        settings: &Settings,
+        keys: conveyor_platform::keys::Keys,
+    ) -> Arc<Self> {
         let cache = Cache::builder()
             .max_capacity(settings.query.cache_capacity)
             .time_to_live(Duration::from_millis(settings.query.cache_ttl_ms.max(1)))
@@ -60,7 +65,7 @@ impl QueryState {
             cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned(),
             signing_keys: settings.cdn.signing_keys.clone(),
             signed_ttl: settings.cdn.signed_url_ttl_secs.max(60),
-            api_keys: settings.auth.api_keys.clone(),
+            keys,
         })
     }
 
@@ -75,8 +80,8 @@ impl QueryState {
             return Ok(None);
         }
         conveyor_platform::http::bearer(headers)
-            .and_then(|key| self.api_keys.lookup(key))
-            .map(|owner| Some(owner.to_owned()))
+            .and_then(|key| self.keys.lookup(key, KeyKind::Client))
+            .map(|principal| Some(principal.name))
             .ok_or_else(ApiError::unauthorized)
     }
 
@@ -153,6 +158,16 @@ pub async fn tail_invalidations(
 pub fn media_message(key: &str, expires: i64) -> String {
     format!("GET\n/media/{key}\n{expires}")
 }
+
+/// The query routes' part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    views::get_media,
+    views::owner_timeline,
+    views::owner_stats,
+    media::get_object,
+))]
+pub struct QueryApi;
 
 /// The read routes.
 pub fn router(state: Arc<QueryState>) -> Router {

@@ -9,9 +9,10 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use conveyor_platform::http::{ApiError, etag_of, not_modified};
+use conveyor_platform::http::{ApiError, ErrorBody, etag_of, not_modified};
 use conveyor_platform::media::{MediaType, SNIFF_BYTES};
 use conveyor_platform::objects::{ObjectError, validate_key};
+use conveyor_wire::range::RangeRequest;
 use futures::TryStreamExt;
 
 use crate::QueryState;
@@ -54,6 +55,34 @@ fn object_error(e: ObjectError) -> ApiError {
     }
 }
 
+/// A stored object's bytes: an original or a variant, at the URL the read models give. Keys
+/// are content-addressed, so one path is one set of bytes forever. Private media (`private/…`)
+/// needs the signed URL its owner's read gave.
+#[utoipa::path(get, path = "/media/{key}", tag = "media",
+    params(("key" = String, Path, description = "`originals/{sha256}`, `variants/{sha256}/{name}.{ext}`, or either under `private/`"),
+        ("expires" = Option<i64>, Query, description = "Private media: the signed URL's expiry, in Unix seconds"),
+        ("kid" = Option<String>, Query, description = "Private media: the signing key's id"),
+        ("sig" = Option<String>, Query, description = "Private media: the signature"),
+        ("range" = Option<String>, Header, description = "One byte range (RFC 9110 §14.2)"),
+        ("if-none-match" = Option<String>, Header, description = "An `ETag` this API sent")),
+    responses(
+        (status = 200, description = "The bytes", content(
+            (Vec<u8> = "image/jpeg"), (Vec<u8> = "image/png"), (Vec<u8> = "image/gif"),
+            (Vec<u8> = "image/webp"), (Vec<u8> = "image/heic"), (Vec<u8> = "image/avif"),
+            (Vec<u8> = "application/octet-stream")),
+            headers(("etag" = String), ("cache-control" = String), ("accept-ranges" = String))),
+        (status = 206, description = "The requested range", content(
+            (Vec<u8> = "image/jpeg"), (Vec<u8> = "image/png"), (Vec<u8> = "image/gif"),
+            (Vec<u8> = "image/webp"), (Vec<u8> = "image/heic"), (Vec<u8> = "image/avif"),
+            (Vec<u8> = "application/octet-stream")),
+            headers(("content-range" = String))),
+        (status = 302, description = "S3: a presigned URL that serves the bytes",
+            headers(("location" = String))),
+        (status = 304, description = "The client's copy is current"),
+        (status = 403, description = "Private media without a valid, unexpired signature", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 416, description = "The range lies past the end", body = ErrorBody),
+    ))]
 pub(crate) async fn get_object(
     State(state): State<Arc<QueryState>>,
     Path(key): Path<String>,
@@ -146,23 +175,20 @@ pub(crate) async fn get_object(
 
     // One range is served as 206; several, or a malformed header, fall back to the whole body
     // (RFC 9110 lets a server ignore Range); a range past the end is 416.
-    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        None => None,
-        Some(value) => match http_range_header::parse_range_header(value).map(|r| r.validate(size))
-        {
-            Ok(Ok(ranges)) if ranges.len() == 1 => Some(ranges[0].clone()),
-            Ok(Err(_)) => {
-                return Ok((
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    [(
-                        header::CONTENT_RANGE,
-                        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-                    )],
-                )
-                    .into_response());
-            }
-            _ => None,
-        },
+    let header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = match conveyor_wire::range::parse(header, size) {
+        RangeRequest::Whole => None,
+        RangeRequest::Part(part) => Some(part),
+        RangeRequest::Unsatisfiable => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+                )],
+            )
+                .into_response());
+        }
     };
     let content_type = content_type(&state, &key).await?;
     let requested = range.as_ref().map(|r| *r.start()..*r.end() + 1);

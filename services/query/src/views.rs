@@ -6,26 +6,27 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use conveyor_platform::http::{ApiError, etag_of, not_modified};
+use conveyor_platform::http::{ApiError, ErrorBody, SelfLink, etag_of, not_modified};
 use conveyor_schemas::MediaRow;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::{Cached, QueryState};
 
-#[derive(Serialize)]
+/// One rendered size of the media.
+#[derive(Serialize, utoipa::ToSchema)]
 struct VariantView {
+    /// Where its bytes are: relative to this API, or on the CDN (`cdn.base_url`).
     url: String,
     width: u32,
     height: u32,
     content_type: String,
 }
 
-#[derive(Serialize)]
-struct MediaView<'a> {
+/// A media item as clients see it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct MediaView<'a> {
     id: Uuid,
     owner: &'a str,
     status: conveyor_schemas::MediaStatus,
@@ -37,26 +38,42 @@ struct MediaView<'a> {
     title: Option<&'a str>,
     description: Option<&'a str>,
     tags: &'a [String],
+    /// A BlurHash placeholder (blurha.sh), once processed.
     blurhash: Option<&'a str>,
+    /// By name (`thumb`, `small`, `large`), once processed.
+    #[schema(value_type = BTreeMap<String, VariantView>)]
     variants: BTreeMap<&'a str, VariantView>,
     original: VariantLink,
     #[serde(skip_serializing_if = "Option::is_none")]
     exif: Option<&'a conveyor_schemas::ExifSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_reason: Option<&'a str>,
+    /// RFC 3339.
     created_at: String,
-    links: Links,
+    links: SelfLink,
 }
 
-#[derive(Serialize)]
+/// Where the original's bytes are.
+#[derive(Serialize, utoipa::ToSchema)]
 struct VariantLink {
     url: String,
 }
 
-#[derive(Serialize)]
-struct Links {
-    #[serde(rename = "self")]
-    this: String,
+/// One page of an owner's timeline, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct TimelinePage<'a> {
+    items: Vec<MediaView<'a>>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// An owner's totals, private media included.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct StatsView<'a> {
+    owner: &'a str,
+    media_count: u64,
+    /// Bytes of originals.
+    bytes: u64,
 }
 
 fn rfc3339(micros: i64) -> String {
@@ -104,7 +121,7 @@ fn view<'a>(state: &QueryState, row: &'a MediaRow) -> MediaView<'a> {
         exif: row.exif.as_ref(),
         failure_reason: row.failure_reason.as_deref(),
         created_at: rfc3339(row.created_at),
-        links: Links {
+        links: SelfLink {
             this: format!("/v1/media/{}", row.id),
         },
     }
@@ -144,6 +161,20 @@ fn json_bytes(value: &impl Serialize) -> Result<Bytes, ApiError> {
         .map_err(ApiError::internal)
 }
 
+/// Read a media item: its status, metadata and variant URLs. Private media is its owner's
+/// alone: for anyone else it is a 404, as if absent.
+#[utoipa::path(get, path = "/v1/media/{id}", tag = "media",
+    params(("id" = Uuid, Path, description = "The media id"),
+        ("if-none-match" = Option<String>, Header, description = "An `ETag` this API sent")),
+    responses(
+        (status = 200, description = "The item", body = MediaView,
+            headers(("etag" = String), ("cache-control" = String))),
+        (status = 304, description = "The client's copy is current"),
+        (status = 400, description = "Not a media id", body = ErrorBody),
+        (status = 401, description = "A key was given and is not valid", body = ErrorBody),
+        (status = 404, description = "No such media, or someone else's private media", body = ErrorBody),
+    ),
+    security((), ("client_key" = [])))]
 pub(crate) async fn get_media(
     State(state): State<Arc<QueryState>>,
     Path(id): Path<String>,
@@ -199,25 +230,34 @@ fn visible_to(viewer: Option<&str>, owner: &str, private: bool) -> bool {
     !private || viewer == Some(owner)
 }
 
-#[derive(Deserialize)]
+/// A timeline page's position and size.
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct PageParams {
+    /// Items per page, 1 to 100 (default 20).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
 const MAX_LIMIT: usize = 100;
 
-fn encode_cursor((created_at, id): (i64, Uuid)) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{created_at}:{id}"))
-}
-
-fn decode_cursor(cursor: &str) -> Option<(i64, Uuid)> {
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
-    let (at, id) = text.split_once(':')?;
-    Some((at.parse().ok()?, Uuid::parse_str(id).ok()?))
-}
-
+/// An owner's media, newest first, in pages. Their private items are in it only for the
+/// owner's own key.
+#[utoipa::path(get, path = "/v1/owners/{owner}/media", tag = "media",
+    params(("owner" = String, Path, description = "The owner, as their key names them"),
+        PageParams,
+        ("if-none-match" = Option<String>, Header, description = "An `ETag` this API sent")),
+    responses(
+        (status = 200, description = "A page", body = TimelinePage,
+            headers(("etag" = String), ("cache-control" = String))),
+        (status = 304, description = "The client's copy is current"),
+        (status = 400, description = "A bad `limit` or `cursor`, or an unknown parameter", body = ErrorBody),
+        (status = 401, description = "A key was given and is not valid", body = ErrorBody),
+    ),
+    security((), ("client_key" = [])))]
 pub(crate) async fn owner_timeline(
     State(state): State<Arc<QueryState>>,
     Path(owner): Path<String>,
@@ -242,16 +282,15 @@ pub(crate) async fn owner_timeline(
     };
     let after = match params.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+        Some(c) => Some(conveyor_wire::cursor::decode(c).ok_or_else(|| {
             ApiError::bad_request("invalid_query", "cursor: not a cursor from this API")
         })?),
     };
     let (rows, next) = visible_page(&state, &owner, viewer.as_deref(), after, limit).await?;
-    let items: Vec<MediaView<'_>> = rows.iter().map(|row| view(&state, row)).collect();
-    let body = json_bytes(&serde_json::json!({
-        "items": items,
-        "next_cursor": next.map(encode_cursor),
-    }))?;
+    let body = json_bytes(&TimelinePage {
+        items: rows.iter().map(|row| view(&state, row)).collect(),
+        next_cursor: next.map(conveyor_wire::cursor::encode),
+    })?;
     let etag = etag_of(&body);
     Ok(respond(&headers, body, &etag))
 }
@@ -305,6 +344,18 @@ async fn visible_page(
     }
 }
 
+/// An owner's totals; their own key only.
+#[utoipa::path(get, path = "/v1/owners/{owner}/stats", tag = "media",
+    params(("owner" = String, Path, description = "The owner, as their key names them"),
+        ("if-none-match" = Option<String>, Header, description = "An `ETag` this API sent")),
+    responses(
+        (status = 200, description = "The totals", body = StatsView,
+            headers(("etag" = String), ("cache-control" = String))),
+        (status = 304, description = "The client's copy is current"),
+        (status = 401, description = "A key was given and is not valid", body = ErrorBody),
+        (status = 404, description = "Not the owner's own key: stats are shown to their owner only", body = ErrorBody),
+    ),
+    security((), ("client_key" = [])))]
 pub(crate) async fn owner_stats(
     State(state): State<Arc<QueryState>>,
     Path(owner): Path<String>,
@@ -323,22 +374,11 @@ pub(crate) async fn owner_stats(
         .owner_stats(&owner)
         .await
         .map_err(ApiError::backend)?;
-    let body = json_bytes(
-        &serde_json::json!({ "owner": owner, "media_count": stats.media_count, "bytes": stats.bytes }),
-    )?;
+    let body = json_bytes(&StatsView {
+        owner: &owner,
+        media_count: stats.media_count,
+        bytes: stats.bytes,
+    })?;
     let etag = etag_of(&body);
     Ok(respond(&headers, body, &etag))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        let at = (1_764_300_000_000_000, Uuid::now_v7());
-        assert_eq!(decode_cursor(&encode_cursor(at)), Some(at));
-        assert_eq!(decode_cursor("not-a-cursor"), None);
-        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("12:nope")), None);
-    }
 }

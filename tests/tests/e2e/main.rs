@@ -2,6 +2,7 @@
 
 mod backup;
 mod bad_input;
+mod contract;
 mod crash;
 mod dead_letters;
 mod delivery;

@@ -90,6 +90,120 @@ async fn a_broker_outage_refuses_uploads_with_503_and_loses_no_acknowledged_one(
     assert_eq!(status, 200);
 }
 
+/// Reported: a direct-upload completion that got 503 while the broker was down could not be
+/// retried. It had promoted the bytes before its append failed, so the retry found nothing and
+/// got 422 `nothing_uploaded`. Now the retry completes, with the upload's id, and the upload
+/// is one media item whichever attempt's append landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_upload_completion_refused_by_an_outage_completes_once_on_retry() {
+    let Some(kafka) = OwnEngine::start("kafka", testing::KAFKA) else {
+        return;
+    };
+    let app = spawn_app_with(|s: &mut Settings| {
+        s.log.uri = Some(format!("kafka://{}", kafka.address));
+        s.log.partitions = 2;
+        s.log.append_timeout_ms = 3_000;
+    })
+    .await;
+    assert_eq!(upload(&app, 0).await.status(), 202, "the broker is up");
+    let file = images::jpeg(64, 48, 300);
+    let created: Value = app
+        .client
+        .post(app.url("/v1/uploads"))
+        .bearer_auth(ALICE)
+        .json(&serde_json::json!({"content_type": "image/jpeg", "bytes": file.len()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, url) = (
+        created["upload_id"].as_str().unwrap().to_owned(),
+        app.url(created["url"].as_str().unwrap()),
+    );
+    let put = |bytes: Vec<u8>| {
+        app.client
+            .put(&url)
+            .header("content-type", "image/jpeg")
+            .body(bytes)
+            .send()
+    };
+    assert_eq!(put(file.clone()).await.unwrap().status(), 200);
+    let complete = || {
+        app.client
+            .post(app.url(&format!("/v1/uploads/{id}/complete")))
+            .bearer_auth(ALICE)
+            .send()
+    };
+
+    kafka.kill();
+    let refused = complete().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    let other = images::jpeg(64, 48, 301);
+    assert_eq!(
+        put(other).await.unwrap().status(),
+        409,
+        "verified bytes can no longer change"
+    );
+
+    kafka.restart();
+    let done = wait_until(Duration::from_secs(60), || async {
+        let response = complete().await.ok()?;
+        (response.status() == 202).then_some(response)
+    })
+    .await
+    .expect("the retried completion is accepted once the broker is back");
+    let body: Value = done.json().await.unwrap();
+    assert_eq!(body["id"], id.as_str(), "the media id is the upload id");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&file))
+    };
+    assert_eq!(body["sha256"], sha);
+    let processed = app.wait_processed(&id).await;
+    assert_eq!(processed["status"], "processed", "{processed}");
+    let original = app
+        .client
+        .get(app.url(&format!("/media/originals/{sha}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        original.as_ref(),
+        file.as_slice(),
+        "the bytes are the ones PUT"
+    );
+
+    // Once: one `MediaUploaded` (by event id: a record the outage delayed is the same event)
+    // and one timeline item.
+    let aggregate: uuid::Uuid = id.parse().unwrap();
+    let uploaded: std::collections::HashSet<uuid::Uuid> =
+        all_events(&*app.backends.log, app.settings.topic())
+            .await
+            .into_iter()
+            .filter(|e| {
+                e.aggregate_id == aggregate
+                    && matches!(e.payload, conveyor_schemas::Event::MediaUploaded(_))
+            })
+            .map(|e| e.event_id)
+            .collect();
+    assert_eq!(uploaded.len(), 1, "one MediaUploaded: {uploaded:?}");
+    let (_, page) = app.get_json("/v1/owners/alice/media?limit=100").await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(
+        items.iter().filter(|i| i["id"] == id.as_str()).count(),
+        1,
+        "{page}"
+    );
+    assert_eq!(items.len(), 2, "the first upload and this one: {page}");
+}
+
 /// While the CQL node is down the projector's partitions wait and retry; nothing goes to the
 /// dead-letter topic for being unavailable. After a restart the read models equal the SQLite
 /// fold of the same events.

@@ -1,0 +1,134 @@
+//! The OpenAPI 3.1 document of Conveyor's HTTP API, generated from the handlers' own
+//! annotations (`utoipa`): each crate describes its routes, and this joins them and adds what
+//! holds for all of them. `GET /openapi.json` serves it, `conveyor openapi` prints it, and
+//! `schemas/openapi.json` is the checked-in copy a test holds both to.
+
+use utoipa::OpenApi;
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::schema::{Object, Type};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr};
+
+/// The whole API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Conveyor",
+        description = "Uploads, media read models and events. Every response that is not a \
+            success is `{\"error\": {\"code\", \"message\"}}` (`ErrorBody`), whatever answered \
+            it. Clients authenticate with `Authorization: Bearer <key>`: a client key names an \
+            owner; internal producers use a service key.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    tags(
+        (name = "media", description = "Uploads, reads and deletes of media items"),
+        (name = "uploads", description = "Direct uploads: the bytes go straight to storage"),
+        (name = "events", description = "The intake for internal producers"),
+        (name = "operations", description = "Health, readiness and metrics"),
+    ),
+    components(schemas(conveyor_platform::http::ErrorBody)),
+)]
+struct ConveyorApi;
+
+/// What every route shares: the two key schemes, and the answers any `/v1` or `/media` route
+/// may give whatever its handler does (503 when a backend is down).
+struct Shared;
+
+impl utoipa::Modify for Shared {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        let bearer = |what: &str| {
+            let mut http = Http::new(HttpAuthScheme::Bearer);
+            http.description = Some(what.to_owned());
+            SecurityScheme::Http(http)
+        };
+        components.add_security_scheme(
+            "client_key",
+            bearer("A client key (`auth.api_keys`), naming its owner"),
+        );
+        components.add_security_scheme(
+            "service_key",
+            bearer("An internal producer's key (`auth.service_keys`)"),
+        );
+        let error = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(RefOr::Ref(Ref::from_schema_name("ErrorBody"))))
+                    .build(),
+            )
+        };
+        let unavailable = error("A backend is unavailable; retry after `Retry-After` seconds")
+            .header(
+                "retry-after",
+                utoipa::openapi::HeaderBuilder::new()
+                    .schema(Object::with_type(Type::String))
+                    .description(Some("Seconds to wait before retrying"))
+                    .build(),
+            )
+            .build();
+        let rate_limited = error("This key is over its request rate (`auth.rate_per_sec`)")
+            .header(
+                "retry-after",
+                utoipa::openapi::HeaderBuilder::new()
+                    .schema(Object::with_type(Type::String))
+                    .description(Some("Seconds until a request would be allowed"))
+                    .build(),
+            )
+            .build();
+        for (path, item) in api.paths.paths.iter_mut() {
+            // Any request that presents a valid key counts against its rate.
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation
+                    .responses
+                    .responses
+                    .insert("429".into(), RefOr::T(rate_limited.clone()));
+            }
+            if !(path.starts_with("/v1/") || path.starts_with("/media/")) {
+                continue;
+            }
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation
+                    .responses
+                    .responses
+                    .insert("503".into(), RefOr::T(unavailable.clone()));
+            }
+        }
+    }
+}
+
+/// The document, as served at `/openapi.json`.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut api = ConveyorApi::openapi();
+    api.merge(conveyor_platform::http::OpsApi::openapi());
+    api.merge(conveyor_ingest::IngestApi::openapi());
+    api.merge(conveyor_query::QueryApi::openapi());
+    utoipa::Modify::modify(&Shared, &mut api);
+    api
+}
+
+/// The document as pretty JSON with a final newline: the form checked in as
+/// `schemas/openapi.json`.
+pub fn to_json() -> String {
+    let mut text = document()
+        .to_pretty_json()
+        .expect("the document serializes");
+    text.push('\n');
+    text
+}
