@@ -284,7 +284,7 @@ pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 
 /// `DELETE /v1/media/{id}`'s answer.
 #[derive(serde::Serialize, utoipa::ToSchema)]
-struct Deleted {
+struct DeleteAccepted {
     id: Uuid,
     /// Always `deleted`: `MediaDeleted` is durable; the item and its bytes go as it is applied.
     #[schema(example = "deleted")]
@@ -295,7 +295,7 @@ struct Deleted {
 #[utoipa::path(delete, path = "/v1/media/{id}", tag = "media",
     params(("id" = Uuid, Path, description = "The media id")),
     responses(
-        (status = 202, description = "`MediaDeleted` is appended", body = Deleted),
+        (status = 202, description = "`MediaDeleted` is appended", body = DeleteAccepted),
         (status = 400, description = "Not a media id", body = ErrorBody),
         (status = 401, description = "No valid client key", body = ErrorBody),
         (status = 403, description = "Someone else's public media", body = ErrorBody),
@@ -330,7 +330,7 @@ async fn delete_media(
         Event::MediaDeleted(MediaDeleted { deleted_by: owner }),
     );
     state.append(std::slice::from_ref(&event)).await?;
-    let body = Deleted {
+    let body = DeleteAccepted {
         id,
         status: "deleted",
     };

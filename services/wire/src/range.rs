@@ -42,6 +42,10 @@ mod tests {
         assert_eq!(parse(Some("bytes=10-"), 10), RangeRequest::Unsatisfiable);
         assert_eq!(parse(Some("bytes=0-1,3-4"), 10), RangeRequest::Whole);
         assert_eq!(parse(Some("lines=1-2"), 10), RangeRequest::Whole);
-        assert_eq!(parse(Some("bytes=0-0"), 0), RangeRequest::Whole, "an empty object");
+        assert_eq!(
+            parse(Some("bytes=0-0"), 0),
+            RangeRequest::Whole,
+            "an empty object"
+        );
     }
 }
