@@ -25,7 +25,17 @@ pub enum DecodeError {
     SchemaVersion(u16),
 }
 
-const BINCODE: bincode::config::Configuration = bincode::config::standard();
+/// Most bytes one decode may claim for its strings and sequences. bincode otherwise allocates
+/// whatever a length prefix says before reading the bytes, so a 40-byte record could ask for
+/// exabytes (found by the `event_codec` fuzz target). Log records are far smaller: Kafka's
+/// `message.max.bytes` is 1 MiB by default, and an envelope's strings are names and keys.
+pub const MAX_DECODED_BYTES: usize = 8 << 20;
+
+const BINCODE: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_DECODED_BYTES>,
+> = bincode::config::standard().with_limit::<MAX_DECODED_BYTES>();
 
 impl Codec {
     pub fn content_type(self) -> &'static str {
@@ -234,6 +244,14 @@ mod tests {
             Err(DecodeError::Bincode(_))
         ));
         assert!(Codec::Bincode.decode(&[0xff; 7]).is_err());
+        // A string whose length prefix says 1 TiB is refused before anything is allocated:
+        // the producer's length is at byte 52, after two uuids and two varint u64s.
+        let mut huge = bytes[..52].to_vec();
+        huge.extend([0xfd, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert!(matches!(
+            Codec::Bincode.decode(&huge),
+            Err(DecodeError::Bincode(_))
+        ));
         assert!(matches!(
             Codec::Json.decode(b"{\"event_id\": 1}"),
             Err(DecodeError::Json(_))
