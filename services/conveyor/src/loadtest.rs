@@ -502,6 +502,8 @@ async fn photos(
     };
     settings.auth.api_keys =
         conveyor_platform::config::KeyList::parse("bench:bench-key").map_err(anyhow::Error::msg)?;
+    // One key drives all the load: the per-key rate limit would measure itself.
+    settings.auth.rate_per_sec = 0;
     let app = crate::app::build(settings, crate::app::Role::Serve).await?;
     let base = format!("http://127.0.0.1:{}", app.port());
     let stop = app.stop_token();

@@ -556,6 +556,9 @@ impl Settings {
         settings.query.cache_ttl_ms = 500;
         settings.auth.api_keys = KeyList::parse("alice:alice-key,bob:bob-key").expect("valid keys");
         settings.auth.service_keys = KeyList::parse("describer:service-key").expect("valid keys");
+        // Tests drive load from one key, as a load generator would; the rate-limit tests set
+        // their own rate.
+        settings.auth.rate_per_sec = 0;
         settings.uploads.signing_key =
             KeyList::parse("k2:new-signing-key,k1:old-signing-key").expect("valid keys");
         settings.cdn.signing_keys =
