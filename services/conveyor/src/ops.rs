@@ -504,12 +504,14 @@ pub struct Status {
     pub access: Access,
 }
 
-/// Who may call the API, and how much.
+/// Who may call the API, and how much, as this command's configuration sets it: run it with
+/// the servers' configuration (the manifests share one ConfigMap) to see what they enforce.
+/// The issued keys are read from the shared object store, so those are every replica's.
 #[derive(Debug, serde::Serialize)]
 pub struct Access {
     /// Requests per second per key, per replica (`auth.rate_per_sec`); 0 is unlimited.
     pub rate_per_sec: u32,
-    /// `auth.rate_burst`.
+    /// `auth.rate_burst`, as the limiter applies it: never below the rate.
     pub rate_burst: u32,
     /// Bytes of originals per owner (`auth.owner_quota_bytes`); 0 is unlimited.
     pub owner_quota_bytes: u64,
@@ -568,7 +570,8 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     };
     let access = Access {
         rate_per_sec: settings.auth.rate_per_sec,
-        rate_burst: settings.auth.rate_burst,
+        // As the limiter applies it: never below the rate.
+        rate_burst: settings.auth.rate_burst.max(settings.auth.rate_per_sec),
         owner_quota_bytes: settings.auth.owner_quota_bytes,
         configured_keys: settings.auth.api_keys.entries().count()
             + settings.auth.service_keys.entries().count(),
@@ -694,13 +697,20 @@ async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<
         | KeysCommand::Revoke { target, .. } => target.clone(),
     };
     let settings = settings(config, target)?;
-    let objects = open_objects(&settings.objects_uri(), &settings.objects).await?;
+    let uri = settings.objects_uri();
+    // A mistyped --data-dir would otherwise make an empty store and issue keys no server reads.
+    if uri.starts_with("file://") {
+        anyhow::ensure!(
+            settings.data_dir.is_dir(),
+            "the data dir {} does not exist; pass the one `serve` uses (--data-dir, or \
+             CONVEYOR__DATA_DIR)",
+            settings.data_dir.display()
+        );
+    }
+    let objects = open_objects(&uri, &settings.objects).await?;
     match command {
         KeysCommand::Create { name, service, .. } => {
-            anyhow::ensure!(
-                !name.is_empty() && !name.contains(['/', ':', ',']) && !name.trim().is_empty(),
-                "the name must be non-empty, without `/`, `:` or `,`"
-            );
+            conveyor_platform::config::check_key_name(&name).map_err(anyhow::Error::msg)?;
             let kind = if service {
                 KeyKind::Service
             } else {
@@ -742,9 +752,11 @@ async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<
             }
         }
         KeysCommand::Revoke { id, .. } => {
+            // Never echo what was given: it may be the key itself.
             anyhow::ensure!(
-                id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
-                "{id:?} is not a key id (16 hex digits; see `conveyor ops keys list`)"
+                id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                "that is not a key id: an id is the 16 lowercase hex digits after `cvk_` \
+                 (see `conveyor ops keys list`)"
             );
             anyhow::ensure!(
                 keys::revoke(&*objects, &id).await?,

@@ -242,4 +242,22 @@ fn ops_keys_create_list_and_revoke() {
     let (ok, _, err) = run(&["revoke", "0123456789abcdef"]);
     assert!(!ok);
     assert!(err.contains("no issued key"), "{err}");
+    let (ok, _, err) = run(&["revoke", &key]);
+    assert!(!ok && err.contains("not a key id"), "{err}");
+    assert!(
+        !err.contains(&key[21..]),
+        "a key given by mistake is never echoed"
+    );
+    let (ok, _, err) = run(&["create", "../carol"]);
+    assert!(!ok && err.contains("not a key name"), "{err}");
+    // A mistyped data dir is refused, not made into an empty store no server reads.
+    let missing = dir.path().join("typo");
+    let out = conveyor()
+        .args(["ops", "keys", "create", "dave", "--data-dir"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(!missing.exists());
 }

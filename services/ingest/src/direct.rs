@@ -227,7 +227,6 @@ pub(crate) async fn create(
             ),
         ));
     }
-    state.check_quota(&owner, request.bytes).await?;
     let is_hex =
         |sha: &str| sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if request.sha256.as_deref().is_some_and(|sha| !is_hex(sha)) {
@@ -236,6 +235,7 @@ pub(crate) async fn create(
             "sha256: expected 64 lowercase hex digits",
         ));
     }
+    state.check_quota(&owner, request.bytes).await?;
     let id = Uuid::now_v7();
     let ttl = Duration::from_secs(state.uploads.ttl_secs.max(1));
     let expires_at = now_micros() / 1_000_000 + ttl.as_secs() as i64;
@@ -541,7 +541,6 @@ pub(crate) async fn complete(
             "the upload expired; start a new one",
         ));
     }
-    state.check_quota(&owner, pending.bytes).await?;
     let objects = &state.backends.objects;
     // One completion at a time: the others get 409 until this one answers, and 404 after.
     let claimed = objects
@@ -600,6 +599,9 @@ async fn complete_claimed(
     let verified = match objects.get_bytes(&verified_key(id)).await {
         Ok(record) => serde_json::from_slice(&record).map_err(ApiError::internal)?,
         Err(ObjectError::NotFound) => {
+            // Only a first completion counts against the quota: a retry of one that got this
+            // far answers as it would have, though its media may be counted by now.
+            state.check_quota(&owner, pending.bytes).await?;
             let sha256 = take_and_verify(state, id, pending, completion).await?;
             let verified = Verified {
                 sha256,

@@ -82,16 +82,24 @@ impl IngestState {
             .await
             .map_err(ApiError::backend)?
             .bytes;
-        if used.saturating_add(adding) <= quota {
+        if used < quota && used.saturating_add(adding) <= quota {
             return Ok(());
         }
-        Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "quota_exceeded",
+        let message = if adding == 0 {
+            format!(
+                "{owner} keeps {used} bytes of originals, which reaches the quota of {quota} \
+                 bytes (auth.owner_quota_bytes); delete media to make room"
+            )
+        } else {
             format!(
                 "{owner} keeps {used} bytes of originals, and this upload of {adding} bytes would \
                  pass the quota of {quota} bytes (auth.owner_quota_bytes); delete media to make room"
-            ),
+            )
+        };
+        Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "quota_exceeded",
+            message,
         ))
     }
 

@@ -83,8 +83,6 @@ pub(crate) async fn upload(
     use axum::extract::FromRequest;
     let headers = request.headers().clone();
     let owner = state.owner(&headers)?;
-    // An owner at the quota is refused before the body is read.
-    state.check_quota(&owner, 1).await?;
     // The body passes through the guard, which bounds what the parser buffers.
     let boundary = headers
         .get(header::CONTENT_TYPE)
@@ -96,6 +94,8 @@ pub(crate) async fn upload(
                 "expected `Content-Type: multipart/form-data; boundary=…`",
             )
         })?;
+    // An owner at the quota is refused before the body is read (its size is known after).
+    state.check_quota(&owner, 0).await?;
     let violation = Arc::new(std::sync::OnceLock::new());
     let (parts, body) = request.into_parts();
     let guarded =

@@ -541,7 +541,34 @@ impl Settings {
             let path = rest.to_ascii_lowercase().replace("__", ".");
             figment = figment.merge(Serialized::global(&path, env_value(value)));
         }
-        figment.extract().map_err(|e| ConfigError(flatten(e)))
+        let settings: Settings = figment.extract().map_err(|e| ConfigError(flatten(e)))?;
+        settings.validate().map_err(ConfigError)?;
+        Ok(settings)
+    }
+
+    /// What serde cannot check: key names and hashed keys, and the CORS origins. Run on every
+    /// load, so `serve` refuses a bad value before it opens anything, and `ops config` names it.
+    fn validate(&self) -> Result<(), String> {
+        for (setting, list) in [
+            ("auth.api_keys", &self.auth.api_keys),
+            ("auth.service_keys", &self.auth.service_keys),
+        ] {
+            for (name, key) in list.entries() {
+                check_key_name(name).map_err(|e| format!("{setting}: {e}"))?;
+                if let Some(hex) = key.strip_prefix("sha256:")
+                    && (hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                {
+                    // Never fall back to taking `sha256:…` as the key itself: whoever could
+                    // read the configuration could then present it.
+                    return Err(format!(
+                        "{setting}: {name:?}'s key starts with `sha256:` but is not 64 hex \
+                         digits; a key kept as its hash is `name:sha256:<64 hex digits>`"
+                    ));
+                }
+            }
+        }
+        crate::http::cors(&self.http.cors_origins)?;
+        Ok(())
     }
 
     /// Settings for tests: a data dir of the caller's, port 0, OS durability, fast caches.
@@ -627,6 +654,23 @@ fn flatten(error: figment::Error) -> String {
         .map(|e| e.to_string())
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Checks an owner's or a service's name: 1 to 64 of `A-Z a-z 0-9 . _ @ -`, not only dots.
+/// Owner names appear in paths (`/v1/owners/{owner}/media`) and in logs, so nothing else is
+/// allowed in them.
+pub fn check_key_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-');
+    if name.is_empty()
+        || name.len() > 64
+        || !name.chars().all(allowed)
+        || name.chars().all(|c| c == '.')
+    {
+        return Err(format!(
+            "{name:?} is not a key name: use 1 to 64 of A-Z, a-z, 0-9, `.`, `_`, `@` and `-`"
+        ));
+    }
+    Ok(())
 }
 
 /// `name:key` pairs. The keys are secrets: `Debug` and serialization never show them.
@@ -716,6 +760,27 @@ impl<'de> Deserialize<'de> for KeyList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn malformed_hashed_keys_bad_names_and_bad_origins_refuse_to_load() {
+        let load = |key: &str, value: &str| Settings::load_from_pairs(None, [(key, value)]);
+        let hash = "ab".repeat(32);
+        assert!(load("CONVEYOR__AUTH__API_KEYS", &format!("bob:sha256:{hash}")).is_ok());
+        for (key, value, named) in [
+            ("CONVEYOR__AUTH__API_KEYS", "bob:sha256:abcd", "bob"),
+            (
+                "CONVEYOR__AUTH__SERVICE_KEYS",
+                &format!("svc:sha256:{}x", &hash[1..]),
+                "svc",
+            ),
+            ("CONVEYOR__AUTH__API_KEYS", "..:k1", ".."),
+            ("CONVEYOR__AUTH__API_KEYS", "a b:k1", "a b"),
+            ("CONVEYOR__HTTP__CORS_ORIGINS", "garbage", "garbage"),
+        ] {
+            let e = load(key, value).expect_err(value).to_string();
+            assert!(e.contains(named), "{e}");
+        }
+    }
 
     #[test]
     fn defaults_match_the_design() {

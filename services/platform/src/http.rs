@@ -341,6 +341,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE => "too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        StatusCode::RANGE_NOT_SATISFIABLE => "range_not_satisfiable",
         s if s.is_server_error() => "internal",
         _ => "error",
     };
@@ -372,7 +373,9 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 /// get their 401 from the route, or read public media, which the CDN fronts).
 pub struct RateLimit {
     keys: crate::keys::Keys,
-    limiter: Option<governor::DefaultKeyedRateLimiter<crate::keys::Principal>>,
+    /// Keyed by the presented key's fingerprint: each key has its own rate, so one noisy
+    /// key cannot starve its owner's others.
+    limiter: Option<governor::DefaultKeyedRateLimiter<[u8; 32]>>,
 }
 
 impl RateLimit {
@@ -392,8 +395,8 @@ pub async fn rate_limit(State(limit): State<Arc<RateLimit>>, req: Request, next:
         return next.run(req).await;
     };
     let verdict = bearer(req.headers())
-        .and_then(|key| limit.keys.identify(key))
-        .map(|principal| limiter.check_key(&principal));
+        .filter(|key| limit.keys.identify(key).is_some())
+        .map(|key| limiter.check_key(&crate::keys::fingerprint(key)));
     if let Some(Err(not_until)) = verdict {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -428,11 +431,18 @@ pub fn cors(origins: &str) -> Result<Option<tower_http::cors::CorsLayer>, String
     } else {
         let list = origins
             .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
             .map(|o| {
-                let o = o.trim();
-                let ok = (o.starts_with("https://") || o.starts_with("http://"))
-                    && !o.trim_end_matches('/').contains(['*', ' '])
-                    && o.len() > "http://".len();
+                // An origin is scheme://host[:port], and nothing after it (RFC 6454 §6.1):
+                // one with a path could never match what a browser sends.
+                let host = o
+                    .strip_prefix("https://")
+                    .or_else(|| o.strip_prefix("http://"))
+                    .map(|rest| rest.strip_suffix('/').unwrap_or(rest));
+                let ok = host.is_some_and(|h| {
+                    !h.is_empty() && !h.contains(['*', ' ', '/', '?', '#', '@'])
+                });
                 ok.then(|| HeaderValue::from_str(o.trim_end_matches('/')).ok())
                     .flatten()
                     .ok_or_else(|| {
@@ -495,8 +505,10 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .split_once(' ')
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
         .filter(|k| !k.is_empty())
 }
 
@@ -708,6 +720,42 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_origins_are_scheme_host_and_port_only() {
+        assert!(cors("").unwrap().is_none());
+        assert!(cors("*").unwrap().is_some());
+        assert!(
+            cors("https://app.example, http://localhost:3000/,")
+                .unwrap()
+                .is_some()
+        );
+        for bad in [
+            "garbage",
+            "https://app.example/app",
+            "https://*.example",
+            "ftp://x",
+            "https://",
+        ] {
+            let e = cors(bad).expect_err(bad);
+            assert!(e.contains("http.cors_origins"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            bearer(&headers).map(str::to_owned)
+        };
+        assert_eq!(with("Bearer k1").as_deref(), Some("k1"));
+        assert_eq!(with("bearer k1").as_deref(), Some("k1"));
+        assert_eq!(with("BEARER  k1 ").as_deref(), Some("k1"));
+        assert_eq!(with("Basic k1"), None);
+        assert_eq!(with("Bearer "), None);
+        assert_eq!(with("Bearerk1"), None);
+    }
 
     #[tokio::test]
     async fn an_unavailable_backend_is_a_json_503_with_retry_after() {

@@ -105,18 +105,26 @@ impl std::fmt::Debug for Keys {
 
 fn configured(list: &KeyList, kind: KeyKind) -> Vec<(Principal, [u8; 32])> {
     list.entries()
-        .map(|(name, key)| {
-            let hash = key
-                .strip_prefix("sha256:")
-                .and_then(|h| <[u8; 32]>::try_from(hex::decode(h).ok()?).ok())
-                .unwrap_or_else(|| digest(key));
+        .filter_map(|(name, key)| {
+            let hash = match key.strip_prefix("sha256:") {
+                // Loading refuses a malformed hash (`Settings::validate`); one made in code is
+                // dropped, never taken as a plain key.
+                Some(hex) => <[u8; 32]>::try_from(hex::decode(hex).ok()?).ok()?,
+                None => digest(key),
+            };
             let principal = Principal {
                 kind,
                 name: name.to_owned(),
             };
-            (principal, hash)
+            Some((principal, hash))
         })
         .collect()
+}
+
+/// What a presented key is known by where it must not be kept itself, such as the rate
+/// limiter's table: its sha256.
+pub fn fingerprint(presented: &str) -> [u8; 32] {
+    digest(presented)
 }
 
 impl Keys {
@@ -153,8 +161,12 @@ impl Keys {
             if snapshot.revoked.contains(id) {
                 return None;
             }
-            let (principal, stored) = snapshot.issued.get(id)?;
-            return constant_time_eq(stored, &hash).then(|| principal.clone());
+            if let Some((principal, stored)) = snapshot.issued.get(id)
+                && constant_time_eq(stored, &hash)
+            {
+                return Some(principal.clone());
+            }
+            // Not an issued key after all: a configured key may have the same shape.
         }
         let mut found = None;
         for (principal, stored) in self.configured.iter() {
@@ -256,6 +268,10 @@ pub async fn issue(
     name: &str,
 ) -> Result<(KeyRecord, String), ObjectError> {
     use rand::RngCore;
+    crate::config::check_key_name(name).map_err(|message| ObjectError::Storage {
+        kind: crate::ErrorKind::Permanent,
+        message,
+    })?;
     let mut id = [0u8; 8];
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut id);
@@ -354,6 +370,17 @@ mod tests {
         assert_eq!(
             keys.lookup(&format!("sha256:{hashed}"), KeyKind::Client),
             None
+        );
+    }
+
+    #[test]
+    fn a_malformed_hash_is_never_a_key_and_configured_keys_may_look_issued() {
+        let issued_shape = format!("cvk_{}_{}", "a".repeat(16), "b".repeat(64));
+        let keys = Keys::configured(&auth(&format!("bob:sha256:abcd,eve:{issued_shape}"), ""));
+        assert_eq!(keys.lookup("sha256:abcd", KeyKind::Client), None);
+        assert_eq!(
+            keys.lookup(&issued_shape, KeyKind::Client).unwrap().name,
+            "eve"
         );
     }
 

@@ -14,7 +14,8 @@ pub fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." || path.is_empty() {
+        // `?` is serde_path_to_error's "somewhere unknown", as at an early end of input.
+        if path == "." || path == "?" || path.is_empty() {
             inner.to_string()
         } else {
             format!("{path}: {inner}")

@@ -140,9 +140,14 @@ async fn issued_keys_work_and_revoked_ones_stop_within_seconds() {
 /// readers are not slowed by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_its_rate_gets_429_with_retry_after() {
+    const ALICE_SECOND: &str = "alice-second-key";
     let app = spawn_app_with(|s: &mut Settings| {
         s.auth.rate_per_sec = 2;
         s.auth.rate_burst = 5;
+        s.auth.api_keys = conveyor_platform::config::KeyList::parse(&format!(
+            "alice:{ALICE},alice:{ALICE_SECOND},bob:{BOB}"
+        ))
+        .unwrap();
     })
     .await;
     let mut statuses = Vec::new();
@@ -181,6 +186,10 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     let (status, _) = app.get_json_as(Some(BOB), "/v1/owners/bob/media").await;
     assert_eq!(status, 200, "another key has its own rate");
+    let (status, _) = app
+        .get_json_as(Some(ALICE_SECOND), "/v1/owners/alice/media")
+        .await;
+    assert_eq!(status, 200, "so has the same owner's other key");
     let (status, _) = app.get_json("/v1/owners/alice/media").await;
     assert_eq!(
         status, 200,

@@ -211,19 +211,23 @@ fn writer_loop(
             }
         }
         let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
+        // Every op is answered, whatever fails: an op dropped unanswered would tell its caller
+        // the log is closed (a permanent error) when the database was only busy.
+        let mut pending: std::collections::VecDeque<WriteOp> = ops.drain(..).collect();
         let outcome = (|| -> Result<(), LogError> {
             let mut tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(storage)?;
             let now = now_micros();
-            for op in ops.drain(..) {
+            while let Some(op) = pending.pop_front() {
                 match op {
                     WriteOp::EnsureTopic {
                         name,
                         partitions,
                         reply,
                     } => {
-                        let result = isolated(&mut tx, |c| ensure_topic(c, &name, partitions))?;
+                        let (result, reply) =
+                            run_isolated(&mut tx, reply, |c| ensure_topic(c, &name, partitions))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 Some(e) => Err(LogError::Storage {
@@ -239,7 +243,8 @@ fn writer_loop(
                         records,
                         reply,
                     } => {
-                        let result = isolated(&mut tx, |c| append(c, topic, records, now))?;
+                        let (result, reply) =
+                            run_isolated(&mut tx, reply, |c| append(c, topic, records, now))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 Some(e) => Err(LogError::Storage {
@@ -256,7 +261,8 @@ fn writer_loop(
                         offsets,
                         reply,
                     } => {
-                        let result = isolated(&mut tx, |c| commit(c, &group, &topic, &offsets))?;
+                        let (result, reply) =
+                            run_isolated(&mut tx, reply, |c| commit(c, &group, &topic, &offsets))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
                                 Some(e) => Err(LogError::Storage {
@@ -272,7 +278,7 @@ fn writer_loop(
                         topic,
                         reply,
                     } => {
-                        let result = isolated(&mut tx, |c| {
+                        let (result, reply) = run_isolated(&mut tx, reply, |c| {
                             c.execute(
                                 "DELETE FROM group_offsets WHERE grp = ?1 AND topic = ?2",
                                 params![group, topic],
@@ -296,12 +302,55 @@ fn writer_loop(
         })();
         let err = outcome.err();
         if let Some(e) = &err {
-            tracing::error!(error = %e, "event log group commit failed");
+            tracing::warn!(error = %e, kind = %e.kind(), "event log group commit failed");
         }
         for reply in replies {
             reply(err.as_ref());
         }
+        if let Some(e) = &err {
+            for op in pending {
+                op.fail(e);
+            }
+        }
         appended.send_modify(|g| *g += 1);
+    }
+}
+
+/// The same failure again, for a second caller.
+fn copy(e: &LogError) -> LogError {
+    LogError::Storage {
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// [`isolated`], answering `reply` with the failure when the savepoint itself fails (and the
+/// group with it); otherwise `reply` is handed back for the group's outcome.
+#[allow(clippy::type_complexity)]
+fn run_isolated<T, U>(
+    tx: &mut rusqlite::Transaction<'_>,
+    reply: oneshot::Sender<Result<U, LogError>>,
+    op: impl FnOnce(&Connection) -> Result<T, LogError>,
+) -> Result<(Result<T, LogError>, oneshot::Sender<Result<U, LogError>>), LogError> {
+    match isolated(tx, op) {
+        Ok(result) => Ok((result, reply)),
+        Err(e) => {
+            let _ = reply.send(Err(copy(&e)));
+            Err(e)
+        }
+    }
+}
+
+impl WriteOp {
+    /// Answers the op's caller with `e`.
+    fn fail(self, e: &LogError) {
+        match self {
+            WriteOp::EnsureTopic { reply, .. } => drop(reply.send(Err(copy(e)))),
+            WriteOp::Append { reply, .. } => drop(reply.send(Err(copy(e)))),
+            WriteOp::Commit { reply, .. } | WriteOp::DeleteGroup { reply, .. } => {
+                drop(reply.send(Err(copy(e))))
+            }
+        }
     }
 }
 
@@ -839,5 +888,31 @@ mod tests {
             SqliteLog::open(&path, Durability::Os).map(|l| Box::new(l) as Box<dyn EventLog>)
         };
         super::super::conformance::run(&open).await;
+    }
+
+    /// Found by a hostile review: a group whose transaction could not start dropped its ops,
+    /// so their callers read "event log is shut down", a permanent error that became a 500.
+    #[tokio::test]
+    async fn a_busy_database_is_a_transient_failure_for_every_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let log = SqliteLog::open(&path, Durability::Os).unwrap();
+        log.ensure_topic("t", 1).await.unwrap();
+        let record = || Record {
+            key: b"k".to_vec(),
+            headers: Vec::new(),
+            value: Bytes::from_static(b"v"),
+        };
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let appends = (0..3).map(|_| log.append("t", vec![record()]));
+        for outcome in futures::future::join_all(appends).await {
+            let e = outcome.expect_err("the database is locked");
+            assert!(!matches!(e, LogError::Closed), "{e}");
+            assert_eq!(e.kind(), crate::ErrorKind::Transient, "{e}");
+        }
+        holder.execute_batch("COMMIT").unwrap();
+        let positions = log.append("t", vec![record()]).await.unwrap();
+        assert_eq!(positions[0].offset, 0, "nothing was half written");
     }
 }
