@@ -44,11 +44,11 @@ impl utoipa::Modify for Shared {
         };
         components.add_security_scheme(
             "client_key",
-            bearer("A client key (`auth.api_keys`), naming its owner"),
+            bearer("A client key, naming its owner: issued by `conveyor ops keys create`, or configured in `auth.api_keys`"),
         );
         components.add_security_scheme(
             "service_key",
-            bearer("An internal producer's key (`auth.service_keys`)"),
+            bearer("An internal producer's key: issued by `conveyor ops keys create --service`, or configured in `auth.service_keys`"),
         );
         let error = |description: &str| {
             ResponseBuilder::new().description(description).content(
