@@ -50,34 +50,35 @@ impl utoipa::Modify for Shared {
             "service_key",
             bearer("An internal producer's key: issued by `conveyor ops keys create --service`, or configured in `auth.service_keys`"),
         );
-        let error = |description: &str| {
-            ResponseBuilder::new().description(description).content(
-                "application/json",
-                ContentBuilder::new()
-                    .schema(Some(RefOr::Ref(Ref::from_schema_name("ErrorBody"))))
-                    .build(),
-            )
+        // An error answer that says, in `Retry-After`, when to try again.
+        let retry_after = |description: &str, wait: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::Ref(Ref::from_schema_name("ErrorBody"))))
+                        .build(),
+                )
+                .header(
+                    "retry-after",
+                    utoipa::openapi::HeaderBuilder::new()
+                        .schema(Object::with_type(Type::String))
+                        .description(Some(wait))
+                        .build(),
+                )
+                .build()
         };
-        let unavailable = error("A backend is unavailable; retry after `Retry-After` seconds")
-            .header(
-                "retry-after",
-                utoipa::openapi::HeaderBuilder::new()
-                    .schema(Object::with_type(Type::String))
-                    .description(Some("Seconds to wait before retrying"))
-                    .build(),
-            )
-            .build();
-        let rate_limited = error("This key is over its request rate (`auth.rate_per_sec`)")
-            .header(
-                "retry-after",
-                utoipa::openapi::HeaderBuilder::new()
-                    .schema(Object::with_type(Type::String))
-                    .description(Some("Seconds until a request would be allowed"))
-                    .build(),
-            )
-            .build();
+        let rate_limited = retry_after(
+            "This key is over its request rate (`auth.rate_per_sec`)",
+            "Seconds until a request would be allowed",
+        );
+        let unavailable = retry_after(
+            "A backend is unavailable; retry after `Retry-After` seconds",
+            "Seconds to wait before retrying",
+        );
         for (path, item) in api.paths.paths.iter_mut() {
-            // Any request that presents a valid key counts against its rate.
+            let backed = path.starts_with("/v1/") || path.starts_with("/media/");
             for operation in [
                 &mut item.get,
                 &mut item.put,
@@ -87,27 +88,12 @@ impl utoipa::Modify for Shared {
             .into_iter()
             .flatten()
             {
-                operation
-                    .responses
-                    .responses
-                    .insert("429".into(), RefOr::T(rate_limited.clone()));
-            }
-            if !(path.starts_with("/v1/") || path.starts_with("/media/")) {
-                continue;
-            }
-            for operation in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                operation
-                    .responses
-                    .responses
-                    .insert("503".into(), RefOr::T(unavailable.clone()));
+                let responses = &mut operation.responses.responses;
+                // Any request that presents a valid key counts against its rate.
+                responses.insert("429".into(), RefOr::T(rate_limited.clone()));
+                if backed {
+                    responses.insert("503".into(), RefOr::T(unavailable.clone()));
+                }
             }
         }
     }

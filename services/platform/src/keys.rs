@@ -182,12 +182,7 @@ impl Keys {
         let Some(objects) = &self.objects else {
             return Ok(());
         };
-        let revoked: HashSet<String> = objects
-            .list("auth/revoked/")
-            .await?
-            .into_iter()
-            .filter_map(|o| o.key.strip_prefix("auth/revoked/").map(str::to_owned))
-            .collect();
+        let revoked = revoked_ids(&**objects).await?;
         let listed = objects.list("auth/keys/").await?;
         let mut issued = HashMap::with_capacity(listed.len());
         for object in listed {
@@ -233,6 +228,16 @@ impl Keys {
             }
         }
     }
+}
+
+/// The ids of revoked keys.
+async fn revoked_ids(objects: &dyn ObjectStore) -> Result<HashSet<String>, ObjectError> {
+    Ok(objects
+        .list("auth/revoked/")
+        .await?
+        .into_iter()
+        .filter_map(|o| o.key.strip_prefix("auth/revoked/").map(str::to_owned))
+        .collect())
 }
 
 async fn read_record(
@@ -305,12 +310,7 @@ pub struct IssuedKey {
 
 /// Every issued key, oldest first.
 pub async fn list(objects: &dyn ObjectStore) -> Result<Vec<IssuedKey>, ObjectError> {
-    let revoked: HashSet<String> = objects
-        .list("auth/revoked/")
-        .await?
-        .into_iter()
-        .filter_map(|o| o.key.strip_prefix("auth/revoked/").map(str::to_owned))
-        .collect();
+    let revoked = revoked_ids(objects).await?;
     let mut keys = Vec::new();
     for object in objects.list("auth/keys/").await? {
         let bytes = match objects.get_bytes(&object.key).await {
