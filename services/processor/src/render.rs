@@ -27,6 +27,7 @@ use bytes::Bytes;
 use conveyor_platform::config::Limits;
 use conveyor_platform::media::{ACCEPTED, MediaType};
 use conveyor_schemas::ExifSummary;
+use conveyor_wire::headers;
 use rs_vips::voption::{Setter, VOption};
 use rs_vips::{Vips, VipsImage};
 
@@ -197,7 +198,7 @@ fn inspect(source: &Source<'_>, limits: &Limits) -> Result<(Header, VipsImage), 
         }
         MediaType::Gif => check_gif(&source.bytes, limits)?,
         MediaType::Png => {
-            let bytes = png_metadata_bytes(&source.bytes);
+            let bytes = headers::png_metadata_bytes(&source.bytes);
             if bytes > MAX_PNG_METADATA_BYTES {
                 return Err(MediaError::TooMuchMetadata {
                     bytes,
@@ -206,7 +207,7 @@ fn inspect(source: &Source<'_>, limits: &Limits) -> Result<(Header, VipsImage), 
             }
         }
         MediaType::Heic | MediaType::Avif => {
-            let tiles = heif_grid_tiles(&source.bytes);
+            let tiles = headers::heif_grid_tiles(&source.bytes);
             if tiles > MAX_HEIF_TILES {
                 return Err(MediaError::TooManyTiles {
                     tiles,
@@ -321,7 +322,7 @@ struct Source<'a> {
     bytes: std::borrow::Cow<'a, [u8]>,
     format: MediaType,
     /// The JPEG's marker walk (empty for other formats).
-    jpeg: JpegMarkers,
+    jpeg: headers::JpegMarkers,
     fail_on: &'static str,
 }
 
@@ -335,8 +336,8 @@ impl<'a> Source<'a> {
     fn new(bytes: &'a [u8]) -> Result<Self, MediaError> {
         let format = MediaType::sniff(bytes).ok_or(MediaError::UnsupportedFormat)?;
         let jpeg = match format {
-            MediaType::Jpeg => jpeg_scans(bytes),
-            _ => JpegMarkers::default(),
+            MediaType::Jpeg => headers::jpeg_markers(bytes),
+            _ => headers::JpegMarkers::default(),
         };
         if format == MediaType::Jpeg && !jpeg.ended {
             let mut repaired = Vec::with_capacity(bytes.len() + 2);
@@ -639,148 +640,35 @@ fn check_pixels(width: u32, height: u32, limits: &Limits) -> Result<(), MediaErr
     Ok(())
 }
 
-/// What a walk over a JPEG's markers finds (ITU T.81 Annex B).
-#[derive(Debug, Default, PartialEq, Eq)]
-struct JpegMarkers {
-    /// Start-of-scan segments: 1 for a baseline image, about 10 for a progressive one.
-    scans: u64,
-    /// Whether an end-of-image marker was reached.
-    ended: bool,
-}
-
-/// Walks a JPEG's marker segments and entropy-coded data without decoding anything: each
-/// scan costs a full pass over the coefficients in libjpeg, so a file of a few MB with
-/// thousands of scans costs minutes of CPU before its first row comes out. Stops at the end
-/// marker, or where the structure breaks (libvips then judges the rest).
-fn jpeg_scans(bytes: &[u8]) -> JpegMarkers {
-    let mut found = JpegMarkers::default();
-    let mut i = 2; // past SOI
-    while i + 1 < bytes.len() {
-        if bytes[i] != 0xff {
-            return found;
-        }
-        let marker = bytes[i + 1];
-        match marker {
-            0xff => i += 1, // fill byte
-            0xd9 => {
-                found.ended = true;
-                return found;
-            }
-            0x01 | 0xd0..=0xd7 => i += 2, // TEM, RSTn: no length
-            _ => {
-                let Some(len) = bytes.get(i + 2..i + 4) else {
-                    return found;
-                };
-                let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-                if len < 2 {
-                    return found;
-                }
-                i += 2 + len;
-                if marker == 0xda {
-                    found.scans += 1;
-                    i = skip_entropy_coded(bytes, i);
-                }
-            }
-        }
-    }
-    found
-}
-
-/// The index of the marker that ends the entropy-coded data starting at `i`: the first `FF`
-/// followed by neither a stuffed `00` nor a restart marker `D0`–`D7`.
-fn skip_entropy_coded(bytes: &[u8], mut i: usize) -> usize {
-    while let Some(at) = bytes
-        .get(i..)
-        .and_then(|rest| rest.iter().position(|&b| b == 0xff))
-    {
-        i += at;
-        match bytes.get(i + 1) {
-            Some(0x00 | 0xd0..=0xd7) => i += 2,
-            Some(0xff) => i += 1,
-            Some(_) => return i,
-            None => return bytes.len(),
-        }
-    }
-    bytes.len()
-}
-
 /// Checks every frame of a GIF against the limits and its logical screen, and counts them,
-/// without decompressing any (GIF89a §18–§23: a screen descriptor, then image descriptors
-/// and extensions, each followed by length-prefixed sub-blocks).
+/// without decompressing any ([`headers::gif_frames`]).
 fn check_gif(bytes: &[u8], limits: &Limits) -> Result<(), MediaError> {
-    let u16_at = |i: usize| {
-        bytes
-            .get(i..i + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
-    };
-    let truncated = || MediaError::Decode("GIF ends inside its headers".into());
-    let (screen_w, screen_h) = (
-        u16_at(6).ok_or_else(truncated)?,
-        u16_at(8).ok_or_else(truncated)?,
-    );
-    let flags = *bytes.get(10).ok_or_else(truncated)?;
-    let mut i = 13 + color_table_len(flags);
-    let mut frames = 0u64;
-    let skip_sub_blocks = |mut i: usize| -> Option<usize> {
-        loop {
-            let len = *bytes.get(i)? as usize;
-            i += 1 + len;
-            if len == 0 {
-                return Some(i);
-            }
+    let truncated = |_| MediaError::Decode("GIF ends inside its headers".into());
+    let (screen, frames) = headers::gif_frames(bytes).map_err(truncated)?;
+    for (n, frame) in frames.enumerate() {
+        let f = frame.map_err(truncated)?;
+        check_pixels(f.width, f.height, limits)?;
+        if f.x + f.width > screen.width || f.y + f.height > screen.height {
+            return Err(MediaError::Malformed(format!(
+                "GIF frame {} ({}x{} at {},{}) lies outside its {}x{} screen",
+                n + 1,
+                f.width,
+                f.height,
+                f.x,
+                f.y,
+                screen.width,
+                screen.height
+            )));
         }
-    };
-    while let Some(&block) = bytes.get(i) {
-        match block {
-            0x2c => {
-                let (x, y) = (
-                    u16_at(i + 1).ok_or_else(truncated)?,
-                    u16_at(i + 3).ok_or_else(truncated)?,
-                );
-                let (w, h) = (
-                    u16_at(i + 5).ok_or_else(truncated)?,
-                    u16_at(i + 7).ok_or_else(truncated)?,
-                );
-                let flags = *bytes.get(i + 9).ok_or_else(truncated)?;
-                check_pixels(w, h, limits)?;
-                if x + w > screen_w || y + h > screen_h {
-                    return Err(MediaError::Malformed(format!(
-                        "GIF frame {} ({w}x{h} at {x},{y}) lies outside its {screen_w}x{screen_h} screen",
-                        frames + 1
-                    )));
-                }
-                frames += 1;
-                if frames > limits.max_frames as u64 {
-                    return Err(MediaError::TooManyFrames {
-                        frames,
-                        max: limits.max_frames,
-                    });
-                }
-                // Past the descriptor, the local colour table and the LZW code size.
-                let data = i + 10 + color_table_len(flags) + 1;
-                match skip_sub_blocks(data) {
-                    Some(next) => i = next,
-                    None => return Ok(()),
-                }
-            }
-            0x21 => match skip_sub_blocks(i + 2) {
-                Some(next) => i = next,
-                None => return Ok(()),
-            },
-            // The trailer, or bytes that are not GIF: libvips judges what came before.
-            _ => return Ok(()),
+        let frames = n as u64 + 1;
+        if frames > limits.max_frames as u64 {
+            return Err(MediaError::TooManyFrames {
+                frames,
+                max: limits.max_frames,
+            });
         }
     }
     Ok(())
-}
-
-/// Bytes of the colour table a GIF flags byte declares: 3 × 2^(n+1) when its top bit is set.
-fn color_table_len(flags: u8) -> usize {
-    if flags & 0x80 == 0 {
-        0
-    } else {
-        3 << ((flags & 0x07) + 1)
-    }
 }
 
 /// The EXIF summary, read tolerantly: a broken entry or IFD costs that entry, not the rest.
@@ -823,119 +711,5 @@ fn read_exif(image: &VipsImage) -> ExifSummary {
         camera_make: text(exif::Tag::Make),
         camera_model: text(exif::Tag::Model),
         taken_at: text(exif::Tag::DateTimeOriginal),
-    }
-}
-
-/// Compressed bytes in a PNG's `zTXt`, `iTXt` and `iCCP` chunks (RFC 2083 §4.2), from a walk
-/// over the chunk headers; stops where the structure breaks.
-fn png_metadata_bytes(bytes: &[u8]) -> u64 {
-    let mut total = 0u64;
-    let mut i = 8;
-    while let Some(head) = bytes.get(i..i + 8) {
-        let length = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as u64;
-        match &head[4..8] {
-            b"zTXt" | b"iTXt" | b"iCCP" => total += length,
-            b"IDAT" | b"IEND" => break,
-            _ => {}
-        }
-        let Some(next) = usize::try_from(length)
-            .ok()
-            .and_then(|l| i.checked_add(12)?.checked_add(l))
-        else {
-            break;
-        };
-        i = next;
-    }
-    total
-}
-
-/// ISO-BMFF boxes in `data` (ISO/IEC 14496-12 §4.2): type and payload. Stops where the
-/// structure breaks.
-fn boxes(data: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
-    let mut i = 0usize;
-    std::iter::from_fn(move || {
-        let head = data.get(i..i + 8)?;
-        let kind: [u8; 4] = head[4..8].try_into().ok()?;
-        let (header, size) = match u32::from_be_bytes(head[..4].try_into().ok()?) {
-            0 => (8, data.len() - i),
-            1 => (
-                16,
-                usize::try_from(u64::from_be_bytes(
-                    data.get(i + 8..i + 16)?.try_into().ok()?,
-                ))
-                .ok()?,
-            ),
-            n => (8, n as usize),
-        };
-        let payload = data.get(i + header..i.checked_add(size)?)?;
-        i += size.max(header);
-        Some((kind, payload))
-    })
-}
-
-/// The tiles of a HEIF file's grid images: the `dimg` references in its `meta` box's `iref`
-/// (ISO/IEC 23008-12 §9.3, §6.6.2.3), over every item, so a grid that is not the primary
-/// item counts too. 0 for a file without references.
-fn heif_grid_tiles(bytes: &[u8]) -> u64 {
-    let Some((_, meta)) = boxes(bytes).find(|(kind, _)| kind == b"meta") else {
-        return 0;
-    };
-    // `meta` and `iref` are full boxes: a version byte and 3 flag bytes first.
-    let Some((_, iref)) = meta
-        .get(4..)
-        .and_then(|children| boxes(children).find(|(kind, _)| kind == b"iref"))
-    else {
-        return 0;
-    };
-    let Some(&version) = iref.first() else {
-        return 0;
-    };
-    let id_size = if version == 0 { 2 } else { 4 };
-    let mut tiles = 0u64;
-    for (kind, reference) in boxes(iref.get(4..).unwrap_or_default()) {
-        if &kind != b"dimg" {
-            continue;
-        }
-        // from_item_ID, reference_count (u16), then that many to_item_IDs.
-        if let Some(count) = reference.get(id_size..id_size + 2) {
-            tiles += u16::from_be_bytes([count[0], count[1]]) as u64;
-        }
-    }
-    tiles
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_scan_walk_counts_scans_and_sees_the_end() {
-        // SOI, a 4-byte APP0, SOS with 2 bytes of data (one stuffed FF, one RST), SOS, EOI.
-        let jpeg = [
-            0xff, 0xd8, 0xff, 0xe0, 0x00, 0x04, 0x00, 0x00, //
-            0xff, 0xda, 0x00, 0x02, 0x12, 0xff, 0x00, 0xff, 0xd3, 0x34, //
-            0xff, 0xda, 0x00, 0x02, 0x56, //
-            0xff, 0xd9,
-        ];
-        assert_eq!(
-            jpeg_scans(&jpeg),
-            JpegMarkers {
-                scans: 2,
-                ended: true
-            }
-        );
-        assert_eq!(
-            jpeg_scans(&jpeg[..jpeg.len() - 2]),
-            JpegMarkers {
-                scans: 2,
-                ended: false
-            }
-        );
-        // A segment length that runs off the end, or garbage where a marker should be.
-        assert_eq!(jpeg_scans(&[0xff, 0xd8, 0xff, 0xe1, 0x7f]).scans, 0);
-        assert_eq!(
-            jpeg_scans(&[0xff, 0xd8, 0x00, 0x00]),
-            JpegMarkers::default()
-        );
     }
 }

@@ -11,12 +11,13 @@ use crate::media::{MediaType, SNIFF_BYTES};
 use crate::range::RangeRequest;
 
 /// Every target, by the name its fuzz target and regression folder have.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, fn(&[u8])); 6] = [
     ("event_codec", event_codec),
     ("event_intake", event_intake),
     ("sniff", sniff),
     ("range", range),
     ("cursor", cursor),
+    ("image_headers", image_headers),
 ];
 
 /// A log record's value, in either codec: decoding never panics, and what decodes encodes and
@@ -84,5 +85,23 @@ pub fn cursor(data: &[u8]) {
             crate::cursor::decode(&crate::cursor::encode(position)),
             Some(position)
         );
+    }
+}
+
+/// The image header walks the processor runs before any decoder: never panic, and what they
+/// count is bounded by the bytes (a scan takes at least its 4-byte header, a frame its 10-byte
+/// descriptor), so no file claims more work than its size allows.
+pub fn image_headers(data: &[u8]) {
+    use crate::headers;
+    let jpeg = headers::jpeg_markers(data);
+    assert!(jpeg.scans <= data.len() as u64 / 4, "{jpeg:?}");
+    if let Ok((_, frames)) = headers::gif_frames(data) {
+        let count = frames.count();
+        assert!(count <= data.len() / 10 + 1, "{count} frames");
+    }
+    let _ = headers::png_metadata_bytes(data);
+    let _ = headers::heif_grid_tiles(data);
+    for (_, payload) in headers::boxes(data) {
+        assert!(payload.len() <= data.len());
     }
 }

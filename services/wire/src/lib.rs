@@ -5,11 +5,14 @@
 //!   [`intake`], `POST /v1/events`'s body;
 //! - [`range`]: a `Range` header against an object's size;
 //! - [`cursor`]: the opaque timeline cursors clients hand back;
+//! - [`headers`]: JPEG, GIF, PNG and HEIF header walks, which decode nothing, for the checks
+//!   that run before any image decoder;
 //! - [`fuzzing`]: the properties the fuzz targets check, shared with the regression tests that
 //!   replay every input a fuzzer ever found (`fuzz/regressions/`).
 
 pub mod cursor;
 pub mod fuzzing;
+pub mod headers;
 pub mod intake;
 pub mod json;
 pub mod media;
