@@ -268,7 +268,11 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
-        .layer(TraceLayer::new_for_http());
+        // A 5xx is logged where it arises, at its own level; the trace notes it at WARN.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+        );
     let router = match conveyor_platform::http::cors(&settings.http.cors_origins)
         .map_err(anyhow::Error::msg)?
     {

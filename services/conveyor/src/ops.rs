@@ -113,6 +113,7 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
         OpsCommand::Keys(command) => keys(config, command).await,
         OpsCommand::Status { target, json } => {
             let settings = settings(config, target)?;
+            require_data_dir(&settings)?;
             let status = status(&settings).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -689,6 +690,26 @@ fn print_status(status: &Status) {
     }
 }
 
+/// Refuses a data dir that does not exist when an embedded backend would live in it: a
+/// mistyped `--data-dir` would otherwise make empty stores, and report on them (or issue keys
+/// into them) as if they were the servers'.
+fn require_data_dir(settings: &Settings) -> anyhow::Result<()> {
+    let embedded = [
+        settings.log_uri(),
+        settings.views_uri(),
+        settings.objects_uri(),
+    ]
+    .iter()
+    .any(|uri| uri.starts_with("sqlite://") || uri.starts_with("file://"));
+    anyhow::ensure!(
+        !embedded || settings.data_dir.is_dir(),
+        "the data dir {} does not exist (or is not a directory); pass the one `serve` uses \
+         (--data-dir, or CONVEYOR__DATA_DIR)",
+        settings.data_dir.display()
+    );
+    Ok(())
+}
+
 async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<()> {
     use conveyor_platform::keys::{self, KeyKind};
     let target = match &command {
@@ -697,17 +718,8 @@ async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<
         | KeysCommand::Revoke { target, .. } => target.clone(),
     };
     let settings = settings(config, target)?;
-    let uri = settings.objects_uri();
-    // A mistyped --data-dir would otherwise make an empty store and issue keys no server reads.
-    if uri.starts_with("file://") {
-        anyhow::ensure!(
-            settings.data_dir.is_dir(),
-            "the data dir {} does not exist; pass the one `serve` uses (--data-dir, or \
-             CONVEYOR__DATA_DIR)",
-            settings.data_dir.display()
-        );
-    }
-    let objects = open_objects(&uri, &settings.objects).await?;
+    require_data_dir(&settings)?;
+    let objects = open_objects(&settings.objects_uri(), &settings.objects).await?;
     match command {
         KeysCommand::Create { name, service, .. } => {
             conveyor_platform::config::check_key_name(&name).map_err(anyhow::Error::msg)?;
@@ -717,8 +729,9 @@ async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<
                 KeyKind::Client
             };
             let (record, key) = keys::issue(&*objects, kind, &name).await?;
+            let kind = if service { "service" } else { "client" };
             eprintln!(
-                "issued {kind:?} key {} for {name}; it is shown only now, keep it secret:",
+                "issued {kind} key {} for {name}; it is shown only now, keep it secret:",
                 record.id
             );
             println!("{key}");

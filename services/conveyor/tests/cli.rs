@@ -133,6 +133,16 @@ fn ops_status_reports_every_backend_and_group_as_json() {
     assert!(status["groups"].as_array().unwrap().is_empty());
     assert_eq!(status["access"]["rate_per_sec"], 100, "{status}");
     assert_eq!(status["access"]["owner_quota_bytes"], 0, "{status}");
+    // A mistyped data dir is refused, not reported on as a fresh, empty deployment.
+    let missing = dir.path().join("typo");
+    let out = conveyor()
+        .args(["ops", "status", "--data-dir"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(!missing.exists());
     assert_eq!(status["access"]["issued_keys"], 0, "{status}");
 
     // A backend that does not answer is reported, not fatal.

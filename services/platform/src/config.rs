@@ -549,20 +549,22 @@ impl Settings {
     /// What serde cannot check: key names and hashed keys, and the CORS origins. Run on every
     /// load, so `serve` refuses a bad value before it opens anything, and `ops config` names it.
     fn validate(&self) -> Result<(), String> {
+        // Each key names one owner or one service: a key listed twice under different names
+        // would act as whichever was read last.
+        let mut seen: std::collections::HashMap<[u8; 32], (&str, &str)> = Default::default();
         for (setting, list) in [
             ("auth.api_keys", &self.auth.api_keys),
             ("auth.service_keys", &self.auth.service_keys),
         ] {
             for (name, key) in list.entries() {
                 check_key_name(name).map_err(|e| format!("{setting}: {e}"))?;
-                if let Some(hex) = key.strip_prefix("sha256:")
-                    && (hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                let hash = key_hash(key).map_err(|e| format!("{setting}: {name:?}'s key {e}"))?;
+                if let Some((before_setting, before)) = seen.insert(hash, (setting, name))
+                    && (before_setting, before) != (setting, name)
                 {
-                    // Never fall back to taking `sha256:…` as the key itself: whoever could
-                    // read the configuration could then present it.
                     return Err(format!(
-                        "{setting}: {name:?}'s key starts with `sha256:` but is not 64 hex \
-                         digits; a key kept as its hash is `name:sha256:<64 hex digits>`"
+                        "{setting}: {name:?} has the same key as {before:?} in \
+                         {before_setting}; give each owner and service a key of its own"
                     ));
                 }
             }
@@ -656,19 +658,47 @@ fn flatten(error: figment::Error) -> String {
         .join("; ")
 }
 
+/// The sha256 a configured key is checked against: the key's own, or for a key kept as its
+/// hash, `sha256:<64 hex digits>` (the prefix in any case), that hash.
+///
+/// # Errors
+/// A key that starts with `sha256:` but is not 64 hex digits after it. Such a key is never
+/// taken as a plain key: whoever could read the configuration could then present it.
+pub fn key_hash(key: &str) -> Result<[u8; 32], String> {
+    use sha2::Digest;
+    let hashed = key
+        .get(..7)
+        .filter(|prefix| prefix.eq_ignore_ascii_case("sha256:"))
+        .map(|_| &key[7..]);
+    let Some(hex) = hashed else {
+        return Ok(sha2::Sha256::digest(key.as_bytes()).into());
+    };
+    hex::decode(hex)
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| {
+            "starts with `sha256:` but is not 64 hex digits after it; a key kept as its hash \
+             is `name:sha256:<64 hex digits>`, from `printf %s KEY | sha256sum`"
+                .to_owned()
+        })
+}
+
 /// Checks an owner's or a service's name: 1 to 64 of `A-Z a-z 0-9 . _ @ -`, not only dots.
 /// Owner names appear in paths (`/v1/owners/{owner}/media`) and in logs, so nothing else is
 /// allowed in them.
 pub fn check_key_name(name: &str) -> Result<(), String> {
+    const RULE: &str =
+        "a key name is 1 to 64 of A-Z, a-z, 0-9, `.`, `_`, `@` and `-`, and not only dots";
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-');
-    if name.is_empty()
-        || name.len() > 64
-        || !name.chars().all(allowed)
-        || name.chars().all(|c| c == '.')
-    {
+    if name.len() > 64 {
+        // Not echoed: a key pasted where its name goes would be printed.
         return Err(format!(
-            "{name:?} is not a key name: use 1 to 64 of A-Z, a-z, 0-9, `.`, `_`, `@` and `-`"
+            "a name of {} bytes is too long: {RULE}",
+            name.len()
         ));
+    }
+    if name.is_empty() || !name.chars().all(allowed) || name.chars().all(|c| c == '.') {
+        return Err(format!("{name:?} is not a key name: {RULE}"));
     }
     Ok(())
 }
@@ -766,6 +796,22 @@ mod tests {
         let load = |key: &str, value: &str| Settings::load_from_pairs(None, [(key, value)]);
         let hash = "ab".repeat(32);
         assert!(load("CONVEYOR__AUTH__API_KEYS", &format!("bob:sha256:{hash}")).is_ok());
+        let upper = hash.to_uppercase();
+        assert!(load("CONVEYOR__AUTH__API_KEYS", &format!("bob:SHA256:{upper}")).is_ok());
+        let both = Settings::load_from_pairs(
+            None,
+            [
+                ("CONVEYOR__AUTH__API_KEYS", "ann:shared"),
+                ("CONVEYOR__AUTH__SERVICE_KEYS", "svc:shared"),
+            ],
+        );
+        assert!(both.unwrap_err().to_string().contains("same key"));
+        let pasted = format!("cvk_{}", "a".repeat(90));
+        let e = load("CONVEYOR__AUTH__API_KEYS", &format!("{pasted}:k")).unwrap_err();
+        assert!(
+            !e.to_string().contains(&pasted),
+            "a pasted key is not echoed: {e}"
+        );
         for (key, value, named) in [
             ("CONVEYOR__AUTH__API_KEYS", "bob:sha256:abcd", "bob"),
             (
@@ -775,6 +821,12 @@ mod tests {
             ),
             ("CONVEYOR__AUTH__API_KEYS", "..:k1", ".."),
             ("CONVEYOR__AUTH__API_KEYS", "a b:k1", "a b"),
+            ("CONVEYOR__AUTH__API_KEYS", "bob:SHA256:abcd", "bob"),
+            (
+                "CONVEYOR__AUTH__API_KEYS",
+                "ann:same,bob:same",
+                "same key as \"ann\"",
+            ),
             ("CONVEYOR__HTTP__CORS_ORIGINS", "garbage", "garbage"),
         ] {
             let e = load(key, value).expect_err(value).to_string();

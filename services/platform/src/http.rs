@@ -136,12 +136,23 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Some(source) = &self.source {
-            tracing::error!(
-                status = self.status.as_u16(),
-                code = self.code,
-                error = format!("{source:#}"),
-                "request failed"
-            );
+            // A backend that is down is an operator's to watch (WARN, and /readyz); a 500 is a
+            // fault to fix (ERROR).
+            if self.status == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(
+                    status = self.status.as_u16(),
+                    code = self.code,
+                    error = format!("{source:#}"),
+                    "request failed"
+                );
+            } else {
+                tracing::error!(
+                    status = self.status.as_u16(),
+                    code = self.code,
+                    error = format!("{source:#}"),
+                    "request failed"
+                );
+            }
         }
         let body = ErrorBody::new(self.code, self.message);
         let mut response = (self.status, axum::Json(body)).into_response();
@@ -418,6 +429,51 @@ pub async fn rate_limit(State(limit): State<Arc<RateLimit>>, req: Request, next:
     next.run(req).await
 }
 
+/// One allowed origin as browsers send it (RFC 6454 §6.1): `scheme://host[:port]`, lowercase,
+/// without the scheme's default port, and nothing after it. An origin written otherwise
+/// (`https://App.example:443/`) is put in that form; one that could never match what a
+/// browser sends (a path, a wildcard, a bad port) is refused.
+fn cors_origin(o: &str) -> Result<HeaderValue, String> {
+    let bad = || {
+        format!(
+            "http.cors_origins: {o:?} is not an origin (scheme://host[:port]); list origins, \
+             or give `*` alone for any"
+        )
+    };
+    let uri: axum::http::Uri = o.to_ascii_lowercase().parse().map_err(|_| bad())?;
+    let scheme = uri
+        .scheme_str()
+        .filter(|s| matches!(*s, "http" | "https"))
+        .ok_or_else(bad)?;
+    let authority = uri.authority().ok_or_else(bad)?;
+    if authority.as_str().contains('@') || !matches!(uri.path(), "" | "/") || uri.query().is_some()
+    {
+        return Err(bad());
+    }
+    let host = authority.host();
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|inner| inner.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+        }
+    };
+    let has_port = authority.as_str().len() > host.len();
+    let port = authority.port_u16().filter(|&p| p != 0);
+    if !host_ok || (has_port && port.is_none()) {
+        return Err(bad());
+    }
+    let origin = match (scheme, port) {
+        ("https", Some(443)) | ("http", Some(80)) | (_, None) => format!("{scheme}://{host}"),
+        (_, Some(port)) => format!("{scheme}://{host}:{port}"),
+    };
+    HeaderValue::from_str(&origin).map_err(|_| bad())
+}
+
 /// The CORS layer `origins` asks for (`http.cors_origins`), or `None` when it is empty.
 /// Preflights are answered for a day; the headers clients send and read are the API's own.
 pub fn cors(origins: &str) -> Result<Option<tower_http::cors::CorsLayer>, String> {
@@ -433,24 +489,7 @@ pub fn cors(origins: &str) -> Result<Option<tower_http::cors::CorsLayer>, String
             .split(',')
             .map(str::trim)
             .filter(|o| !o.is_empty())
-            .map(|o| {
-                // An origin is scheme://host[:port], and nothing after it (RFC 6454 §6.1):
-                // one with a path could never match what a browser sends.
-                let host = o
-                    .strip_prefix("https://")
-                    .or_else(|| o.strip_prefix("http://"))
-                    .map(|rest| rest.strip_suffix('/').unwrap_or(rest));
-                let ok = host.is_some_and(|h| {
-                    !h.is_empty() && !h.contains(['*', ' ', '/', '?', '#', '@'])
-                });
-                ok.then(|| HeaderValue::from_str(o.trim_end_matches('/')).ok())
-                    .flatten()
-                    .ok_or_else(|| {
-                        format!(
-                            "http.cors_origins: {o:?} is not an origin (scheme://host[:port]) or `*`"
-                        )
-                    })
-            })
+            .map(cors_origin)
             .collect::<Result<Vec<_>, _>>()?;
         AllowOrigin::list(list)
     };
@@ -725,6 +764,14 @@ mod tests {
     fn cors_origins_are_scheme_host_and_port_only() {
         assert!(cors("").unwrap().is_none());
         assert!(cors("*").unwrap().is_some());
+        for (given, sent) in [
+            ("https://App.Example", "https://app.example"),
+            ("https://b.example:443/", "https://b.example"),
+            ("http://localhost:3000", "http://localhost:3000"),
+            ("http://[::1]:8080", "http://[::1]:8080"),
+        ] {
+            assert_eq!(cors_origin(given).unwrap(), sent);
+        }
         assert!(
             cors("https://app.example, http://localhost:3000/,")
                 .unwrap()
@@ -736,6 +783,15 @@ mod tests {
             "https://*.example",
             "ftp://x",
             "https://",
+            "https://x:abc",
+            "https://x:",
+            "https://x:99999",
+            "https://[::1",
+            "https://x:80:80",
+            "https://x%2f",
+            "https://é.example",
+            "https://a.example, *",
+            "https://u@a.example",
         ] {
             let e = cors(bad).expect_err(bad);
             assert!(e.contains("http.cors_origins"), "{e}");

@@ -106,12 +106,9 @@ impl std::fmt::Debug for Keys {
 fn configured(list: &KeyList, kind: KeyKind) -> Vec<(Principal, [u8; 32])> {
     list.entries()
         .filter_map(|(name, key)| {
-            let hash = match key.strip_prefix("sha256:") {
-                // Loading refuses a malformed hash (`Settings::validate`); one made in code is
-                // dropped, never taken as a plain key.
-                Some(hex) => <[u8; 32]>::try_from(hex::decode(hex).ok()?).ok()?,
-                None => digest(key),
-            };
+            // Loading refuses a malformed hash (`Settings::validate`); one made in code is
+            // dropped, never taken as a plain key.
+            let hash = crate::config::key_hash(key).ok()?;
             let principal = Principal {
                 kind,
                 name: name.to_owned(),
@@ -376,8 +373,12 @@ mod tests {
     #[test]
     fn a_malformed_hash_is_never_a_key_and_configured_keys_may_look_issued() {
         let issued_shape = format!("cvk_{}_{}", "a".repeat(16), "b".repeat(64));
-        let keys = Keys::configured(&auth(&format!("bob:sha256:abcd,eve:{issued_shape}"), ""));
+        let keys = Keys::configured(&auth(
+            &format!("bob:sha256:abcd,ann:SHA256:abcd,eve:{issued_shape}"),
+            "",
+        ));
         assert_eq!(keys.lookup("sha256:abcd", KeyKind::Client), None);
+        assert_eq!(keys.lookup("SHA256:abcd", KeyKind::Client), None);
         assert_eq!(
             keys.lookup(&issued_shape, KeyKind::Client).unwrap().name,
             "eve"

@@ -230,10 +230,7 @@ fn writer_loop(
                             run_isolated(&mut tx, reply, |c| ensure_topic(c, &name, partitions))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage {
-                                    kind: e.kind(),
-                                    message: e.to_string(),
-                                }),
+                                Some(e) => Err(copy(e)),
                                 None => result,
                             });
                         }));
@@ -247,10 +244,7 @@ fn writer_loop(
                             run_isolated(&mut tx, reply, |c| append(c, topic, records, now))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage {
-                                    kind: e.kind(),
-                                    message: e.to_string(),
-                                }),
+                                Some(e) => Err(copy(e)),
                                 None => result,
                             });
                         }));
@@ -265,10 +259,7 @@ fn writer_loop(
                             run_isolated(&mut tx, reply, |c| commit(c, &group, &topic, &offsets))?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage {
-                                    kind: e.kind(),
-                                    message: e.to_string(),
-                                }),
+                                Some(e) => Err(copy(e)),
                                 None => result,
                             });
                         }));
@@ -288,10 +279,7 @@ fn writer_loop(
                         })?;
                         replies.push(Box::new(move |err| {
                             let _ = reply.send(match err {
-                                Some(e) => Err(LogError::Storage {
-                                    kind: e.kind(),
-                                    message: e.to_string(),
-                                }),
+                                Some(e) => Err(copy(e)),
                                 None => result,
                             });
                         }));
@@ -318,9 +306,13 @@ fn writer_loop(
 
 /// The same failure again, for a second caller.
 fn copy(e: &LogError) -> LogError {
+    let message = match e {
+        LogError::Storage { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
     LogError::Storage {
         kind: e.kind(),
-        message: e.to_string(),
+        message,
     }
 }
 
