@@ -142,6 +142,11 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         )));
         let (objects, stop) = (backends.objects.clone(), shutdown.token.clone());
         let ttl = Duration::from_secs(settings.uploads.ttl_secs.max(1));
+        // Event receipts are swept here only on the local store: on S3 the lifecycle rule of
+        // `ops sweep-uploads --install-lifecycle-days` expires them without reading each one.
+        // A log kept forever (retention -1) keeps its receipts too.
+        let receipts = (settings.objects.uri.is_none() && settings.log.retention_ms > 0)
+            .then(|| Duration::from_millis(settings.log.retention_ms as u64));
         shutdown.tracker.spawn(async move {
             // Every replica sweeps; deletes are idempotent, so overlapping sweeps are harmless.
             let every = (ttl / 4).clamp(Duration::from_secs(30), Duration::from_secs(900));
@@ -154,6 +159,12 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
                     Ok(0) => {}
                     Ok(removed) => tracing::info!(removed, "swept expired uploads"),
                     Err(e) => tracing::warn!(error = %e, "failed to sweep expired uploads"),
+                }
+                let Some(retention) = receipts else { continue };
+                match conveyor_ingest::events::sweep_receipts(&*objects, retention).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "swept expired event receipts"),
+                    Err(e) => tracing::warn!(error = %e, "failed to sweep event receipts"),
                 }
             }
         });

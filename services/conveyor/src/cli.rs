@@ -102,12 +102,15 @@ pub enum OpsCommand {
         #[arg(long, default_value = "")]
         prefix: String,
     },
-    /// Remove direct uploads never completed (older than `uploads.ttl_secs`). `serve` and
-    /// `ingest` also do this every few minutes.
+    /// Remove direct uploads never completed (older than `uploads.ttl_secs`), and on a local
+    /// store event receipts older than `log.retention_ms`. `serve` and `ingest` also do this
+    /// every few minutes.
     SweepUploads {
         #[command(flatten)]
         target: RoleArgs,
-        /// On S3, also install a bucket lifecycle rule expiring `incoming/` after this many days.
+        /// On S3, also install bucket lifecycle rules: `incoming/` (and unfinished multipart
+        /// uploads) expire after this many days, and event receipts (`events/`, the
+        /// `event_id` idempotency window) after `log.retention_ms`.
         #[arg(long)]
         install_lifecycle_days: Option<i32>,
     },

@@ -69,13 +69,30 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
                 let store =
                     conveyor_platform::objects::s3::S3ObjectStore::connect(&uri, &settings.objects)
                         .await?;
-                store.install_upload_lifecycle(days).await?;
+                // Receipts live as long as the log keeps events; a log kept forever keeps them.
+                let receipt_days = (settings.log.retention_ms > 0).then(|| {
+                    (settings.log.retention_ms as u64)
+                        .div_ceil(86_400_000)
+                        .min(i32::MAX as u64) as i32
+                });
+                store.install_upload_lifecycle(days, receipt_days).await?;
                 println!("lifecycle rule installed: incoming/ expires after {days} days");
+                if let Some(receipt_days) = receipt_days {
+                    println!(
+                        "lifecycle rule installed: event receipts (events/) expire after \
+                         {receipt_days} days (log.retention_ms)"
+                    );
+                }
             }
             let objects = open_objects(&uri, &settings.objects).await?;
             let ttl = std::time::Duration::from_secs(settings.uploads.ttl_secs);
             let removed = conveyor_ingest::direct::sweep(&*objects, ttl).await?;
             println!("removed {removed} expired upload objects");
+            if !uri.starts_with("s3://") && settings.log.retention_ms > 0 {
+                let retention = std::time::Duration::from_millis(settings.log.retention_ms as u64);
+                let removed = conveyor_ingest::events::sweep_receipts(&*objects, retention).await?;
+                println!("removed {removed} event receipts older than log.retention_ms");
+            }
             Ok(())
         }
         OpsCommand::Replay {

@@ -65,8 +65,42 @@ struct Receipt {
 /// append; a retry takes it over. Appends time out well within it (`log.append_timeout_ms`).
 const ABANDONED_AFTER_MICROS: i64 = 60_000_000;
 
+/// Deletes the receipts claimed more than `retention` ago: past it, a request with the same
+/// `event_id` is appended again. `serve` and `ingest` run this on the local store with the
+/// log's retention (`log.retention_ms`, 7 days), since a producer's retry is useful only while
+/// the log could still hold the event; on S3 a bucket lifecycle rule does it instead
+/// (`conveyor ops sweep-uploads --install-lifecycle-days`), because this reads every receipt.
+///
+/// # Errors
+/// The store's, from listing, reading or deleting. A receipt that does not parse is kept.
+pub async fn sweep_receipts(
+    objects: &dyn conveyor_platform::ObjectStore,
+    retention: std::time::Duration,
+) -> Result<usize, ObjectError> {
+    let cutoff = now_micros().saturating_sub(retention.as_micros().min(i64::MAX as u128) as i64);
+    let mut removed = 0;
+    for object in objects.list(RECEIPTS).await? {
+        let bytes = match objects.get_bytes(&object.key).await {
+            Ok(bytes) => bytes,
+            Err(ObjectError::NotFound) => continue,
+            Err(e) => return Err(e),
+        };
+        let Ok(receipt) = serde_json::from_slice::<Receipt>(&bytes) else {
+            continue;
+        };
+        if receipt.claimed_at < cutoff {
+            objects.delete(&object.key).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Where receipts live in the object store.
+pub const RECEIPTS: &str = "events/";
+
 fn receipt_key(event_id: Uuid) -> String {
-    format!("events/{event_id}.json")
+    format!("{RECEIPTS}{event_id}.json")
 }
 
 fn fingerprint(service: &str, event: &IncomingEvent) -> String {
@@ -285,5 +319,48 @@ async fn complete(
 async fn release(state: &IngestState, claimed: &[Uuid]) {
     for id in claimed {
         let _ = state.backends.objects.delete(&receipt_key(*id)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_platform::ObjectStore;
+    use conveyor_platform::objects::fs::FsObjectStore;
+
+    #[tokio::test]
+    async fn receipts_past_the_retention_are_swept_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsObjectStore::open(dir.path()).unwrap();
+        let day = 24 * 3600 * 1_000_000i64;
+        let (old, recent) = (Uuid::new_v4(), Uuid::new_v4());
+        for (id, age) in [(old, 8 * day), (recent, day)] {
+            let receipt = Receipt {
+                fingerprint: "f".into(),
+                aggregate_id: Uuid::new_v4(),
+                position: Some(Position {
+                    partition: 0,
+                    offset: 1,
+                }),
+                claimed_at: now_micros() - age,
+            };
+            let body = Bytes::from(serde_json::to_vec(&receipt).unwrap());
+            store.put_bytes(&receipt_key(id), body).await.unwrap();
+        }
+        store
+            .put_bytes("events/not-a-receipt.json", Bytes::from_static(b"{"))
+            .await
+            .unwrap();
+        let week = std::time::Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(sweep_receipts(&store, week).await.unwrap(), 1);
+        assert!(store.head(&receipt_key(old)).await.unwrap().is_none());
+        assert!(store.head(&receipt_key(recent)).await.unwrap().is_some());
+        assert!(
+            store
+                .head("events/not-a-receipt.json")
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! is `MediaUploaded` appended, and only once that append is durable does the client get 202.
 
 pub mod direct;
-mod events;
+pub mod events;
 mod multipart_guard;
 mod upload;
 

@@ -134,9 +134,15 @@ impl S3ObjectStore {
         })
     }
 
-    /// Adds a lifecycle rule that expires `incoming/` objects and aborts unfinished multipart
-    /// uploads after `days`: S3's own sweeper for uploads never completed.
-    pub async fn install_upload_lifecycle(&self, days: i32) -> Result<(), ObjectError> {
+    /// Sets the bucket's lifecycle rules: `incoming/` objects expire and unfinished multipart
+    /// uploads are aborted after `days` (S3's own sweeper for uploads never completed), and,
+    /// with `receipt_days`, event receipts (`events/`) expire after that many days (the
+    /// `event_id` idempotency window). Replaces the bucket's lifecycle configuration.
+    pub async fn install_upload_lifecycle(
+        &self,
+        days: i32,
+        receipt_days: Option<i32>,
+    ) -> Result<(), ObjectError> {
         use aws_sdk_s3::types::{
             AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
             LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
@@ -157,12 +163,28 @@ impl S3ObjectStore {
             )
             .build()
             .map_err(io)?;
+        let mut rules = vec![rule];
+        if let Some(receipt_days) = receipt_days {
+            rules.push(
+                LifecycleRule::builder()
+                    .id("conveyor-expire-event-receipts")
+                    .status(ExpirationStatus::Enabled)
+                    .filter(
+                        LifecycleRuleFilter::builder()
+                            .prefix(format!("{}events/", self.prefix))
+                            .build(),
+                    )
+                    .expiration(LifecycleExpiration::builder().days(receipt_days).build())
+                    .build()
+                    .map_err(io)?,
+            );
+        }
         self.client
             .put_bucket_lifecycle_configuration()
             .bucket(&self.bucket)
             .lifecycle_configuration(
                 BucketLifecycleConfiguration::builder()
-                    .rules(rule)
+                    .set_rules(Some(rules))
                     .build()
                     .map_err(io)?,
             )
@@ -686,7 +708,7 @@ mod tests {
         let Some(store) = test_store(5).await else {
             return;
         };
-        store.install_upload_lifecycle(2).await.unwrap();
+        store.install_upload_lifecycle(2, Some(7)).await.unwrap();
         let (client, bucket) = store.client();
         let rules = client
             .get_bucket_lifecycle_configuration()
@@ -698,6 +720,13 @@ mod tests {
         assert_eq!(rule.expiration().and_then(|e| e.days()), Some(2));
         let filter = rule.filter().and_then(|f| f.prefix()).unwrap_or_default();
         assert_eq!(filter, "some/prefix/incoming/");
+        let receipts = &rules.rules()[1];
+        assert_eq!(receipts.expiration().and_then(|e| e.days()), Some(7));
+        let filter = receipts
+            .filter()
+            .and_then(|f| f.prefix())
+            .unwrap_or_default();
+        assert_eq!(filter, "some/prefix/events/");
     }
 
     #[tokio::test]
