@@ -16,6 +16,7 @@ use conveyor_platform::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
 
 /// What one process runs.
@@ -142,11 +143,11 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         )));
         let (objects, stop) = (backends.objects.clone(), shutdown.token.clone());
         let ttl = Duration::from_secs(settings.uploads.ttl_secs.max(1));
-        // Event receipts are swept here only on the local store: on S3 the lifecycle rule of
+        // Event receipts are swept here only off S3: there the lifecycle rule of
         // `ops sweep-uploads --install-lifecycle-days` expires them without reading each one.
-        // A log kept forever (retention -1) keeps its receipts too.
-        let receipts = (settings.objects.uri.is_none() && settings.log.retention_ms > 0)
-            .then(|| Duration::from_millis(settings.log.retention_ms as u64));
+        let receipts = settings
+            .receipt_retention()
+            .filter(|_| !settings.objects_uri().starts_with("s3://"));
         shutdown.tracker.spawn(async move {
             // Every replica sweeps; deletes are idempotent, so overlapping sweeps are harmless.
             let every = (ttl / 4).clamp(Duration::from_secs(30), Duration::from_secs(900));
@@ -280,10 +281,20 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
         // A 5xx is logged where it arises, at its own level; the trace notes it at WARN.
-        .layer(
-            TraceLayer::new_for_http()
-                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
-        );
+        .layer(TraceLayer::new_for_http().on_failure(
+            |failure: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span| {
+                // A backend that is down (503) is an operator's to watch; other 5xx are faults.
+                let latency_ms = latency.as_millis() as u64;
+                match failure {
+                    ServerErrorsFailureClass::StatusCode(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    ) => {
+                        tracing::warn!(%failure, latency_ms, "response failed")
+                    }
+                    _ => tracing::error!(%failure, latency_ms, "response failed"),
+                }
+            },
+        ));
     let router = match conveyor_platform::http::cors(&settings.http.cors_origins)
         .map_err(anyhow::Error::msg)?
     {

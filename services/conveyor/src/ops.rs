@@ -60,7 +60,9 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             install_lifecycle_days,
         } => {
             let settings = settings(config, target)?;
+            require_data_dir(&settings)?;
             let uri = settings.objects_uri();
+            let receipt_retention = settings.receipt_retention();
             if let Some(days) = install_lifecycle_days {
                 anyhow::ensure!(
                     uri.starts_with("s3://"),
@@ -70,10 +72,8 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
                     conveyor_platform::objects::s3::S3ObjectStore::connect(&uri, &settings.objects)
                         .await?;
                 // Receipts live as long as the log keeps events; a log kept forever keeps them.
-                let receipt_days = (settings.log.retention_ms > 0).then(|| {
-                    (settings.log.retention_ms as u64)
-                        .div_ceil(86_400_000)
-                        .min(i32::MAX as u64) as i32
+                let receipt_days = receipt_retention.map(|retention| {
+                    retention.as_secs().div_ceil(86_400).min(i32::MAX as u64) as i32
                 });
                 store.install_upload_lifecycle(days, receipt_days).await?;
                 println!("lifecycle rule installed: incoming/ expires after {days} days");
@@ -88,10 +88,17 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             let ttl = std::time::Duration::from_secs(settings.uploads.ttl_secs);
             let removed = conveyor_ingest::direct::sweep(&*objects, ttl).await?;
             println!("removed {removed} expired upload objects");
-            if !uri.starts_with("s3://") && settings.log.retention_ms > 0 {
-                let retention = std::time::Duration::from_millis(settings.log.retention_ms as u64);
-                let removed = conveyor_ingest::events::sweep_receipts(&*objects, retention).await?;
-                println!("removed {removed} event receipts older than log.retention_ms");
+            match receipt_retention {
+                Some(retention) if !uri.starts_with("s3://") => {
+                    let removed =
+                        conveyor_ingest::events::sweep_receipts(&*objects, retention).await?;
+                    println!("removed {removed} event receipts older than log.retention_ms");
+                }
+                Some(_) => println!("event receipts on S3 expire by the lifecycle rule"),
+                None => println!(
+                    "event receipts are kept: the log keeps its events (embedded log, or \
+                     log.retention_ms -1)"
+                ),
             }
             Ok(())
         }

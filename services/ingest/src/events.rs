@@ -78,17 +78,26 @@ pub async fn sweep_receipts(
     retention: std::time::Duration,
 ) -> Result<usize, ObjectError> {
     let cutoff = now_micros().saturating_sub(retention.as_micros().min(i64::MAX as u128) as i64);
-    let mut removed = 0;
-    for object in objects.list(RECEIPTS).await? {
-        let bytes = match objects.get_bytes(&object.key).await {
+    // Whether the receipt at `key` is past the retention. A claim still appending (no
+    // position) gets the abandonment time on top, so a slow append keeps its claim.
+    let expired = |key: String| async move {
+        let bytes = match objects.get_bytes(&key).await {
             Ok(bytes) => bytes,
-            Err(ObjectError::NotFound) => continue,
+            Err(ObjectError::NotFound) => return Ok(false),
             Err(e) => return Err(e),
         };
-        let Ok(receipt) = serde_json::from_slice::<Receipt>(&bytes) else {
-            continue;
-        };
-        if receipt.claimed_at < cutoff {
+        Ok(match serde_json::from_slice::<Receipt>(&bytes) {
+            Ok(r) if r.position.is_some() => r.claimed_at < cutoff,
+            Ok(r) => r.claimed_at < cutoff.saturating_sub(ABANDONED_AFTER_MICROS),
+            Err(_) => false,
+        })
+    };
+    let mut removed = 0;
+    for object in objects.list(RECEIPTS).await? {
+        // Read again just before the delete: a retry may have taken over an abandoned claim
+        // since the first read, and another sweeper may be running. (The store has no
+        // conditional delete, so a takeover between these two reads could still be lost.)
+        if expired(object.key.clone()).await? && expired(object.key.clone()).await? {
             objects.delete(&object.key).await?;
             removed += 1;
         }
@@ -333,14 +342,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsObjectStore::open(dir.path()).unwrap();
         let day = 24 * 3600 * 1_000_000i64;
-        let (old, recent) = (Uuid::new_v4(), Uuid::new_v4());
-        for (id, age) in [(old, 8 * day), (recent, day)] {
+        let (old, recent, appending) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let week = 7 * day;
+        for (id, age, position) in [
+            (old, 8 * day, Some(1)),
+            (recent, day, Some(2)),
+            // A claim still appending, just past the retention: it is kept for the
+            // abandonment time on top.
+            (appending, week + 1_000_000, None),
+        ] {
             let receipt = Receipt {
                 fingerprint: "f".into(),
                 aggregate_id: Uuid::new_v4(),
-                position: Some(Position {
+                position: position.map(|offset| Position {
                     partition: 0,
-                    offset: 1,
+                    offset,
                 }),
                 claimed_at: now_micros() - age,
             };
@@ -355,6 +371,7 @@ mod tests {
         assert_eq!(sweep_receipts(&store, week).await.unwrap(), 1);
         assert!(store.head(&receipt_key(old)).await.unwrap().is_none());
         assert!(store.head(&receipt_key(recent)).await.unwrap().is_some());
+        assert!(store.head(&receipt_key(appending)).await.unwrap().is_some());
         assert!(
             store
                 .head("events/not-a-receipt.json")

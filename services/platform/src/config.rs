@@ -605,6 +605,16 @@ impl Settings {
         format!("{}.dlq", self.log.topic)
     }
 
+    /// How long `POST /v1/events` remembers an `event_id` (its receipt), or `None` for as
+    /// long as the store keeps it. The window is the log's own: a Kafka topic's retention
+    /// (`log.retention_ms`), past which the event is gone from the log too. The embedded
+    /// SQLite log never drops events, and a retention of -1 keeps them forever, so then the
+    /// receipts stay too.
+    pub fn receipt_retention(&self) -> Option<std::time::Duration> {
+        (self.log_uri().starts_with("kafka://") && self.log.retention_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.log.retention_ms as u64))
+    }
+
     pub fn log_uri(&self) -> String {
         self.log
             .uri
@@ -790,6 +800,22 @@ impl<'de> Deserialize<'de> for KeyList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_receipts_live_as_long_as_the_log_keeps_events() {
+        let load = |pairs: &[(&str, &str)]| {
+            Settings::load_from_pairs(None, pairs.iter().copied())
+                .unwrap()
+                .receipt_retention()
+        };
+        assert_eq!(load(&[]), None, "the embedded log never drops events");
+        let kafka = ("CONVEYOR__LOG__URI", "kafka://127.0.0.1:9092");
+        assert_eq!(
+            load(&[kafka]),
+            Some(std::time::Duration::from_secs(7 * 24 * 3600))
+        );
+        assert_eq!(load(&[kafka, ("CONVEYOR__LOG__RETENTION_MS", "-1")]), None);
+    }
 
     #[test]
     fn malformed_hashed_keys_bad_names_and_bad_origins_refuse_to_load() {

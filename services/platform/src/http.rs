@@ -467,6 +467,11 @@ fn cors_origin(o: &str) -> Result<HeaderValue, String> {
     if !host_ok || (has_port && port.is_none()) {
         return Err(bad());
     }
+    // An IPv6 address in the form browsers write it (compressed, RFC 5952).
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => format!("[{}]", v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?),
+        None => host.to_owned(),
+    };
     let origin = match (scheme, port) {
         ("https", Some(443)) | ("http", Some(80)) | (_, None) => format!("{scheme}://{host}"),
         (_, Some(port)) => format!("{scheme}://{host}:{port}"),
@@ -769,6 +774,7 @@ mod tests {
             ("https://b.example:443/", "https://b.example"),
             ("http://localhost:3000", "http://localhost:3000"),
             ("http://[::1]:8080", "http://[::1]:8080"),
+            ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
         ] {
             assert_eq!(cors_origin(given).unwrap(), sent);
         }
