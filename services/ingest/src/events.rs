@@ -66,10 +66,11 @@ struct Receipt {
 const ABANDONED_AFTER_MICROS: i64 = 60_000_000;
 
 /// Deletes the receipts claimed more than `retention` ago: past it, a request with the same
-/// `event_id` is appended again. `serve` and `ingest` run this on the local store with the
-/// log's retention (`log.retention_ms`, 7 days), since a producer's retry is useful only while
-/// the log could still hold the event; on S3 a bucket lifecycle rule does it instead
-/// (`conveyor ops sweep-uploads --install-lifecycle-days`), because this reads every receipt.
+/// `event_id` is appended again. The window is `Settings::receipt_retention`: as long as the
+/// log keeps events (Kafka's `log.retention_ms`; forever on the embedded log, which then never
+/// sweeps). `serve`, `ingest` and `ops sweep-uploads` run this off S3; on S3 a bucket
+/// lifecycle rule does it instead (`ops sweep-uploads --install-lifecycle-days`), because
+/// this reads every receipt.
 ///
 /// # Errors
 /// The store's, from listing, reading or deleting. A receipt that does not parse is kept.
