@@ -134,15 +134,8 @@ fn ops_status_reports_every_backend_and_group_as_json() {
     assert_eq!(status["access"]["rate_per_sec"], 100, "{status}");
     assert_eq!(status["access"]["owner_quota_bytes"], 0, "{status}");
     // A mistyped data dir is refused, not reported on as a fresh, empty deployment.
-    let missing = dir.path().join("typo");
-    let out = conveyor()
-        .args(["ops", "status", "--data-dir"])
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
-    assert!(!missing.exists());
+    refuses_a_missing_data_dir(&["ops", "status"]);
+    refuses_a_missing_data_dir(&["ops", "sweep-uploads"]);
     assert_eq!(status["access"]["issued_keys"], 0, "{status}");
 
     // A backend that does not answer is reported, not fatal.
@@ -261,13 +254,21 @@ fn ops_keys_create_list_and_revoke() {
     let (ok, _, err) = run(&["create", "../carol"]);
     assert!(!ok && err.contains("not a key name"), "{err}");
     // A mistyped data dir is refused, not made into an empty store no server reads.
+    refuses_a_missing_data_dir(&["ops", "keys", "create", "dave"]);
+}
+
+/// `args` with a `--data-dir` that does not exist fail, say so, and create nothing.
+fn refuses_a_missing_data_dir(args: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("typo");
     let out = conveyor()
-        .args(["ops", "keys", "create", "dave", "--data-dir"])
+        .args(args)
+        .arg("--data-dir")
         .arg(&missing)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
-    assert!(!missing.exists());
+    assert!(!out.status.success(), "{args:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not exist"), "{args:?}: {stderr}");
+    assert!(!missing.exists(), "{args:?}");
 }
