@@ -280,10 +280,10 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
-        // A 5xx is logged where it arises, at its own level; the trace notes it at WARN.
         .layer(TraceLayer::new_for_http().on_failure(
             |failure: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span| {
-                // A backend that is down (503) is an operator's to watch; other 5xx are faults.
+                // A backend that is down (503) is an operator's to watch (WARN, and /readyz);
+                // any other 5xx is a fault to fix (ERROR).
                 let latency_ms = latency.as_millis() as u64;
                 match failure {
                     ServerErrorsFailureClass::StatusCode(
