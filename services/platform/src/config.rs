@@ -758,21 +758,6 @@ impl KeyList {
     pub fn push(&mut self, name: &str, key: &str) {
         self.0.push((name.to_owned(), key.to_owned()));
     }
-
-    /// The name a presented key belongs to. Compares every entry in constant time per byte.
-    pub fn lookup(&self, presented: &str) -> Option<&str> {
-        let mut found = None;
-        for (name, key) in &self.0 {
-            if constant_time_eq(key.as_bytes(), presented.as_bytes()) {
-                found = Some(name.as_str());
-            }
-        }
-        found
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl fmt::Debug for KeyList {
@@ -886,8 +871,8 @@ mod tests {
         .unwrap();
         assert_eq!(s.data_dir, PathBuf::from("/srv/a"));
         assert_eq!(s.log.partitions, 64);
-        assert_eq!(s.auth.api_keys.lookup("k2"), Some("bob"));
-        assert_eq!(s.auth.api_keys.lookup("k3"), None);
+        assert_eq!(s.auth.api_keys.get("bob"), Some("k2"));
+        assert_eq!(s.auth.api_keys.get("carol"), None);
     }
 
     #[test]
