@@ -59,6 +59,15 @@ struct Receipt {
     position: Option<Position>,
     /// When the receipt was claimed, in microseconds since the epoch.
     claimed_at: i64,
+    /// The event's version, fixed by the first claim: a retry that takes an abandoned claim
+    /// over (its append may have landed, its receipt not) appends the very same version, which
+    /// the read models apply once, so an older event never overwrites a newer one. `None` in
+    /// receipts written before versions were kept.
+    #[serde(default)]
+    version: Option<u64>,
+    /// Given up by its request after a failure: a retry takes it over at once.
+    #[serde(default)]
+    released: bool,
 }
 
 /// A receipt without a position older than this was left by a request that died before its
@@ -194,8 +203,8 @@ pub(crate) async fn post_events(
         };
         match fate {
             Ok(fate) => {
-                if let Fate::New(_, Some((id, _))) = &fate {
-                    claimed.push(*id);
+                if let Fate::New(envelope, Some((_, fingerprint))) = &fate {
+                    claimed.push(abandoned(envelope, fingerprint.clone()));
                 }
                 fates.push(fate);
             }
@@ -259,25 +268,24 @@ async fn claim(
     let objects = &state.backends.objects;
     let key = receipt_key(event_id);
     let fingerprint = fingerprint(service, &event);
-    let receipt = Receipt {
-        fingerprint: fingerprint.clone(),
-        aggregate_id: event.aggregate_id,
-        position: None,
-        claimed_at: now_micros(),
-    };
-    let body = Bytes::from(serde_json::to_vec(&receipt).expect("receipts serialize"));
+    let mut version = state.clock.next();
     for _ in 0..2 {
+        let receipt = Receipt {
+            fingerprint: fingerprint.clone(),
+            aggregate_id: event.aggregate_id,
+            position: None,
+            claimed_at: now_micros(),
+            version: Some(version),
+            released: false,
+        };
+        let body = Bytes::from(serde_json::to_vec(&receipt).expect("receipts serialize"));
         if objects
-            .put_if_absent(&key, body.clone())
+            .put_if_absent(&key, body)
             .await
             .map_err(ApiError::backend)?
         {
-            let mut envelope = Envelope::new(
-                event.aggregate_id,
-                state.clock.next(),
-                service,
-                event.payload.into(),
-            );
+            let mut envelope =
+                Envelope::new(event.aggregate_id, version, service, event.payload.into());
             envelope.event_id = event_id;
             return Ok(Fate::New(Box::new(envelope), Some((event_id, fingerprint))));
         }
@@ -293,7 +301,11 @@ async fn claim(
         }
         match existing.position {
             Some(position) => return Ok(Fate::Replayed(event_id, existing.aggregate_id, position)),
-            None if now_micros() - existing.claimed_at > ABANDONED_AFTER_MICROS => {
+            None if existing.released
+                || now_micros() - existing.claimed_at > ABANDONED_AFTER_MICROS =>
+            {
+                // Taken over with the first claim's version: its append may have landed.
+                version = existing.version.unwrap_or(version);
                 objects.delete(&key).await.map_err(ApiError::backend)?;
             }
             None => return Err(in_progress(i, event_id)),
@@ -314,6 +326,8 @@ async fn complete(
         aggregate_id: envelope.aggregate_id,
         position: Some(position),
         claimed_at: now_micros(),
+        version: Some(envelope.version),
+        released: false,
     };
     let body = Bytes::from(serde_json::to_vec(&receipt).expect("receipts serialize"));
     state
@@ -325,10 +339,29 @@ async fn complete(
     Ok(())
 }
 
+/// A claim given up after a failure: a receipt without a position that a retry takes over at
+/// once, with the same version (the failed append may have landed anyway).
+fn abandoned(envelope: &Envelope, fingerprint: String) -> (Uuid, Receipt) {
+    let receipt = Receipt {
+        fingerprint,
+        aggregate_id: envelope.aggregate_id,
+        position: None,
+        claimed_at: now_micros(),
+        version: Some(envelope.version),
+        released: true,
+    };
+    (envelope.event_id, receipt)
+}
+
 /// Gives up this request's claims after a failure, so that a retry can take them.
-async fn release(state: &IngestState, claimed: &[Uuid]) {
-    for id in claimed {
-        let _ = state.backends.objects.delete(&receipt_key(*id)).await;
+async fn release(state: &IngestState, claimed: &[(Uuid, Receipt)]) {
+    for (id, receipt) in claimed {
+        let body = Bytes::from(serde_json::to_vec(receipt).expect("receipts serialize"));
+        let _ = state
+            .backends
+            .objects
+            .put_bytes(&receipt_key(*id), body)
+            .await;
     }
 }
 
@@ -360,6 +393,8 @@ mod tests {
                     offset,
                 }),
                 claimed_at: now_micros() - age,
+                version: None,
+                released: false,
             };
             let body = Bytes::from(serde_json::to_vec(&receipt).unwrap());
             store.put_bytes(&receipt_key(id), body).await.unwrap();

@@ -127,6 +127,54 @@ async fn an_event_id_is_appended_once_and_a_different_event_under_it_is_409() {
     assert_eq!(status, 400);
 }
 
+/// Reported: when an event's append landed but its receipt never learnt where (the store
+/// failed, or the process died, in between), a retry after the claim was abandoned appended it
+/// again with a fresh version, and the older title overwrote a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_takes_over_an_abandoned_claim_appends_the_first_version() {
+    let app = spawn_app().await;
+    let media = app
+        .upload(ALICE, conveyor_tests::images::jpeg(64, 64, 91), None)
+        .await;
+    let id = media.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_processed(&id).await;
+    let event_id = "0190f0e0-0000-7000-8000-0000000000c1";
+    let mut older = described(&id, "older");
+    older["event_id"] = json!(event_id);
+    assert_eq!(post_events(&app, older.to_string()).await.0, 202);
+    // The receipt as a request that died after its append leaves it: no position, and
+    // claimed long ago.
+    let key = format!("events/{event_id}.json");
+    let objects = &app.backends.objects;
+    let mut receipt: Value =
+        serde_json::from_slice(&objects.get_bytes(&key).await.unwrap()).unwrap();
+    receipt["position"] = Value::Null;
+    receipt["claimed_at"] = json!(0);
+    objects
+        .put_bytes(&key, serde_json::to_vec(&receipt).unwrap().into())
+        .await
+        .unwrap();
+    assert_eq!(
+        post_events(&app, described(&id, "newer").to_string())
+            .await
+            .0,
+        202
+    );
+    app.wait_for_title(&id, "newer").await;
+
+    let (status, retried) = post_events(&app, older.to_string()).await;
+    assert_eq!(status, 202, "{retried}");
+    app.wait_caught_up().await;
+    assert_eq!(
+        app.media(&id).await.1["title"],
+        "newer",
+        "the older event, appended again, is still the older one"
+    );
+}
+
 /// Reported: a `%ff` in a path got 400 in text/plain, an over-limit event body 413 in
 /// text/plain, and a wrong method 405 with an empty body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
