@@ -190,6 +190,46 @@ mod tests {
                     }),
                 ),
             ),
+            (
+                "media_processing_progress",
+                envelope(
+                    7,
+                    Event::MediaProcessingProgress(MediaProcessingProgress { percent: 40 }),
+                ),
+            ),
+            (
+                "video_processed",
+                envelope(
+                    8,
+                    Event::VideoProcessed(VideoProcessed {
+                        width: 1080,
+                        height: 1920,
+                        blurhash: "LEHV6nWB2yk8pyo0adR*.7kCMdnj".into(),
+                        variants: vec![VariantInfo {
+                            name: "thumb".into(),
+                            key: format!("variants/{sha}/thumb.jpg"),
+                            width: 144,
+                            height: 256,
+                            content_type: "image/jpeg".into(),
+                            bytes: 7_000,
+                        }],
+                        duration_ms: 12_480,
+                        video_codec: "hevc".into(),
+                        audio_codec: Some("aac".into()),
+                        frame_rate_milli: 29_970,
+                        bitrate: 8_000_000,
+                        rotation: 90,
+                        renditions: vec![VariantInfo {
+                            name: "720p".into(),
+                            key: format!("variants/{sha}/720p.mp4"),
+                            width: 720,
+                            height: 1280,
+                            content_type: "video/mp4".into(),
+                            bytes: 2_500_000,
+                        }],
+                    }),
+                ),
+            ),
         ]
     }
 

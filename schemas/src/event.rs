@@ -43,6 +43,11 @@ pub enum Event {
     /// An upload with a visibility. Added after the first release, as a new variant, so the
     /// golden bytes of `MediaUploaded` still decode; ingest writes it for private media.
     MediaUploadedWithVisibility(MediaUploadedWithVisibility),
+    /// How far a long job (a video's transcode) has come. Added after the first release.
+    MediaProcessingProgress(MediaProcessingProgress),
+    /// A video was probed, its poster rendered and its web renditions made. Added after the
+    /// first release, as a new variant, so the golden bytes of `MediaProcessed` still decode.
+    VideoProcessed(VideoProcessed),
 }
 
 impl Event {
@@ -55,6 +60,8 @@ impl Event {
             Event::MediaDescribed(_) => "MediaDescribed",
             Event::MediaDeleted(_) => "MediaDeleted",
             Event::MediaUploadedWithVisibility(_) => "MediaUploadedWithVisibility",
+            Event::MediaProcessingProgress(_) => "MediaProcessingProgress",
+            Event::VideoProcessed(_) => "VideoProcessed",
         }
     }
 
@@ -133,6 +140,41 @@ pub struct ExifSummary {
     pub taken_at: Option<String>,
 }
 
+/// A long job's progress. Its version is its upload's (not one past it, as an outcome's
+/// is), so any outcome replaces it, in whatever order they arrive; among progress events of
+/// one job the highest percentage stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaProcessingProgress {
+    /// 0 to 100.
+    pub percent: u8,
+}
+
+/// The transcoder's outcome for a video: what `MediaProcessed` says of a photo, for its poster
+/// frame, plus the video's own metadata and its web renditions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoProcessed {
+    /// Display dimensions, with the container's rotation applied.
+    pub width: u32,
+    pub height: u32,
+    /// Of the poster frame.
+    pub blurhash: String,
+    /// The poster frame's image variants (`thumb`, `small`, `large`), as for a photo.
+    pub variants: Vec<VariantInfo>,
+    pub duration_ms: u64,
+    /// ffprobe's codec names, such as `h264`, `hevc`, `vp9`; `None` for a silent video.
+    pub video_codec: String,
+    pub audio_codec: Option<String>,
+    /// Frames per second × 1000 (29.97 fps is 29970), from the stream's average frame rate.
+    pub frame_rate_milli: u32,
+    /// The original's overall bitrate, in bits per second.
+    pub bitrate: u64,
+    /// Clockwise rotation the container asks players to apply (0, 90, 180 or 270).
+    pub rotation: u16,
+    /// The web renditions (H.264 and AAC in MP4 with `faststart`), named by height (`720p`),
+    /// largest first. Keys: `variants/{sha256 of the original}/{name}.mp4`.
+    pub renditions: Vec<VariantInfo>,
+}
+
 /// The processor could not read the media; clients see `status: failed` and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaProcessingFailed {
@@ -166,6 +208,24 @@ impl Envelope {
             producer: producer.to_owned(),
             schema_version: SCHEMA_VERSION,
             payload,
+        }
+    }
+
+    /// The progress of the job `self` (an upload) caused: its id is a function of the cause
+    /// and the percentage, so a retried job repeats ids rather than adding events, and its
+    /// version is the cause's own, below the outcome's ([`MediaProcessingProgress`]).
+    pub fn progress(&self, producer: &str, occurred_at: i64, percent: u8) -> Self {
+        let name = format!("{}/MediaProcessingProgress/{percent}", self.event_id);
+        Envelope {
+            event_id: Uuid::new_v5(&DERIVED_NAMESPACE, name.as_bytes()),
+            aggregate_id: self.aggregate_id,
+            version: self.version,
+            occurred_at,
+            producer: producer.to_owned(),
+            schema_version: SCHEMA_VERSION,
+            payload: Event::MediaProcessingProgress(MediaProcessingProgress {
+                percent: percent.min(100),
+            }),
         }
     }
 

@@ -13,10 +13,10 @@ pub mod view;
 pub use codec::{Codec, DecodeError};
 pub use event::{
     Envelope, Event, ExifSummary, MediaDeleted, MediaDescribed, MediaProcessed,
-    MediaProcessingFailed, MediaUploaded, MediaUploadedWithVisibility, SCHEMA_VERSION, VariantInfo,
-    Visibility,
+    MediaProcessingFailed, MediaProcessingProgress, MediaUploaded, MediaUploadedWithVisibility,
+    SCHEMA_VERSION, VariantInfo, VideoProcessed, Visibility,
 };
-pub use view::{MediaRow, MediaStatus, OwnerStats, TimelinePage};
+pub use view::{MediaRow, MediaStatus, OwnerStats, TimelinePage, VideoSummary};
 
 /// The topic every media event is appended to, keyed by media id.
 pub const MEDIA_EVENTS: &str = "media.events";

@@ -54,6 +54,7 @@ pub async fn spawn_app_on_kafka() -> Option<TestApp> {
             s.log.session_timeout_ms = 6_000;
             s.processor.group = format!("processor-{run}");
             s.projector.group = format!("projector-{run}");
+            s.video.group = format!("transcoder-{run}");
         })
         .await,
     )
@@ -322,9 +323,14 @@ pub async fn upload_to(
         .expect("upload request")
 }
 
-/// Whether the processor and projector groups have committed everything in the log.
+/// Whether the processor, transcoder and projector groups have committed everything in the
+/// log.
 pub async fn caught_up(log: &dyn conveyor_platform::EventLog, settings: &Settings) -> bool {
-    for group in [&settings.processor.group, &settings.projector.group] {
+    for group in [
+        &settings.processor.group,
+        &settings.video.group,
+        &settings.projector.group,
+    ] {
         match log.lag(&settings.log.topic, group).await {
             Ok(lag) if lag.iter().all(|l| l.lag() == 0) => {}
             _ => return false,

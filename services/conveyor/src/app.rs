@@ -22,10 +22,13 @@ use tower_http::trace::TraceLayer;
 /// What one process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Every role in one process: ingest, processor, projector and query.
+    /// Every role in one process: ingest, processor, transcoder (when ffmpeg is installed),
+    /// projector and query.
     Serve,
     Ingest,
     Process,
+    /// The transcoder group: video (needs ffmpeg and ffprobe).
+    Transcode,
     Project,
     Query,
     /// The archive group: the log, copied to the object store (see `archive`).
@@ -41,6 +44,9 @@ impl Role {
     }
     fn processes(self) -> bool {
         matches!(self, Role::Serve | Role::Process)
+    }
+    fn transcodes(self) -> bool {
+        matches!(self, Role::Serve | Role::Transcode)
     }
     fn projects(self) -> bool {
         matches!(self, Role::Serve | Role::Project)
@@ -123,6 +129,22 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         ));
     }
     let mut workers = Vec::new();
+    let mut video_refusal = None;
+    // ffmpeg and ffprobe: the transcoder role cannot start without them; `serve` runs without
+    // video instead, and its ingest says why to every video upload.
+    let tools = if role.transcodes() {
+        match conveyor_transcoder::Tools::find(&settings.video) {
+            Ok(tools) => Some(tools),
+            Err(missing) if role == Role::Serve => {
+                tracing::warn!(%missing, "video uploads will be refused with 415");
+                video_refusal = Some(missing.to_string());
+                None
+            }
+            Err(missing) => return Err(missing.into()),
+        }
+    } else {
+        None
+    };
 
     let mut router = ops_router(backends.clone(), settings.topic()).route(
         "/openapi.json",
@@ -136,11 +158,14 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
         }),
     );
     if role.ingests() {
-        router = router.merge(conveyor_ingest::router(conveyor_ingest::IngestState::new(
-            backends.clone(),
-            &settings,
-            keys.clone(),
-        )));
+        router = router.merge(conveyor_ingest::router(
+            conveyor_ingest::IngestState::refusing_video(
+                backends.clone(),
+                &settings,
+                keys.clone(),
+                video_refusal,
+            ),
+        ));
         let (objects, stop) = (backends.objects.clone(), shutdown.token.clone());
         let ttl = Duration::from_secs(settings.uploads.ttl_secs.max(1));
         // Event receipts are swept here only off S3: there the lifecycle rule of
@@ -201,6 +226,17 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             shutdown
                 .tracker
                 .spawn(async move { processor.run(&settings, stop).await }),
+        ));
+    }
+    if let Some(tools) = tools {
+        let transcoder = conveyor_transcoder::Transcoder::new(&backends, &settings, tools)?;
+        groups.push(settings.video.group.clone());
+        let (settings, stop) = (settings.clone(), shutdown.token.clone());
+        workers.push((
+            "transcoder",
+            shutdown
+                .tracker
+                .spawn(async move { transcoder.run(&settings, stop).await }),
         ));
     }
     if role.projects() {

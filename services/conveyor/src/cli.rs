@@ -33,8 +33,11 @@ pub enum Command {
     Serve(RoleArgs),
     /// Run only the upload and event-intake edge.
     Ingest(RoleArgs),
-    /// Run only the processor group (thumbnails and metadata).
+    /// Run only the processor group (image variants and metadata).
     Process(RoleArgs),
+    /// Run only the transcoder group (video: probe, poster, web renditions). Needs ffmpeg and
+    /// ffprobe (Debian's `ffmpeg` package); refuses to start without them.
+    Transcode(RoleArgs),
     /// Run only the projector group (read models).
     Project(RoleArgs),
     /// Run only the read API (and, in embedded mode, media bytes).

@@ -35,6 +35,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Serve(a)) => Some((Role::Serve, a.clone())),
         Some(Command::Ingest(a)) => Some((Role::Ingest, a.clone())),
         Some(Command::Process(a)) => Some((Role::Process, a.clone())),
+        Some(Command::Transcode(a)) => Some((Role::Transcode, a.clone())),
         Some(Command::Project(a)) => Some((Role::Project, a.clone())),
         Some(Command::Query(a)) => Some((Role::Query, a.clone())),
         Some(Command::Archive(a)) => Some((Role::Archive, a.clone())),

@@ -43,10 +43,11 @@ use crate::{IngestState, parse_id};
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewUpload {
-    /// One of the accepted image types; the bytes must turn out to be this type.
+    /// One of the accepted image or video types; the bytes must turn out to be this type.
     #[schema(example = "image/jpeg")]
     content_type: String,
-    /// The exact size, in bytes: at least 1, at most `limits.max_upload_bytes`.
+    /// The exact size, in bytes: at least 1, at most `limits.max_upload_bytes` for an image
+    /// and `video.max_bytes` for a video.
     #[schema(minimum = 1)]
     bytes: u64,
     /// The bytes' sha256, as 64 lowercase hex digits; the completion checks it when given.
@@ -188,7 +189,7 @@ fn rfc3339(unix: i64) -> String {
         (status = 201, description = "Where to send the bytes", body = UploadCreated),
         (status = 400, description = "A malformed body; the message names the field", body = ErrorBody),
         (status = 401, description = "No valid client key", body = ErrorBody),
-        (status = 413, description = "`bytes` is over `limits.max_upload_bytes`, or would pass the owner's quota (`quota_exceeded`)", body = ErrorBody),
+        (status = 413, description = "`bytes` is over `limits.max_upload_bytes` (images) or `video.max_bytes` (video), or would pass the owner's quota (`quota_exceeded`)", body = ErrorBody),
         (status = 415, description = "Not JSON, or `content_type` is not an accepted image type", body = ErrorBody),
     ),
     security(("client_key" = [])))]
@@ -200,7 +201,7 @@ pub(crate) async fn create(
     let owner = state.owner(&headers)?;
     require_json(&headers)?;
     let request: NewUpload = parse_json(&body)?;
-    if MediaType::from_content_type(&request.content_type).is_none() {
+    let Some(media) = MediaType::from_content_type(&request.content_type) else {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -210,20 +211,21 @@ pub(crate) async fn create(
                 MediaType::ALL.map(MediaType::content_type).join(", ")
             ),
         ));
-    }
+    };
+    state.check_accepted(media)?;
     if request.bytes == 0 {
         return Err(ApiError::bad_request(
             "invalid_json",
             "bytes: must be at least 1",
         ));
     }
-    if request.bytes > state.limits.max_upload_bytes {
+    if request.bytes > state.max_bytes(media) {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!(
-                "bytes: over the limit of {} bytes",
-                state.limits.max_upload_bytes
+                "bytes: over the limit of {} bytes for {media}",
+                state.max_bytes(media)
             ),
         ));
     }
@@ -380,6 +382,7 @@ fn too_large(declared: u64) -> ApiError {
     responses(
         (status = 200, description = "The bytes are stored; complete the upload next", body = Received),
         (status = 400, description = "A malformed id, or a body that ended early", body = ErrorBody),
+        (status = 408, description = "The body arrived slower than `http.min_body_rate_bytes_per_sec` or stalled (`body_too_slow`)", body = ErrorBody),
         (status = 403, description = "A forged, altered or expired signature", body = ErrorBody),
         (status = 404, description = "No such upload (completed, expired or never created)", body = ErrorBody),
         (status = 409, description = "The upload is being completed or was completed; its bytes can no longer change", body = ErrorBody),
@@ -458,7 +461,7 @@ pub(crate) async fn put_data(
         {
             Err(too_large(limit))
         }
-        Err(ObjectError::Body(e)) => Err(ApiError::bad_request("body", e.to_string())),
+        Err(ObjectError::Body(e)) => Err(conveyor_platform::http::body_read_error(&e)),
         Err(e) => Err(ApiError::backend(e)),
     }
 }
@@ -764,7 +767,7 @@ async fn verify(
             "type_mismatch",
             format!(
                 "the bytes are {}, not the declared {}",
-                sniffed.unwrap_or("not an accepted image"),
+                sniffed.unwrap_or("not of an accepted type"),
                 pending.content_type
             ),
         ));

@@ -22,6 +22,7 @@ use conveyor_platform::config::{Limits, Settings, UploadSettings};
 use conveyor_platform::events::to_record;
 use conveyor_platform::http::{ApiError, ErrorBody, bearer, content_length_over};
 use conveyor_platform::keys::{KeyKind, Keys};
+use conveyor_platform::media::MediaType;
 use conveyor_platform::{Backends, VersionClock};
 use conveyor_schemas::{
     Envelope, Event, MediaDeleted, MediaUploaded, MediaUploadedWithVisibility, Visibility,
@@ -38,11 +39,28 @@ pub struct IngestState {
     pub uploads: UploadSettings,
     pub clock: VersionClock,
     pub topic: String,
+    /// Largest accepted video (`video.max_bytes`).
+    pub max_video_bytes: u64,
+    /// Why video is refused here, naming the missing tool: set by an embedded `serve` that
+    /// cannot transcode. Other ingest roles accept video for the transcoder role.
+    pub video_refusal: Option<String>,
 }
 
 impl IngestState {
     pub fn new(backends: Backends, settings: &Settings, keys: Keys) -> Arc<Self> {
+        Self::refusing_video(backends, settings, keys, None)
+    }
+
+    /// [`IngestState::new`], answering video uploads with 415 and `refusal` when it is set.
+    pub fn refusing_video(
+        backends: Backends,
+        settings: &Settings,
+        keys: Keys,
+        refusal: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(IngestState {
+            max_video_bytes: settings.video.max_bytes,
+            video_refusal: refusal,
             backends,
             keys,
             owner_quota_bytes: settings.auth.owner_quota_bytes,
@@ -103,6 +121,37 @@ impl IngestState {
         ))
     }
 
+    /// The most bytes a file of `media` may have: `video.max_bytes` for video,
+    /// `limits.max_upload_bytes` for images.
+    fn max_bytes(&self, media: MediaType) -> u64 {
+        if media.is_video() {
+            self.max_video_bytes
+        } else {
+            self.limits.max_upload_bytes
+        }
+    }
+
+    /// The most bytes any accepted file may have, before its type is known.
+    fn max_any_bytes(&self) -> u64 {
+        if self.video_refusal.is_some() {
+            self.limits.max_upload_bytes
+        } else {
+            self.limits.max_upload_bytes.max(self.max_video_bytes)
+        }
+    }
+
+    /// Refuses `media` with 415 when it is video and this process cannot take video.
+    fn check_accepted(&self, media: MediaType) -> Result<(), ApiError> {
+        match &self.video_refusal {
+            Some(reason) if media.is_video() => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("{media} video is not accepted here: {reason}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn append(
         &self,
         events: &[Envelope],
@@ -141,9 +190,9 @@ const JSON_BODY_LIMIT: u64 = 2 << 20;
 
 /// The ingest routes.
 pub fn router(state: Arc<IngestState>) -> Router {
-    // The upload handler enforces `max_upload_bytes` on the file itself while streaming; this
-    // outer bound only caps the multipart envelope around it.
-    let body_limit = state.limits.max_upload_bytes.saturating_add(1 << 20);
+    // The upload handler enforces the file's own limit (by its sniffed type) while streaming;
+    // this outer bound only caps the multipart envelope around the largest file accepted.
+    let body_limit = state.max_any_bytes().saturating_add(1 << 20);
     let client = |limit| Gate {
         state: state.clone(),
         key: KeyKind::Client,

@@ -24,8 +24,10 @@ const MAX_TITLE: usize = 500;
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // The form is read field by field, as it streams; this only describes it.
 pub(crate) struct UploadForm {
-    /// The image: JPEG, PNG, GIF, WebP, HEIC or AVIF, recognised from its bytes (the part's
-    /// declared type is ignored). At most `limits.max_upload_bytes` (100 MiB by default).
+    /// The image (JPEG, PNG, GIF, WebP, HEIC or AVIF) or video (MP4, MOV, WebM or Matroska),
+    /// recognised from its bytes (the part's declared type is ignored). At most
+    /// `limits.max_upload_bytes` (100 MiB) for an image and `video.max_bytes` (2 GiB) for a
+    /// video; large files are better sent through the direct upload (`POST /v1/uploads`).
     #[schema(value_type = String, format = Binary)]
     file: Vec<u8>,
     /// At most 500 characters.
@@ -71,6 +73,7 @@ impl Accepted {
         (status = 202, description = "Stored and appended; processing follows", body = Accepted,
             headers(("location" = String, description = "The media's URL"))),
         (status = 400, description = "Not a well-formed form, a missing `file`, an unknown field, a body that ended early", body = ErrorBody),
+        (status = 408, description = "The body arrived slower than `http.min_body_rate_bytes_per_sec` or stalled (`body_too_slow`)", body = ErrorBody),
         (status = 401, description = "No valid client key", body = ErrorBody),
         (status = 413, description = "Over `limits.max_upload_bytes`, or the owner's quota (`quota_exceeded`)", body = ErrorBody),
         (status = 415, description = "Not one of the accepted image formats", body = ErrorBody),
@@ -203,13 +206,10 @@ fn multipart_error(e: MultipartError) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(status, "too_large", "the upload is over the size limit");
     }
-    // axum calls a body that could not be read (it ended before its declared length, or the
-    // client went away) a 500. It is the client's: a 400, logged as one.
+    // axum calls a body that could not be read (it ended before its declared length, the
+    // client went away or sent too slowly) a 500. It is the client's: a 4xx, logged as one.
     if status.is_server_error() {
-        return ApiError::bad_request(
-            "incomplete_body",
-            "the request body ended early or broke off before the upload was complete",
-        );
+        return conveyor_platform::http::body_read_error(&e);
     }
     ApiError::new(status, "invalid_multipart", e.body_text())
 }
@@ -245,7 +245,22 @@ fn unsupported() -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
-        format!("the file is not an accepted image: {ACCEPTED}"),
+        format!("the file is not of an accepted type: {ACCEPTED}"),
+    )
+}
+
+/// The type of a file from its head, if this process accepts it.
+fn accepted(state: &IngestState, head: &[u8]) -> Result<MediaType, ApiError> {
+    let media = MediaType::sniff(head).ok_or_else(unsupported)?;
+    state.check_accepted(media)?;
+    Ok(media)
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the file is over the limit of {limit} bytes for its type"),
     )
 }
 
@@ -277,7 +292,8 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
         objects.put(&key, Box::pin(body)).await
     });
 
-    let limit = state.limits.max_upload_bytes;
+    // Until the type is sniffed, the largest limit of any type holds.
+    let mut limit = state.max_any_bytes();
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut head: Vec<u8> = Vec::with_capacity(SNIFF_BYTES);
@@ -286,17 +302,18 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
         while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
             size += chunk.len() as u64;
             if size > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!("the file is over the limit of {limit} bytes"),
-                ));
+                return Err(too_large(limit));
             }
             if content_type.is_none() {
                 head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_BYTES - head.len())]);
                 if head.len() >= SNIFF_BYTES {
-                    content_type = Some(sniff(&head).ok_or_else(unsupported)?);
+                    let media = accepted(state, &head)?;
+                    limit = state.max_bytes(media);
+                    content_type = Some(media.content_type());
                 }
+            }
+            if size > limit {
+                return Err(too_large(limit));
             }
             hasher.update(&chunk);
             if tx.send(Ok(chunk)).await.is_err() {
@@ -304,7 +321,11 @@ async fn store_file(state: &IngestState, mut field: Field<'_>) -> Result<Stored,
             }
         }
         if content_type.is_none() {
-            content_type = Some(sniff(&head).ok_or_else(unsupported)?);
+            let media = accepted(state, &head)?;
+            if size > state.max_bytes(media) {
+                return Err(too_large(state.max_bytes(media)));
+            }
+            content_type = Some(media.content_type());
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ pub struct Settings {
     pub limits: Limits,
     pub uploads: UploadSettings,
     pub processor: ProcessorSettings,
+    pub video: VideoSettings,
     pub projector: ProjectorSettings,
     pub query: QuerySettings,
     pub cdn: CdnSettings,
@@ -240,6 +241,93 @@ pub struct ProcessorSettings {
     pub per_partition: usize,
 }
 
+/// Video: what is accepted, and how the transcoder (`conveyor transcode`, and `serve`) runs
+/// ffprobe and ffmpeg.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VideoSettings {
+    /// Consumer group transcoders join. It reads the same topic as the processor with its
+    /// own offsets, so a backlog of videos never delays a photo.
+    pub group: String,
+    /// Largest accepted video, in bytes (2 GiB). Images keep `limits.max_upload_bytes`. Large
+    /// files should go through the direct multipart upload (`POST /v1/uploads`).
+    pub max_bytes: u64,
+    /// Longest accepted video, in seconds, read by ffprobe before anything is decoded.
+    pub max_duration_secs: u64,
+    /// Largest accepted width or height, in pixels (4096: DCI 4K), read by ffprobe.
+    pub max_side: u32,
+    /// Most streams in one file (video, audio, subtitles, data). Phones write 2 to 6.
+    pub max_streams: u32,
+    /// The web renditions, by their short side in pixels, comma-separated (`720,360`). A
+    /// rung taller than the source is skipped (never upscaled); a source smaller than every
+    /// rung gets one rendition at its own size.
+    pub ladder: String,
+    /// libx264's constant rate factor (0–51; 23 is its default, lower is better and bigger).
+    pub crf: u8,
+    /// libx264's preset (`ultrafast` … `veryslow`); `veryfast` trades a little size for
+    /// about 3× the speed of `medium`.
+    pub preset: String,
+    /// Threads ffmpeg may use per job; 0 lets ffmpeg choose (one per core).
+    pub threads: u32,
+    /// Jobs one transcoder runs at once.
+    pub jobs: usize,
+    /// A job's time limit is `job_timeout_base_secs` plus `job_timeout_factor` × the video's
+    /// duration; past it, ffmpeg is killed and the video ends `failed`.
+    pub job_timeout_base_secs: u64,
+    pub job_timeout_factor: u32,
+    /// The ffmpeg and ffprobe executables (Debian's `ffmpeg` package has both).
+    pub ffmpeg: String,
+    pub ffprobe: String,
+}
+
+impl Default for VideoSettings {
+    fn default() -> Self {
+        VideoSettings {
+            group: "transcoder".into(),
+            max_bytes: 2 * 1024 * 1024 * 1024,
+            max_duration_secs: 3600,
+            max_side: 4096,
+            max_streams: 16,
+            ladder: "720,360".into(),
+            crf: 23,
+            preset: "veryfast".into(),
+            threads: 0,
+            jobs: 1,
+            job_timeout_base_secs: 60,
+            job_timeout_factor: 10,
+            ffmpeg: "ffmpeg".into(),
+            ffprobe: "ffprobe".into(),
+        }
+    }
+}
+
+impl VideoSettings {
+    /// The rungs of [`VideoSettings::ladder`], largest first.
+    ///
+    /// # Errors
+    /// A rung that is not an even number of pixels from 2 to 4320, or an empty ladder.
+    pub fn rungs(&self) -> Result<Vec<u32>, String> {
+        let mut rungs = self
+            .ladder
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(|r| match r.trim_end_matches('p').parse::<u32>() {
+                Ok(n) if (2..=4320).contains(&n) && n % 2 == 0 => Ok(n),
+                _ => Err(format!(
+                    "video.ladder: {r:?} is not an even number of pixels from 2 to 4320"
+                )),
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        if rungs.is_empty() {
+            return Err("video.ladder: name at least one rendition, such as 720,360".into());
+        }
+        rungs.sort_unstable_by(|a, b| b.cmp(a));
+        rungs.dedup();
+        Ok(rungs)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorSettings {
@@ -394,6 +482,7 @@ impl Default for Settings {
             limits: Limits::default(),
             uploads: UploadSettings::default(),
             processor: ProcessorSettings::default(),
+            video: VideoSettings::default(),
             projector: ProjectorSettings::default(),
             query: QuerySettings::default(),
             cdn: CdnSettings::default(),
@@ -416,6 +505,17 @@ pub struct HttpSettings {
     /// request fails: an upload that stalls is cut off rather than held. (tower-http's
     /// `RequestBodyTimeout`.)
     pub body_idle_timeout_ms: u64,
+    /// Slowest average a request body may arrive at, in bytes per second, once
+    /// `body_rate_grace_ms` has passed; 0 turns the check off. The idle timeout alone lets a
+    /// client hold an upload, and a slot under `max_connections`, with a byte every 29 s; this
+    /// makes holding every slot cost `max_connections × rate` of real bandwidth (16 MiB/s at the
+    /// defaults). Only time spent waiting on the client counts, not time the server spends
+    /// storing what came. 4 KiB/s passes a phone on EDGE; Kestrel's `MinRequestBodyDataRate`,
+    /// the same rule, defaults to 240 B/s after 5 s.
+    pub min_body_rate_bytes_per_sec: u64,
+    /// How long a request body may take before `min_body_rate_bytes_per_sec` applies, in
+    /// milliseconds: a client's connection ramps up, and small bodies finish inside it.
+    pub body_rate_grace_ms: u64,
     /// Longest a response may wait for the client to take more of it, in milliseconds. A
     /// client that stops reading would otherwise hold its connection, and a slot under
     /// `max_connections`, for as long as it likes.
@@ -439,6 +539,8 @@ impl Default for HttpSettings {
         HttpSettings {
             header_read_timeout_ms: 30_000,
             body_idle_timeout_ms: 30_000,
+            min_body_rate_bytes_per_sec: 4 * 1024,
+            body_rate_grace_ms: 10_000,
             write_stall_timeout_ms: 30_000,
             max_connections: 4_096,
             drain_timeout_ms: 30_000,
@@ -570,6 +672,10 @@ impl Settings {
             }
         }
         crate::http::cors(&self.http.cors_origins)?;
+        self.video.rungs()?;
+        if self.video.crf > 51 {
+            return Err("video.crf: libx264 takes 0 to 51".into());
+        }
         Ok(())
     }
 

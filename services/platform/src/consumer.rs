@@ -139,6 +139,9 @@ struct PartitionState {
     /// One past the highest offset fetched.
     fetched_end: u64,
     committed: Option<u64>,
+    /// Cancelled when the partition is revoked: its batches in flight are dropped mid-work
+    /// (a transcoder's ffmpeg is killed with them), as a crash would drop them.
+    revoked: CancellationToken,
 }
 
 impl PartitionState {
@@ -187,10 +190,14 @@ pub async fn run(
                         work_stop.clone(),
                     );
                     let epoch = state.epoch;
+                    let revoked = state.revoked.clone();
                     tasks.spawn(async move {
                         let offsets: Vec<u64> = batch.iter().map(|r| r.offset).collect();
-                        let done =
-                            handle_with_retries(&*handler, &*log, &config, batch, &token).await;
+                        let done = tokio::select! {
+                            done = handle_with_retries(&*handler, &*log, &config, batch, &token) => done,
+                            // Another member owns the partition now and redoes this batch.
+                            _ = revoked.cancelled() => false,
+                        };
                         ((partition, epoch), offsets, done)
                     });
                 }
@@ -251,10 +258,11 @@ pub async fn run(
                     }
                     Err(e) => return Err(anyhow::Error::new(e).context("failed to poll the event log")),
                 };
-                // Partitions another member owns now: forget what is waiting for them, and let
-                // the batches in flight finish without committing (their new owner redoes them).
+                // Partitions another member owns now: forget what is waiting for them, and drop
+                // the batches in flight uncommitted (their new owner redoes them).
                 for partition in sub.take_revoked() {
                     if let Some(state) = partitions.remove(&partition) {
+                        state.revoked.cancel();
                         buffered -= state.unfinished.len();
                     }
                 }

@@ -588,9 +588,17 @@ pub async fn serve(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower::ServiceExt;
 
-    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        std::time::Duration::from_millis(settings.body_idle_timeout_ms.max(1)),
-    ));
+    let min_rate = MinBodyRate {
+        bytes_per_sec: settings.min_body_rate_bytes_per_sec,
+        grace: std::time::Duration::from_millis(settings.body_rate_grace_ms),
+    };
+    let router = router
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_millis(settings.body_idle_timeout_ms.max(1)),
+        ))
+        .layer(axum::middleware::map_request(move |request: Request| {
+            std::future::ready(min_rate.apply(request))
+        }));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -657,6 +665,140 @@ pub async fn serve(
         tracing::warn!("requests still open after the drain timeout; closing their connections");
     }
     Ok(())
+}
+
+/// The error a request body ends with when the client sends it too slowly or stops
+/// sending: it arrived slower than `http.min_body_rate_bytes_per_sec` on average once the
+/// grace was over, or paused longer than `http.body_idle_timeout_ms`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body arrived slower than {bytes_per_sec} bytes/s on average")]
+pub struct BodyTooSlow {
+    bytes_per_sec: u64,
+}
+
+/// What a failed read of a request body means for the client, from the error's cause
+/// (its source chain, never its text): 408 `body_too_slow` when the client sent too slowly
+/// or stopped ([`BodyTooSlow`], tower-http's idle [`TimeoutError`]), and otherwise 400
+/// `incomplete_body`, since a body that ends before its declared length or a client that
+/// goes away is the client's doing. Both are logged at INFO, as client errors.
+///
+/// [`TimeoutError`]: tower_http::timeout::TimeoutError
+pub fn body_read_error(error: &(dyn std::error::Error + 'static)) -> ApiError {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_too_slow",
+                slow.to_string(),
+            );
+        }
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_too_slow",
+                "the request body stopped arriving for longer than the idle timeout",
+            );
+        }
+        cause = e.source();
+    }
+    ApiError::bad_request(
+        "incomplete_body",
+        "the request body ended early or broke off before it was complete",
+    )
+}
+
+/// The minimum average rate a request body must arrive at (`http.min_body_rate_*`).
+#[derive(Debug, Clone, Copy)]
+struct MinBodyRate {
+    bytes_per_sec: u64,
+    grace: std::time::Duration,
+}
+
+impl MinBodyRate {
+    fn apply(self, request: Request) -> Request {
+        if self.bytes_per_sec == 0 {
+            return request;
+        }
+        request.map(|body| {
+            axum::body::Body::new(RateBody {
+                inner: body,
+                rate: self,
+                received: 0,
+                waited: std::time::Duration::ZERO,
+                waiting: None,
+            })
+        })
+    }
+
+    /// How long the client may have kept the server waiting, in all, once `received` bytes
+    /// have arrived: every byte earns `1 / bytes_per_sec` seconds, and the grace is free.
+    fn allowance(self, received: u64) -> std::time::Duration {
+        let earned =
+            std::time::Duration::from_secs_f64(received as f64 / self.bytes_per_sec as f64);
+        self.grace.max(earned)
+    }
+}
+
+/// A request body held to [`MinBodyRate`]. Only the time the server spends waiting on the
+/// client counts, from a poll that found nothing until the next chunk; time the handler
+/// spends elsewhere (storing the last chunk, say) does not. The body fails with
+/// [`BodyTooSlow`] once the wait passes the allowance.
+struct RateBody {
+    inner: axum::body::Body,
+    rate: MinBodyRate,
+    received: u64,
+    /// Waited on the client so far, not counting the wait under way.
+    waited: std::time::Duration,
+    /// The wait under way: when it began, and its deadline.
+    waiting: Option<(tokio::time::Instant, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl http_body::Body for RateBody {
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let (received, rate, waited) = (this.received, this.rate, this.waited);
+                let (_, deadline) = this.waiting.get_or_insert_with(|| {
+                    let now = tokio::time::Instant::now();
+                    let left = rate.allowance(received).saturating_sub(waited);
+                    (now, Box::pin(tokio::time::sleep_until(now + left)))
+                });
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTooSlow {
+                        bytes_per_sec: rate.bytes_per_sec,
+                    })))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Poll::Ready(frame) => {
+                if let Some((since, _)) = this.waiting.take() {
+                    this.waited += since.elapsed();
+                }
+                if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+                    this.received += data.len() as u64;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A connection whose writes may not stall: a client that stops reading makes every write

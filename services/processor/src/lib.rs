@@ -1,5 +1,6 @@
-//! The processor: Conveyor's task queue for heavy media work. It runs as consumer group
-//! `processor` on `media.events`; for each `MediaUploaded` it renders the variants, stores
+//! The processor: Conveyor's task queue for image work. It runs as consumer group
+//! `processor` on `media.events`; for each `MediaUploaded` of an image (video is the
+//! transcoder's, in a group of its own) it renders the variants, stores
 //! them content-addressed, and appends `MediaProcessed`, or `MediaProcessingFailed` with a
 //! reason when the media cannot be read.
 //!
@@ -164,34 +165,62 @@ impl Processor {
             Err(e) if e.is_permanent() => return Ok(Err(e)),
             Err(e) => return Err(e).retry("the image engine failed"),
         };
-        let mut variants = Vec::with_capacity(rendered.variants.len());
-        for v in &rendered.variants {
-            // Private media's variants are private too: under `private/`, signed URLs only.
-            let prefix = if visibility == Visibility::Private {
-                "private/"
-            } else {
-                ""
-            };
-            let key = format!(
-                "{prefix}variants/{}/{}.{}",
-                upload.sha256, v.name, v.extension
-            );
-            // Content-addressed: a redelivered upload rewrites the same bytes under the same key.
-            self.objects
-                .put_bytes(&key, Bytes::clone(&v.bytes))
-                .await
-                .by_kind("failed to store a variant")?;
-            variants.push(VariantInfo {
-                name: v.name.to_owned(),
-                key,
-                width: v.width,
-                height: v.height,
-                content_type: v.content_type.to_owned(),
-                bytes: v.bytes.len() as u64,
-            });
-        }
+        let variants = store_variants(
+            &*self.objects,
+            &upload.sha256,
+            visibility,
+            &rendered.variants,
+        )
+        .await?;
         Ok(Ok((rendered, variants)))
     }
+}
+
+/// The key of an original's derived file `name.extension`:
+/// `variants/{sha256 of the original}/{name}.{extension}`, under `private/` for private media
+/// (served only through signed URLs). Content-addressed: a redelivered upload rewrites the
+/// same bytes under the same key.
+pub fn variant_key(sha256: &str, visibility: Visibility, name: &str, extension: &str) -> String {
+    let prefix = match visibility {
+        Visibility::Private => "private/",
+        Visibility::Public => "",
+    };
+    format!("{prefix}variants/{sha256}/{name}.{extension}")
+}
+
+/// Stores rendered variants of the original `sha256` under [`variant_key`]s.
+///
+/// # Errors
+/// The store's, by kind: transient ones are retried by the consumer.
+pub async fn store_variants(
+    objects: &dyn ObjectStore,
+    sha256: &str,
+    visibility: Visibility,
+    rendered: &[render::Variant],
+) -> Result<Vec<VariantInfo>, HandleError> {
+    let mut variants = Vec::with_capacity(rendered.len());
+    for v in rendered {
+        let key = variant_key(sha256, visibility, v.name, v.extension);
+        objects
+            .put_bytes(&key, Bytes::clone(&v.bytes))
+            .await
+            .by_kind("failed to store a variant")?;
+        variants.push(VariantInfo {
+            name: v.name.to_owned(),
+            key,
+            width: v.width,
+            height: v.height,
+            content_type: v.content_type.to_owned(),
+            bytes: v.bytes.len() as u64,
+        });
+    }
+    Ok(variants)
+}
+
+/// Whether an upload's sniffed type is a video container.
+pub fn is_video(content_type: &str) -> bool {
+    conveyor_platform::media::MediaType::from_content_type(content_type)
+        .is_some_and(|media| media.is_video())
 }
 
 #[async_trait]
@@ -199,7 +228,10 @@ impl Handler for Processor {
     async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
         for record in records {
             let envelope = from_delivered(record).abort("undecodable record")?;
-            if let Some((upload, visibility)) = envelope.payload.upload() {
+            // Video is the transcoder group's (`conveyor transcode`).
+            if let Some((upload, visibility)) = envelope.payload.upload()
+                && !is_video(&upload.content_type)
+            {
                 self.process(&envelope, upload, visibility).await?;
             }
         }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use conveyor_platform::config::Limits;
-use conveyor_platform::media::{ACCEPTED, MediaType};
+use conveyor_platform::media::{IMAGES, MediaType};
 use conveyor_schemas::ExifSummary;
 use conveyor_wire::headers;
 use rs_vips::voption::{Setter, VOption};
@@ -52,7 +52,7 @@ const MAX_HEIF_TILES: u64 = 1024;
 /// Why media could not be processed. Shown to clients as the failure reason.
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
-    #[error("not a supported image: the accepted formats are {ACCEPTED}")]
+    #[error("not a supported image: the accepted images are {IMAGES}")]
     UnsupportedFormat,
     #[error(
         "image is {width}x{height}, over the limit of {max_side} px per side or {max_pixels} pixels"
@@ -216,6 +216,9 @@ fn inspect(source: &Source<'_>, limits: &Limits) -> Result<(Header, VipsImage), 
             }
         }
         MediaType::WebP => {}
+        MediaType::Mp4 | MediaType::QuickTime | MediaType::WebM | MediaType::Matroska => {
+            return Err(MediaError::UnsupportedFormat);
+        }
     }
     let image = load(source, 1)?;
     let width = positive(image.get_width());
@@ -334,7 +337,9 @@ impl<'a> Source<'a> {
     /// file cut short mid-scan (which libjpeg reports as a warning once the marker is there)
     /// is still refused.
     fn new(bytes: &'a [u8]) -> Result<Self, MediaError> {
-        let format = MediaType::sniff(bytes).ok_or(MediaError::UnsupportedFormat)?;
+        let format = MediaType::sniff(bytes)
+            .filter(|format| !format.is_video())
+            .ok_or(MediaError::UnsupportedFormat)?;
         let jpeg = match format {
             MediaType::Jpeg => headers::jpeg_markers(bytes),
             _ => headers::JpegMarkers::default(),
@@ -376,6 +381,10 @@ fn load(source: &Source<'_>, shrink: i32) -> Result<VipsImage, MediaError> {
         MediaType::WebP => VipsImage::webpload_buffer_with_opts(bytes, options),
         MediaType::Gif => VipsImage::gifload_buffer_with_opts(bytes, options),
         MediaType::Heic | MediaType::Avif => VipsImage::heifload_buffer_with_opts(bytes, options),
+        // Refused by `Source::new`: video is the transcoder's, which renders a poster frame.
+        MediaType::Mp4 | MediaType::QuickTime | MediaType::WebM | MediaType::Matroska => {
+            return Err(MediaError::UnsupportedFormat);
+        }
     };
     loaded.map_err(|e| {
         failed(

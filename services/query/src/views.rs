@@ -48,9 +48,40 @@ pub(crate) struct MediaView<'a> {
     exif: Option<&'a conveyor_schemas::ExifSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_reason: Option<&'a str>,
+    /// How far the transcode has come, 0–100, while `status` is `processing`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 100)]
+    progress: Option<u8>,
+    /// A video's metadata, poster and web renditions, once processed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    video: Option<VideoView<'a>>,
     /// RFC 3339.
     created_at: String,
     links: SelfLink,
+}
+
+/// A processed video.
+#[derive(Serialize, utoipa::ToSchema)]
+struct VideoView<'a> {
+    /// Milliseconds.
+    duration_ms: u64,
+    /// ffprobe's codec name, such as `h264`, `hevc`, `vp9`.
+    video_codec: &'a str,
+    /// `null` for a silent video.
+    audio_codec: Option<&'a str>,
+    /// Frames per second.
+    frame_rate: f64,
+    /// The original's bitrate, in bits per second.
+    bitrate: u64,
+    /// The rotation the original's container applies, in degrees counter-clockwise; the poster
+    /// and renditions are already upright.
+    rotation: u16,
+    /// The poster frame, at the `large` variant's size (`variants` has every size).
+    poster: Option<VariantLink>,
+    /// H.264 and AAC in MP4 with `faststart`, by name (`720p`, `360p`: the short side), each
+    /// served with byte ranges so players can seek.
+    #[schema(value_type = BTreeMap<String, VariantView>)]
+    renditions: BTreeMap<&'a str, VariantView>,
 }
 
 /// Where the original's bytes are.
@@ -86,6 +117,15 @@ fn rfc3339(micros: i64) -> String {
         .unwrap_or_default()
 }
 
+fn variant_view(state: &QueryState, v: &conveyor_schemas::VariantInfo) -> VariantView {
+    VariantView {
+        url: state.media_url(&v.key),
+        width: v.width,
+        height: v.height,
+        content_type: v.content_type.clone(),
+    }
+}
+
 fn view<'a>(state: &QueryState, row: &'a MediaRow) -> MediaView<'a> {
     MediaView {
         id: row.id,
@@ -103,23 +143,34 @@ fn view<'a>(state: &QueryState, row: &'a MediaRow) -> MediaView<'a> {
         variants: row
             .variants
             .iter()
-            .map(|v| {
-                (
-                    v.name.as_str(),
-                    VariantView {
-                        url: state.media_url(&v.key),
-                        width: v.width,
-                        height: v.height,
-                        content_type: v.content_type.clone(),
-                    },
-                )
-            })
+            .map(|v| (v.name.as_str(), variant_view(state, v)))
             .collect(),
         original: VariantLink {
             url: state.media_url(&row.original_key),
         },
         exif: row.exif.as_ref(),
         failure_reason: row.failure_reason.as_deref(),
+        progress: row.progress,
+        video: row.video.as_ref().map(|v| VideoView {
+            duration_ms: v.duration_ms,
+            video_codec: &v.video_codec,
+            audio_codec: v.audio_codec.as_deref(),
+            frame_rate: f64::from(v.frame_rate_milli) / 1000.0,
+            bitrate: v.bitrate,
+            rotation: v.rotation,
+            poster: row
+                .variants
+                .iter()
+                .find(|p| p.name == "large")
+                .map(|p| VariantLink {
+                    url: state.media_url(&p.key),
+                }),
+            renditions: v
+                .renditions
+                .iter()
+                .map(|r| (r.name.as_str(), variant_view(state, r)))
+                .collect(),
+        }),
         created_at: rfc3339(row.created_at),
         links: SelfLink {
             this: format!("/v1/media/{}", row.id),

@@ -6,7 +6,8 @@
 
 use std::fmt;
 
-/// An accepted image format.
+/// An accepted format: an image, which the processor renders, or a video container, which
+/// the transcoder takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MediaType {
     Jpeg,
@@ -17,10 +18,22 @@ pub enum MediaType {
     Heic,
     /// HEIF with AV1-coded images.
     Avif,
+    /// ISO-BMFF video (`.mp4`, `.m4v`).
+    Mp4,
+    /// QuickTime (`.mov`): what iPhones record video as.
+    QuickTime,
+    /// WebM: Matroska restricted to VP8/VP9/AV1 with Vorbis/Opus.
+    WebM,
+    /// Matroska (`.mkv`).
+    Matroska,
 }
 
+/// The accepted image formats, as a client reads them in an error message.
+pub const IMAGES: &str = "JPEG, PNG, WebP, GIF, HEIC or AVIF";
+
 /// The accepted formats, as a client reads them in an error message.
-pub const ACCEPTED: &str = "JPEG, PNG, WebP, GIF, HEIC or AVIF";
+pub const ACCEPTED: &str =
+    "JPEG, PNG, WebP, GIF, HEIC or AVIF images, or MP4, MOV, WebM or Matroska video";
 
 /// Leading bytes [`MediaType::sniff`] needs to see every format's signature: an ISO-BMFF
 /// `ftyp` box lists its compatible brands after its 16-byte head, and encoders write up to a
@@ -29,17 +42,29 @@ pub const SNIFF_BYTES: usize = 64;
 
 impl MediaType {
     /// Every accepted format.
-    pub const ALL: [MediaType; 6] = [
+    pub const ALL: [MediaType; 10] = [
         MediaType::Jpeg,
         MediaType::Png,
         MediaType::WebP,
         MediaType::Gif,
         MediaType::Heic,
         MediaType::Avif,
+        MediaType::Mp4,
+        MediaType::QuickTime,
+        MediaType::WebM,
+        MediaType::Matroska,
     ];
 
+    /// Whether this is a video container, for the transcoder, rather than an image.
+    pub fn is_video(self) -> bool {
+        matches!(
+            self,
+            MediaType::Mp4 | MediaType::QuickTime | MediaType::WebM | MediaType::Matroska
+        )
+    }
+
     /// The format whose signature `head` starts with, or `None` for anything else (SVG, TIFF,
-    /// PDF, video, text). `head` should hold the first [`SNIFF_BYTES`] bytes, or the whole file
+    /// PDF, playlists, text). `head` should hold the first [`SNIFF_BYTES`] bytes, or the whole file
     /// when it is shorter.
     ///
     /// Signatures: JPEG `FF D8 FF` (ITU T.81 SOI plus the next marker's prefix), PNG's 8-byte
@@ -47,6 +72,11 @@ impl MediaType {
     /// box (ISO/IEC 14496-12 §4.3) whose major or compatible brands name HEVC (`heic`, `heix`,
     /// `heim`, `heis`, `hevc`, `hevx`) or AV1 (`avif`, `avis`) images (ISO/IEC 23008-12 Annex B,
     /// AV1 Image File Format §9). A bare `mif1` names neither codec and is refused.
+    ///
+    /// Video: an `ftyp` box that names no image codec but whose major brand is QuickTime's
+    /// (`qt  `) or an MP4 brand (`isom`, `iso2`–`iso6`, `mp41`, `mp42`, `avc1`, `M4V `, `dash`);
+    /// or an EBML header (`1A 45 DF A3`, RFC 8794 §8) whose `DocType` element (ID `42 82`) says
+    /// `webm` or `matroska` (RFC 9559 §5.1). A text playlist (HLS, concat) has neither.
     pub fn sniff(head: &[u8]) -> Option<MediaType> {
         match head {
             [0xff, 0xd8, 0xff, ..] => Some(MediaType::Jpeg),
@@ -67,7 +97,10 @@ impl MediaType {
                 b'P',
                 ..,
             ] => Some(MediaType::WebP),
-            [_, _, _, _, b'f', b't', b'y', b'p', ..] => heif_brand(head),
+            [_, _, _, _, b'f', b't', b'y', b'p', ..] => {
+                heif_brand(head).or_else(|| video_brand(head))
+            }
+            [0x1a, 0x45, 0xdf, 0xa3, ..] => ebml_doc_type(head),
             _ => None,
         }
     }
@@ -81,6 +114,10 @@ impl MediaType {
             MediaType::Gif => "image/gif",
             MediaType::Heic => "image/heic",
             MediaType::Avif => "image/avif",
+            MediaType::Mp4 => "video/mp4",
+            MediaType::QuickTime => "video/quicktime",
+            MediaType::WebM => "video/webm",
+            MediaType::Matroska => "video/x-matroska",
         }
     }
 
@@ -100,6 +137,10 @@ impl MediaType {
             MediaType::Gif => "gif",
             MediaType::Heic => "heic",
             MediaType::Avif => "avif",
+            MediaType::Mp4 => "mp4",
+            MediaType::QuickTime => "mov",
+            MediaType::WebM => "webm",
+            MediaType::Matroska => "mkv",
         }
     }
 
@@ -109,6 +150,8 @@ impl MediaType {
         match extension.as_str() {
             "jpeg" | "jpe" => Some(MediaType::Jpeg),
             "heif" => Some(MediaType::Heic),
+            "m4v" => Some(MediaType::Mp4),
+            "qt" => Some(MediaType::QuickTime),
             other => MediaType::ALL.into_iter().find(|t| t.extension() == other),
         }
     }
@@ -123,6 +166,10 @@ impl fmt::Display for MediaType {
             MediaType::Gif => "GIF",
             MediaType::Heic => "HEIC",
             MediaType::Avif => "AVIF",
+            MediaType::Mp4 => "MP4",
+            MediaType::QuickTime => "QuickTime",
+            MediaType::WebM => "WebM",
+            MediaType::Matroska => "Matroska",
         })
     }
 }
@@ -142,6 +189,32 @@ fn heif_brand(head: &[u8]) -> Option<MediaType> {
         b"avif" | b"avis" => Some(MediaType::Avif),
         _ => None,
     })
+}
+
+/// The video an `ftyp` box declares by its major brand (ISO/IEC 14496-12 §4.3, 14496-14;
+/// QuickTime File Format, "File Type Compatibility Atom"), read only within the head.
+fn video_brand(head: &[u8]) -> Option<MediaType> {
+    match head.get(8..12)? {
+        b"qt  " => Some(MediaType::QuickTime),
+        b"isom" | b"iso2" | b"iso3" | b"iso4" | b"iso5" | b"iso6" | b"mp41" | b"mp42" | b"avc1"
+        | b"M4V " | b"dash" => Some(MediaType::Mp4),
+        _ => None,
+    }
+}
+
+/// WebM or Matroska, from the `DocType` element of the EBML header within the head. The
+/// header's children come in any order, each as an ID, a size (a one-byte VINT here: the
+/// doc type is a short ASCII string) and the data.
+fn ebml_doc_type(head: &[u8]) -> Option<MediaType> {
+    let head = &head[..head.len().min(SNIFF_BYTES)];
+    let at = head.windows(2).skip(4).position(|w| w == [0x42, 0x82])? + 4;
+    let size = usize::from(head.get(at + 2)? & 0x7f);
+    let doc_type = head.get(at + 3..at + 3 + size)?;
+    match doc_type {
+        b"webm" => Some(MediaType::WebM),
+        b"matroska" => Some(MediaType::Matroska),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -175,10 +248,17 @@ mod tests {
             MediaType::sniff(&ftyp(b"avif", &[b"mif1", b"miaf"])),
             Some(MediaType::Avif)
         );
-        // Video (mp4, QuickTime) and a HEIF that names no image codec are not images here.
-        assert_eq!(MediaType::sniff(&ftyp(b"isom", &[b"isom", b"mp41"])), None);
-        assert_eq!(MediaType::sniff(&ftyp(b"qt  ", &[b"qt  "])), None);
+        // Video by its major brand; a HEIF that names no image codec is nothing.
+        assert_eq!(
+            MediaType::sniff(&ftyp(b"isom", &[b"isom", b"mp41"])),
+            Some(MediaType::Mp4)
+        );
+        assert_eq!(
+            MediaType::sniff(&ftyp(b"qt  ", &[b"qt  "])),
+            Some(MediaType::QuickTime)
+        );
         assert_eq!(MediaType::sniff(&ftyp(b"mif1", &[b"mif1"])), None);
+        assert_eq!(MediaType::sniff(&ftyp(b"M4A ", &[b"isom"])), None);
         // A brand past the box's own size belongs to the next box.
         let mut lying = ftyp(b"mif1", &[]);
         lying.extend_from_slice(b"heic");
@@ -209,5 +289,25 @@ mod tests {
             assert_eq!(MediaType::from_content_type(t.content_type()), Some(t));
             assert_eq!(MediaType::from_extension(t.extension()), Some(t));
         }
+    }
+
+    #[test]
+    fn matroska_and_webm_by_doc_type() {
+        // The head of a WebM file ffmpeg wrote: EBMLVersion, ReadVersion, MaxIDLength,
+        // MaxSizeLength, then DocType.
+        let webm = b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\xf7\x81\x01\x42\xf2\x81\x04\x42\xf3\x81\x08\x42\x82\x84webm\x42\x87\x81\x02";
+        assert_eq!(MediaType::sniff(webm), Some(MediaType::WebM));
+        let mkv = b"\x1a\x45\xdf\xa3\xa3\x42\x82\x88matroska\x42\x87\x81\x04";
+        assert_eq!(MediaType::sniff(mkv), Some(MediaType::Matroska));
+        for foreign in [
+            &b"\x1a\x45\xdf\xa3\x42\x82\x84webx"[..],
+            b"\x1a\x45\xdf\xa3\x42\x82\x88matr",
+            b"\x1a\x45\xdf\xa3",
+            b"#EXTM3U\n#EXT-X-VERSION:3\nfile:///etc/passwd\n",
+            b"ffconcat version 1.0\nfile '/etc/passwd'\n",
+        ] {
+            assert_eq!(MediaType::sniff(foreign), None, "{foreign:?}");
+        }
+        assert!(MediaType::Matroska.is_video() && !MediaType::Heic.is_video());
     }
 }

@@ -31,19 +31,24 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
     };
     let at = log.append(&topic, vec![poison]).await.unwrap()[0];
 
-    // Both groups give up on it after their attempts, and say where it came from.
+    // Every group (processor, transcoder, projector) gives up on it after its attempts, and
+    // says where it came from.
     let letters = wait_until(Duration::from_secs(30), || async {
         let letters = dead_letters(&*log, &dlq).await.ok()?;
-        (letters.len() == 2).then_some(letters)
+        (letters.len() == 3).then_some(letters)
     })
     .await
-    .expect("the poison record was dead-lettered by both groups");
+    .expect("the poison record was dead-lettered by every group");
     // `ops status` counts them, and sees both groups past the poison record.
     let status = conveyor::ops::status(&app.settings).await.unwrap();
-    assert_eq!(status.dead_letters, 2);
+    assert_eq!(status.dead_letters, 3);
     assert!(status.topic_exists && status.records >= 1);
     assert!(status.backends.values().all(|h| h.ok));
-    for group in [&app.settings.processor.group, &app.settings.projector.group] {
+    for group in [
+        &app.settings.processor.group,
+        &app.settings.projector.group,
+        &app.settings.video.group,
+    ] {
         assert!(
             status.groups.iter().any(|g| &g.group == group),
             "{group} listed"
@@ -58,7 +63,8 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
         groups,
         vec![
             app.settings.processor.group.as_str(),
-            app.settings.projector.group.as_str()
+            app.settings.projector.group.as_str(),
+            app.settings.video.group.as_str(),
         ]
     );
     for d in &letters {
@@ -116,10 +122,10 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
     );
 
     app.wait_for_title(&id, "redriven").await;
-    // The poison went through both groups again, and failed again.
+    // The poison went through every group again, and failed again.
     let again = wait_until(Duration::from_secs(30), || async {
         let letters = dead_letters(&*log, &dlq).await.ok()?;
-        (letters.len() == 2).then_some(letters)
+        (letters.len() == 3).then_some(letters)
     })
     .await
     .expect("the redriven poison was dead-lettered again");

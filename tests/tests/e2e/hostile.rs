@@ -530,3 +530,133 @@ async fn a_client_that_stops_reading_is_dropped() {
         "all {received} bytes came: it never stalled"
     );
 }
+
+/// Sends `head`, then `chunk` every `every` until `total` body bytes are out or the server
+/// answers, and returns the answer (status line, headers and body) and how long it took.
+async fn trickle(
+    address: &str,
+    head: &[u8],
+    chunk: &[u8],
+    every: Duration,
+    total: usize,
+) -> (String, Duration) {
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(head).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        if stream.write_all(&chunk[..n]).await.is_err() {
+            break;
+        }
+        sent += n;
+        if let Ok(read) = tokio::time::timeout(every, stream.read(&mut answer)).await {
+            let n = read.unwrap_or(0);
+            return (
+                String::from_utf8_lossy(&answer[..n]).into_owned(),
+                started.elapsed(),
+            );
+        }
+    }
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .map(|r| r.unwrap_or(0))
+        .unwrap_or(0);
+    (
+        String::from_utf8_lossy(&answer[..n]).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// Reported: a body sent a byte every 29 s held its upload, and a slot under the connection
+/// cap, for as long as the client liked; the signed PUT needs no key, so anyone could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_bodies_are_cut_off_while_clients_are_served() {
+    let app = conveyor_tests::helpers::spawn_app_with(|s| {
+        s.http.min_body_rate_bytes_per_sec = 2_000;
+        s.http.body_rate_grace_ms = 1_000;
+    })
+    .await;
+    let signed_put = |bytes: usize| {
+        let app = &app;
+        async move {
+            let created: Value = app
+                .client
+                .post(app.url("/v1/uploads"))
+                .bearer_auth(ALICE)
+                .json(&json!({"content_type": "image/jpeg", "bytes": bytes, "sha256": "ab".repeat(32)}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let url = created["url"].as_str().unwrap().to_owned();
+            format!(
+                "PUT {url} HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: {bytes}\r\n\r\n"
+            )
+        }
+    };
+    let part =
+        "--never\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n";
+    let mut multipart = format!("{}{part}", upload_head(100_000)).into_bytes();
+    multipart.extend_from_slice(&[0xff, 0xd8, 0xff, 0xe0]);
+    let slow_put = signed_put(100_000).await;
+    // 500 bytes/s, a quarter of the minimum: both are cut off soon after the 1 s grace, while a
+    // normal client uploads and reads throughout.
+    let slow = futures::future::join3(
+        trickle(
+            &app.address,
+            slow_put.as_bytes(),
+            &[0xff; 50],
+            Duration::from_millis(100),
+            100_000,
+        ),
+        trickle(
+            &app.address,
+            &multipart,
+            &[0xd8; 50],
+            Duration::from_millis(100),
+            100_000,
+        ),
+        async {
+            let mut served = 0;
+            for seed in 0..3 {
+                let response = app
+                    .upload(ALICE, conveyor_tests::images::jpeg(64, 64, seed), None)
+                    .await;
+                assert_eq!(response.status(), 202);
+                assert_eq!(app.get_json("/healthz").await.0, 200);
+                served += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            served
+        },
+    )
+    .await;
+    for (route, (answer, took)) in [("signed PUT", &slow.0), ("multipart", &slow.1)] {
+        assert!(answer.starts_with("HTTP/1.1 408"), "{route}: {answer}");
+        assert!(answer.contains("application/json"), "{route}: {answer}");
+        assert!(answer.contains("\"body_too_slow\""), "{route}: {answer}");
+        assert!(
+            *took < Duration::from_secs(6),
+            "{route} cut off after {took:?}"
+        );
+    }
+    assert_eq!(slow.2, 3);
+    // A client above the minimum (4,000 bytes/s for 3 s) is not cut off, grace or no grace.
+    let steady_put = signed_put(12_000).await;
+    let (answer, _) = trickle(
+        &app.address,
+        steady_put.as_bytes(),
+        &[0xff; 400],
+        Duration::from_millis(100),
+        12_000,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"bytes\":12000"), "{answer}");
+}

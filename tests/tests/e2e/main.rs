@@ -15,3 +15,4 @@ mod private_media;
 mod replay;
 mod s3;
 mod scale_out;
+mod video;

@@ -4,7 +4,7 @@
 
 use conveyor_schemas::{
     Envelope, Event, ExifSummary, MediaDeleted, MediaDescribed, MediaProcessed,
-    MediaProcessingFailed, MediaStatus, MediaUploaded, OwnerStats, VariantInfo,
+    MediaProcessingFailed, MediaStatus, MediaUploaded, OwnerStats, VariantInfo, VideoProcessed,
 };
 use uuid::Uuid;
 
@@ -47,6 +47,34 @@ fn processed(cause: &Envelope, width: u32) -> Envelope {
                 bytes: 99,
             }],
             exif: ExifSummary::default(),
+        }),
+    )
+}
+
+fn video(cause: &Envelope) -> Envelope {
+    let rendition = VariantInfo {
+        name: "360p".into(),
+        key: "variants/x/360p.mp4".into(),
+        width: 640,
+        height: 360,
+        content_type: "video/mp4".into(),
+        bytes: 12_345,
+    };
+    cause.derive(
+        "conformance",
+        0,
+        Event::VideoProcessed(VideoProcessed {
+            width: 640,
+            height: 360,
+            blurhash: "LKO2?U%2Tw=w]~RBVZRi};RPxuwH".into(),
+            variants: vec![],
+            duration_ms: 3_000,
+            video_codec: "h264".into(),
+            audio_codec: None,
+            frame_rate_milli: 25_000,
+            bitrate: 800_000,
+            rotation: 0,
+            renditions: vec![rendition],
         }),
     )
 }
@@ -173,6 +201,9 @@ pub async fn run(store: &dyn ReadStore) {
         .await
         .unwrap();
     assert_eq!(store.media(b).await.unwrap(), None, "deleted stays deleted");
+    assert!(store.is_deleted(b).await.unwrap());
+    assert!(!store.is_deleted(a).await.unwrap(), "live");
+    assert!(!store.is_deleted(Uuid::now_v7()).await.unwrap(), "unknown");
     assert_eq!(
         store.owner_stats("alice").await.unwrap(),
         OwnerStats {
@@ -187,7 +218,37 @@ pub async fn run(store: &dyn ReadStore) {
         .await
         .unwrap();
     assert_eq!(store.media(c).await.unwrap(), None);
+    assert!(store.is_deleted(c).await.unwrap());
     assert_eq!(store.owner_stats("alice").await.unwrap().media_count, 1);
+
+    // A long job's progress shows as `processing`, the highest percentage stands, and the
+    // outcome replaces it, whichever arrives first.
+    let v = Uuid::now_v7();
+    let up_v = uploaded(v, JAN_31 + 2 * DAY, "vic", 1_000);
+    store
+        .apply(&[
+            up_v.clone(),
+            up_v.progress("t", 0, 40),
+            up_v.progress("t", 0, 20),
+        ])
+        .await
+        .unwrap();
+    let row = store.media(v).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.progress),
+        (MediaStatus::Processing, Some(40))
+    );
+    store
+        .apply(&[video(&up_v), up_v.progress("t", 0, 90)])
+        .await
+        .unwrap();
+    let row = store.media(v).await.unwrap().unwrap();
+    assert_eq!((row.status, row.progress), (MediaStatus::Processed, None));
+    let summary = row.video.expect("the video's summary");
+    assert_eq!(
+        (summary.duration_ms, summary.renditions.len(), row.width),
+        (3_000, 1, Some(640))
+    );
 
     // Timelines: newest first, pages that cross a month boundary, nothing lost or repeated.
     let mut ids = Vec::new();

@@ -20,6 +20,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 use conveyor_schemas::{
     Envelope, Event, MediaProcessed, MediaRow, MediaStatus, OwnerStats, TimelinePage,
+    VideoProcessed,
 };
 use uuid::Uuid;
 
@@ -98,6 +99,11 @@ pub trait ReadStore: Send + Sync + 'static {
 
     /// `media_by_id`: the media item, or `None` if it is unknown, not yet uploaded, or deleted.
     async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError>;
+
+    /// Whether the media id has a tombstone (`MediaDeleted` was applied), as opposed to
+    /// being live, unknown or not yet projected. Long jobs poll it to stop work on deleted
+    /// media.
+    async fn is_deleted(&self, id: Uuid) -> Result<bool, ViewError>;
 
     /// `media_by_owner`: the owner's live media, newest first (`created_at`, then id,
     /// descending), starting strictly after `after`. At most `limit` items.
@@ -199,6 +205,10 @@ pub struct ProcessGroup {
 pub enum ProcessOutcome {
     Processed(MediaProcessed),
     Failed(String),
+    /// A video, transcoded.
+    Video(VideoProcessed),
+    /// A long job under way, this far (0–100).
+    Progress(u8),
 }
 
 /// How a failure is stored in the `processed` text column, beside successes (which are the
@@ -209,30 +219,55 @@ struct FailedCell {
     failed: String,
 }
 
+/// How progress is stored: the percentage as three digits, so that the greater encoding is
+/// the greater percentage (`{"progress":"040"}` < `{"progress":"100"}`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProgressCell {
+    progress: String,
+}
+
 impl ProcessOutcome {
-    /// The outcome as one text value: the `MediaProcessed` JSON, or `{"failed":"<reason>"}`.
+    /// The outcome as one text value: the `MediaProcessed` or `VideoProcessed` JSON,
+    /// `{"failed":"<reason>"}`, or `{"progress":"<three digits>"}`.
     ///
     /// This is also the tiebreak between two outcomes at one version: the greater encoding
     /// wins, which is how CQL reconciles two live cells written at one timestamp. So a success
-    /// beats a failure (`{"w…` > `{"f…`), on every store and in every order of arrival.
+    /// beats a failure (`{"w…` > `{"f…`), on every store and in every order of arrival, and
+    /// the highest progress stands. (Progress is written at its upload's version, below every
+    /// outcome's, so it never ties with one.)
     pub fn encode(&self) -> String {
         match self {
             ProcessOutcome::Processed(m) => {
                 serde_json::to_string(m).expect("MediaProcessed serializes")
             }
+            ProcessOutcome::Video(v) => {
+                serde_json::to_string(v).expect("VideoProcessed serializes")
+            }
             ProcessOutcome::Failed(reason) => serde_json::to_string(&FailedCell {
                 failed: reason.clone(),
             })
             .expect("a failure serializes"),
+            ProcessOutcome::Progress(percent) => serde_json::to_string(&ProgressCell {
+                progress: format!("{:03}", percent.min(&100)),
+            })
+            .expect("progress serializes"),
         }
     }
 
-    /// The outcome [`encode`](Self::encode) wrote.
+    /// The outcome [`encode`](Self::encode) wrote. A video's JSON is told from a photo's by
+    /// the fields only it has (`duration_ms`, `renditions`).
     pub fn decode(text: &str) -> Result<ProcessOutcome, serde_json::Error> {
-        match serde_json::from_str::<FailedCell>(text) {
-            Ok(FailedCell { failed }) => Ok(ProcessOutcome::Failed(failed)),
-            Err(_) => serde_json::from_str(text).map(ProcessOutcome::Processed),
+        if let Ok(FailedCell { failed }) = serde_json::from_str(text) {
+            return Ok(ProcessOutcome::Failed(failed));
         }
+        if let Ok(ProgressCell { progress }) = serde_json::from_str(text) {
+            let percent = progress.parse::<u8>().map_err(serde::de::Error::custom)?;
+            return Ok(ProcessOutcome::Progress(percent.min(100)));
+        }
+        if let Ok(video) = serde_json::from_str::<VideoProcessed>(text) {
+            return Ok(ProcessOutcome::Video(video));
+        }
+        serde_json::from_str(text).map(ProcessOutcome::Processed)
     }
 }
 
@@ -357,6 +392,26 @@ impl MediaState {
                 },
                 greater_outcome,
             ),
+            Event::VideoProcessed(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Video(e.clone()),
+                },
+                greater_outcome,
+            ),
+            Event::MediaProcessingProgress(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Progress(e.percent.min(100)),
+                },
+                greater_outcome,
+            ),
             Event::MediaDeleted(_) => newer(&mut self.deleted, v, |d| *d, || v, keep_first),
         }
     }
@@ -377,14 +432,56 @@ impl MediaState {
     /// The row clients see, if the item is live.
     pub fn to_row(&self) -> Option<MediaRow> {
         let upload = self.upload.as_ref().filter(|_| self.deleted.is_none())?;
-        let (status, processed, failure_reason) = match self.process.as_ref().map(|p| &p.outcome) {
-            None => (MediaStatus::Pending, None, None),
-            Some(ProcessOutcome::Processed(p)) => (MediaStatus::Processed, Some(p), None),
-            Some(ProcessOutcome::Failed(reason)) => {
-                (MediaStatus::Failed, None, Some(reason.clone()))
-            }
+        let mut row = MediaRow {
+            id: self.id,
+            owner: upload.owner.clone(),
+            status: MediaStatus::Pending,
+            content_type: upload.content_type.clone(),
+            bytes: upload.bytes,
+            sha256: upload.sha256.clone(),
+            original_key: upload.original_key.clone(),
+            width: None,
+            height: None,
+            title: None,
+            description: None,
+            tags: Vec::new(),
+            blurhash: None,
+            variants: Vec::new(),
+            exif: None,
+            failure_reason: None,
+            progress: None,
+            video: None,
+            private: upload.private,
+            created_at: upload.version as i64,
         };
-        let (title, description, tags) = match &self.describe {
+        match self.process.as_ref().map(|p| &p.outcome) {
+            None => {}
+            Some(ProcessOutcome::Processed(p)) => {
+                row.status = MediaStatus::Processed;
+                row.width = Some(p.width);
+                row.height = Some(p.height);
+                row.blurhash = Some(p.blurhash.clone());
+                row.variants = p.variants.clone();
+                row.exif = Some(p.exif.clone());
+            }
+            Some(ProcessOutcome::Video(v)) => {
+                row.status = MediaStatus::Processed;
+                row.width = Some(v.width);
+                row.height = Some(v.height);
+                row.blurhash = Some(v.blurhash.clone());
+                row.variants = v.variants.clone();
+                row.video = Some(v.into());
+            }
+            Some(ProcessOutcome::Failed(reason)) => {
+                row.status = MediaStatus::Failed;
+                row.failure_reason = Some(reason.clone());
+            }
+            Some(ProcessOutcome::Progress(percent)) => {
+                row.status = MediaStatus::Processing;
+                row.progress = Some(*percent);
+            }
+        }
+        (row.title, row.description, row.tags) = match &self.describe {
             Some(d) => (
                 d.title.clone().or_else(|| upload.title.clone()),
                 d.description.clone(),
@@ -392,26 +489,7 @@ impl MediaState {
             ),
             None => (upload.title.clone(), None, Vec::new()),
         };
-        Some(MediaRow {
-            id: self.id,
-            owner: upload.owner.clone(),
-            status,
-            content_type: upload.content_type.clone(),
-            bytes: upload.bytes,
-            sha256: upload.sha256.clone(),
-            original_key: upload.original_key.clone(),
-            width: processed.map(|p| p.width),
-            height: processed.map(|p| p.height),
-            title,
-            description,
-            tags,
-            blurhash: processed.map(|p| p.blurhash.clone()),
-            variants: processed.map(|p| p.variants.clone()).unwrap_or_default(),
-            exif: processed.map(|p| p.exif.clone()),
-            failure_reason,
-            private: upload.private,
-            created_at: upload.version as i64,
-        })
+        Some(row)
     }
 }
 

@@ -377,7 +377,10 @@ impl Touched {
         match event {
             Event::MediaUploaded(_) | Event::MediaUploadedWithVisibility(_) => self.upload = true,
             Event::MediaDescribed(_) => self.describe = true,
-            Event::MediaProcessed(_) | Event::MediaProcessingFailed(_) => self.process = true,
+            Event::MediaProcessed(_)
+            | Event::MediaProcessingFailed(_)
+            | Event::VideoProcessed(_)
+            | Event::MediaProcessingProgress(_) => self.process = true,
             Event::MediaDeleted(_) => self.delete = true,
         }
     }
@@ -840,6 +843,10 @@ impl ReadStore for ScyllaReadStore {
 
     async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError> {
         Ok(self.load(id).await?.to_row())
+    }
+
+    async fn is_deleted(&self, id: Uuid) -> Result<bool, ViewError> {
+        Ok(self.load(id).await?.deleted.is_some())
     }
 
     async fn owner_timeline(

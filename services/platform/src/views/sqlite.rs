@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use conveyor_schemas::{Envelope, MediaProcessed, MediaRow, OwnerStats, TimelinePage};
+use conveyor_schemas::{Envelope, MediaRow, OwnerStats, TimelinePage};
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -384,9 +384,7 @@ fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaState> {
         Some(v) => {
             let processed: Option<String> = r.get(13)?;
             let outcome = match processed {
-                Some(json) => ProcessOutcome::Processed(
-                    serde_json::from_str::<MediaProcessed>(&json).map_err(json_err)?,
-                ),
+                Some(json) => ProcessOutcome::decode(&json).map_err(json_err)?,
                 None => ProcessOutcome::Failed(r.get::<_, Option<String>>(14)?.unwrap_or_default()),
             };
             Some(ProcessGroup {
@@ -419,10 +417,8 @@ fn save(conn: &Connection, t: &Tables, s: &MediaState) -> rusqlite::Result<()> {
         .transpose()
         .map_err(json_err)?;
     let (processed, failure) = match p.map(|p| &p.outcome) {
-        Some(ProcessOutcome::Processed(m)) => {
-            (Some(serde_json::to_string(m).map_err(json_err)?), None)
-        }
         Some(ProcessOutcome::Failed(reason)) => (None, Some(reason.as_str())),
+        Some(outcome) => (Some(outcome.encode()), None),
         None => (None, None),
     };
     conn.prepare_cached(&format!(
@@ -555,6 +551,15 @@ impl ReadStore for SqliteReadStore {
     async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError> {
         self.read(move |conn, t| Ok(load(conn, t, id).map_err(storage)?.and_then(|s| s.to_row())))
             .await
+    }
+
+    async fn is_deleted(&self, id: Uuid) -> Result<bool, ViewError> {
+        self.read(move |conn, t| {
+            Ok(load(conn, t, id)
+                .map_err(storage)?
+                .is_some_and(|s| s.deleted.is_some()))
+        })
+        .await
     }
 
     async fn owner_timeline(

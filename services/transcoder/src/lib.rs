@@ -1,0 +1,657 @@
+//! The transcoder: Conveyor's task queue for video. It runs as consumer group `transcoder`
+//! (`video.group`) on the same topic as the processor, with offsets of its own, so a backlog
+//! of videos never delays a photo, and each group scales on its own lag. For each upload of a
+//! video (the image processor skips those) it:
+//!
+//! 1. copies the original to a job directory and runs ffprobe on it ([`ffmpeg`] hardens every
+//!    run), refusing, before anything is decoded, a file with no video stream or over the
+//!    duration, size or stream-count limits;
+//! 2. takes a poster frame and renders it as a photo is rendered (thumb, small, large,
+//!    blurhash), upright: ffmpeg applies the container's rotation;
+//! 3. encodes the web renditions in one ffmpeg run: H.264 and AAC in MP4 with `faststart`,
+//!    8-bit 4:2:0, one per rung of `video.ladder` that is no taller than the source;
+//! 4. stores them content-addressed beside the poster's variants and appends `VideoProcessed`,
+//!    or `MediaProcessingFailed` with a reason a person can read.
+//!
+//! While it runs it appends `MediaProcessingProgress` at every 10 % and at least every 10 s.
+//! A job is killed, and nothing is published for it, when its media is deleted (the read model
+//! is checked every [`CANCEL_POLL`]), when its partition is revoked, or when a shutdown's
+//! drain ends first; it then runs again, from the start, wherever its record is redelivered.
+//! Outputs live in the job directory until every one is finished, and the directory is removed
+//! whatever happens (and, after a crash, at the next start).
+
+pub mod ffmpeg;
+pub mod probe;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use conveyor_platform::clock::now_micros;
+use conveyor_platform::config::{Limits, Settings, VideoSettings};
+use conveyor_platform::consumer::{
+    self, ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
+};
+use conveyor_platform::events::{from_delivered, to_record};
+use conveyor_platform::log::Delivered;
+use conveyor_platform::media::MediaType;
+use conveyor_platform::objects::ObjectError;
+use conveyor_platform::views::ReadStore;
+use conveyor_platform::{Backends, EventLog, ObjectStore};
+use conveyor_schemas::{
+    Envelope, Event, MediaProcessingFailed, MediaUploaded, VariantInfo, VideoProcessed, Visibility,
+};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use ffmpeg::{MissingTool, Tools};
+
+/// How often a running job checks whether its media was deleted.
+pub const CANCEL_POLL: Duration = Duration::from_secs(2);
+
+/// Longest an ffprobe run may take: it reads headers and an index, not frames.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most bytes of ffprobe JSON read: a few KB per stream, and streams are capped.
+const MAX_PROBE_JSON: usize = 1 << 20;
+
+/// Progress is appended at every this many percent, and when this long has passed since the
+/// last report.
+const PROGRESS_STEP: u8 = 10;
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a job did not produce renditions.
+enum JobError {
+    /// The file's fault, for good: published as `MediaProcessingFailed` with this reason.
+    Media(String),
+    /// The media was deleted, or the process is stopping: nothing is published, and a
+    /// redelivery (after a restart) runs the job again.
+    Aborted(Abort),
+    /// Worth another try: a backend or the machine failed.
+    Retry(HandleError),
+    /// Ran past the job's time limit; worded with the limit by [`Transcoder::job`].
+    TimedOut,
+}
+
+impl From<HandleError> for JobError {
+    fn from(e: HandleError) -> Self {
+        JobError::Retry(e)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Abort {
+    Deleted,
+    Stopping,
+}
+
+/// Handles uploads of video; every other event is acknowledged untouched.
+pub struct Transcoder {
+    objects: Arc<dyn ObjectStore>,
+    log: Arc<dyn EventLog>,
+    views: Arc<dyn ReadStore>,
+    topic: String,
+    video: VideoSettings,
+    /// The image limits, for the poster frame's render.
+    limits: Limits,
+    rungs: Vec<u32>,
+    tools: Tools,
+    /// Bounds the jobs run at once (`video.jobs`).
+    jobs: Arc<Semaphore>,
+    /// Where job directories go: `<data_dir>/transcode`.
+    work_dir: PathBuf,
+    /// How long a shutdown lets running jobs finish before killing them.
+    drain: Duration,
+    stop: CancellationToken,
+}
+
+impl Transcoder {
+    /// # Errors
+    /// An invalid `video.ladder` (also refused when settings load).
+    pub fn new(backends: &Backends, settings: &Settings, tools: Tools) -> anyhow::Result<Self> {
+        Ok(Transcoder {
+            objects: backends.objects.clone(),
+            log: backends.log.clone(),
+            views: backends.views.clone(),
+            topic: settings.topic().to_owned(),
+            video: settings.video.clone(),
+            limits: settings.limits.clone(),
+            rungs: settings.video.rungs().map_err(anyhow::Error::msg)?,
+            tools,
+            jobs: Arc::new(Semaphore::new(settings.video.jobs.max(1))),
+            work_dir: settings.data_dir.join("transcode"),
+            drain: Duration::from_millis(settings.http.drain_timeout_ms),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// The consumer settings a transcoder runs with: one record at a time per partition, few
+    /// buffered (each is minutes of work).
+    pub fn consumer_config(settings: &Settings) -> ConsumerConfig {
+        let mut config = ConsumerConfig::new(settings.topic(), &settings.video.group);
+        config.per_partition = 1;
+        config.max_batch = 1;
+        config.max_attempts = settings.log.max_attempts;
+        config.max_buffered = 64;
+        config
+    }
+
+    /// Runs the transcoder group until `stop` is cancelled; running jobs then get the drain
+    /// timeout (`http.drain_timeout_ms`) to finish and commit, and are killed after it.
+    ///
+    /// # Errors
+    /// When libvips cannot start or the work directory cannot be made, before any record is
+    /// read; then as [`consumer::run`].
+    pub async fn run(mut self, settings: &Settings, stop: CancellationToken) -> anyhow::Result<()> {
+        conveyor_processor::render::init()?;
+        // Job directories of a process that died are nobody's now.
+        let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
+        tokio::fs::create_dir_all(&self.work_dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", self.work_dir.display()))?;
+        self.stop = stop.clone();
+        let log = self.log.clone();
+        consumer::run(log, Self::consumer_config(settings), Arc::new(self), stop).await
+    }
+
+    #[tracing::instrument(skip_all, fields(media_id = %cause.aggregate_id))]
+    async fn transcode(
+        &self,
+        cause: &Envelope,
+        upload: &MediaUploaded,
+        visibility: Visibility,
+        media: MediaType,
+    ) -> Result<(), HandleError> {
+        let _permit = self.jobs.acquire().await.expect("never closed");
+        let started = Instant::now();
+        let abort = self.watch(cause.aggregate_id);
+        let result = self
+            .job(cause, upload, visibility, media, &abort.token)
+            .await;
+        abort.token.cancel();
+        let outcome = match result {
+            Ok(processed) => Event::VideoProcessed(processed),
+            Err(JobError::Media(reason)) => {
+                tracing::info!(%reason, "video could not be processed");
+                Event::MediaProcessingFailed(MediaProcessingFailed { reason })
+            }
+            Err(JobError::Aborted(Abort::Deleted)) => {
+                tracing::info!("video deleted while it was transcoded; job stopped");
+                metrics::counter!("conveyor_transcodes_total", "outcome" => "cancelled")
+                    .increment(1);
+                return Ok(());
+            }
+            Err(JobError::Aborted(Abort::Stopping)) => {
+                // Uncommitted: the job runs again, from the start, after the restart.
+                return Err(HandleError::Transient(anyhow::anyhow!(
+                    "the transcoder stopped before the job finished"
+                )));
+            }
+            Err(JobError::Retry(e)) => return Err(e),
+            Err(JobError::TimedOut) => unreachable!("worded as a media error by `job`"),
+        };
+        // A delete that came while the outputs were stored still wins.
+        if abort.reason() == Some(Abort::Deleted) {
+            tracing::info!("video deleted while it was transcoded; nothing published");
+            return Ok(());
+        }
+        let kind = outcome.type_name();
+        let derived = cause.derive("transcoder", now_micros(), outcome);
+        self.log
+            .append(&self.topic, vec![to_record(&derived)])
+            .await
+            .by_kind("failed to append the outcome")?;
+        metrics::counter!("conveyor_transcodes_total", "outcome" => kind).increment(1);
+        metrics::histogram!("conveyor_transcode_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A token cancelled when the media is deleted (its tombstone is in the read model) or
+    /// when a shutdown's drain runs out.
+    fn watch(&self, id: uuid::Uuid) -> Watch {
+        let token = CancellationToken::new();
+        let reason = Arc::new(std::sync::OnceLock::new());
+        let (views, stop, drain) = (self.views.clone(), self.stop.clone(), self.drain);
+        let (job, why) = (token.clone(), reason.clone());
+        tokio::spawn(async move {
+            let draining = async {
+                stop.cancelled().await;
+                tokio::time::sleep(drain).await;
+            };
+            tokio::pin!(draining);
+            loop {
+                tokio::select! {
+                    _ = job.cancelled() => return,
+                    _ = &mut draining => {
+                        let _ = why.set(Abort::Stopping);
+                        break;
+                    }
+                    _ = tokio::time::sleep(CANCEL_POLL) => {}
+                }
+                match views.is_deleted(id).await {
+                    Ok(true) => {
+                        let _ = why.set(Abort::Deleted);
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not check for a delete; trying again")
+                    }
+                }
+            }
+            job.cancel();
+        });
+        Watch { token, reason }
+    }
+
+    async fn job(
+        &self,
+        cause: &Envelope,
+        upload: &MediaUploaded,
+        visibility: Visibility,
+        media: MediaType,
+        abort: &CancellationToken,
+    ) -> Result<VideoProcessed, JobError> {
+        if upload.bytes > self.video.max_bytes {
+            return Err(JobError::Media(format!(
+                "the video is {} bytes, over the limit of {} bytes",
+                upload.bytes, self.video.max_bytes
+            )));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-", cause.aggregate_id))
+            .tempdir_in(&self.work_dir)
+            .retry("failed to create a job directory")?;
+        let original = dir.path().join("original");
+        self.fetch(&upload.original_key, &original).await?;
+
+        let probed = ffmpeg::run(
+            self.tools.probe(media, &original),
+            tokio::time::Instant::now() + PROBE_TIMEOUT,
+            abort,
+            None,
+            MAX_PROBE_JSON,
+        )
+        .await
+        .map_err(|e| self.failed(e, abort, &format!("not a readable {media} file")))?;
+        let output: probe::Output = serde_json::from_slice(&probed)
+            .map_err(|_| JobError::Media(format!("not a readable {media} file")))?;
+        let video = probe::Probe::from_output(&output, self.probe_limits())
+            .map_err(|refused| JobError::Media(refused.to_string()))?;
+        let limit = Duration::from_secs(self.video.job_timeout_base_secs)
+            + Duration::from_secs_f64(video.seconds() * f64::from(self.video.job_timeout_factor));
+        let deadline = tokio::time::Instant::now() + limit;
+        let timed_out = |e| match e {
+            JobError::TimedOut => JobError::Media(format!(
+                "transcoding took longer than its limit of {} s",
+                limit.as_secs()
+            )),
+            other => other,
+        };
+        let mut progress = Progress::new(self, cause);
+        progress.report(0).await;
+
+        let poster = self
+            .poster(media, &original, &video, dir.path(), deadline, abort)
+            .await
+            .map_err(timed_out)?;
+        let encoded = self
+            .renditions(
+                media,
+                &original,
+                &video,
+                dir.path(),
+                deadline,
+                abort,
+                &mut progress,
+            )
+            .await
+            .map_err(timed_out)?;
+
+        let variants = conveyor_processor::store_variants(
+            &*self.objects,
+            &upload.sha256,
+            visibility,
+            &poster.variants,
+        )
+        .await?;
+        let mut renditions = Vec::with_capacity(encoded.len());
+        for (name, path, width, height) in encoded {
+            let key = conveyor_processor::variant_key(&upload.sha256, visibility, &name, "mp4");
+            let file = tokio::fs::File::open(&path)
+                .await
+                .retry("failed to open a rendition")?;
+            let body = tokio_util::io::ReaderStream::new(file).boxed();
+            let stored = self
+                .objects
+                .put(&key, body)
+                .await
+                .by_kind("failed to store a rendition")?;
+            renditions.push(VariantInfo {
+                name,
+                key,
+                width,
+                height,
+                content_type: "video/mp4".into(),
+                bytes: stored.size,
+            });
+        }
+        progress.report(100).await;
+        Ok(VideoProcessed {
+            width: poster.width,
+            height: poster.height,
+            blurhash: poster.blurhash,
+            variants,
+            duration_ms: video.duration_ms,
+            video_codec: video.video_codec,
+            audio_codec: video.audio_codec,
+            frame_rate_milli: video.frame_rate_milli,
+            bitrate: video.bitrate,
+            rotation: video.rotation,
+            renditions,
+        })
+    }
+
+    fn probe_limits(&self) -> probe::Limits {
+        probe::Limits {
+            max_duration_secs: self.video.max_duration_secs,
+            max_side: self.video.max_side,
+            max_streams: self.video.max_streams,
+        }
+    }
+
+    /// What a failed run means for the job; `reason` is what a client reads when the file is
+    /// to blame.
+    fn failed(&self, error: ffmpeg::RunError, abort: &CancellationToken, reason: &str) -> JobError {
+        use ffmpeg::RunError;
+        match error {
+            RunError::Aborted => JobError::Aborted(if self.stop.is_cancelled() {
+                Abort::Stopping
+            } else {
+                Abort::Deleted
+            }),
+            RunError::TimedOut => JobError::TimedOut,
+            _ if abort.is_cancelled() => JobError::Aborted(Abort::Stopping),
+            e if e.is_transient() => JobError::Retry(HandleError::Transient(
+                anyhow::Error::new(e).context("ffmpeg or ffprobe did not run"),
+            )),
+            RunError::Failed { stderr, .. } | RunError::Killed { stderr, .. } => {
+                tracing::debug!(%stderr, "ffmpeg failed");
+                JobError::Media(reason.to_owned())
+            }
+            other => JobError::Media(format!("{reason}: {other}")),
+        }
+    }
+
+    /// Streams the original into `path`.
+    async fn fetch(&self, key: &str, path: &Path) -> Result<(), JobError> {
+        let mut body = match self.objects.get(key, None).await {
+            Ok(object) => object.body,
+            Err(ObjectError::NotFound) => {
+                return Err(JobError::Media("the original is missing".into()));
+            }
+            Err(e) => {
+                return Err(e)
+                    .by_kind("failed to read the original")
+                    .map_err(JobError::Retry);
+            }
+        };
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .retry("failed to create the job's copy")?;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.retry("failed to read the original")?;
+            file.write_all(&chunk)
+                .await
+                .retry("failed to write the job's copy")?;
+        }
+        file.flush().await.retry("failed to write the job's copy")?;
+        Ok(())
+    }
+
+    /// The poster: a frame a second in (or halfway, for shorter videos), upright, rendered as
+    /// a photo is.
+    async fn poster(
+        &self,
+        media: MediaType,
+        original: &Path,
+        video: &probe::Probe,
+        dir: &Path,
+        deadline: tokio::time::Instant,
+        abort: &CancellationToken,
+    ) -> Result<conveyor_processor::Rendered, JobError> {
+        let path = dir.join("poster.png");
+        let at = Duration::from_secs_f64((video.seconds() / 2.0).min(1.0));
+        let mut command = self.tools.ffmpeg(media, original, Some(at));
+        command
+            .args(["-map", "0:v:0", "-frames:v", "1", "-pix_fmt", "rgb24"])
+            .args(["-f", "image2", "-c:v", "png", "-y"])
+            .arg(file_arg(&path));
+        ffmpeg::run(command, deadline, abort, None, 0)
+            .await
+            .map_err(|e| {
+                self.failed(
+                    e,
+                    abort,
+                    &format!("no frame could be read from the {media} file"),
+                )
+            })?;
+        let png = tokio::fs::read(&path).await.map_err(|_| {
+            JobError::Media(format!("no frame could be read from the {media} file"))
+        })?;
+        let limits = self.limits.clone();
+        let rendered =
+            tokio::task::spawn_blocking(move || conveyor_processor::render(&png, &limits))
+                .await
+                .retry("the poster's render task failed")?;
+        rendered.map_err(|e| JobError::Media(format!("the poster frame: {e}")))
+    }
+
+    /// Encodes every rendition in one ffmpeg run (the source is decoded once), reporting
+    /// progress as it goes. Returns each one's name, file and size, largest first.
+    #[allow(clippy::too_many_arguments)]
+    async fn renditions(
+        &self,
+        media: MediaType,
+        original: &Path,
+        video: &probe::Probe,
+        dir: &Path,
+        deadline: tokio::time::Instant,
+        abort: &CancellationToken,
+        progress: &mut Progress<'_>,
+    ) -> Result<Vec<(String, PathBuf, u32, u32)>, JobError> {
+        let rungs = ladder(&self.rungs, video.width, video.height);
+        let mut command = self.tools.ffmpeg(media, original, None);
+        command.args(["-progress", "pipe:1"]);
+        let mut outputs = Vec::with_capacity(rungs.len());
+        for short in rungs {
+            let name = format!("{short}p");
+            let path = dir.join(format!("{name}.mp4"));
+            // The short side is the rung: portrait video keeps its width at it.
+            let scale = if video.width >= video.height {
+                format!("scale=-2:{short}")
+            } else {
+                format!("scale={short}:-2")
+            };
+            command
+                .args([
+                    "-map",
+                    "0:v:0",
+                    "-map",
+                    "0:a:0?",
+                    "-sn",
+                    "-dn",
+                    "-map_metadata",
+                    "-1",
+                ])
+                .args(["-vf", &format!("{scale},format=yuv420p")])
+                .args(["-c:v", "libx264", "-profile:v", "high"])
+                .args(["-preset", &self.video.preset])
+                .args(["-crf", &self.video.crf.to_string()]);
+            if self.video.threads > 0 {
+                command.args(["-threads", &self.video.threads.to_string()]);
+            }
+            command
+                .args(["-c:a", "aac", "-b:a", "128k", "-ac", "2"])
+                .args(["-movflags", "+faststart", "-f", "mp4", "-y"])
+                .arg(file_arg(&path));
+            outputs.push((name, path));
+        }
+        let (sender, mut done) = tokio::sync::watch::channel(Duration::ZERO);
+        let encode = ffmpeg::run(command, deadline, abort, Some(sender), 0);
+        tokio::pin!(encode);
+        let total = video.seconds().max(0.001);
+        let result = loop {
+            tokio::select! {
+                result = &mut encode => break result,
+                Ok(()) = done.changed() => {
+                    let seconds = done.borrow_and_update().as_secs_f64();
+                    // 99 at most until the outputs are stored.
+                    let percent = (seconds / total * 100.0).clamp(0.0, 99.0) as u8;
+                    progress.report(percent).await;
+                }
+            }
+        };
+        result.map_err(|e| {
+            self.failed(e, abort, &format!("the {media} file could not be decoded"))
+        })?;
+        let mut encoded = Vec::with_capacity(outputs.len());
+        for (name, path) in outputs {
+            let (width, height) = self.size_of(&path, abort).await?;
+            encoded.push((name, path, width, height));
+        }
+        Ok(encoded)
+    }
+
+    /// The display size of a rendition, as ffprobe reads it back.
+    async fn size_of(
+        &self,
+        path: &Path,
+        abort: &CancellationToken,
+    ) -> Result<(u32, u32), JobError> {
+        let json = ffmpeg::run(
+            self.tools.probe(MediaType::Mp4, path),
+            tokio::time::Instant::now() + PROBE_TIMEOUT,
+            abort,
+            None,
+            MAX_PROBE_JSON,
+        )
+        .await
+        .map_err(|e| self.failed(e, abort, "a rendition could not be read back"))?;
+        let output: probe::Output = serde_json::from_slice(&json)
+            .map_err(|_| JobError::Media("a rendition could not be read back".into()))?;
+        output
+            .streams
+            .iter()
+            .find(|s| s.codec_type.as_deref() == Some("video"))
+            .and_then(|s| Some((s.width?, s.height?)))
+            .ok_or_else(|| JobError::Media("a rendition has no video stream".into()))
+    }
+}
+
+/// `file:` and the path, so that a path with a colon is never read as a protocol.
+fn file_arg(path: &Path) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from("file:");
+    arg.push(path);
+    arg
+}
+
+/// The rungs of `rungs` (short sides, largest first) that a `width`×`height` video gets:
+/// those no taller than its short side, never upscaled; a video smaller than every rung gets
+/// one rendition at its own short side (rounded down to even, as H.264 in 4:2:0 needs).
+pub fn ladder(rungs: &[u32], width: u32, height: u32) -> Vec<u32> {
+    let short = width.min(height);
+    let fitting: Vec<u32> = rungs.iter().copied().filter(|r| *r <= short).collect();
+    if fitting.is_empty() {
+        vec![(short & !1).max(2)]
+    } else {
+        fitting
+    }
+}
+
+struct Watch {
+    token: CancellationToken,
+    reason: Arc<std::sync::OnceLock<Abort>>,
+}
+
+impl Watch {
+    fn reason(&self) -> Option<Abort> {
+        self.reason.get().copied()
+    }
+}
+
+/// Appends a job's progress at every [`PROGRESS_STEP`] percent and at least every
+/// [`PROGRESS_EVERY`]. Progress is best effort: an append that fails is logged and skipped,
+/// never a reason to fail the job.
+struct Progress<'a> {
+    transcoder: &'a Transcoder,
+    cause: &'a Envelope,
+    last: Option<(u8, Instant)>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(transcoder: &'a Transcoder, cause: &'a Envelope) -> Self {
+        Progress {
+            transcoder,
+            cause,
+            last: None,
+        }
+    }
+
+    async fn report(&mut self, percent: u8) {
+        let due = match self.last {
+            None => true,
+            Some((last, at)) => {
+                percent / PROGRESS_STEP > last / PROGRESS_STEP
+                    || (percent > last && at.elapsed() >= PROGRESS_EVERY)
+            }
+        };
+        if !due {
+            return;
+        }
+        self.last = Some((percent, Instant::now()));
+        let event = self.cause.progress("transcoder", now_micros(), percent);
+        if let Err(e) = self
+            .transcoder
+            .log
+            .append(&self.transcoder.topic, vec![to_record(&event)])
+            .await
+        {
+            tracing::warn!(error = %e, percent, "failed to append progress; carrying on");
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Transcoder {
+    async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
+        for record in records {
+            let envelope = from_delivered(record).abort("undecodable record")?;
+            let Some((upload, visibility)) = envelope.payload.upload() else {
+                continue;
+            };
+            let media = MediaType::from_content_type(&upload.content_type);
+            if let Some(media) = media.filter(|m| m.is_video()) {
+                self.transcode(&envelope, upload, visibility, media).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ladder_never_upscales() {
+        assert_eq!(ladder(&[720, 360], 1920, 1080), vec![720, 360]);
+        assert_eq!(ladder(&[720, 360], 1080, 1920), vec![720, 360]);
+        assert_eq!(ladder(&[720, 360], 640, 360), vec![360]);
+        assert_eq!(ladder(&[720, 360], 320, 241), vec![240]);
+        assert_eq!(ladder(&[720, 360], 1, 1), vec![2]);
+    }
+}

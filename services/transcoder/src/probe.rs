@@ -1,0 +1,273 @@
+//! What ffprobe says of a file, read from its JSON (`-print_format json -show_format
+//! -show_streams`), and the limits checked on it before anything is decoded.
+
+use serde::Deserialize;
+
+/// The parts of ffprobe's JSON that Conveyor reads. ffprobe writes numbers it measured as
+/// strings (`"duration": "3.000000"`), and leaves out what it does not know.
+#[derive(Debug, Deserialize)]
+pub struct Output {
+    #[serde(default)]
+    pub streams: Vec<Stream>,
+    pub format: Option<Format>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Stream {
+    pub codec_type: Option<String>,
+    pub codec_name: Option<String>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub avg_frame_rate: Option<String>,
+    pub r_frame_rate: Option<String>,
+    #[serde(default)]
+    pub side_data_list: Vec<SideData>,
+    #[serde(default)]
+    pub disposition: Disposition,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Disposition {
+    /// Cover art in an audio file is a "video" stream of one picture.
+    #[serde(default)]
+    pub attached_pic: u8,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SideData {
+    /// The display matrix's rotation, in degrees counter-clockwise (`av_display_rotation_get`).
+    pub rotation: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Format {
+    pub duration: Option<String>,
+    pub bit_rate: Option<String>,
+    #[serde(default)]
+    pub nb_streams: u32,
+}
+
+/// A video, as the transcoder needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// Display size: the coded size, turned by the rotation.
+    pub width: u32,
+    pub height: u32,
+    /// Degrees counter-clockwise, 0, 90, 180 or 270.
+    pub rotation: u16,
+    pub duration_ms: u64,
+    pub video_codec: String,
+    pub audio_codec: Option<String>,
+    pub frame_rate_milli: u32,
+    pub bitrate: u64,
+    pub streams: u32,
+}
+
+/// Why a file is not a video Conveyor takes. Shown to clients as the failure reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the file has no video stream")]
+    NoVideo,
+    #[error("the video has no duration that can be read")]
+    NoDuration,
+    #[error("the video is {seconds} s long, over the limit of {limit} s")]
+    TooLong { seconds: u64, limit: u64 },
+    #[error("the video is {width}x{height}, over the limit of {limit} px per side")]
+    TooLarge { width: u32, height: u32, limit: u32 },
+    #[error("the file has {streams} streams, over the limit of {limit}")]
+    TooManyStreams { streams: u32, limit: u32 },
+}
+
+/// The limits [`Probe::from_output`] holds a file to (`video.*` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_duration_secs: u64,
+    pub max_side: u32,
+    pub max_streams: u32,
+}
+
+impl Probe {
+    /// The probe of ffprobe's `output`, if it is within `limits`.
+    ///
+    /// # Errors
+    /// [`Refused`] when the file has no video stream (cover art does not count), no readable
+    /// duration, or is over a limit.
+    pub fn from_output(output: &Output, limits: Limits) -> Result<Probe, Refused> {
+        let format = output.format.as_ref();
+        let streams = format
+            .map(|f| f.nb_streams)
+            .unwrap_or_default()
+            .max(output.streams.len() as u32);
+        if streams > limits.max_streams {
+            return Err(Refused::TooManyStreams {
+                streams,
+                limit: limits.max_streams,
+            });
+        }
+        let video = output
+            .streams
+            .iter()
+            .find(|s| s.codec_type.as_deref() == Some("video") && s.disposition.attached_pic == 0)
+            .ok_or(Refused::NoVideo)?;
+        let (Some(coded_width), Some(coded_height)) = (video.width, video.height) else {
+            return Err(Refused::NoVideo);
+        };
+        if coded_width == 0 || coded_height == 0 {
+            return Err(Refused::NoVideo);
+        }
+        let rotation = video
+            .side_data_list
+            .iter()
+            .find_map(|d| d.rotation)
+            .map(|r| (r.round() as i64).rem_euclid(360) as u16)
+            .unwrap_or(0);
+        let (width, height) = if rotation % 180 == 90 {
+            (coded_height, coded_width)
+        } else {
+            (coded_width, coded_height)
+        };
+        if width.max(height) > limits.max_side {
+            return Err(Refused::TooLarge {
+                width,
+                height,
+                limit: limits.max_side,
+            });
+        }
+        let seconds = format
+            .and_then(|f| f.duration.as_deref())
+            .and_then(|d| d.parse::<f64>().ok())
+            .filter(|d| d.is_finite() && *d > 0.0)
+            .ok_or(Refused::NoDuration)?;
+        if seconds > limits.max_duration_secs as f64 {
+            return Err(Refused::TooLong {
+                seconds: seconds.ceil() as u64,
+                limit: limits.max_duration_secs,
+            });
+        }
+        let frame_rate_milli = [&video.avg_frame_rate, &video.r_frame_rate]
+            .into_iter()
+            .find_map(|rate| rate.as_deref().and_then(rational_milli))
+            .unwrap_or(0);
+        let audio_codec = output
+            .streams
+            .iter()
+            .find(|s| s.codec_type.as_deref() == Some("audio"))
+            .and_then(|s| s.codec_name.clone());
+        Ok(Probe {
+            width,
+            height,
+            rotation,
+            duration_ms: (seconds * 1000.0).round() as u64,
+            video_codec: video.codec_name.clone().unwrap_or_else(|| "unknown".into()),
+            audio_codec,
+            frame_rate_milli,
+            bitrate: format
+                .and_then(|f| f.bit_rate.as_deref())
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0),
+            streams,
+        })
+    }
+
+    /// Seconds of video, for progress and time limits.
+    pub fn seconds(&self) -> f64 {
+        self.duration_ms as f64 / 1000.0
+    }
+}
+
+/// `"30000/1001"` as 29970; `None` for `0/0` and other rates ffprobe writes when it does not
+/// know.
+fn rational_milli(rate: &str) -> Option<u32> {
+    let (num, den) = rate.split_once('/')?;
+    let (num, den) = (num.parse::<u64>().ok()?, den.parse::<u64>().ok()?);
+    if num == 0 || den == 0 {
+        return None;
+    }
+    u32::try_from(num * 1000 / den).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_duration_secs: 3600,
+        max_side: 4096,
+        max_streams: 16,
+    };
+
+    /// Trimmed from ffprobe 5.1's output for a phone's portrait clip.
+    const PORTRAIT: &str = r#"{
+        "streams": [
+            {"index": 0, "codec_name": "h264", "codec_type": "video", "width": 640, "height": 360,
+             "r_frame_rate": "25/1", "avg_frame_rate": "30000/1001",
+             "disposition": {"default": 1, "attached_pic": 0},
+             "side_data_list": [{"side_data_type": "Display Matrix", "rotation": -90}]},
+            {"index": 1, "codec_name": "aac", "codec_type": "audio", "sample_rate": "48000"}
+        ],
+        "format": {"nb_streams": 2, "format_name": "mov,mp4,m4a,3gp,3g2,mj2",
+                   "duration": "3.000000", "bit_rate": "811010"}
+    }"#;
+
+    #[test]
+    fn display_size_turns_with_the_rotation() {
+        let output: Output = serde_json::from_str(PORTRAIT).unwrap();
+        let probe = Probe::from_output(&output, LIMITS).unwrap();
+        assert_eq!((probe.width, probe.height, probe.rotation), (360, 640, 270));
+        assert_eq!(probe.duration_ms, 3000);
+        assert_eq!(probe.frame_rate_milli, 29970);
+        assert_eq!(probe.audio_codec.as_deref(), Some("aac"));
+        assert_eq!(probe.bitrate, 811_010);
+    }
+
+    #[test]
+    fn limits_and_missing_video_are_refused() {
+        let output: Output = serde_json::from_str(PORTRAIT).unwrap();
+        let short = Limits {
+            max_duration_secs: 2,
+            ..LIMITS
+        };
+        assert_eq!(
+            Probe::from_output(&output, short),
+            Err(Refused::TooLong {
+                seconds: 3,
+                limit: 2
+            })
+        );
+        let narrow = Limits {
+            max_side: 600,
+            ..LIMITS
+        };
+        assert!(matches!(
+            Probe::from_output(&output, narrow),
+            Err(Refused::TooLarge { .. })
+        ));
+        let one = Limits {
+            max_streams: 1,
+            ..LIMITS
+        };
+        assert!(matches!(
+            Probe::from_output(&output, one),
+            Err(Refused::TooManyStreams { streams: 2, .. })
+        ));
+        let cover_art: Output = serde_json::from_str(
+            r#"{"streams": [{"codec_type": "video", "width": 600, "height": 600,
+                             "disposition": {"attached_pic": 1}},
+                            {"codec_type": "audio", "codec_name": "mp3"}],
+                "format": {"duration": "200.0", "nb_streams": 2}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Probe::from_output(&cover_art, LIMITS),
+            Err(Refused::NoVideo)
+        );
+        let no_duration: Output = serde_json::from_str(
+            r#"{"streams": [{"codec_type": "video", "width": 6, "height": 6}], "format": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Probe::from_output(&no_duration, LIMITS),
+            Err(Refused::NoDuration)
+        );
+    }
+}
