@@ -190,7 +190,7 @@ def check_compose():
                 fail(f"docker-compose.yml: {name} depends on unknown service {dependency}")
             if condition.get("condition") == "service_healthy" and "healthcheck" not in services[dependency] and services[dependency].get("image") != "conveyor:latest":
                 fail(f"docker-compose.yml: {name} waits for {dependency} to be healthy, which has no healthcheck")
-    for role in ("ingest", "processor", "projector", "query", "kafka", "scylla", "minio", "cdn", "lb"):
+    for role in ("ingest", "processor", "transcoder", "projector", "query", "kafka", "scylla", "minio", "cdn", "lb"):
         if role not in services:
             fail(f"docker-compose.yml: missing service {role}")
     for scaled in ("processor", "projector", "query"):
@@ -221,6 +221,8 @@ def check_dockerfile():
         fail("Dockerfile: the build stages must install libvips-dev (the image engine)")
     if not re.search(r"apt-get install[^\n]*libvips42", runtime):
         fail("Dockerfile: the runtime stage must install libvips42 (the image engine)")
+    if not re.search(r"apt-get install[^\n]*\bffmpeg\b", runtime):
+        fail("Dockerfile: the runtime stage must install ffmpeg (the transcoder runs ffmpeg and ffprobe)")
     if 'ENTRYPOINT ["conveyor"]' not in runtime:
         fail("Dockerfile: the entrypoint must be conveyor")
     ignored = (ROOT / ".dockerignore").read_text().split()

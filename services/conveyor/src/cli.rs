@@ -326,6 +326,30 @@ pub enum LoadtestCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// Video through the embedded pipeline (upload → processed) against the plain `ffmpeg`
+    /// command with the same outputs on the same file; then photo latency, idle and behind a
+    /// backlog of videos (the transcoder's own consumer group keeps them apart).
+    Video {
+        /// A video to use (MP4, MOV, WebM, Matroska). Without it, a clip of `--size` and
+        /// `--seconds` is made with ffmpeg (testsrc2 pictures and a tone).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Size of the clip made, `WIDTHxHEIGHT`.
+        #[arg(long, default_value = "1280x720")]
+        size: String,
+        /// Length of the clip made, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+        /// Runs of each, interleaved; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Photos (1600x1200) timed one at a time, idle and then behind the backlog.
+        #[arg(long, default_value_t = 20)]
+        photos: usize,
+        /// Videos queued as the backlog.
+        #[arg(long, default_value_t = 3)]
+        backlog: usize,
+    },
     /// Time thumbnails of one image against `vipsthumbnail` on the same file.
     Thumbnail {
         /// A JPEG, PNG, WebP, GIF, HEIC or AVIF file.

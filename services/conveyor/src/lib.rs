@@ -6,6 +6,7 @@ pub mod archive;
 pub mod backup;
 pub mod cli;
 pub mod loadtest;
+pub mod loadtest_video;
 pub mod openapi;
 pub mod ops;
 pub mod replay;

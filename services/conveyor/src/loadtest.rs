@@ -69,6 +69,24 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LoadtestCommand::Thumbnail { file, size, runs } => thumbnail(&file, size, runs),
+        LoadtestCommand::Video {
+            file,
+            size,
+            seconds,
+            runs,
+            photos,
+            backlog,
+        } => {
+            crate::loadtest_video::run(crate::loadtest_video::Options {
+                file,
+                size,
+                seconds,
+                runs,
+                photos,
+                backlog,
+            })
+            .await
+        }
         LoadtestCommand::Photos {
             dir,
             count,
@@ -402,7 +420,7 @@ fn median_of(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn median(mut samples: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
@@ -628,7 +646,11 @@ fn photo_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 }
 
 /// `count` distinct noise JPEGs of `size` (`WIDTHxHEIGHT`) in `dir`, made with libvips.
-fn make_photos(dir: &Path, count: usize, size: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {
+pub(crate) fn make_photos(
+    dir: &Path,
+    count: usize,
+    size: &str,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
     use rs_vips::voption::{Setter, VOption};
     let (width, height) = size
         .split_once('x')

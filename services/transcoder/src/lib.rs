@@ -463,43 +463,11 @@ impl Transcoder {
         abort: &CancellationToken,
         progress: &mut Progress<'_>,
     ) -> Result<Vec<(String, PathBuf, u32, u32)>, JobError> {
-        let rungs = ladder(&self.rungs, video.width, video.height);
         let mut command = self.tools.ffmpeg(media, original, None);
         command.args(["-progress", "pipe:1"]);
-        let mut outputs = Vec::with_capacity(rungs.len());
-        for short in rungs {
-            let name = format!("{short}p");
-            let path = dir.join(format!("{name}.mp4"));
-            // The short side is the rung: portrait video keeps its width at it.
-            let scale = if video.width >= video.height {
-                format!("scale=-2:{short}")
-            } else {
-                format!("scale={short}:-2")
-            };
-            command
-                .args([
-                    "-map",
-                    "0:v:0",
-                    "-map",
-                    "0:a:0?",
-                    "-sn",
-                    "-dn",
-                    "-map_metadata",
-                    "-1",
-                ])
-                .args(["-vf", &format!("{scale},format=yuv420p")])
-                .args(["-c:v", "libx264", "-profile:v", "high"])
-                .args(["-preset", &self.video.preset])
-                .args(["-crf", &self.video.crf.to_string()]);
-            if self.video.threads > 0 {
-                command.args(["-threads", &self.video.threads.to_string()]);
-            }
-            command
-                .args(["-c:a", "aac", "-b:a", "128k", "-ac", "2"])
-                .args(["-movflags", "+faststart", "-f", "mp4", "-y"])
-                .arg(file_arg(&path));
-            outputs.push((name, path));
-        }
+        let (args, outputs) =
+            rendition_outputs(&self.video, &self.rungs, video.width, video.height, dir);
+        command.args(args);
         let (sender, mut done) = tokio::sync::watch::channel(Duration::ZERO);
         let encode = ffmpeg::run(command, deadline, abort, Some(sender), 0);
         tokio::pin!(encode);
@@ -550,6 +518,62 @@ impl Transcoder {
             .and_then(|s| Some((s.width?, s.height?)))
             .ok_or_else(|| JobError::Media("a rendition has no video stream".into()))
     }
+}
+
+/// ffmpeg's output options for the web renditions of a `width`×`height` (display size)
+/// video, each ending in its output file in `dir`, and each rendition's name and file. The
+/// rung is the short side, so portrait video keeps its width at it: H.264 High profile at
+/// `video.crf` and `video.preset`, 8-bit 4:2:0 whatever the source's depth, AAC stereo at
+/// 128 kb/s when there is sound, no subtitles, data or metadata, and `moov` before `mdat`
+/// (`+faststart`) so that a player can start before the download ends.
+pub fn rendition_outputs(
+    settings: &VideoSettings,
+    rungs: &[u32],
+    width: u32,
+    height: u32,
+    dir: &Path,
+) -> (Vec<std::ffi::OsString>, Vec<(String, PathBuf)>) {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut outputs = Vec::new();
+    for short in ladder(rungs, width, height) {
+        let name = format!("{short}p");
+        let path = dir.join(format!("{name}.mp4"));
+        let scale = if width >= height {
+            format!("scale=-2:{short},format=yuv420p")
+        } else {
+            format!("scale={short}:-2,format=yuv420p")
+        };
+        let (crf, threads) = (settings.crf.to_string(), settings.threads.to_string());
+        let mut words = vec![
+            "-map",
+            "0:v:0",
+            "-map",
+            "0:a:0?",
+            "-sn",
+            "-dn",
+            "-map_metadata",
+            "-1",
+            "-vf",
+            &scale,
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "high",
+            "-preset",
+            &settings.preset,
+            "-crf",
+            &crf,
+        ];
+        if settings.threads > 0 {
+            words.extend(["-threads", &threads]);
+        }
+        words.extend(["-c:a", "aac", "-b:a", "128k", "-ac", "2"]);
+        words.extend(["-movflags", "+faststart", "-f", "mp4", "-y"]);
+        args.extend(words.into_iter().map(std::ffi::OsString::from));
+        args.push(file_arg(&path));
+        outputs.push((name, path));
+    }
+    (args, outputs)
 }
 
 /// `file:` and the path, so that a path with a colon is never read as a protocol.
