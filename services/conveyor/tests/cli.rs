@@ -9,7 +9,15 @@ fn conveyor() -> Command {
 #[test]
 fn every_role_has_help() {
     for role in [
-        "serve", "ingest", "process", "project", "query", "archive", "ops", "loadtest",
+        "serve",
+        "ingest",
+        "process",
+        "transcode",
+        "project",
+        "query",
+        "archive",
+        "ops",
+        "loadtest",
     ] {
         let out = conveyor().args([role, "--help"]).output().unwrap();
         assert!(out.status.success(), "{role} --help failed");
@@ -32,13 +40,40 @@ fn an_unknown_config_key_stops_startup_with_its_name() {
     assert!(stderr.contains("partitons"), "{stderr}");
 }
 
+/// The transcoder cannot work without ffmpeg: it refuses to start, naming the tool and how to
+/// install it, rather than taking videos it would fail.
+#[test]
+fn the_transcoder_without_ffmpeg_refuses_to_start_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = conveyor()
+        .args(["transcode", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("CONVEYOR__VIDEO__FFMPEG", "/nonexistent/ffmpeg")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("ffmpeg cannot run (/nonexistent/ffmpeg") && stderr.contains("Debian"),
+        "{stderr}"
+    );
+}
+
 /// Each role starts on embedded backends, as its container runs it, and answers `/healthz`;
 /// `conveyor healthcheck` (the image's HEALTHCHECK) agrees.
 #[test]
 fn every_role_starts_and_answers_healthz() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    for role in ["serve", "ingest", "process", "project", "query", "archive"] {
+    for role in [
+        "serve",
+        "ingest",
+        "process",
+        "transcode",
+        "project",
+        "query",
+        "archive",
+    ] {
         let mut child = conveyor()
             .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())

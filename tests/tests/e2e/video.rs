@@ -438,21 +438,20 @@ fn serve(dir: &std::path::Path, preset: &str) -> Process {
             ("CONVEYOR__LOG__PARTITIONS", "4".to_owned()),
             ("CONVEYOR__VIDEO__PRESET", preset.to_owned()),
             ("CONVEYOR__VIDEO__THREADS", "1".to_owned()),
+            ("CONVEYOR__HTTP__DRAIN_TIMEOUT_MS", "1000".to_owned()),
         ],
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigkill_mid_job_leaves_one_set_of_renditions_after_the_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path(), "veryslow");
-    let client = reqwest::Client::new();
+/// Uploads a 30 s clip to `server`, waits until its transcode runs, and returns the media id
+/// and the clip's sha256.
+async fn start_long_job(client: &reqwest::Client, server: &Process) -> (String, String) {
     let clip = videos::mp4(640, 360, 30);
     let sha = {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&clip))
     };
-    let response = upload_to(&client, &server.address, ALICE, clip, None).await;
+    let response = upload_to(client, &server.address, ALICE, clip, None).await;
     assert_eq!(response.status(), 202);
     let id = response.json::<Value>().await.unwrap()["id"]
         .as_str()
@@ -465,19 +464,14 @@ async fn a_sigkill_mid_job_leaves_one_set_of_renditions_after_the_restart() {
     })
     .await
     .expect("the transcode started");
-    let jobs = dir.path().join("transcode");
-    let needle = jobs.to_string_lossy().into_owned();
-    assert!(videos::processes_mentioning(&needle) > 0, "ffmpeg runs");
+    (id, sha)
+}
 
-    drop(server); // SIGKILL
-    // ffmpeg dies with its transcoder rather than running on, orphaned.
-    let orphans = wait_until(Duration::from_secs(5), || async {
-        (videos::processes_mentioning(&needle) == 0).then_some(())
-    })
-    .await;
-    assert!(orphans.is_some(), "ffmpeg outlived the transcoder");
-
-    let server = serve(dir.path(), "ultrafast");
+/// After a restart on `dir`: the media ends processed, with exactly one set of renditions
+/// (the poster's three variants and one rendition), one outcome event, and no job directory.
+async fn processed_once_after_restart(dir: &std::path::Path, id: &str, sha: &str) {
+    let client = reqwest::Client::new();
+    let server = serve(dir, "ultrafast");
     let media = format!("{}/v1/media/{id}", server.address);
     let body = wait_until(Duration::from_secs(120), || async {
         let body: Value = client.get(&media).send().await.ok()?.json().await.ok()?;
@@ -493,31 +487,82 @@ async fn a_sigkill_mid_job_leaves_one_set_of_renditions_after_the_restart() {
             .collect::<Vec<_>>(),
         ["360p"]
     );
-    // Exactly one set: the poster's three variants and one rendition, and one outcome event.
-    let mut stored: Vec<String> =
-        std::fs::read_dir(dir.path().join(format!("objects/variants/{sha}")))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+    let mut stored: Vec<String> = std::fs::read_dir(dir.join(format!("objects/variants/{sha}")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     stored.sort();
     assert_eq!(stored, ["360p.mp4", "large.jpg", "small.jpg", "thumb.jpg"]);
     assert_eq!(
-        conveyor_tests::helpers::count_files(&jobs),
+        conveyor_tests::helpers::count_files(&dir.join("transcode")),
         0,
         "no job directory left"
     );
     drop(server);
     let mut settings = conveyor_platform::Settings {
-        data_dir: dir.path().to_owned(),
+        data_dir: dir.to_owned(),
         ..conveyor_platform::Settings::default()
     };
     settings.log.partitions = 4;
     let backends = conveyor_platform::Backends::open(&settings).await.unwrap();
-    let uuid = uuid::Uuid::parse_str(&id).unwrap();
+    let uuid = uuid::Uuid::parse_str(id).unwrap();
     let outcomes: Vec<_> = all_events(&*backends.log, settings.topic())
         .await
         .into_iter()
         .filter(|e| e.aggregate_id == uuid && e.payload.type_name() == "VideoProcessed")
         .collect();
     assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_kills_a_job_past_the_drain_and_the_restart_runs_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve(dir.path(), "veryslow");
+    let client = reqwest::Client::new();
+    let (id, sha) = start_long_job(&client, &server).await;
+    let needle = dir.path().join("transcode").to_string_lossy().into_owned();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // The drain (1 s) runs out long before the encode would end: the job is killed and left
+    // uncommitted, and the process exits cleanly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve still runs 15 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.success(), "{exited}");
+    assert_eq!(
+        videos::processes_mentioning(&needle),
+        0,
+        "ffmpeg was killed"
+    );
+    drop(server);
+    processed_once_after_restart(dir.path(), &id, &sha).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_job_leaves_one_set_of_renditions_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), "veryslow");
+    let client = reqwest::Client::new();
+    let (id, sha) = start_long_job(&client, &server).await;
+    let needle = dir.path().join("transcode").to_string_lossy().into_owned();
+    assert!(videos::processes_mentioning(&needle) > 0, "ffmpeg runs");
+    drop(server); // SIGKILL
+    // ffmpeg dies with its transcoder rather than running on, orphaned.
+    let orphans = wait_until(Duration::from_secs(5), || async {
+        (videos::processes_mentioning(&needle) == 0).then_some(())
+    })
+    .await;
+    assert!(orphans.is_some(), "ffmpeg outlived the transcoder");
+    processed_once_after_restart(dir.path(), &id, &sha).await;
 }
