@@ -270,8 +270,11 @@ impl TestApp {
     /// Waits until both consumer groups have committed everything in the log.
     pub async fn wait_caught_up(&self) {
         let log = self.backends.log.clone();
+        // `serve` runs the transcoder too (ffmpeg is installed for the tests).
+        let s = &self.settings;
+        let groups = [&s.processor.group, &s.video.group, &s.projector.group];
         let done = wait_until(Duration::from_secs(30), || async {
-            caught_up(&*log, &self.settings).await.then_some(())
+            groups_caught_up(&*log, s, &groups).await.then_some(())
         })
         .await;
         done.expect("consumers caught up in time");
@@ -323,14 +326,23 @@ pub async fn upload_to(
         .expect("upload request")
 }
 
-/// Whether the processor, transcoder and projector groups have committed everything in the
-/// log.
+/// Whether the processor and projector groups have committed everything in the log.
 pub async fn caught_up(log: &dyn conveyor_platform::EventLog, settings: &Settings) -> bool {
-    for group in [
-        &settings.processor.group,
-        &settings.video.group,
-        &settings.projector.group,
-    ] {
+    groups_caught_up(
+        log,
+        settings,
+        &[&settings.processor.group, &settings.projector.group],
+    )
+    .await
+}
+
+/// Whether each of `groups` has committed everything in the log.
+pub async fn groups_caught_up(
+    log: &dyn conveyor_platform::EventLog,
+    settings: &Settings,
+    groups: &[&String],
+) -> bool {
+    for group in groups {
         match log.lag(&settings.log.topic, group).await {
             Ok(lag) if lag.iter().all(|l| l.lag() == 0) => {}
             _ => return false,

@@ -78,6 +78,53 @@ pub fn rotated_mov(width: u32, height: u32) -> Vec<u8> {
     )
 }
 
+/// H.264 in MP4 whose pixels are twice as wide as tall (sample aspect ratio 2:1), as
+/// anamorphic HDV and DV are: shown at twice its coded width.
+pub fn anamorphic(width: u32, height: u32) -> Vec<u8> {
+    let picture = picture(width, height);
+    make(
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            &picture,
+            "-t",
+            "2",
+            "-vf",
+            "setsar=2/1",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        "mp4",
+    )
+}
+
+/// A clip of one frame.
+pub fn one_frame(width: u32, height: u32) -> Vec<u8> {
+    let picture = picture(width, height);
+    make(
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            &picture,
+            "-frames:v",
+            "1",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+        "mp4",
+    )
+}
+
 /// VP9 in WebM, no audio.
 pub fn webm(width: u32, height: u32) -> Vec<u8> {
     let picture = picture(width, height);

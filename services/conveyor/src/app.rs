@@ -137,7 +137,11 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             Ok(tools) => Some(tools),
             Err(missing) if role == Role::Serve => {
                 tracing::warn!(%missing, "video uploads will be refused with 415");
-                video_refusal = Some(missing.to_string());
+                // Clients learn which tool is missing; the path and the fix are for the log.
+                video_refusal = Some(format!(
+                    "this server cannot transcode video: {} is not installed",
+                    missing.tool
+                ));
                 None
             }
             Err(missing) => return Err(missing.into()),

@@ -144,6 +144,10 @@ pub fn verified_key(id: Uuid) -> String {
 #[derive(Debug, Serialize, Deserialize)]
 struct Verified {
     sha256: String,
+    /// What the bytes are, sniffed; `None` in records written before it was kept (then the
+    /// declared type, which had to be the same).
+    #[serde(default)]
+    content_type: Option<String>,
     /// `MediaUploaded`'s event id and version, fixed on the first attempt.
     event_id: Uuid,
     version: u64,
@@ -201,7 +205,7 @@ pub(crate) async fn create(
     let owner = state.owner(&headers)?;
     require_json(&headers)?;
     let request: NewUpload = parse_json(&body)?;
-    let Some(media) = MediaType::from_content_type(&request.content_type) else {
+    let Some(media) = MediaType::from_declared(&request.content_type) else {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -301,7 +305,8 @@ pub(crate) async fn create(
     }
     let pending = PendingUpload {
         owner,
-        content_type: request.content_type,
+        // The canonical name of what was declared (`video/MP4; codecs=…` is `video/mp4`).
+        content_type: media.content_type().to_owned(),
         bytes: request.bytes,
         sha256: request.sha256,
         expires_at,
@@ -605,9 +610,10 @@ async fn complete_claimed(
             // Only a first completion counts against the quota: a retry of one that got this
             // far answers as it would have, though its media may be counted by now.
             state.check_quota(&owner, pending.bytes).await?;
-            let sha256 = take_and_verify(state, id, pending, completion).await?;
+            let (sha256, content_type) = take_and_verify(state, id, pending, completion).await?;
             let verified = Verified {
                 sha256,
+                content_type: Some(content_type.to_owned()),
                 event_id: Uuid::now_v7(),
                 version: state.clock.next(),
             };
@@ -620,11 +626,15 @@ async fn complete_claimed(
         }
         Err(e) => return Err(ApiError::backend(e)),
     };
+    let content_type = verified
+        .content_type
+        .clone()
+        .unwrap_or_else(|| pending.content_type.clone());
     let upload = crate::Upload {
         owner,
         sha256: verified.sha256.clone(),
         bytes: pending.bytes,
-        content_type: pending.content_type.clone(),
+        content_type: content_type.clone(),
         title: None,
         visibility: pending.visibility,
     };
@@ -656,7 +666,7 @@ async fn complete_claimed(
         status: "pending",
         sha256: verified.sha256,
         bytes: pending.bytes,
-        content_type: pending.content_type.clone(),
+        content_type,
         links: SelfLink {
             this: format!("/v1/media/{id}"),
         },
@@ -671,7 +681,7 @@ async fn take_and_verify(
     id: Uuid,
     pending: &PendingUpload,
     completion: Completion,
-) -> Result<String, ApiError> {
+) -> Result<(String, &'static str), ApiError> {
     let objects = &state.backends.objects;
     let (incoming, claimed) = (incoming_key(id), claimed_key(id));
     let taken_before = objects
@@ -725,12 +735,12 @@ async fn take_and_verify(
     verify(state, pending, &claimed).await
 }
 
-/// Checks what arrived against what was declared; returns its sha256.
+/// Checks what arrived against what was declared; returns its sha256 and its sniffed type.
 async fn verify(
     state: &IngestState,
     pending: &PendingUpload,
     key: &str,
-) -> Result<String, ApiError> {
+) -> Result<(String, &'static str), ApiError> {
     let objects = &state.backends.objects;
     let meta = objects.head(key).await.map_err(ApiError::backend)?;
     let meta = meta.ok_or_else(|| {
@@ -761,17 +771,22 @@ async fn verify(
         }
         hasher.update(&chunk);
     }
-    let sniffed = crate::upload::sniff(&head);
-    if sniffed != Some(pending.content_type.as_str()) {
-        return Err(unprocessable(
-            "type_mismatch",
-            format!(
-                "the bytes are {}, not the declared {}",
-                sniffed.unwrap_or("not of an accepted type"),
-                pending.content_type
-            ),
-        ));
-    }
+    // The bytes must be what was declared, or its sibling container (an MP4 declared as
+    // QuickTime); the item records what they are.
+    let sniffed = MediaType::sniff(&head);
+    let media = match (sniffed, MediaType::from_declared(&pending.content_type)) {
+        (Some(sniffed), Some(declared)) if sniffed.same_container(declared) => sniffed,
+        _ => {
+            return Err(unprocessable(
+                "type_mismatch",
+                format!(
+                    "the bytes are {}, not the declared {}",
+                    sniffed.map_or("not of an accepted type", MediaType::content_type),
+                    pending.content_type
+                ),
+            ));
+        }
+    };
     let sha256 = hex::encode(hasher.finalize());
     if pending
         .sha256
@@ -783,7 +798,7 @@ async fn verify(
             "the bytes' sha256 differs from the declared one",
         ));
     }
-    Ok(sha256)
+    Ok((sha256, media.content_type()))
 }
 
 /// Removes uploads never completed: `incoming/{id}` objects (and their claimed copies) and

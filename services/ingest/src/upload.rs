@@ -236,11 +236,6 @@ async fn read_title(mut field: Field<'_>) -> Result<String, ApiError> {
     Ok(title)
 }
 
-/// The content type of an accepted format, from its leading bytes ([`MediaType::sniff`]).
-pub(crate) fn sniff(head: &[u8]) -> Option<&'static str> {
-    MediaType::sniff(head).map(MediaType::content_type)
-}
-
 fn unsupported() -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -298,7 +298,7 @@ impl Transcoder {
             .poster(media, &original, &video, dir.path(), deadline, abort)
             .await
             .map_err(timed_out)?;
-        let encoded = self
+        let (encoded, measured) = self
             .renditions(
                 media,
                 &original,
@@ -341,11 +341,16 @@ impl Transcoder {
         }
         progress.report(100).await;
         Ok(VideoProcessed {
-            width: poster.width,
-            height: poster.height,
+            width: video.width,
+            height: video.height,
             blurhash: poster.blurhash,
             variants,
-            duration_ms: video.duration_ms,
+            // The file's own duration, unless what was encoded ran a second longer than it.
+            duration_ms: if measured > video.seconds() + 1.0 {
+                (measured * 1000.0).round() as u64
+            } else {
+                video.duration_ms
+            },
             video_codec: video.video_codec,
             audio_codec: video.audio_codec,
             frame_rate_milli: video.frame_rate_milli,
@@ -424,24 +429,27 @@ impl Transcoder {
         abort: &CancellationToken,
     ) -> Result<conveyor_processor::Rendered, JobError> {
         let path = dir.join("poster.png");
+        let unreadable = || format!("no frame could be read from the {media} file");
+        // A second in, or halfway; a clip of one frame has none there, so then the first.
         let at = Duration::from_secs_f64((video.seconds() / 2.0).min(1.0));
-        let mut command = self.tools.ffmpeg(media, original, Some(at));
-        command
-            .args(["-map", "0:v:0", "-frames:v", "1", "-pix_fmt", "rgb24"])
-            .args(["-f", "image2", "-c:v", "png", "-y"])
-            .arg(file_arg(&path));
-        ffmpeg::run(command, deadline, abort, None, 0)
+        for seek in [Some(at), None] {
+            let mut command = self.tools.ffmpeg(media, original, seek);
+            command
+                .args(["-map", "0:v:0", "-frames:v", "1"])
+                // Square pixels: an anamorphic frame is stretched to its display width.
+                .args(["-vf", "scale=iw*sar:ih,setsar=1", "-pix_fmt", "rgb24"])
+                .args(["-f", "image2", "-c:v", "png", "-y"])
+                .arg(file_arg(&path));
+            ffmpeg::run(command, deadline, abort, None, 0)
+                .await
+                .map_err(|e| self.failed(e, abort, &unreadable()))?;
+            if tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() > 0) {
+                break;
+            }
+        }
+        let png = tokio::fs::read(&path)
             .await
-            .map_err(|e| {
-                self.failed(
-                    e,
-                    abort,
-                    &format!("no frame could be read from the {media} file"),
-                )
-            })?;
-        let png = tokio::fs::read(&path).await.map_err(|_| {
-            JobError::Media(format!("no frame could be read from the {media} file"))
-        })?;
+            .map_err(|_| JobError::Media(unreadable()))?;
         let limits = self.limits.clone();
         let rendered =
             tokio::task::spawn_blocking(move || conveyor_processor::render(&png, &limits))
@@ -451,7 +459,8 @@ impl Transcoder {
     }
 
     /// Encodes every rendition in one ffmpeg run (the source is decoded once), reporting
-    /// progress as it goes. Returns each one's name, file and size, largest first.
+    /// progress as it goes. Returns each one's name, file and size, largest first, and the
+    /// longest one's duration in seconds, as measured.
     #[allow(clippy::too_many_arguments)]
     async fn renditions(
         &self,
@@ -462,7 +471,7 @@ impl Transcoder {
         deadline: tokio::time::Instant,
         abort: &CancellationToken,
         progress: &mut Progress<'_>,
-    ) -> Result<Vec<(String, PathBuf, u32, u32)>, JobError> {
+    ) -> Result<(Vec<(String, PathBuf, u32, u32)>, f64), JobError> {
         let mut command = self.tools.ffmpeg(media, original, None);
         command.args(["-progress", "pipe:1"]);
         let (args, outputs) =
@@ -487,19 +496,31 @@ impl Transcoder {
             self.failed(e, abort, &format!("the {media} file could not be decoded"))
         })?;
         let mut encoded = Vec::with_capacity(outputs.len());
+        let mut seconds: f64 = 0.0;
         for (name, path) in outputs {
-            let (width, height) = self.size_of(&path, abort).await?;
+            let (width, height, length) = self.read_back(&path, abort).await?;
+            seconds = seconds.max(length);
             encoded.push((name, path, width, height));
         }
-        Ok(encoded)
+        // A file may claim a shorter duration than it has; what was encoded is measured.
+        if seconds > self.video.max_duration_secs as f64 {
+            return Err(JobError::Media(
+                probe::Refused::TooLong {
+                    seconds: seconds.ceil() as u64,
+                    limit: self.video.max_duration_secs,
+                }
+                .to_string(),
+            ));
+        }
+        Ok((encoded, seconds))
     }
 
-    /// The display size of a rendition, as ffprobe reads it back.
-    async fn size_of(
+    /// The display size and duration (seconds) of a rendition, as ffprobe reads it back.
+    async fn read_back(
         &self,
         path: &Path,
         abort: &CancellationToken,
-    ) -> Result<(u32, u32), JobError> {
+    ) -> Result<(u32, u32, f64), JobError> {
         let json = ffmpeg::run(
             self.tools.probe(MediaType::Mp4, path),
             tokio::time::Instant::now() + PROBE_TIMEOUT,
@@ -511,11 +532,16 @@ impl Transcoder {
         .map_err(|e| self.failed(e, abort, "a rendition could not be read back"))?;
         let output: probe::Output = serde_json::from_slice(&json)
             .map_err(|_| JobError::Media("a rendition could not be read back".into()))?;
+        let seconds = output
+            .format
+            .as_ref()
+            .and_then(|f| f.duration.as_deref()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
         output
             .streams
             .iter()
             .find(|s| s.codec_type.as_deref() == Some("video"))
-            .and_then(|s| Some((s.width?, s.height?)))
+            .and_then(|s| Some((s.width?, s.height?, seconds)))
             .ok_or_else(|| JobError::Media("a rendition has no video stream".into()))
     }
 }
@@ -525,7 +551,8 @@ impl Transcoder {
 /// rung is the short side, so portrait video keeps its width at it: H.264 High profile at
 /// `video.crf` and `video.preset`, 8-bit 4:2:0 whatever the source's depth, AAC stereo at
 /// 128 kb/s when there is sound, no subtitles, data or metadata, and `moov` before `mdat`
-/// (`+faststart`) so that a player can start before the download ends.
+/// (`+faststart`) so that a player can start before the download ends; square pixels, at
+/// most 60 frames a second, and at most `video.max_duration_secs` + 1 s long.
 pub fn rendition_outputs(
     settings: &VideoSettings,
     rungs: &[u32],
@@ -538,12 +565,25 @@ pub fn rendition_outputs(
     for short in ladder(rungs, width, height) {
         let name = format!("{short}p");
         let path = dir.join(format!("{name}.mp4"));
-        let scale = if width >= height {
-            format!("scale=-2:{short},format=yuv420p")
+        // The rung is the short side; the long side keeps the display aspect ratio, so
+        // anamorphic sources come out with square pixels.
+        let even = |n: f64| ((n / 2.0).round() as u32 * 2).max(2);
+        let (out_width, out_height) = if width >= height {
+            (
+                even(f64::from(width) * f64::from(short) / f64::from(height)),
+                short,
+            )
         } else {
-            format!("scale={short}:-2,format=yuv420p")
+            (
+                short,
+                even(f64::from(height) * f64::from(short) / f64::from(width)),
+            )
         };
+        let scale = format!("scale={out_width}:{out_height},setsar=1,format=yuv420p");
         let (crf, threads) = (settings.crf.to_string(), settings.threads.to_string());
+        // Never more than the duration limit, whatever the file's metadata claims: a file
+        // that says 1 s and runs for hours is cut, and then refused by its measured length.
+        let cap = (settings.max_duration_secs + 1).to_string();
         let mut words = vec![
             "-map",
             "0:v:0",
@@ -553,6 +593,10 @@ pub fn rendition_outputs(
             "-dn",
             "-map_metadata",
             "-1",
+            "-t",
+            &cap,
+            "-fpsmax",
+            "60",
             "-vf",
             &scale,
             "-c:v",

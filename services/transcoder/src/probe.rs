@@ -20,6 +20,8 @@ pub struct Stream {
     pub height: Option<u32>,
     pub avg_frame_rate: Option<String>,
     pub r_frame_rate: Option<String>,
+    /// The shape of one pixel, `W:H` (`2:1` for anamorphic video); `0:1` when unknown.
+    pub sample_aspect_ratio: Option<String>,
     #[serde(default)]
     pub side_data_list: Vec<SideData>,
     #[serde(default)]
@@ -50,7 +52,8 @@ pub struct Format {
 /// A video, as the transcoder needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
-    /// Display size: the coded size, turned by the rotation.
+    /// Display size: the coded size, stretched by the pixel aspect ratio and turned by the
+    /// rotation.
     pub width: u32,
     pub height: u32,
     /// Degrees counter-clockwise, 0, 90, 180 or 270.
@@ -68,6 +71,8 @@ pub struct Probe {
 pub enum Refused {
     #[error("the file has no video stream")]
     NoVideo,
+    #[error("the video stream has no picture size ({width}x{height})")]
+    NoPictureSize { width: u32, height: u32 },
     #[error("the video has no duration that can be read")]
     NoDuration,
     #[error("the video is {seconds} s long, over the limit of {limit} s")]
@@ -109,12 +114,24 @@ impl Probe {
             .iter()
             .find(|s| s.codec_type.as_deref() == Some("video") && s.disposition.attached_pic == 0)
             .ok_or(Refused::NoVideo)?;
-        let (Some(coded_width), Some(coded_height)) = (video.width, video.height) else {
-            return Err(Refused::NoVideo);
-        };
+        let (coded_width, coded_height) = (video.width.unwrap_or(0), video.height.unwrap_or(0));
         if coded_width == 0 || coded_height == 0 {
-            return Err(Refused::NoVideo);
+            return Err(Refused::NoPictureSize {
+                width: coded_width,
+                height: coded_height,
+            });
         }
+        // Anamorphic video (HDV's 1440x1080 shown at 1920x1080) is shown wider than coded.
+        let (num, den) = video
+            .sample_aspect_ratio
+            .as_deref()
+            .and_then(|r| r.split_once(':'))
+            .and_then(|(n, d)| Some((n.parse::<u64>().ok()?, d.parse::<u64>().ok()?)))
+            .filter(|&(n, d)| n > 0 && d > 0 && n <= 100 * d && d <= 100 * n)
+            .unwrap_or((1, 1));
+        let coded_width = u32::try_from((u64::from(coded_width) * num + den / 2) / den)
+            .unwrap_or(u32::MAX)
+            .max(1);
         let rotation = video
             .side_data_list
             .iter()
@@ -260,6 +277,26 @@ mod tests {
         assert_eq!(
             Probe::from_output(&cover_art, LIMITS),
             Err(Refused::NoVideo)
+        );
+        let anamorphic: Output = serde_json::from_str(
+            r#"{"streams": [{"codec_type": "video", "width": 1440, "height": 1080,
+                             "sample_aspect_ratio": "4:3"}],
+                "format": {"duration": "1.0", "nb_streams": 1}}"#,
+        )
+        .unwrap();
+        let probe = Probe::from_output(&anamorphic, LIMITS).unwrap();
+        assert_eq!((probe.width, probe.height), (1920, 1080));
+        let empty: Output = serde_json::from_str(
+            r#"{"streams": [{"codec_type": "video", "width": 0, "height": 0}],
+                "format": {"duration": "1.0", "nb_streams": 1}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Probe::from_output(&empty, LIMITS),
+            Err(Refused::NoPictureSize {
+                width: 0,
+                height: 0
+            })
         );
         let no_duration: Output = serde_json::from_str(
             r#"{"streams": [{"codec_type": "video", "width": 6, "height": 6}], "format": {}}"#,

@@ -128,6 +128,36 @@ impl MediaType {
             .find(|t| t.content_type() == content_type)
     }
 
+    /// The format a client's declared MIME type names: case-insensitive, parameters ignored
+    /// (`video/MP4; codecs=avc1` is MP4), and the aliases clients send (`image/jpg`,
+    /// `image/heif`, `video/x-m4v`).
+    pub fn from_declared(content_type: &str) -> Option<MediaType> {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "image/jpg" | "image/pjpeg" => Some(MediaType::Jpeg),
+            "video/x-m4v" => Some(MediaType::Mp4),
+            "image/heif" => Some(MediaType::Heic),
+            other => MediaType::from_content_type(other),
+        }
+    }
+
+    /// Whether `self` and `other` are read the same way: equal, or siblings of one container
+    /// (MP4 and QuickTime are both ISO-BMFF; WebM is Matroska). A `.mov` that is really an
+    /// MP4, as phones and editors write them, is what its client said it was.
+    pub fn same_container(self, other: MediaType) -> bool {
+        use MediaType::{Matroska, Mp4, QuickTime, WebM};
+        self == other
+            || matches!(
+                (self, other),
+                (Mp4 | QuickTime, Mp4 | QuickTime) | (WebM | Matroska, WebM | Matroska)
+            )
+    }
+
     /// The usual file extension, without the dot.
     pub fn extension(self) -> &'static str {
         match self {
@@ -192,12 +222,16 @@ fn heif_brand(head: &[u8]) -> Option<MediaType> {
 }
 
 /// The video an `ftyp` box declares by its major brand (ISO/IEC 14496-12 §4.3, 14496-14;
-/// QuickTime File Format, "File Type Compatibility Atom"), read only within the head.
+/// QuickTime File Format, "File Type Compatibility Atom"; the MP4 registration authority's
+/// brand list), read only within the head: the ISO and MP4 brands, Apple's `M4V `, DASH,
+/// 3GPP and 3GPP2 (phones), Adobe's `f4v `, and cameras' MP4s (Sony's `XAVC` and `MSNV`).
+/// Audio-only brands (`M4A `, `M4B `) are not video.
 fn video_brand(head: &[u8]) -> Option<MediaType> {
     match head.get(8..12)? {
         b"qt  " => Some(MediaType::QuickTime),
         b"isom" | b"iso2" | b"iso3" | b"iso4" | b"iso5" | b"iso6" | b"mp41" | b"mp42" | b"avc1"
-        | b"M4V " | b"dash" => Some(MediaType::Mp4),
+        | b"M4V " | b"M4VH" | b"M4VP" | b"dash" | b"3gp4" | b"3gp5" | b"3gp6" | b"3gp7"
+        | b"3g2a" | b"3g2b" | b"3g2c" | b"XAVC" | b"MSNV" | b"f4v " => Some(MediaType::Mp4),
         _ => None,
     }
 }
@@ -259,6 +293,33 @@ mod tests {
         );
         assert_eq!(MediaType::sniff(&ftyp(b"mif1", &[b"mif1"])), None);
         assert_eq!(MediaType::sniff(&ftyp(b"M4A ", &[b"isom"])), None);
+        for camera in [b"XAVC", b"3gp4", b"MSNV"] {
+            assert_eq!(
+                MediaType::sniff(&ftyp(camera, &[b"isom"])),
+                Some(MediaType::Mp4)
+            );
+        }
+    }
+
+    #[test]
+    fn declared_types_are_read_as_clients_write_them() {
+        assert_eq!(
+            MediaType::from_declared("video/MP4; codecs=avc1"),
+            Some(MediaType::Mp4)
+        );
+        assert_eq!(
+            MediaType::from_declared("video/x-m4v"),
+            Some(MediaType::Mp4)
+        );
+        assert_eq!(
+            MediaType::from_declared(" Image/JPG "),
+            Some(MediaType::Jpeg)
+        );
+        assert_eq!(MediaType::from_declared("audio/mp4"), None);
+        assert!(MediaType::QuickTime.same_container(MediaType::Mp4));
+        assert!(MediaType::WebM.same_container(MediaType::Matroska));
+        assert!(!MediaType::Mp4.same_container(MediaType::WebM));
+        assert!(!MediaType::Jpeg.same_container(MediaType::Png));
         // A brand past the box's own size belongs to the next box.
         let mut lying = ftyp(b"mif1", &[]);
         lying.extend_from_slice(b"heic");

@@ -132,10 +132,11 @@ async fn formats_that_stay_unsupported_are_refused_naming_the_accepted_ones() {
             b"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"9\" height=\"9\"/>".to_vec(),
         ),
         ("PDF", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n".to_vec()),
-        // An MP4 is an ISO-BMFF file too, with a video brand.
+        // An ISO-BMFF file that is neither image nor video: AAC audio (MP4 video is the
+        // transcoder's now).
         (
-            "MP4",
-            [&b"\0\0\0\x18ftypisom\0\0\x02\0isommp41"[..], &[0; 64]].concat(),
+            "M4A",
+            [&b"\0\0\0\x18ftypM4A \0\0\x02\0M4A mp42"[..], &[0; 64]].concat(),
         ),
     ];
     for (what, file) in foreign {
