@@ -22,35 +22,37 @@ pub fn make(args: &[&str], ext: &str) -> Vec<u8> {
     std::fs::read(&out).expect("the video ffmpeg wrote")
 }
 
-fn picture(width: u32, height: u32) -> String {
-    format!("testsrc2=size={width}x{height}:rate=25")
+/// `testsrc2` pictures of `width`×`height` (25 fps), as long as `length` says (`-t 2`,
+/// `-frames:v 1`), then `rest` (filters and codecs).
+fn pictures(width: u32, height: u32, length: &[&str], rest: &[&str], ext: &str) -> Vec<u8> {
+    let picture = format!("testsrc2=size={width}x{height}:rate=25");
+    let mut args = vec!["-f", "lavfi", "-i", &picture];
+    args.extend_from_slice(length);
+    args.extend_from_slice(rest);
+    make(&args, ext)
 }
+
+/// libx264 at its fastest, 8-bit 4:2:0.
+const X264: [&str; 6] = [
+    "-c:v",
+    "libx264",
+    "-preset",
+    "ultrafast",
+    "-pix_fmt",
+    "yuv420p",
+];
 
 /// H.264 and AAC in MP4, `seconds` long.
 pub fn mp4(width: u32, height: u32, seconds: u32) -> Vec<u8> {
-    let (picture, seconds) = (picture(width, height), seconds.to_string());
-    make(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            &picture,
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:sample_rate=48000",
-            "-t",
-            &seconds,
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-        ],
+    let seconds = seconds.to_string();
+    let tone = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"];
+    let mut rest = X264.to_vec();
+    rest.extend(["-c:a", "aac", "-shortest"]);
+    pictures(
+        width,
+        height,
+        &[&tone[..], &["-t", &seconds]].concat(),
+        &rest,
         "mp4",
     )
 }
@@ -81,94 +83,41 @@ pub fn rotated_mov(width: u32, height: u32) -> Vec<u8> {
 /// H.264 in MP4 whose pixels are twice as wide as tall (sample aspect ratio 2:1), as
 /// anamorphic HDV and DV are: shown at twice its coded width.
 pub fn anamorphic(width: u32, height: u32) -> Vec<u8> {
-    let picture = picture(width, height);
-    make(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            &picture,
-            "-t",
-            "2",
-            "-vf",
-            "setsar=2/1",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-        ],
-        "mp4",
-    )
+    let rest = [&["-vf", "setsar=2/1"][..], &X264].concat();
+    pictures(width, height, &["-t", "2"], &rest, "mp4")
 }
 
 /// A clip of one frame.
 pub fn one_frame(width: u32, height: u32) -> Vec<u8> {
-    let picture = picture(width, height);
-    make(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            &picture,
-            "-frames:v",
-            "1",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-        ],
-        "mp4",
-    )
+    pictures(width, height, &["-frames:v", "1"], &X264, "mp4")
 }
 
 /// VP9 in WebM, no audio.
 pub fn webm(width: u32, height: u32) -> Vec<u8> {
-    let picture = picture(width, height);
-    make(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            &picture,
-            "-t",
-            "2",
-            "-c:v",
-            "libvpx-vp9",
-            "-b:v",
-            "200k",
-            "-deadline",
-            "realtime",
-            "-cpu-used",
-            "8",
-        ],
-        "webm",
-    )
+    let vp9 = [
+        "-c:v",
+        "libvpx-vp9",
+        "-b:v",
+        "200k",
+        "-deadline",
+        "realtime",
+        "-cpu-used",
+        "8",
+    ];
+    pictures(width, height, &["-t", "2"], &vp9, "webm")
 }
 
 /// 10-bit H.264 (High 10) in MP4.
 pub fn ten_bit(width: u32, height: u32) -> Vec<u8> {
-    let picture = picture(width, height);
-    make(
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            &picture,
-            "-t",
-            "2",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p10le",
-        ],
-        "mp4",
-    )
+    let ten = [
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p10le",
+    ];
+    pictures(width, height, &["-t", "2"], &ten, "mp4")
 }
 
 /// ffprobe's JSON (format and streams) for `bytes`.
