@@ -326,6 +326,38 @@ pub enum LoadtestCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// Drive a deployment with a scenario (stages of offered rate, a weighted mix of
+    /// operations) in an open model, watch its pipeline (upload → processed, every group's
+    /// lag, the server's CPU and RSS), and write report.json and report.html. Thresholds in the
+    /// scenario set the exit code: 0 when all hold, 2 when one breaks.
+    Run {
+        /// The scenario, TOML: `[[stages]]` (constant, ramp, steps, spike), `[mix]` weights
+        /// (upload_photo, read_item, read_timeline, fetch_thumbnail, post_events), `[photos]`
+        /// and `thresholds`. See docs/benchmarks.md for an example.
+        scenario: PathBuf,
+        /// The deployment's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        target: String,
+        /// A client key for uploads and reads [default: data/dev-api-key, as `serve` makes].
+        #[arg(long, env = "CONVEYOR_LOADTEST_KEY")]
+        key: Option<String>,
+        /// A service key, for `post_events` [default: data/dev-service-key].
+        #[arg(long, env = "CONVEYOR_LOADTEST_SERVICE_KEY")]
+        service_key: Option<String>,
+        /// Where report.json and report.html go.
+        #[arg(long, default_value = "loadtest-report")]
+        out: PathBuf,
+        /// Allow a target that is not on this machine.
+        #[arg(long)]
+        allow_remote: bool,
+        /// The server process to sample CPU and RSS from [default: the one listening on the
+        /// target's port, when it is local].
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Most operations in flight; past it, operations are counted as dropped.
+        #[arg(long, default_value_t = 512)]
+        max_in_flight: usize,
+    },
     /// Video through the embedded pipeline (upload → processed) against the plain `ffmpeg`
     /// command with the same outputs on the same file; then photo latency, idle and behind a
     /// backlog of videos (the transcoder's own consumer group keeps them apart).

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod archive;
 pub mod backup;
+pub mod capacity;
 pub mod cli;
 pub mod loadtest;
 pub mod loadtest_video;

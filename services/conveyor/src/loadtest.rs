@@ -69,6 +69,40 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LoadtestCommand::Thumbnail { file, size, runs } => thumbnail(&file, size, runs),
+        LoadtestCommand::Run {
+            scenario,
+            target,
+            key,
+            service_key,
+            out,
+            allow_remote,
+            pid,
+            max_in_flight,
+        } => {
+            let dev_key = |name: &str| {
+                std::fs::read_to_string(Path::new("data").join(name))
+                    .ok()
+                    .map(|k| k.trim().to_owned())
+            };
+            let key = key.or_else(|| dev_key("dev-api-key")).context(
+                "no client key: pass --key (or run against a `serve` whose data dir is ./data)",
+            )?;
+            let passed = crate::capacity::run(crate::capacity::Options {
+                scenario,
+                target,
+                key,
+                service_key: service_key.or_else(|| dev_key("dev-service-key")),
+                out,
+                allow_remote,
+                pid,
+                max_in_flight,
+            })
+            .await?;
+            if !passed {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         LoadtestCommand::Video {
             file,
             size,

@@ -2,6 +2,7 @@
 
 mod backup;
 mod bad_input;
+mod capacity;
 mod contract;
 mod crash;
 mod dead_letters;

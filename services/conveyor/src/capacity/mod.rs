@@ -1,0 +1,523 @@
+//! `conveyor loadtest run`: drives a deployment with an open-model load (operations start at
+//! their intended times whatever the responses do, and latency counts from the intended
+//! start, so a slow server cannot hide its queueing: wrk2's and k6's constant-arrival-rate),
+//! watches the pipeline behind it (each upload's 202 to `processed`, every consumer group's
+//! lag from `/metrics`, the server's CPU and RSS from `/proc`), and writes a JSON and a
+//! self-contained HTML report. Thresholds set the exit code.
+
+pub mod report;
+pub mod scenario;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde_json::Value;
+
+pub use scenario::{Op, Scenario, Threshold};
+
+/// Longest run allowed, and most operations: every run is bounded.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+pub const MAX_OPERATIONS: f64 = 5_000_000.0;
+
+/// What `loadtest run` was asked to do.
+pub struct Options {
+    pub scenario: PathBuf,
+    pub target: String,
+    /// A client key (uploads, reads).
+    pub key: String,
+    /// A service key, for `post_events`.
+    pub service_key: Option<String>,
+    /// Where `report.json` and `report.html` go.
+    pub out: PathBuf,
+    pub allow_remote: bool,
+    /// The server process to sample CPU and RSS from; found from the target's port when it
+    /// is local.
+    pub pid: Option<u32>,
+    /// Operations in flight at most; past it an operation is counted as `dropped`, and the
+    /// report says the generator, not the server, was the limit.
+    pub max_in_flight: usize,
+}
+
+/// Latency histograms in microseconds, 1 µs to 1 hour, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+/// What one second of the run saw.
+#[derive(Default)]
+struct Second {
+    offered: u64,
+    completed: u64,
+    errors: u64,
+    latency: Option<Histogram<u64>>,
+    processed: Option<Histogram<u64>>,
+}
+
+#[derive(Default)]
+struct OpStats {
+    latency: Option<Histogram<u64>>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+#[derive(Default)]
+struct Recorder {
+    ops: BTreeMap<Op, OpStats>,
+    processed: Option<Histogram<u64>>,
+    seconds: Vec<Second>,
+    dropped: u64,
+}
+
+impl Recorder {
+    fn second(&mut self, at: Duration) -> &mut Second {
+        let i = at.as_secs() as usize;
+        if self.seconds.len() <= i {
+            self.seconds.resize_with(i + 1, Second::default);
+        }
+        &mut self.seconds[i]
+    }
+
+    fn offered(&mut self, at: Duration) {
+        self.second(at).offered += 1;
+    }
+
+    /// An operation that ended `latency` after its intended start, which was `at` into the
+    /// run; `error` names its failure (`503`, `timeout`, `dropped`).
+    fn finished(&mut self, op: Op, at: Duration, latency: Duration, error: Option<String>) {
+        let us = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
+        let stats = self.ops.entry(op).or_default();
+        match error {
+            None => {
+                stats.ok += 1;
+                stats
+                    .latency
+                    .get_or_insert_with(histogram)
+                    .saturating_record(us);
+                let second = self.second(at + latency);
+                second.completed += 1;
+                second
+                    .latency
+                    .get_or_insert_with(histogram)
+                    .saturating_record(us);
+            }
+            Some(kind) => {
+                *stats.errors.entry(kind).or_default() += 1;
+                self.second(at + latency).errors += 1;
+            }
+        }
+    }
+
+    fn processed(&mut self, at: Duration, latency: Duration) {
+        let us = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
+        self.processed
+            .get_or_insert_with(histogram)
+            .saturating_record(us);
+        self.second(at)
+            .processed
+            .get_or_insert_with(histogram)
+            .saturating_record(us);
+    }
+}
+
+/// What the seed uploads left to read.
+struct Targets {
+    ids: Vec<String>,
+    thumbs: Vec<String>,
+    owner: String,
+    cursor: Mutex<Option<String>>,
+}
+
+struct Run {
+    client: reqwest::Client,
+    base: String,
+    key: String,
+    service_key: Option<String>,
+    photos: Vec<Vec<u8>>,
+    targets: Targets,
+    recorder: Mutex<Recorder>,
+    started: Instant,
+}
+
+/// Runs the scenario and writes the reports; returns whether every threshold held.
+///
+/// # Errors
+/// A scenario that does not parse, a target that is not loopback without `allow_remote`, a
+/// run past the guardrails, or a server that refuses the seed uploads.
+pub async fn run(options: Options) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(&options.scenario)
+        .with_context(|| format!("failed to read {}", options.scenario.display()))?;
+    let scenario = Scenario::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", options.scenario.display()))?;
+    let base = options.target.trim_end_matches('/').to_owned();
+    let url = reqwest::Url::parse(&base).with_context(|| format!("--target {base:?}"))?;
+    let local = url.host_str().is_some_and(|host| {
+        host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    anyhow::ensure!(
+        local || options.allow_remote,
+        "--target {base} is not on this machine; load a remote deployment only on purpose, \
+         with --allow-remote"
+    );
+    let duration = scenario.duration();
+    anyhow::ensure!(
+        duration <= MAX_DURATION,
+        "the scenario runs {duration:?}, over the bound of {MAX_DURATION:?}"
+    );
+    let expected: f64 = (0..duration.as_secs().max(1))
+        .map(|s| scenario.rate(Duration::from_secs(s)))
+        .sum();
+    anyhow::ensure!(
+        expected <= MAX_OPERATIONS,
+        "the scenario offers about {expected:.0} operations, over the bound of {MAX_OPERATIONS}"
+    );
+    anyhow::ensure!(
+        scenario.mix.post_events == 0 || options.service_key.is_some(),
+        "post_events needs a service key: --service-key"
+    );
+
+    let scratch = tempfile::tempdir()?;
+    let photos = crate::loadtest::make_photos(
+        &scratch.path().join("photos"),
+        scenario.photos.count.max(1),
+        &scenario.photos.size,
+    )?
+    .iter()
+    .map(std::fs::read)
+    .collect::<Result<Vec<_>, _>>()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(options.max_in_flight)
+        .build()?;
+    let targets = seed(&client, &base, &options.key, &photos).await?;
+    let pid = options.pid.or_else(|| {
+        local
+            .then(|| url.port_or_known_default())
+            .flatten()
+            .and_then(report::pid_listening_on)
+    });
+    let run = Arc::new(Run {
+        client,
+        base,
+        key: options.key.clone(),
+        service_key: options.service_key.clone(),
+        photos,
+        targets,
+        recorder: Mutex::new(Recorder::default()),
+        started: Instant::now(),
+    });
+
+    let samples = Arc::new(Mutex::new(report::Samples::default()));
+    let sampling = tokio::spawn(report::sample(
+        run.client.clone(),
+        run.base.clone(),
+        pid,
+        run.started,
+        samples.clone(),
+    ));
+    let bar = indicatif::ProgressBar::new(duration.as_secs().max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} s")
+            .expect("valid template"),
+    );
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let total_weight = scenario.total_weight();
+    let mut next = 0.0f64;
+    let end = duration.as_secs_f64();
+    while next < end {
+        let rate = scenario.rate(Duration::from_secs_f64(next));
+        if rate <= 0.0 {
+            next += 0.01;
+            continue;
+        }
+        let at = Duration::from_secs_f64(next);
+        tokio::time::sleep_until((run.started + at).into()).await;
+        bar.set_position(at.as_secs());
+        bar.set_message(format!(
+            "{rate:.0} ops/s offered, {} in flight",
+            options.max_in_flight - in_flight.available_permits()
+        ));
+        let op = scenario.pick(rand::random_range(0..total_weight));
+        run.recorder.lock().unwrap().offered(at);
+        match in_flight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let run = run.clone();
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let error = run.operation(op, at).await.err();
+                    let latency = run.started.elapsed().saturating_sub(at);
+                    run.recorder
+                        .lock()
+                        .unwrap()
+                        .finished(op, at, latency, error);
+                });
+            }
+            Err(_) => {
+                let mut recorder = run.recorder.lock().unwrap();
+                recorder.dropped += 1;
+                recorder.finished(op, at, Duration::ZERO, Some("dropped".into()));
+            }
+        }
+        next += 1.0 / rate;
+        // Reap what finished, so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    bar.set_message("draining");
+    let drain = tokio::time::timeout(Duration::from_secs(60), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drain.is_err() {
+        tasks.abort_all();
+    }
+    bar.finish_and_clear();
+    // A few seconds more of lag and CPU, to see the pipeline settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sampling.abort();
+
+    let samples = samples.lock().unwrap().clone();
+    let recorder = run.recorder.lock().unwrap();
+    let report = report::Report::new(&scenario, &run.base, pid, &recorder, samples);
+    std::fs::create_dir_all(&options.out)?;
+    let json = options.out.join("report.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+    let html = options.out.join("report.html");
+    std::fs::write(&html, report::html(&report))?;
+    report.print();
+    println!("report: {} and {}", html.display(), json.display());
+    let failed: Vec<&report::Verdict> = report.thresholds.iter().filter(|t| !t.passed).collect();
+    for f in &failed {
+        eprintln!("threshold failed: {} ({})", f.rule, f.observed);
+    }
+    Ok(failed.is_empty())
+}
+
+/// Uploads the photos once and waits for them, so that reads have items, a timeline and
+/// thumbnails to fetch.
+async fn seed(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    photos: &[Vec<u8>],
+) -> anyhow::Result<Targets> {
+    let mut ids = Vec::new();
+    for photo in photos {
+        let (status, body) = upload(client, base, key, photo.clone()).await?;
+        anyhow::ensure!(
+            status == 202,
+            "the seed upload was refused ({status}): {body}"
+        );
+        ids.push(body["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let (mut thumbs, mut owner) = (Vec::new(), String::new());
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let body: Value = client
+                .get(format!("{base}/v1/media/{id}"))
+                .bearer_auth(key)
+                .send()
+                .await?
+                .json()
+                .await
+                .unwrap_or_default();
+            if body["status"] == "processed" {
+                owner = body["owner"].as_str().unwrap_or_default().to_owned();
+                if let Some(url) = body["variants"]["thumb"]["url"].as_str() {
+                    thumbs.push(url.to_owned());
+                }
+                break;
+            }
+            anyhow::ensure!(
+                body["status"] != "failed" && Instant::now() < deadline,
+                "a seed photo was not processed: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(Targets {
+        ids,
+        thumbs,
+        owner,
+        cursor: Mutex::new(None),
+    })
+}
+
+async fn upload(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    mut photo: Vec<u8>,
+) -> anyhow::Result<(u16, Value)> {
+    // Bytes after a JPEG's end are ignored by decoders, and make each upload its own item.
+    photo.extend_from_slice(&rand::random::<u64>().to_le_bytes());
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(photo).file_name("photo.jpg"),
+    );
+    let response = client
+        .post(format!("{base}/v1/media"))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or_default()))
+}
+
+impl Run {
+    fn pick<'a>(&self, from: &'a [String]) -> Option<&'a String> {
+        (!from.is_empty()).then(|| &from[rand::random_range(0..from.len())])
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with('/') {
+            format!("{}{path}", self.base)
+        } else {
+            path.to_owned()
+        }
+    }
+
+    /// One operation; `Err` names how it failed (the status, or `timeout`, `connect`).
+    async fn operation(self: &Arc<Self>, op: Op, at: Duration) -> Result<(), String> {
+        let failed = |e: reqwest::Error| {
+            if e.is_timeout() {
+                "timeout".to_owned()
+            } else if e.is_connect() {
+                "connect".to_owned()
+            } else {
+                "transport".to_owned()
+            }
+        };
+        let check = |status: reqwest::StatusCode| {
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(status.as_u16().to_string())
+            }
+        };
+        match op {
+            Op::UploadPhoto => {
+                let photo = self.photos[rand::random_range(0..self.photos.len())].clone();
+                let (status, body) = upload(&self.client, &self.base, &self.key, photo)
+                    .await
+                    .map_err(|e| match e.downcast::<reqwest::Error>() {
+                        Ok(e) => failed(e),
+                        Err(_) => "transport".to_owned(),
+                    })?;
+                if status != 202 {
+                    return Err(status.to_string());
+                }
+                let accepted = self.started.elapsed();
+                let id = body["id"].as_str().unwrap_or_default().to_owned();
+                let run = self.clone();
+                tokio::spawn(async move { run.watch_processed(id, accepted).await });
+                let _ = at;
+                Ok(())
+            }
+            Op::ReadItem => {
+                let id = self.pick(&self.targets.ids).ok_or("no items")?;
+                let response = self
+                    .client
+                    .get(format!("{}/v1/media/{id}", self.base))
+                    .bearer_auth(&self.key)
+                    .send()
+                    .await
+                    .map_err(failed)?;
+                check(response.status())?;
+                response.bytes().await.map_err(failed).map(drop)
+            }
+            Op::ReadTimeline => {
+                let cursor = self.targets.cursor.lock().unwrap().take();
+                let mut url = format!(
+                    "{}/v1/owners/{}/media?limit=20",
+                    self.base, self.targets.owner
+                );
+                if let Some(cursor) = &cursor {
+                    url.push_str(&format!("&cursor={cursor}"));
+                }
+                let response = self
+                    .client
+                    .get(url)
+                    .bearer_auth(&self.key)
+                    .send()
+                    .await
+                    .map_err(failed)?;
+                check(response.status())?;
+                let page: Value = response.json().await.map_err(failed)?;
+                // The next timeline read follows this page's cursor; the one after starts over.
+                if cursor.is_none()
+                    && let Some(next) = page["next_cursor"].as_str()
+                {
+                    *self.targets.cursor.lock().unwrap() = Some(next.to_owned());
+                }
+                Ok(())
+            }
+            Op::FetchThumbnail => {
+                let url = self.pick(&self.targets.thumbs).ok_or("no thumbnails")?;
+                let response = self
+                    .client
+                    .get(self.url(url))
+                    .send()
+                    .await
+                    .map_err(failed)?;
+                check(response.status())?;
+                response.bytes().await.map_err(failed).map(drop)
+            }
+            Op::PostEvents => {
+                let id = self.pick(&self.targets.ids).ok_or("no items")?;
+                let key = self.service_key.as_deref().unwrap_or_default();
+                let event = serde_json::json!({
+                    "aggregate_id": id,
+                    "payload": {"MediaDescribed": {
+                        "title": format!("load {}", rand::random::<u32>()),
+                        "description": null,
+                        "tags": ["loadtest"],
+                    }},
+                });
+                let response = self
+                    .client
+                    .post(format!("{}/v1/events", self.base))
+                    .bearer_auth(key)
+                    .json(&event)
+                    .send()
+                    .await
+                    .map_err(failed)?;
+                check(response.status())
+            }
+        }
+    }
+
+    /// Polls an upload until it is processed (at most a minute), and records the time from
+    /// its 202.
+    async fn watch_processed(self: Arc<Self>, id: String, accepted: Duration) {
+        let url = format!("{}/v1/media/{id}", self.base);
+        let deadline = accepted + Duration::from_secs(60);
+        while self.started.elapsed() < deadline {
+            let body: Value = match self.client.get(&url).bearer_auth(&self.key).send().await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => Value::Null,
+            };
+            if body["status"] == "processed" || body["status"] == "failed" {
+                let latency = self.started.elapsed().saturating_sub(accepted);
+                self.recorder.lock().unwrap().processed(accepted, latency);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Where `loadtest run` writes its reports by default.
+pub fn default_out() -> PathBuf {
+    Path::new("loadtest-report").to_owned()
+}

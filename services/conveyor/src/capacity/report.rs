@@ -1,0 +1,625 @@
+//! The report of a `loadtest run`: what was measured, as JSON, and as one HTML file with
+//! inline SVG charts (drawn with `plotters`) that needs no network to view.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::{Recorder, Scenario, Threshold};
+
+/// What the samplers saw, once a second.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Samples {
+    /// Seconds into the run.
+    pub at: Vec<f64>,
+    /// Per consumer group: its total lag (records) at each sample, from
+    /// `conveyor_consumer_lag_total` on the target's `/metrics`.
+    pub lag: BTreeMap<String, Vec<f64>>,
+    /// The server's CPU, in percent of one core, over the second before each sample.
+    pub cpu_percent: Vec<f64>,
+    /// The server's resident memory, in MiB.
+    pub rss_mib: Vec<f64>,
+}
+
+/// Samples the target's lag and, when `pid` is known, its CPU and RSS, every second until
+/// aborted.
+pub async fn sample(
+    client: reqwest::Client,
+    base: String,
+    pid: Option<u32>,
+    started: Instant,
+    into: Arc<Mutex<Samples>>,
+) {
+    let ticks = clock_ticks();
+    let mut last_cpu = pid.and_then(cpu_ticks);
+    let mut last_at = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let lag = match client.get(format!("{base}/metrics")).send().await {
+            Ok(r) => r.text().await.map(|t| lag_totals(&t)).unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
+        let cpu = pid.and_then(cpu_ticks);
+        let cpu_percent = match (cpu, last_cpu) {
+            (Some(now), Some(before)) => {
+                (now.saturating_sub(before)) as f64 / ticks / last_at.elapsed().as_secs_f64()
+                    * 100.0
+            }
+            _ => 0.0,
+        };
+        last_cpu = cpu;
+        last_at = Instant::now();
+        let rss = pid.and_then(rss_mib).unwrap_or(0.0);
+        let mut samples = into.lock().unwrap();
+        let n = samples.at.len();
+        samples.at.push(started.elapsed().as_secs_f64());
+        for (group, value) in lag {
+            let series = samples.lag.entry(group).or_insert_with(|| vec![0.0; n]);
+            series.resize(n, 0.0);
+            series.push(value);
+        }
+        for series in samples.lag.values_mut() {
+            series.resize(n + 1, *series.last().unwrap_or(&0.0));
+        }
+        samples.cpu_percent.push(cpu_percent);
+        samples.rss_mib.push(rss);
+    }
+}
+
+/// `conveyor_consumer_lag_total{group="…"} N` lines of a Prometheus text page.
+fn lag_totals(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("conveyor_consumer_lag_total{")?;
+            let (labels, value) = rest.split_once('}')?;
+            let group = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("group=\""))?
+                .trim_end_matches('"');
+            Some((group.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn clock_ticks() -> f64 {
+    // Linux's USER_HZ, which /proc reports CPU time in, is 100 on every architecture it
+    // runs on (sysconf(_SC_CLK_TCK)).
+    100.0
+}
+
+/// utime + stime of `pid`, in clock ticks (proc(5), `/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix(" kB")?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The process listening on local TCP `port`: its socket's inode from `/proc/net/tcp` (and
+/// `tcp6`), then the process holding that inode among its descriptors.
+pub fn pid_listening_on(port: u16) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            std::fs::read_to_string(table)
+                .ok()?
+                .lines()
+                .skip(1)
+                .find_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port =
+                        u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+                    // State 0A is LISTEN.
+                    (local_port == port && *fields.get(3)? == "0A")
+                        .then(|| fields.get(9).map(|s| s.to_string()))?
+                })
+        })?;
+    let needle = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            std::fs::read_dir(entry.path().join("fd"))
+                .ok()?
+                .filter_map(Result::ok)
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == needle)
+                })
+                .then_some(pid)
+        })
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Percentiles {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// One operation's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpReport {
+    pub op: &'static str,
+    pub ok: u64,
+    /// Completed per second over the run.
+    pub achieved_per_sec: f64,
+    pub latency_ms: Option<Percentiles>,
+    /// By status code, or `timeout`, `connect`, `dropped` (not started: the generator's
+    /// in-flight bound was full).
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecondReport {
+    pub at: u64,
+    pub offered: u64,
+    pub completed: u64,
+    pub errors: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub processed_p50_ms: Option<f64>,
+    pub processed_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub rule: String,
+    pub passed: bool,
+    pub observed: String,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub target: String,
+    pub duration_secs: f64,
+    pub offered: u64,
+    pub completed: u64,
+    pub offered_per_sec: f64,
+    pub achieved_per_sec: f64,
+    /// Operations the generator could not start (its in-flight bound was full): when not 0,
+    /// the generator was a limit, and the figures understate what was offered.
+    pub dropped: u64,
+    pub operations: Vec<OpReport>,
+    /// From each upload's 202 to `processed`.
+    pub processed_ms: Option<Percentiles>,
+    pub seconds: Vec<SecondReport>,
+    pub samples: Samples,
+    /// The server process CPU and RSS were read from, if found.
+    pub server_pid: Option<u32>,
+    pub thresholds: Vec<Verdict>,
+}
+
+impl Report {
+    pub(super) fn new(
+        scenario: &Scenario,
+        target: &str,
+        pid: Option<u32>,
+        recorder: &Recorder,
+        samples: Samples,
+    ) -> Report {
+        let duration = scenario.duration().as_secs_f64().max(1e-9);
+        let operations: Vec<OpReport> = recorder
+            .ops
+            .iter()
+            .map(|(op, stats)| OpReport {
+                op: op.name(),
+                ok: stats.ok,
+                achieved_per_sec: stats.ok as f64 / duration,
+                latency_ms: stats.latency.as_ref().map(Percentiles::of),
+                errors: stats.errors.clone(),
+            })
+            .collect();
+        let seconds: Vec<SecondReport> = recorder
+            .seconds
+            .iter()
+            .enumerate()
+            .map(|(at, s)| {
+                let q = |h: &Option<Histogram<u64>>, p: f64| {
+                    h.as_ref().map(|h| h.value_at_quantile(p) as f64 / 1000.0)
+                };
+                SecondReport {
+                    at: at as u64,
+                    offered: s.offered,
+                    completed: s.completed,
+                    errors: s.errors,
+                    p50_ms: q(&s.latency, 0.5),
+                    p99_ms: q(&s.latency, 0.99),
+                    processed_p50_ms: q(&s.processed, 0.5),
+                    processed_p99_ms: q(&s.processed, 0.99),
+                }
+            })
+            .collect();
+        let offered: u64 = seconds.iter().map(|s| s.offered).sum();
+        let completed: u64 = seconds.iter().map(|s| s.completed).sum();
+        let mut report = Report {
+            scenario: scenario.name.clone(),
+            target: target.to_owned(),
+            duration_secs: duration,
+            offered,
+            completed,
+            offered_per_sec: offered as f64 / duration,
+            achieved_per_sec: completed as f64 / duration,
+            dropped: recorder.dropped,
+            operations,
+            processed_ms: recorder.processed.as_ref().map(Percentiles::of),
+            seconds,
+            samples,
+            server_pid: pid,
+            thresholds: Vec::new(),
+        };
+        report.thresholds = scenario
+            .thresholds()
+            .into_iter()
+            .map(|(rule, t)| report.judge(rule, &t, recorder))
+            .collect();
+        report
+    }
+
+    fn judge(&self, rule: String, threshold: &Threshold, recorder: &Recorder) -> Verdict {
+        let (passed, observed) = match threshold {
+            Threshold::Latency {
+                op,
+                percentile,
+                below,
+            } => {
+                let h = match op {
+                    Some(op) => recorder.ops.get(op).and_then(|s| s.latency.as_ref()),
+                    None => recorder.processed.as_ref(),
+                };
+                match h {
+                    Some(h) => {
+                        let us = h.value_at_quantile(percentile / 100.0);
+                        (
+                            Duration::from_micros(us) < *below,
+                            format!("p{percentile} was {:.1} ms", us as f64 / 1000.0),
+                        )
+                    }
+                    None => (false, "nothing was measured".to_owned()),
+                }
+            }
+            Threshold::Errors { below_percent } => {
+                let errors: u64 = self.operations.iter().flat_map(|o| o.errors.values()).sum();
+                let all = errors + self.operations.iter().map(|o| o.ok).sum::<u64>();
+                let percent = errors as f64 * 100.0 / all.max(1) as f64;
+                (
+                    percent < *below_percent,
+                    format!("{percent:.2}% of {all} failed"),
+                )
+            }
+            Threshold::LagBounded => {
+                let mut worst = Vec::new();
+                let mut passed = true;
+                for (group, series) in &self.samples.lag {
+                    let half = &series[..series.len() / 2];
+                    let early = half.iter().copied().fold(0.0, f64::max);
+                    let last = series.last().copied().unwrap_or(0.0);
+                    if last > early + 10.0 {
+                        passed = false;
+                    }
+                    worst.push(format!(
+                        "{group}: {last:.0} at the end, {early:.0} at most in the first half"
+                    ));
+                }
+                if self.samples.lag.is_empty() {
+                    (false, "no lag was read from /metrics".to_owned())
+                } else {
+                    (passed, worst.join("; "))
+                }
+            }
+        };
+        Verdict {
+            rule,
+            passed,
+            observed,
+        }
+    }
+
+    /// The summary, for the terminal.
+    pub fn print(&self) {
+        println!(
+            "{} against {}: {:.0} s, offered {:.1}/s, completed {:.1}/s{}",
+            self.scenario,
+            self.target,
+            self.duration_secs,
+            self.offered_per_sec,
+            self.achieved_per_sec,
+            if self.dropped > 0 {
+                format!(
+                    " ({} dropped by the generator's in-flight bound)",
+                    self.dropped
+                )
+            } else {
+                String::new()
+            }
+        );
+        println!(
+            "  {:<16} {:>9} {:>9} {:>9} {:>9} {:>9}  errors",
+            "operation", "ok/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
+        );
+        for op in &self.operations {
+            let p = op.latency_ms.as_ref();
+            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            println!(
+                "  {:<16} {:>9.1} {:>9} {:>9} {:>9} {:>9}  {:?}",
+                op.op,
+                op.achieved_per_sec,
+                f(p.map(|p| p.p50)),
+                f(p.map(|p| p.p90)),
+                f(p.map(|p| p.p99)),
+                f(p.map(|p| p.max)),
+                op.errors
+            );
+        }
+        if let Some(p) = &self.processed_ms {
+            println!(
+                "  upload → processed: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} uploads)",
+                p.p50, p.p99, p.max, p.count
+            );
+        }
+        for v in &self.thresholds {
+            println!(
+                "  {} {} ({})",
+                if v.passed { "PASS" } else { "FAIL" },
+                v.rule,
+                v.observed
+            );
+        }
+    }
+}
+
+/// One line of a chart: its name and its points.
+type Series = (String, Vec<(f64, f64)>);
+
+/// An SVG line chart of `series` over seconds, with `y` as its unit.
+fn chart(title: &str, y: &str, series: &[Series]) -> String {
+    use plotters::prelude::*;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
+        let _ = root.fill(&WHITE);
+        let x_max = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
+            .fold(1.0, f64::max);
+        let y_max = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+            .fold(0.0, f64::max)
+            .max(1e-9)
+            * 1.1;
+        // A chart that cannot be drawn leaves its area blank rather than failing the report.
+        let _ = (|| -> Option<()> {
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+                .ok()?;
+            chart
+                .configure_mesh()
+                .x_desc("seconds")
+                .y_desc(y)
+                .draw()
+                .ok()?;
+            for (i, (name, points)) in series.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(
+                        points.iter().copied(),
+                        color.stroke_width(2),
+                    ))
+                    .ok()?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .ok()?;
+            root.present().ok()
+        })();
+    }
+    svg
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The report as one HTML page: the summary, the thresholds, and the charts inline.
+pub fn html(report: &Report) -> String {
+    let per_second = |f: &dyn Fn(&SecondReport) -> Option<f64>| -> Vec<(f64, f64)> {
+        report
+            .seconds
+            .iter()
+            .filter_map(|s| Some((s.at as f64, f(s)?)))
+            .collect()
+    };
+    let samples = &report.samples;
+    let over_samples = |values: &[f64]| -> Vec<(f64, f64)> {
+        samples
+            .at
+            .iter()
+            .copied()
+            .zip(values.iter().copied())
+            .collect()
+    };
+    let charts = [
+        chart(
+            "Offered and achieved rate",
+            "operations/s",
+            &[
+                ("offered".into(), per_second(&|s| Some(s.offered as f64))),
+                ("achieved".into(), per_second(&|s| Some(s.completed as f64))),
+                ("errors".into(), per_second(&|s| Some(s.errors as f64))),
+            ],
+        ),
+        chart(
+            "Latency, every operation, from its intended start",
+            "ms",
+            &[
+                ("p50".into(), per_second(&|s| s.p50_ms)),
+                ("p99".into(), per_second(&|s| s.p99_ms)),
+            ],
+        ),
+        chart(
+            "Upload 202 → processed",
+            "ms",
+            &[
+                ("p50".into(), per_second(&|s| s.processed_p50_ms)),
+                ("p99".into(), per_second(&|s| s.processed_p99_ms)),
+            ],
+        ),
+        chart(
+            "Consumer lag per group",
+            "records",
+            &samples
+                .lag
+                .iter()
+                .map(|(group, values)| (group.clone(), over_samples(values)))
+                .collect::<Vec<_>>(),
+        ),
+        chart(
+            "Server CPU",
+            "% of one core",
+            &[("cpu".into(), over_samples(&samples.cpu_percent))],
+        ),
+        chart(
+            "Server memory",
+            "RSS MiB",
+            &[("rss".into(), over_samples(&samples.rss_mib))],
+        ),
+    ];
+    let mut rows = String::new();
+    for op in &report.operations {
+        let p = op.latency_ms.as_ref();
+        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            op.op,
+            op.ok,
+            op.achieved_per_sec,
+            f(p.map(|p| p.p50)),
+            f(p.map(|p| p.p90)),
+            f(p.map(|p| p.p99)),
+            f(p.map(|p| p.max)),
+            escape(&format!("{:?}", op.errors)),
+        ));
+    }
+    let mut verdicts = String::new();
+    for v in &report.thresholds {
+        verdicts.push_str(&format!(
+            "<li class=\"{}\">{} {} ({})</li>\n",
+            if v.passed { "pass" } else { "fail" },
+            if v.passed { "PASS" } else { "FAIL" },
+            escape(&v.rule),
+            escape(&v.observed)
+        ));
+    }
+    let processed = report
+        .processed_ms
+        .as_ref()
+        .map_or("nothing uploaded".to_owned(), |p| {
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} uploads",
+                p.p50, p.p99, p.max, p.count
+            )
+        });
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Conveyor load report: {name}</title>\n\
+         <style>body{{font-family:sans-serif;max-width:820px;margin:2em auto}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}\
+         .pass{{color:#070}}.fail{{color:#b00;font-weight:bold}}figure{{margin:1em 0}}</style></head><body>\n\
+         <h1>Load report: {name}</h1>\n<p>Target {target}, {duration:.0} s: offered {offered:.1} operations/s, \
+         completed {achieved:.1}/s; {dropped} dropped by the generator's in-flight bound. Latency counts from \
+         each operation's intended start (open model). Server process: {pid}.</p>\n\
+         <h2>Operations</h2>\n<table><tr><th>operation</th><th>ok</th><th>ok/s</th><th>p50 ms</th><th>p90 ms</th>\
+         <th>p99 ms</th><th>max ms</th><th>errors</th></tr>\n{rows}</table>\n\
+         <p>Upload 202 → processed: {processed}.</p>\n<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
+         <h2>Charts</h2>\n{charts}\n</body></html>\n",
+        name = escape(&report.scenario),
+        target = escape(&report.target),
+        duration = report.duration_secs,
+        offered = report.offered_per_sec,
+        achieved = report.achieved_per_sec,
+        dropped = report.dropped,
+        pid = report
+            .server_pid
+            .map_or("not found (CPU and RSS not sampled)".to_owned(), |p| p
+                .to_string()),
+        charts = charts
+            .iter()
+            .map(|svg| format!("<figure>{svg}</figure>"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_totals_come_from_the_prometheus_page() {
+        let page = "# TYPE conveyor_consumer_lag_total gauge\n\
+                    conveyor_consumer_lag_total{group=\"processor\"} 12\n\
+                    conveyor_consumer_lag_total{group=\"projector\"} 0\n\
+                    conveyor_consumer_lag{group=\"processor\",partition=\"3\"} 12\n";
+        let lag = lag_totals(page);
+        assert_eq!(lag.get("processor"), Some(&12.0));
+        assert_eq!(lag.get("projector"), Some(&0.0));
+        assert_eq!(lag.len(), 2);
+    }
+
+    #[test]
+    fn this_process_is_found_by_its_listening_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(pid_listening_on(port), Some(std::process::id()));
+        assert!(cpu_ticks(std::process::id()).is_some());
+        assert!(rss_mib(std::process::id()).unwrap() > 0.0);
+    }
+}

@@ -1,0 +1,400 @@
+//! A load scenario, from TOML: the stages that set the offered rate over time, the mix of
+//! operations, and the thresholds that set the exit code.
+//!
+//! ```toml
+//! [[stages]]
+//! kind = "ramp"          # constant | ramp | steps | spike
+//! from = 10              # operations per second
+//! to = 100
+//! duration = "20s"
+//!
+//! [mix]                  # relative weights
+//! upload_photo = 1
+//! read_item = 6
+//! read_timeline = 2
+//! fetch_thumbnail = 2
+//! post_events = 1
+//!
+//! thresholds = ["read_item p99 < 200ms", "processed p99 < 5s", "errors < 1%", "lag bounded"]
+//! ```
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A whole scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Shown in the report.
+    #[serde(default = "default_name")]
+    pub name: String,
+    pub stages: Vec<Stage>,
+    pub mix: Mix,
+    #[serde(default)]
+    pub photos: Photos,
+    /// Each is `"<operation> p<percentile> < <duration>"`, `"processed p<percentile> <
+    /// <duration>"`, `"errors < <percent>%"` or `"lag bounded"`.
+    #[serde(default)]
+    pub thresholds: Vec<String>,
+}
+
+fn default_name() -> String {
+    "scenario".into()
+}
+
+/// A duration written the human way: `500ms`, `30s`, `2m`.
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {e}")))
+}
+
+/// How the offered rate (operations per second) moves during one stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Stage {
+    Constant {
+        rate: f64,
+        #[serde(deserialize_with = "duration")]
+        duration: Duration,
+    },
+    /// From `from` to `to`, linearly.
+    Ramp {
+        from: f64,
+        to: f64,
+        #[serde(deserialize_with = "duration")]
+        duration: Duration,
+    },
+    /// From `from` up by `step` every `every`, until `to` has had its `every`.
+    Steps {
+        from: f64,
+        to: f64,
+        step: f64,
+        #[serde(deserialize_with = "duration")]
+        every: Duration,
+    },
+    /// `base`, with `peak` for `spike` in the middle of `duration`.
+    Spike {
+        base: f64,
+        peak: f64,
+        #[serde(deserialize_with = "duration")]
+        spike: Duration,
+        #[serde(deserialize_with = "duration")]
+        duration: Duration,
+    },
+}
+
+impl Stage {
+    pub fn duration(&self) -> Duration {
+        match *self {
+            Stage::Constant { duration, .. }
+            | Stage::Ramp { duration, .. }
+            | Stage::Spike { duration, .. } => duration,
+            Stage::Steps {
+                from,
+                to,
+                step,
+                every,
+            } => every * (((to - from) / step).floor().max(0.0) as u32 + 1),
+        }
+    }
+
+    /// The offered rate `at` into the stage, in operations per second.
+    pub fn rate(&self, at: Duration) -> f64 {
+        let t = at.as_secs_f64();
+        match *self {
+            Stage::Constant { rate, .. } => rate,
+            Stage::Ramp { from, to, duration } => {
+                from + (to - from) * (t / duration.as_secs_f64().max(1e-9)).min(1.0)
+            }
+            Stage::Steps {
+                from,
+                to,
+                step,
+                every,
+            } => (from + step * (t / every.as_secs_f64()).floor()).min(to),
+            Stage::Spike {
+                base,
+                peak,
+                spike,
+                duration,
+            } => {
+                let start = (duration.saturating_sub(spike) / 2).as_secs_f64();
+                if t >= start && t < start + spike.as_secs_f64() {
+                    peak
+                } else {
+                    base
+                }
+            }
+        }
+    }
+}
+
+/// Relative weights of the operations; 0 leaves one out.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mix {
+    pub upload_photo: u32,
+    pub read_item: u32,
+    pub read_timeline: u32,
+    pub fetch_thumbnail: u32,
+    pub post_events: u32,
+}
+
+/// The photos uploads send: generated noise JPEGs, cycled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Photos {
+    /// `WIDTHxHEIGHT`.
+    pub size: String,
+    /// Distinct files made (each upload sends one, in turn, with a few bytes made unique).
+    pub count: usize,
+}
+
+impl Default for Photos {
+    fn default() -> Self {
+        Photos {
+            size: "800x600".into(),
+            count: 8,
+        }
+    }
+}
+
+/// One operation of the mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    UploadPhoto,
+    ReadItem,
+    ReadTimeline,
+    FetchThumbnail,
+    PostEvents,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [
+        Op::UploadPhoto,
+        Op::ReadItem,
+        Op::ReadTimeline,
+        Op::FetchThumbnail,
+        Op::PostEvents,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::UploadPhoto => "upload_photo",
+            Op::ReadItem => "read_item",
+            Op::ReadTimeline => "read_timeline",
+            Op::FetchThumbnail => "fetch_thumbnail",
+            Op::PostEvents => "post_events",
+        }
+    }
+
+    fn weight(self, mix: &Mix) -> u32 {
+        match self {
+            Op::UploadPhoto => mix.upload_photo,
+            Op::ReadItem => mix.read_item,
+            Op::ReadTimeline => mix.read_timeline,
+            Op::FetchThumbnail => mix.fetch_thumbnail,
+            Op::PostEvents => mix.post_events,
+        }
+    }
+}
+
+/// A rule that sets the exit code.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Threshold {
+    /// An operation's (or `processed`'s, for `None`) latency percentile under a bound.
+    Latency {
+        op: Option<Op>,
+        percentile: f64,
+        below: Duration,
+    },
+    /// Failed operations under this share of all, in percent.
+    Errors { below_percent: f64 },
+    /// Every group's lag at the end no more than at its highest in the first half, plus 10:
+    /// it stopped growing.
+    LagBounded,
+}
+
+impl Threshold {
+    /// # Errors
+    /// A rule in none of the documented forms, named.
+    pub fn parse(text: &str) -> Result<Threshold, String> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let bad = || {
+            format!(
+                "threshold {text:?}: expected \"<operation> p99 < 200ms\", \"processed p99 < 5s\", \
+                 \"errors < 1%\" or \"lag bounded\""
+            )
+        };
+        match words.as_slice() {
+            ["lag", "bounded"] => Ok(Threshold::LagBounded),
+            ["errors", "<", percent] => percent
+                .strip_suffix('%')
+                .and_then(|p| p.parse().ok())
+                .map(|below_percent| Threshold::Errors { below_percent })
+                .ok_or_else(bad),
+            [what, percentile, "<", bound] => {
+                let op = match *what {
+                    "processed" => None,
+                    name => Some(
+                        Op::ALL
+                            .into_iter()
+                            .find(|op| op.name() == name)
+                            .ok_or_else(bad)?,
+                    ),
+                };
+                let percentile = percentile
+                    .strip_prefix('p')
+                    .and_then(|p| p.parse::<f64>().ok())
+                    .filter(|p| (0.0..=100.0).contains(p))
+                    .ok_or_else(bad)?;
+                let below = humantime::parse_duration(bound).map_err(|_| bad())?;
+                Ok(Threshold::Latency {
+                    op,
+                    percentile,
+                    below,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Scenario {
+    /// Reads and checks a scenario.
+    ///
+    /// # Errors
+    /// TOML that does not parse (with the field), no stages, an empty mix, a negative rate, or
+    /// a threshold in no documented form.
+    pub fn parse(text: &str) -> Result<Scenario, String> {
+        let scenario: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
+        if scenario.stages.is_empty() {
+            return Err("a scenario needs at least one [[stages]]".into());
+        }
+        if Op::ALL.iter().all(|op| op.weight(&scenario.mix) == 0) {
+            return Err("[mix] gives every operation a weight of 0".into());
+        }
+        for stage in &scenario.stages {
+            let rates = match *stage {
+                Stage::Constant { rate, .. } => vec![rate],
+                Stage::Ramp { from, to, .. } => vec![from, to],
+                Stage::Steps { from, to, step, .. } => vec![from, to, step],
+                Stage::Spike { base, peak, .. } => vec![base, peak],
+            };
+            if rates.iter().any(|r| !r.is_finite() || *r < 0.0) {
+                return Err(format!("{stage:?}: rates must be 0 or more"));
+            }
+            if let Stage::Steps { step, .. } = stage
+                && *step <= 0.0
+            {
+                return Err("steps: `step` must be more than 0".into());
+            }
+        }
+        for t in &scenario.thresholds {
+            Threshold::parse(t)?;
+        }
+        Ok(scenario)
+    }
+
+    pub fn duration(&self) -> Duration {
+        self.stages.iter().map(Stage::duration).sum()
+    }
+
+    /// The offered rate `at` into the run; 0 after the end.
+    pub fn rate(&self, at: Duration) -> f64 {
+        let mut start = Duration::ZERO;
+        for stage in &self.stages {
+            let end = start + stage.duration();
+            if at < end {
+                return stage.rate(at - start);
+            }
+            start = end;
+        }
+        0.0
+    }
+
+    /// The operation for a draw `u` in `0..total weight`.
+    pub fn pick(&self, u: u32) -> Op {
+        let mut left = u;
+        for op in Op::ALL {
+            let w = op.weight(&self.mix);
+            if left < w {
+                return op;
+            }
+            left -= w;
+        }
+        Op::ReadItem
+    }
+
+    pub fn total_weight(&self) -> u32 {
+        Op::ALL.iter().map(|op| op.weight(&self.mix)).sum()
+    }
+
+    pub fn thresholds(&self) -> Vec<(String, Threshold)> {
+        self.thresholds
+            .iter()
+            .map(|t| (t.clone(), Threshold::parse(t).expect("checked by parse")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_set_the_rate_over_time() {
+        let s = Scenario::parse(
+            r#"
+            thresholds = ["read_item p99 < 200ms", "processed p99.9 < 5s", "errors < 1%", "lag bounded"]
+            [[stages]]
+            kind = "ramp"
+            from = 0
+            to = 100
+            duration = "10s"
+            [[stages]]
+            kind = "steps"
+            from = 10
+            to = 30
+            step = 10
+            every = "2s"
+            [[stages]]
+            kind = "spike"
+            base = 5
+            peak = 50
+            spike = "2s"
+            duration = "10s"
+            [mix]
+            read_item = 3
+            upload_photo = 1
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.duration(), Duration::from_secs(26));
+        assert_eq!(s.rate(Duration::from_secs(5)), 50.0);
+        assert_eq!(s.rate(Duration::from_secs(11)), 10.0);
+        assert_eq!(s.rate(Duration::from_secs(15)), 30.0);
+        assert_eq!(s.rate(Duration::from_secs(17)), 5.0);
+        assert_eq!(s.rate(Duration::from_secs(21)), 50.0);
+        assert_eq!(s.rate(Duration::from_secs(26)), 0.0);
+        assert_eq!(
+            (s.pick(0), s.pick(1), s.pick(3)),
+            (Op::UploadPhoto, Op::ReadItem, Op::ReadItem)
+        );
+        assert_eq!(s.thresholds().len(), 4);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let no_mix = "[[stages]]\nkind = \"constant\"\nrate = 1\nduration = \"1s\"\n[mix]\n";
+        assert!(Scenario::parse(no_mix).unwrap_err().contains("weight of 0"));
+        let typo =
+            "[[stages]]\nkind = \"constant\"\nrat = 1\nduration = \"1s\"\n[mix]\nread_item = 1\n";
+        assert!(Scenario::parse(typo).unwrap_err().contains("rat"));
+        assert!(Threshold::parse("read_itme p99 < 1s").is_err());
+        assert!(Threshold::parse("read_item p99 < soon").is_err());
+    }
+}

@@ -1,0 +1,205 @@
+//! `conveyor loadtest run` against a real `serve`: the reports hold every operation's
+//! percentiles, the pipeline's latency and lag, and charts that drew; a threshold that cannot
+//! hold fails the run and is named.
+
+use conveyor_tests::helpers::{ALICE, conveyor_binary, start_process};
+use serde_json::Value;
+
+const SCENARIO: &str = r#"
+name = "short mix"
+thresholds = THRESHOLDS
+
+[[stages]]
+kind = "ramp"
+from = 5
+to = 30
+duration = "3s"
+
+[[stages]]
+kind = "constant"
+rate = 30
+duration = "2s"
+
+[mix]
+upload_photo = 1
+read_item = 3
+read_timeline = 1
+fetch_thumbnail = 1
+post_events = 1
+
+[photos]
+size = "320x240"
+count = 3
+"#;
+
+/// Runs `loadtest run` with `thresholds` against `address`; returns its exit status, stderr,
+/// and the report directory.
+fn run(
+    address: &str,
+    dir: &std::path::Path,
+    thresholds: &str,
+) -> (std::process::Output, std::path::PathBuf) {
+    let scenario = dir.join(format!("scenario-{}.toml", thresholds.len()));
+    std::fs::write(&scenario, SCENARIO.replace("THRESHOLDS", thresholds)).unwrap();
+    let out = dir.join(format!("report-{}", thresholds.len()));
+    let output = std::process::Command::new(conveyor_binary())
+        .args(["loadtest", "run"])
+        .arg(&scenario)
+        .args([
+            "--target",
+            address,
+            "--key",
+            ALICE,
+            "--service-key",
+            "svc-key",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    (output, out)
+}
+
+/// The `points` of every data line (plotters draws series 2 px wide) in an SVG.
+fn data_lines(svg: &str) -> Vec<usize> {
+    svg.split("stroke-width=\"2\" points=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap().split_whitespace().count())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_process(
+        "serve",
+        dir.path(),
+        &[
+            ("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}")),
+            ("CONVEYOR__AUTH__SERVICE_KEYS", "svc:svc-key".to_owned()),
+        ],
+    );
+    let address = server.address.clone();
+    let path = dir.path().to_owned();
+    let (output, out) = tokio::task::spawn_blocking(move || {
+        run(
+            &address,
+            &path,
+            r#"["read_item p99 < 10s", "errors < 5%", "lag bounded"]"#,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let operations = report["operations"].as_array().unwrap();
+    let names: Vec<&str> = operations
+        .iter()
+        .map(|o| o["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "upload_photo",
+            "read_item",
+            "read_timeline",
+            "fetch_thumbnail",
+            "post_events"
+        ]
+    );
+    for op in operations {
+        assert!(op["ok"].as_u64().unwrap() > 0, "{op}");
+        let latency = &op["latency_ms"];
+        for p in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(latency[p].as_f64().unwrap() > 0.0, "{op}");
+        }
+        assert!(latency["p50"].as_f64() <= latency["p99"].as_f64());
+    }
+    assert!(report["processed_ms"]["count"].as_u64().unwrap() > 0);
+    assert!(
+        report["offered"].as_u64().unwrap() >= 60,
+        "{}",
+        report["offered"]
+    );
+    assert_eq!(report["dropped"], 0);
+    // The server itself was found and sampled, and every group's lag was read.
+    assert_eq!(
+        report["server_pid"].as_u64(),
+        Some(u64::from(server.child.id()))
+    );
+    let samples = &report["samples"];
+    assert!(
+        samples["rss_mib"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r.as_f64().unwrap() > 1.0)
+    );
+    for group in ["processor", "projector", "transcoder"] {
+        assert!(
+            samples["lag"][group].as_array().unwrap().len() >= 4,
+            "{group}: {samples}"
+        );
+    }
+    assert!(
+        report["thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["passed"] == true)
+    );
+
+    // Every chart drew lines with data points.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let charts: Vec<&str> = html.split("<svg").skip(1).collect();
+    assert_eq!(charts.len(), 6);
+    for (i, chart) in charts.iter().enumerate() {
+        let lines = data_lines(chart);
+        assert!(
+            lines.iter().any(|&points| points >= 2),
+            "chart {i} has no data: {lines:?}"
+        );
+    }
+    assert!(!html.contains("<script"), "self-contained, no scripts");
+
+    // A threshold that cannot hold fails the run, by name.
+    let path = dir.path().to_owned();
+    let address = server.address.clone();
+    let (output, _) = tokio::task::spawn_blocking(move || {
+        run(&address, &path, r#"["read_item p99 < 1us", "errors < 5%"]"#)
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("threshold failed: read_item p99 < 1us"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("errors < 5%"),
+        "only the broken one: {stderr}"
+    );
+}
+
+#[test]
+fn a_remote_target_is_refused_without_allow_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("s.toml");
+    std::fs::write(&scenario, SCENARIO.replace("THRESHOLDS", "[]")).unwrap();
+    let output = std::process::Command::new(conveyor_binary())
+        .args(["loadtest", "run"])
+        .arg(&scenario)
+        .args(["--target", "http://192.0.2.1:8080", "--key", "k"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--allow-remote"), "{stderr}");
+}
