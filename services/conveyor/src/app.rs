@@ -301,7 +301,8 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             backends.log.clone(),
             settings.topic().to_owned(),
             groups,
-            Duration::from_secs(5),
+            // Every second: `loadtest run` reads lag from /metrics to see a group fall behind.
+            Duration::from_secs(1),
             shutdown.token.clone(),
         ));
     }

@@ -357,6 +357,27 @@ pub enum LoadtestCommand {
         /// Most operations in flight; past it, operations are counted as dropped.
         #[arg(long, default_value_t = 512)]
         max_in_flight: usize,
+        /// Ignore the scenario's stages: offer its mix at rising constant rates, a step at a
+        /// time, until one breaks (p99 over --p99, 1 % errors, under 90 % achieved, or a
+        /// consumer group's lag growing), and report the highest rate that held and the stage
+        /// that broke, with the evidence.
+        #[arg(long)]
+        find_capacity: bool,
+        /// The first step's rate, operations per second.
+        #[arg(long, default_value_t = 10.0, requires = "find_capacity")]
+        from: f64,
+        /// Each step's rate is the last one's times this.
+        #[arg(long, default_value_t = 1.5, requires = "find_capacity")]
+        factor: f64,
+        /// Length of each step.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, requires = "find_capacity")]
+        step: std::time::Duration,
+        /// Most steps.
+        #[arg(long, default_value_t = 12, requires = "find_capacity")]
+        max_steps: usize,
+        /// A step holds while its p99 (all operations) is under this.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration, requires = "find_capacity")]
+        p99: std::time::Duration,
     },
     /// Video through the embedded pipeline (upload → processed) against the plain `ffmpeg`
     /// command with the same outputs on the same file; then photo latency, idle and behind a

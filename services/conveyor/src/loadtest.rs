@@ -78,6 +78,12 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             allow_remote,
             pid,
             max_in_flight,
+            find_capacity,
+            from,
+            factor,
+            step,
+            max_steps,
+            p99,
         } => {
             let dev_key = |name: &str| {
                 std::fs::read_to_string(Path::new("data").join(name))
@@ -96,6 +102,13 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
                 allow_remote,
                 pid,
                 max_in_flight,
+                find_capacity: find_capacity.then_some(crate::capacity::Search {
+                    from,
+                    factor,
+                    step,
+                    max_steps,
+                    p99,
+                }),
             })
             .await?;
             if !passed {

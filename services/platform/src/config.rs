@@ -239,6 +239,10 @@ pub struct ProcessorSettings {
     pub workers: usize,
     /// Records of one partition in flight at once. Offsets commit up to the lowest unfinished.
     pub per_partition: usize,
+    /// Extra time each image takes, in milliseconds, holding its worker: a knob for load tests
+    /// that need a slow processor (`loadtest run --find-capacity` must name it). 0, the
+    /// default, in production.
+    pub delay_ms: u64,
 }
 
 /// Video: what is accepted, and how the transcoder (`conveyor transcode`, and `serve`) runs
@@ -584,6 +588,7 @@ impl Default for ProcessorSettings {
             group: "processor".into(),
             workers: 0,
             per_partition: 2,
+            delay_ms: 0,
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Processor {
     topic: String,
     /// Bounds the images decoded at once: decoding is CPU- and memory-heavy.
     cpu: Arc<Semaphore>,
+    /// `processor.delay_ms`, for load tests.
+    delay: std::time::Duration,
 }
 
 impl Processor {
@@ -53,6 +55,7 @@ impl Processor {
             limits: settings.limits.clone(),
             topic: settings.topic().to_owned(),
             cpu: Arc::new(Semaphore::new(workers)),
+            delay: std::time::Duration::from_millis(settings.processor.delay_ms),
         }
     }
 
@@ -138,6 +141,9 @@ impl Processor {
             .acquire_owned()
             .await
             .expect("semaphore is never closed");
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let limits = self.limits.clone();
         let limit_ms = limits.max_render_ms;
         // The header checks run here too, off the async threads: a PNG's chunks or a GIF's

@@ -203,3 +203,73 @@ fn a_remote_target_is_refused_without_allow_remote() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--allow-remote"), "{stderr}");
 }
+
+/// `--find-capacity` against a `serve` whose processor is slowed on purpose
+/// (`processor.delay_ms`, one worker: about 4 images a second) names the processor group,
+/// not the edge, and the highest rate that held is below where uploads outrun it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_capacity_names_a_slowed_processor_as_the_bottleneck() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_process(
+        "serve",
+        dir.path(),
+        &[
+            ("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}")),
+            ("CONVEYOR__PROCESSOR__DELAY_MS", "250".to_owned()),
+            ("CONVEYOR__PROCESSOR__WORKERS", "1".to_owned()),
+        ],
+    );
+    let scenario = dir.path().join("uploads.toml");
+    std::fs::write(
+        &scenario,
+        "[[stages]]\nkind = \"constant\"\nrate = 1\nduration = \"1s\"\n\
+         [mix]\nupload_photo = 1\nread_item = 1\n[photos]\nsize = \"320x240\"\ncount = 2\n",
+    )
+    .unwrap();
+    let out = dir.path().join("report");
+    let address = server.address.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(conveyor_binary())
+            .args(["loadtest", "run"])
+            .arg(&scenario)
+            .args(["--target", &address, "--key", ALICE, "--out"])
+            .arg(&out)
+            .args([
+                "--find-capacity",
+                "--from",
+                "2",
+                "--factor",
+                "2",
+                "--step",
+                "4s",
+            ])
+            .args(["--max-steps", "6"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report/report.json")).unwrap())
+            .unwrap();
+    let capacity = &report["capacity"];
+    let bottleneck = capacity["bottleneck"].as_str().unwrap_or_default();
+    assert!(
+        bottleneck.starts_with("consumer group processor"),
+        "{bottleneck}\n{stdout}"
+    );
+    // 8 operations/s offer 4 uploads/s, about what one slowed worker takes; 16 is past it.
+    let sustained = capacity["sustainable_rate"].as_f64().unwrap();
+    assert!((2.0..16.0).contains(&sustained), "{sustained}\n{stdout}");
+    let html = std::fs::read_to_string(dir.path().join("report/report.html")).unwrap();
+    assert!(
+        html.contains("Bottleneck: <b>consumer group processor"),
+        "the report says so"
+    );
+}

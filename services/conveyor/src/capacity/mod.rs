@@ -40,6 +40,23 @@ pub struct Options {
     /// Operations in flight at most; past it an operation is counted as `dropped`, and the
     /// report says the generator, not the server, was the limit.
     pub max_in_flight: usize,
+    /// Instead of the scenario's stages, raise the rate step by step until the pipeline
+    /// breaks, and report the highest rate it sustained and what broke.
+    pub find_capacity: Option<Search>,
+}
+
+/// How `--find-capacity` raises the rate.
+#[derive(Debug, Clone)]
+pub struct Search {
+    /// The first step's rate, in operations per second.
+    pub from: f64,
+    /// Each step's rate is the last one's times this.
+    pub factor: f64,
+    pub step: Duration,
+    pub max_steps: usize,
+    /// A step holds while the p99 of all its operations (after its first second) is under
+    /// this.
+    pub p99: Duration,
 }
 
 /// Latency histograms in microseconds, 1 µs to 1 hour, 3 significant digits.
@@ -230,12 +247,81 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     );
     let in_flight = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    let capacity = match &options.find_capacity {
+        None => {
+            let rate = |at: Duration| scenario.rate(at);
+            drive(
+                &run,
+                &scenario,
+                &rate,
+                Duration::ZERO,
+                duration,
+                &in_flight,
+                &mut tasks,
+                &bar,
+            )
+            .await;
+            None
+        }
+        Some(search) => Some(
+            find_capacity(
+                &run, &scenario, search, &in_flight, &mut tasks, &bar, &samples,
+            )
+            .await,
+        ),
+    };
+    let driven = run.started.elapsed();
+    bar.set_message("draining");
+    let drain = tokio::time::timeout(Duration::from_secs(60), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drain.is_err() {
+        tasks.abort_all();
+    }
+    bar.finish_and_clear();
+    // A few seconds more of lag and CPU, to see the pipeline settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sampling.abort();
+
+    let samples = samples.lock().unwrap().clone();
+    let recorder = run.recorder.lock().unwrap();
+    let mut report = report::Report::new(&scenario, driven, &run.base, pid, &recorder, samples);
+    report.capacity = capacity;
+    std::fs::create_dir_all(&options.out)?;
+    let json = options.out.join("report.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+    let html = options.out.join("report.html");
+    std::fs::write(&html, report::html(&report))?;
+    report.print();
+    println!("report: {} and {}", html.display(), json.display());
+    let failed: Vec<&report::Verdict> = report.thresholds.iter().filter(|t| !t.passed).collect();
+    for f in &failed {
+        eprintln!("threshold failed: {} ({})", f.rule, f.observed);
+    }
+    Ok(failed.is_empty())
+}
+
+/// Offers operations from `offset` to `offset + length` into the run, at `rate(t)` per second
+/// (`t` from the start of the run), each started at its intended time.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    run: &Arc<Run>,
+    scenario: &Scenario,
+    rate: &dyn Fn(Duration) -> f64,
+    offset: Duration,
+    length: Duration,
+    in_flight: &Arc<tokio::sync::Semaphore>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    bar: &indicatif::ProgressBar,
+) {
     let total_weight = scenario.total_weight();
-    let mut next = 0.0f64;
-    let end = duration.as_secs_f64();
+    let bound = in_flight.available_permits() + tasks.len();
+    let mut next = offset.as_secs_f64();
+    let end = (offset + length).as_secs_f64();
     while next < end {
-        let rate = scenario.rate(Duration::from_secs_f64(next));
-        if rate <= 0.0 {
+        let per_sec = rate(Duration::from_secs_f64(next));
+        if per_sec <= 0.0 {
             next += 0.01;
             continue;
         }
@@ -243,8 +329,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         tokio::time::sleep_until((run.started + at).into()).await;
         bar.set_position(at.as_secs());
         bar.set_message(format!(
-            "{rate:.0} ops/s offered, {} in flight",
-            options.max_in_flight - in_flight.available_permits()
+            "{per_sec:.0} ops/s offered, {} in flight",
+            bound.saturating_sub(in_flight.available_permits())
         ));
         let op = scenario.pick(rand::random_range(0..total_weight));
         run.recorder.lock().unwrap().offered(at);
@@ -267,38 +353,58 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                 recorder.finished(op, at, Duration::ZERO, Some("dropped".into()));
             }
         }
-        next += 1.0 / rate;
+        next += 1.0 / per_sec;
         // Reap what finished, so the set stays small.
         while tasks.try_join_next().is_some() {}
     }
-    bar.set_message("draining");
-    let drain = tokio::time::timeout(Duration::from_secs(60), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drain.is_err() {
-        tasks.abort_all();
-    }
-    bar.finish_and_clear();
-    // A few seconds more of lag and CPU, to see the pipeline settle.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    sampling.abort();
+}
 
-    let samples = samples.lock().unwrap().clone();
-    let recorder = run.recorder.lock().unwrap();
-    let report = report::Report::new(&scenario, &run.base, pid, &recorder, samples);
-    std::fs::create_dir_all(&options.out)?;
-    let json = options.out.join("report.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
-    let html = options.out.join("report.html");
-    std::fs::write(&html, report::html(&report))?;
-    report.print();
-    println!("report: {} and {}", html.display(), json.display());
-    let failed: Vec<&report::Verdict> = report.thresholds.iter().filter(|t| !t.passed).collect();
-    for f in &failed {
-        eprintln!("threshold failed: {} ({})", f.rule, f.observed);
+/// Raises the rate step by step (the scenario's mix, constant within a step) until a step
+/// breaks: an operation's p99 over the bound, 1 % or more errors, under 90 % of the offered
+/// rate achieved, or a consumer group's lag growing through the step. Returns every step and
+/// the verdict.
+async fn find_capacity(
+    run: &Arc<Run>,
+    scenario: &Scenario,
+    search: &Search,
+    in_flight: &Arc<tokio::sync::Semaphore>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    bar: &indicatif::ProgressBar,
+    samples: &Arc<Mutex<report::Samples>>,
+) -> report::CapacityReport {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut steps = Vec::new();
+    let mut rate = search.from.max(0.1);
+    let mut offset = Duration::ZERO;
+    for _ in 0..search.max_steps.max(1) {
+        let constant = |_: Duration| rate;
+        drive(
+            run,
+            scenario,
+            &constant,
+            offset,
+            search.step,
+            in_flight,
+            tasks,
+            bar,
+        )
+        .await;
+        // One more second for the step's last operations and the samplers.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let step = {
+            let recorder = run.recorder.lock().unwrap();
+            let samples = samples.lock().unwrap();
+            report::judge_step(rate, offset, search, &recorder, &samples, cores)
+        };
+        let broke = step.broke.is_some();
+        steps.push(step);
+        if broke {
+            break;
+        }
+        offset += search.step + Duration::from_secs(1);
+        rate *= search.factor.max(1.01);
     }
-    Ok(failed.is_empty())
+    report::CapacityReport::new(steps, cores)
 }
 
 /// Uploads the photos once and waits for them, so that reads have items, a timeline and
@@ -503,7 +609,9 @@ impl Run {
         let url = format!("{}/v1/media/{id}", self.base);
         let deadline = accepted + Duration::from_secs(60);
         while self.started.elapsed() < deadline {
-            let body: Value = match self.client.get(&url).bearer_auth(&self.key).send().await {
+            // Without the key: uploads are public, and a keyless read is not counted against
+            // the key's rate limit, which the generator's own polling would otherwise spend.
+            let body: Value = match self.client.get(&url).send().await {
                 Ok(r) => r.json().await.unwrap_or_default(),
                 Err(_) => Value::Null,
             };

@@ -225,17 +225,162 @@ pub struct Report {
     /// The server process CPU and RSS were read from, if found.
     pub server_pid: Option<u32>,
     pub thresholds: Vec<Verdict>,
+    /// What `--find-capacity` found.
+    pub capacity: Option<CapacityReport>,
+}
+
+/// One step of `--find-capacity`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// Offered, operations per second.
+    pub rate: f64,
+    /// Completed without error per second, over the step after its first second.
+    pub achieved: f64,
+    pub p99_ms: f64,
+    pub errors_percent: f64,
+    /// Each group's lag at the step's end minus at its start, in records.
+    pub lag_growth: BTreeMap<String, f64>,
+    /// The server's mean CPU over the step, in percent of one core.
+    pub cpu_percent: f64,
+    /// What broke, with the evidence; `None` when the step held.
+    pub broke: Option<String>,
+}
+
+/// The verdict of `--find-capacity`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CapacityReport {
+    pub steps: Vec<StepReport>,
+    /// The highest offered rate that held, operations per second; `None` if the first step
+    /// broke.
+    pub sustainable_rate: Option<f64>,
+    /// The stage that saturated first, with its evidence; `None` if no step broke.
+    pub bottleneck: Option<String>,
+    /// Cores on the machine the generator ran on (the server's, for a local target).
+    pub cores: usize,
+}
+
+impl CapacityReport {
+    pub(super) fn new(steps: Vec<StepReport>, cores: usize) -> Self {
+        CapacityReport {
+            sustainable_rate: steps
+                .iter()
+                .take_while(|s| s.broke.is_none())
+                .map(|s| s.rate)
+                .last(),
+            bottleneck: steps.iter().find_map(|s| s.broke.clone()),
+            steps,
+            cores,
+        }
+    }
+}
+
+/// Judges the step offered at `rate` from `offset` for `search.step`: the first check that
+/// fails names the stage that saturated. A consumer group whose lag grew through the step is
+/// named first, since a pipeline that falls behind breaks even while the edge answers fast;
+/// then the edge, by latency, errors or throughput, with the server's CPU as the evidence of
+/// whether the machine was the limit.
+pub(super) fn judge_step(
+    rate: f64,
+    offset: Duration,
+    search: &super::Search,
+    recorder: &Recorder,
+    samples: &Samples,
+    cores: usize,
+) -> StepReport {
+    let first = offset.as_secs() as usize + 1;
+    let last = (offset + search.step).as_secs() as usize;
+    let window = recorder
+        .seconds
+        .get(first..last.min(recorder.seconds.len()))
+        .unwrap_or(&[]);
+    let mut latency = super::histogram();
+    let (mut completed, mut errors) = (0u64, 0u64);
+    for second in window {
+        if let Some(h) = &second.latency {
+            let _ = latency.add(h);
+        }
+        completed += second.completed;
+        errors += second.errors;
+    }
+    let secs = window.len().max(1) as f64;
+    let achieved = completed as f64 / secs;
+    let p99_ms = latency.value_at_quantile(0.99) as f64 / 1000.0;
+    let errors_percent = errors as f64 * 100.0 / (completed + errors).max(1) as f64;
+    let (from, to) = (
+        offset.as_secs_f64(),
+        (offset + search.step).as_secs_f64() + 1.0,
+    );
+    let in_step: Vec<usize> = samples
+        .at
+        .iter()
+        .enumerate()
+        .filter(|(_, at)| **at >= from && **at <= to)
+        .map(|(i, _)| i)
+        .collect();
+    let lag_growth: BTreeMap<String, f64> = samples
+        .lag
+        .iter()
+        .filter_map(|(group, series)| {
+            let (a, b) = (*in_step.first()?, *in_step.last()?);
+            Some((group.clone(), series.get(b)? - series.get(a)?))
+        })
+        .collect();
+    let cpu_percent = in_step
+        .iter()
+        .filter_map(|&i| samples.cpu_percent.get(i))
+        .sum::<f64>()
+        / in_step.len().max(1) as f64;
+    let lag_bound = (0.05 * rate * search.step.as_secs_f64()).max(10.0);
+    let cpu = format!("server CPU {cpu_percent:.0}% of {}", cores * 100);
+    let saturated = cpu_percent >= 85.0 * cores as f64;
+    let broke = if let Some((group, grew)) = lag_growth
+        .iter()
+        .filter(|(_, grew)| **grew > lag_bound)
+        .max_by(|a, b| a.1.total_cmp(b.1))
+    {
+        Some(format!(
+            "consumer group {group}: its lag grew by {grew:.0} records in the step (more than \
+             {lag_bound:.0}); {cpu}"
+        ))
+    } else if p99_ms > search.p99.as_secs_f64() * 1000.0
+        || errors_percent >= 1.0
+        || achieved < 0.9 * rate
+    {
+        let what = if saturated {
+            "the server's CPU"
+        } else {
+            "the HTTP edge"
+        };
+        Some(format!(
+            "{what}: p99 {p99_ms:.1} ms (bound {:.0} ms), {errors_percent:.1}% errors, \
+             {achieved:.1}/s achieved of {rate:.1}/s offered; {cpu}",
+            search.p99.as_secs_f64() * 1000.0
+        ))
+    } else {
+        None
+    };
+    StepReport {
+        rate,
+        achieved,
+        p99_ms,
+        errors_percent,
+        lag_growth,
+        cpu_percent,
+        broke,
+    }
 }
 
 impl Report {
+    /// The report of a run that offered load for `driven`.
     pub(super) fn new(
         scenario: &Scenario,
+        driven: Duration,
         target: &str,
         pid: Option<u32>,
         recorder: &Recorder,
         samples: Samples,
     ) -> Report {
-        let duration = scenario.duration().as_secs_f64().max(1e-9);
+        let duration = driven.as_secs_f64().max(1e-9);
         let operations: Vec<OpReport> = recorder
             .ops
             .iter()
@@ -284,6 +429,7 @@ impl Report {
             samples,
             server_pid: pid,
             thresholds: Vec::new(),
+            capacity: None,
         };
         report.thresholds = scenario
             .thresholds()
@@ -392,6 +538,30 @@ impl Report {
             println!(
                 "  upload → processed: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} uploads)",
                 p.p50, p.p99, p.max, p.count
+            );
+        }
+        if let Some(c) = &self.capacity {
+            for s in &c.steps {
+                println!(
+                    "  step {:>8.1}/s: achieved {:>8.1}/s, p99 {:>8.1} ms, CPU {:>4.0}%{}",
+                    s.rate,
+                    s.achieved,
+                    s.p99_ms,
+                    s.cpu_percent,
+                    s.broke
+                        .as_ref()
+                        .map_or(String::new(), |b| format!("  BROKE: {b}"))
+                );
+            }
+            match c.sustainable_rate {
+                Some(rate) => println!("  highest sustainable rate: {rate:.1} operations/s"),
+                None => println!("  not even the first step held"),
+            }
+            println!(
+                "  bottleneck: {}",
+                c.bottleneck
+                    .as_deref()
+                    .unwrap_or("none found: every step held; raise --max-steps")
             );
         }
         for v in &self.thresholds {
@@ -559,6 +729,30 @@ pub fn html(report: &Report) -> String {
             escape(&v.observed)
         ));
     }
+    let capacity = report.capacity.as_ref().map_or(String::new(), |c| {
+        let rows: String = c
+            .steps
+            .iter()
+            .map(|s| {
+                format!(
+                    "<tr><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.0}</td><td>{}</td></tr>\n",
+                    s.rate,
+                    s.achieved,
+                    s.p99_ms,
+                    s.errors_percent,
+                    s.cpu_percent,
+                    escape(s.broke.as_deref().unwrap_or("held"))
+                )
+            })
+            .collect();
+        format!(
+            "<h2>Capacity</h2>\n<p>Highest sustainable rate: <b>{}</b>. Bottleneck: <b>{}</b>.</p>\n\
+             <table><tr><th>offered/s</th><th>achieved/s</th><th>p99 ms</th><th>errors %</th>\
+             <th>CPU %</th><th>verdict</th></tr>\n{rows}</table>\n",
+            c.sustainable_rate.map_or("none".to_owned(), |r| format!("{r:.1} operations/s")),
+            escape(c.bottleneck.as_deref().unwrap_or("none found"))
+        )
+    });
     let processed = report
         .processed_ms
         .as_ref()
@@ -578,7 +772,7 @@ pub fn html(report: &Report) -> String {
          each operation's intended start (open model). Server process: {pid}.</p>\n\
          <h2>Operations</h2>\n<table><tr><th>operation</th><th>ok</th><th>ok/s</th><th>p50 ms</th><th>p90 ms</th>\
          <th>p99 ms</th><th>max ms</th><th>errors</th></tr>\n{rows}</table>\n\
-         <p>Upload 202 → processed: {processed}.</p>\n<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
+         <p>Upload 202 → processed: {processed}.</p>\n{capacity}<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
          <h2>Charts</h2>\n{charts}\n</body></html>\n",
         name = escape(&report.scenario),
         target = escape(&report.target),
