@@ -70,6 +70,8 @@ struct Second {
     offered: u64,
     completed: u64,
     errors: u64,
+    /// Of the errors, answers 429: the server's per-key rate limit, not its capacity.
+    rate_limited: u64,
     latency: Option<Histogram<u64>>,
     processed: Option<Histogram<u64>>,
 }
@@ -122,8 +124,11 @@ impl Recorder {
                     .saturating_record(us);
             }
             Some(kind) => {
+                let limited = kind == "429";
                 *stats.errors.entry(kind).or_default() += 1;
-                self.second(at + latency).errors += 1;
+                let second = self.second(at + latency);
+                second.errors += 1;
+                second.rate_limited += u64::from(limited);
             }
         }
     }

@@ -294,13 +294,14 @@ pub(super) fn judge_step(
         .get(first..last.min(recorder.seconds.len()))
         .unwrap_or(&[]);
     let mut latency = super::histogram();
-    let (mut completed, mut errors) = (0u64, 0u64);
+    let (mut completed, mut errors, mut rate_limited) = (0u64, 0u64, 0u64);
     for second in window {
         if let Some(h) = &second.latency {
             let _ = latency.add(h);
         }
         completed += second.completed;
         errors += second.errors;
+        rate_limited += second.rate_limited;
     }
     let secs = window.len().max(1) as f64;
     let achieved = completed as f64 / secs;
@@ -346,7 +347,10 @@ pub(super) fn judge_step(
         || errors_percent >= 1.0
         || achieved < 0.9 * rate
     {
-        let what = if saturated {
+        let what = if rate_limited * 2 > errors {
+            "the per-key rate limit, not capacity (most errors were 429: raise \
+             auth.rate_per_sec on the server, or drive it with more keys)"
+        } else if saturated {
             "the server's CPU"
         } else {
             "the HTTP edge"
