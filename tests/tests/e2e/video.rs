@@ -647,3 +647,34 @@ async fn a_sigkill_mid_job_leaves_one_set_of_renditions_after_the_restart() {
     assert!(orphans.is_some(), "ffmpeg outlived the transcoder");
     processed_once_after_restart(dir.path(), &id, &sha).await;
 }
+
+/// A job past its time limit (`video.job_timeout_base_secs` + factor × duration) is killed,
+/// ends `failed` with the limit in its reason, and leaves no ffmpeg and no job directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_time_limit_is_killed_and_fails_saying_so() {
+    let app = spawn_app_with(|s| {
+        slow(s);
+        s.video.job_timeout_base_secs = 2;
+        s.video.job_timeout_factor = 0;
+    })
+    .await;
+    let id = upload_video(&app, videos::mp4(640, 360, 30), "long.mp4").await;
+    let body = wait_outcome(&app, &id, Duration::from_secs(60)).await;
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(
+        body["failure_reason"],
+        "transcoding took longer than its limit of 2 s"
+    );
+    let jobs = app.settings.data_dir.join("transcode");
+    let needle = jobs.to_string_lossy().into_owned();
+    let cleared = wait_until(Duration::from_secs(5), || async {
+        (videos::processes_mentioning(&needle) == 0
+            && conveyor_tests::helpers::count_files(&jobs) == 0)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        cleared.is_some(),
+        "ffmpeg or its job directory outlived the job"
+    );
+}
