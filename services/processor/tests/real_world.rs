@@ -411,8 +411,10 @@ fn a_progressive_jpeg_with_thousands_of_scans_fails_fast() {
         "{err}"
     );
     assert!(err.to_string().contains("5000 scans"), "{err}");
+    // Milliseconds alone; decoding the 5,000 scans would take minutes. The bound is wide
+    // because the machine is shared (it once took 3.2 s beside a load test).
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
