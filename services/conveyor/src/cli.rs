@@ -329,11 +329,13 @@ pub enum LoadtestCommand {
     /// Drive a deployment with a scenario (stages of offered rate, a weighted mix of
     /// operations) in an open model, watch its pipeline (upload → processed, every group's
     /// lag, the server's CPU and RSS), and write report.json and report.html. Thresholds in the
-    /// scenario set the exit code: 0 when all hold, 2 when one breaks.
+    /// scenario set the exit code: 0 when all hold, 3 when one breaks (or when not even the
+    /// first step of --find-capacity held), 1 on an error.
     Run {
-        /// The scenario, TOML: `[[stages]]` (constant, ramp, steps, spike), `[mix]` weights
-        /// (upload_photo, read_item, read_timeline, fetch_thumbnail, post_events), `[photos]`
-        /// and `thresholds`. See docs/benchmarks.md for an example.
+        /// The scenario, TOML: `[[stages]]` (`constant`: rate, duration; `ramp`: from, to,
+        /// duration; `steps`: from, to, step, every; `spike`: base, peak, spike, duration),
+        /// `[mix]` weights (upload_photo, read_item, read_timeline, fetch_thumbnail,
+        /// post_events), `[photos]` (size, count) and `thresholds`. See docs/benchmarks.md.
         scenario: PathBuf,
         /// The deployment's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]

@@ -111,8 +111,10 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
                 }),
             })
             .await?;
+            // 3, not 1 (an error) or 2 (clap's usage errors): a threshold broke, or no step of
+            // --find-capacity held.
             if !passed {
-                std::process::exit(2);
+                std::process::exit(3);
             }
             Ok(())
         }

@@ -176,7 +176,7 @@ async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_t
     })
     .await
     .unwrap();
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("threshold failed: read_item p99 < 1us"),

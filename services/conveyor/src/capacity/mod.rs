@@ -59,6 +59,38 @@ pub struct Search {
     pub p99: Duration,
 }
 
+impl Search {
+    /// # Errors
+    /// A search that cannot run or is past the bounds every run keeps, named.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.from.is_finite() && self.from > 0.0,
+            "--from must be a rate above 0"
+        );
+        anyhow::ensure!(
+            self.factor.is_finite() && self.factor > 1.0,
+            "--factor must be above 1, or the rate never rises"
+        );
+        anyhow::ensure!(
+            self.step >= Duration::from_secs(2),
+            "--step must be 2s or more: each step is judged after its first second"
+        );
+        anyhow::ensure!(self.max_steps >= 1, "--max-steps must be at least 1");
+        let total = (self.step + Duration::from_secs(1)) * self.max_steps as u32;
+        anyhow::ensure!(
+            total <= MAX_DURATION,
+            "--step × --max-steps runs up to {total:?}, over the bound of {MAX_DURATION:?}"
+        );
+        let last = self.from * self.factor.powi(self.max_steps as i32 - 1);
+        anyhow::ensure!(
+            last * self.step.as_secs_f64() <= MAX_OPERATIONS,
+            "the last step would offer {last:.0}/s, over the bound of {MAX_OPERATIONS} \
+             operations; lower --from, --factor or --max-steps"
+        );
+        Ok(())
+    }
+}
+
 /// Latency histograms in microseconds, 1 µs to 1 hour, 3 significant digits.
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
@@ -72,6 +104,10 @@ struct Second {
     errors: u64,
     /// Of the errors, answers 429: the server's per-key rate limit, not its capacity.
     rate_limited: u64,
+    /// Of the errors, other 4xx answers (a wrong key, a bad request): the client's doing.
+    client_errors: u64,
+    /// Of the errors, operations the generator's in-flight bound kept from starting.
+    dropped: u64,
     latency: Option<Histogram<u64>>,
     processed: Option<Histogram<u64>>,
 }
@@ -89,6 +125,15 @@ struct Recorder {
     processed: Option<Histogram<u64>>,
     seconds: Vec<Second>,
     dropped: u64,
+    /// Operations the generator started more than 50 ms after their intended time, and the
+    /// latest of them.
+    late: u64,
+    latest: Duration,
+    /// Uploads that ended `failed`, and uploads still pending a minute after their 202.
+    processing_failed: u64,
+    unmeasured: u64,
+    /// Requests the generator made to follow uploads to their outcome, outside the mix.
+    watch_requests: u64,
 }
 
 impl Recorder {
@@ -125,10 +170,14 @@ impl Recorder {
             }
             Some(kind) => {
                 let limited = kind == "429";
+                let dropped = kind == "dropped";
+                let client = kind.starts_with('4') && !limited;
                 *stats.errors.entry(kind).or_default() += 1;
                 let second = self.second(at + latency);
                 second.errors += 1;
                 second.rate_limited += u64::from(limited);
+                second.dropped += u64::from(dropped);
+                second.client_errors += u64::from(client);
             }
         }
     }
@@ -162,6 +211,8 @@ struct Run {
     targets: Targets,
     recorder: Mutex<Recorder>,
     started: Instant,
+    /// The tasks following uploads to their outcome.
+    watchers: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// Runs the scenario and writes the reports; returns whether every threshold held.
@@ -205,6 +256,34 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         scenario.mix.post_events == 0 || options.service_key.is_some(),
         "post_events needs a service key: --service-key"
     );
+    anyhow::ensure!(
+        options.max_in_flight >= 1,
+        "--max-in-flight must be at least 1"
+    );
+    if let Some(search) = &options.find_capacity {
+        search.check()?;
+    } else {
+        anyhow::ensure!(
+            expected >= 1.0,
+            "the scenario offers no operations: its stages have no length or no rate"
+        );
+    }
+    if let Some(pid) = options.pid {
+        anyhow::ensure!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "--pid {pid}: no such process"
+        );
+    }
+    // Where the reports go is checked before the run, not after it.
+    std::fs::create_dir_all(&options.out)
+        .and_then(|()| std::fs::write(options.out.join(".write-check"), b""))
+        .and_then(|()| std::fs::remove_file(options.out.join(".write-check")))
+        .with_context(|| {
+            format!(
+                "--out {}: cannot write reports there",
+                options.out.display()
+            )
+        })?;
 
     let scratch = tempfile::tempdir()?;
     let photos = crate::loadtest::make_photos(
@@ -219,7 +298,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(options.max_in_flight)
         .build()?;
-    let targets = seed(&client, &base, &options.key, &photos).await?;
+    let targets = seed(&client, &base, &options.key, &photos)
+        .await
+        .with_context(|| format!("the target {base} did not take the seed uploads"))?;
     let pid = options.pid.or_else(|| {
         local
             .then(|| url.port_or_known_default())
@@ -235,6 +316,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         targets,
         recorder: Mutex::new(Recorder::default()),
         started: Instant::now(),
+        watchers: Mutex::new(tokio::task::JoinSet::new()),
     });
 
     let samples = Arc::new(Mutex::new(report::Samples::default()));
@@ -275,7 +357,21 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             .await,
         ),
     };
-    let driven = run.started.elapsed();
+    if let Some(found) = &capacity
+        && found.sustainable_rate.is_none()
+    {
+        eprintln!(
+            "find-capacity: not even the first step held ({}); lower --from",
+            found.bottleneck.as_deref().unwrap_or("?")
+        );
+    }
+    // The load offered ran for the schedule's length, whenever its last operation started.
+    let driven = match (&options.find_capacity, &capacity) {
+        (Some(search), Some(found)) => {
+            (search.step + Duration::from_secs(1)) * found.steps.len() as u32
+        }
+        _ => duration,
+    };
     bar.set_message("draining");
     let drain = tokio::time::timeout(Duration::from_secs(60), async {
         while tasks.join_next().await.is_some() {}
@@ -284,6 +380,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     if drain.is_err() {
         tasks.abort_all();
     }
+    // Every upload is followed to its outcome (at most a minute after its 202); one still
+    // pending then is counted as unmeasured, and fails a `processed` threshold.
+    bar.set_message("waiting for uploads to be processed");
+    let mut watchers = std::mem::take(&mut *run.watchers.lock().unwrap());
+    while watchers.join_next().await.is_some() {}
     bar.finish_and_clear();
     // A few seconds more of lag and CPU, to see the pipeline settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -293,18 +394,22 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let recorder = run.recorder.lock().unwrap();
     let mut report = report::Report::new(&scenario, driven, &run.base, pid, &recorder, samples);
     report.capacity = capacity;
-    std::fs::create_dir_all(&options.out)?;
     let json = options.out.join("report.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
     let html = options.out.join("report.html");
-    std::fs::write(&html, report::html(&report))?;
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .and_then(|()| std::fs::write(&html, report::html(&report)))
+        .with_context(|| format!("failed to write the reports in {}", options.out.display()))?;
     report.print();
     println!("report: {} and {}", html.display(), json.display());
     let failed: Vec<&report::Verdict> = report.thresholds.iter().filter(|t| !t.passed).collect();
     for f in &failed {
         eprintln!("threshold failed: {} ({})", f.rule, f.observed);
     }
-    Ok(failed.is_empty())
+    let no_step_held = report
+        .capacity
+        .as_ref()
+        .is_some_and(|c| c.sustainable_rate.is_none());
+    Ok(failed.is_empty() && !no_step_held)
 }
 
 /// Offers operations from `offset` to `offset + length` into the run, at `rate(t)` per second
@@ -322,16 +427,38 @@ async fn drive(
 ) {
     let total_weight = scenario.total_weight();
     let bound = in_flight.available_permits() + tasks.len();
-    let mut next = offset.as_secs_f64();
+    let mut t = offset.as_secs_f64();
     let end = (offset + length).as_secs_f64();
-    while next < end {
-        let per_sec = rate(Duration::from_secs_f64(next));
-        if per_sec <= 0.0 {
-            next += 0.01;
-            continue;
+    // Each operation is due when the offered rate, integrated since the last one, reaches 1,
+    // in steps of at most 10 ms: a stage's rate takes effect at its first instant, however
+    // slow the stage before it.
+    let mut credit = 0.0f64;
+    loop {
+        while credit < 1.0 && t < end {
+            let per_sec = rate(Duration::from_secs_f64(t));
+            let dt = if per_sec > 0.0 {
+                ((1.0 - credit) / per_sec).min(0.01)
+            } else {
+                0.01
+            };
+            credit += per_sec * dt;
+            t += dt;
         }
-        let at = Duration::from_secs_f64(next);
+        if t >= end {
+            break;
+        }
+        credit -= 1.0;
+        let per_sec = rate(Duration::from_secs_f64(t));
+        let at = Duration::from_secs_f64(t);
         tokio::time::sleep_until((run.started + at).into()).await;
+        // A generator that starts an operation late understates the server's latency for
+        // it; the report says how often and by how much.
+        let late = run.started.elapsed().saturating_sub(at);
+        if late > Duration::from_millis(50) {
+            let mut recorder = run.recorder.lock().unwrap();
+            recorder.late += 1;
+            recorder.latest = recorder.latest.max(late);
+        }
         bar.set_position(at.as_secs());
         bar.set_message(format!(
             "{per_sec:.0} ops/s offered, {} in flight",
@@ -358,7 +485,6 @@ async fn drive(
                 recorder.finished(op, at, Duration::ZERO, Some("dropped".into()));
             }
         }
-        next += 1.0 / per_sec;
         // Reap what finished, so the set stays small.
         while tasks.try_join_next().is_some() {}
     }
@@ -531,7 +657,10 @@ impl Run {
                 let accepted = self.started.elapsed();
                 let id = body["id"].as_str().unwrap_or_default().to_owned();
                 let run = self.clone();
-                tokio::spawn(async move { run.watch_processed(id, accepted).await });
+                self.watchers
+                    .lock()
+                    .unwrap()
+                    .spawn(async move { run.watch_processed(id, accepted).await });
                 let _ = at;
                 Ok(())
             }
@@ -609,24 +738,33 @@ impl Run {
     }
 
     /// Polls an upload until it is processed (at most a minute), and records the time from
-    /// its 202.
+    /// its 202. Polls start 20 ms apart and back off to 500 ms, so a backlog of uploads does
+    /// not become a flood of reads; every poll is counted in the report.
     async fn watch_processed(self: Arc<Self>, id: String, accepted: Duration) {
         let url = format!("{}/v1/media/{id}", self.base);
         let deadline = accepted + Duration::from_secs(60);
+        let mut pause = Duration::from_millis(20);
         while self.started.elapsed() < deadline {
+            self.recorder.lock().unwrap().watch_requests += 1;
             // Without the key: uploads are public, and a keyless read is not counted against
             // the key's rate limit, which the generator's own polling would otherwise spend.
             let body: Value = match self.client.get(&url).send().await {
                 Ok(r) => r.json().await.unwrap_or_default(),
                 Err(_) => Value::Null,
             };
-            if body["status"] == "processed" || body["status"] == "failed" {
+            if body["status"] == "processed" {
                 let latency = self.started.elapsed().saturating_sub(accepted);
                 self.recorder.lock().unwrap().processed(accepted, latency);
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if body["status"] == "failed" {
+                self.recorder.lock().unwrap().processing_failed += 1;
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
+        self.recorder.lock().unwrap().unmeasured += 1;
     }
 }
 

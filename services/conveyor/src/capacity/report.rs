@@ -38,7 +38,12 @@ pub async fn sample(
     let mut last_at = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let lag = match client.get(format!("{base}/metrics")).send().await {
+        let lag = match client
+            .get(format!("{base}/metrics"))
+            .timeout(Duration::from_millis(900))
+            .send()
+            .await
+        {
             Ok(r) => r.text().await.map(|t| lag_totals(&t)).unwrap_or_default(),
             Err(_) => BTreeMap::new(),
         };
@@ -64,8 +69,11 @@ pub async fn sample(
         for series in samples.lag.values_mut() {
             series.resize(n + 1, *series.last().unwrap_or(&0.0));
         }
-        samples.cpu_percent.push(cpu_percent);
-        samples.rss_mib.push(rss);
+        // Without the server's process, CPU and RSS stay empty rather than read as zero.
+        if pid.is_some() {
+            samples.cpu_percent.push(cpu_percent);
+            samples.rss_mib.push(rss);
+        }
     }
 }
 
@@ -227,6 +235,16 @@ pub struct Report {
     pub thresholds: Vec<Verdict>,
     /// What `--find-capacity` found.
     pub capacity: Option<CapacityReport>,
+    /// Operations the generator started more than 50 ms late, and the latest: when not 0,
+    /// the generator fell behind its schedule and the latencies understate the server's.
+    pub late_starts: u64,
+    pub latest_start_ms: f64,
+    /// Uploads that ended `failed`, and uploads not processed within a minute of their 202
+    /// (left out of `processed_ms`).
+    pub processing_failed: u64,
+    pub unmeasured_uploads: u64,
+    /// Reads the generator made to follow uploads to their outcome, outside the mix.
+    pub watch_requests: u64,
 }
 
 /// One step of `--find-capacity`.
@@ -295,6 +313,7 @@ pub(super) fn judge_step(
         .unwrap_or(&[]);
     let mut latency = super::histogram();
     let (mut completed, mut errors, mut rate_limited) = (0u64, 0u64, 0u64);
+    let (mut dropped, mut client_errors) = (0u64, 0u64);
     for second in window {
         if let Some(h) = &second.latency {
             let _ = latency.add(h);
@@ -302,6 +321,8 @@ pub(super) fn judge_step(
         completed += second.completed;
         errors += second.errors;
         rate_limited += second.rate_limited;
+        dropped += second.dropped;
+        client_errors += second.client_errors;
     }
     let secs = window.len().max(1) as f64;
     let achieved = completed as f64 / secs;
@@ -347,7 +368,13 @@ pub(super) fn judge_step(
         || errors_percent >= 1.0
         || achieved < 0.9 * rate
     {
-        let what = if rate_limited * 2 > errors {
+        let what = if dropped > 0 {
+            "the generator, not the server: operations were dropped at its in-flight bound \
+             (raise --max-in-flight, or run more generators)"
+        } else if client_errors * 2 > errors {
+            "the client, not capacity: most errors were 4xx other than 429 (check --key and \
+             --service-key)"
+        } else if rate_limited * 2 > errors {
             "the per-key rate limit, not capacity (most errors were 429: raise \
              auth.rate_per_sec on the server, or drive it with more keys)"
         } else if saturated {
@@ -434,6 +461,11 @@ impl Report {
             server_pid: pid,
             thresholds: Vec::new(),
             capacity: None,
+            late_starts: recorder.late,
+            latest_start_ms: recorder.latest.as_secs_f64() * 1000.0,
+            processing_failed: recorder.processing_failed,
+            unmeasured_uploads: recorder.unmeasured,
+            watch_requests: recorder.watch_requests,
         };
         report.thresholds = scenario
             .thresholds()
@@ -455,6 +487,13 @@ impl Report {
                     None => recorder.processed.as_ref(),
                 };
                 match h {
+                    _ if op.is_none() && recorder.unmeasured > 0 => (
+                        false,
+                        format!(
+                            "{} uploads were not processed within a minute of their 202",
+                            recorder.unmeasured
+                        ),
+                    ),
                     Some(h) => {
                         let us = h.value_at_quantile(percentile / 100.0);
                         (
@@ -540,8 +579,28 @@ impl Report {
         }
         if let Some(p) = &self.processed_ms {
             println!(
-                "  upload → processed: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} uploads)",
-                p.p50, p.p99, p.max, p.count
+                "  upload → processed: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} uploads; \
+                 {} failed, {} not processed within a minute; {} polls to follow them)",
+                p.p50,
+                p.p99,
+                p.max,
+                p.count,
+                self.processing_failed,
+                self.unmeasured_uploads,
+                self.watch_requests
+            );
+        }
+        if let (Some(cpu), Some(rss)) = (
+            self.samples.cpu_percent.iter().copied().reduce(f64::max),
+            self.samples.rss_mib.iter().copied().reduce(f64::max),
+        ) {
+            println!("  server: CPU at most {cpu:.0}% of one core, RSS at most {rss:.0} MiB");
+        }
+        if self.late_starts > 0 {
+            println!(
+                "  the generator started {} operations late (up to {:.0} ms): it was a limit \
+                 too, and those latencies are understated",
+                self.late_starts, self.latest_start_ms
             );
         }
         if let Some(c) = &self.capacity {
@@ -557,9 +616,14 @@ impl Report {
                         .map_or(String::new(), |b| format!("  BROKE: {b}"))
                 );
             }
-            match c.sustainable_rate {
-                Some(rate) => println!("  highest sustainable rate: {rate:.1} operations/s"),
-                None => println!("  not even the first step held"),
+            match (c.sustainable_rate, &c.bottleneck) {
+                (Some(rate), Some(_)) => {
+                    println!("  highest sustainable rate: {rate:.1} operations/s")
+                }
+                (Some(rate), None) => println!(
+                    "  every step held: at least {rate:.1} operations/s (raise --max-steps)"
+                ),
+                (None, _) => println!("  not even the first step held"),
             }
             println!(
                 "  bottleneck: {}",

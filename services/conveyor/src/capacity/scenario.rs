@@ -223,12 +223,9 @@ impl Threshold {
     /// A rule in none of the documented forms, named.
     pub fn parse(text: &str) -> Result<Threshold, String> {
         let words: Vec<&str> = text.split_whitespace().collect();
-        let bad = || {
-            format!(
-                "threshold {text:?}: expected \"<operation> p99 < 200ms\", \"processed p99 < 5s\", \
-                 \"errors < 1%\" or \"lag bounded\""
-            )
-        };
+        let forms = "expected \"<operation> p99 < 200ms\", \"processed p99 < 5s\", \
+                     \"errors < 1%\" or \"lag bounded\"";
+        let bad = || format!("threshold {text:?}: {forms}");
         match words.as_slice() {
             ["lag", "bounded"] => Ok(Threshold::LagBounded),
             ["errors", "<", percent] => percent
@@ -243,15 +240,28 @@ impl Threshold {
                         Op::ALL
                             .into_iter()
                             .find(|op| op.name() == name)
-                            .ok_or_else(bad)?,
+                            .ok_or_else(|| {
+                                let names: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
+                                format!(
+                                    "threshold {text:?}: {name:?} is not an operation; the \
+                                 operations are {} (or `processed`)",
+                                    names.join(", ")
+                                )
+                            })?,
                     ),
                 };
                 let percentile = percentile
                     .strip_prefix('p')
                     .and_then(|p| p.parse::<f64>().ok())
                     .filter(|p| (0.0..=100.0).contains(p))
-                    .ok_or_else(bad)?;
-                let below = humantime::parse_duration(bound).map_err(|_| bad())?;
+                    .ok_or_else(|| {
+                        format!("threshold {text:?}: {percentile:?} is not a percentile like p99")
+                    })?;
+                let below = humantime::parse_duration(bound).map_err(|_| {
+                    format!(
+                        "threshold {text:?}: {bound:?} is not a duration with a unit, like 200ms"
+                    )
+                })?;
                 Ok(Threshold::Latency {
                     op,
                     percentile,
@@ -277,24 +287,69 @@ impl Scenario {
         if Op::ALL.iter().all(|op| op.weight(&scenario.mix) == 0) {
             return Err("[mix] gives every operation a weight of 0".into());
         }
-        for stage in &scenario.stages {
-            let rates = match *stage {
-                Stage::Constant { rate, .. } => vec![rate],
-                Stage::Ramp { from, to, .. } => vec![from, to],
-                Stage::Steps { from, to, step, .. } => vec![from, to, step],
-                Stage::Spike { base, peak, .. } => vec![base, peak],
+        for (i, stage) in scenario.stages.iter().enumerate() {
+            let n = i + 1;
+            let (kind, rates) = match *stage {
+                Stage::Constant { rate, .. } => ("constant", vec![rate]),
+                Stage::Ramp { from, to, .. } => ("ramp", vec![from, to]),
+                Stage::Steps { from, to, step, .. } => ("steps", vec![from, to, step]),
+                Stage::Spike { base, peak, .. } => ("spike", vec![base, peak]),
             };
             if rates.iter().any(|r| !r.is_finite() || *r < 0.0) {
-                return Err(format!("{stage:?}: rates must be 0 or more"));
+                return Err(format!(
+                    "stage {n} ({kind}): a rate is negative or not a number; rates are \
+                     operations per second, 0 or more"
+                ));
             }
-            if let Stage::Steps { step, .. } = stage
-                && *step <= 0.0
-            {
-                return Err("steps: `step` must be more than 0".into());
+            if stage.duration().is_zero() {
+                return Err(format!("stage {n} ({kind}): it has no length"));
+            }
+            match *stage {
+                Stage::Steps {
+                    from,
+                    to,
+                    step,
+                    every,
+                } => {
+                    if step <= 0.0 || to < from || every.is_zero() {
+                        return Err(format!(
+                            "stage {n} (steps): it needs from <= to, a step above 0 and an \
+                             `every` above 0s"
+                        ));
+                    }
+                }
+                Stage::Spike {
+                    spike, duration, ..
+                } if spike > duration => {
+                    return Err(format!(
+                        "stage {n} (spike): the spike ({spike:?}) is longer than the stage \
+                         ({duration:?})"
+                    ));
+                }
+                _ => {}
             }
         }
+        scenario
+            .photos
+            .size
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+            .filter(|&(w, h)| (1..=10_000).contains(&w) && (1..=10_000).contains(&h))
+            .ok_or_else(|| {
+                format!(
+                    "[photos] size {:?}: expected WIDTHxHEIGHT, such as 800x600",
+                    scenario.photos.size
+                )
+            })?;
         for t in &scenario.thresholds {
-            Threshold::parse(t)?;
+            if let Threshold::Latency { op: Some(op), .. } = Threshold::parse(t)?
+                && op.weight(&scenario.mix) == 0
+            {
+                return Err(format!(
+                    "threshold {t:?}: {} has no weight in [mix], so it is never measured",
+                    op.name()
+                ));
+            }
         }
         Ok(scenario)
     }
@@ -394,7 +449,29 @@ mod tests {
         let typo =
             "[[stages]]\nkind = \"constant\"\nrat = 1\nduration = \"1s\"\n[mix]\nread_item = 1\n";
         assert!(Scenario::parse(typo).unwrap_err().contains("rat"));
-        assert!(Threshold::parse("read_itme p99 < 1s").is_err());
-        assert!(Threshold::parse("read_item p99 < soon").is_err());
+        assert!(
+            Threshold::parse("read_itme p99 < 1s")
+                .unwrap_err()
+                .contains("\"read_itme\" is not an operation")
+        );
+        assert!(
+            Threshold::parse("read_item p99 < 200")
+                .unwrap_err()
+                .contains("with a unit")
+        );
+        let stage = "[[stages]]\nkind = \"steps\"\nfrom = 50\nto = 5\nstep = 5\nevery = \"1s\"\n\
+                     [mix]\nread_item = 1\n";
+        assert!(
+            Scenario::parse(stage)
+                .unwrap_err()
+                .contains("stage 1 (steps)")
+        );
+        let unmeasured = "thresholds = [\"post_events p99 < 1s\"]\n[[stages]]\nkind = \"constant\"\n\
+                          rate = 1\nduration = \"1s\"\n[mix]\nread_item = 1\n";
+        assert!(
+            Scenario::parse(unmeasured)
+                .unwrap_err()
+                .contains("never measured")
+        );
     }
 }
