@@ -234,6 +234,8 @@ async fn find_capacity_names_a_slowed_processor_as_the_bottleneck() {
             .arg(&scenario)
             .args(["--target", &address, "--key", ALICE, "--out"])
             .arg(&out)
+            // Steps of 6 s: lag is sampled once a second, and at 16/s the backlog grows by
+            // about 4 uploads a second, well past the bound of 10 within one step.
             .args([
                 "--find-capacity",
                 "--from",
@@ -241,7 +243,7 @@ async fn find_capacity_names_a_slowed_processor_as_the_bottleneck() {
                 "--factor",
                 "2",
                 "--step",
-                "4s",
+                "6s",
             ])
             .args(["--max-steps", "6"])
             .output()
