@@ -191,7 +191,16 @@ impl Transcoder {
                 )));
             }
             Err(JobError::Retry(e)) => return Err(e),
-            Err(JobError::TimedOut) => unreachable!("worded as a media error by `job`"),
+            // The encode's timeouts are worded with the job's limit by `job`; what is left is
+            // ffprobe past its own minute.
+            Err(JobError::TimedOut) => {
+                let reason = format!(
+                    "reading the file took longer than {} s",
+                    PROBE_TIMEOUT.as_secs()
+                );
+                tracing::info!(%reason, "video could not be processed");
+                Event::MediaProcessingFailed(MediaProcessingFailed { reason })
+            }
         };
         // A delete that came while the outputs were stored still wins.
         if abort.reason() == Some(Abort::Deleted) {

@@ -310,13 +310,11 @@ impl Scenario {
                     to,
                     step,
                     every,
-                } => {
-                    if step <= 0.0 || to < from || every.is_zero() {
-                        return Err(format!(
-                            "stage {n} (steps): it needs from <= to, a step above 0 and an \
-                             `every` above 0s"
-                        ));
-                    }
+                } if step <= 0.0 || to < from || every.is_zero() => {
+                    return Err(format!(
+                        "stage {n} (steps): it needs from <= to, a step above 0 and an \
+                         `every` above 0s"
+                    ));
                 }
                 Stage::Spike {
                     spike, duration, ..
