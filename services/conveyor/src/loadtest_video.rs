@@ -46,8 +46,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     settings.auth.rate_per_sec = 0;
     let video = settings.video.clone();
     let rungs = video.rungs().map_err(anyhow::Error::msg)?;
-    let tools = conveyor_transcoder::Tools::find(&video)?;
-    drop(tools);
+    // Missing ffmpeg is said before anything starts.
+    conveyor_transcoder::Tools::find(&video)?;
     let app = crate::app::build(settings, crate::app::Role::Serve).await?;
     let base = format!("http://127.0.0.1:{}", app.port());
     let stop = app.stop_token();

@@ -149,9 +149,14 @@ pub fn demuxer(media: MediaType) -> Option<&'static str> {
     }
 }
 
+/// `file:` and the path, so that a path with a colon is never read as a protocol.
+pub fn file_arg(path: &Path) -> OsString {
+    let mut arg = OsString::from("file:");
+    arg.push(path);
+    arg
+}
+
 fn input_args(media: MediaType, input: &Path) -> Vec<OsString> {
-    let mut path = OsString::from("file:");
-    path.push(input);
     [
         "-protocol_whitelist",
         "file",
@@ -163,7 +168,7 @@ fn input_args(media: MediaType, input: &Path) -> Vec<OsString> {
     ]
     .into_iter()
     .map(OsString::from)
-    .chain([path])
+    .chain([file_arg(input)])
     .collect()
 }
 

@@ -47,6 +47,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use ffmpeg::file_arg;
 pub use ffmpeg::{MissingTool, Tools};
 
 /// How often a running job checks whether its media was deleted.
@@ -627,13 +628,6 @@ pub fn rendition_outputs(
         outputs.push((name, path));
     }
     (args, outputs)
-}
-
-/// `file:` and the path, so that a path with a colon is never read as a protocol.
-fn file_arg(path: &Path) -> std::ffi::OsString {
-    let mut arg = std::ffi::OsString::from("file:");
-    arg.push(path);
-    arg
 }
 
 /// The rungs of `rungs` (short sides, largest first) that a `width`×`height` video gets:
