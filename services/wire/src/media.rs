@@ -243,8 +243,14 @@ fn ebml_doc_type(head: &[u8]) -> Option<MediaType> {
     let head = &head[..head.len().min(SNIFF_BYTES)];
     let at = head.windows(2).skip(4).position(|w| w == [0x42, 0x82])? + 4;
     let size = usize::from(head.get(at + 2)? & 0x7f);
+    // Trailing NULs are padding (RFC 8794 §7.4: a String is read up to its first NUL); a
+    // muxer that rewrites the header in place writes `webm` into `matroska`'s 8 bytes.
     let doc_type = head.get(at + 3..at + 3 + size)?;
-    match doc_type {
+    let end = doc_type
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(doc_type.len());
+    match &doc_type[..end] {
         b"webm" => Some(MediaType::WebM),
         b"matroska" => Some(MediaType::Matroska),
         _ => None,
@@ -360,6 +366,9 @@ mod tests {
         assert_eq!(MediaType::sniff(webm), Some(MediaType::WebM));
         let mkv = b"\x1a\x45\xdf\xa3\xa3\x42\x82\x88matroska\x42\x87\x81\x04";
         assert_eq!(MediaType::sniff(mkv), Some(MediaType::Matroska));
+        // Reported: `webm` padded with NULs to `matroska`'s length was refused.
+        let padded = b"\x1a\x45\xdf\xa3\xa3\x42\x82\x88webm\0\0\0\0\x42\x87\x81\x04";
+        assert_eq!(MediaType::sniff(padded), Some(MediaType::WebM));
         for foreign in [
             &b"\x1a\x45\xdf\xa3\x42\x82\x84webx"[..],
             b"\x1a\x45\xdf\xa3\x42\x82\x88matr",
