@@ -334,8 +334,8 @@ pub enum LoadtestCommand {
     Run {
         /// The scenario, TOML: `[[stages]]` (`constant`: rate, duration; `ramp`: from, to,
         /// duration; `steps`: from, to, step, every; `spike`: base, peak, spike, duration),
-        /// `[mix]` weights (upload_photo, read_item, read_timeline, fetch_thumbnail,
-        /// post_events), `[photos]` (size, count) and `thresholds`. See docs/benchmarks.md.
+        /// `[mix]` weights (upload_photo, upload_direct, read_item, read_timeline,
+        /// fetch_thumbnail, post_events), `[photos]` (size, count) and `thresholds`. See docs/benchmarks.md.
         scenario: PathBuf,
         /// The deployment's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -380,6 +380,11 @@ pub enum LoadtestCommand {
         /// A step holds while its p99 (all operations) is under this.
         #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration, requires = "find_capacity")]
         p99: std::time::Duration,
+        /// Skip the reference at the end: when the mix reads items, wrk (Debian's `wrk`)
+        /// reads one as hard as it can for 5 s, then the generator offers that rate for 5 s,
+        /// and the report shows whether the generator kept up (within 10 %).
+        #[arg(long)]
+        no_reference: bool,
     },
     /// Video through the embedded pipeline (upload → processed) against the plain `ffmpeg`
     /// command with the same outputs on the same file; then photo latency, idle and behind a

@@ -84,6 +84,7 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             step,
             max_steps,
             p99,
+            no_reference,
         } => {
             let dev_key = |name: &str| {
                 std::fs::read_to_string(Path::new("data").join(name))
@@ -109,6 +110,7 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
                     max_steps,
                     p99,
                 }),
+                reference: !no_reference,
             })
             .await?;
             // 3, not 1 (an error) or 2 (clap's usage errors): a threshold broke, or no step of
@@ -317,6 +319,37 @@ async fn events(
         total as f64 / projected.as_secs_f64(),
         projected
     );
+    if log == "sqlite" {
+        // A record like those appended above, which carry a title and a tag.
+        let sample = to_record(&Envelope::new(
+            ids[0],
+            clock.next(),
+            "loadtest",
+            Event::MediaDescribed(MediaDescribed {
+                title: Some(format!("title {total}")),
+                description: None,
+                tags: vec!["load".into()],
+            }),
+        ));
+        let ceiling = sqlite_ceiling(
+            &dir.path().join("ceiling.db"),
+            total as usize,
+            batch,
+            &sample,
+            settings.log.durability,
+        )
+        .context("the plain SQLite ceiling failed")?;
+        println!(
+            "  plain SQLite, same disk: {ceiling:>10.0} inserts/s  (one writer, WAL, synchronous={}, \
+             transactions of {batch}, rows of the same size, no Conveyor code)",
+            sqlite_sync(settings.log.durability)
+        );
+        println!(
+            "  Conveyor's durable appends ran at {:.2} of that ceiling, append and projection at {:.2}",
+            total as f64 / appended.as_secs_f64() / ceiling,
+            total as f64 / projected.as_secs_f64() / ceiling
+        );
+    }
     if recovery {
         recovery_ops(&settings, &backends).await?;
     }
@@ -326,6 +359,61 @@ async fn events(
             .context("failed to drop the benchmark keyspace")?;
     }
     Ok(())
+}
+
+/// The `synchronous` pragma the embedded log sets for `durability` (`log::sqlite`).
+fn sqlite_sync(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Fsync => "FULL",
+        Durability::Os => "NORMAL",
+    }
+}
+
+/// The embedded log's reference: plain SQLite inserting `count` rows shaped like `sample`
+/// (its key, headers and value, into the same table layout as a log partition) at `path`, in
+/// transactions of `batch`, one writer, WAL, the `synchronous` setting `durability` gives.
+/// Returns rows per second. No Conveyor code runs: no appender thread, no partitioning, no
+/// positions, no wake-ups.
+fn sqlite_ceiling(
+    path: &Path,
+    count: usize,
+    batch: usize,
+    sample: &conveyor_platform::log::Record,
+    durability: Durability,
+) -> rusqlite::Result<f64> {
+    let mut conn = rusqlite::Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", sqlite_sync(durability))?;
+    conn.execute_batch(
+        "CREATE TABLE p (off INTEGER PRIMARY KEY, key BLOB NOT NULL, headers TEXT NOT NULL, \
+         value BLOB NOT NULL, ts INTEGER NOT NULL)",
+    )?;
+    let headers = serde_json::to_string(&sample.headers).unwrap_or_default();
+    let bar = crate::progress_bar(true, count as u64, "plain SQLite");
+    let started = Instant::now();
+    let mut done = 0;
+    while done < count {
+        let n = batch.max(1).min(count - done);
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO p (key, headers, value, ts) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for i in 0..n {
+                insert.execute(rusqlite::params![
+                    &sample.key,
+                    &headers,
+                    &sample.value[..],
+                    (done + i) as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        done += n;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Times `ops replay` against the live projection of the same events, and `ops backup`

@@ -5,6 +5,7 @@
 //! lag from `/metrics`, the server's CPU and RSS from `/proc`), and writes a JSON and a
 //! self-contained HTML report. Thresholds set the exit code.
 
+pub mod reference;
 pub mod report;
 pub mod scenario;
 
@@ -43,6 +44,9 @@ pub struct Options {
     /// Instead of the scenario's stages, raise the rate step by step until the pipeline
     /// breaks, and report the highest rate it sustained and what broke.
     pub find_capacity: Option<Search>,
+    /// After the load, measure the generator against wrk on an item read (when the mix reads
+    /// items): [`reference`].
+    pub reference: bool,
 }
 
 /// How `--find-capacity` raises the rate.
@@ -275,6 +279,12 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             "the scenario offers no operations: its stages have no length or no rate"
         );
     }
+    let reference = options.reference && scenario.mix.read_item > 0;
+    anyhow::ensure!(
+        !reference || reference::wrk_found(),
+        "wrk is not on the PATH: the run measures the generator against it on item reads. \
+         Install Debian's wrk (scripts/deps --test does), or pass --no-reference"
+    );
     if let Some(pid) = options.pid {
         anyhow::ensure!(
             Path::new(&format!("/proc/{pid}")).exists(),
@@ -304,6 +314,10 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(options.max_in_flight)
+        // Loopback or a named deployment: no proxy lookup per request, HTTP/1.1 as the
+        // edge speaks it.
+        .no_proxy()
+        .http1_only()
         .build()?;
     let targets = seed(&client, &base, &options.key, &photos)
         .await
@@ -396,11 +410,28 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     // A few seconds more of lag and CPU, to see the pipeline settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
     sampling.abort();
+    let reference = if reference {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(format!(
+            "the generator against wrk on an item read, {} s each",
+            reference::SECONDS
+        ));
+        bar.enable_steady_tick(Duration::from_millis(200));
+        let compared = reference::compare(&run, options.max_in_flight).await;
+        bar.finish_and_clear();
+        Some(compared.context("the reference run (wrk) failed")?)
+    } else {
+        None
+    };
 
     let samples = samples.lock().unwrap().clone();
     let recorder = run.recorder.lock().unwrap();
     let mut report = report::Report::new(&scenario, driven, &run.base, pid, &recorder, samples);
     report.capacity = capacity;
+    report.reference = reference.map(|mut r| {
+        r.against_run(report.seconds.iter().map(|s| s.offered).max().unwrap_or(0) as f64);
+        r
+    });
     let json = options.out.join("report.json");
     let html = options.out.join("report.html");
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
@@ -440,6 +471,9 @@ async fn drive(
     // in steps of at most 10 ms: a stage's rate takes effect at its first instant, however
     // slow the stage before it.
     let mut credit = 0.0f64;
+    // The second the progress line last showed: it is redrawn once a second, not per
+    // operation.
+    let mut shown = u64::MAX;
     loop {
         while credit < 1.0 && t < end {
             let per_sec = rate(Duration::from_secs_f64(t));
@@ -457,7 +491,12 @@ async fn drive(
         credit -= 1.0;
         let per_sec = rate(Duration::from_secs_f64(t));
         let at = Duration::from_secs_f64(t);
-        tokio::time::sleep_until((run.started + at).into()).await;
+        // A timer only when the operation is a millisecond or more ahead (tokio's timers
+        // tick in milliseconds): at tens of thousands a second, one per operation is what
+        // would limit the generator.
+        if at > run.started.elapsed() + Duration::from_millis(1) {
+            tokio::time::sleep_until((run.started + at).into()).await;
+        }
         // A generator that starts an operation late understates the server's latency for
         // it; the report says how often and by how much.
         let late = run.started.elapsed().saturating_sub(at);
@@ -466,11 +505,14 @@ async fn drive(
             recorder.late += 1;
             recorder.latest = recorder.latest.max(late);
         }
-        bar.set_position(at.as_secs());
-        bar.set_message(format!(
-            "{per_sec:.0} ops/s offered, {} in flight",
-            bound.saturating_sub(in_flight.available_permits())
-        ));
+        if at.as_secs() != shown {
+            shown = at.as_secs();
+            bar.set_position(shown);
+            bar.set_message(format!(
+                "{per_sec:.0} ops/s offered, {} in flight",
+                bound.saturating_sub(in_flight.available_permits())
+            ));
+        }
         let op = scenario.pick(rand::random_range(0..total_weight));
         run.recorder.lock().unwrap().offered(at);
         match in_flight.clone().try_acquire_owned() {
@@ -478,7 +520,7 @@ async fn drive(
                 let run = run.clone();
                 tasks.spawn(async move {
                     let _permit = permit;
-                    let error = run.operation(op, at).await.err();
+                    let error = run.operation(op).await.err();
                     let latency = run.started.elapsed().saturating_sub(at);
                     run.recorder
                         .lock()
@@ -596,14 +638,67 @@ async fn seed(
     })
 }
 
+/// Bytes after a JPEG's end are ignored by decoders, and make each upload its own item.
+fn made_unique(mut photo: Vec<u8>) -> Vec<u8> {
+    photo.extend_from_slice(&rand::random::<u64>().to_le_bytes());
+    photo
+}
+
+/// The direct upload: create it, send the bytes to the URL it names with the headers it
+/// names, complete it. Returns the first status that is not a success (with its body), or the
+/// completion's 202 and body, which has the media `id` like the streamed upload's.
+async fn upload_direct(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    photo: Vec<u8>,
+) -> anyhow::Result<(u16, Value)> {
+    let photo = made_unique(photo);
+    let response = client
+        .post(format!("{base}/v1/uploads"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"content_type": "image/jpeg", "bytes": photo.len()}))
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let created: Value = response.json().await.unwrap_or_default();
+    if status != 201 && status != 200 {
+        return Ok((status, created));
+    }
+    let url = created["url"].as_str().unwrap_or_default();
+    let url = if url.starts_with('/') {
+        format!("{base}{url}")
+    } else {
+        url.to_owned()
+    };
+    let mut put = client.put(url).body(photo);
+    if let Some(headers) = created["headers"].as_object() {
+        for (name, value) in headers {
+            put = put.header(name.as_str(), value.as_str().unwrap_or_default());
+        }
+    }
+    let response = put.send().await?;
+    let status = response.status().as_u16();
+    if !response.status().is_success() {
+        return Ok((status, response.json().await.unwrap_or_default()));
+    }
+    let complete = created["complete"].as_str().unwrap_or_default();
+    let response = client
+        .post(format!("{base}{complete}"))
+        .bearer_auth(key)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or_default()))
+}
+
 async fn upload(
     client: &reqwest::Client,
     base: &str,
     key: &str,
-    mut photo: Vec<u8>,
+    photo: Vec<u8>,
 ) -> anyhow::Result<(u16, Value)> {
-    // Bytes after a JPEG's end are ignored by decoders, and make each upload its own item.
-    photo.extend_from_slice(&rand::random::<u64>().to_le_bytes());
+    let photo = made_unique(photo);
     let form = reqwest::multipart::Form::new().part(
         "file",
         reqwest::multipart::Part::bytes(photo).file_name("photo.jpg"),
@@ -616,6 +711,22 @@ async fn upload(
         .await?;
     let status = response.status().as_u16();
     Ok((status, response.json().await.unwrap_or_default()))
+}
+
+/// A read with the run's client key, or without one when the run has none (the reference's
+/// reads of a public item).
+trait Authorized {
+    fn authorized(self, run: &Run) -> Self;
+}
+
+impl Authorized for reqwest::RequestBuilder {
+    fn authorized(self, run: &Run) -> Self {
+        if run.key.is_empty() {
+            self
+        } else {
+            self.bearer_auth(&run.key)
+        }
+    }
 }
 
 impl Run {
@@ -632,7 +743,7 @@ impl Run {
     }
 
     /// One operation; `Err` names how it failed (the status, or `timeout`, `connect`).
-    async fn operation(self: &Arc<Self>, op: Op, at: Duration) -> Result<(), String> {
+    async fn operation(self: &Arc<Self>, op: Op) -> Result<(), String> {
         let failed = |e: reqwest::Error| {
             if e.is_timeout() {
                 "timeout".to_owned()
@@ -650,14 +761,17 @@ impl Run {
             }
         };
         match op {
-            Op::UploadPhoto => {
+            Op::UploadPhoto | Op::UploadDirect => {
                 let photo = self.photos[rand::random_range(0..self.photos.len())].clone();
-                let (status, body) = upload(&self.client, &self.base, &self.key, photo)
-                    .await
-                    .map_err(|e| match e.downcast::<reqwest::Error>() {
-                        Ok(e) => failed(e),
-                        Err(_) => "transport".to_owned(),
-                    })?;
+                let sent = if op == Op::UploadDirect {
+                    upload_direct(&self.client, &self.base, &self.key, photo).await
+                } else {
+                    upload(&self.client, &self.base, &self.key, photo).await
+                };
+                let (status, body) = sent.map_err(|e| match e.downcast::<reqwest::Error>() {
+                    Ok(e) => failed(e),
+                    Err(_) => "transport".to_owned(),
+                })?;
                 if status != 202 {
                     return Err(status.to_string());
                 }
@@ -668,7 +782,6 @@ impl Run {
                     .lock()
                     .unwrap()
                     .spawn(async move { run.watch_processed(id, accepted).await });
-                let _ = at;
                 Ok(())
             }
             Op::ReadItem => {
@@ -676,7 +789,7 @@ impl Run {
                 let response = self
                     .client
                     .get(format!("{}/v1/media/{id}", self.base))
-                    .bearer_auth(&self.key)
+                    .authorized(self)
                     .send()
                     .await
                     .map_err(failed)?;
@@ -695,7 +808,7 @@ impl Run {
                 let response = self
                     .client
                     .get(url)
-                    .bearer_auth(&self.key)
+                    .authorized(self)
                     .send()
                     .await
                     .map_err(failed)?;

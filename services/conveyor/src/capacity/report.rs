@@ -235,6 +235,8 @@ pub struct Report {
     pub thresholds: Vec<Verdict>,
     /// What `--find-capacity` found.
     pub capacity: Option<CapacityReport>,
+    /// The generator against wrk on an item read, after the load.
+    pub reference: Option<super::reference::ReferenceReport>,
     /// Operations the generator started more than 50 ms late, and the latest: when not 0,
     /// the generator fell behind its schedule and the latencies understate the server's.
     pub late_starts: u64,
@@ -461,6 +463,7 @@ impl Report {
             server_pid: pid,
             thresholds: Vec::new(),
             capacity: None,
+            reference: None,
             late_starts: recorder.late,
             latest_start_ms: recorder.latest.as_secs_f64() * 1000.0,
             processing_failed: recorder.processing_failed,
@@ -631,6 +634,9 @@ impl Report {
                     .as_deref()
                     .unwrap_or("none found: every step held; raise --max-steps")
             );
+        }
+        if let Some(r) = &self.reference {
+            println!("  {}", r.summary());
         }
         for v in &self.thresholds {
             println!(
@@ -821,6 +827,26 @@ pub fn html(report: &Report) -> String {
             escape(c.bottleneck.as_deref().unwrap_or("none found"))
         )
     });
+    let reference = report.reference.as_ref().map_or(String::new(), |r| {
+        format!(
+            "<h2>Reference: the generator against wrk</h2>\n<p>{}</p>\n<table><tr><th></th>\
+             <th>achieved/s</th><th>p50 ms</th><th>p99 ms</th><th>errors</th></tr>\n\
+             <tr><td>wrk (closed loop)</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n\
+             <tr><td>this generator (open model, offered {:.0}/s)</td><td>{:.0}</td><td>{:.2}</td>\
+             <td>{:.2}</td><td>{}</td></tr>\n</table>\n<p>Command: <code>{}</code>.</p>\n",
+            escape(&r.summary()),
+            r.reference_per_sec,
+            r.reference_p50_ms,
+            r.reference_p99_ms,
+            r.reference_errors,
+            r.generator_offered_per_sec,
+            r.generator_achieved_per_sec,
+            r.generator_p50_ms,
+            r.generator_p99_ms,
+            r.generator_errors,
+            escape(&r.tool),
+        )
+    });
     let processed = report
         .processed_ms
         .as_ref()
@@ -840,7 +866,7 @@ pub fn html(report: &Report) -> String {
          each operation's intended start (open model). Server process: {pid}.</p>\n\
          <h2>Operations</h2>\n<table><tr><th>operation</th><th>ok</th><th>ok/s</th><th>p50 ms</th><th>p90 ms</th>\
          <th>p99 ms</th><th>max ms</th><th>errors</th></tr>\n{rows}</table>\n\
-         <p>Upload 202 → processed: {processed}.</p>\n{capacity}<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
+         <p>Upload 202 → processed: {processed}.</p>\n{capacity}{reference}<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
          <h2>Charts</h2>\n{charts}\n</body></html>\n",
         name = escape(&report.scenario),
         target = escape(&report.target),

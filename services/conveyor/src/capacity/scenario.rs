@@ -135,7 +135,11 @@ impl Stage {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Mix {
+    /// A photo through the streamed upload: one multipart `POST /v1/media`.
     pub upload_photo: u32,
+    /// A photo through the direct upload: `POST /v1/uploads`, the bytes to its signed URL,
+    /// then `POST /v1/uploads/{id}/complete`; latency covers all three.
+    pub upload_direct: u32,
     pub read_item: u32,
     pub read_timeline: u32,
     pub fetch_thumbnail: u32,
@@ -166,6 +170,7 @@ impl Default for Photos {
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     UploadPhoto,
+    UploadDirect,
     ReadItem,
     ReadTimeline,
     FetchThumbnail,
@@ -173,8 +178,9 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [
+    pub const ALL: [Op; 6] = [
         Op::UploadPhoto,
+        Op::UploadDirect,
         Op::ReadItem,
         Op::ReadTimeline,
         Op::FetchThumbnail,
@@ -184,6 +190,7 @@ impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::UploadPhoto => "upload_photo",
+            Op::UploadDirect => "upload_direct",
             Op::ReadItem => "read_item",
             Op::ReadTimeline => "read_timeline",
             Op::FetchThumbnail => "fetch_thumbnail",
@@ -194,6 +201,7 @@ impl Op {
     fn weight(self, mix: &Mix) -> u32 {
         match self {
             Op::UploadPhoto => mix.upload_photo,
+            Op::UploadDirect => mix.upload_direct,
             Op::ReadItem => mix.read_item,
             Op::ReadTimeline => mix.read_timeline,
             Op::FetchThumbnail => mix.fetch_thumbnail,
