@@ -385,6 +385,59 @@ pub enum LoadtestCommand {
         /// and the report shows whether the generator kept up (within 10 %).
         #[arg(long)]
         no_reference: bool,
+        /// Send reads (items, timelines, thumbnails) here instead of --target: a `query` role
+        /// of its own, where no load balancer routes by path.
+        #[arg(long)]
+        read_target: Option<String>,
+        /// Another `/metrics` URL to read consumer lag from (repeat it): the consumer roles
+        /// (`process`, `project`) of a distributed deployment publish their groups' lag.
+        #[arg(long = "metrics")]
+        metrics: Vec<String>,
+    },
+    /// The scaling curve on Kafka: for each count in --instances, start one `ingest`, one
+    /// `query` and that many `process` and `project` instances as local processes, run
+    /// `--find-capacity` against them, and stop them. Writes scale.json and scale.html (the
+    /// sustainable rate at each count, what broke, CPU per role at capacity, and a sizing table
+    /// from the measured per-core figures), and each count's own report under n<count>/.
+    /// Exit 3 when a count held no step.
+    Scale {
+        /// The scenario: its `[mix]` and `[photos]` (its stages are not used).
+        scenario: PathBuf,
+        /// Kafka's bootstrap address; each count gets a topic and groups of its own.
+        #[arg(long, value_name = "HOST:PORT")]
+        kafka: String,
+        /// A CQL read store, `scylla://host:9042/keyspace` (each count gets a keyspace of its
+        /// own, dropped after) [default: SQLite in the run's data dir, shared by the
+        /// projectors].
+        #[arg(long)]
+        views: Option<String>,
+        /// Instance counts of `process` and `project`, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        instances: Vec<usize>,
+        /// Partitions of each count's topic.
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Where scale.json, scale.html and each count's report go.
+        #[arg(long, default_value = "loadtest-scale")]
+        out: PathBuf,
+        /// The first step's rate, operations per second.
+        #[arg(long, default_value_t = 20.0)]
+        from: f64,
+        /// Each step's rate is the last one's times this.
+        #[arg(long, default_value_t = 1.5)]
+        factor: f64,
+        /// Length of each step.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        step: std::time::Duration,
+        /// Most steps per count.
+        #[arg(long, default_value_t = 10)]
+        max_steps: usize,
+        /// A step holds while its p99 (all operations) is under this.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        p99: std::time::Duration,
+        /// Most operations in flight; past it, operations are counted as dropped.
+        #[arg(long, default_value_t = 512)]
+        max_in_flight: usize,
     },
     /// Video through the embedded pipeline (upload → processed) against the plain `ffmpeg`
     /// command with the same outputs on the same file; then photo latency, idle and behind a

@@ -85,6 +85,8 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             max_steps,
             p99,
             no_reference,
+            read_target,
+            metrics,
         } => {
             let dev_key = |name: &str| {
                 std::fs::read_to_string(Path::new("data").join(name))
@@ -94,9 +96,12 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             let key = key.or_else(|| dev_key("dev-api-key")).context(
                 "no client key: pass --key (or run against a `serve` whose data dir is ./data)",
             )?;
-            let passed = crate::capacity::run(crate::capacity::Options {
+            let report = crate::capacity::run(crate::capacity::Options {
                 scenario,
                 target,
+                read_target,
+                metrics,
+                processes: Vec::new(),
                 key,
                 service_key: service_key.or_else(|| dev_key("dev-service-key")),
                 out,
@@ -115,7 +120,43 @@ pub async fn run(command: LoadtestCommand) -> anyhow::Result<()> {
             .await?;
             // 3, not 1 (an error) or 2 (clap's usage errors): a threshold broke, or no step of
             // --find-capacity held.
-            if !passed {
+            if !report.passed() {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
+        LoadtestCommand::Scale {
+            scenario,
+            kafka,
+            views,
+            instances,
+            partitions,
+            out,
+            from,
+            factor,
+            step,
+            max_steps,
+            p99,
+            max_in_flight,
+        } => {
+            let report = crate::capacity::scale::run(crate::capacity::scale::ScaleOptions {
+                scenario,
+                kafka,
+                views,
+                instances,
+                partitions,
+                out,
+                search: crate::capacity::Search {
+                    from,
+                    factor,
+                    step,
+                    max_steps,
+                    p99,
+                },
+                max_in_flight,
+            })
+            .await?;
+            if report.points.iter().any(|p| p.sustainable_rate.is_none()) {
                 std::process::exit(3);
             }
             Ok(())

@@ -1,8 +1,9 @@
 //! `conveyor loadtest run` against a real `serve`: the reports hold every operation's
-//! percentiles, the pipeline's latency and lag, and charts that drew; a threshold that cannot
-//! hold fails the run and is named.
+//! percentiles, the pipeline's latency and lag, wrk's figures beside the generator's, and
+//! charts that drew (in headless Chromium too); a threshold that cannot hold fails the run and
+//! is named. `conveyor loadtest scale` on Kafka measures a point per instance count.
 
-use conveyor_tests::helpers::{ALICE, conveyor_binary, start_process};
+use conveyor_tests::helpers::{ALICE, conveyor_binary, kafka_brokers, start_process};
 use serde_json::Value;
 
 const SCENARIO: &str = r#"
@@ -22,6 +23,7 @@ duration = "2s"
 
 [mix]
 upload_photo = 1
+upload_direct = 1
 read_item = 3
 read_timeline = 1
 fetch_thumbnail = 1
@@ -32,12 +34,13 @@ size = "320x240"
 count = 3
 "#;
 
-/// Runs `loadtest run` with `thresholds` against `address`; returns its exit status, stderr,
-/// and the report directory.
+/// Runs `loadtest run` with `thresholds` and `extra` arguments against `address`; returns its
+/// exit status, stderr, and the report directory.
 fn run(
     address: &str,
     dir: &std::path::Path,
     thresholds: &str,
+    extra: &[&str],
 ) -> (std::process::Output, std::path::PathBuf) {
     let scenario = dir.join(format!("scenario-{}.toml", thresholds.len()));
     std::fs::write(&scenario, SCENARIO.replace("THRESHOLDS", thresholds)).unwrap();
@@ -55,6 +58,7 @@ fn run(
             "--out",
         ])
         .arg(&out)
+        .args(extra)
         .output()
         .unwrap();
     (output, out)
@@ -86,6 +90,7 @@ async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_t
             &address,
             &path,
             r#"["read_item p99 < 10s", "errors < 5%", "lag bounded"]"#,
+            &[],
         )
     })
     .await
@@ -107,6 +112,7 @@ async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_t
         names,
         [
             "upload_photo",
+            "upload_direct",
             "read_item",
             "read_timeline",
             "fetch_thumbnail",
@@ -129,11 +135,12 @@ async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_t
     );
     assert_eq!(report["dropped"], 0);
     // The server itself was found and sampled, and every group's lag was read.
-    assert_eq!(
-        report["server_pid"].as_u64(),
-        Some(u64::from(server.child.id()))
-    );
     let samples = &report["samples"];
+    assert_eq!(
+        samples["processes"]["server"]["pid"].as_u64(),
+        Some(u64::from(server.child.id())),
+        "{samples}"
+    );
     assert!(
         samples["rss_mib"]
             .as_array()
@@ -154,6 +161,22 @@ async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_t
             .iter()
             .all(|t| t["passed"] == true)
     );
+    // wrk read the same item as hard as it could, then the generator offered that rate: both
+    // figures are there, from answers that succeeded. (Whether they agree is a measurement
+    // of this machine, in the report, not a test.)
+    let reference = &report["reference"];
+    for field in [
+        "reference_per_sec",
+        "generator_achieved_per_sec",
+        "reference_p99_ms",
+    ] {
+        assert!(reference[field].as_f64().unwrap() > 0.0, "{reference}");
+    }
+    assert_eq!(reference["reference_errors"], 0, "{reference}");
+    assert_eq!(reference["generator_errors"], 0, "{reference}");
+    let ratio = reference["generator_achieved_per_sec"].as_f64().unwrap()
+        / reference["reference_per_sec"].as_f64().unwrap();
+    assert!((reference["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9);
 
     // Every chart drew lines with data points.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
@@ -167,12 +190,22 @@ async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_t
         );
     }
     assert!(!html.contains("<script"), "self-contained, no scripts");
+    assert!(
+        html.contains("the generator against wrk"),
+        "the reference is shown"
+    );
+    rendered_in_chromium(&out.join("report.html"), 6);
 
     // A threshold that cannot hold fails the run, by name.
     let path = dir.path().to_owned();
     let address = server.address.clone();
     let (output, _) = tokio::task::spawn_blocking(move || {
-        run(&address, &path, r#"["read_item p99 < 1us", "errors < 5%"]"#)
+        run(
+            &address,
+            &path,
+            r#"["read_item p99 < 1us", "errors < 5%"]"#,
+            &["--no-reference"],
+        )
     })
     .await
     .unwrap();
@@ -186,6 +219,150 @@ async fn a_short_scenario_reports_every_operation_and_a_broken_threshold_fails_t
         !stderr.contains("errors < 5%"),
         "only the broken one: {stderr}"
     );
+}
+
+/// Opens `page` in headless Chromium (Debian's `chromium`): the page logs nothing to the
+/// console (no script errors), the DOM Chromium built has `charts` SVGs each with a data line,
+/// and the screenshot is not blank.
+fn rendered_in_chromium(page: &std::path::Path, charts: usize) {
+    let chromium = |args: &[&str]| {
+        let output = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .args(["--enable-logging=stderr", "--v=0"])
+            .args(args)
+            .arg(format!("file://{}", page.display()))
+            .output()
+            .expect("chromium runs (scripts/deps --test installs Debian's chromium)");
+        assert!(output.status.success(), "{output:?}");
+        output
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let stderr = String::from_utf8_lossy(&dom.stderr);
+    let console: Vec<&str> = stderr.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "the page logged: {console:?}");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let svgs: Vec<&str> = dom.split("<svg").skip(1).collect();
+    assert_eq!(svgs.len(), charts, "Chromium's DOM has every chart");
+    for (i, svg) in svgs.iter().enumerate() {
+        assert!(
+            data_lines(svg).iter().any(|&points| points >= 2),
+            "chart {i} has no data in Chromium's DOM"
+        );
+    }
+    let shot = page.with_extension("png");
+    chromium(&[
+        "--window-size=900,3000",
+        &format!("--screenshot={}", shot.display()),
+    ]);
+    let image = image::open(&shot).expect("a PNG screenshot").to_rgb8();
+    let drawn = image.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+    assert!(
+        drawn > image.pixels().len() / 50,
+        "the screenshot is nearly blank: {drawn} drawn pixels"
+    );
+}
+
+/// `loadtest scale` at 1 and 2 processor (and projector) instances on Kafka: the report has
+/// both points, each with a rate that held and every role's CPU, and its charts drew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_scale_measures_a_point_per_instance_count_on_kafka() {
+    let Some(brokers) = kafka_brokers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("mix.toml");
+    std::fs::write(
+        &scenario,
+        "[[stages]]\nkind = \"constant\"\nrate = 1\nduration = \"1s\"\n\
+         [mix]\nupload_photo = 1\nread_item = 4\npost_events = 1\n\
+         [photos]\nsize = \"320x240\"\ncount = 2\n",
+    )
+    .unwrap();
+    let out = dir.path().join("scale");
+    let output = tokio::task::spawn_blocking({
+        let (scenario, out) = (scenario.clone(), out.clone());
+        move || {
+            std::process::Command::new(conveyor_binary())
+                .args(["loadtest", "scale"])
+                .arg(&scenario)
+                .args([
+                    "--kafka",
+                    &brokers,
+                    "--instances",
+                    "1,2",
+                    "--partitions",
+                    "4",
+                ])
+                .args([
+                    "--from",
+                    "10",
+                    "--factor",
+                    "2",
+                    "--step",
+                    "4s",
+                    "--max-steps",
+                    "2",
+                ])
+                .arg("--out")
+                .arg(&out)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("scale.json")).unwrap()).unwrap();
+    let points = report["points"].as_array().unwrap();
+    let counts: Vec<u64> = points
+        .iter()
+        .map(|p| p["instances"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [1, 2], "{stdout}");
+    for point in points {
+        assert!(
+            point["sustainable_rate"].as_f64().unwrap() >= 10.0,
+            "{point}"
+        );
+        for role in ["ingest", "process", "project", "query"] {
+            assert!(
+                point["cpu_by_role_at_capacity"][role].as_f64().unwrap() > 0.0,
+                "{role}: {point}"
+            );
+        }
+    }
+    // Each count's own report sampled every process it started.
+    let two: Value =
+        serde_json::from_slice(&std::fs::read(out.join("n2/report.json")).unwrap()).unwrap();
+    let processes = two["samples"]["processes"].as_object().unwrap();
+    let names: Vec<&str> = processes.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "ingest",
+            "process 1",
+            "process 2",
+            "project 1",
+            "project 2",
+            "query"
+        ]
+    );
+    let sizing = &report["sizing"];
+    assert_eq!(sizing["rows"].as_array().unwrap().len(), 3, "{sizing}");
+    assert!(sizing["cores_per_op"]["process"].as_f64().unwrap() > 0.0);
+    assert!(!report["verdict"].as_str().unwrap().is_empty());
+    rendered_in_chromium(&out.join("scale.html"), 2);
 }
 
 #[test]
@@ -245,7 +422,7 @@ async fn find_capacity_names_a_slowed_processor_as_the_bottleneck() {
                 "--step",
                 "6s",
             ])
-            .args(["--max-steps", "6"])
+            .args(["--max-steps", "6", "--no-reference"])
             .output()
             .unwrap()
     })

@@ -40,7 +40,11 @@ pub struct ReferenceReport {
     pub generator_achieved_per_sec: f64,
     pub generator_p50_ms: f64,
     pub generator_p99_ms: f64,
+    /// Failed answers (status, timeout, connection), not counting `generator_dropped`.
     pub generator_errors: u64,
+    /// Reads not started because `--max-in-flight` were already waiting: the server (or the
+    /// generator) fell behind the offered rate.
+    pub generator_dropped: u64,
     /// `generator_achieved_per_sec / reference_per_sec`.
     pub ratio: f64,
     /// Whether the ratio is 0.9 or more.
@@ -165,7 +169,7 @@ pub(super) async fn compare(
         .first()
         .context("no seed item to read")?
         .clone();
-    let url = format!("{}/v1/media/{id}", run.base);
+    let url = format!("{}/v1/media/{id}", run.read_base);
     let args = [
         "-t1".to_owned(),
         format!("-c{CONNECTIONS}"),
@@ -188,6 +192,7 @@ pub(super) async fn compare(
     let generator = Arc::new(Run {
         client: run.client.clone(),
         base: run.base.clone(),
+        read_base: run.read_base.clone(),
         key: String::new(),
         service_key: None,
         photos: Vec::new(),
@@ -252,7 +257,14 @@ pub(super) async fn compare(
         generator_achieved_per_sec: achieved,
         generator_p50_ms: q(0.5),
         generator_p99_ms: q(0.99),
-        generator_errors: stats.map_or(0, |s| s.errors.values().sum()),
+        generator_errors: stats.map_or(0, |s| {
+            s.errors
+                .iter()
+                .filter(|(kind, _)| kind.as_str() != "dropped")
+                .map(|(_, n)| n)
+                .sum()
+        }),
+        generator_dropped: stats.map_or(0, |s| s.errors.get("dropped").copied().unwrap_or(0)),
         ratio,
         agree: ratio >= AGREEMENT,
         run_peak_offered_per_sec: 0.0,

@@ -18,49 +18,101 @@ pub struct Samples {
     /// Per consumer group: its total lag (records) at each sample, from
     /// `conveyor_consumer_lag_total` on the target's `/metrics`.
     pub lag: BTreeMap<String, Vec<f64>>,
-    /// The server's CPU, in percent of one core, over the second before each sample.
+    /// The server's CPU, in percent of one core, over the second before each sample: the sum
+    /// over every sampled process.
     pub cpu_percent: Vec<f64>,
-    /// The server's resident memory, in MiB.
+    /// The server's resident memory, in MiB: the sum over every sampled process.
+    pub rss_mib: Vec<f64>,
+    /// The same, per sampled process, by its name (`server`, or a role such as `process 2`).
+    pub processes: BTreeMap<String, ProcessSeries>,
+    /// The whole machine's CPU busy (every process, the generator's too), in percent of one
+    /// core, from `/proc/stat`: on a shared machine, what says the cores ran out.
+    pub machine_cpu_percent: Vec<f64>,
+}
+
+/// The machine's busy and total CPU time since boot, in clock ticks (`/proc/stat`'s `cpu`
+/// line: idle and iowait are not busy).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((total - idle, total))
+}
+
+/// One process's CPU (percent of one core) and RSS (MiB) at each sample.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcessSeries {
+    pub pid: u32,
+    pub cpu_percent: Vec<f64>,
     pub rss_mib: Vec<f64>,
 }
 
-/// Samples the target's lag and, when `pid` is known, its CPU and RSS, every second until
-/// aborted.
+/// Samples, every second until aborted, each consumer group's lag from the `/metrics` pages
+/// at `metrics` (a group's largest figure among them: each consumer reports its whole
+/// group's lag), and the CPU and RSS of each named process in `processes`.
 pub async fn sample(
     client: reqwest::Client,
-    base: String,
-    pid: Option<u32>,
+    metrics: Vec<String>,
+    processes: Vec<(String, u32)>,
     started: Instant,
     into: Arc<Mutex<Samples>>,
 ) {
     let ticks = clock_ticks();
-    let mut last_cpu = pid.and_then(cpu_ticks);
+    let mut last_cpu: Vec<Option<u64>> = processes.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
     let mut last_at = Instant::now();
+    let mut last_machine = machine_ticks();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let lag = match client
-            .get(format!("{base}/metrics"))
-            .timeout(Duration::from_millis(900))
-            .send()
-            .await
-        {
-            Ok(r) => r.text().await.map(|t| lag_totals(&t)).unwrap_or_default(),
-            Err(_) => BTreeMap::new(),
-        };
-        let cpu = pid.and_then(cpu_ticks);
-        let cpu_percent = match (cpu, last_cpu) {
-            (Some(now), Some(before)) => {
-                (now.saturating_sub(before)) as f64 / ticks / last_at.elapsed().as_secs_f64()
-                    * 100.0
+        let machine = machine_ticks();
+        let machine_percent = match (machine, last_machine) {
+            (Some((busy, total)), Some((busy0, total0))) if total > total0 => {
+                busy.saturating_sub(busy0) as f64 / (total - total0) as f64 * cores * 100.0
             }
             _ => 0.0,
         };
-        last_cpu = cpu;
+        last_machine = machine;
+        let mut lag = BTreeMap::<String, f64>::new();
+        for url in &metrics {
+            let page = match client
+                .get(url)
+                .timeout(Duration::from_millis(900))
+                .send()
+                .await
+            {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            for (group, value) in lag_totals(&page) {
+                let entry = lag.entry(group).or_insert(value);
+                *entry = entry.max(value);
+            }
+        }
+        let elapsed = last_at.elapsed().as_secs_f64();
         last_at = Instant::now();
-        let rss = pid.and_then(rss_mib).unwrap_or(0.0);
+        let mut measured = Vec::with_capacity(processes.len());
+        for ((_, pid), last) in processes.iter().zip(last_cpu.iter_mut()) {
+            let cpu = cpu_ticks(*pid);
+            let percent = match (cpu, *last) {
+                (Some(now), Some(before)) => {
+                    now.saturating_sub(before) as f64 / ticks / elapsed * 100.0
+                }
+                _ => 0.0,
+            };
+            *last = cpu;
+            measured.push((percent, rss_mib(*pid).unwrap_or(0.0)));
+        }
         let mut samples = into.lock().unwrap();
         let n = samples.at.len();
         samples.at.push(started.elapsed().as_secs_f64());
+        samples.machine_cpu_percent.push(machine_percent);
         for (group, value) in lag {
             let series = samples.lag.entry(group).or_insert_with(|| vec![0.0; n]);
             series.resize(n, 0.0);
@@ -69,10 +121,16 @@ pub async fn sample(
         for series in samples.lag.values_mut() {
             series.resize(n + 1, *series.last().unwrap_or(&0.0));
         }
-        // Without the server's process, CPU and RSS stay empty rather than read as zero.
-        if pid.is_some() {
-            samples.cpu_percent.push(cpu_percent);
-            samples.rss_mib.push(rss);
+        // Without a server process, CPU and RSS stay empty rather than read as zero.
+        if !processes.is_empty() {
+            samples.cpu_percent.push(measured.iter().map(|m| m.0).sum());
+            samples.rss_mib.push(measured.iter().map(|m| m.1).sum());
+        }
+        for ((name, pid), (cpu, rss)) in processes.iter().zip(measured) {
+            let series = samples.processes.entry(name.clone()).or_default();
+            series.pid = *pid;
+            series.cpu_percent.push(cpu);
+            series.rss_mib.push(rss);
         }
     }
 }
@@ -229,9 +287,8 @@ pub struct Report {
     /// From each upload's 202 to `processed`.
     pub processed_ms: Option<Percentiles>,
     pub seconds: Vec<SecondReport>,
+    /// Lag, CPU and RSS over time; the processes sampled are `samples.processes`.
     pub samples: Samples,
-    /// The server process CPU and RSS were read from, if found.
-    pub server_pid: Option<u32>,
     pub thresholds: Vec<Verdict>,
     /// What `--find-capacity` found.
     pub capacity: Option<CapacityReport>,
@@ -260,8 +317,12 @@ pub struct StepReport {
     pub errors_percent: f64,
     /// Each group's lag at the step's end minus at its start, in records.
     pub lag_growth: BTreeMap<String, f64>,
-    /// The server's mean CPU over the step, in percent of one core.
+    /// The server's mean CPU over the step, in percent of one core (every sampled process).
     pub cpu_percent: f64,
+    /// The same, per sampled process.
+    pub cpu_by_process: BTreeMap<String, f64>,
+    /// The whole machine's mean CPU over the step (the generator's included).
+    pub machine_cpu_percent: f64,
     /// What broke, with the evidence; `None` when the step held.
     pub broke: Option<String>,
 }
@@ -349,14 +410,23 @@ pub(super) fn judge_step(
             Some((group.clone(), series.get(b)? - series.get(a)?))
         })
         .collect();
-    let cpu_percent = in_step
+    let mean = |series: &[f64]| {
+        in_step.iter().filter_map(|&i| series.get(i)).sum::<f64>() / in_step.len().max(1) as f64
+    };
+    let cpu_percent = mean(&samples.cpu_percent);
+    let machine_cpu_percent = mean(&samples.machine_cpu_percent);
+    let cpu_by_process = samples
+        .processes
         .iter()
-        .filter_map(|&i| samples.cpu_percent.get(i))
-        .sum::<f64>()
-        / in_step.len().max(1) as f64;
+        .map(|(name, p)| (name.clone(), mean(&p.cpu_percent)))
+        .collect();
     let lag_bound = (0.05 * rate * search.step.as_secs_f64()).max(10.0);
-    let cpu = format!("server CPU {cpu_percent:.0}% of {}", cores * 100);
-    let saturated = cpu_percent >= 85.0 * cores as f64;
+    let cpu = format!(
+        "server CPU {cpu_percent:.0}% of {}, the machine's {machine_cpu_percent:.0}%",
+        cores * 100
+    );
+    // For a local target the machine's CPU counts: the generator shares its cores.
+    let saturated = cpu_percent.max(machine_cpu_percent) >= 85.0 * cores as f64;
     let broke = if let Some((group, grew)) = lag_growth
         .iter()
         .filter(|(_, grew)| **grew > lag_bound)
@@ -399,6 +469,8 @@ pub(super) fn judge_step(
         errors_percent,
         lag_growth,
         cpu_percent,
+        cpu_by_process,
+        machine_cpu_percent,
         broke,
     }
 }
@@ -409,7 +481,6 @@ impl Report {
         scenario: &Scenario,
         driven: Duration,
         target: &str,
-        pid: Option<u32>,
         recorder: &Recorder,
         samples: Samples,
     ) -> Report {
@@ -460,7 +531,6 @@ impl Report {
             processed_ms: recorder.processed.as_ref().map(Percentiles::of),
             seconds,
             samples,
-            server_pid: pid,
             thresholds: Vec::new(),
             capacity: None,
             reference: None,
@@ -544,6 +614,25 @@ impl Report {
         }
     }
 
+    /// The sampled processes, as `name (pid), …`.
+    fn processes_named(&self) -> String {
+        self.samples
+            .processes
+            .iter()
+            .map(|(name, s)| format!("{name} ({})", s.pid))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether every threshold held and, for `--find-capacity`, at least its first step.
+    pub fn passed(&self) -> bool {
+        self.thresholds.iter().all(|t| t.passed)
+            && self
+                .capacity
+                .as_ref()
+                .is_none_or(|c| c.sustainable_rate.is_some())
+    }
+
     /// The summary, for the terminal.
     pub fn print(&self) {
         println!(
@@ -597,7 +686,10 @@ impl Report {
             self.samples.cpu_percent.iter().copied().reduce(f64::max),
             self.samples.rss_mib.iter().copied().reduce(f64::max),
         ) {
-            println!("  server: CPU at most {cpu:.0}% of one core, RSS at most {rss:.0} MiB");
+            println!(
+                "  server ({}): CPU at most {cpu:.0}% of one core, RSS at most {rss:.0} MiB",
+                self.processes_named()
+            );
         }
         if self.late_starts > 0 {
             println!(
@@ -652,8 +744,8 @@ impl Report {
 /// One line of a chart: its name and its points.
 type Series = (String, Vec<(f64, f64)>);
 
-/// An SVG line chart of `series` over seconds, with `y` as its unit.
-fn chart(title: &str, y: &str, series: &[Series]) -> String {
+/// An SVG line chart of `series`, with `y` as its unit and `x` as the x axis's.
+pub(super) fn chart(title: &str, y: &str, x: &str, series: &[Series]) -> String {
     use plotters::prelude::*;
     let mut svg = String::new();
     {
@@ -678,12 +770,7 @@ fn chart(title: &str, y: &str, series: &[Series]) -> String {
                 .y_label_area_size(60)
                 .build_cartesian_2d(0.0..x_max, 0.0..y_max)
                 .ok()?;
-            chart
-                .configure_mesh()
-                .x_desc("seconds")
-                .y_desc(y)
-                .draw()
-                .ok()?;
+            chart.configure_mesh().x_desc(x).y_desc(y).draw().ok()?;
             for (i, (name, points)) in series.iter().enumerate() {
                 let color = Palette99::pick(i).to_rgba();
                 chart
@@ -707,10 +794,18 @@ fn chart(title: &str, y: &str, series: &[Series]) -> String {
     svg
 }
 
-fn escape(text: &str) -> String {
+/// The reports' stylesheet.
+pub(super) const STYLE: &str = "body{font-family:sans-serif;max-width:820px;margin:2em auto}\
+    table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}\
+    td:first-child{text-align:left}.pass{color:#070}.fail{color:#b00;font-weight:bold}\
+    figure{margin:1em 0}";
+
+/// `text` safe inside HTML elements and attributes.
+pub(super) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The report as one HTML page: the summary, the thresholds, and the charts inline.
@@ -731,10 +826,28 @@ pub fn html(report: &Report) -> String {
             .zip(values.iter().copied())
             .collect()
     };
+    // One line per process, and their total when there are several.
+    let per_process = |f: &dyn Fn(&ProcessSeries) -> &Vec<f64>, total: &[f64]| -> Vec<Series> {
+        let mut series: Vec<Series> = samples
+            .processes
+            .iter()
+            .map(|(name, p)| (name.clone(), over_samples(f(p))))
+            .collect();
+        if series.len() > 1 {
+            series.push(("total".into(), over_samples(total)));
+        }
+        series
+    };
+    let mut cpu = per_process(&|p| &p.cpu_percent, &samples.cpu_percent);
+    cpu.push((
+        "machine (every process)".into(),
+        over_samples(&samples.machine_cpu_percent),
+    ));
     let charts = [
         chart(
             "Offered and achieved rate",
             "operations/s",
+            "seconds",
             &[
                 ("offered".into(), per_second(&|s| Some(s.offered as f64))),
                 ("achieved".into(), per_second(&|s| Some(s.completed as f64))),
@@ -744,6 +857,7 @@ pub fn html(report: &Report) -> String {
         chart(
             "Latency, every operation, from its intended start",
             "ms",
+            "seconds",
             &[
                 ("p50".into(), per_second(&|s| s.p50_ms)),
                 ("p99".into(), per_second(&|s| s.p99_ms)),
@@ -752,6 +866,7 @@ pub fn html(report: &Report) -> String {
         chart(
             "Upload 202 → processed",
             "ms",
+            "seconds",
             &[
                 ("p50".into(), per_second(&|s| s.processed_p50_ms)),
                 ("p99".into(), per_second(&|s| s.processed_p99_ms)),
@@ -760,21 +875,19 @@ pub fn html(report: &Report) -> String {
         chart(
             "Consumer lag per group",
             "records",
+            "seconds",
             &samples
                 .lag
                 .iter()
                 .map(|(group, values)| (group.clone(), over_samples(values)))
                 .collect::<Vec<_>>(),
         ),
+        chart("Server CPU, per process", "% of one core", "seconds", &cpu),
         chart(
-            "Server CPU",
-            "% of one core",
-            &[("cpu".into(), over_samples(&samples.cpu_percent))],
-        ),
-        chart(
-            "Server memory",
+            "Server memory, per process",
             "RSS MiB",
-            &[("rss".into(), over_samples(&samples.rss_mib))],
+            "seconds",
+            &per_process(&|p| &p.rss_mib, &samples.rss_mib),
         ),
     ];
     let mut rows = String::new();
@@ -794,6 +907,9 @@ pub fn html(report: &Report) -> String {
         ));
     }
     let mut verdicts = String::new();
+    if report.thresholds.is_empty() {
+        verdicts.push_str("<li>none in the scenario</li>\n");
+    }
     for v in &report.thresholds {
         verdicts.push_str(&format!(
             "<li class=\"{}\">{} {} ({})</li>\n",
@@ -830,10 +946,10 @@ pub fn html(report: &Report) -> String {
     let reference = report.reference.as_ref().map_or(String::new(), |r| {
         format!(
             "<h2>Reference: the generator against wrk</h2>\n<p>{}</p>\n<table><tr><th></th>\
-             <th>achieved/s</th><th>p50 ms</th><th>p99 ms</th><th>errors</th></tr>\n\
+             <th>achieved/s</th><th>p50 ms</th><th>p99 ms</th><th>errors (dropped)</th></tr>\n\
              <tr><td>wrk (closed loop)</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n\
              <tr><td>this generator (open model, offered {:.0}/s)</td><td>{:.0}</td><td>{:.2}</td>\
-             <td>{:.2}</td><td>{}</td></tr>\n</table>\n<p>Command: <code>{}</code>.</p>\n",
+             <td>{:.2}</td><td>{} ({})</td></tr>\n</table>\n<p>Command: <code>{}</code>.</p>\n",
             escape(&r.summary()),
             r.reference_per_sec,
             r.reference_p50_ms,
@@ -844,6 +960,7 @@ pub fn html(report: &Report) -> String {
             r.generator_p50_ms,
             r.generator_p99_ms,
             r.generator_errors,
+            r.generator_dropped,
             escape(&r.tool),
         )
     });
@@ -858,9 +975,7 @@ pub fn html(report: &Report) -> String {
         });
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Conveyor load report: {name}</title>\n\
-         <style>body{{font-family:sans-serif;max-width:820px;margin:2em auto}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}\
-         .pass{{color:#070}}.fail{{color:#b00;font-weight:bold}}figure{{margin:1em 0}}</style></head><body>\n\
+         <style>{style}</style></head><body>\n\
          <h1>Load report: {name}</h1>\n<p>Target {target}, {duration:.0} s: offered {offered:.1} operations/s, \
          completed {achieved:.1}/s; {dropped} dropped by the generator's in-flight bound. Latency counts from \
          each operation's intended start (open model). Server process: {pid}.</p>\n\
@@ -869,15 +984,17 @@ pub fn html(report: &Report) -> String {
          <p>Upload 202 → processed: {processed}.</p>\n{capacity}{reference}<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
          <h2>Charts</h2>\n{charts}\n</body></html>\n",
         name = escape(&report.scenario),
+        style = STYLE,
         target = escape(&report.target),
         duration = report.duration_secs,
         offered = report.offered_per_sec,
         achieved = report.achieved_per_sec,
         dropped = report.dropped,
-        pid = report
-            .server_pid
-            .map_or("not found (CPU and RSS not sampled)".to_owned(), |p| p
-                .to_string()),
+        pid = if report.samples.processes.is_empty() {
+            "not found (CPU and RSS not sampled)".to_owned()
+        } else {
+            escape(&report.processes_named())
+        },
         charts = charts
             .iter()
             .map(|svg| format!("<figure>{svg}</figure>"))

@@ -198,7 +198,8 @@ impl Op {
         }
     }
 
-    fn weight(self, mix: &Mix) -> u32 {
+    /// This operation's weight in `mix`.
+    pub fn weight(self, mix: &Mix) -> u32 {
         match self {
             Op::UploadPhoto => mix.upload_photo,
             Op::UploadDirect => mix.upload_direct,

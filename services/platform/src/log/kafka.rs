@@ -421,6 +421,7 @@ impl EventLog for KafkaLog {
         let shared = Arc::new(Shared::default());
         let context = GroupContext {
             shared: shared.clone(),
+            group: group.to_owned(),
         };
         let mut config = self.consumer_config();
         let consumer: BaseConsumer<GroupContext> = match start {
@@ -641,6 +642,16 @@ struct Shared {
 
 struct GroupContext {
     shared: Arc<Shared>,
+    group: String,
+}
+
+impl GroupContext {
+    /// Publishes `conveyor_consumer_assigned_partitions{group}`: how many partitions this
+    /// member owns, so an operator (or `loadtest scale`) sees a rebalance settle.
+    fn publish(&self, assigned: &HashSet<u32>) {
+        metrics::gauge!("conveyor_consumer_assigned_partitions", "group" => self.group.clone())
+            .set(assigned.len() as f64);
+    }
 }
 
 impl ClientContext for GroupContext {}
@@ -658,6 +669,8 @@ impl ConsumerContext for GroupContext {
             for p in &partitions {
                 assigned.remove(p);
             }
+            self.publish(&assigned);
+            drop(assigned);
             self.shared
                 .revoked
                 .lock()
@@ -674,11 +687,9 @@ impl ConsumerContext for GroupContext {
                 .map(|e| e.partition() as u32)
                 .collect();
             tracing::info!(?partitions, "partitions assigned");
-            self.shared
-                .assigned
-                .lock()
-                .expect("assignment lock")
-                .extend(partitions);
+            let mut assigned = self.shared.assigned.lock().expect("assignment lock");
+            assigned.extend(partitions);
+            self.publish(&assigned);
         }
     }
 }
