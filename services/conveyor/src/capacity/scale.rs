@@ -514,25 +514,54 @@ fn sizing(
         }
     }
     let (point, report) = best?;
-    let held = last_held(report.capacity.as_ref()?)?;
-    let share = |ops: &[Op]| -> f64 {
+    let capacity = report.capacity.as_ref()?;
+    let held = last_held(capacity)?;
+    let first = capacity.steps.first()?;
+    let share = |ops: &[Op], rate: f64| -> f64 {
         ops.iter().map(|op| op.weight(&scenario.mix)).sum::<u32>() as f64
             / scenario.total_weight().max(1) as f64
-            * held.rate
+            * rate
     };
-    let uploads = share(&[Op::UploadPhoto, Op::UploadDirect]);
-    let reads = share(&[Op::ReadItem, Op::ReadTimeline, Op::FetchThumbnail]);
-    let events = share(&[Op::PostEvents]);
-    let roles = by_role(held);
-    // Each role's cost per the operation that drives it: a read for `query`, an upload for
-    // the rest (with the events the mix posts per upload, for `ingest` and `project`).
+    let uploads_at = |rate| share(&[Op::UploadPhoto, Op::UploadDirect], rate);
+    // The query role also answered the generator's polls that follow each upload.
+    let uploaded: u64 = report
+        .operations
+        .iter()
+        .filter(|o| o.op.starts_with("upload"))
+        .map(|o| o.ok)
+        .sum();
+    let polls_per_upload = report.watch_requests as f64 / uploaded.max(1) as f64;
+    let reads_at = |rate| {
+        share(&[Op::ReadItem, Op::ReadTimeline, Op::FetchThumbnail], rate)
+            + uploads_at(rate) * polls_per_upload
+    };
+    let (uploads, reads) = (uploads_at(held.rate), reads_at(held.rate));
+    let events = share(&[Op::PostEvents], held.rate);
+    let (at_first, at_held) = (by_role(first), by_role(held));
+    // Each role's marginal cost per the operation that drives it (a read for `query`, an
+    // upload for the rest, with the events the mix posts per upload for `ingest` and
+    // `project`): the slope of its CPU between the first step and the last that held, so its
+    // fixed costs (consumer polls, metrics, cache tails) are not spread over the operations.
+    // With one step held, the mean at that step.
     let mut cores_per_op = BTreeMap::new();
     for role in ["ingest", "process", "project", "query"] {
-        let per = if role == "query" { reads } else { uploads };
-        if per > 0.0 {
-            let cpu = roles.get(role).copied().unwrap_or(0.0) / 100.0;
-            cores_per_op.insert(role.to_owned(), cpu / per);
-        }
+        let driver = |rate| {
+            if role == "query" {
+                reads_at(rate)
+            } else {
+                uploads_at(rate)
+            }
+        };
+        let cpu = |roles: &BTreeMap<String, f64>| roles.get(role).copied().unwrap_or(0.0) / 100.0;
+        let (d0, d1) = (driver(first.rate), driver(held.rate));
+        let cost = if d1 > d0 * 1.5 {
+            ((cpu(&at_held) - cpu(&at_first)) / (d1 - d0)).max(0.0)
+        } else if d1 > 0.0 {
+            cpu(&at_held) / d1
+        } else {
+            continue;
+        };
+        cores_per_op.insert(role.to_owned(), cost);
     }
     let rows = SIZING_TARGETS
         .iter()
@@ -556,9 +585,10 @@ fn sizing(
     Some(Sizing {
         cores_per_op,
         measured_at: format!(
-            "the last step that held with {} instances: {:.1} operations/s of the mix ({uploads:.1} \
-             uploads/s, {reads:.1} reads/s, {events:.1} events/s)",
-            point.instances, held.rate
+            "{} × process and project, from the first step ({:.1} operations/s of the mix) to the last that \
+             held ({:.1}/s: {uploads:.1} uploads/s, {reads:.1} reads/s with the generator's \
+             polls, {events:.1} events/s)",
+            point.instances, first.rate, held.rate
         ),
         target_utilisation: TARGET_UTILISATION,
         rows,
@@ -599,7 +629,7 @@ fn print(report: &ScaleReport) {
     );
     for p in &report.points {
         println!(
-            "  {:>2} instances: {:>8} operations/s, CPU at capacity {:>4.0}% ({}); broke on: {}",
+            "  {:>2} × process and project: {:>8} operations/s, CPU at capacity {:>4.0}% ({}); broke on: {}",
             p.instances,
             p.sustainable_rate
                 .map_or("none".into(), |r| format!("{r:.1}")),
