@@ -184,8 +184,14 @@ pub(super) async fn compare(
         .await
         .context("wrk did not run (Debian's `wrk`: scripts/deps --test)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let wrk = parse_wrk(&text)
-        .with_context(|| format!("wrk's output was not readable ({}):\n{text}", out.status))?;
+    let wrk = parse_wrk(&text).with_context(|| {
+        format!(
+            "wrk's output was not readable ({}): {}{}",
+            out.status,
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
     anyhow::ensure!(wrk.per_sec > 0.0, "wrk completed no requests:\n{text}");
 
     // The generator: the same read of the same item, offered at wrk's rate, open model.

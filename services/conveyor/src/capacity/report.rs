@@ -376,7 +376,7 @@ pub(super) fn judge_step(
         .unwrap_or(&[]);
     let mut latency = super::histogram();
     let (mut completed, mut errors, mut rate_limited) = (0u64, 0u64, 0u64);
-    let (mut dropped, mut client_errors) = (0u64, 0u64);
+    let (mut dropped, mut client_errors, mut unreachable) = (0u64, 0u64, 0u64);
     for second in window {
         if let Some(h) = &second.latency {
             let _ = latency.add(h);
@@ -386,6 +386,7 @@ pub(super) fn judge_step(
         rate_limited += second.rate_limited;
         dropped += second.dropped;
         client_errors += second.client_errors;
+        unreachable += second.unreachable;
     }
     let secs = window.len().max(1) as f64;
     let achieved = completed as f64 / secs;
@@ -440,7 +441,10 @@ pub(super) fn judge_step(
         || errors_percent >= 1.0
         || achieved < 0.9 * rate
     {
-        let what = if dropped > 0 {
+        let what = if unreachable * 2 > errors {
+            "the target stopped answering, not capacity: most errors were refused or broken \
+             connections (is it still running?)"
+        } else if dropped > 0 {
             "the generator, not the server: operations were dropped at its in-flight bound \
              (raise --max-in-flight, or run more generators)"
         } else if client_errors * 2 > errors {
@@ -659,14 +663,14 @@ impl Report {
             let p = op.latency_ms.as_ref();
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
             println!(
-                "  {:<16} {:>9.1} {:>9} {:>9} {:>9} {:>9}  {:?}",
+                "  {:<16} {:>9.1} {:>9} {:>9} {:>9} {:>9}  {}",
                 op.op,
                 op.achieved_per_sec,
                 f(p.map(|p| p.p50)),
                 f(p.map(|p| p.p90)),
                 f(p.map(|p| p.p99)),
                 f(p.map(|p| p.max)),
-                op.errors
+                errors_text(&op.errors)
             );
         }
         if let Some(p) = &self.processed_ms {
@@ -687,7 +691,7 @@ impl Report {
             self.samples.rss_mib.iter().copied().reduce(f64::max),
         ) {
             println!(
-                "  server ({}): CPU at most {cpu:.0}% of one core, RSS at most {rss:.0} MiB",
+                "  sampled {}: CPU at most {cpu:.0}% of one core, RSS at most {rss:.0} MiB (summed)",
                 self.processes_named()
             );
         }
@@ -792,6 +796,18 @@ pub(super) fn chart(title: &str, y: &str, x: &str, series: &[Series]) -> String 
         })();
     }
     svg
+}
+
+/// Errors by kind, as `429: 3, timeout: 1`, or `none`.
+fn errors_text(errors: &BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return "none".to_owned();
+    }
+    errors
+        .iter()
+        .map(|(kind, n)| format!("{kind}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The reports' stylesheet.
@@ -903,7 +919,7 @@ pub fn html(report: &Report) -> String {
             f(p.map(|p| p.p90)),
             f(p.map(|p| p.p99)),
             f(p.map(|p| p.max)),
-            escape(&format!("{:?}", op.errors)),
+            escape(&errors_text(&op.errors)),
         ));
     }
     let mut verdicts = String::new();
@@ -981,9 +997,19 @@ pub fn html(report: &Report) -> String {
          each operation's intended start (open model). Server process: {pid}.</p>\n\
          <h2>Operations</h2>\n<table><tr><th>operation</th><th>ok</th><th>ok/s</th><th>p50 ms</th><th>p90 ms</th>\
          <th>p99 ms</th><th>max ms</th><th>errors</th></tr>\n{rows}</table>\n\
-         <p>Upload 202 → processed: {processed}.</p>\n{capacity}{reference}<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
+         <p>Upload 202 → processed: {processed}.</p>\n<p>{generator}</p>\n{capacity}{reference}<h2>Thresholds</h2>\n<ul>{verdicts}</ul>\n\
          <h2>Charts</h2>\n{charts}\n</body></html>\n",
         name = escape(&report.scenario),
+        generator = escape(&format!(
+            "The generator: {} operations started more than 50 ms late (the latest {:.0} ms); \
+             {} uploads ended failed and {} were not processed within a minute of their 202; \
+             {} polls followed uploads to their outcome, outside the mix.",
+            report.late_starts,
+            report.latest_start_ms,
+            report.processing_failed,
+            report.unmeasured_uploads,
+            report.watch_requests
+        )),
         style = STYLE,
         target = escape(&report.target),
         duration = report.duration_secs,

@@ -115,8 +115,22 @@ impl Drop for RoleProcess {
     }
 }
 
-/// Starts `conveyor <role>` on a free loopback port; its log goes to `log`.
-fn start_role(
+/// Whether util-linux's `setpriv` runs here.
+fn setpriv() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        Command::new("setpriv")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// Starts `conveyor <role>` on a free loopback port; its log goes to `log`. Waits at most a
+/// minute for it to say where it listens.
+async fn start_role(
     name: String,
     role: &str,
     data_dir: &Path,
@@ -126,7 +140,16 @@ fn start_role(
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let stderr =
         std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
-    let mut child = Command::new(exe)
+    // Under util-linux's `setpriv --pdeathsig KILL` where it runs, so a `loadtest scale`
+    // killed outright (SIGKILL, which no handler sees) leaves no role behind.
+    let mut command = if setpriv() {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "KILL", "--"]).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
+    let mut child = command
         .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -137,30 +160,39 @@ fn start_role(
         .spawn()
         .with_context(|| format!("cannot start `conveyor {role}`"))?;
     let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let address = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    break rest.trim().to_owned();
-                }
-            }
-            _ => {
-                let _ = child.kill();
-                anyhow::bail!(
-                    "`conveyor {role}` exited before listening; its log: {}",
-                    log.display()
-                );
+    // Read its stdout on a thread of its own, which keeps draining it after the address so
+    // the child never blocks on a full pipe.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listening on ").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(rest.trim().to_owned());
             }
         }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Ok(RoleProcess {
+    });
+    let mut process = RoleProcess {
         name,
         child,
-        address,
-    })
+        address: String::new(),
+    };
+    match tokio::time::timeout(Duration::from_secs(60), rx).await {
+        Ok(Ok(address)) => {
+            process.address = address;
+            Ok(process)
+        }
+        Ok(Err(_)) => anyhow::bail!(
+            "`conveyor {role}` exited before listening; its log: {}",
+            log.display()
+        ),
+        Err(_) => anyhow::bail!(
+            "`conveyor {role}` did not listen within a minute; its log: {}",
+            log.display()
+        ),
+    }
 }
 
 /// Waits until every role answers `/readyz` (its backends reachable), at most `limit`.
@@ -252,6 +284,10 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
     let scenario = Scenario::parse(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", options.scenario.display()))?;
     options.search.check()?;
+    anyhow::ensure!(options.partitions >= 1, "--partitions must be at least 1");
+    let mut options = options;
+    options.instances.sort_unstable();
+    options.instances.dedup();
     anyhow::ensure!(
         !options.instances.is_empty(),
         "--instances needs at least one count"
@@ -274,12 +310,38 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
     let mut reports = Vec::new();
     for &n in &options.instances {
         println!("── {n} × process, {n} × project on Kafka ──");
-        let (point, report) = one_count(&options, n, &client).await?;
+        // Ctrl-C or SIGTERM drops the count's future, and with it its roles (killed, waited
+        // for) and its data dir: nothing this run started is left running.
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let (point, report) = tokio::select! {
+            done = one_count(&options, n, &client) => done?,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the roles this run started are stopped"),
+            _ = terminate.recv() => anyhow::bail!("terminated; the roles this run started are stopped"),
+        };
         points.push(point);
         reports.push(report);
+        // Written after every count, so a later count's failure keeps the earlier ones.
+        write(&options, &scenario, &points, &reports, cores)?;
     }
-    let verdict = verdict(&points, cores);
-    let sizing = sizing(&scenario, &points, &reports);
+    let report = write(&options, &scenario, &points, &reports, cores)?;
+    print(&report);
+    println!(
+        "report: {} and {}",
+        options.out.join("scale.html").display(),
+        options.out.join("scale.json").display()
+    );
+    Ok(report)
+}
+
+/// The report of the counts so far, written to `scale.json` and `scale.html`.
+fn write(
+    options: &ScaleOptions,
+    scenario: &Scenario,
+    points: &[ScalePoint],
+    reports: &[report::Report],
+    cores: usize,
+) -> anyhow::Result<ScaleReport> {
     let report = ScaleReport {
         scenario: scenario.name.clone(),
         kafka: options.kafka.clone(),
@@ -288,17 +350,15 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
             .clone()
             .unwrap_or_else(|| "sqlite (shared file)".into()),
         cores,
-        points,
-        verdict,
-        sizing,
+        points: points.to_vec(),
+        verdict: verdict(points, cores),
+        sizing: sizing(scenario, points, reports),
     };
     let json = options.out.join("scale.json");
     let html = options.out.join("scale.html");
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
         .and_then(|()| std::fs::write(&html, html_report(&report)))
         .with_context(|| format!("failed to write the reports in {}", options.out.display()))?;
-    print(&report);
-    println!("report: {} and {}", html.display(), json.display());
     Ok(report)
 }
 
@@ -327,6 +387,16 @@ async fn one_count(
         ),
         // One key drives it all: its rate limit is not what is measured.
         ("CONVEYOR__AUTH__RATE_PER_SEC", "0".into()),
+        // The direct upload's URLs and private media URLs are signed; roles outside `serve`
+        // make no key of their own.
+        (
+            "CONVEYOR__UPLOADS__SIGNING_KEY",
+            format!("lt:{}", uuid::Uuid::new_v4().simple()),
+        ),
+        (
+            "CONVEYOR__CDN__SIGNING_KEYS",
+            format!("lt:{}", uuid::Uuid::new_v4().simple()),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -346,31 +416,14 @@ async fn one_count(
     }
     // The ingest edge creates the topic; the consumers start once it exists.
     let log = |name: &str| out.join(format!("{}.log", name.replace(' ', "-")));
-    let mut roles = vec![start_role(
-        "ingest".into(),
-        "ingest",
-        dir.path(),
-        &env,
-        &log("ingest"),
-    )?];
+    let mut roles =
+        vec![start_role("ingest".into(), "ingest", dir.path(), &env, &log("ingest")).await?];
     ready(client, &roles, Duration::from_secs(60)).await?;
-    roles.push(start_role(
-        "query".into(),
-        "query",
-        dir.path(),
-        &env,
-        &log("query"),
-    )?);
+    roles.push(start_role("query".into(), "query", dir.path(), &env, &log("query")).await?);
     for role in ROLES_SCALED {
         for i in 1..=n {
             let name = format!("{role} {i}");
-            roles.push(start_role(
-                name.clone(),
-                role,
-                dir.path(),
-                &env,
-                &log(&name),
-            )?);
+            roles.push(start_role(name.clone(), role, dir.path(), &env, &log(&name)).await?);
         }
     }
     ready(client, &roles, Duration::from_secs(60)).await?;
@@ -405,7 +458,7 @@ async fn one_count(
         reference: false,
     })
     .await
-    .with_context(|| format!("the run with {n} instances failed"))?;
+    .with_context(|| format!("the run with {n} × process and project failed"))?;
     for role in &mut roles {
         if let Ok(Some(status)) = role.child.try_wait() {
             anyhow::bail!(
@@ -466,6 +519,18 @@ fn verdict(points: &[ScalePoint], cores: usize) -> String {
     let (Some(a), Some(b)) = (first.sustainable_rate, last.sustainable_rate) else {
         return "a count held no step, so there is no curve: lower --from".into();
     };
+    if points.iter().any(|p| p.bottleneck.is_none()) {
+        return "a count broke on nothing: its rate is only a lower bound, so the curve is not \
+                measured; raise --max-steps or --factor"
+            .into();
+    }
+    if points.len() < 2 {
+        return format!(
+            "one count ({} × process and project): {a:.1} operations/s; give --instances two counts or more \
+             for a curve",
+            first.instances
+        );
+    }
     let gain = b / a;
     let ideal = last.instances as f64 / first.instances as f64;
     let machine = cores as f64 * 100.0;
@@ -544,6 +609,13 @@ fn sizing(
     // fixed costs (consumer polls, metrics, cache tails) are not spread over the operations.
     // With one step held, the mean at that step.
     let mut cores_per_op = BTreeMap::new();
+    let mut cautions = Vec::new();
+    if point.bottleneck.is_none() {
+        cautions.push(
+            "CAUTION: this count broke on nothing, so its steps may all be far below capacity"
+                .to_owned(),
+        );
+    }
     for role in ["ingest", "process", "project", "query"] {
         let driver = |rate| {
             if role == "query" {
@@ -554,12 +626,22 @@ fn sizing(
         };
         let cpu = |roles: &BTreeMap<String, f64>| roles.get(role).copied().unwrap_or(0.0) / 100.0;
         let (d0, d1) = (driver(first.rate), driver(held.rate));
-        let cost = if d1 > d0 * 1.5 {
-            ((cpu(&at_held) - cpu(&at_first)) / (d1 - d0)).max(0.0)
-        } else if d1 > 0.0 {
-            cpu(&at_held) / d1
-        } else {
-            continue;
+        let slope = (d1 > d0 * 1.5).then(|| (cpu(&at_held) - cpu(&at_first)) / (d1 - d0));
+        let cost = match slope {
+            Some(slope) if slope > 0.0 => slope,
+            _ if d1 > 0.0 => {
+                cautions.push(format!(
+                    "CAUTION: {role}'s figure is its mean CPU per operation at the last step \
+                     that held, fixed costs included (an upper bound): {}",
+                    if slope.is_some() {
+                        "its CPU did not rise between the steps (noise at these rates)"
+                    } else {
+                        "fewer than two steps held far enough apart for a slope"
+                    }
+                ));
+                cpu(&at_held) / d1
+            }
+            _ => continue,
         };
         cores_per_op.insert(role.to_owned(), cost);
     }
@@ -592,7 +674,7 @@ fn sizing(
         ),
         target_utilisation: TARGET_UTILISATION,
         rows,
-        assumptions: vec![
+        assumptions: cautions.into_iter().chain([
             format!(
                 "uploads are the scenario's photos ({} JPEGs); larger photos cost the processor \
                  more, roughly in proportion to their pixels",
@@ -618,11 +700,16 @@ fn sizing(
             "Kafka, the object store and the read store are sized apart; their own limits are \
              not in these figures"
                 .into(),
-        ],
+        ]).collect(),
     })
 }
 
 fn print(report: &ScaleReport) {
+    let cautions = report
+        .sizing
+        .iter()
+        .flat_map(|s| s.assumptions.iter())
+        .filter(|a| a.starts_with("CAUTION"));
     println!(
         "scaling curve: {} on Kafka {}",
         report.scenario, report.kafka
@@ -662,6 +749,9 @@ fn print(report: &ScaleReport) {
                     .join(", ")
             );
         }
+    }
+    for caution in cautions {
+        println!("  {caution}");
     }
 }
 
@@ -756,7 +846,10 @@ fn html_report(report: &ScaleReport) -> String {
         let costs: String = s
             .cores_per_op
             .iter()
-            .map(|(r, c)| format!("{} {:.2} ms of CPU per operation", esc(r), c * 1000.0))
+            .map(|(r, c)| {
+                let per = if r == "query" { "read" } else { "upload" };
+                format!("{} {:.2} ms of CPU per {per}", esc(r), c * 1000.0)
+            })
             .collect::<Vec<_>>()
             .join("; ");
         let assumptions: String = s
@@ -785,4 +878,55 @@ fn html_report(report: &ScaleReport) -> String {
         cores = report.cores,
         verdict = esc(&report.verdict),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(instances: usize, rate: Option<f64>, broke: bool, machine: f64) -> ScalePoint {
+        ScalePoint {
+            instances,
+            sustainable_rate: rate,
+            bottleneck: broke.then(|| "consumer group processor".to_owned()),
+            cpu_percent_at_capacity: 100.0,
+            cpu_by_role_at_capacity: BTreeMap::new(),
+            machine_cpu_percent_at_break: broke.then_some(machine),
+            report: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_verdict_says_why_the_curve_bends_and_when_there_is_none() {
+        let flat = [
+            point(1, Some(200.0), true, 190.0),
+            point(4, Some(200.0), true, 195.0),
+        ];
+        assert!(verdict(&flat, 2).contains("the machine's CPU was the limit"));
+        let linear = [
+            point(1, Some(100.0), true, 60.0),
+            point(2, Some(195.0), true, 120.0),
+        ];
+        assert!(verdict(&linear, 4).contains("close to linear"));
+        let idle = [
+            point(1, Some(100.0), true, 50.0),
+            point(2, Some(100.0), true, 60.0),
+        ];
+        assert!(verdict(&idle, 4).contains("with CPU to spare"));
+        let unbroken = [
+            point(1, Some(40.0), false, 0.0),
+            point(2, Some(40.0), false, 0.0),
+        ];
+        assert!(verdict(&unbroken, 2).contains("lower bound"));
+        assert!(verdict(&[point(1, None, true, 0.0)], 2).contains("held no step"));
+        assert!(verdict(&[point(1, Some(9.0), true, 0.0)], 2).contains("two counts"));
+    }
+
+    #[test]
+    fn assigned_partitions_are_summed_over_groups() {
+        let page = "conveyor_consumer_assigned_partitions{group=\"processor-x\"} 3\n\
+                    conveyor_consumer_lag_total{group=\"processor-x\"} 7\n";
+        assert_eq!(assigned_partitions(page), 3.0);
+        assert_eq!(assigned_partitions(""), 0.0);
+    }
 }

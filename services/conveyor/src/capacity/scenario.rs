@@ -96,7 +96,12 @@ impl Stage {
                 to,
                 step,
                 every,
-            } => every * (((to - from) / step).floor().max(0.0) as u32 + 1),
+            } => every.saturating_mul(
+                (((to - from) / step)
+                    .floor()
+                    .clamp(0.0, u32::MAX as f64 - 1.0) as u32)
+                    + 1,
+            ),
         }
     }
 
@@ -235,13 +240,21 @@ impl Threshold {
         let forms = "expected \"<operation> p99 < 200ms\", \"processed p99 < 5s\", \
                      \"errors < 1%\" or \"lag bounded\"";
         let bad = || format!("threshold {text:?}: {forms}");
+        let percent_rule = || {
+            format!(
+                "threshold {text:?}: the percent must be above 0 and at most 100, written with \
+                 no space before %, like \"errors < 1%\""
+            )
+        };
         match words.as_slice() {
             ["lag", "bounded"] => Ok(Threshold::LagBounded),
+            ["errors", "<", _, "%"] => Err(percent_rule()),
             ["errors", "<", percent] => percent
                 .strip_suffix('%')
-                .and_then(|p| p.parse().ok())
+                .and_then(|p| p.parse::<f64>().ok())
+                .filter(|p| (0.0..=100.0).contains(p) && *p > 0.0)
                 .map(|below_percent| Threshold::Errors { below_percent })
-                .ok_or_else(bad),
+                .ok_or_else(percent_rule),
             [what, percentile, "<", bound] => {
                 let op = match *what {
                     "processed" => None,
@@ -282,6 +295,12 @@ impl Threshold {
     }
 }
 
+/// The highest rate a stage may offer, operations per second: past what one generator
+/// process drives (about 20,000 reads a second on 2 cores, `docs/benchmarks.md`).
+pub const MAX_RATE: f64 = 1_000_000.0;
+/// The most the weights of a mix may add up to.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
 impl Scenario {
     /// Reads and checks a scenario.
     ///
@@ -296,6 +315,17 @@ impl Scenario {
         if Op::ALL.iter().all(|op| op.weight(&scenario.mix) == 0) {
             return Err("[mix] gives every operation a weight of 0".into());
         }
+        if Op::ALL
+            .iter()
+            .map(|op| u64::from(op.weight(&scenario.mix)))
+            .sum::<u64>()
+            > u64::from(MAX_WEIGHT)
+        {
+            return Err(format!(
+                "[mix] weights add up to more than {MAX_WEIGHT}; they are relative, so use \
+                 smaller ones"
+            ));
+        }
         for (i, stage) in scenario.stages.iter().enumerate() {
             let n = i + 1;
             let (kind, rates) = match *stage {
@@ -308,6 +338,19 @@ impl Scenario {
                 return Err(format!(
                     "stage {n} ({kind}): a rate is negative or not a number; rates are \
                      operations per second, 0 or more"
+                ));
+            }
+            if rates.iter().any(|r| *r > MAX_RATE) {
+                return Err(format!(
+                    "stage {n} ({kind}): a rate is over {MAX_RATE} operations per second, \
+                     more than one generator offers; run several"
+                ));
+            }
+            if stage.duration() > super::MAX_DURATION {
+                return Err(format!(
+                    "stage {n} ({kind}): it runs {:?}, over the bound of {:?} for a run",
+                    stage.duration(),
+                    super::MAX_DURATION
                 ));
             }
             if stage.duration().is_zero() {
@@ -348,14 +391,22 @@ impl Scenario {
                     scenario.photos.size
                 )
             })?;
+        let uploads = scenario.mix.upload_photo + scenario.mix.upload_direct;
         for t in &scenario.thresholds {
-            if let Threshold::Latency { op: Some(op), .. } = Threshold::parse(t)?
-                && op.weight(&scenario.mix) == 0
-            {
-                return Err(format!(
-                    "threshold {t:?}: {} has no weight in [mix], so it is never measured",
-                    op.name()
-                ));
+            match Threshold::parse(t)? {
+                Threshold::Latency { op: Some(op), .. } if op.weight(&scenario.mix) == 0 => {
+                    return Err(format!(
+                        "threshold {t:?}: {} has no weight in [mix], so it is never measured",
+                        op.name()
+                    ));
+                }
+                Threshold::Latency { op: None, .. } if uploads == 0 => {
+                    return Err(format!(
+                        "threshold {t:?}: [mix] uploads nothing (upload_photo, upload_direct), \
+                         so nothing is processed to measure"
+                    ));
+                }
+                _ => {}
             }
         }
         Ok(scenario)
@@ -480,5 +531,40 @@ mod tests {
                 .unwrap_err()
                 .contains("never measured")
         );
+    }
+
+    /// What the review found accepted, or panicking later: each is refused up front.
+    #[test]
+    fn out_of_bounds_scenarios_are_refused() {
+        let with = |stage: &str, mix: &str, thresholds: &str| {
+            Scenario::parse(&format!(
+                "thresholds = {thresholds}\n[[stages]]\n{stage}\n[mix]\n{mix}\n"
+            ))
+            .unwrap_err()
+        };
+        let constant = "kind = \"constant\"\nrate = 1\nduration = \"1s\"";
+        assert!(
+            with(constant, "read_item = 4294967295\nupload_photo = 1", "[]").contains("add up")
+        );
+        let huge = "kind = \"steps\"\nfrom = 1\nto = 1e12\nstep = 1\nevery = \"1s\"";
+        assert!(with(huge, "read_item = 1", "[]").contains("over 1000000"));
+        let long = "kind = \"constant\"\nrate = 1\nduration = \"500000000000years\"";
+        assert!(with(long, "read_item = 1", "[]").contains("over the bound"));
+        let many = "kind = \"steps\"\nfrom = 1\nto = 100000\nstep = 1\nevery = \"1s\"";
+        assert!(with(many, "read_item = 1", "[]").contains("over the bound"));
+        assert!(
+            with(constant, "read_item = 1", "[\"processed p99 < 5s\"]").contains("uploads nothing")
+        );
+        for bad in [
+            "errors < NaN%",
+            "errors < -5%",
+            "errors < 1 %",
+            "errors < 0%",
+        ] {
+            assert!(
+                Threshold::parse(bad).unwrap_err().contains("above 0"),
+                "{bad}"
+            );
+        }
     }
 }
