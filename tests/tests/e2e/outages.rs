@@ -88,6 +88,10 @@ async fn a_broker_outage_refuses_uploads_with_503_and_loses_no_acknowledged_one(
     }
     let (status, _) = app.get_json("/readyz").await;
     assert_eq!(status, 200);
+    // Stopped while its broker is up. Dropping the app only signals it; the engine stops
+    // right after, and a consumer's synchronous commit still in flight then waits on the dead
+    // broker forever in the runtime's blocking pool, so the test never ended (seen once).
+    app.stop().await;
 }
 
 /// Reported: a direct-upload completion that got 503 while the broker was down could not be
@@ -202,6 +206,7 @@ async fn a_direct_upload_completion_refused_by_an_outage_completes_once_on_retry
         "{page}"
     );
     assert_eq!(items.len(), 2, "the first upload and this one: {page}");
+    app.stop().await; // While the broker is up: see the test above.
 }
 
 /// While the CQL node is down the projector's partitions wait and retry; nothing goes to the

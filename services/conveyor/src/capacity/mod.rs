@@ -425,7 +425,7 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
     let sampling = tokio::spawn(report::sample(
         run.client.clone(),
         metrics,
-        processes,
+        processes.clone(),
         run.started,
         samples.clone(),
     ));
@@ -498,7 +498,11 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
             reference::SECONDS
         ));
         bar.enable_steady_tick(Duration::from_millis(200));
-        let compared = reference::compare(&run, options.max_in_flight).await;
+        let server = match processes.as_slice() {
+            [(_, pid)] => Some(*pid),
+            _ => None,
+        };
+        let compared = reference::compare(&run, options.max_in_flight, server).await;
         bar.finish_and_clear();
         // A reference that fails costs the reference, not the run's report.
         compared

@@ -49,6 +49,10 @@ pub struct ReferenceReport {
     pub ratio: f64,
     /// Whether the ratio is 0.9 or more.
     pub agree: bool,
+    /// How the CPUs were shared, when they were split: the server on some, the load tool
+    /// (wrk, then the generator) on the others, so neither tool's cost is taken from the
+    /// server and the comparison is of the tools alone.
+    pub pinned: Option<String>,
     /// The most operations the run itself offered in one second (all operations of its mix).
     pub run_peak_offered_per_sec: f64,
     /// Whether the generator may have limited the run: it fell short of wrk, and the run
@@ -70,9 +74,13 @@ impl ReferenceReport {
             "they agree within 10 %: the generator is not the limit up to that rate".to_owned()
         } else {
             format!(
-                "the generator fell more than 10 % short of wrk (its requests cost more CPU than \
-                 wrk's, on the cores the server uses too), so about {:.0}/s is its own ceiling \
-                 here",
+                "the generator fell more than 10 % short of wrk ({}), so about {:.0}/s is its \
+                 own ceiling here",
+                if self.pinned.is_some() {
+                    "on the same CPU, its requests cost more than wrk's"
+                } else {
+                    "its requests cost more CPU than wrk's, on the cores the server uses too"
+                },
                 self.generator_achieved_per_sec
             )
         };
@@ -96,6 +104,56 @@ impl ReferenceReport {
             self.generator_achieved_per_sec,
             self.ratio * 100.0,
         )
+    }
+}
+
+/// Processes pinned to CPUs with util-linux's `taskset` for the comparison; their masks
+/// before are restored when this is dropped.
+struct Pinned {
+    saved: Vec<(u32, String)>,
+}
+
+impl Pinned {
+    /// Pins every thread of `pid` to `cpus` (a `taskset -c` list), keeping its mask.
+    fn pin(&mut self, pid: u32, cpus: &str) -> bool {
+        let taskset = |args: &[&str]| {
+            std::process::Command::new("taskset")
+                .args(args)
+                .arg(pid.to_string())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        };
+        // `pid 123's current affinity mask: 3`
+        let Some(mask) = taskset(&["-p"]).and_then(|o| {
+            Some(
+                String::from_utf8_lossy(&o.stdout)
+                    .rsplit(':')
+                    .next()?
+                    .trim()
+                    .to_owned(),
+            )
+        }) else {
+            return false;
+        };
+        if taskset(&["-a", "-p", "-c", cpus]).is_none() {
+            return false;
+        }
+        self.saved.push((pid, mask));
+        true
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        for (pid, mask) in self.saved.drain(..) {
+            let _ = std::process::Command::new("taskset")
+                .args(["-a", "-p", &mask, &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -159,9 +217,16 @@ pub fn parse_wrk(output: &str) -> Option<WrkOutput> {
 ///
 /// # Errors
 /// wrk that does not run or prints nothing readable, or no seed item to read.
+///
+/// With the server's `server_pid` known and two CPUs or more, the server is pinned to all but
+/// the first CPU and the load tools (this process, and wrk) to the first, for the comparison
+/// only: on a shared machine each tool would otherwise take its own cost from the server, and
+/// the comparison would measure how much CPU each tool leaves the server rather than whether
+/// the generator keeps up.
 pub(super) async fn compare(
     run: &Arc<Run>,
     max_in_flight: usize,
+    server_pid: Option<u32>,
 ) -> anyhow::Result<ReferenceReport> {
     let id = run
         .targets
@@ -176,7 +241,33 @@ pub(super) async fn compare(
         format!("-d{SECONDS}s"),
         "--latency".to_owned(),
     ];
-    let out = tokio::process::Command::new("wrk")
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut pinned = Pinned { saved: Vec::new() };
+    let split = match server_pid {
+        Some(server) if cpus >= 2 => {
+            let server_cpus = format!("1-{}", cpus - 1);
+            (pinned.pin(server, &server_cpus) && pinned.pin(std::process::id(), "0")).then(|| {
+                format!(
+                    "the server on CPUs {server_cpus}, wrk and then this generator on CPU 0 \
+                     (taskset), restored after"
+                )
+            })
+        }
+        _ => None,
+    };
+    if split.is_none() {
+        // Half pinned is worse than not at all.
+        drop(pinned);
+        pinned = Pinned { saved: Vec::new() };
+    }
+    let mut wrk_command = if split.is_some() {
+        let mut c = tokio::process::Command::new("taskset");
+        c.args(["-c", "0", "wrk"]);
+        c
+    } else {
+        tokio::process::Command::new("wrk")
+    };
+    let out = wrk_command
         .args(&args)
         .arg(&url)
         .kill_on_drop(true)
@@ -236,6 +327,7 @@ pub(super) async fn compare(
     .await;
     tasks.abort_all();
 
+    drop(pinned);
     let recorder = generator.recorder.lock().unwrap();
     // As `--find-capacity` judges a step: what finished after the first second, within the
     // window, so a backlog finishing late does not count as achieved.
@@ -273,6 +365,7 @@ pub(super) async fn compare(
         generator_dropped: stats.map_or(0, |s| s.errors.get("dropped").copied().unwrap_or(0)),
         ratio,
         agree: ratio >= AGREEMENT,
+        pinned: split,
         run_peak_offered_per_sec: 0.0,
         generator_was_limit: false,
     })

@@ -965,7 +965,7 @@ pub fn html(report: &Report) -> String {
              <th>achieved/s</th><th>p50 ms</th><th>p99 ms</th><th>errors (dropped)</th></tr>\n\
              <tr><td>wrk (closed loop)</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n\
              <tr><td>this generator (open model, offered {:.0}/s)</td><td>{:.0}</td><td>{:.2}</td>\
-             <td>{:.2}</td><td>{} ({})</td></tr>\n</table>\n<p>Command: <code>{}</code>.</p>\n",
+             <td>{:.2}</td><td>{} ({})</td></tr>\n</table>\n<p>Command: <code>{}</code>. CPUs: {}.</p>\n",
             escape(&r.summary()),
             r.reference_per_sec,
             r.reference_p50_ms,
@@ -978,6 +978,11 @@ pub fn html(report: &Report) -> String {
             r.generator_errors,
             r.generator_dropped,
             escape(&r.tool),
+            escape(
+                r.pinned
+                    .as_deref()
+                    .unwrap_or("shared by the server and the tools, as in the run")
+            ),
         )
     });
     let processed = report
