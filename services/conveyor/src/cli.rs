@@ -340,10 +340,12 @@ pub enum LoadtestCommand {
         /// The deployment's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         target: String,
-        /// A client key for uploads and reads [default: data/dev-api-key, as `serve` makes].
+        /// A client key for uploads and reads: the key itself, not a file [default: the key
+        /// in the file data/dev-api-key, as `serve` makes it].
         #[arg(long, env = "CONVEYOR_LOADTEST_KEY")]
         key: Option<String>,
-        /// A service key, for `post_events` [default: data/dev-service-key].
+        /// A service key, for `post_events`: the key itself, not a file [default: the key in
+        /// the file data/dev-service-key].
         #[arg(long, env = "CONVEYOR_LOADTEST_SERVICE_KEY")]
         service_key: Option<String>,
         /// Where report.json and report.html go.

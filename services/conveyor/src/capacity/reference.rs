@@ -245,10 +245,14 @@ pub(super) async fn compare(
     let mut pinned = Pinned { saved: Vec::new() };
     let split = match server_pid {
         Some(server) if cpus >= 2 => {
-            let server_cpus = format!("1-{}", cpus - 1);
+            let server_cpus = if cpus == 2 {
+                "1".to_owned()
+            } else {
+                format!("1-{}", cpus - 1)
+            };
             (pinned.pin(server, &server_cpus) && pinned.pin(std::process::id(), "0")).then(|| {
                 format!(
-                    "the server on CPUs {server_cpus}, wrk and then this generator on CPU 0 \
+                    "the server on CPU {server_cpus}, wrk and then this generator on CPU 0 \
                      (taskset), restored after"
                 )
             })
