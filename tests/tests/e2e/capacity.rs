@@ -64,6 +64,20 @@ fn run(
     (output, out)
 }
 
+/// Runs `command` off the runtime and checks that it succeeded; returns its stdout.
+async fn succeeds(mut command: std::process::Command) -> String {
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// The `points` of every data line (plotters draws series 2 px wide) in an SVG.
 fn data_lines(svg: &str) -> Vec<usize> {
     svg.split("stroke-width=\"2\" points=\"")
@@ -284,44 +298,31 @@ async fn loadtest_scale_measures_a_point_per_instance_count_on_kafka() {
     )
     .unwrap();
     let out = dir.path().join("scale");
-    let output = tokio::task::spawn_blocking({
-        let (scenario, out) = (scenario.clone(), out.clone());
-        move || {
-            std::process::Command::new(conveyor_binary())
-                .args(["loadtest", "scale"])
-                .arg(&scenario)
-                .args([
-                    "--kafka",
-                    &brokers,
-                    "--instances",
-                    "1,2",
-                    "--partitions",
-                    "4",
-                ])
-                .args([
-                    "--from",
-                    "10",
-                    "--factor",
-                    "2",
-                    "--step",
-                    "4s",
-                    "--max-steps",
-                    "2",
-                ])
-                .arg("--out")
-                .arg(&out)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut scale = std::process::Command::new(conveyor_binary());
+    scale
+        .args(["loadtest", "scale"])
+        .arg(&scenario)
+        .args([
+            "--kafka",
+            &brokers,
+            "--instances",
+            "1,2",
+            "--partitions",
+            "4",
+        ])
+        .args([
+            "--from",
+            "10",
+            "--factor",
+            "2",
+            "--step",
+            "4s",
+            "--max-steps",
+            "2",
+        ])
+        .arg("--out")
+        .arg(&out);
+    let stdout = succeeds(scale).await;
     let report: Value =
         serde_json::from_slice(&std::fs::read(out.join("scale.json")).unwrap()).unwrap();
     let points = report["points"].as_array().unwrap();
@@ -404,36 +405,24 @@ async fn find_capacity_names_a_slowed_processor_as_the_bottleneck() {
     )
     .unwrap();
     let out = dir.path().join("report");
-    let address = server.address.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(conveyor_binary())
-            .args(["loadtest", "run"])
-            .arg(&scenario)
-            .args(["--target", &address, "--key", ALICE, "--out"])
-            .arg(&out)
-            // Steps of 6 s: lag is sampled once a second, and at 16/s the backlog grows by
-            // about 4 uploads a second, well past the bound of 10 within one step.
-            .args([
-                "--find-capacity",
-                "--from",
-                "2",
-                "--factor",
-                "2",
-                "--step",
-                "6s",
-            ])
-            .args(["--max-steps", "6", "--no-reference"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut run = std::process::Command::new(conveyor_binary());
+    run.args(["loadtest", "run"])
+        .arg(&scenario)
+        .args(["--target", &server.address, "--key", ALICE, "--out"])
+        .arg(&out)
+        // Steps of 6 s: lag is sampled once a second, and at 16/s the backlog grows by
+        // about 4 uploads a second, well past the bound of 10 within one step.
+        .args([
+            "--find-capacity",
+            "--from",
+            "2",
+            "--factor",
+            "2",
+            "--step",
+            "6s",
+        ])
+        .args(["--max-steps", "6", "--no-reference"]);
+    let stdout = succeeds(run).await;
     let report: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("report/report.json")).unwrap())
             .unwrap();
@@ -450,5 +439,59 @@ async fn find_capacity_names_a_slowed_processor_as_the_bottleneck() {
     assert!(
         html.contains("Bottleneck: <b>consumer group processor"),
         "the report says so"
+    );
+}
+
+/// Reported: `--find-capacity` against a server killed mid-run printed a "highest sustainable
+/// rate" and exited 0. A step that finds the target gone makes the search inconclusive: the
+/// run says so and exits 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_capacity_against_a_server_that_dies_is_inconclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_process(
+        "serve",
+        dir.path(),
+        &[("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}"))],
+    );
+    let scenario = dir.path().join("reads.toml");
+    std::fs::write(
+        &scenario,
+        "[[stages]]\nkind = \"constant\"\nrate = 1\nduration = \"1s\"\n\
+         [mix]\nupload_photo = 1\nread_item = 3\n[photos]\nsize = \"64x48\"\ncount = 1\n",
+    )
+    .unwrap();
+    let out = dir.path().join("report");
+    let mut run = std::process::Command::new(conveyor_binary());
+    run.args(["loadtest", "run"])
+        .arg(&scenario)
+        .args(["--target", &server.address, "--key", ALICE, "--out"])
+        .arg(&out)
+        .args([
+            "--find-capacity",
+            "--from",
+            "5",
+            "--factor",
+            "2",
+            "--step",
+            "3s",
+        ])
+        .args(["--max-steps", "4", "--no-reference"]);
+    let running = tokio::task::spawn_blocking(move || run.output().unwrap());
+    // The seed uploads and the first step, then the server is gone (SIGKILL on drop).
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    drop(server);
+    let output = running.await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("inconclusive: the target stopped answering"),
+        "{stdout}"
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["capacity"]["target_lost"], true,
+        "{}",
+        report["capacity"]
     );
 }

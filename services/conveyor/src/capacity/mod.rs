@@ -209,7 +209,10 @@ impl Recorder {
                 let client = kind.starts_with('4') && !limited;
                 let unreachable = kind == "connect" || kind == "transport";
                 *stats.errors.entry(kind).or_default() += 1;
-                let second = self.second(at + latency);
+                // Counted against the second it was offered in, so a step is judged by what
+                // it offered however late the failure comes (a broker lost in a step's last
+                // second fails its uploads seconds later).
+                let second = self.second(at);
                 second.errors += 1;
                 second.rate_limited += u64::from(limited);
                 second.dropped += u64::from(dropped);
@@ -531,7 +534,9 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
     });
     let json = options.out.join("report.json");
     let html = options.out.join("report.html");
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+    // Made again if it went away during the run: the run's results are worth keeping.
+    std::fs::create_dir_all(&options.out)
+        .and_then(|()| std::fs::write(&json, serde_json::to_vec_pretty(&report)?))
         .and_then(|()| std::fs::write(&html, report::html(&report)))
         .with_context(|| format!("failed to write the reports in {}", options.out.display()))?;
     report.print();

@@ -135,11 +135,12 @@ pub async fn sample(
     }
 }
 
-/// `conveyor_consumer_lag_total{group="…"} N` lines of a Prometheus text page.
-fn lag_totals(text: &str) -> BTreeMap<String, f64> {
+/// The `metric{group="…"} N` lines of a Prometheus text page, by group.
+pub(super) fn by_group(text: &str, metric: &str) -> BTreeMap<String, f64> {
+    let prefix = format!("{metric}{{");
     text.lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("conveyor_consumer_lag_total{")?;
+            let rest = line.strip_prefix(&prefix)?;
             let (labels, value) = rest.split_once('}')?;
             let group = labels
                 .split(',')
@@ -148,6 +149,11 @@ fn lag_totals(text: &str) -> BTreeMap<String, f64> {
             Some((group.to_owned(), value.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// Each group's total lag on a `/metrics` page (`conveyor_consumer_lag_total`).
+fn lag_totals(text: &str) -> BTreeMap<String, f64> {
+    by_group(text, "conveyor_consumer_lag_total")
 }
 
 fn clock_ticks() -> f64 {
@@ -325,6 +331,9 @@ pub struct StepReport {
     pub machine_cpu_percent: f64,
     /// What broke, with the evidence; `None` when the step held.
     pub broke: Option<String>,
+    /// Whether it broke because the target stopped answering (most errors refused or broken
+    /// connections): then the search measured an outage, not a capacity.
+    pub target_lost: bool,
 }
 
 /// The verdict of `--find-capacity`.
@@ -338,6 +347,9 @@ pub struct CapacityReport {
     pub bottleneck: Option<String>,
     /// Cores on the machine the generator ran on (the server's, for a local target).
     pub cores: usize,
+    /// The step that broke found the target gone: the search is inconclusive, and the run
+    /// fails (exit 3).
+    pub target_lost: bool,
 }
 
 impl CapacityReport {
@@ -349,6 +361,7 @@ impl CapacityReport {
                 .map(|s| s.rate)
                 .last(),
             bottleneck: steps.iter().find_map(|s| s.broke.clone()),
+            target_lost: steps.iter().any(|s| s.target_lost),
             steps,
             cores,
         }
@@ -428,6 +441,7 @@ pub(super) fn judge_step(
     );
     // For a local target the machine's CPU counts: the generator shares its cores.
     let saturated = cpu_percent.max(machine_cpu_percent) >= 85.0 * cores as f64;
+    let target_lost = errors > 0 && unreachable * 2 > errors;
     let broke = if let Some((group, grew)) = lag_growth
         .iter()
         .filter(|(_, grew)| **grew > lag_bound)
@@ -441,7 +455,7 @@ pub(super) fn judge_step(
         || errors_percent >= 1.0
         || achieved < 0.9 * rate
     {
-        let what = if unreachable * 2 > errors {
+        let what = if target_lost {
             "the target stopped answering, not capacity: most errors were refused or broken \
              connections (is it still running?)"
         } else if dropped > 0 {
@@ -475,6 +489,7 @@ pub(super) fn judge_step(
         cpu_percent,
         cpu_by_process,
         machine_cpu_percent,
+        target_lost: target_lost && broke.is_some(),
         broke,
     }
 }
@@ -634,7 +649,7 @@ impl Report {
             && self
                 .capacity
                 .as_ref()
-                .is_none_or(|c| c.sustainable_rate.is_some())
+                .is_none_or(|c| c.sustainable_rate.is_some() && !c.target_lost)
     }
 
     /// The summary, for the terminal.
@@ -716,6 +731,10 @@ impl Report {
                 );
             }
             match (c.sustainable_rate, &c.bottleneck) {
+                (Some(rate), Some(_)) if c.target_lost => println!(
+                    "  inconclusive: the target stopped answering; {rate:.1} operations/s held \
+                     before that, which says nothing of its capacity"
+                ),
                 (Some(rate), Some(_)) => {
                     println!("  highest sustainable rate: {rate:.1} operations/s")
                 }

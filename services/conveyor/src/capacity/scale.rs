@@ -226,9 +226,8 @@ async fn ready(
 
 /// `conveyor_consumer_assigned_partitions{group="…"} N` on a `/metrics` page, for any group.
 fn assigned_partitions(page: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with("conveyor_consumer_assigned_partitions{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    report::by_group(page, "conveyor_consumer_assigned_partitions")
+        .values()
         .sum()
 }
 
