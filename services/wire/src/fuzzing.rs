@@ -10,8 +10,11 @@ use conveyor_schemas::{Codec, Envelope};
 use crate::media::{MediaType, SNIFF_BYTES};
 use crate::range::RangeRequest;
 
+/// A fuzz target: its name, and the function that takes the fuzzer's bytes.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target, by the name its fuzz target and regression folder have.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [Target; 6] = [
     ("event_codec", event_codec),
     ("event_intake", event_intake),
     ("sniff", sniff),

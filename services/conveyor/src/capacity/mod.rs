@@ -5,6 +5,8 @@
 //! lag from `/metrics`, the server's CPU and RSS from `/proc`), and writes a JSON and a
 //! self-contained HTML report. Thresholds set the exit code.
 
+mod connections;
+mod generator;
 pub mod reference;
 pub mod report;
 pub mod scale;
@@ -254,8 +256,22 @@ struct Run {
     targets: Targets,
     recorder: Mutex<Recorder>,
     started: Instant,
-    /// The tasks following uploads to their outcome.
+    /// The tasks following uploads to their outcome, on the runtime of `loadtest` itself (the
+    /// generator's threads may stop first), as `handle` names it.
     watchers: Mutex<tokio::task::JoinSet<()>>,
+    handle: tokio::runtime::Handle,
+}
+
+/// The HTTP client of the run, and of each generator thread: at most `max_in_flight`
+/// connections kept, a 30 s timeout, no proxy lookup per request, and HTTP/1.1 as the edge
+/// speaks it.
+fn http_client(max_in_flight: usize) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(max_in_flight)
+        .no_proxy()
+        .http1_only()
+        .build()
 }
 
 /// Whether `url` names this machine: `localhost` or a loopback address.
@@ -361,14 +377,7 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
     .iter()
     .map(std::fs::read)
     .collect::<Result<Vec<_>, _>>()?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(options.max_in_flight)
-        // Loopback or a named deployment: no proxy lookup per request, HTTP/1.1 as the
-        // edge speaks it.
-        .no_proxy()
-        .http1_only()
-        .build()?;
+    let client = http_client(options.max_in_flight)?;
     if scenario.mix.post_events > 0 {
         // An empty event is refused for what it is (400s) by a key that may post, and for
         // the key (401, 403) by one that may not: checked before the run, not found after.
@@ -422,6 +431,7 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
         recorder: Mutex::new(Recorder::default()),
         started: Instant::now(),
         watchers: Mutex::new(tokio::task::JoinSet::new()),
+        handle: tokio::runtime::Handle::current(),
     });
 
     let samples = Arc::new(Mutex::new(report::Samples::default()));
@@ -437,30 +447,24 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} s")
             .expect("valid template"),
     );
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
+    // As many connections as operations in flight: the run's reads wait for none.
+    let generator =
+        generator::Generator::start(&run, options.max_in_flight, options.max_in_flight, || {
+            http_client(options.max_in_flight)
+        })?;
+    let scenario = Arc::new(scenario);
     let capacity = match &options.find_capacity {
         None => {
-            let rate = |at: Duration| scenario.rate(at);
-            drive(
-                &run,
-                &scenario,
-                &rate,
-                Duration::ZERO,
-                duration,
-                &in_flight,
-                &mut tasks,
-                &bar,
-            )
-            .await;
+            let stages = scenario.clone();
+            let rate = Arc::new(move |at: Duration| stages.rate(at));
+            generator
+                .drive(&scenario, rate, Duration::ZERO, duration, &bar)
+                .await?;
             None
         }
-        Some(search) => Some(
-            find_capacity(
-                &run, &scenario, search, &in_flight, &mut tasks, &bar, &samples,
-            )
-            .await,
-        ),
+        Some(search) => {
+            Some(find_capacity(&run, &generator, &scenario, search, &bar, &samples).await?)
+        }
     };
     if let Some(found) = &capacity
         && found.sustainable_rate.is_none()
@@ -478,13 +482,8 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
         _ => duration,
     };
     bar.set_message("draining");
-    let drain = tokio::time::timeout(Duration::from_secs(60), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drain.is_err() {
-        tasks.abort_all();
-    }
+    generator.drain(Duration::from_secs(60)).await;
+    drop(generator);
     // Every upload is followed to its outcome (at most a minute after its 202); one still
     // pending then is counted as unmeasured, and fails a `processed` threshold.
     bar.set_message("waiting for uploads to be processed");
@@ -548,125 +547,30 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
     Ok(report)
 }
 
-/// Offers operations from `offset` to `offset + length` into the run, at `rate(t)` per second
-/// (`t` from the start of the run), each started at its intended time.
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    run: &Arc<Run>,
-    scenario: &Scenario,
-    rate: &dyn Fn(Duration) -> f64,
-    offset: Duration,
-    length: Duration,
-    in_flight: &Arc<tokio::sync::Semaphore>,
-    tasks: &mut tokio::task::JoinSet<()>,
-    bar: &indicatif::ProgressBar,
-) {
-    let total_weight = scenario.total_weight();
-    let bound = in_flight.available_permits() + tasks.len();
-    let mut t = offset.as_secs_f64();
-    let end = (offset + length).as_secs_f64();
-    // Each operation is due when the offered rate, integrated since the last one, reaches 1,
-    // in steps of at most 10 ms: a stage's rate takes effect at its first instant, however
-    // slow the stage before it.
-    let mut credit = 0.0f64;
-    // The second the progress line last showed: it is redrawn once a second, not per
-    // operation.
-    let mut shown = u64::MAX;
-    loop {
-        while credit < 1.0 && t < end {
-            let per_sec = rate(Duration::from_secs_f64(t));
-            let dt = if per_sec > 0.0 {
-                ((1.0 - credit) / per_sec).min(0.01)
-            } else {
-                0.01
-            };
-            credit += per_sec * dt;
-            t += dt;
-        }
-        if t >= end {
-            break;
-        }
-        credit -= 1.0;
-        let per_sec = rate(Duration::from_secs_f64(t));
-        let at = Duration::from_secs_f64(t);
-        // A timer only when the operation is a millisecond or more ahead (tokio's timers
-        // tick in milliseconds): at tens of thousands a second, one per operation is what
-        // would limit the generator.
-        if at > run.started.elapsed() + Duration::from_millis(1) {
-            tokio::time::sleep_until((run.started + at).into()).await;
-        }
-        // A generator that starts an operation late understates the server's latency for
-        // it; the report says how often and by how much.
-        let late = run.started.elapsed().saturating_sub(at);
-        if late > Duration::from_millis(50) {
-            let mut recorder = run.recorder.lock().unwrap();
-            recorder.late += 1;
-            recorder.latest = recorder.latest.max(late);
-        }
-        if at.as_secs() != shown {
-            shown = at.as_secs();
-            bar.set_position(shown);
-            bar.set_message(format!(
-                "{per_sec:.0} ops/s offered, {} in flight",
-                bound.saturating_sub(in_flight.available_permits())
-            ));
-        }
-        let op = scenario.pick(rand::random_range(0..total_weight));
-        run.recorder.lock().unwrap().offered(at);
-        match in_flight.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let run = run.clone();
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    let error = run.operation(op).await.err();
-                    let latency = run.started.elapsed().saturating_sub(at);
-                    run.recorder
-                        .lock()
-                        .unwrap()
-                        .finished(op, at, latency, error);
-                });
-            }
-            Err(_) => {
-                let mut recorder = run.recorder.lock().unwrap();
-                recorder.dropped += 1;
-                recorder.finished(op, at, Duration::ZERO, Some("dropped".into()));
-            }
-        }
-        // Reap what finished, so the set stays small.
-        while tasks.try_join_next().is_some() {}
-    }
-}
-
 /// Raises the rate step by step (the scenario's mix, constant within a step) until a step
 /// breaks: an operation's p99 over the bound, 1 % or more errors, under 90 % of the offered
 /// rate achieved, or a consumer group's lag growing through the step. Returns every step and
 /// the verdict.
+///
+/// # Errors
+/// A generator thread that died.
 async fn find_capacity(
     run: &Arc<Run>,
-    scenario: &Scenario,
+    generator: &generator::Generator,
+    scenario: &Arc<Scenario>,
     search: &Search,
-    in_flight: &Arc<tokio::sync::Semaphore>,
-    tasks: &mut tokio::task::JoinSet<()>,
     bar: &indicatif::ProgressBar,
     samples: &Arc<Mutex<report::Samples>>,
-) -> report::CapacityReport {
+) -> anyhow::Result<report::CapacityReport> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut steps = Vec::new();
     let mut rate = search.from.max(0.1);
     let mut offset = Duration::ZERO;
     for _ in 0..search.max_steps.max(1) {
-        let constant = |_: Duration| rate;
-        drive(
-            run,
-            scenario,
-            &constant,
-            offset,
-            search.step,
-            in_flight,
-            tasks,
-            bar,
-        )
-        .await;
+        let constant = Arc::new(move |_: Duration| rate);
+        generator
+            .drive(scenario, constant, offset, search.step, bar)
+            .await?;
         // One more second for the step's last operations and the samplers.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let step = {
@@ -682,7 +586,7 @@ async fn find_capacity(
         offset += search.step + Duration::from_secs(1);
         rate *= search.factor.max(1.01);
     }
-    report::CapacityReport::new(steps, cores)
+    Ok(report::CapacityReport::new(steps, cores))
 }
 
 /// Uploads the photos once and waits for them, so that reads have items, a timeline and
@@ -817,19 +721,22 @@ async fn upload(
     Ok((status, response.json().await.unwrap_or_default()))
 }
 
-/// A read with the run's client key, or without one when the run has none (the reference's
-/// reads of a public item).
-trait Authorized {
-    fn authorized(self, run: &Run) -> Self;
+/// How one generator thread makes its requests: reqwest for uploads, events and any URL off
+/// the read target, and its own connections for reads from the read target, where the rates
+/// are high.
+struct Http {
+    client: reqwest::Client,
+    reads: Option<connections::Connections>,
 }
 
-impl Authorized for reqwest::RequestBuilder {
-    fn authorized(self, run: &Run) -> Self {
-        if run.key.is_empty() {
-            self
-        } else {
-            self.bearer_auth(&run.key)
-        }
+/// How a reqwest request failed, as the report names it.
+fn failure(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timeout".to_owned()
+    } else if e.is_connect() {
+        "connect".to_owned()
+    } else {
+        "transport".to_owned()
     }
 }
 
@@ -846,34 +753,38 @@ impl Run {
         }
     }
 
-    /// One operation; `Err` names how it failed (the status, or `timeout`, `connect`).
-    async fn operation(self: &Arc<Self>, op: Op) -> Result<(), String> {
-        let failed = |e: reqwest::Error| {
-            if e.is_timeout() {
-                "timeout".to_owned()
-            } else if e.is_connect() {
-                "connect".to_owned()
-            } else {
-                "transport".to_owned()
-            }
-        };
-        let check = |status: reqwest::StatusCode| {
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(status.as_u16().to_string())
-            }
-        };
+    /// GETs `path` (a path on the read target, or a whole URL), with the run's client key when
+    /// `keyed` and the run has one, and reads the whole body. `Err` names how it failed.
+    async fn read(&self, http: &Http, path: &str, keyed: bool) -> Result<bytes::Bytes, String> {
+        let key = if keyed { self.key.as_str() } else { "" };
+        if let Some(reads) = http.reads.as_ref().filter(|_| path.starts_with('/')) {
+            return reads.get(path, key).await;
+        }
+        let mut request = http.client.get(self.url(path));
+        if !key.is_empty() {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| failure(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(status.as_u16().to_string());
+        }
+        response.bytes().await.map_err(|e| failure(&e))
+    }
+
+    /// One operation; `Err` names how it failed (the status, or `timeout`, `connect`,
+    /// `transport`, `invalid JSON`).
+    async fn operation(self: &Arc<Self>, http: &Http, op: Op) -> Result<(), String> {
         match op {
             Op::UploadPhoto | Op::UploadDirect => {
                 let photo = self.photos[rand::random_range(0..self.photos.len())].clone();
                 let sent = if op == Op::UploadDirect {
-                    upload_direct(&self.client, &self.base, &self.key, photo).await
+                    upload_direct(&http.client, &self.base, &self.key, photo).await
                 } else {
-                    upload(&self.client, &self.base, &self.key, photo).await
+                    upload(&http.client, &self.base, &self.key, photo).await
                 };
                 let (status, body) = sent.map_err(|e| match e.downcast::<reqwest::Error>() {
-                    Ok(e) => failed(e),
+                    Ok(e) => failure(&e),
                     Err(_) => "transport".to_owned(),
                 })?;
                 if status != 202 {
@@ -882,42 +793,26 @@ impl Run {
                 let accepted = self.started.elapsed();
                 let id = body["id"].as_str().unwrap_or_default().to_owned();
                 let run = self.clone();
-                self.watchers
-                    .lock()
-                    .unwrap()
-                    .spawn(async move { run.watch_processed(id, accepted).await });
+                self.watchers.lock().unwrap().spawn_on(
+                    async move { run.watch_processed(id, accepted).await },
+                    &self.handle,
+                );
                 Ok(())
             }
             Op::ReadItem => {
                 let id = self.pick(&self.targets.ids).ok_or("no items")?;
-                let response = self
-                    .client
-                    .get(format!("{}/v1/media/{id}", self.read_base))
-                    .authorized(self)
-                    .send()
+                self.read(http, &format!("/v1/media/{id}"), true)
                     .await
-                    .map_err(failed)?;
-                check(response.status())?;
-                response.bytes().await.map_err(failed).map(drop)
+                    .map(drop)
             }
             Op::ReadTimeline => {
                 let cursor = self.targets.cursor.lock().unwrap().take();
-                let mut url = format!(
-                    "{}/v1/owners/{}/media?limit=20",
-                    self.read_base, self.targets.owner
-                );
+                let mut path = format!("/v1/owners/{}/media?limit=20", self.targets.owner);
                 if let Some(cursor) = &cursor {
-                    url.push_str(&format!("&cursor={cursor}"));
+                    path.push_str(&format!("&cursor={cursor}"));
                 }
-                let response = self
-                    .client
-                    .get(url)
-                    .authorized(self)
-                    .send()
-                    .await
-                    .map_err(failed)?;
-                check(response.status())?;
-                let page: Value = response.json().await.map_err(failed)?;
+                let page: Value = serde_json::from_slice(&self.read(http, &path, true).await?)
+                    .map_err(|_| "invalid JSON".to_owned())?;
                 // The next timeline read follows this page's cursor; the one after starts over.
                 if cursor.is_none()
                     && let Some(next) = page["next_cursor"].as_str()
@@ -928,14 +823,7 @@ impl Run {
             }
             Op::FetchThumbnail => {
                 let url = self.pick(&self.targets.thumbs).ok_or("no thumbnails")?;
-                let response = self
-                    .client
-                    .get(self.url(url))
-                    .send()
-                    .await
-                    .map_err(failed)?;
-                check(response.status())?;
-                response.bytes().await.map_err(failed).map(drop)
+                self.read(http, url, false).await.map(drop)
             }
             Op::PostEvents => {
                 let id = self.pick(&self.targets.ids).ok_or("no items")?;
@@ -948,15 +836,20 @@ impl Run {
                         "tags": ["loadtest"],
                     }},
                 });
-                let response = self
+                let status = http
                     .client
                     .post(format!("{}/v1/events", self.base))
                     .bearer_auth(key)
                     .json(&event)
                     .send()
                     .await
-                    .map_err(failed)?;
-                check(response.status())
+                    .map_err(|e| failure(&e))?
+                    .status();
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(status.as_u16().to_string())
+                }
             }
         }
     }

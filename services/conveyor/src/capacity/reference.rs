@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
+use super::generator::Generator;
 use super::{Recorder, Run, Scenario, Targets};
 
 /// How long each side of the comparison drives the endpoint.
 pub const SECONDS: u64 = 5;
-/// wrk's connections (`-c`), one thread (`-t1`): as `scripts/bench-reads` runs it.
+/// wrk's connections (`-c`), as `scripts/bench-reads` runs it; its threads (`-t`) are the
+/// generator's, one per CPU the load tools may use.
 const CONNECTIONS: usize = 64;
 /// The generator agrees with wrk when it achieves at least this share of wrk's rate.
 pub const AGREEMENT: f64 = 0.9;
@@ -34,6 +36,9 @@ pub struct ReferenceReport {
     pub reference_p50_ms: f64,
     pub reference_p99_ms: f64,
     pub reference_errors: u64,
+    /// wrk's threads (`-t`), and the generator's: one per CPU the tools were given.
+    pub reference_threads: usize,
+    pub generator_threads: usize,
     /// The generator, offering the same read at `reference_per_sec` for as long.
     pub generator_offered_per_sec: f64,
     /// Completed without error per second, after the first second.
@@ -235,12 +240,6 @@ pub(super) async fn compare(
         .context("no seed item to read")?
         .clone();
     let url = format!("{}/v1/media/{id}", run.read_base);
-    let args = [
-        "-t1".to_owned(),
-        format!("-c{CONNECTIONS}"),
-        format!("-d{SECONDS}s"),
-        "--latency".to_owned(),
-    ];
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut pinned = Pinned { saved: Vec::new() };
     let split = match server_pid {
@@ -264,6 +263,15 @@ pub(super) async fn compare(
         drop(pinned);
         pinned = Pinned { saved: Vec::new() };
     }
+    // As many threads as the generator will have: one per CPU the tools may use.
+    let threads = if split.is_some() { 1 } else { cpus };
+    let connections = CONNECTIONS.max(threads);
+    let args = [
+        format!("-t{threads}"),
+        format!("-c{connections}"),
+        format!("-d{SECONDS}s"),
+        "--latency".to_owned(),
+    ];
     let mut wrk_command = if split.is_some() {
         let mut c = tokio::process::Command::new("taskset");
         c.args(["-c", "0", "wrk"]);
@@ -306,30 +314,32 @@ pub(super) async fn compare(
         recorder: Mutex::new(Recorder::default()),
         started: Instant::now(),
         watchers: Mutex::new(tokio::task::JoinSet::new()),
+        handle: tokio::runtime::Handle::current(),
     });
-    let reads = Scenario::parse(
-        "[[stages]]\nkind = \"constant\"\nrate = 1\nduration = \"1s\"\n[mix]\nread_item = 1\n",
-    )
-    .expect("a valid scenario");
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    let rate = |_: Duration| wrk.per_sec;
-    super::drive(
-        &generator,
-        &reads,
-        &rate,
-        Duration::ZERO,
-        Duration::from_secs(SECONDS),
-        &in_flight,
-        &mut tasks,
-        &indicatif::ProgressBar::hidden(),
-    )
-    .await;
-    let _ = tokio::time::timeout(Duration::from_secs(30), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    tasks.abort_all();
+    let reads = Arc::new(
+        Scenario::parse(
+            "[[stages]]\nkind = \"constant\"\nrate = 1\nduration = \"1s\"\n[mix]\nread_item = 1\n",
+        )
+        .expect("a valid scenario"),
+    );
+    // Started after the pinning, so its threads are as many as wrk's, one per CPU the tools
+    // have, and with wrk's connections: the tools differ only in how they schedule requests.
+    let engine = Generator::start(&generator, max_in_flight, connections, || {
+        super::http_client(max_in_flight)
+    })?;
+    let generator_threads = engine.workers();
+    let per_sec = wrk.per_sec;
+    engine
+        .drive(
+            &reads,
+            Arc::new(move |_: Duration| per_sec),
+            Duration::ZERO,
+            Duration::from_secs(SECONDS),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .await?;
+    engine.drain(Duration::from_secs(30)).await;
+    drop(engine);
 
     drop(pinned);
     let recorder = generator.recorder.lock().unwrap();
@@ -355,6 +365,8 @@ pub(super) async fn compare(
         reference_p50_ms: wrk.p50_ms,
         reference_p99_ms: wrk.p99_ms,
         reference_errors: wrk.non_2xx,
+        reference_threads: threads,
+        generator_threads,
         generator_offered_per_sec: wrk.per_sec,
         generator_achieved_per_sec: achieved,
         generator_p50_ms: q(0.5),
