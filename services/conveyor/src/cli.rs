@@ -335,7 +335,10 @@ pub enum LoadtestCommand {
         /// The scenario, TOML: `[[stages]]` (`constant`: rate, duration; `ramp`: from, to,
         /// duration; `steps`: from, to, step, every; `spike`: base, peak, spike, duration),
         /// `[mix]` weights (upload_photo, upload_direct, read_item, read_timeline,
-        /// fetch_thumbnail, post_events), `[photos]` (size, count) and `thresholds`. See docs/benchmarks.md.
+        /// fetch_thumbnail, post_events), `[photos]` (size = "WIDTHxHEIGHT", 800x600 by
+        /// default; count, the distinct noise JPEGs made, 8 by default) and `thresholds` (such as
+        /// "read_item p99 < 200ms", "processed p99 < 5s", "errors < 1%", "lag bounded"). See
+        /// docs/benchmarks.md.
         scenario: PathBuf,
         /// The deployment's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -364,7 +367,8 @@ pub enum LoadtestCommand {
         /// Ignore the scenario's stages: offer its mix at rising constant rates, a step at a
         /// time, until one breaks (p99 over --p99, 1 % errors, under 90 % achieved, or a
         /// consumer group's lag growing), and report the highest rate that held and the stage
-        /// that broke, with the evidence.
+        /// that broke, with the evidence. The scenario's thresholds are not judged: the search
+        /// breaks them by design, so each step is judged instead.
         #[arg(long)]
         find_capacity: bool,
         /// The first step's rate, operations per second.

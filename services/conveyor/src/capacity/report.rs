@@ -984,7 +984,8 @@ pub fn html(report: &Report) -> String {
              <th>achieved/s</th><th>p50 ms</th><th>p99 ms</th><th>errors (dropped)</th></tr>\n\
              <tr><td>wrk (closed loop)</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n\
              <tr><td>this generator (open model, offered {:.0}/s)</td><td>{:.0}</td><td>{:.2}</td>\
-             <td>{:.2}</td><td>{} ({})</td></tr>\n</table>\n<p>Command: <code>{}</code>. CPUs: {}.</p>\n",
+             <td>{:.2}</td><td>{} ({})</td></tr>\n</table>\n<p>Command: <code>{}</code>. CPUs: {}. \
+             Threads: wrk {}, this generator {}, on as many connections.</p>\n",
             escape(&r.summary()),
             r.reference_per_sec,
             r.reference_p50_ms,
@@ -1002,6 +1003,8 @@ pub fn html(report: &Report) -> String {
                     .as_deref()
                     .unwrap_or("shared by the server and the tools, as in the run")
             ),
+            r.reference_threads,
+            r.generator_threads,
         )
     });
     let processed = report
