@@ -538,11 +538,25 @@ fn verdict(points: &[ScalePoint], cores: usize) -> String {
         .iter()
         .filter_map(|p| p.machine_cpu_percent_at_break)
         .fold(0.0, f64::max);
-    let shape = format!(
+    let mut shape = format!(
         "{} → {} instances: {a:.1} → {b:.1} operations/s, {gain:.2}× for {ideal:.0}× the \
          instances",
         first.instances, last.instances
     );
+    // A count between them that did better: the curve rose, then fell back.
+    if let Some(peak) = points[1..points.len() - 1]
+        .iter()
+        .filter(|p| p.sustainable_rate.is_some_and(|r| r > a.max(b)))
+        .max_by(|x, y| x.sustainable_rate.partial_cmp(&y.sustainable_rate).unwrap())
+    {
+        let rate = peak.sustainable_rate.unwrap_or_default();
+        shape.push_str(&format!(
+            " (it peaked at {} instances: {rate:.1} operations/s, {:.2}× the first, then fell \
+             back)",
+            peak.instances,
+            rate / a
+        ));
+    }
     if gain >= 0.8 * ideal {
         format!("{shape}: close to linear")
     } else if busiest >= 0.8 * machine {
@@ -902,6 +916,18 @@ mod tests {
             point(4, Some(200.0), true, 195.0),
         ];
         assert!(verdict(&flat, 2).contains("the machine's CPU was the limit"));
+        assert!(!verdict(&flat, 2).contains("peaked"));
+        let peaked = [
+            point(1, Some(200.0), true, 170.0),
+            point(2, Some(300.0), true, 195.0),
+            point(4, Some(200.0), true, 190.0),
+        ];
+        let said = verdict(&peaked, 2);
+        assert!(
+            said.contains("1.00× for 4× the instances (it peaked at 2 instances: 300.0 operations/s, 1.50× the first, then fell back)"),
+            "{said}"
+        );
+        assert!(said.contains("the machine's CPU was the limit"), "{said}");
         let linear = [
             point(1, Some(100.0), true, 60.0),
             point(2, Some(195.0), true, 120.0),
