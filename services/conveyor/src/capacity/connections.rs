@@ -77,16 +77,21 @@ impl Connections {
         }
         let mut request = request.body(Empty::new()).map_err(transport)?;
         let _slot = self.slots.acquire().await.map_err(transport)?;
+        // An idle connection takes a request once its I/O task has finished the last exchange
+        // (`ready`); one the server has closed since errs, and is left for a new one.
         let idle = self.idle.lock().unwrap().pop();
-        let reused = idle.is_some();
-        let mut sender = match idle {
-            Some(sender) => sender,
-            None => self.connect().await?,
+        let (mut sender, reused) = match idle {
+            Some(mut sender) => match sender.ready().await {
+                Ok(()) => (sender, true),
+                Err(_) => (self.connect().await?, false),
+            },
+            None => (self.connect().await?, false),
         };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
-            // An idle connection the server had closed, found before the request was written:
-            // sent again on a new one, as any HTTP client does.
+            // Closed between `ready` and the write, before the request went out: sent again
+            // on a new connection, as any HTTP client does (hyper hands the unsent request
+            // back, so it is never sent twice).
             Err(mut e) if reused && e.message().is_some() => {
                 request = e.take_message().expect("checked");
                 sender = self.connect().await?;
