@@ -495,3 +495,44 @@ async fn find_capacity_against_a_server_that_dies_is_inconclusive() {
         report["capacity"]
     );
 }
+
+/// The generator runs a thread per CPU, each with a share of the rate: their shares of a stage
+/// add up to the whole stage, however few operations it has. (Each thread once rounded its
+/// own share down: with two threads, a stage of 3 operations offered 2, one of 1 offered none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_of_a_short_stage_is_offered_across_the_generator_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_process(
+        "serve",
+        dir.path(),
+        &[("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}"))],
+    );
+    for (rate, seconds) in [(1, 1), (3, 1), (7, 2)] {
+        let scenario = dir.path().join(format!("reads-{rate}.toml"));
+        std::fs::write(
+            &scenario,
+            format!(
+                "[[stages]]\nkind = \"constant\"\nrate = {rate}\nduration = \"{seconds}s\"\n\
+                 [mix]\nread_item = 1\n[photos]\nsize = \"64x48\"\ncount = 1\n"
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join(format!("report-{rate}"));
+        let mut run = std::process::Command::new(conveyor_binary());
+        run.args(["loadtest", "run"])
+            .arg(&scenario)
+            .args(["--target", &server.address, "--key", ALICE, "--out"])
+            .arg(&out)
+            .arg("--no-reference");
+        succeeds(run).await;
+        let report: Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        let expected = rate * seconds;
+        assert_eq!(report["offered"], expected, "rate {rate} for {seconds} s");
+        assert_eq!(report["dropped"], 0);
+        let reads = &report["operations"][0];
+        assert_eq!(reads["op"], "read_item");
+        assert_eq!(reads["ok"], expected, "{reads}");
+        assert_eq!(reads["errors"], serde_json::json!({}), "{reads}");
+    }
+}

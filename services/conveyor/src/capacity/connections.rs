@@ -13,11 +13,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{AUTHORIZATION, HOST, HeaderValue};
+use hyper::header::{AUTHORIZATION, HOST, HeaderValue, LOCATION};
 use hyper_util::rt::TokioIo;
 
 /// How long a read may take before it counts as `timeout`, as the run's reqwest client.
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A read's answer, when it is not a failure.
+#[derive(Debug)]
+pub(super) enum Answer {
+    /// A success (2xx), with its whole body.
+    Body(Bytes),
+    /// A redirection (3xx) to this `Location`, for the caller to follow: it may name another
+    /// host, as the edge's 302 to an S3 store's presigned URL does.
+    Redirect(String),
+}
 
 /// Connections to one `http://` origin, shared by one thread's operations.
 pub(super) struct Connections {
@@ -46,9 +56,15 @@ impl Connections {
         if url.scheme() != "http" {
             return None;
         }
-        let authority = format!("{}:{}", url.host_str()?, url.port_or_known_default()?);
+        let host = url.host_str()?;
+        let authority = format!("{host}:{}", url.port_or_known_default()?);
+        // `Host` names the port only when it is not the scheme's own (RFC 9110, 7.2).
+        let host = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
         Some(Self {
-            host: HeaderValue::from_str(&authority).ok()?,
+            host: HeaderValue::from_str(&host).ok()?,
             authority,
             prefix: url.path().trim_end_matches('/').to_owned(),
             idle: Mutex::new(Vec::new()),
@@ -60,16 +76,16 @@ impl Connections {
     /// whole body.
     ///
     /// # Errors
-    /// How it failed, as the run's report names it: the status when it is not a success,
-    /// `timeout` after 30 s, `connect` when no connection could be made, `transport` for a
-    /// connection that broke.
-    pub async fn get(&self, path: &str, key: &str) -> Result<Bytes, String> {
+    /// How it failed, as the run's report names it: the status when it is neither a success
+    /// nor a redirection with a `Location`, `timeout` after 30 s, `connect` when no
+    /// connection could be made, `transport` for a connection that broke.
+    pub async fn get(&self, path: &str, key: &str) -> Result<Answer, String> {
         tokio::time::timeout(TIMEOUT, self.exchange(path, key))
             .await
             .map_err(|_| "timeout".to_owned())?
     }
 
-    async fn exchange(&self, path: &str, key: &str) -> Result<Bytes, String> {
+    async fn exchange(&self, path: &str, key: &str) -> Result<Answer, String> {
         let mut request =
             hyper::Request::get(format!("{}{path}", self.prefix)).header(HOST, self.host.clone());
         if !key.is_empty() {
@@ -100,6 +116,11 @@ impl Connections {
             Err(_) => return Err("transport".to_owned()),
         };
         let status = response.status();
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_owned);
         let body = response
             .into_body()
             .collect()
@@ -108,10 +129,10 @@ impl Connections {
             .to_bytes();
         // Back on the stack only once its answer is read whole: it is ready for the next.
         self.idle.lock().unwrap().push(sender);
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(status.as_u16().to_string())
+        match location {
+            _ if status.is_success() => Ok(Answer::Body(body)),
+            Some(location) if status.is_redirection() => Ok(Answer::Redirect(location)),
+            _ => Err(status.as_u16().to_string()),
         }
     }
 
@@ -145,6 +166,10 @@ mod tests {
 
         let behind = Connections::new("http://localhost/edge/", 0).unwrap();
         assert_eq!(behind.authority, "localhost:80", "the scheme's port");
+        assert_eq!(
+            behind.host, "localhost",
+            "Host leaves the scheme's port out"
+        );
         assert_eq!(behind.prefix, "/edge");
         assert_eq!(behind.slots.available_permits(), 1, "never no connection");
 

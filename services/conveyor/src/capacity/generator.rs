@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::connections::Connections;
 use super::{Http, Run, Scenario};
@@ -36,9 +37,11 @@ enum Order {
     Drain(Duration, oneshot::Sender<()>),
 }
 
-/// The generator's threads. Dropping it stops them, abandoning what they have in flight.
+/// The generator's threads. Dropping it stops them at once (mid-stage too: `loadtest scale`
+/// drops it on Ctrl-C), abandoning what they have in flight.
 pub(super) struct Generator {
     orders: Vec<mpsc::UnboundedSender<Order>>,
+    stop: CancellationToken,
     threads: Vec<std::thread::JoinHandle<()>>,
     in_flight: Arc<Semaphore>,
     bound: usize,
@@ -52,7 +55,8 @@ impl Generator {
     /// worker's HTTP client.
     ///
     /// # Errors
-    /// A thread or runtime that cannot be started.
+    /// A thread or HTTP client that cannot be made. A thread whose runtime cannot be built
+    /// ends at once, and the first [`Generator::drive`] says so.
     pub fn start(
         run: &Arc<Run>,
         max_in_flight: usize,
@@ -63,16 +67,13 @@ impl Generator {
         let in_flight = Arc::new(Semaphore::new(max_in_flight.max(1)));
         let mut generator = Self {
             orders: Vec::new(),
+            stop: CancellationToken::new(),
             threads: Vec::new(),
             in_flight: in_flight.clone(),
             bound: max_in_flight.max(1),
             started: run.started,
         };
         for index in 0..workers {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("failed to start a generator runtime")?;
             let (tx, rx) = mpsc::unbounded_channel();
             let worker = Worker {
                 run: run.clone(),
@@ -82,10 +83,21 @@ impl Generator {
                 },
                 in_flight: in_flight.clone(),
                 share: 1.0 / workers as f64,
+                phase: index as f64 / workers as f64,
+                stop: generator.stop.clone(),
             };
+            // The runtime is built in its thread: one dropped here, inside `loadtest`'s own
+            // runtime, would panic.
             let thread = std::thread::Builder::new()
                 .name(format!("generator-{index}"))
-                .spawn(move || runtime.block_on(worker.serve(rx)))
+                .spawn(move || {
+                    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        runtime.block_on(worker.serve(rx));
+                    }
+                })
                 .context("failed to start a generator thread")?;
             generator.orders.push(tx);
             generator.threads.push(thread);
@@ -167,8 +179,9 @@ impl Generator {
 
 impl Drop for Generator {
     fn drop(&mut self) {
-        // Closing the channels ends each worker's loop; its runtime then drops what it had
-        // in flight.
+        // Cancelling ends a stage being driven; closing the channels then ends each worker's
+        // loop, and its runtime drops what it had in flight.
+        self.stop.cancel();
         self.orders.clear();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -183,6 +196,13 @@ struct Worker {
     in_flight: Arc<Semaphore>,
     /// This worker's share of the offered rate.
     share: f64,
+    /// This worker's place among the workers (`index / workers`). The stage's operations,
+    /// due at 0, 1/rate, 2/rate, … from its start, are dealt out in turn: worker i takes
+    /// operations i, i + n, i + 2n, … So the workers' operations interleave instead of
+    /// leaving together, and together they offer every operation due before the stage ends:
+    /// ⌈rate × length⌉ for a constant rate, however few.
+    phase: f64,
+    stop: CancellationToken,
 }
 
 impl Worker {
@@ -231,7 +251,15 @@ impl Worker {
         // Each operation is due when the offered rate, integrated since the last one, reaches
         // 1, in steps of at most 10 ms: a stage's rate takes effect at its first instant,
         // however slow the stage before it.
-        let mut credit = 0.0f64;
+        // Worker i's first operation is the stage's i-th, due after i/n of its own share.
+        let mut credit = 1.0 - self.phase;
+        // Operations started since this thread last waited: behind schedule it never sleeps,
+        // and on a current-thread runtime its own requests would not run until it did.
+        let mut unyielded = 0u32;
+        // An operation due at the stage's end belongs to the next stage: the stage is the
+        // half-open [offset, end), and a nanosecond covers the sums' rounding (operations
+        // are at least a microsecond apart: at most 1,000,000/s).
+        let end = end - 1e-9;
         loop {
             while credit < 1.0 && t < end {
                 let per_sec = rate(Duration::from_secs_f64(t)) * self.share;
@@ -252,8 +280,19 @@ impl Worker {
             // tick in milliseconds): at tens of thousands a second, one per operation is what
             // would limit the generator.
             if at > run.started.elapsed() + Duration::from_millis(1) {
-                tokio::time::sleep_until((run.started + at).into()).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until((run.started + at).into()) => {}
+                    () = self.stop.cancelled() => return,
+                }
+                unyielded = 0;
+            } else if unyielded >= 16 {
+                tokio::task::yield_now().await;
+                if self.stop.is_cancelled() {
+                    return;
+                }
+                unyielded = 0;
             }
+            unyielded += 1;
             // A generator that starts an operation late understates the server's latency for
             // it; the report says how often and by how much.
             let late = run.started.elapsed().saturating_sub(at);

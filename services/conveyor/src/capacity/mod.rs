@@ -397,7 +397,13 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
     }
     let targets = seed(&client, &base, &read_base, &options.key, &photos)
         .await
-        .with_context(|| format!("the target {base} did not take the seed uploads"))?;
+        .with_context(|| {
+            if read_base == base {
+                format!("the target {base} did not take the seed uploads")
+            } else {
+                format!("the seed uploads to {base}, read back from {read_base}, failed")
+            }
+        })?;
     let processes = if options.processes.is_empty() {
         options
             .pid
@@ -500,9 +506,18 @@ pub async fn run(options: Options) -> anyhow::Result<report::Report> {
             reference::SECONDS
         ));
         bar.enable_steady_tick(Duration::from_millis(200));
-        let server = match processes.as_slice() {
-            [(_, pid)] => Some(*pid),
-            _ => None,
+        // The reference loads the read target: that is the server its CPUs are split with.
+        let server = if run.read_base == run.base {
+            match processes.as_slice() {
+                [(_, pid)] => Some(*pid),
+                _ => None,
+            }
+        } else {
+            reqwest::Url::parse(&run.read_base)
+                .ok()
+                .filter(is_local)
+                .and_then(|url| url.port_or_known_default())
+                .and_then(report::pid_listening_on)
         };
         let compared = reference::compare(&run, options.max_in_flight, server).await;
         bar.finish_and_clear();
@@ -757,10 +772,32 @@ impl Run {
     /// `keyed` and the run has one, and reads the whole body. `Err` names how it failed.
     async fn read(&self, http: &Http, path: &str, keyed: bool) -> Result<bytes::Bytes, String> {
         let key = if keyed { self.key.as_str() } else { "" };
-        if let Some(reads) = http.reads.as_ref().filter(|_| path.starts_with('/')) {
-            return reads.get(path, key).await;
+        let Some(reads) = http.reads.as_ref().filter(|_| path.starts_with('/')) else {
+            return self.fetch(http, &self.url(path), key).await;
+        };
+        match reads.get(path, key).await? {
+            connections::Answer::Body(body) => Ok(body),
+            // Followed through reqwest, which follows any further redirect; the key goes only
+            // to the read target itself, as reqwest's own policy would have it.
+            connections::Answer::Redirect(location) => {
+                let asked = reqwest::Url::parse(&self.url(path)).map_err(|_| "transport")?;
+                let url = asked
+                    .join(&location)
+                    .map_err(|_| "invalid redirect".to_owned())?;
+                let key = if url.origin() == asked.origin() {
+                    key
+                } else {
+                    ""
+                };
+                self.fetch(http, url.as_str(), key).await
+            }
         }
-        let mut request = http.client.get(self.url(path));
+    }
+
+    /// GETs `url` through reqwest (which follows redirects), with `key` unless it is empty,
+    /// and reads the whole body.
+    async fn fetch(&self, http: &Http, url: &str, key: &str) -> Result<bytes::Bytes, String> {
+        let mut request = http.client.get(url);
         if !key.is_empty() {
             request = request.bearer_auth(key);
         }
