@@ -224,10 +224,13 @@ impl Worker {
                     let _ = done.send(());
                 }
                 Order::Drain(timeout, done) => {
-                    let _ = tokio::time::timeout(timeout, async {
+                    let drained = tokio::time::timeout(timeout, async {
                         while tasks.join_next().await.is_some() {}
-                    })
-                    .await;
+                    });
+                    tokio::select! {
+                        _ = drained => {}
+                        () = worker.stop.cancelled() => {}
+                    }
                     tasks.abort_all();
                     let _ = done.send(());
                 }
