@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use conveyor::{App, Role};
-use conveyor_platform::{Backends, Settings, testing};
+use conveyor_config::{LogUri, ObjectsUri, ScyllaUri, Settings, ViewsUri};
+use conveyor_runtime::Stage;
+use conveyor_runtime::consumer::{ConsumerConfig, HandleError, Handler};
+use conveyor_storage::log::Delivered;
+use conveyor_storage::{Backends, testing};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +35,7 @@ pub async fn spawn_app() -> TestApp {
 
 /// Like [`spawn_app`], after `adjust` has changed the settings.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
-    conveyor_platform::telemetry::init_for_tests();
+    conveyor_runtime::telemetry::init_for_tests();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::for_test(dir.path());
     // Few attempts and short backoffs, so poison records reach the dead-letter topic quickly.
@@ -49,7 +53,7 @@ pub async fn spawn_app_on_kafka() -> Option<TestApp> {
     Some(
         spawn_app_with(|s| {
             let run = uuid::Uuid::new_v4().simple().to_string();
-            s.log.uri = Some(format!("kafka://{brokers}"));
+            s.log.uri = Some(LogUri::Kafka(brokers.clone()));
             s.log.topic = format!("media-events-{run}");
             s.log.session_timeout_ms = 6_000;
             s.processor.group = format!("processor-{run}");
@@ -62,11 +66,14 @@ pub async fn spawn_app_on_kafka() -> Option<TestApp> {
 
 /// Settings for a fresh bucket, created, on the S3 API named by `CONVEYOR_TEST_S3` (moto in
 /// `scripts/test`). `None`, after saying so on stderr, when it is unset.
-pub async fn s3_bucket() -> Option<conveyor_platform::config::ObjectSettings> {
+pub async fn s3_bucket() -> Option<conveyor_config::ObjectSettings> {
     let endpoint = testing::engine(testing::S3, "an end-to-end test on S3")?;
     let bucket = format!("conveyor-e2e-{}", uuid::Uuid::new_v4().simple());
-    let objects = conveyor_platform::config::ObjectSettings {
-        uri: Some(format!("s3://{bucket}")),
+    let objects = conveyor_config::ObjectSettings {
+        uri: Some(ObjectsUri::S3 {
+            bucket: bucket.clone(),
+            prefix: String::new(),
+        }),
         endpoint: Some(endpoint),
         region: Some("us-east-1".into()),
         path_style: true,
@@ -87,10 +94,12 @@ pub async fn s3_bucket() -> Option<conveyor_platform::config::ObjectSettings> {
 
 /// A store on the bucket `objects` names.
 pub async fn s3_store(
-    objects: &conveyor_platform::config::ObjectSettings,
-) -> conveyor_platform::objects::s3::S3ObjectStore {
-    let uri = objects.uri.as_deref().expect("an s3 uri");
-    conveyor_platform::objects::s3::S3ObjectStore::connect(uri, objects)
+    objects: &conveyor_config::ObjectSettings,
+) -> conveyor_storage::objects::s3::S3ObjectStore {
+    let Some(ObjectsUri::S3 { bucket, prefix }) = &objects.uri else {
+        panic!("not an s3 store: {:?}", objects.uri)
+    };
+    conveyor_storage::objects::s3::S3ObjectStore::connect(bucket, prefix, objects)
         .await
         .expect("connect to the test S3 API")
 }
@@ -104,18 +113,20 @@ pub async fn spawn_app_on_s3() -> Option<TestApp> {
 /// Read-store settings for a fresh keyspace that `ops migrate` has just created, on the CQL
 /// node named by `CONVEYOR_TEST_CQL` (Apache Cassandra in `scripts/test`). `None` (after
 /// saying so on stderr) when the variable is unset.
-pub async fn cql_views() -> Option<conveyor_platform::config::ViewSettings> {
+pub async fn cql_views() -> Option<conveyor_config::ViewSettings> {
     let base = testing::engine(testing::CQL, "an end-to-end test on the CQL read store")?;
-    let uri = format!(
+    let uri: ScyllaUri = format!(
         "{base}_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let views = conveyor_platform::config::ViewSettings {
-        uri: Some(uri.clone()),
+    )
+    .parse()
+    .expect("a keyspace uri");
+    let views = conveyor_config::ViewSettings {
+        uri: Some(ViewsUri::Scylla(uri.clone())),
         replication_factor: 1,
         ..Default::default()
     };
-    conveyor_platform::views::scylla::migrate(&uri, &views)
+    conveyor_storage::views::scylla::migrate(&uri, &views)
         .await
         .expect("migrate the test keyspace");
     Some(views)
@@ -166,7 +177,30 @@ macro_rules! on_every_log {
 
 /// Spawns `serve` with exactly these settings (the caller owns the data dir).
 pub async fn spawn_in(settings: Settings) -> TestApp {
-    let app: App = conveyor::build(settings, Role::Serve)
+    spawn_in_wrapping(settings, |stage| stage).await
+}
+
+/// Like [`spawn_app_with`], with every consumer group's stage passed through `wrap` before it
+/// starts (to slow one down with [`Slowed`], say).
+pub async fn spawn_app_wrapping(
+    adjust: impl FnOnce(&mut Settings),
+    wrap: impl Fn(Box<dyn Stage>) -> Box<dyn Stage>,
+) -> TestApp {
+    conveyor_runtime::telemetry::init_for_tests();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = Settings::for_test(dir.path());
+    adjust(&mut settings);
+    let mut app = spawn_in_wrapping(settings, wrap).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// Like [`spawn_in`], with every stage passed through `wrap`.
+pub async fn spawn_in_wrapping(
+    settings: Settings,
+    wrap: impl Fn(Box<dyn Stage>) -> Box<dyn Stage>,
+) -> TestApp {
+    let app: App = conveyor::app::build_with(settings, Role::Serve, wrap)
         .await
         .expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
@@ -180,6 +214,50 @@ pub async fn spawn_in(settings: Settings) -> TestApp {
         stop,
         handle: Some(handle),
         _dir: None,
+    }
+}
+
+/// A consumer group slowed on purpose: each batch waits `delay` before its work, and batches
+/// take turns, so the group handles at most one batch per `delay` (plus the work). This is how
+/// a test makes a group the bottleneck; the product has no such setting.
+pub struct Slowed {
+    inner: Box<dyn Stage>,
+    delay: Duration,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Slowed {
+    /// `inner`, slowed by `delay` per batch.
+    pub fn new(inner: Box<dyn Stage>, delay: Duration) -> Box<dyn Stage> {
+        Box::new(Slowed {
+            inner,
+            delay,
+            turn: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Slowed {
+    async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
+        let _turn = self.turn.lock().await;
+        tokio::time::sleep(self.delay).await;
+        self.inner.handle(records).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Stage for Slowed {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn consumer_config(&self) -> ConsumerConfig {
+        self.inner.consumer_config()
+    }
+
+    async fn prepare(&mut self, stop: &CancellationToken) -> anyhow::Result<()> {
+        self.inner.prepare(stop).await
     }
 }
 
@@ -327,7 +405,7 @@ pub async fn upload_to(
 }
 
 /// Whether the processor and projector groups have committed everything in the log.
-pub async fn caught_up(log: &dyn conveyor_platform::EventLog, settings: &Settings) -> bool {
+pub async fn caught_up(log: &dyn conveyor_storage::EventLog, settings: &Settings) -> bool {
     groups_caught_up(
         log,
         settings,
@@ -338,7 +416,7 @@ pub async fn caught_up(log: &dyn conveyor_platform::EventLog, settings: &Setting
 
 /// Whether each of `groups` has committed everything in the log.
 pub async fn groups_caught_up(
-    log: &dyn conveyor_platform::EventLog,
+    log: &dyn conveyor_storage::EventLog,
     settings: &Settings,
     groups: &[&String],
 ) -> bool {
@@ -518,7 +596,7 @@ impl Drop for OwnEngine {
 
 /// Every record of `topic`, decoded, in partition and offset order.
 pub async fn all_events(
-    log: &dyn conveyor_platform::EventLog,
+    log: &dyn conveyor_storage::EventLog,
     topic: &str,
 ) -> Vec<conveyor_schemas::Envelope> {
     let mut events = Vec::new();
@@ -534,7 +612,7 @@ pub async fn all_events(
             events.extend(
                 batch
                     .iter()
-                    .map(|r| conveyor_platform::events::from_delivered(r).expect("an event")),
+                    .map(|r| conveyor_storage::events::from_delivered(r).expect("an event")),
             );
         }
     }

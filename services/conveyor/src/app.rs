@@ -1,4 +1,9 @@
-//! Wiring: which routers and consumer groups a role runs, on which backends.
+//! Wiring: which routers and consumer groups (stages) a role runs, on which backends.
+//!
+//! A role is a set of [`Part`]s ([`Role::parts`]). [`build`] opens the backends once, then
+//! makes the routes of the parts that serve HTTP ([`routes`]) and the stages of the parts that
+//! are consumer groups ([`stages`]), and starts each stage under one supervisor. A new consumer
+//! group is its crate, a `Part`, and one line in [`stages`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,49 +12,80 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::response::IntoResponse;
-use conveyor_platform::Backends;
-use conveyor_platform::changes::Changes;
-use conveyor_platform::config::{KeyList, Settings};
-use conveyor_platform::consumer::report_lag;
-use conveyor_platform::http::{ApiError, json_errors, not_found, ops_router, track_requests};
-use conveyor_platform::shutdown::Shutdown;
+use conveyor_config::{KeyList, Settings};
+use conveyor_runtime::Stage;
+use conveyor_runtime::changes::Changes;
+use conveyor_runtime::consumer::report_lag;
+use conveyor_runtime::http::{ApiError, json_errors, not_found, ops_router, track_requests};
+use conveyor_runtime::keys::Keys;
+use conveyor_runtime::shutdown::Shutdown;
+use conveyor_storage::Backends;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
 
-/// What one process runs.
+/// What one process runs: `conveyor serve` runs every part, each other role one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Every role in one process: ingest, processor, transcoder (when ffmpeg is installed),
     /// projector and query.
     Serve,
+    /// The upload and event-intake edge.
     Ingest,
+    /// The processor group: image variants and metadata.
     Process,
     /// The transcoder group: video (needs ffmpeg and ffprobe).
     Transcode,
+    /// The projector group: read models.
     Project,
+    /// The read API (and, on embedded backends, the media bytes).
     Query,
     /// The archive group: the log, copied to the object store (see `archive`).
     Archive,
 }
 
+/// A part of Conveyor that a role may run: an HTTP edge or a consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Uploads and the event intake (`conveyor_ingest`).
+    Ingest,
+    /// The read API (`conveyor_query`).
+    Query,
+    /// Consumer group `processor` (`conveyor_processor`).
+    Processor,
+    /// Consumer group `transcoder` (`conveyor_transcoder`).
+    Transcoder,
+    /// Consumer group `projector` (`conveyor_projector`).
+    Projector,
+    /// Consumer group `archive` ([`crate::archive`]).
+    Archiver,
+}
+
 impl Role {
-    fn ingests(self) -> bool {
-        matches!(self, Role::Serve | Role::Ingest)
+    /// The parts this role runs.
+    pub fn parts(self) -> &'static [Part] {
+        match self {
+            Role::Serve => &[
+                Part::Ingest,
+                Part::Query,
+                Part::Processor,
+                Part::Transcoder,
+                Part::Projector,
+            ],
+            Role::Ingest => &[Part::Ingest],
+            Role::Process => &[Part::Processor],
+            Role::Transcode => &[Part::Transcoder],
+            Role::Project => &[Part::Projector],
+            Role::Query => &[Part::Query],
+            Role::Archive => &[Part::Archiver],
+        }
     }
-    fn queries(self) -> bool {
-        matches!(self, Role::Serve | Role::Query)
-    }
-    fn processes(self) -> bool {
-        matches!(self, Role::Serve | Role::Process)
-    }
-    fn transcodes(self) -> bool {
-        matches!(self, Role::Serve | Role::Transcode)
-    }
-    fn projects(self) -> bool {
-        matches!(self, Role::Serve | Role::Project)
+
+    /// Whether this role runs `part`.
+    pub fn runs(self, part: Part) -> bool {
+        self.parts().contains(&part)
     }
 }
 
@@ -70,7 +106,11 @@ pub struct App {
 /// Takes a backup every `every` and keeps the newest `backup.keep`, until `stop`. A failed
 /// backup is logged and retried at the next tick; it never stops the server.
 async fn scheduled_backups(settings: Settings, every: Duration, stop: CancellationToken) {
-    let uri = settings.backup_uri();
+    let uri = match settings.backup_uri() {
+        Ok(uri) => uri,
+        // Refused when the settings load; a `Settings` changed in code since is a bug there.
+        Err(e) => return tracing::error!(error = %e, "scheduled backups off"),
+    };
     tracing::info!(every = ?every, to = %uri, keep = settings.backup.keep, "scheduled backups on");
     loop {
         tokio::select! {
@@ -78,7 +118,7 @@ async fn scheduled_backups(settings: Settings, every: Duration, stop: Cancellati
             _ = tokio::time::sleep(every) => {}
         }
         let run = async {
-            let target = conveyor_platform::backends::open_objects(&uri, &settings.objects).await?;
+            let target = conveyor_storage::backends::open_objects(&uri, &settings.objects).await?;
             let report = crate::backup::backup(&settings, &*target, 4, false).await?;
             let pruned = crate::backup::prune(&*target, settings.backup.keep.max(1)).await?;
             anyhow::Ok((report, pruned))
@@ -102,23 +142,40 @@ async fn scheduled_backups(settings: Settings, every: Duration, stop: Cancellati
     }
 }
 
-/// Opens the backends, binds the listener and starts the role's consumers.
-pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
+/// Opens the backends, binds the listener and starts the role's stages.
+///
+/// # Errors
+/// A data dir that cannot be made, a backend that cannot be opened, a stage that cannot be
+/// made (the transcoder without ffmpeg, outside `serve`), or a port that cannot be bound.
+pub async fn build(settings: Settings, role: Role) -> anyhow::Result<App> {
+    build_with(settings, role, |stage| stage).await
+}
+
+/// Like [`build`], with each stage passed through `wrap` before it starts, so a caller can
+/// put a stage of its own around one of Conveyor's (the tests slow the processor this way).
+///
+/// # Errors
+/// As [`build`].
+pub async fn build_with(
+    mut settings: Settings,
+    role: Role,
+    wrap: impl Fn(Box<dyn Stage>) -> Box<dyn Stage>,
+) -> anyhow::Result<App> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("failed to create data dir {}", settings.data_dir.display()))?;
     if role == Role::Serve {
         ensure_dev_keys(&mut settings)?;
-    } else if role.ingests() && settings.auth.api_keys.is_empty() {
+    } else if role.runs(Part::Ingest) && settings.auth.api_keys.is_empty() {
         tracing::warn!(
             "no CONVEYOR__AUTH__API_KEYS configured: every upload will be refused with 401"
         );
     }
-    conveyor_platform::metrics::handle();
+    conveyor_runtime::metrics::handle();
     let backends = Backends::open(&settings).await?;
     let shutdown = Shutdown::new();
     let changes = Changes::new();
-    let keys = conveyor_platform::keys::Keys::with_issued(&settings.auth, backends.objects.clone());
-    if role.ingests() || role.queries() {
+    let keys = Keys::with_issued(&settings.auth, backends.objects.clone());
+    if role.runs(Part::Ingest) || role.runs(Part::Query) {
         // The first read is awaited, so issued keys work from the first request.
         if let Err(e) = keys.refresh().await {
             tracing::warn!(error = %e, "could not read the issued API keys; retrying in the background");
@@ -128,28 +185,163 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             shutdown.token.clone(),
         ));
     }
+    let video = video_tools(&settings, role)?;
     let mut workers = Vec::new();
-    let mut video_refusal = None;
-    // ffmpeg and ffprobe: the transcoder role cannot start without them; `serve` runs without
-    // video instead, and its ingest says why to every video upload.
-    let tools = if role.transcodes() {
-        match conveyor_transcoder::Tools::find(&settings.video) {
-            Ok(tools) => Some(tools),
-            Err(missing) if role == Role::Serve => {
-                tracing::warn!(%missing, "video uploads will be refused with 415");
-                // Clients learn which tool is missing; the path and the fix are for the log.
-                video_refusal = Some(format!(
+    let router = routes(
+        &settings,
+        role,
+        &backends,
+        &keys,
+        &changes,
+        &video,
+        &shutdown,
+        &mut workers,
+    );
+    let stages = stages(&settings, role, &backends, &changes, video.tools).await?;
+    let groups: Vec<String> = stages.iter().map(|s| s.consumer_config().group).collect();
+    for stage in stages {
+        let stage = wrap(stage);
+        let (log, stop) = (backends.log.clone(), shutdown.token.clone());
+        workers.push((
+            stage.name(),
+            shutdown
+                .tracker
+                .spawn(conveyor_runtime::stage::run(log, stage, stop)),
+        ));
+    }
+    if !groups.is_empty() {
+        shutdown.tracker.spawn(report_lag(
+            backends.log.clone(),
+            settings.topic().to_owned(),
+            groups,
+            // Every second: a load run reads lag from /metrics to see a group fall behind.
+            Duration::from_secs(1),
+            shutdown.token.clone(),
+        ));
+    }
+    if let (Role::Serve, Some(every)) = (role, settings.backup.every) {
+        let (settings, stop) = (settings.clone(), shutdown.token.clone());
+        shutdown
+            .tracker
+            .spawn(scheduled_backups(settings, every.0, stop));
+    }
+    let router = layers(router, &settings, keys);
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", settings.listen))?;
+    Ok(App {
+        listener,
+        router,
+        shutdown,
+        workers,
+        settings,
+        backends,
+    })
+}
+
+/// What a role knows of video: the tools its transcoder runs, or why `serve` refuses video.
+struct Video {
+    /// ffmpeg and ffprobe, when the role transcodes and they run.
+    tools: Option<conveyor_transcoder::Tools>,
+    /// What ingest tells a video upload when this `serve` cannot transcode.
+    refusal: Option<String>,
+}
+
+/// ffmpeg and ffprobe: the transcoder role cannot start without them; `serve` runs without
+/// video instead, and its ingest says why to every video upload.
+fn video_tools(settings: &Settings, role: Role) -> anyhow::Result<Video> {
+    if !role.runs(Part::Transcoder) {
+        return Ok(Video {
+            tools: None,
+            refusal: None,
+        });
+    }
+    match conveyor_transcoder::Tools::find(&settings.video) {
+        Ok(tools) => Ok(Video {
+            tools: Some(tools),
+            refusal: None,
+        }),
+        Err(missing) if role == Role::Serve => {
+            tracing::warn!(%missing, "video uploads will be refused with 415");
+            // Clients learn which tool is missing; the path and the fix are for the log.
+            Ok(Video {
+                tools: None,
+                refusal: Some(format!(
                     "this server cannot transcode video: {} is not installed",
                     missing.tool
-                ));
-                None
-            }
-            Err(missing) => return Err(missing.into()),
+                )),
+            })
         }
-    } else {
-        None
-    };
+        Err(missing) => Err(missing.into()),
+    }
+}
 
+/// The consumer groups `role` runs, made and ready to start.
+async fn stages(
+    settings: &Settings,
+    role: Role,
+    backends: &Backends,
+    changes: &Changes,
+    transcoder_tools: Option<conveyor_transcoder::Tools>,
+) -> anyhow::Result<Vec<Box<dyn Stage>>> {
+    let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+    for part in role.parts() {
+        match part {
+            Part::Ingest | Part::Query => {}
+            Part::Processor => stages.push(Box::new(conveyor_processor::Processor::new(
+                backends, settings,
+            ))),
+            // Absent without ffmpeg in `serve` (see `video_tools`).
+            Part::Transcoder => {
+                if let Some(tools) = transcoder_tools.clone() {
+                    stages.push(Box::new(conveyor_transcoder::Transcoder::new(
+                        backends, settings, tools,
+                    )?))
+                }
+            }
+            Part::Projector => stages.push(Box::new(conveyor_projector::Projector::new(
+                backends.views.clone(),
+                changes.clone(),
+                settings,
+            ))),
+            Part::Archiver => stages.push(Box::new(crate::archive::Archiver::new(
+                archive_store(settings, backends).await?,
+                settings,
+            ))),
+        }
+    }
+    Ok(stages)
+}
+
+/// Where the archive writes: the media store, already open, unless it has a store of its own.
+async fn archive_store(
+    settings: &Settings,
+    backends: &Backends,
+) -> anyhow::Result<Arc<dyn conveyor_storage::ObjectStore>> {
+    match &settings.archive.to {
+        None => Ok(backends.objects.clone()),
+        Some(_) => {
+            conveyor_storage::backends::open_objects(&settings.archive_uri()?, &settings.objects)
+                .await
+        }
+    }
+}
+
+/// The routes `role` serves: health, metrics and the OpenAPI document always; uploads and the
+/// event intake with ingest; the read API with query. Background work that belongs to a route
+/// starts here too: upload sweeps beside ingest, and the cache's invalidation tail beside a
+/// query edge without a projector in its process (a worker the process cannot run without).
+#[allow(clippy::too_many_arguments)]
+fn routes(
+    settings: &Settings,
+    role: Role,
+    backends: &Backends,
+    keys: &Keys,
+    changes: &Changes,
+    video: &Video,
+    shutdown: &Shutdown,
+    workers: &mut Vec<Worker>,
+) -> Router {
     let mut router = ops_router(backends.clone(), settings.topic()).route(
         "/openapi.json",
         axum::routing::get(|| async {
@@ -161,48 +353,23 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             )
         }),
     );
-    if role.ingests() {
+    if role.runs(Part::Ingest) {
         router = router.merge(conveyor_ingest::router(
             conveyor_ingest::IngestState::refusing_video(
                 backends.clone(),
-                &settings,
+                settings,
                 keys.clone(),
-                video_refusal,
+                video.refusal.clone(),
             ),
         ));
-        let (objects, stop) = (backends.objects.clone(), shutdown.token.clone());
-        let ttl = Duration::from_secs(settings.uploads.ttl_secs.max(1));
-        // Event receipts are swept here only off S3: there the lifecycle rule of
-        // `ops sweep-uploads --install-lifecycle-days` expires them without reading each one.
-        let receipts = settings
-            .receipt_retention()
-            .filter(|_| !settings.objects_uri().starts_with("s3://"));
-        shutdown.tracker.spawn(async move {
-            // Every replica sweeps; deletes are idempotent, so overlapping sweeps are harmless.
-            let every = (ttl / 4).clamp(Duration::from_secs(30), Duration::from_secs(900));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                match conveyor_ingest::direct::sweep(&*objects, ttl).await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "swept expired uploads"),
-                    Err(e) => tracing::warn!(error = %e, "failed to sweep expired uploads"),
-                }
-                let Some(retention) = receipts else { continue };
-                match conveyor_ingest::events::sweep_receipts(&*objects, retention).await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "swept expired event receipts"),
-                    Err(e) => tracing::warn!(error = %e, "failed to sweep event receipts"),
-                }
-            }
-        });
+        shutdown
+            .tracker
+            .spawn(sweep_uploads(settings, backends, shutdown.token.clone()));
     }
-    if role.queries() {
-        let state = conveyor_query::QueryState::new(backends.clone(), &settings, keys.clone());
-        if role.projects() {
-            state.follow(&changes, shutdown.token.clone());
+    if role.runs(Part::Query) {
+        let state = conveyor_query::QueryState::new(backends.clone(), settings, keys.clone());
+        if role.runs(Part::Projector) {
+            state.follow(changes, shutdown.token.clone());
         } else {
             let (state, log, stop) = (state.clone(), backends.log.clone(), shutdown.token.clone());
             let topic = settings.topic().to_owned();
@@ -214,107 +381,64 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
             ));
         }
         router = router.merge(conveyor_query::router(state));
-        if !role.ingests() {
+        if !role.runs(Part::Ingest) {
             let ingest =
-                conveyor_ingest::IngestState::new(backends.clone(), &settings, keys.clone());
+                conveyor_ingest::IngestState::new(backends.clone(), settings, keys.clone());
             router = router.merge(conveyor_ingest::delete_router(ingest));
         }
     }
-    let mut groups = Vec::new();
-    if role.processes() {
-        let processor = conveyor_processor::Processor::new(&backends, &settings);
-        groups.push(settings.processor.group.clone());
-        let (settings, stop) = (settings.clone(), shutdown.token.clone());
-        workers.push((
-            "processor",
-            shutdown
-                .tracker
-                .spawn(async move { processor.run(&settings, stop).await }),
-        ));
-    }
-    if let Some(tools) = tools {
-        let transcoder = conveyor_transcoder::Transcoder::new(&backends, &settings, tools)?;
-        groups.push(settings.video.group.clone());
-        let (settings, stop) = (settings.clone(), shutdown.token.clone());
-        workers.push((
-            "transcoder",
-            shutdown
-                .tracker
-                .spawn(async move { transcoder.run(&settings, stop).await }),
-        ));
-    }
-    if role.projects() {
-        let projector = conveyor_projector::Projector::new(backends.views.clone(), changes.clone());
-        groups.push(settings.projector.group.clone());
-        let (settings, log, stop) = (
-            settings.clone(),
-            backends.log.clone(),
-            shutdown.token.clone(),
-        );
-        workers.push((
-            "projector",
-            shutdown
-                .tracker
-                .spawn(async move { projector.run(log, &settings, stop).await }),
-        ));
-    }
-    if role == Role::Archive {
-        // The media store, already open, unless the archive has a store of its own.
-        let objects = match &settings.archive.to {
-            None => backends.objects.clone(),
-            Some(_) => {
-                conveyor_platform::backends::open_objects(
-                    &settings.archive_uri(),
-                    &settings.objects,
-                )
-                .await?
+    router
+}
+
+/// Removes direct uploads never completed, and (off S3) expired event receipts, every quarter
+/// of `uploads.ttl_secs` (30 s to 15 min), until `stop`. Every replica sweeps; deletes are
+/// idempotent, so overlapping sweeps are harmless.
+fn sweep_uploads(
+    settings: &Settings,
+    backends: &Backends,
+    stop: CancellationToken,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let objects = backends.objects.clone();
+    let ttl = Duration::from_secs(settings.uploads.ttl_secs.max(1));
+    // On S3 the lifecycle rule of `ops sweep-uploads --install-lifecycle-days` expires
+    // receipts without reading each one.
+    let receipts = settings
+        .receipt_retention()
+        .filter(|_| !settings.objects_uri().has_lifecycle_rules());
+    async move {
+        let every = (ttl / 4).clamp(Duration::from_secs(30), Duration::from_secs(900));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
             }
-        };
-        let mut config = conveyor_platform::consumer::ConsumerConfig::new(
-            settings.topic(),
-            &settings.archive.group,
-        );
-        config.max_batch = settings.archive.batch.max(1);
-        config.max_buffered = config.max_buffered.max(config.max_batch * 2);
-        config.max_attempts = settings.log.max_attempts;
-        // Segments are written as they fill or as the log goes quiet, never more than one per
-        // partition at a time, so a partition's segments never overlap (except after a crash).
-        config.per_partition = 1;
-        groups.push(settings.archive.group.clone());
-        let (log, stop) = (backends.log.clone(), shutdown.token.clone());
-        let archiver = Arc::new(crate::archive::Archiver::new(objects));
-        workers.push((
-            "archive",
-            shutdown.tracker.spawn(conveyor_platform::consumer::run(
-                log, config, archiver, stop,
-            )),
-        ));
+            match conveyor_ingest::direct::sweep(&*objects, ttl).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "swept expired uploads"),
+                Err(e) => tracing::warn!(error = %e, "failed to sweep expired uploads"),
+            }
+            let Some(retention) = receipts else { continue };
+            match conveyor_ingest::events::sweep_receipts(&*objects, retention).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "swept expired event receipts"),
+                Err(e) => tracing::warn!(error = %e, "failed to sweep event receipts"),
+            }
+        }
     }
-    if let (Role::Serve, Some(every)) = (role, settings.backup.every) {
-        let (settings, stop) = (settings.clone(), shutdown.token.clone());
-        shutdown
-            .tracker
-            .spawn(scheduled_backups(settings, every.0, stop));
-    }
-    if !groups.is_empty() {
-        shutdown.tracker.spawn(report_lag(
-            backends.log.clone(),
-            settings.topic().to_owned(),
-            groups,
-            // Every second: `loadtest run` reads lag from /metrics to see a group fall behind.
-            Duration::from_secs(1),
-            shutdown.token.clone(),
-        ));
-    }
+}
+
+/// The layers every route sits under, outermost last: per-key rate limits, JSON error bodies,
+/// request metrics, a panic turned into a 500, tracing, and CORS when configured.
+fn layers(router: Router, settings: &Settings, keys: Keys) -> Router {
     let router = router
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
-            conveyor_platform::http::RateLimit::new(
+            conveyor_runtime::http::RateLimit::new(
                 keys,
                 settings.auth.rate_per_sec,
                 settings.auth.rate_burst,
             ),
-            conveyor_platform::http::rate_limit,
+            conveyor_runtime::http::rate_limit,
         ))
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(track_requests))
@@ -336,23 +460,10 @@ pub async fn build(mut settings: Settings, role: Role) -> anyhow::Result<App> {
                 }
             },
         ));
-    let router = match conveyor_platform::http::cors(&settings.http.cors_origins)
-        .map_err(anyhow::Error::msg)?
-    {
+    match conveyor_runtime::http::cors(&settings.http.cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,
-    };
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", settings.listen))?;
-    Ok(App {
-        listener,
-        router,
-        shutdown,
-        workers,
-        settings,
-        backends,
-    })
+    }
 }
 
 impl App {
@@ -382,7 +493,7 @@ impl App {
         let server = {
             let token = token.clone();
             tokio::spawn(async move {
-                conveyor_platform::http::serve(listener, router, &http, token).await
+                conveyor_runtime::http::serve(listener, router, &http, token).await
             })
         };
         let mut failure = None;

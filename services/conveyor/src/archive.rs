@@ -15,11 +15,13 @@ use std::io::{Read, Write};
 use anyhow::{Context, bail, ensure};
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_platform::consumer::{HandleError, Handler};
-use conveyor_platform::events::from_delivered;
-use conveyor_platform::log::Delivered;
-use conveyor_platform::objects::ObjectStore;
-use conveyor_platform::views::ReadStore;
+use conveyor_config::Settings;
+use conveyor_runtime::Stage;
+use conveyor_runtime::consumer::{ConsumerConfig, HandleError, Handler};
+use conveyor_storage::events::from_delivered;
+use conveyor_storage::log::Delivered;
+use conveyor_storage::objects::ObjectStore;
+use conveyor_storage::views::ReadStore;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -108,11 +110,31 @@ pub fn decode_segment(key: &str, bytes: &[u8]) -> anyhow::Result<Vec<ArchivedRec
 /// The archive group's handler: one segment per batch, durable before the batch is committed.
 pub struct Archiver {
     objects: Arc<dyn ObjectStore>,
+    config: ConsumerConfig,
 }
 
 impl Archiver {
-    pub fn new(objects: Arc<dyn ObjectStore>) -> Self {
-        Archiver { objects }
+    /// An archiver writing segments to `objects`, in the group and with the segment size of
+    /// `settings` (`archive.group`, `archive.batch`).
+    pub fn new(objects: Arc<dyn ObjectStore>, settings: &Settings) -> Self {
+        let mut config = ConsumerConfig::new(settings.topic(), &settings.archive.group);
+        config.max_batch = settings.archive.batch.max(1);
+        config.max_buffered = config.max_buffered.max(config.max_batch * 2);
+        config.max_attempts = settings.log.max_attempts;
+        // Segments are written as they fill or as the log goes quiet, never more than one per
+        // partition at a time, so a partition's segments never overlap (except after a crash).
+        config.per_partition = 1;
+        Archiver { objects, config }
+    }
+}
+
+impl Stage for Archiver {
+    fn name(&self) -> &'static str {
+        "archive"
+    }
+
+    fn consumer_config(&self) -> ConsumerConfig {
+        self.config.clone()
     }
 }
 

@@ -20,12 +20,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
-use conveyor_platform::Settings;
-use conveyor_platform::log::sqlite::{
+use conveyor_config::{LogUri, Settings, ViewsUri};
+use conveyor_storage::log::sqlite::{
     LogSummary, read_group_offsets, set_group_offsets_in_file, summarize_file,
 };
-use conveyor_platform::objects::{self, ObjectError, ObjectStore};
-use conveyor_platform::views::sqlite::{ViewSummary, summarize_file as summarize_views};
+use conveyor_storage::objects::{self, ObjectError, ObjectStore};
+use conveyor_storage::views::sqlite::{ViewSummary, summarize_file as summarize_views};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -64,10 +64,19 @@ pub struct BackupReport {
     pub bytes_copied: u64,
 }
 
-fn sqlite_path(uri: &str, what: &str, how: &str) -> anyhow::Result<PathBuf> {
-    match uri.strip_prefix("sqlite://") {
-        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
-        _ => bail!("the {what} is {uri}, not embedded SQLite: {how}"),
+/// The embedded log's file, or why there is none (`how` says what to do instead).
+fn log_file(settings: &Settings, how: &str) -> anyhow::Result<PathBuf> {
+    match settings.log_uri() {
+        LogUri::Sqlite(path) => Ok(path),
+        uri => bail!("the event log is {uri}, not embedded SQLite: {how}"),
+    }
+}
+
+/// The embedded read store's file, if the read store is embedded.
+fn views_file(settings: &Settings) -> Option<PathBuf> {
+    match settings.views_uri() {
+        ViewsUri::Sqlite(path) => Some(path),
+        ViewsUri::Scylla(_) => None,
     }
 }
 
@@ -154,14 +163,13 @@ pub async fn backup(
     concurrency: usize,
     progress: bool,
 ) -> anyhow::Result<BackupReport> {
-    let log_path = sqlite_path(
-        &settings.log_uri(),
-        "event log",
+    let log_path = log_file(
+        settings,
         "on Kafka the log is kept by `conveyor archive` instead",
     )?;
-    let views_path = sqlite_path(&settings.views_uri(), "read store", "").ok();
+    let views_path = views_file(settings);
     let objects =
-        conveyor_platform::backends::open_objects(&settings.objects_uri(), &settings.objects)
+        conveyor_storage::backends::open_objects(&settings.objects_uri(), &settings.objects)
             .await?;
     let id = backup_id();
     let scratch = tempfile::tempdir().context("failed to create a scratch dir")?;
@@ -185,13 +193,13 @@ pub async fn backup(
         tokio::task::spawn_blocking(move || {
             let views = match &views_path {
                 Some(path) => {
-                    conveyor_platform::sqlite::snapshot(path, &views_copy)
+                    conveyor_storage::sqlite::snapshot(path, &views_copy)
                         .with_context(|| format!("failed to snapshot {}", path.display()))?;
                     Some(summarize_views(&views_copy)?)
                 }
                 None => None,
             };
-            conveyor_platform::sqlite::snapshot(&log_path, &log_copy)
+            conveyor_storage::sqlite::snapshot(&log_path, &log_copy)
                 .with_context(|| format!("failed to snapshot {}", log_path.display()))?;
             if views.is_some() {
                 // No offsets (nothing committed yet) means: start from the beginning.
@@ -381,18 +389,8 @@ pub async fn restore(
             .context("no complete backup (a backups/<id>/manifest.json) in that store")?,
     };
     let manifest = read_manifest(source, &id).await?;
-    let log_path = sqlite_path(
-        &settings.log_uri(),
-        "event log",
-        "restore needs the embedded log",
-    )?;
-    let views_path = match (
-        &manifest.views,
-        sqlite_path(&settings.views_uri(), "read store", ""),
-    ) {
-        (Some(_), Ok(path)) => Some(path),
-        _ => None,
-    };
+    let log_path = log_file(settings, "restore needs the embedded log")?;
+    let views_path = manifest.views.as_ref().and(views_file(settings));
     let keys: Vec<(&str, PathBuf)> = crate::app::DEV_KEY_FILES
         .into_iter()
         .filter(|name| manifest.files.contains_key(*name))
@@ -409,7 +407,7 @@ pub async fn restore(
         );
     }
     let objects =
-        conveyor_platform::backends::open_objects(&settings.objects_uri(), &settings.objects)
+        conveyor_storage::backends::open_objects(&settings.objects_uri(), &settings.objects)
             .await?;
     ensure!(
         objects.list("").await?.is_empty(),

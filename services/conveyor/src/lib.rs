@@ -1,13 +1,13 @@
 //! The one Conveyor binary's library half: wiring roles together ([`app`]), operator commands
-//! ([`ops`]) and benchmarks ([`loadtest`]). `main.rs` only parses arguments.
+//! ([`ops`], with [`backup`], [`replay`] and the [`archive`] group), the command line ([`cli`])
+//! and the API's OpenAPI document ([`openapi`]). `main.rs` only parses arguments. The load lab
+//! is not here: it is its own crate and binary (tools/loadtest), which uses this one as a
+//! library.
 
 pub mod app;
 pub mod archive;
 pub mod backup;
-pub mod capacity;
 pub mod cli;
-pub mod loadtest;
-pub mod loadtest_video;
 pub mod openapi;
 pub mod ops;
 pub mod replay;

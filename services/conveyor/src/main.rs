@@ -1,7 +1,7 @@
 use clap::Parser;
 use conveyor::cli::{Cli, Command, RoleArgs};
 use conveyor::{Role, ops};
-use conveyor_platform::Settings;
+use conveyor_config::Settings;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -43,9 +43,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if let Some((role, args)) = role {
         let settings = settings(&cli, &args)?;
-        conveyor_platform::telemetry::init(settings.telemetry.format);
+        conveyor_runtime::telemetry::init(settings.telemetry.format);
         let app = conveyor::build(settings, role).await?;
-        conveyor_platform::shutdown::cancel_on_signal(app.stop_token());
+        conveyor_runtime::shutdown::cancel_on_signal(app.stop_token());
         tracing::info!(role = ?role, port = app.port(), data_dir = %app.settings.data_dir.display(), "conveyor listening");
         println!(
             "conveyor {role:?} listening on http://{}:{}",
@@ -56,7 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Ops(cmd)) => ops::run(&cli.config, cmd).await,
-        Some(Command::Loadtest(cmd)) => conveyor::loadtest::run(cmd).await,
+        Some(Command::Loadtest { args }) => conveyor::cli::run_loadtest(&args),
         Some(Command::Openapi) => {
             print!("{}", conveyor::openapi::to_json());
             Ok(())

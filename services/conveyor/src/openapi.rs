@@ -26,7 +26,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr};
         (name = "events", description = "The intake for internal producers"),
         (name = "operations", description = "Health, readiness and metrics"),
     ),
-    components(schemas(conveyor_platform::http::ErrorBody)),
+    components(schemas(conveyor_runtime::http::ErrorBody)),
 )]
 struct ConveyorApi;
 
@@ -103,7 +103,7 @@ impl utoipa::Modify for Shared {
 fn parts() -> [utoipa::openapi::OpenApi; 4] {
     [
         ConveyorApi::openapi(),
-        conveyor_platform::http::OpsApi::openapi(),
+        conveyor_runtime::http::OpsApi::openapi(),
         conveyor_ingest::IngestApi::openapi(),
         conveyor_query::QueryApi::openapi(),
     ]

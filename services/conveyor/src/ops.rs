@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use conveyor_platform::Settings;
-use conveyor_platform::backends::{open_log, open_objects};
-use conveyor_platform::log::{Delivered, EventLog, StartFrom};
-use conveyor_platform::objects::{self, ObjectStore};
+use conveyor_config::{ObjectsUri, Settings, ViewsUri};
+use conveyor_storage::backends::{open_log, open_objects};
+use conveyor_storage::log::{Delivered, EventLog, StartFrom};
+use conveyor_storage::objects::{self, ObjectStore};
 use indicatif::ProgressBar;
 
 use crate::cli::{DlqCommand, KeysCommand, OpsCommand, RoleArgs, TopicsCommand};
@@ -64,13 +64,15 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             let uri = settings.objects_uri();
             let receipt_retention = settings.receipt_retention();
             if let Some(days) = install_lifecycle_days {
-                anyhow::ensure!(
-                    uri.starts_with("s3://"),
-                    "lifecycle rules are for S3 stores, not {uri}"
-                );
-                let store =
-                    conveyor_platform::objects::s3::S3ObjectStore::connect(&uri, &settings.objects)
-                        .await?;
+                let ObjectsUri::S3 { bucket, prefix } = &uri else {
+                    anyhow::bail!("lifecycle rules are for S3 stores, not {uri}");
+                };
+                let store = conveyor_storage::objects::s3::S3ObjectStore::connect(
+                    bucket,
+                    prefix,
+                    &settings.objects,
+                )
+                .await?;
                 // Receipts live as long as the log keeps events; a log kept forever keeps them.
                 let receipt_days = receipt_retention.map(|retention| {
                     retention.as_secs().div_ceil(86_400).min(i32::MAX as u64) as i32
@@ -89,7 +91,7 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             let removed = conveyor_ingest::direct::sweep(&*objects, ttl).await?;
             println!("removed {removed} expired upload objects");
             match receipt_retention {
-                Some(retention) if !uri.starts_with("s3://") => {
+                Some(retention) if !uri.has_lifecycle_rules() => {
                     let removed =
                         conveyor_ingest::events::sweep_receipts(&*objects, retention).await?;
                     println!("removed {removed} event receipts older than log.retention_ms");
@@ -111,7 +113,7 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             let settings = settings(config, target)?;
             let log = open_log(&settings)?;
             let archive = match from_archive {
-                true => Some(open_objects(&settings.archive_uri(), &settings.objects).await?),
+                true => Some(open_objects(&settings.archive_uri()?, &settings.objects).await?),
                 false => None,
             };
             let report = crate::replay::replay(
@@ -153,10 +155,10 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             keep,
         } => {
             let settings = settings(config, target)?;
-            let uri = to
-                .as_deref()
-                .map(conveyor_platform::config::store_uri)
-                .unwrap_or_else(|| settings.backup_uri());
+            let uri = match to.as_deref() {
+                Some(to) => ObjectsUri::from_target(to)?,
+                None => settings.backup_uri()?,
+            };
             let store = open_objects(&uri, &settings.objects).await?;
             let report = crate::backup::backup(&settings, &*store, concurrency, true).await?;
             let m = &report.manifest;
@@ -188,7 +190,7 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             concurrency,
         } => {
             let settings = settings(config, target)?;
-            let uri = conveyor_platform::config::store_uri(&from);
+            let uri = ObjectsUri::from_target(&from)?;
             let store = open_objects(&uri, &settings.objects).await?;
             if list {
                 for id in crate::backup::list(&*store).await? {
@@ -213,11 +215,11 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
         OpsCommand::Migrate { target } => {
             let settings = settings(config, target)?;
             let uri = settings.views_uri();
-            if !uri.starts_with("scylla://") {
+            let ViewsUri::Scylla(cluster) = &uri else {
                 println!("{uri}: the embedded read store migrates itself when it opens");
                 return Ok(());
-            }
-            let report = conveyor_platform::views::scylla::migrate(&uri, &settings.views)
+            };
+            let report = conveyor_storage::views::scylla::migrate(cluster, &settings.views)
                 .await
                 .with_context(|| format!("failed to migrate {uri}"))?;
             for name in &report.already {
@@ -555,7 +557,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     let objects_uri = settings.objects_uri();
     backends.insert(
         "objects",
-        health(objects_uri.clone(), async {
+        health(objects_uri.to_string(), async {
             let store = open_objects(&objects_uri, &settings.objects).await?;
             store.head("conveyor-status-probe").await?;
             Ok(())
@@ -565,9 +567,8 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     let views_uri = settings.views_uri();
     backends.insert(
         "views",
-        health(views_uri.clone(), async {
-            let views =
-                conveyor_platform::backends::open_views(&views_uri, &settings.views).await?;
+        health(views_uri.to_string(), async {
+            let views = conveyor_storage::backends::open_views(&views_uri, &settings.views).await?;
             views.ping().await?;
             Ok(())
         })
@@ -575,11 +576,11 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     );
     let log = open_log(settings);
     let mut topic_exists = true;
-    let log_health = health(settings.log_uri(), async {
+    let log_health = health(settings.log_uri().to_string(), async {
         let log = log.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
         match log.partitions(&topic).await {
             // The log answers; the topic is simply not created yet.
-            Err(conveyor_platform::log::LogError::UnknownTopic(_)) => topic_exists = false,
+            Err(conveyor_storage::log::LogError::UnknownTopic(_)) => topic_exists = false,
             other => {
                 other?;
             }
@@ -590,7 +591,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<Status> {
     let log_ok = log_health.ok;
     backends.insert("log", log_health);
     let issued = match open_objects(&objects_uri, &settings.objects).await {
-        Ok(store) => conveyor_platform::keys::list(&*store).await.ok(),
+        Ok(store) => conveyor_runtime::keys::list(&*store).await.ok(),
         Err(_) => None,
     };
     let access = Access {
@@ -718,13 +719,9 @@ fn print_status(status: &Status) {
 /// mistyped `--data-dir` would otherwise make empty stores, and report on them (or issue keys
 /// into them) as if they were the servers'.
 fn require_data_dir(settings: &Settings) -> anyhow::Result<()> {
-    let embedded = [
-        settings.log_uri(),
-        settings.views_uri(),
-        settings.objects_uri(),
-    ]
-    .iter()
-    .any(|uri| uri.starts_with("sqlite://") || uri.starts_with("file://"));
+    let embedded = settings.log_uri().is_embedded()
+        || settings.views_uri().is_embedded()
+        || settings.objects_uri().is_embedded();
     anyhow::ensure!(
         !embedded || settings.data_dir.is_dir(),
         "the data dir {} does not exist (or is not a directory); pass the one `serve` uses \
@@ -735,7 +732,7 @@ fn require_data_dir(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<()> {
-    use conveyor_platform::keys::{self, KeyKind};
+    use conveyor_runtime::keys::{self, KeyKind};
     let target = match &command {
         KeysCommand::Create { target, .. }
         | KeysCommand::List { target, .. }
@@ -746,7 +743,7 @@ async fn keys(config: &Option<PathBuf>, command: KeysCommand) -> anyhow::Result<
     let objects = open_objects(&settings.objects_uri(), &settings.objects).await?;
     match command {
         KeysCommand::Create { name, service, .. } => {
-            conveyor_platform::config::check_key_name(&name).map_err(anyhow::Error::msg)?;
+            conveyor_config::check_key_name(&name).map_err(anyhow::Error::msg)?;
             let kind = if service {
                 KeyKind::Service
             } else {

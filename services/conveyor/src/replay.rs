@@ -16,20 +16,19 @@
 //! An interrupted replay resumes (same generation, same group) unless `--from-start` is given.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use conveyor_platform::Settings;
-use conveyor_platform::changes::Changes;
-use conveyor_platform::log::EventLog;
-use conveyor_platform::objects::ObjectStore;
-use conveyor_platform::views::ReadStore;
-use conveyor_platform::views::sqlite::{
+use conveyor_config::{Settings, ViewsUri};
+use conveyor_projector::Projector;
+use conveyor_runtime::changes::Changes;
+use conveyor_storage::log::EventLog;
+use conveyor_storage::objects::ObjectStore;
+use conveyor_storage::views::ReadStore;
+use conveyor_storage::views::sqlite::{
     PROJECTION, SqliteReadStore, begin_generation, drop_generation, switch_generation,
 };
-use conveyor_projector::Projector;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
@@ -123,7 +122,7 @@ pub async fn replay(
         );
     }
     let uri = settings.views_uri();
-    let Some(path) = uri.strip_prefix("sqlite://").map(PathBuf::from) else {
+    let ViewsUri::Sqlite(path) = &uri else {
         bail!(
             "the read store is {uri}: replay switches SQLite table generations. On ScyllaDB, \
              migrate a new keyspace, run a projector group into it with \
@@ -131,6 +130,7 @@ pub async fn replay(
              switch the query edge's CONVEYOR__VIEWS__URI once its lag is 0 (docs/operations.md)"
         );
     };
+    let path = path.clone();
     let started = Instant::now();
     let topic = settings.topic().to_owned();
     let building = {
@@ -167,10 +167,10 @@ pub async fn replay(
     let mut config = Projector::consumer_config(settings);
     config.group = group.clone();
     let stop = CancellationToken::new();
-    let consumer = tokio::spawn(conveyor_platform::consumer::run(
+    let consumer = tokio::spawn(conveyor_runtime::consumer::run(
         log.clone(),
         config,
-        Arc::new(Projector::new(store, Changes::new())),
+        Arc::new(Projector::new(store, Changes::new(), settings)),
         stop.clone(),
     ));
     let result = async {

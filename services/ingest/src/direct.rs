@@ -25,12 +25,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use conveyor_platform::clock::now_micros;
-use conveyor_platform::http::{ApiError, ErrorBody, SelfLink, parse_json, require_json};
-use conveyor_platform::media::{MediaType, SNIFF_BYTES};
-use conveyor_platform::objects::ObjectError;
-use conveyor_platform::signing;
+use conveyor_runtime::http::{ApiError, ErrorBody, SelfLink, parse_json, require_json};
+use conveyor_runtime::signing;
 use conveyor_schemas::Visibility;
+use conveyor_storage::clock::now_micros;
+use conveyor_storage::media::{MediaType, SNIFF_BYTES};
+use conveyor_storage::objects::ObjectError;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -127,7 +127,7 @@ pub fn incoming_key(id: Uuid) -> String {
 /// The completion's claim on an upload: created exclusively ([`ObjectStore::put_if_absent`]),
 /// so one completion runs at a time on every replica, and PUTs are refused while it stands.
 ///
-/// [`ObjectStore::put_if_absent`]: conveyor_platform::ObjectStore::put_if_absent
+/// [`ObjectStore::put_if_absent`]: conveyor_storage::ObjectStore::put_if_absent
 pub fn claim_key(id: Uuid) -> String {
     format!("uploads/{id}.claim")
 }
@@ -466,7 +466,7 @@ pub(crate) async fn put_data(
         {
             Err(too_large(limit))
         }
-        Err(ObjectError::Body(e)) => Err(conveyor_platform::http::body_read_error(&e)),
+        Err(ObjectError::Body(e)) => Err(conveyor_runtime::http::body_read_error(&e)),
         Err(e) => Err(ApiError::backend(e)),
     }
 }
@@ -804,7 +804,7 @@ async fn verify(
 /// Removes uploads never completed: `incoming/{id}` objects (and their claimed copies) and
 /// `uploads/{id}.json` records (and their claims) whose UUIDv7 id is older than `ttl`. Works on every store. Returns how many it removed.
 pub async fn sweep(
-    objects: &dyn conveyor_platform::ObjectStore,
+    objects: &dyn conveyor_storage::ObjectStore,
     ttl: Duration,
 ) -> Result<usize, ObjectError> {
     let now_ms = (now_micros() / 1000) as u64;
@@ -836,8 +836,8 @@ pub async fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conveyor_platform::ObjectStore;
-    use conveyor_platform::objects::fs::FsObjectStore;
+    use conveyor_storage::ObjectStore;
+    use conveyor_storage::objects::fs::FsObjectStore;
 
     #[tokio::test]
     async fn the_sweeper_removes_only_expired_uploads() {

@@ -9,7 +9,7 @@
 //!   what was sent and where it was appended. The same id with the same event answers with
 //!   that first result and appends nothing; the same id with a different event is a 409.
 //!
-//! [`ObjectStore::put_if_absent`]: conveyor_platform::ObjectStore::put_if_absent
+//! [`ObjectStore::put_if_absent`]: conveyor_storage::ObjectStore::put_if_absent
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,11 +18,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use conveyor_platform::clock::now_micros;
-use conveyor_platform::http::{ApiError, ErrorBody, require_json};
-use conveyor_platform::log::Position;
-use conveyor_platform::objects::ObjectError;
+use conveyor_runtime::http::{ApiError, ErrorBody, require_json};
 use conveyor_schemas::Envelope;
+use conveyor_storage::clock::now_micros;
+use conveyor_storage::log::Position;
+use conveyor_storage::objects::ObjectError;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -84,7 +84,7 @@ const ABANDONED_AFTER_MICROS: i64 = 60_000_000;
 /// # Errors
 /// The store's, from listing, reading or deleting. A receipt that does not parse is kept.
 pub async fn sweep_receipts(
-    objects: &dyn conveyor_platform::ObjectStore,
+    objects: &dyn conveyor_storage::ObjectStore,
     retention: std::time::Duration,
 ) -> Result<usize, ObjectError> {
     let cutoff = now_micros().saturating_sub(retention.as_micros().min(i64::MAX as u128) as i64);
@@ -368,8 +368,8 @@ async fn release(state: &IngestState, claimed: &[(Uuid, Receipt)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conveyor_platform::ObjectStore;
-    use conveyor_platform::objects::fs::FsObjectStore;
+    use conveyor_storage::ObjectStore;
+    use conveyor_storage::objects::fs::FsObjectStore;
 
     #[tokio::test]
     async fn receipts_past_the_retention_are_swept_and_the_rest_kept() {

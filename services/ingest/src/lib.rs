@@ -18,15 +18,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
-use conveyor_platform::config::{Limits, Settings, UploadSettings};
-use conveyor_platform::events::to_record;
-use conveyor_platform::http::{ApiError, ErrorBody, bearer, content_length_over};
-use conveyor_platform::keys::{KeyKind, Keys};
-use conveyor_platform::media::MediaType;
-use conveyor_platform::{Backends, VersionClock};
+use conveyor_config::{Limits, Settings, UploadSettings};
+use conveyor_runtime::http::{ApiError, ErrorBody, bearer, content_length_over};
+use conveyor_runtime::keys::{KeyKind, Keys};
 use conveyor_schemas::{
     Envelope, Event, MediaDeleted, MediaUploaded, MediaUploadedWithVisibility, Visibility,
 };
+use conveyor_storage::events::to_record;
+use conveyor_storage::media::MediaType;
+use conveyor_storage::{Backends, VersionClock};
 use uuid::Uuid;
 
 /// What the ingest handlers share.
@@ -155,7 +155,7 @@ impl IngestState {
     async fn append(
         &self,
         events: &[Envelope],
-    ) -> Result<Vec<conveyor_platform::log::Position>, ApiError> {
+    ) -> Result<Vec<conveyor_storage::log::Position>, ApiError> {
         let records = events.iter().map(to_record).collect();
         self.backends
             .log

@@ -7,15 +7,15 @@ use axum::extract::{Multipart, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use conveyor_platform::media::{ACCEPTED, MediaType, SNIFF_BYTES};
-use conveyor_platform::objects::ObjectError;
 use conveyor_schemas::Visibility;
+use conveyor_storage::media::{ACCEPTED, MediaType, SNIFF_BYTES};
+use conveyor_storage::objects::ObjectError;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::IngestState;
-use conveyor_platform::http::{ApiError, ErrorBody};
+use conveyor_runtime::http::{ApiError, ErrorBody};
 
 /// Longest accepted title, in characters.
 const MAX_TITLE: usize = 500;
@@ -49,7 +49,7 @@ pub(crate) struct Accepted {
     pub bytes: u64,
     /// The sniffed type, such as `image/jpeg`.
     pub content_type: String,
-    pub links: conveyor_platform::http::SelfLink,
+    pub links: conveyor_runtime::http::SelfLink,
 }
 
 impl Accepted {
@@ -187,7 +187,7 @@ pub(crate) async fn upload(
         sha256: stored.sha256,
         bytes: stored.size,
         content_type: stored.content_type.to_owned(),
-        links: conveyor_platform::http::SelfLink {
+        links: conveyor_runtime::http::SelfLink {
             this: format!("/v1/media/{id}"),
         },
     }
@@ -209,7 +209,7 @@ fn multipart_error(e: MultipartError) -> ApiError {
     // axum calls a body that could not be read (it ended before its declared length, the
     // client went away or sent too slowly) a 500. It is the client's: a 4xx, logged as one.
     if status.is_server_error() {
-        return conveyor_platform::http::body_read_error(&e);
+        return conveyor_runtime::http::body_read_error(&e);
     }
     ApiError::new(status, "invalid_multipart", e.body_text())
 }

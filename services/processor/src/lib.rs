@@ -12,18 +12,19 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use conveyor_platform::clock::now_micros;
-use conveyor_platform::config::{Limits, Settings};
-use conveyor_platform::consumer::{
-    self, ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
+use conveyor_config::{Limits, Settings};
+use conveyor_runtime::Stage;
+use conveyor_runtime::consumer::{
+    ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
 };
-use conveyor_platform::events::{from_delivered, to_record};
-use conveyor_platform::log::Delivered;
-use conveyor_platform::objects::ObjectError;
-use conveyor_platform::{Backends, EventLog, ObjectStore};
 use conveyor_schemas::{
     Envelope, Event, MediaProcessed, MediaProcessingFailed, MediaUploaded, VariantInfo, Visibility,
 };
+use conveyor_storage::clock::now_micros;
+use conveyor_storage::events::{from_delivered, to_record};
+use conveyor_storage::log::Delivered;
+use conveyor_storage::objects::ObjectError;
+use conveyor_storage::{Backends, EventLog, ObjectStore};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -37,11 +38,12 @@ pub struct Processor {
     topic: String,
     /// Bounds the images decoded at once: decoding is CPU- and memory-heavy.
     cpu: Arc<Semaphore>,
-    /// `processor.delay_ms`, for load tests.
-    delay: std::time::Duration,
+    /// The group's consumer settings ([`Processor::consumer_config`]).
+    config: ConsumerConfig,
 }
 
 impl Processor {
+    /// A processor on `backends`, with the limits, worker count and group of `settings`.
     pub fn new(backends: &Backends, settings: &Settings) -> Self {
         let workers = match settings.processor.workers {
             0 => std::thread::available_parallelism()
@@ -55,7 +57,7 @@ impl Processor {
             limits: settings.limits.clone(),
             topic: settings.topic().to_owned(),
             cpu: Arc::new(Semaphore::new(workers)),
-            delay: std::time::Duration::from_millis(settings.processor.delay_ms),
+            config: Self::consumer_config(settings),
         }
     }
 
@@ -68,17 +70,6 @@ impl Processor {
         // Each record is a whole image; do not buffer thousands of them.
         config.max_buffered = 256;
         config
-    }
-
-    /// Runs the processor group until `stop` is cancelled.
-    ///
-    /// # Errors
-    /// When libvips cannot start ([`render::init`]), before any record is read; then as
-    /// [`consumer::run`].
-    pub async fn run(self, settings: &Settings, stop: CancellationToken) -> anyhow::Result<()> {
-        render::init()?;
-        let log = self.log.clone();
-        consumer::run(log, Self::consumer_config(settings), Arc::new(self), stop).await
     }
 
     #[tracing::instrument(skip_all, fields(media_id = %cause.aggregate_id))]
@@ -141,9 +132,6 @@ impl Processor {
             .acquire_owned()
             .await
             .expect("semaphore is never closed");
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
         let limits = self.limits.clone();
         let limit_ms = limits.max_render_ms;
         // The header checks run here too, off the async threads: a PNG's chunks or a GIF's
@@ -225,8 +213,24 @@ pub async fn store_variants(
 
 /// Whether an upload's sniffed type is a video container.
 pub fn is_video(content_type: &str) -> bool {
-    conveyor_platform::media::MediaType::from_content_type(content_type)
+    conveyor_storage::media::MediaType::from_content_type(content_type)
         .is_some_and(|media| media.is_video())
+}
+
+#[async_trait]
+impl Stage for Processor {
+    fn name(&self) -> &'static str {
+        "processor"
+    }
+
+    fn consumer_config(&self) -> ConsumerConfig {
+        self.config.clone()
+    }
+
+    /// Starts libvips ([`render::init`]).
+    async fn prepare(&mut self, _stop: &CancellationToken) -> anyhow::Result<()> {
+        Ok(render::init()?)
+    }
 }
 
 #[async_trait]

@@ -24,9 +24,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use conveyor_platform::config::Limits;
-use conveyor_platform::media::{IMAGES, MediaType};
+use conveyor_config::Limits;
 use conveyor_schemas::ExifSummary;
+use conveyor_storage::media::{IMAGES, MediaType};
 use conveyor_wire::headers;
 use rs_vips::voption::{Setter, VOption};
 use rs_vips::{Vips, VipsImage};

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use conveyor_platform::config::Limits;
+use conveyor_config::Limits;
 use conveyor_processor::render;
 use flate2::Compression;
 use flate2::write::ZlibEncoder;

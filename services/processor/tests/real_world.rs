@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use conveyor_platform::config::Limits;
+use conveyor_config::Limits;
 use conveyor_processor::render::{self, MediaError, Rendered, VARIANTS};
 use rs_vips::VipsImage;
 use rs_vips::enums::BandFormat;

@@ -7,28 +7,37 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use conveyor_platform::changes::Changes;
-use conveyor_platform::config::Settings;
-use conveyor_platform::consumer::{
-    self, ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
+use conveyor_config::Settings;
+use conveyor_runtime::Stage;
+use conveyor_runtime::changes::Changes;
+use conveyor_runtime::consumer::{
+    ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
 };
-use conveyor_platform::events::from_delivered;
-use conveyor_platform::log::Delivered;
-use conveyor_platform::{EventLog, ReadStore};
 use conveyor_schemas::Envelope;
-use tokio_util::sync::CancellationToken;
+use conveyor_storage::ReadStore;
+use conveyor_storage::events::from_delivered;
+use conveyor_storage::log::Delivered;
 
+/// Folds events into the read store, announcing each item it wrote.
 pub struct Projector {
     views: Arc<dyn ReadStore>,
     changes: Changes,
+    config: ConsumerConfig,
 }
 
 impl Projector {
-    /// A projector writing to `views`, announcing what it wrote on `changes`.
-    pub fn new(views: Arc<dyn ReadStore>, changes: Changes) -> Self {
-        Projector { views, changes }
+    /// A projector writing to `views`, announcing what it wrote on `changes`, in the group and
+    /// with the batch size of `settings`.
+    pub fn new(views: Arc<dyn ReadStore>, changes: Changes, settings: &Settings) -> Self {
+        Projector {
+            views,
+            changes,
+            config: Self::consumer_config(settings),
+        }
     }
 
+    /// The consumer settings a projector runs with: one batch per partition at a time, of up
+    /// to `projector.batch` events.
     pub fn consumer_config(settings: &Settings) -> ConsumerConfig {
         let mut config = ConsumerConfig::new(settings.topic(), &settings.projector.group);
         // One batch per partition at a time: read models are written in log order.
@@ -37,15 +46,15 @@ impl Projector {
         config.max_attempts = settings.log.max_attempts;
         config
     }
+}
 
-    /// Runs the projector group until `stop` is cancelled.
-    pub async fn run(
-        self,
-        log: Arc<dyn EventLog>,
-        settings: &Settings,
-        stop: CancellationToken,
-    ) -> anyhow::Result<()> {
-        consumer::run(log, Self::consumer_config(settings), Arc::new(self), stop).await
+impl Stage for Projector {
+    fn name(&self) -> &'static str {
+        "projector"
+    }
+
+    fn consumer_config(&self) -> ConsumerConfig {
+        self.config.clone()
     }
 }
 

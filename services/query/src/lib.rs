@@ -16,12 +16,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
-use conveyor_platform::changes::Changes;
-use conveyor_platform::config::Settings;
-use conveyor_platform::http::ApiError;
-use conveyor_platform::keys::KeyKind;
-use conveyor_platform::log::StartFrom;
-use conveyor_platform::{Backends, EventLog};
+use conveyor_config::Settings;
+use conveyor_runtime::changes::Changes;
+use conveyor_runtime::http::ApiError;
+use conveyor_runtime::keys::KeyKind;
+use conveyor_storage::log::StartFrom;
+use conveyor_storage::{Backends, EventLog};
 use moka::future::Cache;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -42,18 +42,18 @@ pub struct QueryState {
     /// Prefix of media URLs: the CDN, or empty for this edge's own `/media/`.
     pub cdn_base: String,
     /// Keys for private media URLs: the first signs, all verify.
-    pub signing_keys: conveyor_platform::config::KeyList,
+    pub signing_keys: conveyor_config::KeyList,
     /// Lifetime of a signed URL, in seconds.
     pub signed_ttl: u64,
     /// Client keys: a request that presents one reads as its owner, and sees its private media.
-    pub keys: conveyor_platform::keys::Keys,
+    pub keys: conveyor_runtime::keys::Keys,
 }
 
 impl QueryState {
     pub fn new(
         backends: Backends,
         settings: &Settings,
-        keys: conveyor_platform::keys::Keys,
+        keys: conveyor_runtime::keys::Keys,
     ) -> Arc<Self> {
         let cache = Cache::builder()
             .max_capacity(settings.query.cache_capacity)
@@ -79,7 +79,7 @@ impl QueryState {
         if !headers.contains_key(axum::http::header::AUTHORIZATION) {
             return Ok(None);
         }
-        conveyor_platform::http::bearer(headers)
+        conveyor_runtime::http::bearer(headers)
             .and_then(|key| self.keys.lookup(key, KeyKind::Client))
             .map(|principal| Some(principal.name))
             .ok_or_else(ApiError::unauthorized)
@@ -93,9 +93,9 @@ impl QueryState {
         if !key.starts_with("private/") {
             return url;
         }
-        let now = conveyor_platform::clock::now_micros() / 1_000_000;
+        let now = conveyor_storage::clock::now_micros() / 1_000_000;
         let expires = (now + self.signed_ttl as i64) / 600 * 600 + 600;
-        match conveyor_platform::signing::sign(&self.signing_keys, &media_message(key, expires)) {
+        match conveyor_runtime::signing::sign(&self.signing_keys, &media_message(key, expires)) {
             Some((kid, sig)) => format!("{url}?expires={expires}&kid={kid}&sig={sig}"),
             // No keys: the URL cannot be signed, and `/media` will refuse it.
             None => url,

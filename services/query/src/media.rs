@@ -9,9 +9,9 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use conveyor_platform::http::{ApiError, ErrorBody, etag_of, not_modified};
-use conveyor_platform::media::{MediaType, SNIFF_BYTES};
-use conveyor_platform::objects::{ObjectError, validate_key};
+use conveyor_runtime::http::{ApiError, ErrorBody, etag_of, not_modified};
+use conveyor_storage::media::{MediaType, SNIFF_BYTES};
+use conveyor_storage::objects::{ObjectError, validate_key};
 use conveyor_wire::range::RangeRequest;
 use futures::TryStreamExt;
 
@@ -101,7 +101,7 @@ pub(crate) async fn get_object(
         let signed = || -> Option<bool> {
             let expires: i64 = params.get("expires")?.parse().ok()?;
             let message = crate::media_message(&key, expires);
-            Some(conveyor_platform::signing::verify(
+            Some(conveyor_runtime::signing::verify(
                 &state.signing_keys,
                 params.get("kid")?,
                 &message,

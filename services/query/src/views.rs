@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use conveyor_platform::http::{ApiError, ErrorBody, SelfLink, etag_of, not_modified};
+use conveyor_runtime::http::{ApiError, ErrorBody, SelfLink, etag_of, not_modified};
 use conveyor_schemas::MediaRow;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

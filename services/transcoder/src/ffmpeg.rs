@@ -18,8 +18,8 @@ use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use conveyor_platform::config::VideoSettings;
-use conveyor_platform::media::MediaType;
+use conveyor_config::VideoSettings;
+use conveyor_storage::media::MediaType;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 

@@ -28,20 +28,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use conveyor_platform::clock::now_micros;
-use conveyor_platform::config::{Limits, Settings, VideoSettings};
-use conveyor_platform::consumer::{
-    self, ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
+use conveyor_config::{Limits, Settings, VideoSettings};
+use conveyor_runtime::Stage;
+use conveyor_runtime::consumer::{
+    ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
 };
-use conveyor_platform::events::{from_delivered, to_record};
-use conveyor_platform::log::Delivered;
-use conveyor_platform::media::MediaType;
-use conveyor_platform::objects::ObjectError;
-use conveyor_platform::views::ReadStore;
-use conveyor_platform::{Backends, EventLog, ObjectStore};
 use conveyor_schemas::{
     Envelope, Event, MediaProcessingFailed, MediaUploaded, VariantInfo, VideoProcessed, Visibility,
 };
+use conveyor_storage::clock::now_micros;
+use conveyor_storage::events::{from_delivered, to_record};
+use conveyor_storage::log::Delivered;
+use conveyor_storage::media::MediaType;
+use conveyor_storage::objects::ObjectError;
+use conveyor_storage::views::ReadStore;
+use conveyor_storage::{Backends, EventLog, ObjectStore};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
@@ -106,7 +107,11 @@ pub struct Transcoder {
     work_dir: PathBuf,
     /// How long a shutdown lets running jobs finish before killing them.
     drain: Duration,
+    /// The group's stop token, given in [`Stage::prepare`]: a shutdown gives running jobs the
+    /// drain timeout, then kills them.
     stop: CancellationToken,
+    /// The group's consumer settings ([`Transcoder::consumer_config`]).
+    config: ConsumerConfig,
 }
 
 impl Transcoder {
@@ -126,6 +131,7 @@ impl Transcoder {
             work_dir: settings.data_dir.join("transcode"),
             drain: Duration::from_millis(settings.http.drain_timeout_ms),
             stop: CancellationToken::new(),
+            config: Self::consumer_config(settings),
         })
     }
 
@@ -138,24 +144,6 @@ impl Transcoder {
         config.max_attempts = settings.log.max_attempts;
         config.max_buffered = 64;
         config
-    }
-
-    /// Runs the transcoder group until `stop` is cancelled; running jobs then get the drain
-    /// timeout (`http.drain_timeout_ms`) to finish and commit, and are killed after it.
-    ///
-    /// # Errors
-    /// When libvips cannot start or the work directory cannot be made, before any record is
-    /// read; then as [`consumer::run`].
-    pub async fn run(mut self, settings: &Settings, stop: CancellationToken) -> anyhow::Result<()> {
-        conveyor_processor::render::init()?;
-        // Job directories of a process that died are nobody's now.
-        let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
-        tokio::fs::create_dir_all(&self.work_dir)
-            .await
-            .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", self.work_dir.display()))?;
-        self.stop = stop.clone();
-        let log = self.log.clone();
-        consumer::run(log, Self::consumer_config(settings), Arc::new(self), stop).await
     }
 
     #[tracing::instrument(skip_all, fields(media_id = %cause.aggregate_id))]
@@ -693,6 +681,30 @@ impl<'a> Progress<'a> {
         {
             tracing::warn!(error = %e, percent, "failed to append progress; carrying on");
         }
+    }
+}
+
+#[async_trait]
+impl Stage for Transcoder {
+    fn name(&self) -> &'static str {
+        "transcoder"
+    }
+
+    fn consumer_config(&self) -> ConsumerConfig {
+        self.config.clone()
+    }
+
+    /// Starts libvips (for posters), and empties the work directory: job directories of a
+    /// process that died are nobody's now. Once `stop` is cancelled, running jobs get the
+    /// drain timeout (`http.drain_timeout_ms`) to finish and commit, and are killed after it.
+    async fn prepare(&mut self, stop: &CancellationToken) -> anyhow::Result<()> {
+        conveyor_processor::render::init()?;
+        let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
+        tokio::fs::create_dir_all(&self.work_dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", self.work_dir.display()))?;
+        self.stop = stop.clone();
+        Ok(())
     }
 }
 

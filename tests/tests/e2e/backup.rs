@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use conveyor_platform::Settings;
-use conveyor_platform::objects::fs::FsObjectStore;
+use conveyor_config::Settings;
+use conveyor_storage::objects::fs::FsObjectStore;
 use conveyor_tests::helpers::{ALICE, conveyor_binary, spawn_app, spawn_in, upload_to};
 use conveyor_tests::images;
 
@@ -178,9 +178,9 @@ async fn serve_takes_scheduled_backups_and_keeps_the_newest() {
     let backups = tempfile::tempdir().unwrap();
     let to = backups.path().to_str().unwrap().to_owned();
     let app = conveyor_tests::helpers::spawn_app_with(|s| {
-        s.backup.every = Some(conveyor_platform::config::Interval(
-            std::time::Duration::from_millis(300),
-        ));
+        s.backup.every = Some(conveyor_config::Interval(std::time::Duration::from_millis(
+            300,
+        )));
         s.backup.keep = 2;
         s.backup.to = Some(to);
     })

@@ -3,7 +3,9 @@
 //! charts that drew (in headless Chromium too); a threshold that cannot hold fails the run and
 //! is named. `conveyor loadtest scale` on Kafka measures a point per instance count.
 
-use conveyor_tests::helpers::{ALICE, conveyor_binary, kafka_brokers, start_process};
+use conveyor_tests::helpers::{
+    ALICE, Slowed, conveyor_binary, kafka_brokers, spawn_app_wrapping, start_process,
+};
 use serde_json::Value;
 
 const SCENARIO: &str = r#"
@@ -383,20 +385,25 @@ fn a_remote_target_is_refused_without_allow_remote() {
 }
 
 /// `--find-capacity` against a `serve` whose processor is slowed on purpose
-/// (`processor.delay_ms`, one worker: about 4 images a second) names the processor group,
+/// (a [`Slowed`] stage of 250 ms a batch, one worker: about 4 images a second) names the processor group,
 /// not the edge, and the highest rate that held is below where uploads outrun it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn find_capacity_names_a_slowed_processor_as_the_bottleneck() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_process(
-        "serve",
-        dir.path(),
-        &[
-            ("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}")),
-            ("CONVEYOR__PROCESSOR__DELAY_MS", "250".to_owned()),
-            ("CONVEYOR__PROCESSOR__WORKERS", "1".to_owned()),
-        ],
-    );
+    // A group name of this test's own: apps of other tests in this process publish their lag
+    // to the same /metrics.
+    let group = format!("processor-slowed-{}", uuid::Uuid::new_v4().simple());
+    let server = spawn_app_wrapping(
+        |s| {
+            s.processor.workers = 1;
+            s.processor.group = group.clone();
+        },
+        |stage| match stage.name() {
+            "processor" => Slowed::new(stage, std::time::Duration::from_millis(250)),
+            _ => stage,
+        },
+    )
+    .await;
     let scenario = dir.path().join("uploads.toml");
     std::fs::write(
         &scenario,
@@ -476,11 +483,30 @@ async fn find_capacity_against_a_server_that_dies_is_inconclusive() {
             "3s",
         ])
         .args(["--max-steps", "4", "--no-reference"]);
-    let running = tokio::task::spawn_blocking(move || run.output().unwrap());
-    // The seed uploads and the first step, then the server is gone (SIGKILL on drop).
-    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
-    drop(server);
-    let output = running.await.unwrap();
+    // The seed uploads and the first step (the run prints a line once a step is judged), then
+    // the server is gone (SIGKILL on drop). Bounded by the run's own limits: it ends by itself.
+    run.stdout(std::process::Stdio::piped());
+    let stdout = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = run.spawn().unwrap();
+        let mut stdout = String::new();
+        let mut server = Some(server);
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            if line.starts_with("step 1: ") {
+                drop(server.take());
+            }
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        (child.wait().unwrap(), stdout)
+    });
+    let (status, stdout) = stdout.await.unwrap();
+    let output = std::process::Output {
+        status,
+        stdout: stdout.into_bytes(),
+        stderr: Vec::new(),
+    };
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(3), "{stdout}");
     assert!(

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use conveyor_platform::Settings;
-use conveyor_platform::keys::{self, KeyKind};
+use conveyor_config::Settings;
+use conveyor_runtime::keys::{self, KeyKind};
 use conveyor_tests::helpers::{ALICE, BOB, TestApp, spawn_app, spawn_app_with, wait_until};
 use conveyor_tests::images;
 use serde_json::{Value, json};
@@ -144,7 +144,7 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     let app = spawn_app_with(|s: &mut Settings| {
         s.auth.rate_per_sec = 2;
         s.auth.rate_burst = 5;
-        s.auth.api_keys = conveyor_platform::config::KeyList::parse(&format!(
+        s.auth.api_keys = conveyor_config::KeyList::parse(&format!(
             "alice:{ALICE},alice:{ALICE_SECOND},bob:{BOB}"
         ))
         .unwrap();
@@ -271,7 +271,10 @@ async fn cors_is_off_by_default_and_answers_only_configured_origins() {
         "off by default"
     );
     let app = spawn_app_with(|s: &mut Settings| {
-        s.http.cors_origins = "https://app.example.com, https://admin.example.com".into();
+        s.http.cors_origins = conveyor_config::CorsOrigins::parse(
+            "https://app.example.com, https://admin.example.com",
+        )
+        .unwrap();
     })
     .await;
     let response = preflight(&app, "https://app.example.com").await.unwrap();

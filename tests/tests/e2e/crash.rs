@@ -95,11 +95,11 @@ async fn sigkill_mid_load_loses_and_duplicates_nothing() {
     // Stats count each upload in the log exactly once: uploads whose 202 was lost in the kill
     // may exist too, so compare with the log rather than with the acknowledged list.
     let settings = {
-        let mut s = conveyor_platform::Settings::for_test(dir.path());
+        let mut s = conveyor_config::Settings::for_test(dir.path());
         s.log.partitions = 8;
         s
     };
-    let log = conveyor_platform::backends::open_log(&settings).unwrap();
+    let log = conveyor_storage::backends::open_log(&settings).unwrap();
     let mut uploaded = HashSet::new();
     let mut upload_records = 0;
     for p in 0..8 {

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use conveyor::ops::{dead_letters, redrive};
-use conveyor_platform::events::to_record;
-use conveyor_platform::log::Record;
 use conveyor_schemas::{Envelope, Event, MediaDescribed};
+use conveyor_storage::events::to_record;
+use conveyor_storage::log::Record;
 use conveyor_tests::helpers::{ALICE, TestApp, wait_until};
 use conveyor_tests::images;
 use serde_json::Value;
@@ -99,7 +99,7 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
     let media_id = uuid::Uuid::parse_str(&id).unwrap();
     let description = Envelope::new(
         media_id,
-        conveyor_platform::clock::now_micros() as u64,
+        conveyor_storage::clock::now_micros() as u64,
         "test",
         Event::MediaDescribed(MediaDescribed {
             title: Some("redriven".into()),
@@ -167,7 +167,7 @@ async fn a_write_refused_as_permanent_is_dead_lettered_and_redriven_once_fixed(a
         app.settings.topic().to_owned(),
         app.settings.dlq_topic(),
     );
-    let now = conveyor_platform::clock::now_micros() as u64;
+    let now = conveyor_storage::clock::now_micros() as u64;
     let two_days = 2 * 86_400 * 1_000_000;
     // One key, so one partition: the second record waits behind the first.
     log.append(

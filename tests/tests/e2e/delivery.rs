@@ -1,7 +1,7 @@
 //! Redelivery and disorder leave the read models as if each event was applied once.
 
-use conveyor_platform::events::{from_delivered, to_record};
 use conveyor_schemas::{Event, MediaProcessed};
+use conveyor_storage::events::{from_delivered, to_record};
 conveyor_tests::on_every_log!(
     the_same_upload_delivered_twice_changes_nothing,
     an_older_event_after_a_delete_cannot_bring_the_media_back
@@ -12,7 +12,7 @@ use conveyor_tests::images;
 use serde_json::Value;
 
 /// Reads every event of one media id back from the log.
-async fn events_of(app: &TestApp, id: &str) -> Vec<conveyor_platform::log::Delivered> {
+async fn events_of(app: &TestApp, id: &str) -> Vec<conveyor_storage::log::Delivered> {
     let log = &app.backends.log;
     let mut out = Vec::new();
     let topic = &app.settings.log.topic;
@@ -143,7 +143,7 @@ async fn json_records_from_internal_producers_are_projected(app: TestApp) {
     app.wait_processed(&id).await;
     let described = conveyor_schemas::Envelope::new(
         id.parse().unwrap(),
-        conveyor_platform::clock::now_micros() as u64,
+        conveyor_storage::clock::now_micros() as u64,
         "catalogue-service",
         Event::MediaDescribed(conveyor_schemas::MediaDescribed {
             title: Some("from kafka json".into()),
@@ -152,7 +152,7 @@ async fn json_records_from_internal_producers_are_projected(app: TestApp) {
         }),
     );
     let record =
-        conveyor_platform::events::to_record_with(&described, conveyor_schemas::Codec::Json);
+        conveyor_storage::events::to_record_with(&described, conveyor_schemas::Codec::Json);
     assert_eq!(record.header("content-type"), Some("application/json"));
     assert!(record.value.starts_with(b"{"));
     app.backends

@@ -80,10 +80,10 @@ async fn embedded_direct_uploads_are_signed_checked_and_processed() {
         403
     );
     // A correctly signed URL whose time is up.
-    let past = conveyor_platform::clock::now_micros() / 1_000_000 - 5;
-    let keys = conveyor_platform::config::KeyList::parse("k2:new-signing-key").unwrap();
+    let past = conveyor_storage::clock::now_micros() / 1_000_000 - 5;
+    let keys = conveyor_config::KeyList::parse("k2:new-signing-key").unwrap();
     let (kid, sig) =
-        conveyor_platform::signing::sign(&keys, &format!("PUT\n/v1/uploads/{id}/data\n{past}"))
+        conveyor_runtime::signing::sign(&keys, &format!("PUT\n/v1/uploads/{id}/data\n{past}"))
             .unwrap();
     let expired = format!("/v1/uploads/{id}/data?expires={past}&kid={kid}&sig={sig}");
     assert_eq!(
@@ -326,7 +326,7 @@ async fn expired_presigned_s3_urls_and_uploads_are_refused() {
     assert_eq!(put(&app, &url, file, "image/jpeg").await.status(), 200);
     let id = upload["upload_id"].as_str().unwrap().to_owned();
     // The upload's second (ttl_secs = 1) must be over before completing.
-    let now = || conveyor_platform::clock::now_micros() / 1_000_000;
+    let now = || conveyor_storage::clock::now_micros() / 1_000_000;
     let past = now() + 2;
     conveyor_tests::helpers::wait_until(std::time::Duration::from_secs(5), || async {
         (now() > past).then_some(())

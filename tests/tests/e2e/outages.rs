@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use conveyor_platform::testing;
-use conveyor_platform::views::sqlite::SqliteReadStore;
-use conveyor_platform::{ReadStore, Settings};
+use conveyor_config::Settings;
+use conveyor_storage::ReadStore;
+use conveyor_storage::testing;
+use conveyor_storage::views::sqlite::SqliteReadStore;
 use conveyor_tests::helpers::{ALICE, OwnEngine, TestApp, all_events, spawn_app_with, wait_until};
 use conveyor_tests::images;
 use serde_json::Value;
@@ -31,7 +32,7 @@ async fn a_broker_outage_refuses_uploads_with_503_and_loses_no_acknowledged_one(
         return;
     };
     let app = spawn_app_with(|s: &mut Settings| {
-        s.log.uri = Some(format!("kafka://{}", kafka.address));
+        s.log.uri = Some(conveyor_config::LogUri::Kafka(kafka.address.clone()));
         s.log.partitions = 4;
         s.log.session_timeout_ms = 6_000;
         s.log.append_timeout_ms = 3_000;
@@ -104,7 +105,7 @@ async fn a_direct_upload_completion_refused_by_an_outage_completes_once_on_retry
         return;
     };
     let app = spawn_app_with(|s: &mut Settings| {
-        s.log.uri = Some(format!("kafka://{}", kafka.address));
+        s.log.uri = Some(conveyor_config::LogUri::Kafka(kafka.address.clone()));
         s.log.partitions = 2;
         s.log.append_timeout_ms = 3_000;
     })
@@ -217,13 +218,20 @@ async fn a_cql_node_outage_delays_projection_and_changes_nothing() {
     let Some(cassandra) = OwnEngine::start("cassandra", testing::CQL) else {
         return;
     };
-    let views = conveyor_platform::config::ViewSettings {
-        uri: Some(format!("{}_outage", cassandra.address)),
+    let views = conveyor_config::ViewSettings {
+        uri: Some(
+            format!("{}_outage", cassandra.address)
+                .parse()
+                .expect("a keyspace uri"),
+        ),
         replication_factor: 1,
         request_timeout_ms: 2_000,
         ..Default::default()
     };
-    conveyor_platform::views::scylla::migrate(views.uri.as_deref().unwrap(), &views)
+    let Some(conveyor_config::ViewsUri::Scylla(keyspace)) = &views.uri else {
+        unreachable!("a CQL read store")
+    };
+    conveyor_storage::views::scylla::migrate(keyspace, &views)
         .await
         .expect("migrate the keyspace");
     let app = spawn_app_with(|s: &mut Settings| s.views = views.clone()).await;

@@ -1,7 +1,7 @@
 //! Private media: stored under `private/`, served only through HMAC-signed URLs that expire,
 //! with key ids so signing keys rotate, and shown to its owner only.
 
-use conveyor_platform::config::KeyList;
+use conveyor_config::KeyList;
 use conveyor_tests::helpers::{ALICE, BOB, spawn_app};
 use conveyor_tests::images;
 use serde_json::Value;
@@ -80,7 +80,7 @@ async fn private_media_is_served_only_through_valid_signed_urls() {
     let sign = |keys: &str, expires: i64| {
         let keys = KeyList::parse(keys).unwrap();
         let (kid, sig) =
-            conveyor_platform::signing::sign(&keys, &conveyor_query::media_message(key, expires))
+            conveyor_runtime::signing::sign(&keys, &conveyor_query::media_message(key, expires))
                 .unwrap();
         format!("{path}?expires={expires}&kid={kid}&sig={sig}")
     };

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use conveyor::Role;
-use conveyor_platform::views::ReadStore;
-use conveyor_platform::views::sqlite::SqliteReadStore;
 use conveyor_schemas::{MediaRow, OwnerStats};
+use conveyor_storage::views::ReadStore;
+use conveyor_storage::views::sqlite::SqliteReadStore;
 use conveyor_tests::helpers::{ALICE, BOB, TestApp, wait_until};
 use conveyor_tests::images;
 use conveyor_tests::on_every_log;
@@ -73,7 +73,10 @@ async fn replay_log(
 
 /// On ScyllaDB, replay is a documented procedure, and the command says so.
 fn on_scylla(app: &TestApp) -> bool {
-    app.settings.views_uri().starts_with("scylla://")
+    matches!(
+        app.settings.views_uri(),
+        conveyor_config::ViewsUri::Scylla(_)
+    )
 }
 
 async fn a_replay_under_read_load_rebuilds_the_same_model(app: TestApp) {

@@ -3,7 +3,7 @@
 //! embedded store into a bucket, resumably and verified.
 
 use conveyor::ops::migrate_objects;
-use conveyor_platform::objects::ObjectStore;
+use conveyor_storage::objects::ObjectStore;
 use conveyor_tests::helpers::{ALICE, s3_bucket, s3_store, spawn_app, spawn_app_with};
 use conveyor_tests::images;
 use serde_json::Value;

@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use conveyor_platform::Settings;
-use conveyor_platform::backends::{open_log, open_views};
+use conveyor_config::Settings;
 use conveyor_schemas::MediaStatus;
+use conveyor_storage::backends::{open_log, open_views};
 use conveyor_tests::helpers::{
     ALICE, caught_up, cql_views, kafka_brokers, start_process, wait_until,
 };
@@ -28,14 +28,14 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
     let dir = tempfile::tempdir().unwrap();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let mut settings = Settings::for_test(dir.path());
-    settings.log.uri = Some(format!("kafka://{brokers}"));
+    settings.log.uri = Some(conveyor_config::LogUri::Kafka(brokers.clone()));
     settings.log.topic = format!("scale-{run}");
     settings.log.partitions = 8;
     settings.processor.group = format!("processor-{run}");
     settings.projector.group = format!("projector-{run}");
     let views = cql_views().await;
     let mut env = vec![
-        ("CONVEYOR__LOG__URI", settings.log.uri.clone().unwrap()),
+        ("CONVEYOR__LOG__URI", settings.log_uri().to_string()),
         ("CONVEYOR__LOG__TOPIC", settings.log.topic.clone()),
         ("CONVEYOR__LOG__PARTITIONS", "8".to_owned()),
         ("CONVEYOR__LOG__SESSION_TIMEOUT_MS", "6000".to_owned()),
@@ -51,7 +51,10 @@ async fn killed_consumers_are_replaced_and_every_upload_lands_once() {
         ("CONVEYOR__AUTH__API_KEYS", format!("alice:{ALICE}")),
     ];
     if let Some(views) = views {
-        env.push(("CONVEYOR__VIEWS__URI", views.uri.clone().unwrap()));
+        env.push((
+            "CONVEYOR__VIEWS__URI",
+            views.uri.clone().unwrap().to_string(),
+        ));
         env.push(("CONVEYOR__VIEWS__REPLICATION_FACTOR", "1".to_owned()));
         settings.views = views;
     }

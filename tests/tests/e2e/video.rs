@@ -400,7 +400,7 @@ async fn without_ffmpeg_serve_refuses_video_naming_the_tool_and_takes_photos() {
 
 /// Settings under which a transcode takes a while on one core (libx264's slowest preset on a
 /// 30 s clip), for the tests that act while one runs.
-fn slow(s: &mut conveyor_platform::Settings) {
+fn slow(s: &mut conveyor_config::Settings) {
     s.video.preset = "veryslow".into();
     s.video.threads = 1;
 }
@@ -580,12 +580,12 @@ async fn processed_once_after_restart(dir: &std::path::Path, id: &str, sha: &str
         "no job directory left"
     );
     drop(server);
-    let mut settings = conveyor_platform::Settings {
+    let mut settings = conveyor_config::Settings {
         data_dir: dir.to_owned(),
-        ..conveyor_platform::Settings::default()
+        ..conveyor_config::Settings::default()
     };
     settings.log.partitions = 4;
-    let backends = conveyor_platform::Backends::open(&settings).await.unwrap();
+    let backends = conveyor_storage::Backends::open(&settings).await.unwrap();
     let uuid = uuid::Uuid::parse_str(id).unwrap();
     let outcomes: Vec<_> = all_events(&*backends.log, settings.topic())
         .await

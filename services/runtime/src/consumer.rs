@@ -1,0 +1,652 @@
+//! The consumer runtime every processor and projector runs on: at-least-once delivery with
+//! effects made idempotent by the handlers.
+//!
+//! - Records of a partition are handed to the handler in batches of up to `max_batch`, with up
+//!   to `per_partition` batches of one partition in flight at once (1 keeps strict order, as
+//!   projectors need; more lets a CPU-heavy processor use more cores than partitions).
+//! - A partition's offset is committed only up to its lowest unfinished record, and only after
+//!   the handler returned, i.e. after the effect is durable.
+//! - A failed batch is retried with backoff. A transient failure is retried until it succeeds
+//!   or the process stops. A permanent one is retried `max_attempts` times; a batch is then
+//!   split into single records, and a record that still fails is appended to the dead-letter
+//!   topic with its origin and error in headers, and the group moves on.
+//! - On shutdown the runtime stops fetching, lets in-flight work finish, commits it, and
+//!   returns.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use conveyor_storage::error::Kinded;
+use conveyor_storage::log::{Delivered, EventLog, StartFrom};
+
+/// Why a handler could not finish a batch.
+#[derive(Debug)]
+pub enum HandleError {
+    /// Worth retrying as is: a backend timed out or is unavailable.
+    Transient(anyhow::Error),
+    /// Retrying will not help: the record is malformed or breaks an invariant.
+    Permanent(anyhow::Error),
+}
+
+impl std::fmt::Display for HandleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandleError::Transient(e) => write!(f, "transient: {e:#}"),
+            HandleError::Permanent(e) => write!(f, "permanent: {e:#}"),
+        }
+    }
+}
+
+/// Turns any error into the queue's decision, at the point where a handler knows it
+/// (pict-rs's `JobError::{Retry, Abort}`):
+///
+/// ```ignore
+/// let events = decode(records).abort("undecodable record")?;      // never worth retrying
+/// store.write(&events).await.by_kind("failed to write")?;          // as the backend says
+/// ```
+pub trait JobResult<T> {
+    /// Transient: retried with backoff until it succeeds or the process stops.
+    fn retry(self, what: &'static str) -> Result<T, HandleError>;
+    /// Permanent: retried `max_attempts` times, then dead-lettered.
+    fn abort(self, what: &'static str) -> Result<T, HandleError>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> JobResult<T> for Result<T, E> {
+    fn retry(self, what: &'static str) -> Result<T, HandleError> {
+        self.map_err(|e| HandleError::Transient(anyhow::Error::new(e).context(what)))
+    }
+
+    fn abort(self, what: &'static str) -> Result<T, HandleError> {
+        self.map_err(|e| HandleError::Permanent(anyhow::Error::new(e).context(what)))
+    }
+}
+
+/// [`JobResult`] for backend errors, which know their [`ErrorKind`](conveyor_storage::ErrorKind): transient errors are
+/// retried, and the rest (permanent, not found) are permanent for the job.
+pub trait KindedJobResult<T> {
+    fn by_kind(self, what: &'static str) -> Result<T, HandleError>;
+}
+
+impl<T, E: Kinded + std::error::Error + Send + Sync + 'static> KindedJobResult<T> for Result<T, E> {
+    fn by_kind(self, what: &'static str) -> Result<T, HandleError> {
+        match self {
+            Err(e) if e.is_transient() => Err(e).retry(what),
+            other => other.abort(what),
+        }
+    }
+}
+
+/// A stage's work on a batch of records from one partition, in offset order.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Does the work and returns once its effect is durable. Must be idempotent: after a crash
+    /// the same records are handled again.
+    async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub topic: String,
+    pub group: String,
+    /// Where records that keep failing go.
+    pub dlq_topic: String,
+    pub per_partition: usize,
+    pub max_batch: usize,
+    pub max_attempts: u32,
+    /// Most records fetched but not yet finished, across partitions.
+    pub max_buffered: usize,
+    /// First retry delay; doubles up to `max_backoff`.
+    pub backoff: Duration,
+    /// Longest retry delay. Once an outage ends, a partition waits at most this long for its
+    /// next try, so catching up costs at most this much on top of the outage; while the
+    /// outage lasts, each stalled partition tries once per this interval.
+    pub max_backoff: Duration,
+    /// Finished work is committed at most this often (and always on shutdown), so a busy
+    /// group makes one commit round trip per interval rather than one per batch.
+    pub commit_interval: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(topic: &str, group: &str) -> Self {
+        ConsumerConfig {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            dlq_topic: format!("{topic}.dlq"),
+            per_partition: 1,
+            max_batch: 1,
+            max_attempts: 5,
+            max_buffered: 4096,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            commit_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PartitionState {
+    epoch: u64,
+    waiting: VecDeque<Delivered>,
+    /// First offsets of batches being handled, and the offsets they cover.
+    in_flight: usize,
+    unfinished: BTreeSet<u64>,
+    /// One past the highest offset fetched.
+    fetched_end: u64,
+    committed: Option<u64>,
+    /// Cancelled when the partition is revoked: its batches in flight are dropped mid-work
+    /// (a transcoder's ffmpeg is killed with them), as a crash would drop them.
+    revoked: CancellationToken,
+}
+
+impl PartitionState {
+    /// The offset everything below which is finished.
+    fn low_watermark(&self) -> u64 {
+        self.unfinished.first().copied().unwrap_or(self.fetched_end)
+    }
+}
+
+/// Runs `handler` over `config.topic` as a member of `config.group` until `stop` is cancelled.
+pub async fn run(
+    log: Arc<dyn EventLog>,
+    config: ConsumerConfig,
+    handler: Arc<dyn Handler>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut sub = log
+        .subscribe(&config.topic, &config.group, StartFrom::Earliest)
+        .await
+        .with_context(|| format!("failed to join group {} on {}", config.group, config.topic))?;
+    tracing::info!(group = %config.group, topic = %config.topic, "consumer started");
+    let mut partitions: HashMap<u32, PartitionState> = HashMap::new();
+    let mut tasks: JoinSet<((u32, u64), Vec<u64>, bool)> = JoinSet::new();
+    // Handlers see a child token: cancelling it abandons retries, whose records stay
+    // uncommitted and are redelivered after a restart.
+    let work_stop = stop.child_token();
+    let mut buffered = 0usize;
+    let mut stopping = false;
+    let mut last_commit = tokio::time::Instant::now();
+    // Each ownership of a partition gets a new epoch, so a batch that outlives a revoke cannot
+    // touch the state of a later ownership.
+    let mut epochs = 0u64;
+
+    loop {
+        // Hand waiting records to the handler, up to the in-flight bound of each partition.
+        if !stopping {
+            for (&partition, state) in partitions.iter_mut() {
+                while state.in_flight < config.per_partition && !state.waiting.is_empty() {
+                    let n = state.waiting.len().min(config.max_batch.max(1));
+                    let batch: Vec<Delivered> = state.waiting.drain(..n).collect();
+                    state.in_flight += 1;
+                    let (handler, log, config, token) = (
+                        handler.clone(),
+                        log.clone(),
+                        config.clone(),
+                        work_stop.clone(),
+                    );
+                    let epoch = state.epoch;
+                    let revoked = state.revoked.clone();
+                    tasks.spawn(async move {
+                        let offsets: Vec<u64> = batch.iter().map(|r| r.offset).collect();
+                        let done = tokio::select! {
+                            done = handle_with_retries(&*handler, &*log, &config, batch, &token) => done,
+                            // Another member owns the partition now and redoes this batch.
+                            _ = revoked.cancelled() => false,
+                        };
+                        ((partition, epoch), offsets, done)
+                    });
+                }
+            }
+        }
+        if stopping && tasks.is_empty() {
+            break;
+        }
+
+        tokio::select! {
+            biased;
+            _ = stop.cancelled(), if !stopping => {
+                tracing::info!(group = %config.group, in_flight = tasks.len(), "consumer draining");
+                stopping = true;
+            }
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                // Take whatever else already finished too, so one commit covers it all.
+                let mut next = Some(joined);
+                while let Some(joined) = next {
+                    let (partition, offsets, done) = joined.context("consumer task panicked")?;
+                    let (partition, epoch) = partition;
+                    let Some(state) = partitions.get_mut(&partition).filter(|s| s.epoch == epoch) else {
+                        // A batch of a partition revoked while it ran: already uncounted.
+                        next = tasks.try_join_next();
+                        continue;
+                    };
+                    state.in_flight -= 1;
+                    if done {
+                        for offset in &offsets {
+                            state.unfinished.remove(offset);
+                        }
+                        buffered -= offsets.len();
+                    }
+                    next = tasks.try_join_next();
+                }
+                if last_commit.elapsed() >= config.commit_interval {
+                    commit_finished(sub.as_mut(), &mut partitions, &config).await?;
+                    last_commit = tokio::time::Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(last_commit + config.commit_interval), if !stopping => {
+                commit_finished(sub.as_mut(), &mut partitions, &config).await?;
+                last_commit = tokio::time::Instant::now();
+            }
+            polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), Duration::from_millis(500)),
+                if !stopping && buffered < config.max_buffered => {
+                let records = match polled {
+                    Ok(records) => records,
+                    // A broker that is down or electing a leader: wait and poll again. The
+                    // lag report shows the stall.
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(group = %config.group, error = %e, "failed to poll the event log, retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(config.backoff.max(Duration::from_millis(500))) => {}
+                        }
+                        Vec::new()
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context("failed to poll the event log")),
+                };
+                // Partitions another member owns now: forget what is waiting for them, and drop
+                // the batches in flight uncommitted (their new owner redoes them).
+                for partition in sub.take_revoked() {
+                    if let Some(state) = partitions.remove(&partition) {
+                        state.revoked.cancel();
+                        buffered -= state.unfinished.len();
+                    }
+                }
+                for record in records {
+                    let state = partitions.entry(record.partition).or_insert_with(|| {
+                        epochs += 1;
+                        PartitionState { epoch: epochs, ..PartitionState::default() }
+                    });
+                    state.unfinished.insert(record.offset);
+                    state.fetched_end = record.offset + 1;
+                    state.waiting.push_back(record);
+                    buffered += 1;
+                }
+            }
+        }
+    }
+    commit_finished(sub.as_mut(), &mut partitions, &config).await?;
+    tracing::info!(group = %config.group, "consumer stopped");
+    Ok(())
+}
+
+/// Commits every partition's low watermark that moved. A transient failure (the broker is
+/// down) is logged and left for the next interval: the offsets stay where they were, so at
+/// worst finished records are redelivered, which effects tolerate. Any other failure stops the
+/// consumer.
+async fn commit_finished(
+    sub: &mut dyn conveyor_storage::log::Subscription,
+    partitions: &mut HashMap<u32, PartitionState>,
+    config: &ConsumerConfig,
+) -> anyhow::Result<()> {
+    let mut offsets = Vec::new();
+    for (&partition, state) in partitions.iter() {
+        let mark = state.low_watermark();
+        if state.committed.is_none_or(|c| c < mark) && state.fetched_end > 0 {
+            offsets.push((partition, mark));
+        }
+    }
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    match sub.commit(&offsets).await {
+        Ok(()) => {}
+        Err(e) if e.is_transient() => {
+            tracing::warn!(group = %config.group, error = %e, "failed to commit offsets, retrying at the next interval");
+            return Ok(());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("failed to commit offsets")),
+    }
+    for (partition, mark) in offsets {
+        partitions
+            .get_mut(&partition)
+            .expect("committed partition")
+            .committed = Some(mark);
+    }
+    Ok(())
+}
+
+/// Returns whether the batch is finished (handled or dead-lettered). `false` means the runtime
+/// is stopping and the batch must be redelivered later.
+async fn handle_with_retries(
+    handler: &dyn Handler,
+    log: &dyn EventLog,
+    config: &ConsumerConfig,
+    batch: Vec<Delivered>,
+    stop: &CancellationToken,
+) -> bool {
+    match attempt(handler, config, &batch, stop).await {
+        Outcome::Done => true,
+        Outcome::Stopped => false,
+        Outcome::GaveUp(error) if batch.len() > 1 => {
+            tracing::warn!(group = %config.group, error = %error, size = batch.len(), "batch failed, retrying records one by one");
+            for record in batch {
+                let single = std::slice::from_ref(&record);
+                match attempt(handler, config, single, stop).await {
+                    Outcome::Done => {}
+                    Outcome::Stopped => return false,
+                    Outcome::GaveUp(error) => {
+                        if !dead_letter(log, config, &record, &error, stop).await {
+                            return false;
+                        }
+                    }
+                }
+            }
+            true
+        }
+        Outcome::GaveUp(error) => dead_letter(log, config, &batch[0], &error, stop).await,
+    }
+}
+
+enum Outcome {
+    Done,
+    Stopped,
+    GaveUp(String),
+}
+
+async fn attempt(
+    handler: &dyn Handler,
+    config: &ConsumerConfig,
+    batch: &[Delivered],
+    stop: &CancellationToken,
+) -> Outcome {
+    let mut delay = config.backoff;
+    let mut permanent_failures = 0;
+    loop {
+        let error = match handler.handle(batch).await {
+            Ok(()) => return Outcome::Done,
+            Err(e) => e,
+        };
+        if let HandleError::Permanent(_) = error {
+            permanent_failures += 1;
+            if permanent_failures >= config.max_attempts {
+                return Outcome::GaveUp(error.to_string());
+            }
+        }
+        metrics::counter!("conveyor_handler_retries_total", "group" => config.group.clone())
+            .increment(1);
+        tracing::warn!(group = %config.group, partition = batch[0].partition, offset = batch[0].offset, error = %error, "handler failed, retrying");
+        tokio::select! {
+            _ = stop.cancelled() => return Outcome::Stopped,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(config.max_backoff);
+    }
+}
+
+/// Appends the record to the dead-letter topic with where it came from and why it failed.
+/// Retries the append until it succeeds: a dead letter must not be lost.
+async fn dead_letter(
+    log: &dyn EventLog,
+    config: &ConsumerConfig,
+    record: &Delivered,
+    error: &str,
+    stop: &CancellationToken,
+) -> bool {
+    let mut dead = record.to_record();
+    dead.headers.retain(|(k, _)| !k.starts_with("dlq-"));
+    dead.headers.extend([
+        ("dlq-topic".to_owned(), record.topic.clone()),
+        ("dlq-partition".to_owned(), record.partition.to_string()),
+        ("dlq-offset".to_owned(), record.offset.to_string()),
+        ("dlq-group".to_owned(), config.group.clone()),
+        ("dlq-error".to_owned(), error.chars().take(1000).collect()),
+        ("dlq-attempts".to_owned(), config.max_attempts.to_string()),
+    ]);
+    let mut delay = config.backoff;
+    loop {
+        match log.append(&config.dlq_topic, vec![dead.clone()]).await {
+            Ok(_) => {
+                metrics::counter!("conveyor_dead_letters_total", "group" => config.group.clone())
+                    .increment(1);
+                tracing::error!(group = %config.group, partition = record.partition, offset = record.offset, error, "record sent to the dead-letter topic");
+                return true;
+            }
+            Err(e) => tracing::error!(error = %e, "failed to append a dead letter, retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(config.max_backoff);
+    }
+}
+
+/// Publishes `conveyor_consumer_lag{group, partition}` for `groups` every `every`, until
+/// `stop`. Labels are bounded by groups × partitions. An autoscaler (KEDA) reads this.
+pub async fn report_lag(
+    log: Arc<dyn EventLog>,
+    topic: String,
+    groups: Vec<String>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        for group in &groups {
+            match log.lag(&topic, group).await {
+                Ok(partitions) => {
+                    let mut total = 0;
+                    for p in partitions {
+                        total += p.lag();
+                        metrics::gauge!("conveyor_consumer_lag", "group" => group.clone(), "partition" => p.partition.to_string())
+                            .set(p.lag() as f64);
+                    }
+                    metrics::gauge!("conveyor_consumer_lag_total", "group" => group.clone())
+                        .set(total as f64);
+                }
+                Err(e) => tracing::warn!(group = %group, error = %e, "failed to read consumer lag"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_config::Durability;
+    use conveyor_storage::log::Record;
+    use conveyor_storage::log::sqlite::SqliteLog;
+    use std::sync::Mutex;
+
+    /// Fails permanently on `poison`, transiently on `stuck` (for as long as it is told to),
+    /// and records every value it finishes.
+    struct Scripted {
+        done: Mutex<Vec<String>>,
+        stuck_fails: bool,
+        in_flight: std::sync::atomic::AtomicUsize,
+        max_in_flight: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Scripted {
+        fn new(stuck_fails: bool) -> Arc<Self> {
+            Arc::new(Scripted {
+                done: Mutex::default(),
+                stuck_fails,
+                in_flight: Default::default(),
+                max_in_flight: Default::default(),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Handler for Scripted {
+        async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.in_flight.fetch_sub(1, SeqCst);
+            for r in records {
+                match &r.value[..] {
+                    b"poison" => {
+                        return Err(HandleError::Permanent(anyhow::anyhow!("cannot parse")));
+                    }
+                    b"stuck" if self.stuck_fails => {
+                        return Err(HandleError::Transient(anyhow::anyhow!("backend down")));
+                    }
+                    _ => {}
+                }
+            }
+            let mut done = self.done.lock().unwrap();
+            done.extend(
+                records
+                    .iter()
+                    .map(|r| String::from_utf8_lossy(&r.value).into_owned()),
+            );
+            Ok(())
+        }
+    }
+
+    async fn one_partition_log(values: &[&str]) -> (tempfile::TempDir, Arc<dyn EventLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> =
+            Arc::new(SqliteLog::open(dir.path().join("log.db"), Durability::Os).unwrap());
+        log.ensure_topic("t", 1).await.unwrap();
+        log.ensure_topic("t.dlq", 1).await.unwrap();
+        let records = values
+            .iter()
+            .map(|v| Record {
+                key: b"k".to_vec(),
+                headers: vec![],
+                value: bytes::Bytes::from(v.to_string()),
+            })
+            .collect();
+        log.append("t", records).await.unwrap();
+        (dir, log)
+    }
+
+    fn config(per_partition: usize, max_batch: usize) -> ConsumerConfig {
+        let mut c = ConsumerConfig::new("t", "g");
+        c.per_partition = per_partition;
+        c.max_batch = max_batch;
+        c.max_attempts = 3;
+        c.backoff = Duration::from_millis(1);
+        c
+    }
+
+    async fn committed(log: &Arc<dyn EventLog>) -> u64 {
+        log.lag("t", "g").await.unwrap()[0].committed
+    }
+
+    async fn wait_committed(log: &Arc<dyn EventLog>, want: u64) {
+        for _ in 0..400 {
+            if committed(log).await >= want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "offset {want} was never committed (at {})",
+            committed(log).await
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poison_record_is_dead_lettered_and_the_group_moves_on() {
+        let (_dir, log) = one_partition_log(&["a", "b", "poison", "c", "d"]).await;
+        let handler = Scripted::new(false);
+        let stop = CancellationToken::new();
+        // Batches of 4: the batch holding the poison is split, so its neighbours still land.
+        let run = tokio::spawn(run(
+            log.clone(),
+            config(1, 4),
+            handler.clone(),
+            stop.clone(),
+        ));
+        wait_committed(&log, 5).await;
+        stop.cancel();
+        run.await.unwrap().unwrap();
+
+        assert_eq!(*handler.done.lock().unwrap(), vec!["a", "b", "c", "d"]);
+        let dead = log.read("t.dlq", 0, 0, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(&dead[0].value[..], b"poison");
+        assert_eq!(dead[0].header("dlq-topic"), Some("t"));
+        assert_eq!(dead[0].header("dlq-offset"), Some("2"));
+        assert_eq!(dead[0].header("dlq-attempts"), Some("3"));
+        assert!(
+            dead[0]
+                .header("dlq-error")
+                .unwrap()
+                .contains("cannot parse")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_stop_below_an_unfinished_record_and_it_is_redelivered() {
+        let values = ["0", "1", "2", "stuck", "4", "5", "6", "7"];
+        let (_dir, log) = one_partition_log(&values).await;
+
+        // Four in flight per partition: records after the stuck one finish, but the commit
+        // must stay at the stuck one's offset.
+        let handler = Scripted::new(true);
+        let stop = CancellationToken::new();
+        let run_once = tokio::spawn(run(
+            log.clone(),
+            config(4, 1),
+            handler.clone(),
+            stop.clone(),
+        ));
+        for _ in 0..400 {
+            if handler.done.lock().unwrap().len() == 7 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            handler.done.lock().unwrap().len(),
+            7,
+            "everything but the stuck record finished"
+        );
+        assert!(
+            handler
+                .max_in_flight
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 1,
+            "records ran concurrently"
+        );
+        wait_committed(&log, 3).await;
+        stop.cancel();
+        run_once.await.unwrap().unwrap();
+        assert_eq!(
+            committed(&log).await,
+            3,
+            "never past the lowest unfinished offset"
+        );
+
+        // After a restart the backend is back: the stuck record and everything after it are
+        // redelivered (at least once), and the group reaches the end.
+        let healthy = Scripted::new(false);
+        let stop = CancellationToken::new();
+        let run_twice = tokio::spawn(run(
+            log.clone(),
+            config(4, 1),
+            healthy.clone(),
+            stop.clone(),
+        ));
+        wait_committed(&log, 8).await;
+        stop.cancel();
+        run_twice.await.unwrap().unwrap();
+        let mut redelivered = healthy.done.lock().unwrap().clone();
+        redelivered.sort();
+        assert_eq!(redelivered, vec!["4", "5", "6", "7", "stuck"]);
+    }
+}

@@ -1,0 +1,610 @@
+//! Read models: `media_by_id`, `media_by_owner` and `owner_stats`, folded from events. The
+//! embedded implementation is SQLite ([`sqlite::SqliteReadStore`]); the distributed one is
+//! ScyllaDB ([`scylla::ScyllaReadStore`]), behind the same trait and the same conformance suite.
+//!
+//! The folding rules live here, as a pure function ([`MediaState::apply`]), so every store
+//! agrees on them:
+//! - each event owns one column group (upload, description, processing) and a group keeps the
+//!   write with the highest `version`;
+//! - a delete is a tombstone at its version, and a deleted id never shows again;
+//! - `owner_stats` counts a media item while it has an upload and no tombstone, and changes
+//!   only when that flips, in the same write as the row.
+//!
+//! Every rule is a max over versions, so applying any set of events in any order, any number
+//! of times, gives the same visible state.
+
+#[cfg(any(test, feature = "testsuite"))]
+pub mod conformance;
+#[cfg(feature = "scylla")]
+pub mod scylla;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use conveyor_schemas::{
+    Envelope, Event, MediaProcessed, MediaRow, MediaStatus, OwnerStats, TimelinePage,
+    VideoProcessed,
+};
+use uuid::Uuid;
+
+use crate::error::{ErrorKind, Kinded};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// The store failed; `kind` says whether retrying can help.
+    #[error("read store ({kind}): {message}")]
+    Storage { kind: ErrorKind, message: String },
+    /// An event no store may apply ([`validate`]); permanent.
+    #[error("event {event_id} refused: {reason}")]
+    InvalidEvent { event_id: Uuid, reason: String },
+}
+
+impl ViewError {
+    pub fn transient(message: impl std::fmt::Display) -> ViewError {
+        ViewError::Storage {
+            kind: ErrorKind::Transient,
+            message: message.to_string(),
+        }
+    }
+
+    pub fn permanent(message: impl std::fmt::Display) -> ViewError {
+        ViewError::Storage {
+            kind: ErrorKind::Permanent,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl Kinded for ViewError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ViewError::Storage { kind, .. } => *kind,
+            ViewError::InvalidEvent { .. } => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// How far past the store's clock an event's version may be by default, in µs: 1 day
+/// (`views.max_version_ahead_secs`). A version further ahead would win every last-writer-wins
+/// comparison for as long as it stays ahead, so no later event could change the item.
+/// ScyllaDB itself refuses `USING TIMESTAMP` more than 3 days ahead (its
+/// `restrict_future_timestamp`); both stores refuse the same events, below that.
+pub const MAX_VERSION_AHEAD_MICROS: u64 = 24 * 3600 * 1_000_000;
+
+/// Refuses, as [`ViewError::InvalidEvent`] (permanent), any event no store may apply: one
+/// whose version is more than `max_ahead` µs ahead of `now_micros`, or that cannot be stored
+/// as a CQL write timestamp (a signed 64-bit count of µs). Every store calls this before
+/// writing anything of the batch.
+pub fn validate(events: &[Envelope], now_micros: u64, max_ahead: u64) -> Result<(), ViewError> {
+    let limit = now_micros.saturating_add(max_ahead).min(i64::MAX as u64);
+    for event in events {
+        if event.version > limit {
+            return Err(ViewError::InvalidEvent {
+                event_id: event.event_id,
+                reason: format!(
+                    "version {} is more than {max_ahead} µs ahead of the store's clock \
+                     ({now_micros}); views.max_version_ahead_secs allows more",
+                    event.version
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The contract every read store keeps.
+#[async_trait]
+pub trait ReadStore: Send + Sync + 'static {
+    /// Folds `events` into the read models, by the rules in this module, and returns once the
+    /// result is durable. Idempotent and order-insensitive: re-applying any events, in any
+    /// order, leaves the visible state unchanged.
+    async fn apply(&self, events: &[Envelope]) -> Result<(), ViewError>;
+
+    /// `media_by_id`: the media item, or `None` if it is unknown, not yet uploaded, or deleted.
+    async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError>;
+
+    /// Whether the media id has a tombstone (`MediaDeleted` was applied), as opposed to
+    /// being live, unknown or not yet projected. Long jobs poll it to stop work on deleted
+    /// media.
+    async fn is_deleted(&self, id: Uuid) -> Result<bool, ViewError>;
+
+    /// `media_by_owner`: the owner's live media, newest first (`created_at`, then id,
+    /// descending), starting strictly after `after`. At most `limit` items.
+    async fn owner_timeline(
+        &self,
+        owner: &str,
+        after: Option<(i64, Uuid)>,
+        limit: usize,
+    ) -> Result<TimelinePage, ViewError>;
+
+    /// `owner_stats`: count and bytes of the owner's live media. Zero for unknown owners.
+    async fn owner_stats(&self, owner: &str) -> Result<OwnerStats, ViewError>;
+
+    /// Cheap check that the store answers, for `/readyz`.
+    async fn ping(&self) -> Result<(), ViewError>;
+}
+
+/// A timeline page from up to `limit + 1` items, newest first: the extra item, if present,
+/// only says that there is a next page, which starts after the page's last item.
+pub fn page_of(mut items: Vec<MediaRow>, limit: usize) -> TimelinePage {
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|m| (m.created_at, m.id))
+    } else {
+        None
+    };
+    TimelinePage { items, next }
+}
+
+/// The upload column group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadGroup {
+    pub version: u64,
+    pub owner: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub original_key: String,
+    pub title: Option<String>,
+    pub private: bool,
+}
+
+/// The description column group, owned by `MediaDescribed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescribeGroup {
+    pub version: u64,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// How the description group is stored in the CQL `described` text column: one cell. Unknown
+/// fields are ignored, so a later release may add some.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DescribedCell {
+    /// The group's version, first: two cells at one timestamp hold the same one, and a reader
+    /// can tell a cell left behind by a newer write to the legacy columns.
+    v: u64,
+    title: Option<String>,
+    description: Option<String>,
+    tags: Vec<String>,
+}
+
+impl DescribeGroup {
+    /// The group as one text value, `{"v":…,"title":…,"description":…,"tags":[…]}`.
+    ///
+    /// Also the tiebreak between two descriptions at one version: the greater encoding wins,
+    /// which is how CQL reconciles two live cells written at one timestamp.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(&DescribedCell {
+            v: self.version,
+            title: self.title.clone(),
+            description: self.description.clone(),
+            tags: self.tags.clone(),
+        })
+        .expect("a description serializes")
+    }
+
+    /// The group [`encode`](Self::encode) wrote.
+    pub fn decode(text: &str) -> Result<DescribeGroup, serde_json::Error> {
+        let cell: DescribedCell = serde_json::from_str(text)?;
+        Ok(DescribeGroup {
+            version: cell.v,
+            title: cell.title,
+            description: cell.description,
+            tags: cell.tags,
+        })
+    }
+}
+
+/// The processing column group, owned by `MediaProcessed` and `MediaProcessingFailed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessGroup {
+    pub version: u64,
+    pub outcome: ProcessOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessOutcome {
+    Processed(MediaProcessed),
+    Failed(String),
+    /// A video, transcoded.
+    Video(VideoProcessed),
+    /// A long job under way, this far (0–100).
+    Progress(u8),
+}
+
+/// How a failure is stored in the `processed` text column, beside successes (which are the
+/// [`MediaProcessed`] JSON, whose first key is `width`, and which has no `failed`). Unknown
+/// fields are ignored, so a later release may add some.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FailedCell {
+    failed: String,
+}
+
+/// How progress is stored: the percentage as three digits, so that the greater encoding is
+/// the greater percentage (`{"progress":"040"}` < `{"progress":"100"}`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProgressCell {
+    progress: String,
+}
+
+impl ProcessOutcome {
+    /// The outcome as one text value: the `MediaProcessed` or `VideoProcessed` JSON,
+    /// `{"failed":"<reason>"}`, or `{"progress":"<three digits>"}`.
+    ///
+    /// This is also the tiebreak between two outcomes at one version: the greater encoding
+    /// wins, which is how CQL reconciles two live cells written at one timestamp. So a success
+    /// beats a failure (`{"w…` > `{"f…`), on every store and in every order of arrival, and
+    /// the highest progress stands. (Progress is written at its upload's version, below every
+    /// outcome's, so it never ties with one.)
+    pub fn encode(&self) -> String {
+        match self {
+            ProcessOutcome::Processed(m) => {
+                serde_json::to_string(m).expect("MediaProcessed serializes")
+            }
+            ProcessOutcome::Video(v) => {
+                serde_json::to_string(v).expect("VideoProcessed serializes")
+            }
+            ProcessOutcome::Failed(reason) => serde_json::to_string(&FailedCell {
+                failed: reason.clone(),
+            })
+            .expect("a failure serializes"),
+            ProcessOutcome::Progress(percent) => serde_json::to_string(&ProgressCell {
+                progress: format!("{:03}", percent.min(&100)),
+            })
+            .expect("progress serializes"),
+        }
+    }
+
+    /// The outcome [`encode`](Self::encode) wrote. A video's JSON is told from a photo's by
+    /// the fields only it has (`duration_ms`, `renditions`).
+    pub fn decode(text: &str) -> Result<ProcessOutcome, serde_json::Error> {
+        if let Ok(FailedCell { failed }) = serde_json::from_str(text) {
+            return Ok(ProcessOutcome::Failed(failed));
+        }
+        if let Ok(ProgressCell { progress }) = serde_json::from_str(text) {
+            let percent = progress.parse::<u8>().map_err(serde::de::Error::custom)?;
+            return Ok(ProcessOutcome::Progress(percent.min(100)));
+        }
+        if let Ok(video) = serde_json::from_str::<VideoProcessed>(text) {
+            return Ok(ProcessOutcome::Video(video));
+        }
+        serde_json::from_str(text).map(ProcessOutcome::Processed)
+    }
+}
+
+/// Everything a store keeps about one media id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaState {
+    pub id: Uuid,
+    pub upload: Option<UploadGroup>,
+    pub describe: Option<DescribeGroup>,
+    pub process: Option<ProcessGroup>,
+    /// Version of the newest tombstone.
+    pub deleted: Option<u64>,
+}
+
+/// Puts `value` in `slot` if it is newer: a higher version, or, at an equal version, one that
+/// `wins_tie` prefers. Returns whether the slot changed.
+fn newer<T>(
+    slot: &mut Option<T>,
+    version: u64,
+    current: impl Fn(&T) -> u64,
+    value: impl FnOnce() -> T,
+    wins_tie: impl Fn(&T, &T) -> bool,
+) -> bool {
+    match slot {
+        Some(existing) if current(existing) > version => false,
+        Some(existing) if current(existing) == version => {
+            let candidate = value();
+            if wins_tie(&candidate, existing) {
+                *slot = Some(candidate);
+                true
+            } else {
+                false
+            }
+        }
+        _ => {
+            *slot = Some(value());
+            true
+        }
+    }
+}
+
+/// The tiebreak of groups that one event alone writes at a version (an upload, a tombstone):
+/// two at one version are that event redelivered, so the first one folded stays.
+fn keep_first<T>(_: &T, _: &T) -> bool {
+    false
+}
+
+/// Two descriptions at one version (two producers in one µs): the greater encoding wins
+/// ([`DescribeGroup::encode`]), in any order of arrival and on every store.
+fn greater_description(candidate: &DescribeGroup, existing: &DescribeGroup) -> bool {
+    candidate.encode() > existing.encode()
+}
+
+/// Two outcomes at one version: the greater encoding wins ([`ProcessOutcome::encode`]).
+fn greater_outcome(candidate: &ProcessGroup, existing: &ProcessGroup) -> bool {
+    candidate.outcome.encode() > existing.outcome.encode()
+}
+
+impl MediaState {
+    pub fn new(id: Uuid) -> Self {
+        MediaState {
+            id,
+            upload: None,
+            describe: None,
+            process: None,
+            deleted: None,
+        }
+    }
+
+    /// Folds one event in. Returns whether anything changed.
+    pub fn apply(&mut self, event: &Envelope) -> bool {
+        let v = event.version;
+        match &event.payload {
+            Event::MediaUploaded(_) | Event::MediaUploadedWithVisibility(_) => {
+                let (e, visibility) = event.payload.upload().expect("an upload event");
+                newer(
+                    &mut self.upload,
+                    v,
+                    |g| g.version,
+                    || UploadGroup {
+                        version: v,
+                        owner: e.owner.clone(),
+                        content_type: e.content_type.clone(),
+                        bytes: e.bytes,
+                        sha256: e.sha256.clone(),
+                        original_key: e.original_key.clone(),
+                        title: e.title.clone(),
+                        private: visibility == conveyor_schemas::Visibility::Private,
+                    },
+                    keep_first,
+                )
+            }
+            Event::MediaDescribed(e) => newer(
+                &mut self.describe,
+                v,
+                |g| g.version,
+                || DescribeGroup {
+                    version: v,
+                    title: e.title.clone(),
+                    description: e.description.clone(),
+                    tags: e.tags.clone(),
+                },
+                greater_description,
+            ),
+            Event::MediaProcessed(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Processed(e.clone()),
+                },
+                greater_outcome,
+            ),
+            Event::MediaProcessingFailed(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Failed(e.reason.clone()),
+                },
+                greater_outcome,
+            ),
+            Event::VideoProcessed(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Video(e.clone()),
+                },
+                greater_outcome,
+            ),
+            Event::MediaProcessingProgress(e) => newer(
+                &mut self.process,
+                v,
+                |g| g.version,
+                || ProcessGroup {
+                    version: v,
+                    outcome: ProcessOutcome::Progress(e.percent.min(100)),
+                },
+                greater_outcome,
+            ),
+            Event::MediaDeleted(_) => newer(&mut self.deleted, v, |d| *d, || v, keep_first),
+        }
+    }
+
+    /// Whether clients can see this item.
+    pub fn is_live(&self) -> bool {
+        self.upload.is_some() && self.deleted.is_none()
+    }
+
+    /// This item's contribution to its owner's stats: `(owner, bytes)` while live.
+    pub fn counted(&self) -> Option<(&str, u64)> {
+        match (&self.upload, self.deleted) {
+            (Some(u), None) => Some((u.owner.as_str(), u.bytes)),
+            _ => None,
+        }
+    }
+
+    /// The row clients see, if the item is live.
+    pub fn to_row(&self) -> Option<MediaRow> {
+        let upload = self.upload.as_ref().filter(|_| self.deleted.is_none())?;
+        let mut row = MediaRow {
+            id: self.id,
+            owner: upload.owner.clone(),
+            status: MediaStatus::Pending,
+            content_type: upload.content_type.clone(),
+            bytes: upload.bytes,
+            sha256: upload.sha256.clone(),
+            original_key: upload.original_key.clone(),
+            width: None,
+            height: None,
+            title: None,
+            description: None,
+            tags: Vec::new(),
+            blurhash: None,
+            variants: Vec::new(),
+            exif: None,
+            failure_reason: None,
+            progress: None,
+            video: None,
+            private: upload.private,
+            created_at: upload.version as i64,
+        };
+        match self.process.as_ref().map(|p| &p.outcome) {
+            None => {}
+            Some(ProcessOutcome::Processed(p)) => {
+                row.status = MediaStatus::Processed;
+                row.width = Some(p.width);
+                row.height = Some(p.height);
+                row.blurhash = Some(p.blurhash.clone());
+                row.variants = p.variants.clone();
+                row.exif = Some(p.exif.clone());
+            }
+            Some(ProcessOutcome::Video(v)) => {
+                row.status = MediaStatus::Processed;
+                row.width = Some(v.width);
+                row.height = Some(v.height);
+                row.blurhash = Some(v.blurhash.clone());
+                row.variants = v.variants.clone();
+                row.video = Some(v.into());
+            }
+            Some(ProcessOutcome::Failed(reason)) => {
+                row.status = MediaStatus::Failed;
+                row.failure_reason = Some(reason.clone());
+            }
+            Some(ProcessOutcome::Progress(percent)) => {
+                row.status = MediaStatus::Processing;
+                row.progress = Some(*percent);
+            }
+        }
+        (row.title, row.description, row.tags) = match &self.describe {
+            Some(d) => (
+                d.title.clone().or_else(|| upload.title.clone()),
+                d.description.clone(),
+                d.tags.clone(),
+            ),
+            None => (upload.title.clone(), None, Vec::new()),
+        };
+        Some(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_schemas::{MediaDeleted, MediaDescribed, MediaUploaded};
+
+    fn ev(id: Uuid, version: u64, payload: Event) -> Envelope {
+        Envelope::new(id, version, "test", payload)
+    }
+
+    fn uploaded(owner: &str) -> Event {
+        Event::MediaUploaded(MediaUploaded {
+            owner: owner.into(),
+            original_key: "originals/x".into(),
+            sha256: "x".into(),
+            bytes: 10,
+            content_type: "image/png".into(),
+            title: Some("from upload".into()),
+        })
+    }
+
+    #[test]
+    fn every_order_of_the_same_events_gives_the_same_row() {
+        let id = Uuid::now_v7();
+        let events = [
+            ev(id, 10, uploaded("alice")),
+            ev(
+                id,
+                20,
+                Event::MediaDescribed(MediaDescribed {
+                    title: Some("t1".into()),
+                    description: None,
+                    tags: vec![],
+                }),
+            ),
+            // At the same version as the one above: the greater description wins, whatever
+            // the order of arrival.
+            ev(
+                id,
+                20,
+                Event::MediaDescribed(MediaDescribed {
+                    title: Some("t2".into()),
+                    description: None,
+                    tags: vec!["x".into()],
+                }),
+            ),
+            ev(
+                id,
+                11,
+                Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed {
+                    reason: "bad".into(),
+                }),
+            ),
+        ];
+        let mut reference = MediaState::new(id);
+        events.iter().for_each(|e| {
+            reference.apply(e);
+        });
+        assert_eq!(
+            reference.describe.as_ref().and_then(|d| d.title.as_deref()),
+            Some("t2")
+        );
+        // All 24 permutations, each applied twice.
+        let mut idx = [0usize, 1, 2, 3];
+        let mut permutations = vec![];
+        permute(&mut idx, 0, &mut permutations);
+        for order in permutations {
+            let mut state = MediaState::new(id);
+            for i in order.iter().chain(order.iter()) {
+                state.apply(&events[*i]);
+            }
+            assert_eq!(state.to_row(), reference.to_row(), "order {order:?}");
+        }
+        let row = reference.to_row().unwrap();
+        assert_eq!(row.title.as_deref(), Some("t2"));
+        assert_eq!(row.status, MediaStatus::Failed);
+    }
+
+    fn permute(items: &mut [usize; 4], k: usize, out: &mut Vec<[usize; 4]>) {
+        if k == items.len() {
+            out.push(*items);
+            return;
+        }
+        for i in k..items.len() {
+            items.swap(k, i);
+            permute(items, k + 1, out);
+            items.swap(k, i);
+        }
+    }
+
+    #[test]
+    fn a_tombstone_hides_the_item_whatever_comes_later() {
+        let id = Uuid::now_v7();
+        let mut state = MediaState::new(id);
+        state.apply(&ev(id, 10, uploaded("alice")));
+        assert_eq!(state.counted(), Some(("alice", 10)));
+        state.apply(&ev(
+            id,
+            50,
+            Event::MediaDeleted(MediaDeleted {
+                deleted_by: "alice".into(),
+            }),
+        ));
+        state.apply(&ev(
+            id,
+            11,
+            Event::MediaProcessingFailed(conveyor_schemas::MediaProcessingFailed {
+                reason: "late".into(),
+            }),
+        ));
+        assert_eq!(state.to_row(), None);
+        assert_eq!(state.counted(), None);
+    }
+}

@@ -1,0 +1,1590 @@
+//! The distributed read store on ScyllaDB, through the `scylla` driver. The tables are in
+//! `schemas/cql/` (one per query); `conveyor ops migrate` creates them ([`migrate`]).
+//!
+//! Writes are last-writer-wins by event version: every statement carries
+//! `USING TIMESTAMP <version>`, and each event writes only the columns of its own group, so
+//! ScyllaDB's own cell reconciliation is the fold in [`super`]. `apply` is read-then-write:
+//! it loads each touched item from `media_by_id`, folds the batch in memory to learn the
+//! item's owner and liveness, and then writes:
+//! 1. first the owner-side tables (`media_by_owner`, `owner_buckets`, `owner_stats`);
+//! 2. then `media_by_id`, the table the next `apply` reads.
+//!
+//! A crash between the two leaves `media_by_id` as it was, so the redelivered batch writes
+//! everything again; every statement is idempotent, so writing twice is harmless. The
+//! projector applies one partition's batches one at a time, and a media id lives on one
+//! partition, so no two writers fold the same item at once.
+//!
+//! Every statement is prepared, binds every key as a parameter (so the driver routes it to a
+//! replica that owns the token), is marked idempotent (so the driver may retry it), and every
+//! read is paged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use conveyor_schemas::cql::MIGRATIONS;
+use conveyor_schemas::{Envelope, Event, MediaRow, OwnerStats, TimelinePage};
+use futures::{StreamExt, TryStreamExt, stream};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::response::PagingState;
+use scylla::statement::Consistency;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::unprepared::Statement;
+use scylla::value::{CqlValue, Row};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::{
+    DescribeGroup, MediaState, ProcessGroup, ProcessOutcome, ReadStore, UploadGroup, ViewError,
+};
+use crate::error::{ErrorKind, Kinded};
+use conveyor_config::{ScyllaUri, ViewSettings};
+
+/// A driver error, by its kind: the one place this backend maps them ([`CqlFailure`]).
+fn storage(e: impl CqlFailure) -> ViewError {
+    ViewError::Storage {
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// What kind of failure a driver error is.
+///
+/// - The node refusing the statement for what it is (invalid, a syntax error) is permanent, and
+///   so is a value the driver cannot serialise or a row it cannot read: the same record fails
+///   the same way every time. (The default `kind` below is for those row and value errors.)
+/// - Everything else is transient: unavailable replicas, read and write timeouts, overload, a
+///   broken connection, an empty pool, a client timeout, and unauthorised or misconfigured
+///   sessions, which fail every statement alike until an operator acts.
+trait CqlFailure: std::fmt::Display {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Permanent
+    }
+}
+
+fn db_kind(e: &scylla::errors::DbError) -> ErrorKind {
+    use scylla::errors::DbError as Db;
+    match e {
+        // The statement or its values, refused for what they are. Authentication,
+        // authorisation and configuration errors hit every statement alike: transient.
+        Db::SyntaxError
+        | Db::Invalid
+        | Db::AlreadyExists { .. }
+        | Db::FunctionFailure { .. }
+        | Db::ProtocolError => ErrorKind::Permanent,
+        _ => ErrorKind::Transient,
+    }
+}
+
+fn attempt_kind(e: &scylla::errors::RequestAttemptError) -> ErrorKind {
+    use scylla::errors::RequestAttemptError as A;
+    match e {
+        A::DbError(db, _) => db_kind(db),
+        A::SerializationError(_) | A::CqlRequestSerialization(_) => ErrorKind::Permanent,
+        _ => ErrorKind::Transient,
+    }
+}
+
+impl CqlFailure for scylla::errors::ExecutionError {
+    fn kind(&self) -> ErrorKind {
+        use scylla::errors::ExecutionError as E;
+        match self {
+            E::BadQuery(_) => ErrorKind::Permanent,
+            E::LastAttemptError(attempt) => attempt_kind(attempt),
+            E::PrepareError(prepare) => prepare.kind(),
+            E::UseKeyspaceError(use_keyspace) => use_keyspace.kind(),
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::PagerExecutionError {
+    fn kind(&self) -> ErrorKind {
+        use scylla::errors::PagerExecutionError as E;
+        match self {
+            E::SerializationError(_) => ErrorKind::Permanent,
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::NextRowError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            // A later page failed to arrive; a row that does not deserialise is permanent.
+            scylla::errors::NextRowError::NextPageError(_) => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::NewSessionError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Transient
+    }
+}
+
+impl CqlFailure for scylla::errors::UseKeyspaceError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            scylla::errors::UseKeyspaceError::RequestError(attempt) => attempt_kind(attempt),
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+impl CqlFailure for scylla::errors::SchemaAgreementError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Transient
+    }
+}
+
+impl CqlFailure for scylla::errors::PrepareError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            scylla::errors::PrepareError::AllAttemptsFailed { first_attempt } => {
+                attempt_kind(first_attempt)
+            }
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+impl CqlFailure for scylla::response::query_result::IntoRowsResultError {}
+impl CqlFailure for scylla::errors::RowsError {}
+impl CqlFailure for scylla::errors::TypeCheckError {}
+impl CqlFailure for scylla::errors::DeserializationError {}
+impl CqlFailure for serde_json::Error {}
+
+/// A driver error with what was being done, keeping its kind.
+fn context(what: impl std::fmt::Display, e: impl CqlFailure) -> ViewError {
+    ViewError::Storage {
+        kind: e.kind(),
+        message: format!("{what}: {e}"),
+    }
+}
+
+/// The month bucket of a timeline row: `yyyymm` of `created_at` (µs since the epoch, UTC).
+pub fn bucket_of(created_at_us: i64) -> i32 {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(created_at_us as i128 * 1_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    at.year() * 100 + at.month() as i32
+}
+
+/// Every statement the store prepares. The text is the contract with `schemas/cql/`; a test
+/// checks each against the tables there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stmt {
+    UploadById,
+    DescribeById,
+    ProcessById,
+    TombstoneById,
+    UploadByOwner,
+    DescribeByOwner,
+    ProcessByOwner,
+    DeleteByOwner,
+    AddBucket,
+    CountItem,
+    UncountItem,
+    SelectById,
+    SelectBuckets,
+    SelectTimeline,
+    SelectTimelineAfter,
+    SelectStats,
+    Ping,
+}
+
+/// The columns of a media item, as both media tables return them; `media_by_id` adds
+/// `deleted_v`.
+const ITEM_COLUMNS: &str = "id, upload_v, owner, content_type, bytes, sha256, original_key, \
+     upload_title, private, describe_v, title, description, tags, process_v, processed, \
+     failure_reason, described";
+
+impl Stmt {
+    pub const ALL: [Stmt; 17] = [
+        Stmt::UploadById,
+        Stmt::DescribeById,
+        Stmt::ProcessById,
+        Stmt::TombstoneById,
+        Stmt::UploadByOwner,
+        Stmt::DescribeByOwner,
+        Stmt::ProcessByOwner,
+        Stmt::DeleteByOwner,
+        Stmt::AddBucket,
+        Stmt::CountItem,
+        Stmt::UncountItem,
+        Stmt::SelectById,
+        Stmt::SelectBuckets,
+        Stmt::SelectTimeline,
+        Stmt::SelectTimelineAfter,
+        Stmt::SelectStats,
+        Stmt::Ping,
+    ];
+
+    pub fn cql(self) -> String {
+        match self {
+            Stmt::UploadById => "UPDATE media_by_id USING TIMESTAMP ? SET upload_v = ?, \
+                owner = ?, content_type = ?, bytes = ?, sha256 = ?, original_key = ?, \
+                upload_title = ?, private = ? WHERE id = ?"
+                .into(),
+            // The description is one cell (`described`, migration 0002), as the outcome is.
+            Stmt::DescribeById => "UPDATE media_by_id USING TIMESTAMP ? SET describe_v = ?, \
+                described = ? WHERE id = ?"
+                .into(),
+            // The outcome is one cell (`processed`), never a null: two outcomes at one timestamp
+            // then resolve as the fold does (the greater value), instead of cell by cell.
+            Stmt::ProcessById => "UPDATE media_by_id USING TIMESTAMP ? SET process_v = ?, \
+                processed = ? WHERE id = ?"
+                .into(),
+            // One statement on one partition, so it lands whole: the tombstone version, and
+            // every group erased at that timestamp, so older writes arriving late are shadowed.
+            Stmt::TombstoneById => "UPDATE media_by_id USING TIMESTAMP ? SET deleted_v = ?, \
+                upload_v = null, owner = null, content_type = null, bytes = null, \
+                sha256 = null, original_key = null, upload_title = null, private = null, \
+                describe_v = null, title = null, description = null, tags = null, described = null, \
+                process_v = null, processed = null, failure_reason = null WHERE id = ?"
+                .into(),
+            Stmt::UploadByOwner => "INSERT INTO media_by_owner (owner, bucket, created_at, id, \
+                upload_v, content_type, bytes, sha256, original_key, upload_title, private) \
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                .into(),
+            Stmt::DescribeByOwner => "UPDATE media_by_owner USING TIMESTAMP ? SET describe_v = ?, \
+                described = ? \
+                WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
+                .into(),
+            Stmt::ProcessByOwner => "UPDATE media_by_owner USING TIMESTAMP ? SET process_v = ?, \
+                processed = ? \
+                WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
+                .into(),
+            Stmt::DeleteByOwner => "DELETE FROM media_by_owner USING TIMESTAMP ? \
+                WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
+                .into(),
+            Stmt::AddBucket => {
+                "INSERT INTO owner_buckets (owner, bucket) VALUES (?, ?) USING TIMESTAMP ?".into()
+            }
+            Stmt::CountItem => "INSERT INTO owner_stats (owner, bucket, id, bytes) \
+                VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+                .into(),
+            Stmt::UncountItem => "DELETE FROM owner_stats USING TIMESTAMP ? \
+                WHERE owner = ? AND bucket = ? AND id = ?"
+                .into(),
+            Stmt::SelectById => {
+                format!("SELECT {ITEM_COLUMNS}, deleted_v FROM media_by_id WHERE id = ?")
+            }
+            Stmt::SelectBuckets => {
+                "SELECT bucket FROM owner_buckets WHERE owner = ? AND bucket <= ?".into()
+            }
+            Stmt::SelectTimeline => {
+                format!("SELECT {ITEM_COLUMNS} FROM media_by_owner WHERE owner = ? AND bucket = ?")
+            }
+            Stmt::SelectTimelineAfter => format!(
+                "SELECT {ITEM_COLUMNS} FROM media_by_owner WHERE owner = ? AND bucket = ? \
+                 AND (created_at, id) < (?, ?)"
+            ),
+            Stmt::SelectStats => "SELECT count(*), sum(bytes) FROM owner_stats \
+                WHERE owner = ? AND bucket = ?"
+                .into(),
+            Stmt::Ping => "SELECT release_version FROM system.local WHERE key = ?".into(),
+        }
+    }
+
+    /// Rows per page for reads: a timeline page is at most 100 items plus one.
+    fn page_size(self) -> i32 {
+        match self {
+            Stmt::SelectTimeline | Stmt::SelectTimelineAfter => 101,
+            _ => 1_000,
+        }
+    }
+}
+
+/// One write: a statement and its bound values, in the statement's order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub stmt: Stmt,
+    pub values: Vec<Option<CqlValue>>,
+}
+
+/// Which column groups a batch carried events for, per item.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Touched {
+    pub upload: bool,
+    pub describe: bool,
+    pub process: bool,
+    pub delete: bool,
+}
+
+impl Touched {
+    fn add(&mut self, event: &Event) {
+        match event {
+            Event::MediaUploaded(_) | Event::MediaUploadedWithVisibility(_) => self.upload = true,
+            Event::MediaDescribed(_) => self.describe = true,
+            Event::MediaProcessed(_)
+            | Event::MediaProcessingFailed(_)
+            | Event::VideoProcessed(_)
+            | Event::MediaProcessingProgress(_) => self.process = true,
+            Event::MediaDeleted(_) => self.delete = true,
+        }
+    }
+}
+
+/// The writes of one batch, in two phases: the owner-side tables, then `media_by_id`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub owner_side: Vec<Write>,
+    pub by_id: Vec<Write>,
+}
+
+fn big(v: u64) -> Option<CqlValue> {
+    Some(CqlValue::BigInt(v as i64))
+}
+
+fn text(s: &str) -> Option<CqlValue> {
+    Some(CqlValue::Text(s.to_owned()))
+}
+
+fn opt_text(s: Option<&String>) -> Option<CqlValue> {
+    s.map(|s| CqlValue::Text(s.clone()))
+}
+
+fn upload_values(u: &UploadGroup) -> Vec<Option<CqlValue>> {
+    vec![
+        big(u.version),
+        text(&u.content_type),
+        big(u.bytes),
+        text(&u.sha256),
+        text(&u.original_key),
+        opt_text(u.title.as_ref()),
+        Some(CqlValue::Boolean(u.private)),
+    ]
+}
+
+fn describe_values(d: &DescribeGroup) -> Vec<Option<CqlValue>> {
+    vec![big(d.version), text(&d.encode())]
+}
+
+fn process_values(p: &ProcessGroup) -> Vec<Option<CqlValue>> {
+    vec![big(p.version), text(&p.outcome.encode())]
+}
+
+/// What to write for one item, given its state after the batch and which groups the batch
+/// carried. Pure, so every statement and value is unit-tested without a node.
+pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
+    let id = Some(CqlValue::Uuid(state.id));
+    // The timeline key, once the upload is known.
+    let key = state.upload.as_ref().map(|u| {
+        let created_at = u.version as i64;
+        (
+            u,
+            text(&u.owner),
+            Some(CqlValue::Int(bucket_of(created_at))),
+        )
+    });
+    if let Some(deleted) = state.deleted {
+        if let Some((_, owner, bucket)) = &key {
+            let created_at = big(state.upload.as_ref().map_or(0, |u| u.version));
+            // A row tombstone hides only cells written at or below its timestamp, and a delete
+            // is final whatever its version: so the owner-side rows are deleted at or above
+            // every version written to them. Nothing writes them again once the item is
+            // deleted (the fold keeps it deleted), so a high timestamp shadows nothing live.
+            let written = [
+                state.upload.as_ref().map(|g| g.version),
+                state.describe.as_ref().map(|g| g.version),
+                state.process.as_ref().map(|g| g.version),
+            ];
+            let at = big(written.into_iter().flatten().fold(deleted, u64::max));
+            plan.owner_side.push(Write {
+                stmt: Stmt::DeleteByOwner,
+                values: vec![
+                    at.clone(),
+                    owner.clone(),
+                    bucket.clone(),
+                    created_at,
+                    id.clone(),
+                ],
+            });
+            plan.owner_side.push(Write {
+                stmt: Stmt::UncountItem,
+                values: vec![at, owner.clone(), bucket.clone(), id.clone()],
+            });
+        }
+        if touched.delete {
+            plan.by_id.push(Write {
+                stmt: Stmt::TombstoneById,
+                values: vec![big(deleted), big(deleted), id],
+            });
+        }
+        return;
+    }
+    if let Some((upload, owner, bucket)) = &key {
+        let row_key = [
+            owner.clone(),
+            bucket.clone(),
+            big(upload.version),
+            id.clone(),
+        ];
+        // A newly placed row also carries the groups that arrived before its upload.
+        let describe = state
+            .describe
+            .as_ref()
+            .filter(|_| touched.describe || touched.upload);
+        let process = state
+            .process
+            .as_ref()
+            .filter(|_| touched.process || touched.upload);
+        if touched.upload {
+            let at = big(upload.version);
+            plan.owner_side.push(Write {
+                stmt: Stmt::AddBucket,
+                values: vec![owner.clone(), bucket.clone(), at.clone()],
+            });
+            plan.owner_side.push(Write {
+                stmt: Stmt::CountItem,
+                values: vec![
+                    owner.clone(),
+                    bucket.clone(),
+                    id.clone(),
+                    big(upload.bytes),
+                    at.clone(),
+                ],
+            });
+            let mut values = row_key.to_vec();
+            values.extend(upload_values(upload));
+            values.push(at);
+            plan.owner_side.push(Write {
+                stmt: Stmt::UploadByOwner,
+                values,
+            });
+        }
+        // `UPDATE … USING TIMESTAMP <version> SET <group> WHERE <row key>`.
+        let mut update = |stmt, version, group: Vec<Option<CqlValue>>| {
+            let mut values = vec![big(version)];
+            values.extend(group);
+            values.extend(row_key.iter().cloned());
+            plan.owner_side.push(Write { stmt, values });
+        };
+        if let Some(d) = describe {
+            update(Stmt::DescribeByOwner, d.version, describe_values(d));
+        }
+        if let Some(p) = process {
+            update(Stmt::ProcessByOwner, p.version, process_values(p));
+        }
+    }
+    // `UPDATE media_by_id USING TIMESTAMP <version> SET <group> WHERE id = ?`.
+    let mut update = |stmt, version, group: Vec<Option<CqlValue>>| {
+        let mut values = vec![big(version)];
+        values.extend(group);
+        values.push(id.clone());
+        plan.by_id.push(Write { stmt, values });
+    };
+    if let Some(u) = state.upload.as_ref().filter(|_| touched.upload) {
+        let mut group = upload_values(u);
+        group.insert(1, text(&u.owner));
+        update(Stmt::UploadById, u.version, group);
+    }
+    if let Some(d) = state.describe.as_ref().filter(|_| touched.describe) {
+        update(Stmt::DescribeById, d.version, describe_values(d));
+    }
+    if let Some(p) = state.process.as_ref().filter(|_| touched.process) {
+        update(Stmt::ProcessById, p.version, process_values(p));
+    }
+}
+
+/// Reads an item from a row of [`ITEM_COLUMNS`] (plus `deleted_v` from `media_by_id`).
+fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
+    let mut cols = row.columns.into_iter();
+    let mut next = || cols.next().flatten();
+    let bad = |what: &str| ViewError::permanent(format!("read store row: unexpected {what}"));
+    let id = match next() {
+        Some(CqlValue::Uuid(id)) => id,
+        _ => return Err(bad("id")),
+    };
+    let as_u64 = |v: Option<CqlValue>| match v {
+        Some(CqlValue::BigInt(n)) => Some(n as u64),
+        _ => None,
+    };
+    let as_text = |v: Option<CqlValue>| match v {
+        Some(CqlValue::Text(s)) => Some(s),
+        _ => None,
+    };
+    let upload_v = as_u64(next());
+    let owner = as_text(next());
+    let content_type = as_text(next());
+    let bytes = as_u64(next());
+    let sha256 = as_text(next());
+    let original_key = as_text(next());
+    let upload_title = as_text(next());
+    let private = matches!(next(), Some(CqlValue::Boolean(true)));
+    let describe_v = as_u64(next());
+    let title = as_text(next());
+    let description = as_text(next());
+    let tags = match next() {
+        Some(CqlValue::List(items)) => items.into_iter().filter_map(|t| as_text(Some(t))).collect(),
+        _ => Vec::new(),
+    };
+    let process_v = as_u64(next());
+    let processed = as_text(next());
+    let failure_reason = as_text(next());
+    let described = as_text(next());
+    let deleted = as_u64(next());
+    let upload = match (upload_v, owner) {
+        (Some(version), Some(owner)) => Some(UploadGroup {
+            version,
+            owner,
+            content_type: content_type.unwrap_or_default(),
+            bytes: bytes.unwrap_or_default(),
+            sha256: sha256.unwrap_or_default(),
+            original_key: original_key.unwrap_or_default(),
+            title: upload_title,
+            private,
+        }),
+        _ => None,
+    };
+    // The one cell when it holds the group at `describe_v`; else the legacy columns: rows
+    // from before migration 0002, or a description an older binary wrote during an upgrade
+    // (it writes the legacy columns and `describe_v`, and leaves the cell at its old version).
+    let cell = match &described {
+        Some(text) => Some(DescribeGroup::decode(text).map_err(storage)?),
+        None => None,
+    };
+    let describe = match (describe_v, cell) {
+        (None, _) => None,
+        (Some(version), Some(cell)) if cell.version == version => Some(cell),
+        (Some(version), _) => Some(DescribeGroup {
+            version,
+            title,
+            description,
+            tags,
+        }),
+    };
+    let process = match process_v {
+        None => None,
+        Some(version) => Some(ProcessGroup {
+            version,
+            outcome: match processed {
+                Some(text) => ProcessOutcome::decode(&text).map_err(storage)?,
+                // Rows written before failures moved into `processed`.
+                None => ProcessOutcome::Failed(failure_reason.unwrap_or_default()),
+            },
+        }),
+    };
+    Ok(MediaState {
+        id,
+        upload,
+        describe,
+        process,
+        deleted,
+    })
+}
+
+/// Statements in flight at once, per `apply` phase and per stats read.
+const CONCURRENCY: usize = 64;
+
+pub struct ScyllaReadStore {
+    session: Arc<Session>,
+    prepared: HashMap<Stmt, PreparedStatement>,
+    /// [`ViewSettings::max_version_ahead_secs`], in µs.
+    max_version_ahead: u64,
+}
+
+/// A session whose requests run at `LOCAL_QUORUM`, coordinated by the local data centre's
+/// nodes, routed to a replica of the token, and failing after `request_timeout_ms`.
+///
+/// The local data centre is `views.local_datacenter`, or the cluster's only one. Without one,
+/// `LOCAL_QUORUM` would count replicas in whichever data centre each coordinator happens to be.
+async fn connect(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Session, ViewError> {
+    let profile = |datacenter: Option<String>| {
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = datacenter {
+            policy = policy.prefer_datacenter(dc).permit_dc_failover(false);
+        }
+        ExecutionProfile::builder()
+            .consistency(Consistency::LocalQuorum)
+            .load_balancing_policy(policy.build())
+            .request_timeout(Some(Duration::from_millis(settings.request_timeout_ms)))
+            .build()
+    };
+    let mut handle = profile(settings.local_datacenter.clone()).into_handle();
+    let session = SessionBuilder::new()
+        .known_nodes(&uri.hosts)
+        .connection_timeout(Duration::from_secs(5))
+        .default_execution_profile_handle(handle.clone())
+        .build()
+        .await
+        .map_err(|e| {
+            context(
+                format_args!("cannot connect to the CQL nodes {:?}", uri.hosts),
+                e,
+            )
+        })?;
+    let datacenters = datacenters(&session);
+    if datacenters.is_empty() {
+        return Err(ViewError::transient(format!(
+            "the CQL nodes {:?} have not reported their data centres yet",
+            uri.hosts
+        )));
+    }
+    match &settings.local_datacenter {
+        Some(dc) if !datacenters.contains_key(dc) => Err(ViewError::permanent(format!(
+            "views.local_datacenter is {dc:?}, but the cluster's data centres are {:?}",
+            datacenters.keys().collect::<Vec<_>>()
+        ))),
+        Some(_) => Ok(session),
+        None if datacenters.len() == 1 => {
+            let only = datacenters.into_keys().next();
+            handle.map_to_another_profile(profile(only));
+            Ok(session)
+        }
+        None => Err(ViewError::permanent(format!(
+            "the cluster has several data centres ({:?}): set views.local_datacenter \
+             (CONVEYOR__VIEWS__LOCAL_DATACENTER) to the one this deployment runs in",
+            datacenters.keys().collect::<Vec<_>>()
+        ))),
+    }
+}
+
+/// The cluster's data centres and how many nodes each has.
+fn datacenters(session: &Session) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for node in session.get_cluster_state().get_nodes_info() {
+        if let Some(dc) = &node.datacenter {
+            *out.entry(dc.clone()).or_default() += 1;
+        }
+    }
+    out
+}
+
+impl ScyllaReadStore {
+    /// Connects, checks that `ops migrate` has brought the keyspace up to date, and prepares
+    /// every statement.
+    pub async fn connect(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Self, ViewError> {
+        let session = connect(&uri, settings).await?;
+        let applied = applied_migrations(&session, &uri.keyspace).await?;
+        if let Some(missing) = MIGRATIONS
+            .iter()
+            .find(|m| !applied.iter().any(|(v, _)| *v == m.version as i32))
+        {
+            return Err(ViewError::permanent(format!(
+                "keyspace {} lacks schema migration {}: run `conveyor ops migrate`",
+                uri.keyspace, missing.name
+            )));
+        }
+        session
+            .use_keyspace(&uri.keyspace, false)
+            .await
+            .map_err(storage)?;
+        let mut prepared = HashMap::new();
+        for stmt in Stmt::ALL {
+            let mut p = session
+                .prepare(Statement::new(stmt.cql()).with_page_size(stmt.page_size()))
+                .await
+                .map_err(|e| context(format_args!("cannot prepare {stmt:?}"), e))?;
+            // Every statement sets absolute values at a fixed timestamp or reads: retrying one
+            // after a timeout cannot change the outcome.
+            p.set_is_idempotent(true);
+            prepared.insert(stmt, p);
+        }
+        Ok(ScyllaReadStore {
+            session: Arc::new(session),
+            prepared,
+            max_version_ahead: settings.max_version_ahead_secs.saturating_mul(1_000_000),
+        })
+    }
+
+    fn prepared(&self, stmt: Stmt) -> &PreparedStatement {
+        &self.prepared[&stmt]
+    }
+
+    async fn write_all(&self, writes: Vec<Write>) -> Result<(), ViewError> {
+        stream::iter(writes)
+            .map(|w| async move {
+                self.session
+                    .execute_unpaged(self.prepared(w.stmt), w.values)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| context(format_args!("{:?}", w.stmt), e))
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// The first page of a single-partition read: one row or a handful.
+    async fn rows(&self, stmt: Stmt, values: Vec<Option<CqlValue>>) -> Result<Vec<Row>, ViewError> {
+        let (result, _) = self
+            .session
+            .execute_single_page(self.prepared(stmt), values, PagingState::start())
+            .await
+            .map_err(storage)?;
+        result
+            .into_rows_result()
+            .map_err(storage)?
+            .rows::<Row>()
+            .map_err(storage)?
+            .map(|r| r.map_err(storage))
+            .collect()
+    }
+
+    async fn load(&self, id: Uuid) -> Result<MediaState, ViewError> {
+        let rows = self
+            .rows(Stmt::SelectById, vec![Some(CqlValue::Uuid(id))])
+            .await?;
+        match rows.into_iter().next() {
+            Some(row) => state_from_row(row),
+            None => Ok(MediaState::new(id)),
+        }
+    }
+
+    /// The owner's buckets at or before `bucket`, newest first.
+    async fn buckets(&self, owner: &str, at_most: i32) -> Result<Vec<i32>, ViewError> {
+        self.session
+            .execute_iter(self.prepared(Stmt::SelectBuckets).clone(), (owner, at_most))
+            .await
+            .map_err(storage)?
+            .rows_stream::<(i32,)>()
+            .map_err(storage)?
+            .map(|r| r.map(|(b,)| b).map_err(storage))
+            .try_collect()
+            .await
+    }
+}
+
+#[async_trait]
+impl ReadStore for ScyllaReadStore {
+    async fn apply(&self, events: &[Envelope]) -> Result<(), ViewError> {
+        super::validate(
+            events,
+            crate::clock::now_micros() as u64,
+            self.max_version_ahead,
+        )?;
+        let mut touched: HashMap<Uuid, Touched> = HashMap::new();
+        for event in events {
+            touched
+                .entry(event.aggregate_id)
+                .or_default()
+                .add(&event.payload);
+        }
+        let mut states: HashMap<Uuid, MediaState> = stream::iter(touched.keys().copied())
+            .map(|id| async move { self.load(id).await.map(|s| (id, s)) })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        for event in events {
+            if let Some(state) = states.get_mut(&event.aggregate_id) {
+                state.apply(event);
+            }
+        }
+        let mut plan = Plan::default();
+        for (id, state) in &states {
+            plan_item(state, touched[id], &mut plan);
+        }
+        self.write_all(plan.owner_side).await?;
+        self.write_all(plan.by_id).await
+    }
+
+    async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError> {
+        Ok(self.load(id).await?.to_row())
+    }
+
+    async fn is_deleted(&self, id: Uuid) -> Result<bool, ViewError> {
+        Ok(self.load(id).await?.deleted.is_some())
+    }
+
+    async fn owner_timeline(
+        &self,
+        owner: &str,
+        after: Option<(i64, Uuid)>,
+        limit: usize,
+    ) -> Result<TimelinePage, ViewError> {
+        let start = after.map_or(i32::MAX, |(created_at, _)| bucket_of(created_at));
+        let mut items: Vec<MediaRow> = Vec::with_capacity(limit + 1);
+        'buckets: for bucket in self.buckets(owner, start).await? {
+            let (stmt, values) = match after {
+                Some((created_at, id)) if bucket == start => (
+                    Stmt::SelectTimelineAfter,
+                    vec![
+                        text(owner),
+                        Some(CqlValue::Int(bucket)),
+                        Some(CqlValue::BigInt(created_at)),
+                        Some(CqlValue::Uuid(id)),
+                    ],
+                ),
+                _ => (
+                    Stmt::SelectTimeline,
+                    vec![text(owner), Some(CqlValue::Int(bucket))],
+                ),
+            };
+            let mut rows = self
+                .session
+                .execute_iter(self.prepared(stmt).clone(), values)
+                .await
+                .map_err(storage)?
+                .rows_stream::<Row>()
+                .map_err(storage)?;
+            while let Some(row) = rows.try_next().await.map_err(storage)? {
+                // A row whose upload cells are gone (a write racing a delete) is not an item.
+                if let Some(item) = state_from_row(row)?.to_row() {
+                    items.push(item);
+                    if items.len() > limit {
+                        break 'buckets;
+                    }
+                }
+            }
+        }
+        Ok(super::page_of(items, limit))
+    }
+
+    async fn owner_stats(&self, owner: &str) -> Result<OwnerStats, ViewError> {
+        let buckets = self.buckets(owner, i32::MAX).await?;
+        let sums: Vec<(i64, i64)> = stream::iter(buckets)
+            .map(|bucket| async move {
+                let rows = self
+                    .rows(
+                        Stmt::SelectStats,
+                        vec![text(owner), Some(CqlValue::Int(bucket))],
+                    )
+                    .await?;
+                let row = rows.into_iter().next().map(|r| r.columns);
+                let count = match row.as_ref().and_then(|c| c.first().cloned().flatten()) {
+                    Some(CqlValue::BigInt(n)) => n,
+                    _ => 0,
+                };
+                let bytes = match row.as_ref().and_then(|c| c.get(1).cloned().flatten()) {
+                    Some(CqlValue::BigInt(n)) => n,
+                    _ => 0,
+                };
+                Ok::<_, ViewError>((count, bytes))
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        let (count, bytes) = sums
+            .into_iter()
+            .fold((0i64, 0i64), |(c, b), (c2, b2)| (c + c2, b + b2));
+        Ok(OwnerStats {
+            media_count: count.max(0) as u64,
+            bytes: bytes.max(0) as u64,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), ViewError> {
+        self.rows(Stmt::Ping, vec![text("local")]).await.map(|_| ())
+    }
+}
+
+/// What `migrate` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrateReport {
+    pub applied: Vec<&'static str>,
+    pub already: Vec<&'static str>,
+}
+
+const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    scope text, version int, name text, sha256 text,
+    PRIMARY KEY (scope, version))";
+
+/// The migrations recorded in `keyspace`, as `(version, sha256)`; none if it does not exist.
+async fn applied_migrations(
+    session: &Session,
+    keyspace: &str,
+) -> Result<Vec<(i32, String)>, ViewError> {
+    let exists = session
+        .query_iter(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = ?",
+            (keyspace, "schema_migrations"),
+        )
+        .await
+        .map_err(storage)?
+        .rows_stream::<(String,)>()
+        .map_err(storage)?
+        .try_next()
+        .await
+        .map_err(storage)?
+        .is_some();
+    if !exists {
+        return Ok(Vec::new());
+    }
+    session
+        .query_iter(
+            format!("SELECT version, sha256 FROM {keyspace}.schema_migrations WHERE scope = ?"),
+            ("conveyor",),
+        )
+        .await
+        .map_err(storage)?
+        .rows_stream::<(i32, String)>()
+        .map_err(storage)?
+        .map(|r| r.map_err(storage))
+        .try_collect()
+        .await
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// Whether `keyspace.table` has `column`, from the node's schema tables.
+async fn column_exists(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, ViewError> {
+    let rows = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns \
+             WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (keyspace, table, column),
+        )
+        .await
+        .map_err(storage)?
+        .into_rows_result()
+        .map_err(storage)?
+        .rows_num();
+    Ok(rows > 0)
+}
+
+/// Attempts at one schema change before `ops migrate` gives up.
+const DDL_ATTEMPTS: u32 = 5;
+
+/// Creates the keyspace if needed and applies every migration not yet applied, in order.
+/// Idempotent; refuses to go on if an applied file has changed since.
+pub async fn migrate(uri: &ScyllaUri, settings: &ViewSettings) -> Result<MigrateReport, ViewError> {
+    let session = connect(uri, settings).await?;
+    let ks = &uri.keyspace;
+    // Every data centre gets `replication_factor` replicas, so a deployment in any of them can
+    // read and write at LOCAL_QUORUM. An RF above a data centre's node count is accepted by the
+    // node with a warning, and then every LOCAL_QUORUM request there fails as unavailable:
+    // refuse it before creating anything.
+    let rf = settings.replication_factor as usize;
+    if rf == 0 {
+        return Err(ViewError::permanent(
+            "views.replication_factor is 0: a keyspace needs at least one replica",
+        ));
+    }
+    let datacenters = datacenters(&session);
+    for (dc, &nodes) in &datacenters {
+        if rf > nodes {
+            return Err(ViewError::permanent(format!(
+                "views.replication_factor is {rf}, more than the {nodes} node(s) of data centre \
+                 {dc:?}: set CONVEYOR__VIEWS__REPLICATION_FACTOR to {nodes} or fewer, or add nodes"
+            )));
+        }
+    }
+    let replication: Vec<String> = datacenters
+        .keys()
+        .map(|dc| format!("'{dc}': {rf}"))
+        .collect();
+    let ddl_timeout = Duration::from_millis(settings.ddl_timeout_ms);
+    let ddl = |cql: String| {
+        let session = &session;
+        async move {
+            let mut statement = Statement::new(cql.as_str());
+            statement.set_request_timeout(Some(ddl_timeout));
+            statement.set_is_idempotent(true);
+            // Schema changes are idempotent (`IF NOT EXISTS`), so a timed-out or unavailable
+            // one is sent again, up to DDL_ATTEMPTS times.
+            let mut delay = Duration::from_millis(200);
+            for attempt in 1..=DDL_ATTEMPTS {
+                let result = match session.query_unpaged(statement.clone(), ()).await {
+                    Ok(_) => tokio::time::timeout(ddl_timeout, session.await_schema_agreement())
+                        .await
+                        .map_err(|_| ViewError::transient("schema agreement timed out"))
+                        .and_then(|agreed| agreed.map(|_| ()).map_err(storage)),
+                    Err(e) => Err(context(&cql, e)),
+                };
+                match result {
+                    Err(e) if e.is_transient() && attempt < DDL_ATTEMPTS => {
+                        tracing::warn!(error = %e, attempt, "schema change failed, retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    other => return other,
+                }
+            }
+            unreachable!("the last attempt returns")
+        }
+    };
+    ddl(format!(
+        "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
+         {{'class': 'NetworkTopologyStrategy', {}}}",
+        replication.join(", ")
+    ))
+    .await?;
+    session.use_keyspace(ks, false).await.map_err(storage)?;
+    ddl(MIGRATIONS_TABLE.to_owned()).await?;
+    let applied = applied_migrations(&session, ks).await?;
+    let mut report = MigrateReport::default();
+    for m in MIGRATIONS {
+        let hash = sha256_hex(m.text);
+        match applied.iter().find(|(v, _)| *v == m.version as i32) {
+            Some((_, recorded)) if *recorded == hash => {
+                report.already.push(m.name);
+                continue;
+            }
+            Some(_) => {
+                return Err(ViewError::permanent(format!(
+                    "migration {} was changed after it was applied to {ks}; \
+                     a released migration is never edited: add a new file instead",
+                    m.name
+                )));
+            }
+            None => {}
+        }
+        for statement in m.statements() {
+            // `ALTER TABLE … ADD` is not idempotent in CQL: skip it when the column is there
+            // (a migration that failed half way, or a retried timeout, already added it).
+            let Some(add) = conveyor_schemas::cql::AddColumn::parse(&statement) else {
+                ddl(statement).await?;
+                continue;
+            };
+            if column_exists(&session, ks, &add.table, &add.column).await? {
+                continue;
+            }
+            // A retry of an ADD that landed before its answer was lost is refused as
+            // "already exists": the column being there is the success it was after.
+            if let Err(e) = ddl(statement).await
+                && !column_exists(&session, ks, &add.table, &add.column).await?
+            {
+                return Err(e);
+            }
+        }
+        session
+            .query_unpaged(
+                "INSERT INTO schema_migrations (scope, version, name, sha256) VALUES (?, ?, ?, ?)",
+                ("conveyor", m.version as i32, m.name, hash),
+            )
+            .await
+            .map_err(storage)?;
+        report.applied.push(m.name);
+    }
+    Ok(report)
+}
+
+/// Drops a keyspace: for tests, which each migrate a fresh one.
+pub async fn drop_keyspace(uri: &ScyllaUri, settings: &ViewSettings) -> Result<(), ViewError> {
+    let session = connect(uri, settings).await?;
+    session
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", uri.keyspace), ())
+        .await
+        .map_err(storage)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_schemas::cql::TableDef;
+    use conveyor_schemas::{MediaDeleted, MediaDescribed, MediaProcessingFailed, MediaUploaded};
+
+    const JAN_31: u64 = 1_769_903_940_000_000;
+
+    fn tables() -> Vec<TableDef> {
+        conveyor_schemas::cql::final_tables().unwrap()
+    }
+
+    /// The words of a statement that name columns: everything that is not a keyword, a
+    /// marker, a literal or the table.
+    fn identifiers(cql: &str) -> Vec<String> {
+        const KEYWORDS: &[&str] = &[
+            "SELECT",
+            "FROM",
+            "WHERE",
+            "AND",
+            "UPDATE",
+            "SET",
+            "USING",
+            "TIMESTAMP",
+            "INSERT",
+            "INTO",
+            "VALUES",
+            "DELETE",
+            "null",
+            "count",
+            "sum",
+        ];
+        cql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '*'))
+            .filter(|w| !w.is_empty() && !KEYWORDS.contains(w) && *w != "*")
+            .filter(|w| !w.contains('.'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn table_of(cql: &str) -> String {
+        let words: Vec<&str> = cql.split_whitespace().collect();
+        let at = words
+            .iter()
+            .position(|w| matches!(*w, "FROM" | "INTO" | "UPDATE"))
+            .unwrap();
+        words[at + 1].to_owned()
+    }
+
+    #[test]
+    fn every_statement_names_real_columns_and_binds_the_whole_partition_key() {
+        let tables = tables();
+        for stmt in Stmt::ALL {
+            let cql = stmt.cql();
+            let table = table_of(&cql);
+            if table.starts_with("system.") {
+                continue;
+            }
+            let def = tables
+                .iter()
+                .find(|t| t.name == table)
+                .unwrap_or_else(|| panic!("{stmt:?}: no table {table}"));
+            for word in identifiers(&cql) {
+                if word == table {
+                    continue;
+                }
+                assert!(
+                    def.has_column(&word),
+                    "{stmt:?}: {table} has no column {word}"
+                );
+            }
+            // Token-aware routing needs every partition-key column bound, in the WHERE clause
+            // or the VALUES list.
+            for key in &def.partition_key {
+                let bound = cql.contains(&format!("{key} = ?"))
+                    || (cql.starts_with("INSERT") && cql.contains(&format!("{key},")));
+                assert!(bound, "{stmt:?} must bind partition key {key}");
+            }
+            assert!(
+                cql.starts_with("SELECT") || cql.contains("USING TIMESTAMP ?"),
+                "{stmt:?}: every write is versioned"
+            );
+            assert!(!cql.contains("ALLOW FILTERING"), "{stmt:?}");
+        }
+    }
+
+    fn ev(id: Uuid, version: u64, payload: Event) -> Envelope {
+        Envelope::new(id, version, "test", payload)
+    }
+
+    fn uploaded() -> Event {
+        Event::MediaUploaded(MediaUploaded {
+            owner: "alice".into(),
+            original_key: "originals/ab".into(),
+            sha256: "ab".into(),
+            bytes: 42,
+            content_type: "image/png".into(),
+            title: None,
+        })
+    }
+
+    fn fold(events: &[Envelope]) -> (MediaState, Touched) {
+        let mut state = MediaState::new(events[0].aggregate_id);
+        let mut touched = Touched::default();
+        for e in events {
+            state.apply(e);
+            touched.add(&e.payload);
+        }
+        (state, touched)
+    }
+
+    fn plan_of(state: &MediaState, touched: Touched) -> Plan {
+        let mut plan = Plan::default();
+        plan_item(state, touched, &mut plan);
+        for w in plan.owner_side.iter().chain(&plan.by_id) {
+            assert_eq!(
+                w.stmt.cql().matches('?').count(),
+                w.values.len(),
+                "{:?} binds one value per marker",
+                w.stmt
+            );
+        }
+        plan
+    }
+
+    /// A batch that carried only an upload.
+    const ONLY_UPLOAD: Touched = Touched {
+        upload: true,
+        describe: false,
+        process: false,
+        delete: false,
+    };
+
+    fn stmts(writes: &[Write]) -> Vec<Stmt> {
+        writes.iter().map(|w| w.stmt).collect()
+    }
+
+    #[test]
+    fn an_upload_writes_its_group_everywhere_at_its_version() {
+        let id = Uuid::now_v7();
+        let (state, touched) = fold(&[ev(id, JAN_31, uploaded())]);
+        let plan = plan_of(&state, touched);
+        assert_eq!(
+            stmts(&plan.owner_side),
+            [Stmt::AddBucket, Stmt::CountItem, Stmt::UploadByOwner]
+        );
+        let v = Some(CqlValue::BigInt(JAN_31 as i64));
+        let jan = Some(CqlValue::Int(202601));
+        let alice = text("alice");
+        let uuid = Some(CqlValue::Uuid(id));
+        assert_eq!(
+            plan.owner_side[1].values,
+            [alice.clone(), jan.clone(), uuid.clone(), big(42), v.clone()]
+        );
+        assert_eq!(
+            plan.owner_side[2].values,
+            [
+                alice.clone(),
+                jan,
+                v.clone(),
+                uuid.clone(),
+                v.clone(),
+                text("image/png"),
+                big(42),
+                text("ab"),
+                text("originals/ab"),
+                None,
+                Some(CqlValue::Boolean(false)),
+                v.clone(),
+            ]
+        );
+        assert_eq!(
+            plan.by_id,
+            [Write {
+                stmt: Stmt::UploadById,
+                values: vec![
+                    v.clone(),
+                    v,
+                    alice,
+                    text("image/png"),
+                    big(42),
+                    text("ab"),
+                    text("originals/ab"),
+                    None,
+                    Some(CqlValue::Boolean(false)),
+                    uuid,
+                ],
+            }]
+        );
+    }
+
+    /// The tombstone erases every group, so it must name every column but the key and
+    /// `deleted_v`, including those later migrations add.
+    #[test]
+    fn the_tombstone_erases_every_column_of_media_by_id() {
+        let tables = tables();
+        let by_id = tables.iter().find(|t| t.name == "media_by_id").unwrap();
+        let cql = Stmt::TombstoneById.cql();
+        for (column, _) in &by_id.columns {
+            if column == "id" || column == "deleted_v" {
+                continue;
+            }
+            assert!(
+                cql.contains(&format!(" {column} = null")),
+                "the tombstone leaves {column}: {cql}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_description_writes_only_its_own_columns() {
+        let id = Uuid::now_v7();
+        let describe = ev(
+            id,
+            JAN_31 + 5,
+            Event::MediaDescribed(MediaDescribed {
+                title: Some("t".into()),
+                description: None,
+                tags: vec!["x".into()],
+            }),
+        );
+        // Before its upload: only media_by_id, since the timeline row's key is not known yet.
+        let (state, touched) = fold(std::slice::from_ref(&describe));
+        let plan = plan_of(&state, touched);
+        assert!(plan.owner_side.is_empty());
+        let v = big(JAN_31 + 5);
+        // One cell for the group, never a null (migration 0002).
+        let group = vec![
+            v.clone(),
+            v.clone(),
+            text(&format!(
+                r#"{{"v":{},"title":"t","description":null,"tags":["x"]}}"#,
+                JAN_31 + 5
+            )),
+        ];
+        let mut by_id = group.clone();
+        by_id.push(Some(CqlValue::Uuid(id)));
+        assert_eq!(
+            plan.by_id,
+            [Write {
+                stmt: Stmt::DescribeById,
+                values: by_id
+            }]
+        );
+        // After it: the timeline row too, keyed by the upload; no upload columns anywhere.
+        let mut state = state;
+        state.apply(&ev(id, JAN_31, uploaded()));
+        let plan = plan_of(
+            &state,
+            Touched {
+                describe: true,
+                ..Touched::default()
+            },
+        );
+        assert_eq!(stmts(&plan.owner_side), [Stmt::DescribeByOwner]);
+        let mut by_owner = group;
+        by_owner.extend([
+            text("alice"),
+            Some(CqlValue::Int(202601)),
+            big(JAN_31),
+            Some(CqlValue::Uuid(id)),
+        ]);
+        assert_eq!(plan.owner_side[0].values, by_owner);
+        assert_eq!(stmts(&plan.by_id), [Stmt::DescribeById]);
+    }
+
+    #[test]
+    fn an_upload_after_other_groups_carries_them_into_the_timeline() {
+        let id = Uuid::now_v7();
+        let up = ev(id, JAN_31, uploaded());
+        let failed = up.derive(
+            "test",
+            0,
+            Event::MediaProcessingFailed(MediaProcessingFailed {
+                reason: "bad".into(),
+            }),
+        );
+        let (state, _) = fold(&[failed, up]);
+        let plan = plan_of(&state, ONLY_UPLOAD);
+        assert_eq!(
+            stmts(&plan.owner_side),
+            [
+                Stmt::AddBucket,
+                Stmt::CountItem,
+                Stmt::UploadByOwner,
+                Stmt::ProcessByOwner
+            ]
+        );
+        assert_eq!(
+            &plan.owner_side[3].values[..4],
+            [
+                big(JAN_31 + 1),
+                big(JAN_31 + 1),
+                text(r#"{"failed":"bad"}"#),
+                text("alice")
+            ],
+            "the outcome is one cell, then the row key"
+        );
+        assert_eq!(
+            stmts(&plan.by_id),
+            [Stmt::UploadById],
+            "only what the batch carried"
+        );
+    }
+
+    #[test]
+    fn a_delete_removes_the_timeline_row_and_stats_at_its_version_before_the_tombstone() {
+        let id = Uuid::now_v7();
+        let dv = JAN_31 + 1_000;
+        let (state, touched) = fold(&[
+            ev(id, JAN_31, uploaded()),
+            ev(
+                id,
+                dv,
+                Event::MediaDeleted(MediaDeleted {
+                    deleted_by: "alice".into(),
+                }),
+            ),
+        ]);
+        let plan = plan_of(&state, touched);
+        let key = [text("alice"), Some(CqlValue::Int(202601))];
+        let uuid = Some(CqlValue::Uuid(id));
+        assert_eq!(
+            plan.owner_side,
+            [
+                Write {
+                    stmt: Stmt::DeleteByOwner,
+                    values: vec![
+                        big(dv),
+                        key[0].clone(),
+                        key[1].clone(),
+                        big(JAN_31),
+                        uuid.clone()
+                    ],
+                },
+                Write {
+                    stmt: Stmt::UncountItem,
+                    values: vec![big(dv), key[0].clone(), key[1].clone(), uuid.clone()],
+                },
+            ]
+        );
+        assert_eq!(
+            plan.by_id,
+            [Write {
+                stmt: Stmt::TombstoneById,
+                values: vec![big(dv), big(dv), uuid]
+            }]
+        );
+        // A late upload for a deleted item writes no live data, only the removal again.
+        let (mut late, _) = fold(&[ev(
+            id,
+            dv,
+            Event::MediaDeleted(MediaDeleted {
+                deleted_by: "alice".into(),
+            }),
+        )]);
+        late.apply(&ev(id, JAN_31, uploaded()));
+        let plan = plan_of(&late, ONLY_UPLOAD);
+        assert_eq!(
+            stmts(&plan.owner_side),
+            [Stmt::DeleteByOwner, Stmt::UncountItem]
+        );
+        assert!(plan.by_id.is_empty());
+    }
+
+    #[test]
+    fn buckets_are_utc_months() {
+        assert_eq!(bucket_of(JAN_31 as i64), 202601);
+        assert_eq!(bucket_of(JAN_31 as i64 + 60_000_001), 202602);
+        assert_eq!(bucket_of(0), 197001);
+    }
+
+    /// The conformance suite, on a real node. Each run migrates a fresh keyspace and drops it.
+    #[tokio::test]
+    async fn conformance_on_a_real_node() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL conformance suite")
+        else {
+            return;
+        };
+        let uri: ScyllaUri = format!("{base}_{}", &Uuid::now_v7().simple().to_string()[20..])
+            .parse()
+            .unwrap();
+        let settings = ViewSettings {
+            replication_factor: 1,
+            ..ViewSettings::default()
+        };
+        let first = migrate(&uri, &settings).await.expect("migrate");
+        assert_eq!(first.applied.len(), MIGRATIONS.len());
+        let again = migrate(&uri, &settings).await.expect("migrate again");
+        assert_eq!(
+            (again.applied.len(), again.already.len()),
+            (0, MIGRATIONS.len())
+        );
+        let store = ScyllaReadStore::connect(&uri, &settings)
+            .await
+            .expect("connect");
+        super::super::conformance::run(&store).await;
+        drop_keyspace(&uri, &settings).await.expect("drop keyspace");
+    }
+}
+
+#[cfg(test)]
+mod migrations_on_a_real_node {
+    use super::*;
+
+    fn keyspace_uri(base: &str) -> ScyllaUri {
+        format!("{base}_{}", &Uuid::now_v7().simple().to_string()[20..])
+            .parse()
+            .unwrap()
+    }
+
+    /// A replication factor above the data centre's node count is refused before anything is
+    /// created, naming both numbers; a data centre that does not exist is refused by name.
+    #[tokio::test]
+    async fn migrate_refuses_more_replicas_than_nodes_and_creates_nothing() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
+        else {
+            return;
+        };
+        let uri = keyspace_uri(&base);
+        let three = ViewSettings {
+            replication_factor: 3,
+            ..ViewSettings::default()
+        };
+        let error = migrate(&uri, &three).await.expect_err("RF 3 on one node");
+        let message = error.to_string();
+        assert_eq!(error.kind(), ErrorKind::Permanent, "{message}");
+        assert!(
+            message.contains("replication_factor is 3") && message.contains("the 1 node(s)"),
+            "{message}"
+        );
+        let parsed = uri.clone();
+        let session = connect(&parsed, &ViewSettings::default()).await.unwrap();
+        let found = session
+            .query_unpaged(
+                "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?",
+                (parsed.keyspace.as_str(),),
+            )
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .rows_num();
+        assert_eq!(found, 0, "nothing was created");
+
+        let elsewhere = ViewSettings {
+            replication_factor: 1,
+            local_datacenter: Some("no-such-dc".into()),
+            ..ViewSettings::default()
+        };
+        let error = migrate(&uri, &elsewhere)
+            .await
+            .expect_err("unknown data centre");
+        assert!(error.to_string().contains("no-such-dc"), "{error}");
+    }
+
+    /// A migration that added its columns but was not recorded (the process died in between,
+    /// or the record's write timed out) runs again without failing on the columns it added.
+    #[tokio::test]
+    async fn a_half_applied_column_migration_runs_again() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
+        else {
+            return;
+        };
+        let uri = keyspace_uri(&base);
+        let settings = ViewSettings {
+            replication_factor: 1,
+            ..ViewSettings::default()
+        };
+        migrate(&uri, &settings).await.expect("migrate");
+        let parsed = uri.clone();
+        let session = connect(&parsed, &settings).await.unwrap();
+        let last = MIGRATIONS.last().unwrap();
+        session
+            .query_unpaged(
+                format!(
+                    "DELETE FROM {}.schema_migrations WHERE scope = 'conveyor' AND version = ?",
+                    parsed.keyspace
+                ),
+                (last.version as i32,),
+            )
+            .await
+            .unwrap();
+        let again = migrate(&uri, &settings).await.expect("migrate again");
+        assert_eq!(again.applied, [last.name]);
+        ScyllaReadStore::connect(&uri, &settings).await.unwrap();
+        drop_keyspace(&uri, &settings).await.unwrap();
+    }
+
+    /// Eight migrations of different keyspaces at once (eight test processes starting
+    /// together) all succeed: schema changes wait for agreement and retry when they time out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn eight_concurrent_migrations_all_succeed() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
+        else {
+            return;
+        };
+        let settings = ViewSettings {
+            replication_factor: 1,
+            ..ViewSettings::default()
+        };
+        let uris: Vec<ScyllaUri> = (0..8).map(|_| keyspace_uri(&base)).collect();
+        let results =
+            futures::future::join_all(uris.iter().map(|uri| migrate(uri, &settings))).await;
+        for (uri, result) in uris.iter().zip(results) {
+            let report = result.unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert_eq!(report.applied.len(), MIGRATIONS.len(), "{uri}");
+        }
+        for uri in &uris {
+            ScyllaReadStore::connect(uri, &settings)
+                .await
+                .unwrap_or_else(|e| panic!("{uri}: {e}"));
+            drop_keyspace(uri, &settings).await.unwrap();
+        }
+    }
+}
