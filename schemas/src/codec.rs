@@ -15,12 +15,20 @@ pub enum Codec {
 /// Why a record could not be decoded. A decode error is permanent: retrying cannot fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
+    /// The bytes are not one bincode envelope: malformed, followed by trailing bytes, or
+    /// claiming more than [`MAX_DECODED_BYTES`]. Holds bincode's message (or the count of
+    /// trailing bytes).
     #[error("malformed bincode envelope: {0}")]
     Bincode(String),
+    /// The bytes are not a JSON envelope (serde_json's error).
     #[error("malformed json envelope: {0}")]
     Json(#[from] serde_json::Error),
+    /// The record's `content-type` names neither codec; holds the media type as read, without
+    /// its parameters.
     #[error("unsupported content type {0:?}")]
     ContentType(String),
+    /// The envelope decoded but its `schema_version` is 0 or newer than this build's
+    /// [`SCHEMA_VERSION`]; holds the version read.
     #[error("unsupported schema version {0}")]
     SchemaVersion(u16),
 }
@@ -38,6 +46,8 @@ const BINCODE: bincode::config::Configuration<
 > = bincode::config::standard().with_limit::<MAX_DECODED_BYTES>();
 
 impl Codec {
+    /// The `content-type` header value that names this codec on a log record:
+    /// `application/x-bincode` or `application/json`.
     pub fn content_type(self) -> &'static str {
         match self {
             Codec::Bincode => "application/x-bincode",
@@ -54,6 +64,7 @@ impl Codec {
         }
     }
 
+    /// The envelope's bytes in this codec. Infallible: every envelope type encodes in both.
     pub fn encode(self, envelope: &Envelope) -> Vec<u8> {
         match self {
             Codec::Bincode => bincode::serde::encode_to_vec(envelope, BINCODE)
@@ -62,6 +73,14 @@ impl Codec {
         }
     }
 
+    /// The envelope in `bytes`, which must hold exactly one envelope in this codec.
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::Bincode`] when bincode bytes are malformed, have trailing bytes, or
+    /// claim more than [`MAX_DECODED_BYTES`]; [`DecodeError::Json`] when JSON bytes are not an
+    /// envelope; [`DecodeError::SchemaVersion`] when the envelope's `schema_version` is 0 or
+    /// greater than [`SCHEMA_VERSION`].
     pub fn decode(self, bytes: &[u8]) -> Result<Envelope, DecodeError> {
         let envelope: Envelope = match self {
             Codec::Bincode => {

@@ -7,8 +7,11 @@
 /// One migration file: `NNNN_name.cql`, applied in version order, each once.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
+    /// The file's number, `NNNN`: 1 for the first file, counting up by one.
     pub version: u32,
+    /// The file name without `.cql`, e.g. `0001_read_models`.
     pub name: &'static str,
+    /// The file's CQL text, as written (comments included).
     pub text: &'static str,
 }
 
@@ -31,12 +34,18 @@ pub const MIGRATIONS: &[Migration] = &[
 /// that migrations make. `None` for any other statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddColumn {
+    /// The altered table's name.
     pub table: String,
+    /// The added column's name.
     pub column: String,
+    /// The added column's CQL type, as written (one word, e.g. `text`).
     pub ty: String,
 }
 
 impl AddColumn {
+    /// Reads `ALTER TABLE table ADD column type` (keywords in any case, exactly those four
+    /// words after `ALTER TABLE`, table and column names of ASCII letters, digits and `_`).
+    /// `None` for any other statement.
     pub fn parse(statement: &str) -> Option<AddColumn> {
         let rest = strip_prefix_ci(statement.trim(), "ALTER TABLE ")?;
         let mut words = rest.split_whitespace();
@@ -117,23 +126,31 @@ pub fn split_statements(text: &str) -> Vec<String> {
 /// A table as a `CREATE TABLE` statement defines it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableDef {
+    /// The table's name, without `IF NOT EXISTS`.
     pub name: String,
     /// `(name, type)`, in declaration order.
     pub columns: Vec<(String, String)>,
+    /// The partition key's columns, in order (one column when the key is not composite).
     pub partition_key: Vec<String>,
+    /// The clustering columns, in order; empty when the primary key is the partition key.
     pub clustering_key: Vec<String>,
 }
 
 impl TableDef {
+    /// Whether the table has a column called `name` (exact, case-sensitive match).
     pub fn has_column(&self, name: &str) -> bool {
         self.columns.iter().any(|(c, _)| c == name)
     }
 }
 
+/// A CQL statement the DDL reader cannot read, or one that contradicts the migrations before
+/// it (an `ALTER` of a table no migration created).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read CQL statement {statement:?}: {reason}")]
 pub struct DdlError {
+    /// The statement, as given to the reader.
     pub statement: String,
+    /// What is wrong with it, e.g. `no PRIMARY KEY`.
     pub reason: &'static str,
 }
 

@@ -25,20 +25,27 @@ pub struct Envelope {
     pub version: u64,
     /// Wall-clock time the fact happened, in microseconds since the Unix epoch.
     pub occurred_at: i64,
-    /// The service that produced the event (`ingest`, `processor`, or an internal producer).
+    /// The service that produced the event: `ingest`, `processor`, `transcoder`, or an
+    /// internal producer's key name.
     pub producer: String,
     /// The payload layout version; see [`SCHEMA_VERSION`].
     pub schema_version: u16,
+    /// The fact itself.
     pub payload: Event,
 }
 
 /// The events. New variants go at the end: bincode encodes the variant index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
+    /// An original was stored (public media; see `MediaUploadedWithVisibility`).
     MediaUploaded(MediaUploaded),
+    /// The processor made a photo's variants and read its metadata.
     MediaProcessed(MediaProcessed),
+    /// The processor or the transcoder could not read the media.
     MediaProcessingFailed(MediaProcessingFailed),
+    /// An internal producer set the title, description and tags.
     MediaDescribed(MediaDescribed),
+    /// The media was deleted.
     MediaDeleted(MediaDeleted),
     /// An upload with a visibility. Added after the first release, as a new variant, so the
     /// golden bytes of `MediaUploaded` still decode; ingest writes it for private media.
@@ -78,14 +85,17 @@ impl Event {
 /// An original was stored and is waiting to be processed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaUploaded {
+    /// The uploader: the name of the client key the upload was made with.
     pub owner: String,
     /// Content-addressed key of the original: `originals/{sha256}`.
     pub original_key: String,
     /// Hex sha256 of the original bytes.
     pub sha256: String,
+    /// Size of the original, in bytes.
     pub bytes: u64,
     /// Sniffed from the bytes, never taken from the client.
     pub content_type: String,
+    /// The title the uploader gave, if any.
     pub title: Option<String>,
 }
 
@@ -103,38 +113,51 @@ pub enum Visibility {
 /// `MediaUploaded` plus its visibility.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaUploadedWithVisibility {
+    /// The upload, as `MediaUploaded` records it.
     pub upload: MediaUploaded,
+    /// Who may fetch the media's bytes.
     pub visibility: Visibility,
 }
 
 /// The processor made the variants and read the metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaProcessed {
-    /// Dimensions after the EXIF orientation was applied.
+    /// Dimensions after the EXIF orientation was applied, in pixels.
     pub width: u32,
+    /// Height in pixels, after the EXIF orientation was applied.
     pub height: u32,
+    /// The BlurHash placeholder of the image (4×3 components).
     pub blurhash: String,
+    /// The stored renditions (`thumb`, `small`, `large`).
     pub variants: Vec<VariantInfo>,
+    /// The EXIF fields read from the original.
     pub exif: ExifSummary,
 }
 
 /// One stored rendition of an original.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VariantInfo {
-    /// `thumb`, `small` or `large`.
+    /// `thumb`, `small` or `large` for an image variant; the height, such as `720p`, for a
+    /// video's web rendition.
     pub name: String,
     /// Content-addressed key: `variants/{sha256 of the original}/{name}.{ext}`.
     pub key: String,
+    /// Width of the rendition, in pixels.
     pub width: u32,
+    /// Height of the rendition, in pixels.
     pub height: u32,
+    /// The rendition's media type, such as `image/jpeg` or `video/mp4`.
     pub content_type: String,
+    /// Size of the stored rendition, in bytes.
     pub bytes: u64,
 }
 
 /// The EXIF fields Conveyor exposes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExifSummary {
+    /// EXIF `Make`: the camera's manufacturer, as written by the camera.
     pub camera_make: Option<String>,
+    /// EXIF `Model`: the camera's model name, as written by the camera.
     pub camera_model: Option<String>,
     /// `DateTimeOriginal` as written by the camera (`YYYY:MM:DD HH:MM:SS`).
     pub taken_at: Option<String>,
@@ -153,16 +176,21 @@ pub struct MediaProcessingProgress {
 /// frame, plus the video's own metadata and its web renditions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VideoProcessed {
-    /// Display dimensions, with the container's rotation applied.
+    /// Display dimensions, with the container's rotation applied, in pixels.
     pub width: u32,
+    /// Display height in pixels, with the container's rotation applied.
     pub height: u32,
     /// Of the poster frame.
     pub blurhash: String,
     /// The poster frame's image variants (`thumb`, `small`, `large`), as for a photo.
     pub variants: Vec<VariantInfo>,
+    /// Length of the video, in milliseconds.
     pub duration_ms: u64,
-    /// ffprobe's codec names, such as `h264`, `hevc`, `vp9`; `None` for a silent video.
+    /// ffprobe's name of the video stream's codec, such as `h264`, `hevc`, `vp9` (`unknown`
+    /// when ffprobe names none).
     pub video_codec: String,
+    /// ffprobe's name of the first audio stream's codec, such as `aac`; `None` for a silent
+    /// video.
     pub audio_codec: Option<String>,
     /// Frames per second × 1000 (29.97 fps is 29970), from the stream's average frame rate.
     pub frame_rate_milli: u32,
@@ -175,17 +203,23 @@ pub struct VideoProcessed {
     pub renditions: Vec<VariantInfo>,
 }
 
-/// The processor could not read the media; clients see `status: failed` and the reason.
+/// The processor or the transcoder could not read the media; clients see `status: failed` and
+/// the reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaProcessingFailed {
+    /// Why, in words a client can show (e.g. `truncated jpeg`).
     pub reason: String,
 }
 
 /// Title, description and tags, set by internal producers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaDescribed {
+    /// The title. The event replaces the whole description; with `None` the read models
+    /// show the title given at upload, if any.
     pub title: Option<String>,
+    /// The description; `None` clears it.
     pub description: Option<String>,
+    /// The tags, in the producer's order; absent in JSON means none.
     #[serde(default)]
     pub tags: Vec<String>,
 }
@@ -198,7 +232,9 @@ pub struct MediaDeleted {
 }
 
 impl Envelope {
-    /// A new event from the outside world: a UUIDv7 id, and `version` taken from `clock`.
+    /// A new event from the outside world: a UUIDv7 id, `version` as given (callers take it
+    /// from a version clock, in microseconds since the Unix epoch), and `occurred_at` equal to
+    /// that version.
     pub fn new(aggregate_id: Uuid, version: u64, producer: &str, payload: Event) -> Self {
         Envelope {
             event_id: Uuid::now_v7(),

@@ -14,8 +14,11 @@ use crate::event::{Event, MediaDeleted, MediaDescribed};
 pub struct IncomingEvent {
     /// The media id.
     pub aggregate_id: Uuid,
+    /// The producer's own id for the event. A retry with the same id and event is replayed
+    /// rather than appended again; `None` means Conveyor assigns a UUIDv7.
     #[serde(default)]
     pub event_id: Option<Uuid>,
+    /// The event itself.
     pub payload: ProducerEvent,
 }
 
@@ -23,16 +26,22 @@ pub struct IncomingEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub enum ProducerEvent {
+    /// Becomes [`Event::MediaDescribed`].
     MediaDescribed(Described),
+    /// Becomes [`Event::MediaDeleted`].
     MediaDeleted(Deleted),
 }
 
-/// Sets the title, description and tags; `null` clears one.
+/// Sets the title, description and tags, replacing any earlier description; `null` clears
+/// one (a `null` title shows the title given at upload again, if there was one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Described {
+    /// The title; `null` or absent falls back to the upload's title.
     pub title: Option<String>,
+    /// The description; `null` or absent means none.
     pub description: Option<String>,
+    /// The tags; absent means none.
     #[serde(default)]
     pub tags: Vec<String>,
 }
@@ -41,6 +50,8 @@ pub struct Described {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Deleted {
+    /// Who asked for the delete, as the producer names them; recorded as
+    /// [`MediaDeleted::deleted_by`].
     pub deleted_by: String,
 }
 
@@ -49,7 +60,9 @@ pub struct Deleted {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum IncomingEvents {
+    /// A JSON object: one event.
     One(IncomingEvent),
+    /// A JSON array: events appended together, in order.
     Many(Vec<IncomingEvent>),
 }
 

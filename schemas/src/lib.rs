@@ -3,6 +3,7 @@
 //! Everything that crosses a process boundary is defined here, so that producers, processors,
 //! projectors and the query edge agree on one set of types. Events are facts and are never
 //! edited: see [`codec`] for how the wire format evolves.
+#![warn(missing_docs)]
 
 pub mod codec;
 pub mod cql;

@@ -6,6 +6,7 @@
 //!
 //! This crate is the bottom of Conveyor's stack: it imports no other Conveyor crate but the
 //! schemas (for the default topic's name).
+#![warn(missing_docs)]
 
 pub mod cors;
 pub mod uri;
@@ -29,23 +30,40 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The address the HTTP edge listens on. Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// `[http]`: what the HTTP edge allows a client connection.
     pub http: HttpSettings,
+    /// `[log]`: the event log.
     pub log: LogSettings,
+    /// `[objects]`: the media store.
     pub objects: ObjectSettings,
+    /// `[views]`: the read store.
     pub views: ViewSettings,
+    /// `[backup]`: scheduled backups.
     pub backup: BackupSettings,
+    /// `[archive]`: `conveyor archive`, the log copied to the object store.
     pub archive: ArchiveSettings,
+    /// `[auth]`: API keys, the per-key rate limit and the owners' quota.
     pub auth: AuthSettings,
+    /// `[limits]`: the largest uploads and images accepted, and how long a render may take.
     pub limits: Limits,
+    /// `[uploads]`: direct uploads through presigned or edge-signed URLs.
     pub uploads: UploadSettings,
+    /// `[processor]`: the image processors' consumer group.
     pub processor: ProcessorSettings,
+    /// `[video]`: what video is accepted, and how the transcoder runs.
     pub video: VideoSettings,
+    /// `[projector]`: the projectors' consumer group.
     pub projector: ProjectorSettings,
+    /// `[query]`: the query edge's response cache.
     pub query: QuerySettings,
+    /// `[cdn]`: media URLs and the keys that sign private ones.
     pub cdn: CdnSettings,
+    /// `[telemetry]`: the log output's format.
     pub telemetry: TelemetrySettings,
 }
 
+/// The event log: where it is, its topic, how Kafka topics are created and appended to, and
+/// how many times consumers try a failing record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -63,7 +81,10 @@ pub struct LogSettings {
     pub session_timeout_ms: u32,
     /// Partitions of a topic created by Conveyor. A group scales up to this many consumers.
     pub partitions: u32,
-    /// Appends a consumer may fail before the record goes to the dead-letter topic.
+    /// How many times a consumer tries a batch that fails permanently before it gives up on
+    /// it (transient failures do not count: they are retried until they succeed). A batch of
+    /// several records is then tried one record at a time, and a record that fails this many
+    /// times goes to the dead-letter topic, with this number in its `dlq-attempts` header.
     pub max_attempts: u32,
     /// `fsync` (every group commit reaches the disk before it is acknowledged) or `os`
     /// (survives a process crash, not a power cut).
@@ -77,13 +98,20 @@ pub struct LogSettings {
     pub append_timeout_ms: u32,
 }
 
+/// How far the embedded SQLite log's appends are synced before they are acknowledged
+/// (`log.durability`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
+    /// `fsync`: every group commit reaches the disk before it is acknowledged (SQLite
+    /// `synchronous = FULL`).
     Fsync,
+    /// `os`: written to the operating system before it is acknowledged (SQLite
+    /// `synchronous = NORMAL`); survives a process crash, not a power cut.
     Os,
 }
 
+/// The media store: originals and variants, local files or S3.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObjectSettings {
@@ -114,6 +142,7 @@ impl Default for ObjectSettings {
     }
 }
 
+/// The read store, where projectors keep the read models: embedded SQLite or ScyllaDB.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ViewSettings {
@@ -152,7 +181,7 @@ impl Default for ViewSettings {
     }
 }
 
-/// Who may call the API; see [`crate::keys`].
+/// Who may call the API, and how much; the keys are checked by `conveyor_runtime::keys`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
@@ -191,6 +220,8 @@ impl Default for AuthSettings {
     }
 }
 
+/// The largest uploads and images accepted (the image limits read from the headers before any
+/// decoder runs), and how long one render may take.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -216,6 +247,8 @@ pub struct Limits {
     pub max_render_ms: u64,
 }
 
+/// Direct uploads: clients send the bytes to presigned S3 URLs, or to the edge's own signed
+/// URLs with the embedded object store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UploadSettings {
@@ -241,6 +274,8 @@ impl Default for UploadSettings {
     }
 }
 
+/// The image processors (`conveyor process`, and `serve`): their consumer group and how much
+/// they do at once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessorSettings {
@@ -285,9 +320,13 @@ pub struct VideoSettings {
     /// A job's time limit is `job_timeout_base_secs` plus `job_timeout_factor` × the video's
     /// duration; past it, ffmpeg is killed and the video ends `failed`.
     pub job_timeout_base_secs: u64,
+    /// Seconds of time limit per second of the video's duration; see
+    /// `job_timeout_base_secs`.
     pub job_timeout_factor: u32,
-    /// The ffmpeg and ffprobe executables (Debian's `ffmpeg` package has both).
+    /// The ffmpeg and ffprobe executables (Debian's `ffmpeg` package has both): a name looked
+    /// up in `PATH`, or a path.
     pub ffmpeg: String,
+    /// The ffprobe executable, as `ffmpeg`.
     pub ffprobe: String,
 }
 
@@ -339,6 +378,7 @@ impl VideoSettings {
     }
 }
 
+/// The projectors (`conveyor project`, and `serve`), which fold events into the read models.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorSettings {
@@ -419,6 +459,7 @@ impl Default for BackupSettings {
     }
 }
 
+/// The query edge's in-process cache of read-model responses.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuerySettings {
@@ -428,6 +469,7 @@ pub struct QuerySettings {
     pub cache_ttl_ms: u64,
 }
 
+/// How read models name media URLs, and how private ones are signed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CdnSettings {
@@ -451,6 +493,7 @@ impl Default for CdnSettings {
     }
 }
 
+/// The process's own log output. `RUST_LOG` sets the filter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
@@ -458,10 +501,14 @@ pub struct TelemetrySettings {
     pub format: LogFormat,
 }
 
+/// How log lines are written (`telemetry.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// `text`: compact lines, for people.
     Text,
+    /// `json`: one JSON object per line, the event's fields flattened into it, for log
+    /// pipelines.
     Json,
 }
 
@@ -719,8 +766,8 @@ impl Settings {
     /// How long `POST /v1/events` remembers an `event_id` (its receipt), or `None` for as
     /// long as the store keeps it. The window is the log's own: a Kafka topic's retention
     /// (`log.retention_ms`), past which the event is gone from the log too. The embedded
-    /// SQLite log never drops events, and a retention of -1 keeps them forever, so then the
-    /// receipts stay too.
+    /// SQLite log never drops events, and a retention of -1 (or any value up to 0) keeps them
+    /// forever, so then the receipts stay too.
     pub fn receipt_retention(&self) -> Option<std::time::Duration> {
         (!self.log_uri().keeps_events_forever(self.log.retention_ms))
             .then(|| std::time::Duration::from_millis(self.log.retention_ms as u64))
@@ -833,7 +880,9 @@ pub fn check_key_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `name:key` pairs. The keys are secrets: `Debug` and serialization never show them.
+/// `name:key` pairs. The keys are secrets: `Debug` shows only the names. Serialization writes
+/// the keys in full (`name:key,…`, so that it round-trips), and only the defaults, whose lists
+/// are empty, are ever serialized.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct KeyList(Vec<(String, String)>);
 
@@ -853,6 +902,7 @@ impl KeyList {
         Ok(KeyList(pairs))
     }
 
+    /// Whether the list has no entries.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -875,6 +925,8 @@ impl KeyList {
             .map(|(_, k)| k.as_str())
     }
 
+    /// Adds `name:key` after the existing entries (so it does not become [`KeyList::first`]
+    /// unless the list was empty). Neither is checked.
     pub fn push(&mut self, name: &str, key: &str) {
         self.0.push((name.to_owned(), key.to_owned()));
     }
@@ -889,7 +941,9 @@ impl fmt::Debug for KeyList {
 
 impl Serialize for KeyList {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // Defaults are serialized into figment; a non-empty list is never written anywhere else.
+        // Writes every key in full, as `name:key,…`, so the list round-trips through
+        // `Deserialize`. Only the defaults are serialized (into figment), and their lists are
+        // empty; `ops config` prints `Debug`, which redacts the keys.
         let text: Vec<String> = self.0.iter().map(|(n, k)| format!("{n}:{k}")).collect();
         serializer.serialize_str(&text.join(","))
     }

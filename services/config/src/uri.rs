@@ -47,7 +47,7 @@ impl LogUri {
     }
 
     /// Whether the log keeps every event for ever, given `log.retention_ms` (which only Kafka
-    /// topics have; -1 keeps them for ever there too).
+    /// topics have; -1, or any value up to 0, keeps them for ever there too).
     pub fn keeps_events_forever(&self, retention_ms: i64) -> bool {
         match self {
             LogUri::Sqlite(_) => true,
@@ -288,7 +288,8 @@ impl fmt::Display for ViewsUri {
     }
 }
 
-/// Serde as the URI's text: settings files and `ops config` show URIs as strings.
+/// Serde as the URI's text: settings files and `CONVEYOR__…` variables give URIs as strings,
+/// and serializing writes the same text back. (`ops config` prints `Debug`, not this.)
 macro_rules! serde_as_text {
     ($($ty:ty),*) => {$(
         impl Serialize for $ty {

@@ -1,18 +1,17 @@
 //! Wiring: which routers and consumer groups (stages) a role runs, on which backends.
 //!
 //! A role is a set of [`Part`]s ([`Role::parts`]). [`build`] opens the backends once, then
-//! makes the routes of the parts that serve HTTP ([`routes`]) and the stages of the parts that
-//! are consumer groups ([`stages`]), and starts each stage under one supervisor. A new consumer
-//! group is its crate, a `Part`, and one line in [`stages`].
+//! makes the routes of the parts that serve HTTP (`routes`) and the stages of the parts that
+//! are consumer groups (`stages`), and starts each stage under one supervisor. A new consumer
+//! group is its crate, a `Part`, and one line in `stages`.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::response::IntoResponse;
-use conveyor_config::{KeyList, Settings};
+use conveyor_config::Settings;
 use conveyor_runtime::Stage;
 use conveyor_runtime::changes::Changes;
 use conveyor_runtime::consumer::report_lag;
@@ -98,6 +97,8 @@ pub struct App {
     router: Router,
     shutdown: Shutdown,
     workers: Vec<Worker>,
+    /// The settings the app runs with: those given to [`build`], with the dev keys `serve`
+    /// fills in when none are configured ([`DEV_KEY_FILES`]).
     pub settings: Settings,
     /// The backends this app runs on, for tests and operator tooling in the same process.
     pub backends: Backends,
@@ -164,7 +165,7 @@ pub async fn build_with(
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("failed to create data dir {}", settings.data_dir.display()))?;
     if role == Role::Serve {
-        ensure_dev_keys(&mut settings)?;
+        crate::dev_keys::ensure(&mut settings)?;
     } else if role.runs(Part::Ingest) && settings.auth.api_keys.is_empty() {
         tracing::warn!(
             "no CONVEYOR__AUTH__API_KEYS configured: every upload will be refused with 401"
@@ -467,6 +468,8 @@ fn layers(router: Router, settings: &Settings, keys: Keys) -> Router {
 }
 
 impl App {
+    /// The TCP port the app is bound to: `listen`'s, or the one the OS chose when `listen`
+    /// asks for port 0 (as tests do); 0 if the socket's address cannot be read.
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
@@ -538,67 +541,6 @@ async fn first_failure(workers: Vec<Worker>, stop: CancellationToken) -> Option<
         }
     }
     None
-}
-
-/// With no keys configured, `serve` uses (creating on first start) a `dev` client key and a
-/// `dev` service key kept in the data dir, so restarts keep working with the same keys.
-/// The keys `serve` creates in the data dir when none are configured. Backups carry them, so a
-/// restored data dir answers to the same keys.
-pub const DEV_KEY_FILES: [&str; 4] = [
-    "dev-api-key",
-    "dev-media-key",
-    "dev-signing-key",
-    "dev-service-key",
-];
-
-fn ensure_dev_keys(settings: &mut Settings) -> anyhow::Result<()> {
-    if settings.auth.api_keys.is_empty() {
-        let key = dev_key(&settings.data_dir.join("dev-api-key"))?;
-        println!(
-            "dev api key for owner `dev`: {key}  (saved in {})",
-            settings.data_dir.join("dev-api-key").display()
-        );
-        settings.auth.api_keys =
-            KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
-    }
-    if settings.cdn.signing_keys.is_empty() {
-        let key = dev_key(&settings.data_dir.join("dev-media-key"))?;
-        settings.cdn.signing_keys =
-            KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
-    }
-    if settings.uploads.signing_key.is_empty() {
-        let key = dev_key(&settings.data_dir.join("dev-signing-key"))?;
-        settings.uploads.signing_key =
-            KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
-    }
-    if settings.auth.service_keys.is_empty() {
-        let key = dev_key(&settings.data_dir.join("dev-service-key"))?;
-        println!(
-            "dev service key for `dev`: {key}  (saved in {})",
-            settings.data_dir.join("dev-service-key").display()
-        );
-        settings.auth.service_keys =
-            KeyList::parse(&format!("dev:{key}")).map_err(anyhow::Error::msg)?;
-    }
-    Ok(())
-}
-
-fn dev_key(path: &Path) -> anyhow::Result<String> {
-    if let Ok(existing) = std::fs::read_to_string(path) {
-        let existing = existing.trim();
-        if !existing.is_empty() {
-            return Ok(existing.to_owned());
-        }
-    }
-    let key = format!("cvk_{}", uuid::Uuid::new_v4().simple());
-    std::fs::write(path, format!("{key}\n"))
-        .with_context(|| format!("failed to write {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    }
-    Ok(key)
 }
 
 #[cfg(test)]

@@ -32,10 +32,16 @@ const MAGIC: &[u8; 8] = b"CVARCH01";
 /// One record as the archive keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchivedRecord {
+    /// Its offset in its partition, from 0; the partition is in the segment's key.
     pub offset: u64,
+    /// Append time, microseconds since the Unix epoch, as the log delivered it.
     pub timestamp: i64,
+    /// The key it was appended with: for an event, its aggregate (media) id as UUID text.
     pub key: Vec<u8>,
+    /// The headers it was appended with, in order (`content-type`, `event-type`,
+    /// `schema-version` for an event).
     pub headers: Vec<(String, String)>,
+    /// The payload, byte for byte; the `content-type` header names its codec.
     pub value: Vec<u8>,
 }
 
@@ -53,6 +59,9 @@ impl ArchivedRecord {
     }
 }
 
+/// The object-store key of the segment holding offsets `first` to `last` (inclusive) of
+/// `partition` of `topic`: `archive/<topic>/<partition:05>/<first:020>-<last:020>.seg`.
+/// Zero-padded, so a listing sorts by partition, then offset.
 pub fn segment_key(topic: &str, partition: u32, first: u64, last: u64) -> String {
     format!("archive/{topic}/{partition:05}/{first:020}-{last:020}.seg")
 }
@@ -66,6 +75,12 @@ fn parse_key(key: &str) -> Option<(u32, u64, u64)> {
     Some((partition, first.parse().ok()?, last.parse().ok()?))
 }
 
+/// The bytes of a segment of `records`: the magic `CVARCH01` (8 bytes), the SHA-256 of the
+/// rest (32 bytes), then the gzip of the records, bincode-encoded (standard configuration).
+/// [`decode_segment`] reads it back.
+///
+/// # Errors
+/// When bincode cannot encode the records, or gzip compression (into memory) fails.
 pub fn encode_segment(records: &[ArchivedRecord]) -> anyhow::Result<Vec<u8>> {
     let raw = bincode::serde::encode_to_vec(records, bincode::config::standard())?;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

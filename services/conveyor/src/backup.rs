@@ -2,8 +2,8 @@
 //!
 //! A backup store (a directory or an S3 prefix) holds:
 //! - `objects/<key>`: the media, shared by every backup. Objects are immutable (originals are
-//!   content-addressed, variants are named by media id), so each backup copies only the ones the
-//!   store lacks.
+//!   content-addressed, variants are named by their original's sha256), so each backup copies
+//!   only the ones the store lacks.
 //! - `backups/<id>/log.db` and `backups/<id>/views.db`: SQLite online-backup snapshots.
 //! - `backups/<id>/manifest.json`, written last: a backup without one is incomplete and is
 //!   never restored. It records the sha256 and size of every file and object, and what the
@@ -36,19 +36,32 @@ const FORMAT: u32 = 1;
 /// One stored file or object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    /// For a database or key file, its key in the backup store (`backups/<id>/<name>`); for a
+    /// media object, its key in the media store (stored under `objects/` in the backup).
     pub key: String,
+    /// Size in bytes.
     pub bytes: u64,
+    /// SHA-256 of the bytes, 64 lowercase hex digits.
     pub sha256: String,
 }
 
+/// `backups/<id>/manifest.json`: what one backup holds, written last so that a backup
+/// without one is incomplete. A restore checks every file and object against it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The manifest's layout version; this conveyor reads only 1.
     pub format: u32,
+    /// The backup's id: its UTC start time, `YYYYMMDDTHHMMSSmmmZ`, so ids sort by age.
     pub id: String,
+    /// When the manifest was written, RFC 3339 in UTC.
     pub created_at: String,
+    /// The version of the `conveyor` that took the backup (its crate version).
     pub conveyor_version: String,
     /// The databases (`log.db`, `views.db`) and dev keys (`dev-api-key`, …), by name.
     pub files: BTreeMap<String, Entry>,
+    /// What the log's snapshot holds: every topic's partitions and every group's commits
+    /// (when the read models are in SQLite, the projector's are the offsets read before they
+    /// were snapshotted).
     pub log: LogSummary,
     /// `None` when the read models are not in SQLite (rebuild them with `ops replay`).
     pub views: Option<ViewSummary>,
@@ -59,8 +72,11 @@ pub struct Manifest {
 /// What a backup did.
 #[derive(Debug)]
 pub struct BackupReport {
+    /// The manifest the backup wrote.
     pub manifest: Manifest,
+    /// Objects this backup copied; those the backup store already had are not counted.
     pub objects_copied: u64,
+    /// Bytes of the objects this backup copied.
     pub bytes_copied: u64,
 }
 
@@ -139,6 +155,12 @@ pub async fn list(store: &dyn ObjectStore) -> anyhow::Result<Vec<String>> {
     Ok(ids)
 }
 
+/// The manifest of backup `id` in `store` (`backups/<id>/manifest.json`).
+///
+/// # Errors
+/// When the backup has no manifest (it does not exist or is incomplete), the store cannot
+/// be read, the manifest is not valid JSON of a [`Manifest`], or its format is not the one
+/// this conveyor reads.
 pub async fn read_manifest(store: &dyn ObjectStore, id: &str) -> anyhow::Result<Manifest> {
     let key = format!("backups/{id}/{MANIFEST}");
     let bytes = match store.get_bytes(&key).await {
@@ -278,7 +300,7 @@ pub async fn backup(
             put_file(target, &format!("backups/{id}/views.db"), &views_copy).await?,
         );
     }
-    for name in crate::app::DEV_KEY_FILES {
+    for name in crate::dev_keys::DEV_KEY_FILES {
         let path = settings.data_dir.join(name);
         if path.exists() {
             files.insert(
@@ -324,8 +346,11 @@ pub async fn backup(
 /// What a restore did.
 #[derive(Debug)]
 pub struct RestoreReport {
+    /// The manifest of the backup restored.
     pub manifest: Manifest,
+    /// Objects copied into the media store: every one the manifest lists.
     pub objects: u64,
+    /// Bytes of those objects.
     pub bytes: u64,
 }
 
@@ -391,7 +416,7 @@ pub async fn restore(
     let manifest = read_manifest(source, &id).await?;
     let log_path = log_file(settings, "restore needs the embedded log")?;
     let views_path = manifest.views.as_ref().and(views_file(settings));
-    let keys: Vec<(&str, PathBuf)> = crate::app::DEV_KEY_FILES
+    let keys: Vec<(&str, PathBuf)> = crate::dev_keys::DEV_KEY_FILES
         .into_iter()
         .filter(|name| manifest.files.contains_key(*name))
         .map(|name| (name, settings.data_dir.join(name)))

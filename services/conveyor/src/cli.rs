@@ -6,6 +6,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+// clap and the doc comments below: a doc comment on an argument is its `--help` text; one on
+// a `flatten` or `subcommand` field is ignored. One on a type (`Cli`, `RoleArgs`, the command
+// enums) is set as the about of the command it is added to, then replaced by the explicit
+// `about`/`long_about` of `Cli` or by the doc comment of the variant that names the type, so
+// every such variant keeps a doc comment of its own.
+
+/// The `conveyor` command line: the global `--config` and the command to run.
 #[derive(Debug, Parser)]
 #[command(
     name = "conveyor",
@@ -23,10 +30,13 @@ pub struct Cli {
     #[arg(long, global = true, env = "CONVEYOR_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// The command to run; `None` (no command given) runs `serve` with default [`RoleArgs`].
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
+/// `conveyor`'s commands: one role (or all of them) to run, operator commands, and tools.
+/// Each variant's own doc comment is its line in `conveyor --help`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every role in one process (the default).
@@ -52,6 +62,7 @@ pub enum Command {
     /// Exit 0 if the service at URL answers its health check (for container HEALTHCHECKs,
     /// whose images carry no curl).
     Healthcheck {
+        /// The URL to GET; an answer of 2xx within 3 s is healthy.
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
@@ -70,6 +81,8 @@ pub enum Command {
     },
 }
 
+/// The flags every role and most `ops` commands take, over the configuration's `data_dir`
+/// and `listen`. `None` keeps the configured value; `ops` commands read `--data-dir` only.
 #[derive(Debug, Clone, Args, Default)]
 pub struct RoleArgs {
     /// Data directory for the embedded backends [default: ./data].
@@ -80,10 +93,13 @@ pub struct RoleArgs {
     pub listen: Option<SocketAddr>,
 }
 
+/// `conveyor ops` commands: operator work against the backends the configuration names. Each
+/// variant's own doc comment is its `--help`.
 #[derive(Debug, Subcommand)]
 pub enum OpsCommand {
     /// Print each consumer group's lag per partition.
     Lag {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// Only this group (default: every group that has committed).
@@ -116,6 +132,7 @@ pub enum OpsCommand {
     /// store event receipts older than `log.retention_ms`. `serve` and `ingest` also do this
     /// every few minutes.
     SweepUploads {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// On S3, also install bucket lifecycle rules: `incoming/` (and unfinished multipart
@@ -129,6 +146,7 @@ pub enum OpsCommand {
     /// Idempotent. Refuses if an applied migration file has changed since. The embedded SQLite
     /// store creates its schema itself and needs nothing.
     Migrate {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
     },
@@ -136,6 +154,7 @@ pub enum OpsCommand {
     /// generation under a new consumer group, catch up, switch reads atomically, drop the old
     /// generation. Queries keep answering throughout. An interrupted replay resumes.
     Replay {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// Which read model: `media` (media_by_id, media_by_owner and owner_stats).
@@ -152,6 +171,7 @@ pub enum OpsCommand {
     /// Show each group's lag per partition, events per second, dead letters and the health of
     /// every backend, in one screen.
     Status {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// Print JSON instead.
@@ -162,6 +182,7 @@ pub enum OpsCommand {
     /// online backup API) and the media, with a manifest of sizes, counts and sha256s. Objects
     /// are content-addressed, so only new ones are copied. Safe while serving.
     Backup {
+        /// The data directory to back up (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// A directory or s3://BUCKET[/PREFIX] [default: backup.to, or <data_dir>/backups].
@@ -178,6 +199,7 @@ pub enum OpsCommand {
     /// object against the manifest. Refuses a corrupt or incomplete backup, and leaves nothing
     /// behind when it does.
     Restore {
+        /// The data directory to restore into (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// A directory or s3://BUCKET[/PREFIX] holding backups.
@@ -205,10 +227,12 @@ pub enum OpsCommand {
     Dlq(DlqCommand),
 }
 
+/// `conveyor ops keys` commands: API keys issued into the object store.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Issue a key and print it (once: only its hash is kept).
     Create {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// The owner a client key acts as, or the service a `--service` key names.
@@ -219,6 +243,7 @@ pub enum KeysCommand {
     },
     /// List issued keys: id, kind, name, creation time and whether revoked. Never the keys.
     List {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// Print JSON instead of a table.
@@ -227,6 +252,7 @@ pub enum KeysCommand {
     },
     /// Revoke an issued key by its id; every replica refuses it within `auth.refresh_ms`.
     Revoke {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// The key's id (`ops keys list`; the 16 hex digits after `cvk_`).
@@ -234,20 +260,24 @@ pub enum KeysCommand {
     },
 }
 
+/// `conveyor ops topics` commands: administration of the log's topics.
 #[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
     /// Create the media topic and its dead-letter topic if missing (partitions, replication and
     /// retention from config). Idempotent; refuses a partition count that differs.
     Ensure {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
     },
 }
 
+/// `conveyor ops dlq` commands: the dead-letter topic, where records that kept failing go.
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
     /// List dead letters not yet redriven.
     List {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
         /// Print JSON lines instead of a table.
@@ -257,6 +287,7 @@ pub enum DlqCommand {
     /// Append every dead letter not yet redriven back to its original topic, once per original
     /// record, and mark it redriven.
     Redrive {
+        /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
     },

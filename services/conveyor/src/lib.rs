@@ -1,13 +1,16 @@
 //! The one Conveyor binary's library half: wiring roles together ([`app`]), operator commands
 //! ([`ops`], with [`backup`], [`replay`] and the [`archive`] group), the command line ([`cli`])
-//! and the API's OpenAPI document ([`openapi`]). `main.rs` only parses arguments. The load lab
+//! and the API's OpenAPI document ([`openapi`]). `main.rs` only parses arguments and calls
+//! into this library (apart from `healthcheck`, whose one request it makes itself). The load lab
 //! is not here: it is its own crate and binary (tools/loadtest), which uses this one as a
 //! library.
+#![warn(missing_docs)]
 
 pub mod app;
 pub mod archive;
 pub mod backup;
 pub mod cli;
+pub mod dev_keys;
 pub mod openapi;
 pub mod ops;
 pub mod replay;

@@ -35,19 +35,22 @@ use tokio_util::sync::CancellationToken;
 /// What a replay did.
 #[derive(Debug)]
 pub struct ReplayReport {
+    /// The generation of the projection's tables this replay built, which reads now use.
     pub generation: u32,
+    /// The generation reads used before the switch; its tables are dropped.
     pub replaced: u32,
     /// Events applied from the archive before the log.
     pub archived_events: u64,
     /// Offsets the replay group consumed from the log.
     pub log_events: u64,
+    /// Wall-clock time of the whole replay, up to the old generation's drop.
     pub elapsed: Duration,
 }
 
 /// The projections `--projection` accepts.
 pub const PROJECTIONS: &[&str] = &[PROJECTION];
 
-/// Sum of the group's committed offsets and of the end offsets, per partition.
+/// The group's committed offset and the end offset of every partition, by partition.
 async fn position(
     log: &dyn EventLog,
     topic: &str,

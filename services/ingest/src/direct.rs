@@ -1,7 +1,7 @@
 //! Direct uploads: the client sends the bytes straight to object storage, and the API only
 //! issues URLs and checks what arrived.
 //!
-//! 1. `POST /v1/uploads {content_type, bytes, sha256?}` records a pending upload
+//! 1. `POST /v1/uploads {content_type, bytes, sha256?, visibility?}` records a pending upload
 //!    (`uploads/{id}.json` in the object store, so any edge replica can complete it) and
 //!    returns a presigned `PUT` URL for `incoming/{id}`, or presigned part URLs when the file
 //!    is large. The embedded store cannot presign, so the edge signs its own URL (HMAC-SHA256
@@ -10,9 +10,10 @@
 //! 2. `POST /v1/uploads/{id}/complete {parts?}` completes a multipart upload, then checks the
 //!    size against the declared one, sniffs the type, and streams the object to compare its
 //!    sha256. A mismatch is 422: the object is removed and nothing is appended. Otherwise the
-//!    object moves to `originals/{sha256}` and `MediaUploaded` is appended, with the upload id
-//!    as the media id. A completion that failed transiently (503) can be retried: what it
-//!    verified is kept (`uploads/{id}.verified`), and the retry appends the same event.
+//!    object moves to `originals/{sha256}` (`private/originals/{sha256}` for private media)
+//!    and `MediaUploaded` is appended, with the upload id as the media id. A completion that
+//!    failed transiently (503) can be retried: what it verified is kept
+//!    (`uploads/{id}.verified`), and the retry appends the same event.
 //!
 //! Uploads never completed expire: `conveyor ops sweep-uploads` removes them (ids are UUIDv7,
 //! so their age is in their name).
@@ -104,22 +105,34 @@ pub(crate) struct Received {
 /// What `POST /v1/uploads` promised, kept until completion.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PendingUpload {
+    /// The client key's owner who created the upload; only they may complete it.
     pub owner: String,
+    /// The declared type, by its canonical name (`video/MP4; codecs=…` is kept as
+    /// `video/mp4`); the bytes must sniff as it or its sibling container.
     pub content_type: String,
+    /// The declared size in bytes, at least 1; what arrives must be exactly this.
     pub bytes: u64,
+    /// The declared sha256, 64 lowercase hex digits, checked at completion; `None` when the
+    /// client gave none.
     pub sha256: Option<String>,
     /// Unix seconds.
     pub expires_at: i64,
     /// The store's multipart upload id, when the client uploads parts.
     pub multipart: Option<String>,
+    /// Who may see the media once completed; public when a record does not say.
     #[serde(default)]
     pub visibility: Visibility,
 }
 
+/// The object-store key of upload `id`'s [`PendingUpload`] record: `uploads/{id}.json`. It
+/// lives there from `POST /v1/uploads` until the upload is completed, refused as not what was
+/// declared, or swept.
 pub fn pending_key(id: Uuid) -> String {
     format!("uploads/{id}.json")
 }
 
+/// The object-store key the client's bytes for upload `id` are `PUT` to: `incoming/{id}`.
+/// Never served: a completion moves them to [`claimed_key`] before checking them.
 pub fn incoming_key(id: Uuid) -> String {
     format!("incoming/{id}")
 }
@@ -675,7 +688,7 @@ async fn complete_claimed(
 }
 
 /// Assembles the parts, takes the bytes out of PUTs' reach (to `incoming/{id}.claimed`) and
-/// verifies them; returns their sha256.
+/// verifies them; returns their sha256 and their sniffed type.
 async fn take_and_verify(
     state: &IngestState,
     id: Uuid,
@@ -802,7 +815,11 @@ async fn verify(
 }
 
 /// Removes uploads never completed: `incoming/{id}` objects (and their claimed copies) and
-/// `uploads/{id}.json` records (and their claims) whose UUIDv7 id is older than `ttl`. Works on every store. Returns how many it removed.
+/// `uploads/{id}.json` records (and their claims and verified records) whose UUIDv7 id is
+/// older than `ttl`. Works on every store. Returns how many objects it removed.
+///
+/// # Errors
+/// The store's, when a listing or a delete fails; objects removed before it stay removed.
 pub async fn sweep(
     objects: &dyn conveyor_storage::ObjectStore,
     ttl: Duration,

@@ -4,6 +4,7 @@
 //! An upload streams into the object store while it is hashed and sniffed, so memory stays
 //! flat whatever its size. Only once the original is durable under its content-addressed key
 //! is `MediaUploaded` appended, and only once that append is durable does the client get 202.
+#![warn(missing_docs)]
 
 pub mod direct;
 pub mod events;
@@ -31,13 +32,24 @@ use uuid::Uuid;
 
 /// What the ingest handlers share.
 pub struct IngestState {
+    /// The storage backends: originals and pending uploads go to the object store, events to
+    /// the log, and owners' totals (for the quota) and media (for deletes) are read from the
+    /// read store.
     pub backends: Backends,
+    /// The keys requests present: client keys name the owner of an upload or delete,
+    /// service keys the producer of `POST /v1/events`.
     pub keys: Keys,
     /// Most bytes of originals per owner (`auth.owner_quota_bytes`); 0 for none.
     pub owner_quota_bytes: u64,
+    /// The upload limits (`limits.*`); `max_upload_bytes` bounds an image.
     pub limits: Limits,
+    /// Direct-upload settings (`uploads.*`): URL lifetime, multipart threshold and part size,
+    /// and the key the edge signs its own upload URLs with.
     pub uploads: UploadSettings,
+    /// Hands out the versions of the events this edge appends: strictly increasing, close to
+    /// wall-clock µs since the epoch.
     pub clock: VersionClock,
+    /// The media events topic events are appended to (`log.topic`).
     pub topic: String,
     /// Largest accepted video (`video.max_bytes`).
     pub max_video_bytes: u64,
@@ -47,6 +59,8 @@ pub struct IngestState {
 }
 
 impl IngestState {
+    /// The state of an ingest edge on `backends`, with the limits, quota, upload settings and
+    /// topic of `settings`, accepting video as well as images.
     pub fn new(backends: Backends, settings: &Settings, keys: Keys) -> Arc<Self> {
         Self::refusing_video(backends, settings, keys, None)
     }

@@ -5,6 +5,7 @@
 //! reason when the media cannot be read.
 //!
 //! [`render`] is the pure image pipeline; [`Processor`] is the consumer-group handler around it.
+#![warn(missing_docs)]
 
 pub mod render;
 

@@ -43,50 +43,97 @@ const JPEG_QUALITY: i32 = 82;
 /// files carry a few KB (an ICC profile) to a few hundred KB (an editor's XMP history).
 const MAX_PNG_METADATA_BYTES: u64 = 1 << 20;
 
-/// Most tiles in a HEIF grid image (ISO/IEC 23008-12 §6.6.2.3, `dimg` references of the
-/// primary item). libheif decodes the grid in one call that no kill flag interrupts, at a few
-/// ms per tile: 12,100 tiles of 64×64 took 30 s. Phones write 512×512 tiles (48 for 12 MP);
-/// 1,024 tiles of 256×256 cover the default pixel limit.
+/// Most tiles in a HEIF file's grid images (ISO/IEC 23008-12 §6.6.2.3): the `dimg`
+/// references of every item, counted by [`headers::heif_grid_tiles`]. libheif decodes the
+/// grid in one call that no kill flag interrupts, at a few ms per tile: 12,100 tiles of 64×64
+/// took 30 s. Phones write 512×512 tiles (48 for 12 MP); 1,024 tiles of 256×256 cover the
+/// default pixel limit.
 const MAX_HEIF_TILES: u64 = 1024;
 
 /// Why media could not be processed. Shown to clients as the failure reason.
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
+    /// The sniffed bytes are none of the accepted image formats ([`IMAGES`]); video is the
+    /// transcoder's and is refused here too.
     #[error("not a supported image: the accepted images are {IMAGES}")]
     UnsupportedFormat,
+    /// A frame's width or height is 0 or over `limits.max_side`, or its area is over
+    /// `limits.max_pixels`; read from the header, before decoding.
     #[error(
         "image is {width}x{height}, over the limit of {max_side} px per side or {max_pixels} pixels"
     )]
     TooManyPixels {
+        /// The frame's stored width in pixels.
         width: u32,
+        /// The frame's stored height in pixels.
         height: u32,
+        /// `limits.max_side`, in pixels.
         max_side: u32,
+        /// `limits.max_pixels`: the most pixels (width × height) in one frame.
         max_pixels: u64,
     },
+    /// An animated image with more frames than `limits.max_frames`.
     #[error("image has {frames} frames, over the limit of {max}")]
-    TooManyFrames { frames: u64, max: u32 },
+    TooManyFrames {
+        /// Frames counted so far (a GIF's walk stops at the first one over the limit).
+        frames: u64,
+        /// `limits.max_frames`.
+        max: u32,
+    },
+    /// A progressive JPEG with more scans than `limits.max_jpeg_scans`.
     #[error(
         "progressive JPEG has {scans} scans, over the limit of {max} (encoders write about 10)"
     )]
-    TooManyScans { scans: u64, max: u32 },
+    TooManyScans {
+        /// Scans in the file, from its marker walk.
+        scans: u64,
+        /// `limits.max_jpeg_scans`.
+        max: u32,
+    },
+    /// The structure is inconsistent in a way libvips would not catch: a GIF frame outside
+    /// its logical screen. The text says where.
     #[error("image is malformed: {0}")]
     Malformed(String),
+    /// A PNG whose `zTXt`, `iTXt` and `iCCP` chunks carry more compressed bytes than
+    /// the render's limit (1 MiB): libpng inflates each such chunk on every read.
     #[error(
         "PNG carries {bytes} bytes of compressed metadata (text and colour-profile chunks), over the limit of {max}"
     )]
-    TooMuchMetadata { bytes: u64, max: u64 },
+    TooMuchMetadata {
+        /// Compressed bytes in those chunks, together.
+        bytes: u64,
+        /// The limit in bytes.
+        max: u64,
+    },
+    /// A HEIF or AVIF file whose grid images have more tiles than the render's limit
+    /// (1,024): libheif decodes a grid in one call that the render's time limit cannot stop.
     #[error("HEIF image is a grid of {tiles} tiles, over the limit of {max}")]
-    TooManyTiles { tiles: u64, max: u64 },
+    TooManyTiles {
+        /// `dimg` references in the file.
+        tiles: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The original, of this many bytes, is over `limits.max_upload_bytes`. The processor's,
+    /// checked before the render.
     #[error("file of {0} bytes is over the upload limit")]
     TooLarge(u64),
+    /// The original is not in the object store. The processor's, never the render's.
     #[error("the original is missing from the object store")]
     Missing,
+    /// libvips could not read the header or the pixels, or convert them; the text is the
+    /// reason a client reads (libvips' own words go to the log only).
     #[error("image could not be decoded: {0}")]
     Decode(String),
+    /// A variant or the blurhash could not be encoded; the text names which.
     #[error("image could not be encoded: {0}")]
     Encode(String),
+    /// The render ran past `limits.max_render_ms`.
     #[error("rendering took longer than the limit of {limit_ms} ms")]
-    TimedOut { limit_ms: u64 },
+    TimedOut {
+        /// The limit in milliseconds.
+        limit_ms: u64,
+    },
     /// libvips could not start. Not the media's fault: the processor retries, and fails at
     /// start-up before it ever gets here.
     #[error("the image engine (libvips) could not start: {0}")]
@@ -103,11 +150,17 @@ impl MediaError {
 /// One encoded variant.
 #[derive(Debug, Clone)]
 pub struct Variant {
+    /// The variant's name in [`VARIANTS`]: `large`, `small` or `thumb`.
     pub name: &'static str,
+    /// Width in pixels, upright.
     pub width: u32,
+    /// Height in pixels, upright.
     pub height: u32,
+    /// `image/jpeg` for an opaque image, `image/png` for one with transparency.
     pub content_type: &'static str,
+    /// The file extension that goes with `content_type`: `jpg` or `png`.
     pub extension: &'static str,
+    /// The encoded file, 8-bit sRGB with all metadata stripped.
     pub bytes: Bytes,
 }
 
@@ -116,18 +169,24 @@ pub struct Variant {
 pub struct Rendered {
     /// Dimensions after the EXIF orientation is applied.
     pub width: u32,
+    /// Height in pixels, after the EXIF orientation (see [`Rendered::width`]).
     pub height: u32,
+    /// The thumbnail's blurhash, 4×3 components.
     pub blurhash: String,
+    /// The encoded [`VARIANTS`], largest first.
     pub variants: Vec<Variant>,
+    /// Camera make, model and capture time from the EXIF block; all `None` without one.
     pub exif: ExifSummary,
 }
 
 /// What [`probe`] learns from the header, before any pixel is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The sniffed format, one of the accepted images.
     pub format: MediaType,
     /// Stored dimensions of the first frame, before the EXIF orientation.
     pub width: u32,
+    /// Stored height of the first frame in pixels (see [`Header::width`]).
     pub height: u32,
     /// Frames (pages) in the file: 1 for a still image.
     pub frames: u64,
@@ -175,7 +234,8 @@ pub fn init() -> Result<(), MediaError> {
 /// [`MediaError::TooManyPixels`], [`MediaError::TooManyFrames`], [`MediaError::TooManyScans`],
 /// [`MediaError::TooManyTiles`] or [`MediaError::TooMuchMetadata`] over a limit;
 /// [`MediaError::Malformed`] for a GIF frame outside its logical screen;
-/// [`MediaError::Decode`] when the header cannot be read.
+/// [`MediaError::Decode`] when the header cannot be read; [`MediaError::Engine`] when
+/// libvips cannot start.
 pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Header, MediaError> {
     let source = Source::new(bytes)?;
     inspect(&source, limits).map(|(header, _)| header)

@@ -3,6 +3,7 @@
 //! One partition's records are applied in offset order, in batches: each batch is one write
 //! to the read store, and its offsets are committed only after that write returns. The store's
 //! fold is idempotent and order-insensitive, so redelivery after a crash changes nothing.
+#![warn(missing_docs)]
 
 use std::sync::Arc;
 

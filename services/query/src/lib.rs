@@ -6,6 +6,7 @@
 //! entry. In one process (`serve`) the projector tells the cache directly; a standalone query
 //! edge tails the log in a group of its own ([`tail_invalidations`]). A TTL bounds staleness
 //! if an invalidation races a load.
+#![warn(missing_docs)]
 
 mod media;
 mod views;
@@ -29,15 +30,25 @@ use uuid::Uuid;
 /// A rendered read-model response, ready to send, with who may see it.
 #[derive(Debug)]
 pub struct Cached {
+    /// The JSON body of `GET /v1/media/{id}`, with media URLs already made.
     pub body: Bytes,
+    /// The body's strong ETag, quoted: the first 12 bytes of its SHA-256, in hex.
     pub etag: String,
+    /// The media's owner, matched against the viewer when the media is private.
     pub owner: String,
     /// Private media is shown to its owner only; anyone else gets the 404 of absent media.
     pub private: bool,
 }
 
+/// What the query routes share: the backends, the response cache, and how media URLs are
+/// made and readers identified.
 pub struct QueryState {
+    /// The storage backends; reads go to the read store (`views`) and, for `/media/`, the
+    /// object store.
     pub backends: Backends,
+    /// Rendered `GET /v1/media/{id}` responses by media id: at most `query.cache_capacity`
+    /// entries, each for at most `query.cache_ttl_ms`, dropped when a change to its media
+    /// is announced ([`QueryState::follow`], [`tail_invalidations`]).
     pub cache: Cache<Uuid, Arc<Cached>>,
     /// Prefix of media URLs: the CDN, or empty for this edge's own `/media/`.
     pub cdn_base: String,
@@ -50,6 +61,10 @@ pub struct QueryState {
 }
 
 impl QueryState {
+    /// The state of a query edge on `backends`: the cache sized by `query.cache_capacity`
+    /// and `query.cache_ttl_ms` (at least 1 ms), media URLs under `cdn.base_url` (trailing
+    /// `/` dropped) signed with `cdn.signing_keys` for `cdn.signed_url_ttl_secs` (at least
+    /// 60 s), and `keys` to identify readers.
     pub fn new(
         backends: Backends,
         settings: &Settings,

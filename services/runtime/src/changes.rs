@@ -5,6 +5,8 @@
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+/// The channel of change notices within one process: a broadcast of media ids, holding the
+/// last 16 384 for subscribers that fall behind. Clones share the channel.
 #[derive(Clone)]
 pub struct Changes {
     sender: broadcast::Sender<Uuid>,
@@ -17,17 +19,23 @@ impl Default for Changes {
 }
 
 impl Changes {
+    /// A new channel with no subscribers.
     pub fn new() -> Self {
         Changes {
             sender: broadcast::channel(16_384).0,
         }
     }
 
+    /// Announces that `media_id`'s read models changed. Never blocks or fails; with no
+    /// subscriber the notice is dropped.
     pub fn publish(&self, media_id: Uuid) {
         // No subscriber is fine: nothing is cached.
         let _ = self.sender.send(media_id);
     }
 
+    /// A receiver of every notice published from now on. One that falls more than 16 384
+    /// notices behind gets `RecvError::Lagged` and has missed some, so it should drop
+    /// everything it cached.
     pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
         self.sender.subscribe()
     }

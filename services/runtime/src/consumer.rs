@@ -1,5 +1,5 @@
-//! The consumer runtime every processor and projector runs on: at-least-once delivery with
-//! effects made idempotent by the handlers.
+//! The consumer runtime every consumer group runs on (processors, transcoders, projectors, the
+//! archive): at-least-once delivery with effects made idempotent by the handlers.
 //!
 //! - Records of a partition are handed to the handler in batches of up to `max_batch`, with up
 //!   to `per_partition` batches of one partition in flight at once (1 keeps strict order, as
@@ -7,9 +7,10 @@
 //! - A partition's offset is committed only up to its lowest unfinished record, and only after
 //!   the handler returned, i.e. after the effect is durable.
 //! - A failed batch is retried with backoff. A transient failure is retried until it succeeds
-//!   or the process stops. A permanent one is retried `max_attempts` times; a batch is then
-//!   split into single records, and a record that still fails is appended to the dead-letter
-//!   topic with its origin and error in headers, and the group moves on.
+//!   or the process stops. A permanent one is tried `max_attempts` times in all; a batch is
+//!   then split into single records, each tried `max_attempts` times again, and a record that
+//!   still fails is appended to the dead-letter topic with its origin and error in headers,
+//!   and the group moves on.
 //! - On shutdown the runtime stops fetching, lets in-flight work finish, commits it, and
 //!   returns.
 
@@ -53,7 +54,8 @@ impl std::fmt::Display for HandleError {
 pub trait JobResult<T> {
     /// Transient: retried with backoff until it succeeds or the process stops.
     fn retry(self, what: &'static str) -> Result<T, HandleError>;
-    /// Permanent: retried `max_attempts` times, then dead-lettered.
+    /// Permanent: tried `max_attempts` times in all (a batch then record by record), then
+    /// dead-lettered.
     fn abort(self, what: &'static str) -> Result<T, HandleError>;
 }
 
@@ -70,6 +72,8 @@ impl<T, E: std::error::Error + Send + Sync + 'static> JobResult<T> for Result<T,
 /// [`JobResult`] for backend errors, which know their [`ErrorKind`](conveyor_storage::ErrorKind): transient errors are
 /// retried, and the rest (permanent, not found) are permanent for the job.
 pub trait KindedJobResult<T> {
+    /// Transient if the backend says so ([`JobResult::retry`]), permanent otherwise
+    /// ([`JobResult::abort`]); `what` is the context the error is wrapped in.
     fn by_kind(self, what: &'static str) -> Result<T, HandleError>;
 }
 
@@ -90,14 +94,23 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError>;
 }
 
+/// How [`run`] consumes: which topic and group, how records are batched, retried and
+/// committed. [`ConsumerConfig::new`] gives the defaults; each stage sets its own from the
+/// settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
+    /// The topic consumed.
     pub topic: String,
+    /// The consumer group joined; its committed offsets are this consumer's progress.
     pub group: String,
     /// Where records that keep failing go.
     pub dlq_topic: String,
+    /// Batches of one partition handled at once: 1 keeps strict order within a partition.
     pub per_partition: usize,
+    /// Most records in one batch handed to the handler (0 is taken as 1).
     pub max_batch: usize,
+    /// How many times a batch that fails permanently is tried before it is split (then, per
+    /// record, before the record is dead-lettered). Transient failures do not count.
     pub max_attempts: u32,
     /// Most records fetched but not yet finished, across partitions.
     pub max_buffered: usize,
@@ -113,6 +126,9 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// `topic` as a member of `group`, dead letters to `{topic}.dlq`, one record at a time per
+    /// partition, 5 attempts, 4096 records buffered, retries from 50 ms doubling up to 5 s,
+    /// and commits at most every 50 ms.
     pub fn new(topic: &str, group: &str) -> Self {
         ConsumerConfig {
             topic: topic.to_owned(),
@@ -133,7 +149,7 @@ impl ConsumerConfig {
 struct PartitionState {
     epoch: u64,
     waiting: VecDeque<Delivered>,
-    /// First offsets of batches being handled, and the offsets they cover.
+    /// Batches of this partition being handled now (at most `per_partition`).
     in_flight: usize,
     unfinished: BTreeSet<u64>,
     /// One past the highest offset fetched.

@@ -39,6 +39,7 @@ pub enum KeyKind {
 /// Who a valid key is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {
+    /// What the key may do.
     pub kind: KeyKind,
     /// The owner (client keys) or the service (service keys).
     pub name: String,
@@ -47,8 +48,13 @@ pub struct Principal {
 /// An issued key's record, at `auth/keys/{id}.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyRecord {
+    /// 16 hex digits (8 random bytes): the `{id}` in the key `cvk_{id}_{secret}`, in this
+    /// record's object key and in its revocation's (`auth/revoked/{id}`).
     pub id: String,
+    /// What the key may do.
     pub kind: KeyKind,
+    /// The owner (client keys) or the service (service keys): a key name as
+    /// `conveyor_config::check_key_name` allows.
     pub name: String,
     /// Hex sha256 of the whole key (`cvk_{id}_{secret}`).
     pub sha256: String,
@@ -300,8 +306,10 @@ pub async fn issue(
 /// An issued key and whether it is revoked.
 #[derive(Debug, Clone, Serialize)]
 pub struct IssuedKey {
+    /// The key's record; serialized flat, its fields beside `revoked`.
     #[serde(flatten)]
     pub record: KeyRecord,
+    /// Whether the key is revoked (`auth/revoked/{id}` exists).
     pub revoked: bool,
 }
 

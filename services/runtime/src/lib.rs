@@ -5,6 +5,7 @@
 //!
 //! It stands on `conveyor-config` and the storage traits of `conveyor-storage`, and names no
 //! storage engine.
+#![warn(missing_docs)]
 
 pub mod changes;
 pub mod consumer;

@@ -7,11 +7,15 @@ use tokio_util::task::TaskTracker;
 /// `token`; `drain` cancels and waits for all of them.
 #[derive(Clone, Default)]
 pub struct Shutdown {
+    /// The root token, cancelled by `drain` (or on a signal, after `cancel_on_signal`); tasks
+    /// watch it or a child of it.
     pub token: CancellationToken,
+    /// Where long-lived tasks are spawned, so that `drain` can wait for them.
     pub tracker: TaskTracker,
 }
 
 impl Shutdown {
+    /// A new tree: the token not cancelled, the tracker open and empty.
     pub fn new() -> Self {
         Self::default()
     }

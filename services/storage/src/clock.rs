@@ -11,10 +11,15 @@ pub struct VersionClock {
 }
 
 impl VersionClock {
+    /// A clock that has handed out no version yet.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// The next version, in microseconds since the Unix epoch: the wall clock now, or one
+    /// more than the last version this clock handed out if the wall clock has not moved past
+    /// it (or went back). Safe to call from many threads at once; no two calls get the same
+    /// version.
     pub fn next(&self) -> u64 {
         let now = now_micros() as u64;
         let mut last = self.last.load(Ordering::Relaxed);

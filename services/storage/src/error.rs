@@ -34,8 +34,10 @@ impl std::fmt::Display for ErrorKind {
 
 /// An error that knows its kind.
 pub trait Kinded {
+    /// What kind of failure this is: transient, permanent or not found.
     fn kind(&self) -> ErrorKind;
 
+    /// Whether retrying as is can help: the kind is [`ErrorKind::Transient`].
     fn is_transient(&self) -> bool {
         self.kind() == ErrorKind::Transient
     }

@@ -10,6 +10,9 @@ pub fn to_record(envelope: &Envelope) -> Record {
     to_record_with(envelope, Codec::Bincode)
 }
 
+/// Encodes an envelope in `codec` as a record keyed by its aggregate id (the UUID as text,
+/// so one item's events share a partition), with the `content-type` (the codec's),
+/// `event-type` and `schema-version` headers. [`to_record`] is this with bincode.
 pub fn to_record_with(envelope: &Envelope, codec: Codec) -> Record {
     Record {
         key: envelope.aggregate_id.to_string().into_bytes(),

@@ -6,6 +6,7 @@
 //!
 //! Everything above this crate works against the traits; only [`backends`] names an
 //! implementation.
+#![warn(missing_docs)]
 
 pub mod backends;
 pub mod clock;

@@ -24,6 +24,8 @@ pub struct ReaderPool {
 }
 
 impl ReaderPool {
+    /// A pool for the database file at `path`. No connection is opened yet: each is opened
+    /// on first need (with [`open_connection`]) and kept for reuse.
     pub fn new(path: PathBuf) -> Self {
         ReaderPool {
             path,

@@ -5,11 +5,12 @@
 //! Not behind a `testsuite` feature: the end-to-end crate would then build this crate a second
 //! time with other features, and this is two small functions.
 
-/// The Kafka bootstrap address, `host:port`.
+/// The name of the variable that holds the Kafka bootstrap address, `host:port`.
 pub const KAFKA: &str = "CONVEYOR_TEST_KAFKA";
-/// A CQL node, as a read-store URI: `scylla://host:port/keyspace_prefix`.
+/// The name of the variable that holds a CQL node, as a read-store URI:
+/// `scylla://host:port/keyspace_prefix`.
 pub const CQL: &str = "CONVEYOR_TEST_CQL";
-/// The S3 API endpoint, `http://host:port`.
+/// The name of the variable that holds the S3 API endpoint, `http://host:port`.
 pub const S3: &str = "CONVEYOR_TEST_S3";
 
 /// The value of the engine variable `var`, or `None` after a loud `SKIPPED` line on stderr.

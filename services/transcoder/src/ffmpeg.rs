@@ -38,6 +38,8 @@ const DEMUXERS: &str = "mov,matroska";
 pub struct MissingTool {
     /// `ffmpeg` or `ffprobe`.
     pub tool: &'static str,
+    /// The executable that was tried: `video.ffmpeg` or `video.ffprobe`, a name looked up
+    /// in `PATH` or a path.
     pub path: String,
     reason: String,
 }
@@ -175,19 +177,33 @@ fn input_args(media: MediaType, input: &Path) -> Vec<OsString> {
 /// Why a run did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The child could not be started, or waiting for it failed: worth another try.
     #[error("could not start it: {0}")]
     Spawn(#[source] std::io::Error),
+    /// It ran past its deadline and was killed.
     #[error("it ran past its deadline and was killed")]
     TimedOut,
+    /// Its `abort` token was cancelled (the media was deleted, or the transcoder is
+    /// stopping), and it was killed.
     #[error("it was stopped")]
     Aborted,
     /// It exited with an error code: the file is the cause. `stderr` is for the log.
     #[error("it failed ({status})")]
-    Failed { status: ExitStatus, stderr: String },
+    Failed {
+        /// The exit status, with its code.
+        status: ExitStatus,
+        /// The first [`STDERR_KEPT`] bytes of its stderr, lossily decoded as UTF-8.
+        stderr: String,
+    },
     /// It was killed by a signal it was not sent here (the OOM killer, an operator): worth
     /// another try.
     #[error("it was killed ({status})")]
-    Killed { status: ExitStatus, stderr: String },
+    Killed {
+        /// The exit status, which has no code, only the signal.
+        status: ExitStatus,
+        /// The first [`STDERR_KEPT`] bytes of its stderr, lossily decoded as UTF-8.
+        stderr: String,
+    },
 }
 
 impl RunError {

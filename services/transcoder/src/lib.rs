@@ -19,6 +19,7 @@
 //! drain ends first; it then runs again, from the start, wherever its record is redelivered.
 //! Outputs live in the job directory until every one is finished, and the directory is removed
 //! whatever happens (and, after a crash, at the next start).
+#![warn(missing_docs)]
 
 pub mod ffmpeg;
 pub mod probe;

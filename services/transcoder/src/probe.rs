@@ -7,44 +7,64 @@ use serde::Deserialize;
 /// strings (`"duration": "3.000000"`), and leaves out what it does not know.
 #[derive(Debug, Deserialize)]
 pub struct Output {
+    /// Every stream in the file, in ffprobe's order (`-show_streams`); empty when ffprobe
+    /// lists none.
     #[serde(default)]
     pub streams: Vec<Stream>,
+    /// The container's section (`-show_format`); `None` when ffprobe leaves it out.
     pub format: Option<Format>,
 }
 
+/// One entry of ffprobe's `streams` array: a video, audio, subtitle or data stream.
 #[derive(Debug, Deserialize)]
 pub struct Stream {
+    /// The stream's kind as ffprobe names it: `video`, `audio`, `subtitle`, `data`...
     pub codec_type: Option<String>,
+    /// ffmpeg's short name of the codec (`h264`, `hevc`, `aac`...).
     pub codec_name: Option<String>,
+    /// Coded width in pixels, before the pixel aspect ratio and the rotation; video only.
     pub width: Option<u32>,
+    /// Coded height in pixels, before the rotation; video only.
     pub height: Option<u32>,
+    /// Average frame rate as a rational string (`"30000/1001"`); `"0/0"` when unknown.
     pub avg_frame_rate: Option<String>,
+    /// The lowest rate that represents every timestamp exactly, as a rational string
+    /// (`"25/1"`); read when `avg_frame_rate` is unknown.
     pub r_frame_rate: Option<String>,
     /// The shape of one pixel, `W:H` (`2:1` for anamorphic video); `0:1` when unknown.
     pub sample_aspect_ratio: Option<String>,
+    /// The stream's side data; the first entry with a rotation gives the video's rotation.
     #[serde(default)]
     pub side_data_list: Vec<SideData>,
+    /// The stream's disposition flags; all off when ffprobe leaves them out.
     #[serde(default)]
     pub disposition: Disposition,
 }
 
+/// The disposition flags of a stream that Conveyor reads.
 #[derive(Debug, Default, Deserialize)]
 pub struct Disposition {
-    /// Cover art in an audio file is a "video" stream of one picture.
+    /// 1 for an attached picture, 0 otherwise: cover art in an audio file is a "video"
+    /// stream of one picture, and is not taken for the video.
     #[serde(default)]
     pub attached_pic: u8,
 }
 
+/// One entry of a stream's `side_data_list`; only the display matrix's rotation is read.
 #[derive(Debug, Deserialize)]
 pub struct SideData {
     /// The display matrix's rotation, in degrees counter-clockwise (`av_display_rotation_get`).
     pub rotation: Option<f64>,
 }
 
+/// ffprobe's `format` section: what the container says of the whole file.
 #[derive(Debug, Deserialize)]
 pub struct Format {
+    /// Duration in seconds, as a decimal string (`"3.000000"`).
     pub duration: Option<String>,
+    /// Overall bit rate in bits per second, as a decimal string (`"811010"`).
     pub bit_rate: Option<String>,
+    /// How many streams the container holds; 0 when ffprobe leaves it out.
     #[serde(default)]
     pub nb_streams: u32,
 }
@@ -55,39 +75,83 @@ pub struct Probe {
     /// Display size: the coded size, stretched by the pixel aspect ratio and turned by the
     /// rotation.
     pub width: u32,
+    /// Display height in pixels (see [`Probe::width`]).
     pub height: u32,
-    /// Degrees counter-clockwise, 0, 90, 180 or 270.
+    /// Degrees counter-clockwise, from the display matrix rounded to a whole degree and
+    /// brought into 0..360: 0, 90, 180 or 270 for the files phones and cameras write; 0
+    /// when the stream has none.
     pub rotation: u16,
+    /// Duration in milliseconds, from the container's duration, rounded.
     pub duration_ms: u64,
+    /// ffmpeg's name of the first video stream's codec (`h264`, `hevc`...); `unknown` when
+    /// ffprobe gives none.
     pub video_codec: String,
+    /// ffmpeg's name of the first audio stream's codec (`aac`, `opus`...); `None` when the
+    /// file has no sound.
     pub audio_codec: Option<String>,
+    /// Frame rate in thousandths of a frame per second (29970 for 30000/1001 fps), from
+    /// the average frame rate or else `r_frame_rate`; 0 when neither is known.
     pub frame_rate_milli: u32,
+    /// Overall bit rate in bits per second, from the container; 0 when unknown.
     pub bitrate: u64,
+    /// Streams in the file: the larger of the container's count and the streams listed.
     pub streams: u32,
 }
 
 /// Why a file is not a video Conveyor takes. Shown to clients as the failure reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
+    /// No video stream, cover art (an attached picture) aside.
     #[error("the file has no video stream")]
     NoVideo,
+    /// The video stream's coded width or height is 0 or missing.
     #[error("the video stream has no picture size ({width}x{height})")]
-    NoPictureSize { width: u32, height: u32 },
+    NoPictureSize {
+        /// Coded width in pixels, 0 when missing.
+        width: u32,
+        /// Coded height in pixels, 0 when missing.
+        height: u32,
+    },
+    /// The container gives no positive, finite duration.
     #[error("the video has no duration that can be read")]
     NoDuration,
+    /// Longer than `video.max_duration_secs`, by the container's duration or, after the
+    /// encode, by what was measured.
     #[error("the video is {seconds} s long, over the limit of {limit} s")]
-    TooLong { seconds: u64, limit: u64 },
+    TooLong {
+        /// The video's length in seconds, rounded up.
+        seconds: u64,
+        /// The limit in seconds.
+        limit: u64,
+    },
+    /// The display size's longer side is over `video.max_side`.
     #[error("the video is {width}x{height}, over the limit of {limit} px per side")]
-    TooLarge { width: u32, height: u32, limit: u32 },
+    TooLarge {
+        /// Display width in pixels.
+        width: u32,
+        /// Display height in pixels.
+        height: u32,
+        /// The limit on either side, in pixels.
+        limit: u32,
+    },
+    /// More streams than `video.max_streams`.
     #[error("the file has {streams} streams, over the limit of {limit}")]
-    TooManyStreams { streams: u32, limit: u32 },
+    TooManyStreams {
+        /// Streams in the file (see [`Probe::streams`]).
+        streams: u32,
+        /// The limit.
+        limit: u32,
+    },
 }
 
 /// The limits [`Probe::from_output`] holds a file to (`video.*` settings).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Longest accepted duration, in seconds (`video.max_duration_secs`).
     pub max_duration_secs: u64,
+    /// Largest accepted display width or height, in pixels (`video.max_side`).
     pub max_side: u32,
+    /// Most streams in one file (`video.max_streams`).
     pub max_streams: u32,
 }
 
@@ -95,8 +159,8 @@ impl Probe {
     /// The probe of ffprobe's `output`, if it is within `limits`.
     ///
     /// # Errors
-    /// [`Refused`] when the file has no video stream (cover art does not count), no readable
-    /// duration, or is over a limit.
+    /// [`Refused`] when the file has no video stream (cover art does not count), a video
+    /// stream with no picture size, no readable duration, or is over a limit.
     pub fn from_output(output: &Output, limits: Limits) -> Result<Probe, Refused> {
         let format = output.format.as_ref();
         let streams = format

@@ -75,16 +75,22 @@ pub struct Truncated;
 /// A GIF's logical screen, in pixels (GIF89a §18).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GifScreen {
+    /// The logical screen's width, in pixels (a 16-bit field in the file).
     pub width: u32,
+    /// The logical screen's height, in pixels (a 16-bit field in the file).
     pub height: u32,
 }
 
 /// One frame's rectangle on the screen, in pixels (GIF89a §20, the image descriptor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GifFrame {
+    /// The frame's left edge: its offset from the screen's left edge, in pixels.
     pub x: u32,
+    /// The frame's top edge: its offset from the screen's top edge, in pixels.
     pub y: u32,
+    /// The frame's width, in pixels.
     pub width: u32,
+    /// The frame's height, in pixels.
     pub height: u32,
 }
 
@@ -185,8 +191,9 @@ fn color_table_len(flags: u8) -> usize {
     }
 }
 
-/// Compressed bytes in a PNG's `zTXt`, `iTXt` and `iCCP` chunks (RFC 2083 §4.2), from a walk
-/// over the chunk headers; stops where the structure breaks.
+/// Data bytes of a PNG's `zTXt`, `iTXt` and `iCCP` chunks (text and colour profiles, mostly
+/// compressed; PNG specification, ISO/IEC 15948, §11.3), from a walk over the chunk headers
+/// that ends at the first `IDAT` or `IEND`, or where the structure breaks.
 pub fn png_metadata_bytes(bytes: &[u8]) -> u64 {
     let mut total = 0u64;
     let mut i = 8;

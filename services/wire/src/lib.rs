@@ -9,6 +9,7 @@
 //!   that run before any image decoder;
 //! - [`fuzzing`]: the properties the fuzz targets check, shared with the regression tests that
 //!   replay every input a fuzzer ever found (`fuzz/regressions/`).
+#![warn(missing_docs)]
 
 pub mod cursor;
 pub mod fuzzing;

@@ -10,9 +10,13 @@ use std::fmt;
 /// the transcoder takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MediaType {
+    /// JPEG, `image/jpeg`.
     Jpeg,
+    /// PNG, `image/png`.
     Png,
+    /// WebP (a RIFF container), `image/webp`.
     WebP,
+    /// GIF (87a or 89a), possibly animated, `image/gif`.
     Gif,
     /// HEIF with HEVC-coded images: what iPhones store photos as by default.
     Heic,
@@ -74,7 +78,8 @@ impl MediaType {
     /// AV1 Image File Format §9). A bare `mif1` names neither codec and is refused.
     ///
     /// Video: an `ftyp` box that names no image codec but whose major brand is QuickTime's
-    /// (`qt  `) or an MP4 brand (`isom`, `iso2`–`iso6`, `mp41`, `mp42`, `avc1`, `M4V `, `dash`);
+    /// (`qt  `) or an MP4 brand (`isom`, `iso2`–`iso6`, `mp41`, `mp42`, `avc1`, `M4V `, `M4VH`,
+    /// `M4VP`, `dash`, the 3GPP `3gp4`–`3gp7` and 3GPP2 `3g2a`–`3g2c`, `XAVC`, `MSNV`, `f4v `);
     /// or an EBML header (`1A 45 DF A3`, RFC 8794 §8) whose `DocType` element (ID `42 82`) says
     /// `webm` or `matroska` (RFC 9559 §5.1). A text playlist (HLS, concat) has neither.
     pub fn sniff(head: &[u8]) -> Option<MediaType> {

@@ -5,12 +5,15 @@ use std::ops::RangeInclusive;
 /// What to send for a `Range` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RangeRequest {
-    /// The whole object (200): no header, a malformed one, or several ranges, which RFC 9110
-    /// §14.2 lets a server answer with the whole representation.
+    /// The whole object (200): no header, a malformed one, several ranges that do not overlap
+    /// (RFC 9110 §14.2 lets a server answer with the whole representation), or a range from
+    /// byte 0 of an empty object, which has no bytes to make a part of.
     Whole,
     /// One range of bytes, both ends inside the object (206).
     Part(RangeInclusive<u64>),
-    /// The range starts past the end (416, with `Content-Range: bytes */{size}`).
+    /// No part can be sent (416, with `Content-Range: bytes */{size}`): a range that starts
+    /// past the end or is reversed (`bytes=5-3`), a suffix longer than the object, or
+    /// several ranges that overlap.
     Unsatisfiable,
 }
 

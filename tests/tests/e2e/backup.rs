@@ -55,9 +55,12 @@ async fn a_backup_during_uploads_restores_everything_processed_before_it() {
             }
         })
     };
-    while uploaded.load(Ordering::Relaxed) < 5 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let writing = conveyor_tests::helpers::wait_until(std::time::Duration::from_secs(60), || {
+        let uploaded = uploaded.clone();
+        async move { (uploaded.load(Ordering::Relaxed) >= 5).then_some(()) }
+    })
+    .await;
+    assert!(writing.is_some(), "5 uploads answered within a minute");
     // A data dir's dev key travels with it.
     std::fs::write(app.settings.data_dir.join("dev-api-key"), "cvk_kept\n").unwrap();
     let backups = tempfile::tempdir().unwrap();

@@ -472,7 +472,8 @@ async fn connections_past_the_cap_are_closed_at_once() {
     for _ in 0..8 {
         held.push(tokio::net::TcpStream::connect(&address).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No wait needed: the kernel hands connections to the accept loop in the order they came,
+    // and the loop takes each one's slot before it accepts the next.
     let mut ninth = tokio::net::TcpStream::connect(&address).await.unwrap();
     assert!(
         closed_within(&mut ninth, Duration::from_secs(2)).await,
@@ -513,7 +514,20 @@ async fn a_client_that_stops_reading_is_dropped() {
         .write_all(format!("GET /media/originals/{sha} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The server gives up on the write once it has stalled for the limit (1 s); wait for that
+    // before reading anything, or the reads would unstall it. Only this test stalls a write.
+    let gave_up = conveyor_tests::helpers::wait_until(Duration::from_secs(30), || async {
+        let metrics = app.client.get(app.url("/metrics")).send().await.ok()?;
+        let text = metrics.text().await.ok()?;
+        text.lines()
+            .any(|l| l.starts_with("conveyor_write_stalls_total ") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        gave_up.is_some(),
+        "the stalled write was given up within 30 s"
+    );
     // Reading now gets what was buffered, then the end: the server gave up on this client.
     let mut received = 0usize;
     let mut buffer = vec![0u8; 1 << 16];

@@ -30,6 +30,14 @@ pub(crate) fn settings(config: &Option<PathBuf>, target: RoleArgs) -> anyhow::Re
     }
     Ok(settings)
 }
+
+/// Runs one `conveyor ops` command on the configuration `config` names (the global
+/// `--config`, or defaults and the environment), printing its outcome to stdout.
+///
+/// # Errors
+/// When the configuration does not load, a backend cannot be opened, or the command itself
+/// fails (a missing data dir, a corrupt backup, an unknown projection…), with the cause in
+/// the message.
 pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Result<()> {
     match command {
         OpsCommand::Lag {

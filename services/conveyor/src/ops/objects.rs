@@ -6,8 +6,11 @@ use conveyor_storage::objects::{self, ObjectStore};
 /// What a migration did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MigrationReport {
+    /// Objects copied, each verified by its sha256.
     pub copied: u64,
+    /// Objects left alone because the target already had one of the same size at the key.
     pub skipped: u64,
+    /// Bytes of the copied objects (skipped ones are not counted).
     pub bytes: u64,
 }
 

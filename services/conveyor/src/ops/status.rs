@@ -58,9 +58,13 @@ pub(crate) async fn lag(
 /// One backend's health, as `ops status` reports it.
 #[derive(Debug, serde::Serialize)]
 pub struct Health {
+    /// The backend's URI, as the configuration names it.
     pub uri: String,
+    /// Whether the check (open the backend, then one cheap call) succeeded within 10 s.
     pub ok: bool,
+    /// How long the check took, in milliseconds (10,000 or so when it timed out).
     pub latency_ms: f64,
+    /// Why the check failed (the error chain, or `no answer in 10 s`); `None` when `ok`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -84,25 +88,38 @@ async fn health<F: std::future::Future<Output = anyhow::Result<()>>>(
     }
 }
 
+/// One consumer group's lag on the media topic, as `ops status` reports it.
 #[derive(Debug, serde::Serialize)]
 pub struct GroupStatus {
+    /// The group's name (`processor`, `projector`, …).
     pub group: String,
+    /// Records past the group's committed offsets (end minus committed), summed over every
+    /// partition.
     pub lag: u64,
-    /// `(partition, committed, end, lag)`.
+    /// One JSON object per partition: `{"partition", "committed", "end", "lag"}`.
     pub partitions: Vec<serde_json::Value>,
 }
 
 /// Everything `ops status` shows.
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
+    /// The media events topic (`log.topic`).
     pub topic: String,
     /// False until a role or `ops topics ensure` creates it.
     pub topic_exists: bool,
+    /// The sum of the topic's end offsets: every record ever appended to it, including any
+    /// retention has removed. 0 when the log is down or the topic does not exist.
     pub records: u64,
+    /// Records appended per second, from the end offsets sampled about one second apart.
     pub events_per_sec: f64,
+    /// Every consumer group that has committed on the topic.
     pub groups: Vec<GroupStatus>,
+    /// Dead letters not yet redriven: the dead-letter topic's lag for the redrive group; 0
+    /// when that cannot be read.
     pub dead_letters: u64,
+    /// Each backend's health, by name: `log`, `objects` and `views`.
     pub backends: std::collections::BTreeMap<&'static str, Health>,
+    /// Rate limits, quota and key counts, as this configuration sets them.
     pub access: Access,
 }
 
@@ -121,6 +138,7 @@ pub struct Access {
     pub configured_keys: usize,
     /// Keys issued with `ops keys create` and not revoked, or `None` when the store is down.
     pub issued_keys: Option<usize>,
+    /// Issued keys that were revoked, or `None` when the store is down.
     pub revoked_keys: Option<usize>,
 }
 

@@ -10,13 +10,17 @@ use axum::response::{IntoResponse, Response};
 /// body with the right status; internal causes are logged, never sent.
 #[derive(Debug)]
 pub struct ApiError {
+    /// The response's status.
     pub status: StatusCode,
+    /// The body's `error.code`: stable and machine-readable, such as `not_found`.
     pub code: &'static str,
+    /// The body's `error.message`, for people.
     pub message: String,
     source: Option<anyhow::Error>,
 }
 
 impl ApiError {
+    /// An error with this status, code and message, and no internal cause to log.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -26,14 +30,18 @@ impl ApiError {
         }
     }
 
+    /// 400 with `code`: the request is malformed or breaks a rule the message names.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 401 `unauthorized`, with `WWW-Authenticate: Bearer`: no key, or not a valid one of
+    /// the kind the route takes.
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -42,11 +50,13 @@ impl ApiError {
         )
     }
 
+    /// 403 `forbidden`: the key is valid but may not do this.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
-    /// A failure of Conveyor's own (a backend is down, a bug): 503 for backends, logged.
+    /// A backend that is down or timed out: 503 `unavailable` with `Retry-After`
+    /// ([`RETRY_AFTER_SECS`]); the cause is logged at WARN, never sent.
     pub fn unavailable(source: impl Into<anyhow::Error>) -> Self {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -69,6 +79,8 @@ impl ApiError {
         }
     }
 
+    /// A failure of Conveyor's own that retrying will not fix (a bug, a permanent backend
+    /// error): 500 `internal`; the cause is logged at ERROR, never sent.
     pub fn internal(source: impl Into<anyhow::Error>) -> Self {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,6 +96,7 @@ impl ApiError {
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 #[schema(example = json!({"error": {"code": "not_found", "message": "no such media"}}))]
 pub struct ErrorBody {
+    /// What went wrong.
     pub error: ErrorDetail,
 }
 
@@ -98,6 +111,7 @@ pub struct ErrorDetail {
 }
 
 impl ErrorBody {
+    /// `{"error": {"code": code, "message": message}}`.
     pub fn new(code: &str, message: impl Into<String>) -> Self {
         ErrorBody {
             error: ErrorDetail {

@@ -24,7 +24,9 @@ pub fn content_length_over(headers: &HeaderMap, limit: u64) -> Option<ApiError> 
     })
 }
 
-/// The owner a client key belongs to, from `Authorization: Bearer <key>`.
+/// The key presented in `Authorization: Bearer <key>` (the scheme in any case, the key
+/// trimmed), or `None` when there is none. Who the key belongs to, and whether it is valid,
+/// is [`crate::keys::Keys::lookup`]'s to say.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?

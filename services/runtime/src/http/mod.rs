@@ -1,8 +1,8 @@
 //! What every HTTP edge shares, one file per concern: the error type clients see ([`error`]),
 //! JSON bodies ([`json`]), request metrics ([`requests`]), the operations routes ([`ops`]),
-//! per-key rate limits ([`rate_limit`]), CORS ([`cors`]), shared headers ([`headers`]) and the
-//! server loop with its connection limits ([`serve`](mod@serve)). Everything is re-exported
-//! here, so callers write `http::ApiError`.
+//! per-key rate limits ([`rate_limit`](mod@rate_limit)), CORS ([`cors`](mod@cors)), shared
+//! headers ([`headers`]) and the server loop with its connection limits
+//! ([`serve`](mod@serve)). Everything is re-exported here, so callers write `http::ApiError`.
 
 pub mod cors;
 pub mod error;

@@ -21,6 +21,9 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// A limit of `per_sec` requests per second per key on average, with bursts of up to
+    /// `burst` requests (raised to `per_sec` when it is smaller), checking keys against
+    /// `keys`. A `per_sec` of 0 turns the limit off: every request passes.
     pub fn new(keys: crate::keys::Keys, per_sec: u32, burst: u32) -> Arc<RateLimit> {
         let limiter = std::num::NonZeroU32::new(per_sec).map(|rate| {
             let burst = std::num::NonZeroU32::new(burst.max(per_sec)).unwrap_or(rate);

@@ -1,4 +1,5 @@
-//! Request metrics: a count and a latency histogram per route, method and status class.
+//! Request metrics: a count per route, method and status class, and a latency histogram per
+//! route and method.
 
 use std::time::Instant;
 
@@ -6,7 +7,9 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 
-/// Records request count and latency per route and status class.
+/// Records `conveyor_http_requests_total` per route, method and status class, and
+/// `conveyor_http_request_seconds` per route and method. A request that matched no route
+/// counts as `unmatched`.
 pub async fn track_requests(req: Request, next: Next) -> Response {
     let route = req
         .extensions()

@@ -12,7 +12,8 @@ use super::ApiError;
 /// Serves `router` on `listener` until `stop`, then drains: open requests get
 /// `drain_timeout_ms` to finish. Unlike `axum::serve`, connections are held to `settings`:
 /// a deadline on every request head (which also closes idle keep-alive connections), a
-/// deadline between body chunks, and a cap on open connections.
+/// deadline between body chunks, a minimum average body rate, a deadline on stalled writes,
+/// and a cap on open connections (past it, new connections are closed at once).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
@@ -76,6 +77,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
+            let _open = OpenConnection::counted();
             // hyper's head deadline starts once it reads; a connection that never sends its
             // first byte (while the HTTP/1 or HTTP/2 preface is sniffed) is held to it here.
             let mut first = [0u8; 1];
@@ -101,9 +103,27 @@ pub async fn serve(
     Ok(())
 }
 
-/// The error a request body ends with when the client sends it too slowly or stops
-/// sending: it arrived slower than `http.min_body_rate_bytes_per_sec` on average once the
-/// grace was over, or paused longer than `http.body_idle_timeout_ms`.
+/// Counts a connection in `conveyor_connections_open` for as long as it lives, so an operator
+/// sees how close a replica is to `http.max_connections`.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn counted() -> OpenConnection {
+        metrics::gauge!("conveyor_connections_open").increment(1.0);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("conveyor_connections_open").decrement(1.0);
+    }
+}
+
+/// The error a request body ends with when the client sends it too slowly: it arrived
+/// slower than `http.min_body_rate_bytes_per_sec` on average once the grace
+/// (`http.body_rate_grace_ms`) was over. (A pause longer than `http.body_idle_timeout_ms`
+/// ends the body with tower-http's `TimeoutError` instead.)
 #[derive(Debug, thiserror::Error)]
 #[error("the request body arrived slower than {bytes_per_sec} bytes/s on average")]
 pub struct BodyTooSlow {
@@ -265,10 +285,13 @@ impl<IO> WriteDeadline<IO> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match deadline.as_mut().poll(cx) {
-            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client stopped reading the response",
-            ))),
+            std::task::Poll::Ready(()) => {
+                metrics::counter!("conveyor_write_stalls_total").increment(1);
+                std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client stopped reading the response",
+                )))
+            }
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
     }

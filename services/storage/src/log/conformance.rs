@@ -17,7 +17,7 @@ fn record(key: &str, value: &str) -> Record {
     }
 }
 
-/// Polls until `want` records arrived or 10 s passed.
+/// Polls until `want` records arrived or 30 s passed.
 async fn drain(sub: &mut dyn super::Subscription, want: usize) -> Vec<super::Delivered> {
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -31,6 +31,17 @@ async fn drain(sub: &mut dyn super::Subscription, want: usize) -> Vec<super::Del
     got
 }
 
+/// Runs every check against the log `open` returns: topic creation and refusals, per-key
+/// placement with dense offsets, concurrent appends, group reads, commits that never move
+/// back, resuming after a reopen, independent and deleted groups, tails and reads outside a
+/// group. Topic and group names are unique per run, so runs against a shared broker never
+/// meet.
+///
+/// `open` is called more than once (a second handle, a reopen after the first is dropped)
+/// and must return a handle on the same, initially empty, log each time.
+///
+/// # Panics
+/// On the first broken promise, and if `open` fails.
 pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)) {
     let log = open().expect("open log");
     // Unique names, so runs against a shared broker never meet.

@@ -108,6 +108,10 @@ fn task(e: impl std::fmt::Display) -> LogError {
     LogError::transient(format!("kafka: {e}"))
 }
 
+/// The Kafka event log: one producer, one admin client and one group-less client for
+/// metadata and watermarks, shared by every call; each subscription gets its own consumer and
+/// driver thread. Appends never create topics: [`EventLog::ensure_topic`] does, with
+/// `log.retention_ms` and `log.replication` from the settings.
 pub struct KafkaLog {
     brokers: String,
     settings: LogSettings,

@@ -22,10 +22,13 @@ pub struct Record {
     pub key: Vec<u8>,
     /// Small string headers (`content-type`, `event-type`, `schema-version`, DLQ details).
     pub headers: Vec<(String, String)>,
+    /// The payload, opaque to the log: on the media topics, an encoded envelope
+    /// ([`crate::events`]).
     pub value: Bytes,
 }
 
 impl Record {
+    /// The value of the first header named `name`, if there is one.
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
     }
@@ -36,24 +39,33 @@ impl Record {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 pub struct Position {
+    /// The partition, from 0: [`partition_for`] of the record's key.
     pub partition: u32,
+    /// The record's offset in its partition, from 0.
     pub offset: u64,
 }
 
 /// A record read back from the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
+    /// The topic it was read from.
     pub topic: String,
+    /// The partition it is in, from 0.
     pub partition: u32,
+    /// Its offset in that partition, from 0.
     pub offset: u64,
+    /// The key it was appended with.
     pub key: Vec<u8>,
+    /// The headers it was appended with, in order.
     pub headers: Vec<(String, String)>,
+    /// The payload it was appended with.
     pub value: Bytes,
     /// Append time, microseconds since the Unix epoch.
     pub timestamp: i64,
 }
 
 impl Delivered {
+    /// The value of the first header named `name`, if there is one.
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
     }
@@ -87,6 +99,7 @@ pub enum StartFrom {
 /// One partition's progress for one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionLag {
+    /// The partition, from 0.
     pub partition: u32,
     /// The next offset the group will read (0 if it never committed).
     pub committed: u64,
@@ -95,31 +108,56 @@ pub struct PartitionLag {
 }
 
 impl PartitionLag {
+    /// How many records the group has yet to commit on this partition: `end - committed`,
+    /// or 0 if the commit is at or past the end.
     pub fn lag(&self) -> u64 {
         self.end.saturating_sub(self.committed)
     }
 }
 
+/// Why an event log call failed. Every variant has a kind ([`Kinded`]), which is what callers
+/// decide on.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
+    /// The topic (named here) does not exist; appends never create one, only
+    /// [`EventLog::ensure_topic`] does. Not found.
     #[error("unknown topic {0:?}")]
     UnknownTopic(String),
+    /// [`EventLog::ensure_topic`] asked for another partition count than the existing topic
+    /// has. Permanent: repartitioning is a migration.
     #[error("topic {topic:?} exists with {existing} partitions, not {requested}")]
     PartitionMismatch {
+        /// The topic's name.
         topic: String,
+        /// The partition count the topic has.
         existing: u32,
+        /// The partition count asked for.
         requested: u32,
     },
+    /// A partition number at or past the topic's partition count. Not found.
     #[error("partition {partition} out of range for topic {topic:?}")]
-    UnknownPartition { topic: String, partition: u32 },
+    UnknownPartition {
+        /// The topic's name.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+    },
+    /// The log, or a subscription's driver, has shut down in this process. Permanent: a
+    /// worker that sees it stops, and the process exits for its orchestrator to restart.
     #[error("event log is shut down")]
     Closed,
     /// The backend failed; `kind` says whether retrying can help.
     #[error("event log storage ({kind}): {message}")]
-    Storage { kind: ErrorKind, message: String },
+    Storage {
+        /// Transient, permanent or not found, as the backend's mapping decided.
+        kind: ErrorKind,
+        /// The backend's description of the failure.
+        message: String,
+    },
 }
 
 impl LogError {
+    /// A [`LogError::Storage`] of kind [`ErrorKind::Transient`], saying `message`.
     pub fn transient(message: impl std::fmt::Display) -> LogError {
         LogError::Storage {
             kind: ErrorKind::Transient,
@@ -127,6 +165,7 @@ impl LogError {
         }
     }
 
+    /// A [`LogError::Storage`] of kind [`ErrorKind::Permanent`], saying `message`.
     pub fn permanent(message: impl std::fmt::Display) -> LogError {
         LogError::Storage {
             kind: ErrorKind::Permanent,

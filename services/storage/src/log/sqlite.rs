@@ -2,7 +2,8 @@
 //!
 //! Layout: one table per topic partition, `t{topic_id}_p{partition}`, keyed by an
 //! `INTEGER PRIMARY KEY` so every append lands at the end of its B-tree (about 3× the append
-//! rate of a composite `(partition, offset)` key, measured in `shared/ENGINES.md`). A record's
+//! rate of a composite `(partition, offset)` key, measured when the layout was chosen; see
+//! `docs/architecture.md`). A record's
 //! offset is its rowid minus one, so offsets are dense and start at 0.
 //!
 //! Writes go through one writer thread that owns the write connection. It drains every append
@@ -738,15 +739,20 @@ impl Subscription for SqliteSubscription {
 /// One partition of a log file, as a backup manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionSummary {
+    /// The partition, from 0.
     pub partition: u32,
+    /// How many records the partition holds.
     pub records: u64,
+    /// The offset the next append to it would get: its last offset plus one, 0 when empty.
     pub end: u64,
 }
 
 /// One group's committed offsets on one topic.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupSummary {
+    /// The consumer group's name.
     pub group: String,
+    /// The topic it committed on.
     pub topic: String,
     /// `(partition, next offset)`.
     pub offsets: Vec<(u32, u64)>,
@@ -755,7 +761,9 @@ pub struct GroupSummary {
 /// What a log file holds: every topic's partitions and every group's commits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LogSummary {
+    /// Every topic, by name, with its partitions in partition order.
     pub topics: std::collections::BTreeMap<String, Vec<PartitionSummary>>,
+    /// Every group's commits, one entry per group and topic, sorted by group, then topic.
     pub groups: Vec<GroupSummary>,
 }
 

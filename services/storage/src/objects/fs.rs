@@ -2,7 +2,8 @@
 //!
 //! A put writes to `<root>/.tmp/<uuid>`, fsyncs it, renames it into place and fsyncs the
 //! directory, so a crash leaves either the old object or the new one. Leftover temp files
-//! from a crash are removed when the store opens.
+//! from a crash are removed when the store opens, once untouched for an hour (other processes
+//! sharing the directory may be writing theirs).
 
 use std::io::SeekFrom;
 use std::ops::Range;
@@ -18,6 +19,8 @@ use super::{
     ByteStream, GetObject, ObjectError, ObjectMeta, ObjectStore, resolve_range, validate_key,
 };
 
+/// The embedded object store: each object is the file `<root>/<key>`, written under
+/// `<root>/.tmp/` and renamed into place. Several processes may share one root.
 pub struct FsObjectStore {
     root: PathBuf,
 }

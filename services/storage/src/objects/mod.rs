@@ -21,7 +21,9 @@ pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 /// What a store knows about one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
+    /// The object's key, as callers name it (without a store's own prefix).
     pub key: String,
+    /// The object's size, in bytes.
     pub size: u64,
 }
 
@@ -31,25 +33,47 @@ pub struct GetObject {
     pub size: u64,
     /// The byte range `body` carries.
     pub range: Range<u64>,
+    /// The bytes of `range`, streamed.
     pub body: ByteStream,
 }
 
+/// Why an object store call failed. Every variant has a kind ([`Kinded`]), which is what
+/// callers decide on.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
+    /// No object under the key (for [`ObjectStore::promote`], under `from`). Not found.
     #[error("object not found")]
     NotFound,
+    /// The key (held here) breaks the grammar [`validate_key`] checks. Permanent.
     #[error("invalid object key {0:?}")]
     InvalidKey(String),
+    /// A range that is empty or starts at or past the end of the object ([`resolve_range`]).
+    /// Permanent.
     #[error("range {start}..{end} not satisfiable for an object of {size} bytes")]
-    RangeNotSatisfiable { start: u64, end: u64, size: u64 },
+    RangeNotSatisfiable {
+        /// The first byte asked for.
+        start: u64,
+        /// One past the last byte asked for.
+        end: u64,
+        /// The object's size, in bytes.
+        size: u64,
+    },
     /// The body stream failed; nothing was stored.
     #[error("upload body failed: {0}")]
     Body(std::io::Error),
+    /// A local file operation failed (the directory store), or the store lacks the operation
+    /// asked for. Its kind is the I/O error's ([`io_kind`](crate::error::io_kind)): a missing
+    /// file is not found, invalid input or data is permanent, the rest is transient.
     #[error("object store i/o: {0}")]
     Io(#[from] std::io::Error),
     /// A remote store failed; `kind` says whether retrying can help.
     #[error("object store ({kind}): {message}")]
-    Storage { kind: ErrorKind, message: String },
+    Storage {
+        /// Transient, permanent or not found, as the backend's mapping decided.
+        kind: ErrorKind,
+        /// The backend's description of the failure.
+        message: String,
+    },
 }
 
 impl Kinded for ObjectError {
@@ -68,7 +92,7 @@ impl Kinded for ObjectError {
 }
 
 /// The contract every object store keeps. Keys are `/`-separated paths of
-/// `[A-Za-z0-9._-]` segments; no segment is empty, `.` or `..`.
+/// `[A-Za-z0-9._-]` segments, at most 1024 bytes in all; no segment is empty, `.` or `..`.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
     /// Stores `body` under `key`, replacing any object there. Atomic: a reader sees the old
@@ -76,8 +100,8 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// body stream yields an error, nothing is stored and [`ObjectError::Body`] is returned.
     async fn put(&self, key: &str, body: ByteStream) -> Result<ObjectMeta, ObjectError>;
 
-    /// Reads `key`, or only `range` of it. A range past the end is
-    /// [`ObjectError::RangeNotSatisfiable`]; a range ending past the end is clamped.
+    /// Reads `key`, or only `range` of it. A range that starts at or past the end, or is
+    /// empty, is [`ObjectError::RangeNotSatisfiable`]; a range ending past the end is clamped.
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<GetObject, ObjectError>;
 
     /// The object's metadata, or `None` if there is no such object.
@@ -214,7 +238,8 @@ pub async fn sha256_of(store: &dyn ObjectStore, key: &str) -> Result<String, Obj
 }
 
 /// The bytes a `get` of `range` serves from an object of `size` bytes, by the contract: the
-/// whole object for `None`, an end past the object clamped, a start past it refused.
+/// whole object for `None`, an end past the object clamped, a start at or past its end (or an
+/// empty range) refused as [`ObjectError::RangeNotSatisfiable`].
 pub fn resolve_range(range: Option<Range<u64>>, size: u64) -> Result<Range<u64>, ObjectError> {
     match range {
         None => Ok(0..size),

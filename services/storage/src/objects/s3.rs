@@ -5,8 +5,9 @@
 //!   `part size × (concurrency + 1)` whatever the object's size. A failing body aborts the
 //!   multipart upload, so nothing is stored.
 //! - `get` maps a range to a `Range` header, `head` to `HeadObject`, `list` pages through
-//!   `ListObjectsV2`, and `promote` is `CopyObject` then `DeleteObject` (keys under `to` are
-//!   content-addressed, so an existing target is kept).
+//!   `ListObjectsV2`, and `promote` is `CopyObject` then `DeleteObject` (an existing target is
+//!   replaced, as the trait requires, so a content-addressed key ends up holding the bytes its
+//!   caller verified).
 //! - Credentials come from the standard AWS chain (`AWS_ACCESS_KEY_ID`, profiles, IRSA…).
 
 use std::ops::Range;
@@ -32,6 +33,12 @@ use conveyor_config::ObjectSettings;
 /// S3's smallest part (except the last).
 const MIN_PART: usize = 5 * 1024 * 1024;
 
+/// The object store on an S3 bucket (or any S3 API), every key under an optional prefix.
+/// Bodies of at least one part (`objects.part_size_mib`, never under S3's 5 MiB minimum) go
+/// up as multipart uploads with up to `objects.upload_concurrency` parts in flight. A `put`
+/// stores media keys (`originals/`, `variants/`, also under `private/`) with the
+/// `Cache-Control` Conveyor's edge would send, and any key with the `Content-Type` its
+/// extension or leading bytes name, when either names a known media type.
 pub struct S3ObjectStore {
     client: Client,
     bucket: String,
@@ -56,7 +63,9 @@ fn io(e: impl std::error::Error) -> ObjectError {
 ///   where it is sent): a missing bucket or a wrong endpoint is the deployment's fault, not the
 ///   object's, and must not read as "this upload has no bytes".
 /// - *Permanent* only for a request refused for what it is: 400, 411, 412, 413 and 416, unless
-///   S3's error code says the request merely expired or arrived late.
+///   S3's error code says the request merely expired or arrived late; for `NoSuchUpload` and
+///   `InvalidObjectState` (an aborted or completed multipart upload, an archived object),
+///   which no retry brings back; and for a request the SDK could not build.
 /// - *Transient* for the rest: no answer, throttling, 5xx, and the refusals that hit every
 ///   request alike until an operator acts (403 from rotated credentials or a skewed clock,
 ///   404 `NoSuchBucket`, 409), so records wait instead of being dead-lettered.

@@ -103,6 +103,13 @@ fn deleted(id: Uuid, version: u64) -> Envelope {
     )
 }
 
+/// Runs every check against `store`, which must be empty: upserts and gets, redelivery,
+/// out-of-order versions, tombstones, progress, timelines paged across months, stats after a
+/// reversed replay, deletes below the upload's version, ties between outcomes and between
+/// descriptions at one version, and far-future versions refused.
+///
+/// # Panics
+/// On the first broken promise.
 pub async fn run(store: &dyn ReadStore) {
     store.ping().await.expect("ping");
 

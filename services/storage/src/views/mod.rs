@@ -28,17 +28,30 @@ use uuid::Uuid;
 
 use crate::error::{ErrorKind, Kinded};
 
+/// Why a read store call failed. Every variant has a kind ([`Kinded`]), which is what callers
+/// decide on.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
     /// The store failed; `kind` says whether retrying can help.
     #[error("read store ({kind}): {message}")]
-    Storage { kind: ErrorKind, message: String },
+    Storage {
+        /// Transient, permanent or not found, as the backend's mapping decided.
+        kind: ErrorKind,
+        /// The backend's description of the failure.
+        message: String,
+    },
     /// An event no store may apply ([`validate`]); permanent.
     #[error("event {event_id} refused: {reason}")]
-    InvalidEvent { event_id: Uuid, reason: String },
+    InvalidEvent {
+        /// The refused event's `event_id`.
+        event_id: Uuid,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 impl ViewError {
+    /// A [`ViewError::Storage`] of kind [`ErrorKind::Transient`], saying `message`.
     pub fn transient(message: impl std::fmt::Display) -> ViewError {
         ViewError::Storage {
             kind: ErrorKind::Transient,
@@ -46,6 +59,7 @@ impl ViewError {
         }
     }
 
+    /// A [`ViewError::Storage`] of kind [`ErrorKind::Permanent`], saying `message`.
     pub fn permanent(message: impl std::fmt::Display) -> ViewError {
         ViewError::Storage {
             kind: ErrorKind::Permanent,
@@ -135,25 +149,37 @@ pub fn page_of(mut items: Vec<MediaRow>, limit: usize) -> TimelinePage {
     TimelinePage { items, next }
 }
 
-/// The upload column group.
+/// The upload column group, owned by `MediaUploaded` and `MediaUploadedWithVisibility`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadGroup {
+    /// The upload event's version, in µs since the Unix epoch; also the item's `created_at`.
     pub version: u64,
+    /// The uploader: the name of the client key the upload was made with.
     pub owner: String,
+    /// The original's media type, sniffed from its bytes at upload.
     pub content_type: String,
+    /// The original's size, in bytes.
     pub bytes: u64,
+    /// The hex sha256 of the original's bytes.
     pub sha256: String,
+    /// The original's object key (`originals/{sha256}`, under `private/` for private media).
     pub original_key: String,
+    /// The title given at upload, if any; a description's title takes precedence.
     pub title: Option<String>,
+    /// Whether the media is private (served only through signed URLs).
     pub private: bool,
 }
 
 /// The description column group, owned by `MediaDescribed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DescribeGroup {
+    /// The `MediaDescribed` event's version, in µs since the Unix epoch.
     pub version: u64,
+    /// The described title; `None` leaves the upload's title showing.
     pub title: Option<String>,
+    /// The described description, if any.
     pub description: Option<String>,
+    /// The described tags, in order; empty when there are none.
     pub tags: Vec<String>,
 }
 
@@ -199,13 +225,19 @@ impl DescribeGroup {
 /// The processing column group, owned by `MediaProcessed` and `MediaProcessingFailed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessGroup {
+    /// The version of the event that wrote it, in µs since the Unix epoch (for progress, its
+    /// upload's version).
     pub version: u64,
+    /// What processing came to, or how far it is.
     pub outcome: ProcessOutcome,
 }
 
+/// The processing column group's value: an outcome, or a long job's progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProcessOutcome {
+    /// A photo, processed: its dimensions, BlurHash, variants and EXIF.
     Processed(MediaProcessed),
+    /// Processing failed, for the reason held here, which clients see.
     Failed(String),
     /// A video, transcoded.
     Video(VideoProcessed),
@@ -276,9 +308,13 @@ impl ProcessOutcome {
 /// Everything a store keeps about one media id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaState {
+    /// The media id: its events' `aggregate_id`.
     pub id: Uuid,
+    /// The upload group, once an upload event was folded in.
     pub upload: Option<UploadGroup>,
+    /// The description group, once a `MediaDescribed` was folded in.
     pub describe: Option<DescribeGroup>,
+    /// The processing group, once an outcome or a progress event was folded in.
     pub process: Option<ProcessGroup>,
     /// Version of the newest tombstone.
     pub deleted: Option<u64>,
@@ -329,6 +365,7 @@ fn greater_outcome(candidate: &ProcessGroup, existing: &ProcessGroup) -> bool {
 }
 
 impl MediaState {
+    /// The state of an item no event has touched: every group empty, no tombstone.
     pub fn new(id: Uuid) -> Self {
         MediaState {
             id,

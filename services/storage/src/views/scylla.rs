@@ -179,22 +179,44 @@ pub fn bucket_of(created_at_us: i64) -> i32 {
 /// checks each against the tables there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stmt {
+    /// Writes the upload group, with the owner, to the item's `media_by_id` row.
     UploadById,
+    /// Writes the description group (`describe_v` and the one `described` cell) to the
+    /// item's `media_by_id` row.
     DescribeById,
+    /// Writes the processing group (`process_v` and the one `processed` cell) to the item's
+    /// `media_by_id` row.
     ProcessById,
+    /// Writes the tombstone (`deleted_v`) to the item's `media_by_id` row and erases every
+    /// group's columns at the same timestamp.
     TombstoneById,
+    /// Inserts the item's row in its owner's timeline (`media_by_owner`), with the upload
+    /// group.
     UploadByOwner,
+    /// Writes the description group to the item's `media_by_owner` row.
     DescribeByOwner,
+    /// Writes the processing group to the item's `media_by_owner` row.
     ProcessByOwner,
+    /// Deletes the item's `media_by_owner` row.
     DeleteByOwner,
+    /// Records a month bucket the owner has uploads in (`owner_buckets`).
     AddBucket,
+    /// Adds the item's `(id, bytes)` row to `owner_stats`, in its month bucket.
     CountItem,
+    /// Deletes the item's row from `owner_stats`.
     UncountItem,
+    /// Reads an item's `media_by_id` row, with `deleted_v`.
     SelectById,
+    /// Lists the owner's month buckets up to a given one, newest first.
     SelectBuckets,
+    /// Reads one month bucket of the owner's timeline, newest first.
     SelectTimeline,
+    /// Reads one month bucket of the owner's timeline strictly after a `(created_at, id)`
+    /// cursor, newest first.
     SelectTimelineAfter,
+    /// Counts the owner's `owner_stats` rows in one bucket and sums their bytes.
     SelectStats,
+    /// Reads the node's `release_version` from `system.local`: the `/readyz` check.
     Ping,
 }
 
@@ -205,6 +227,7 @@ const ITEM_COLUMNS: &str = "id, upload_v, owner, content_type, bytes, sha256, or
      failure_reason, described";
 
 impl Stmt {
+    /// Every statement, once each: what [`ScyllaReadStore::connect`] prepares.
     pub const ALL: [Stmt; 17] = [
         Stmt::UploadById,
         Stmt::DescribeById,
@@ -225,6 +248,8 @@ impl Stmt {
         Stmt::Ping,
     ];
 
+    /// The statement's CQL, with one `?` marker per bound value ([`Write::values`]). Every
+    /// write carries `USING TIMESTAMP ?`, bound to the version it writes at.
     pub fn cql(self) -> String {
         match self {
             Stmt::UploadById => "UPDATE media_by_id USING TIMESTAMP ? SET upload_v = ?, \
@@ -304,16 +329,23 @@ impl Stmt {
 /// One write: a statement and its bound values, in the statement's order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
+    /// The statement to run.
     pub stmt: Stmt,
+    /// Its bound values, one per `?` marker, in order; `None` binds a null.
     pub values: Vec<Option<CqlValue>>,
 }
 
 /// Which column groups a batch carried events for, per item.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Touched {
+    /// An upload: `MediaUploaded` or `MediaUploadedWithVisibility`.
     pub upload: bool,
+    /// A `MediaDescribed`.
     pub describe: bool,
+    /// An outcome or progress: `MediaProcessed`, `MediaProcessingFailed`, `VideoProcessed`
+    /// or `MediaProcessingProgress`.
     pub process: bool,
+    /// A `MediaDeleted`.
     pub delete: bool,
 }
 
@@ -334,7 +366,11 @@ impl Touched {
 /// The writes of one batch, in two phases: the owner-side tables, then `media_by_id`.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
+    /// Writes to `media_by_owner`, `owner_buckets` and `owner_stats`, run first.
     pub owner_side: Vec<Write>,
+    /// Writes to `media_by_id`, run once every owner-side write succeeded: the next `apply`
+    /// reads this table, so a crash before it makes the redelivered batch write everything
+    /// again.
     pub by_id: Vec<Write>,
 }
 
@@ -583,6 +619,8 @@ fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
 /// Statements in flight at once, per `apply` phase and per stats read.
 const CONCURRENCY: usize = 64;
 
+/// The read store on ScyllaDB (or any CQL cluster): one session whose requests run at
+/// `LOCAL_QUORUM`, token-aware, with every [`Stmt`] prepared once and marked idempotent.
 pub struct ScyllaReadStore {
     session: Arc<Session>,
     prepared: HashMap<Stmt, PreparedStatement>,
@@ -738,7 +776,7 @@ impl ScyllaReadStore {
         }
     }
 
-    /// The owner's buckets at or before `bucket`, newest first.
+    /// The owner's buckets at or before `at_most`, newest first.
     async fn buckets(&self, owner: &str, at_most: i32) -> Result<Vec<i32>, ViewError> {
         self.session
             .execute_iter(self.prepared(Stmt::SelectBuckets).clone(), (owner, at_most))
@@ -878,7 +916,9 @@ impl ReadStore for ScyllaReadStore {
 /// What `migrate` did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct MigrateReport {
+    /// The migrations this call applied, by name, in order.
     pub applied: Vec<&'static str>,
+    /// The migrations found applied already, with the same text, by name.
     pub already: Vec<&'static str>,
 }
 

@@ -42,13 +42,17 @@ INSERT OR IGNORE INTO projections (name, current) VALUES ('media', 0);
 /// The tables of one generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tables {
+    /// The generation's number; 0 is the first.
     pub generation: u32,
+    /// Its `media` table: `media` for generation 0, `media_g<n>` after.
     pub media: String,
+    /// Its `owner_stats` table: `owner_stats` for generation 0, `owner_stats_g<n>` after.
     pub stats: String,
     index: String,
 }
 
 impl Tables {
+    /// The table names of `generation`. Names only: nothing is created.
     pub fn of(generation: u32) -> Tables {
         let suffix = match generation {
             0 => String::new(),
@@ -117,6 +121,9 @@ impl From<PoolError> for ViewError {
     }
 }
 
+/// The SQLite read store. Writes go through one connection, one transaction per `apply`;
+/// reads use pooled connections beside it (WAL). It follows the current generation, or
+/// keeps to one ([`SqliteReadStore::open_generation`]).
 pub struct SqliteReadStore {
     writer: Arc<Mutex<Connection>>,
     readers: Arc<ReaderPool>,
@@ -137,6 +144,17 @@ fn current_generation(conn: &Connection) -> rusqlite::Result<u32> {
 }
 
 impl SqliteReadStore {
+    /// Opens (creating if needed) the read store at `path`, with the current generation's
+    /// tables, following the current generation. It refuses events more than a day ahead of
+    /// the clock ([`MAX_VERSION_AHEAD_MICROS`](super::MAX_VERSION_AHEAD_MICROS)) unless
+    /// [`with_max_version_ahead`](Self::with_max_version_ahead) says otherwise.
+    ///
+    /// # Errors
+    /// [`ViewError::Storage`] when the directory, the file or its tables cannot be created or
+    /// opened, with the kind of the file or SQLite error ([`sqlite_kind`]): transient for a
+    /// busy, locked, read-only or full database, for an operator or a moment to fix.
+    ///
+    /// [`sqlite_kind`]: crate::error::sqlite_kind
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, ViewError> {
         let path = path.into();
         if let Some(parent) = path.parent() {
@@ -223,6 +241,8 @@ fn create_tables(conn: &Connection, tables: &Tables) -> rusqlite::Result<()> {
 /// A generation for a replay to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Building {
+    /// The generation to build, its tables created (write it with
+    /// [`SqliteReadStore::open_generation`]).
     pub generation: u32,
     /// A half-built generation this one replaces (its tables are dropped already).
     pub abandoned: Option<u32>,
@@ -307,13 +327,17 @@ fn drop_tables(conn: &Connection, tables: &Tables) -> rusqlite::Result<()> {
 /// What a read-model file holds, as a backup manifest records it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ViewSummary {
+    /// The current generation, the one summarized.
     pub generation: u32,
     /// Rows in `media`, live or not.
     pub rows: u64,
     /// Live media, and the sums over `owner_stats`, which must agree.
     pub live: u64,
+    /// Owners with at least one counted item in `owner_stats`.
     pub owners: u64,
+    /// The sum of `owner_stats.media_count`: equal to `live` in a consistent file.
     pub stats_count: u64,
+    /// The sum of `owner_stats.bytes`, in bytes.
     pub stats_bytes: u64,
 }
 
