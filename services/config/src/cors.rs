@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Origins whose browser scripts may call the API (`http.cors_origins`): written as a
 /// comma-separated list of `scheme://host[:port]`, or `*` for any, or empty for none.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum CorsOrigins {
     /// No CORS headers at all: browsers keep every other origin out. The default.
     #[default]
@@ -101,6 +101,13 @@ impl fmt::Display for CorsOrigins {
                 f.write_str(&texts.join(","))
             }
         }
+    }
+}
+
+/// `Debug` as the setting's text, quoted, as `ops config` shows it.
+impl fmt::Debug for CorsOrigins {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
     }
 }
 

@@ -29,7 +29,7 @@ fn path_of(uri: &str, scheme: &str) -> Option<PathBuf> {
 }
 
 /// Where the event log lives (`log.uri`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum LogUri {
     /// The embedded log: one SQLite file (`sqlite://PATH`).
     Sqlite(PathBuf),
@@ -87,7 +87,7 @@ impl fmt::Display for LogUri {
 
 /// Where media bytes, backups and archive segments live (`objects.uri`, `backup.to`,
 /// `archive.to`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum ObjectsUri {
     /// A local directory (`file://PATH`).
     Fs(PathBuf),
@@ -166,7 +166,7 @@ impl fmt::Display for ObjectsUri {
 }
 
 /// A CQL cluster and keyspace: `scylla://HOST[:PORT][,HOST[:PORT]]/KEYSPACE`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ScyllaUri {
     /// Contact points, each `host:port` (9042 when the URI gave no port).
     pub hosts: Vec<String>,
@@ -241,7 +241,7 @@ impl fmt::Display for ScyllaUri {
 }
 
 /// Where the read models live (`views.uri`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum ViewsUri {
     /// The embedded read store: one SQLite file (`sqlite://PATH`).
     Sqlite(PathBuf),
@@ -307,6 +307,20 @@ macro_rules! serde_as_text {
 }
 
 serde_as_text!(LogUri, ObjectsUri, ViewsUri, ScyllaUri);
+
+/// `Debug` as the URI's text, quoted: `ops config` prints the settings with `Debug`, and shows
+/// each URI as it would be written.
+macro_rules! debug_as_text {
+    ($($ty:ty),*) => {$(
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.to_string(), f)
+            }
+        }
+    )*};
+}
+
+debug_as_text!(LogUri, ObjectsUri, ViewsUri, ScyllaUri);
 
 #[cfg(test)]
 mod tests {

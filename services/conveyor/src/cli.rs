@@ -306,16 +306,7 @@ pub const LOADTEST_BINARY: &str = "conveyor-loadtest";
 /// When the lab is not installed, saying how to build it; or when it cannot be executed.
 pub fn run_loadtest(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.join(LOADTEST_BINARY)))
-        .filter(|path| path.is_file());
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(LOADTEST_BINARY))
-            .find(|path| path.is_file())
-    });
-    let Some(lab) = beside.or(on_path) else {
+    let Some(lab) = find_binary(LOADTEST_BINARY) else {
         anyhow::bail!(
             "`conveyor loadtest` runs the load lab, {LOADTEST_BINARY}, which is not installed \
              beside this binary or on PATH; build it with \
@@ -328,4 +319,19 @@ pub fn run_loadtest(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
         .args(args)
         .exec();
     Err(anyhow::Error::new(error).context(format!("failed to run {}", lab.display())))
+}
+
+/// The executable `name` beside this one (where `cargo build` puts a workspace's binaries,
+/// and where a package installs them together), or else the first on `PATH`; `None` when
+/// neither has it.
+pub fn find_binary(name: &str) -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(name)))
+        .filter(|path| path.is_file());
+    beside.or_else(|| {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    })
 }

@@ -137,7 +137,11 @@ async fn start_role(
     env: &[(String, String)],
     log: &Path,
 ) -> anyhow::Result<RoleProcess> {
-    let exe = std::env::current_exe().context("cannot find this executable")?;
+    // The product's binary, beside the lab's (where `cargo build` puts both) or on PATH.
+    let exe = conveyor::cli::find_binary("conveyor").context(
+        "cannot find the `conveyor` binary beside conveyor-loadtest or on PATH \
+         (cargo build --release -p conveyor)",
+    )?;
     let stderr =
         std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
     // Under util-linux's `setpriv --pdeathsig KILL` where it runs, so a `loadtest scale`
