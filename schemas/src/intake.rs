@@ -15,7 +15,7 @@ pub struct IncomingEvent {
     /// The media id.
     pub aggregate_id: Uuid,
     /// The producer's own id for the event. A retry with the same id and event is replayed
-    /// rather than appended again; `None` means Conveyor assigns a UUIDv7.
+    /// rather than appended again; absent, Conveyor assigns one (a UUIDv7).
     #[serde(default)]
     pub event_id: Option<Uuid>,
     /// The event itself.
@@ -26,9 +26,9 @@ pub struct IncomingEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub enum ProducerEvent {
-    /// Becomes [`Event::MediaDescribed`].
+    /// Describes the item: appended as a `MediaDescribed` event.
     MediaDescribed(Described),
-    /// Becomes [`Event::MediaDeleted`].
+    /// Deletes the item: appended as a `MediaDeleted` event.
     MediaDeleted(Deleted),
 }
 
@@ -50,8 +50,8 @@ pub struct Described {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Deleted {
-    /// Who asked for the delete, as the producer names them; recorded as
-    /// [`MediaDeleted::deleted_by`].
+    /// Who asked for the delete, as the producer names them; kept in the `MediaDeleted`
+    /// event.
     pub deleted_by: String,
 }
 
