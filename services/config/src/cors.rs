@@ -35,12 +35,17 @@ impl CorsOrigins {
         if text == "*" {
             return Ok(CorsOrigins::Any);
         }
-        text.split(',')
+        let origins = text
+            .split(',')
             .map(str::trim)
             .filter(|o| !o.is_empty())
             .map(origin)
-            .collect::<Result<Vec<_>, _>>()
-            .map(CorsOrigins::List)
+            .collect::<Result<Vec<_>, _>>()?;
+        // A list of nothing (`,`) allows nothing: the same as no CORS at all.
+        Ok(match origins.is_empty() {
+            true => CorsOrigins::None,
+            false => CorsOrigins::List(origins),
+        })
     }
 }
 
@@ -131,6 +136,7 @@ mod tests {
     fn cors_origins_are_scheme_host_and_port_only() {
         assert_eq!(CorsOrigins::parse("").unwrap(), CorsOrigins::None);
         assert_eq!(CorsOrigins::parse(" * ").unwrap(), CorsOrigins::Any);
+        assert_eq!(CorsOrigins::parse(" , ").unwrap(), CorsOrigins::None);
         for (given, sent) in [
             ("https://App.Example", "https://app.example"),
             ("https://b.example:443/", "https://b.example"),

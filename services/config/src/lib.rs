@@ -827,10 +827,21 @@ fn env_value(value: &str) -> figment::value::Value {
         .unwrap_or_else(|_| figment::value::Value::from(value.to_owned()))
 }
 
+/// Each of figment's errors as `key: what was wrong`, without figment's source locations and
+/// value types (which are the loader's, not the operator's). A message that already names its
+/// key (`http.cors_origins: …`) is left as it is.
 fn flatten(error: figment::Error) -> String {
     error
         .into_iter()
-        .map(|e| e.to_string())
+        .map(|e| {
+            let key = e.path.join(".");
+            let what = e.kind.to_string();
+            if key.is_empty() || what.starts_with(&key) {
+                what
+            } else {
+                format!("{key}: {what}")
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -1057,6 +1068,48 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[limits]\nmax_upload = 5\n").unwrap();
         assert!(Settings::load_from_pairs(Some(&file), []).is_err());
+    }
+
+    /// An engine URI or an origin list is refused as the settings load, naming its key once,
+    /// without the loader's source locations; a well-formed one loads as its typed value.
+    #[test]
+    fn bad_engine_uris_and_origins_are_refused_by_key() {
+        for (var, value, named) in [
+            (
+                "CONVEYOR__LOG__URI",
+                "mysql://x",
+                "log.uri: unsupported event log uri",
+            ),
+            (
+                "CONVEYOR__OBJECTS__URI",
+                "s3://",
+                "objects.uri: unsupported object store uri",
+            ),
+            (
+                "CONVEYOR__VIEWS__URI",
+                "scylla://h/Bad",
+                "views.uri: bad read store uri",
+            ),
+            (
+                "CONVEYOR__HTTP__CORS_ORIGINS",
+                "https://a.example/app",
+                "http.cors_origins: ",
+            ),
+            (
+                "CONVEYOR__BACKUP__TO",
+                "ftp://x",
+                "backup.to: unsupported object store uri",
+            ),
+        ] {
+            let e = Settings::load_from_pairs(None, [(var, value)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{e}");
+            assert!(!e.contains(".rs:") && e.matches(named).count() == 1, "{e}");
+        }
+        let s =
+            Settings::load_from_pairs(None, [("CONVEYOR__LOG__URI", "kafka://k:9092")]).unwrap();
+        assert_eq!(s.log_uri(), LogUri::Kafka("k:9092".into()));
     }
 
     #[test]

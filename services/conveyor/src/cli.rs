@@ -323,15 +323,19 @@ pub fn run_loadtest(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
 
 /// The executable `name` beside this one (where `cargo build` puts a workspace's binaries,
 /// and where a package installs them together), or else the first on `PATH`; `None` when
-/// neither has it.
+/// neither has it. A file without an execute bit does not count, as for a shell.
 pub fn find_binary(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |path: &PathBuf| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
     let beside = std::env::current_exe()
         .ok()
         .and_then(|exe| Some(exe.parent()?.join(name)))
-        .filter(|path| path.is_file());
+        .filter(runnable);
     beside.or_else(|| {
         std::env::split_paths(&std::env::var_os("PATH")?)
             .map(|dir| dir.join(name))
-            .find(|path| path.is_file())
+            .find(runnable)
     })
 }

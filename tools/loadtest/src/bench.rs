@@ -67,9 +67,10 @@ impl std::str::FromStr for BenchViews {
     fn from_str(text: &str) -> Result<Self, String> {
         match text {
             "sqlite" => Ok(BenchViews::Sqlite),
-            _ => text.parse().map(BenchViews::Scylla).map_err(|_| {
-                format!("takes `sqlite` or `scylla://host:port/keyspace`, not {text:?}")
-            }),
+            _ => text
+                .parse()
+                .map(BenchViews::Scylla)
+                .map_err(|e| format!("takes `sqlite` or `scylla://host:port/keyspace`: {e}")),
         }
     }
 }

@@ -46,6 +46,9 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections.max(1)));
+    // Shown from the start, at 0, so an alert on them has a series before the first event.
+    metrics::counter!("conveyor_connections_refused_total").increment(0);
+    metrics::counter!("conveyor_write_stalls_total").increment(0);
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => break,
