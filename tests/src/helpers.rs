@@ -38,8 +38,6 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     conveyor_runtime::telemetry::init_for_tests();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::for_test(dir.path());
-    // Few attempts and short backoffs, so poison records reach the dead-letter topic quickly.
-    settings.log.max_attempts = 2;
     adjust(&mut settings);
     let mut app = spawn_in(settings).await;
     app._dir = Some(dir);

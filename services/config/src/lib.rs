@@ -81,10 +81,10 @@ pub struct LogSettings {
     pub session_timeout_ms: u32,
     /// Partitions of a topic created by Conveyor. A group scales up to this many consumers.
     pub partitions: u32,
-    /// How many times a consumer tries a batch that fails permanently before it gives up on
-    /// it (transient failures do not count: they are retried until they succeed). A batch of
-    /// several records is then tried one record at a time, and a record that fails this many
-    /// times goes to the dead-letter topic, with this number in its `dlq-attempts` header.
+    /// No longer used, and accepted so existing configuration still loads: a permanent
+    /// failure is never retried now (a batch is split at once, and a record that still fails
+    /// goes to the dead-letter topic at once), and a transient one is retried until it
+    /// succeeds. `serve` and the roles warn when it is set.
     pub max_attempts: u32,
     /// `fsync` (every group commit reaches the disk before it is acknowledged) or `os`
     /// (survives a process crash, not a power cut).

@@ -171,6 +171,12 @@ pub async fn build_with(
             "no CONVEYOR__AUTH__API_KEYS configured: every upload will be refused with 401"
         );
     }
+    if settings.log.max_attempts != conveyor_config::LogSettings::default().max_attempts {
+        tracing::warn!(
+            "log.max_attempts is no longer used: permanent failures go to the dead-letter \
+             topic at once, and transient ones are retried until they succeed"
+        );
+    }
     conveyor_runtime::metrics::handle();
     let backends = Backends::open(&settings).await?;
     let shutdown = Shutdown::new();

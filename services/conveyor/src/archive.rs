@@ -135,7 +135,6 @@ impl Archiver {
         let mut config = ConsumerConfig::new(settings.topic(), &settings.archive.group);
         config.max_batch = settings.archive.batch.max(1);
         config.max_buffered = config.max_buffered.max(config.max_batch * 2);
-        config.max_attempts = settings.log.max_attempts;
         // Segments are written as they fill or as the log goes quiet, never more than one per
         // partition at a time, so a partition's segments never overlap (except after a crash).
         config.per_partition = 1;

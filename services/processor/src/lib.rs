@@ -67,7 +67,6 @@ impl Processor {
         let mut config = ConsumerConfig::new(settings.topic(), &settings.processor.group);
         config.per_partition = settings.processor.per_partition.max(1);
         config.max_batch = 1;
-        config.max_attempts = settings.log.max_attempts;
         // Each record is a whole image; do not buffer thousands of them.
         config.max_buffered = 256;
         config

@@ -44,7 +44,6 @@ impl Projector {
         // One batch per partition at a time: read models are written in log order.
         config.per_partition = 1;
         config.max_batch = settings.projector.batch.max(1);
-        config.max_attempts = settings.log.max_attempts;
         config
     }
 }

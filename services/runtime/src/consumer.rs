@@ -6,11 +6,13 @@
 //!   projectors need; more lets a CPU-heavy processor use more cores than partitions).
 //! - A partition's offset is committed only up to its lowest unfinished record, and only after
 //!   the handler returned, i.e. after the effect is durable.
-//! - A failed batch is retried with backoff. A transient failure is retried until it succeeds
-//!   or the process stops. A permanent one is tried `max_attempts` times in all; a batch is
-//!   then split into single records, each tried `max_attempts` times again, and a record that
-//!   still fails is appended to the dead-letter topic with its origin and error in headers,
-//!   and the group moves on.
+//! - A transient failure is retried with backoff until it succeeds or the process stops. A
+//!   permanent one is not retried: nothing about the record will change, and every retry would
+//!   hold its partition (100 undecodable records once held one for 78 s of backoff). A batch
+//!   that fails permanently is split at once into single records; a record that fails
+//!   permanently on its own is appended to the dead-letter topic at once, with its origin and
+//!   error in headers, and the group moves on. `conveyor ops dlq redrive` sends it back once
+//!   its cause is fixed.
 //! - On shutdown the runtime stops fetching, lets in-flight work finish, commits it, and
 //!   returns.
 
@@ -54,8 +56,8 @@ impl std::fmt::Display for HandleError {
 pub trait JobResult<T> {
     /// Transient: retried with backoff until it succeeds or the process stops.
     fn retry(self, what: &'static str) -> Result<T, HandleError>;
-    /// Permanent: tried `max_attempts` times in all (a batch then record by record), then
-    /// dead-lettered.
+    /// Permanent: never retried; a batch is split into records at once, and a record that still
+    /// fails goes to the dead-letter topic at once.
     fn abort(self, what: &'static str) -> Result<T, HandleError>;
 }
 
@@ -109,9 +111,6 @@ pub struct ConsumerConfig {
     pub per_partition: usize,
     /// Most records in one batch handed to the handler (0 is taken as 1).
     pub max_batch: usize,
-    /// How many times a batch that fails permanently is tried before it is split (then, per
-    /// record, before the record is dead-lettered). Transient failures do not count.
-    pub max_attempts: u32,
     /// Most records fetched but not yet finished, across partitions.
     pub max_buffered: usize,
     /// First retry delay; doubles up to `max_backoff`.
@@ -127,8 +126,8 @@ pub struct ConsumerConfig {
 
 impl ConsumerConfig {
     /// `topic` as a member of `group`, dead letters to `{topic}.dlq`, one record at a time per
-    /// partition, 5 attempts, 4096 records buffered, retries from 50 ms doubling up to 5 s,
-    /// and commits at most every 50 ms.
+    /// partition, 4096 records buffered, transient retries from 50 ms doubling up to 5 s, and
+    /// commits at most every 50 ms.
     pub fn new(topic: &str, group: &str) -> Self {
         ConsumerConfig {
             topic: topic.to_owned(),
@@ -136,7 +135,6 @@ impl ConsumerConfig {
             dlq_topic: format!("{topic}.dlq"),
             per_partition: 1,
             max_batch: 1,
-            max_attempts: 5,
             max_buffered: 4096,
             backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
@@ -381,17 +379,14 @@ async fn attempt(
     stop: &CancellationToken,
 ) -> Outcome {
     let mut delay = config.backoff;
-    let mut permanent_failures = 0;
     loop {
         let error = match handler.handle(batch).await {
             Ok(()) => return Outcome::Done,
             Err(e) => e,
         };
+        // Permanent means now: no retry, and no backoff before the split or the dead letter.
         if let HandleError::Permanent(_) = error {
-            permanent_failures += 1;
-            if permanent_failures >= config.max_attempts {
-                return Outcome::GaveUp(error.to_string());
-            }
+            return Outcome::GaveUp(error.to_string());
         }
         metrics::counter!("conveyor_handler_retries_total", "group" => config.group.clone())
             .increment(1);
@@ -421,7 +416,8 @@ async fn dead_letter(
         ("dlq-offset".to_owned(), record.offset.to_string()),
         ("dlq-group".to_owned(), config.group.clone()),
         ("dlq-error".to_owned(), error.chars().take(1000).collect()),
-        ("dlq-attempts".to_owned(), config.max_attempts.to_string()),
+        // Tries of the record on its own: a permanent failure is never retried.
+        ("dlq-attempts".to_owned(), "1".to_owned()),
     ]);
     let mut delay = config.backoff;
     loop {
@@ -553,7 +549,6 @@ mod tests {
         let mut c = ConsumerConfig::new("t", "g");
         c.per_partition = per_partition;
         c.max_batch = max_batch;
-        c.max_attempts = 3;
         c.backoff = Duration::from_millis(1);
         c
     }
@@ -597,12 +592,52 @@ mod tests {
         assert_eq!(&dead[0].value[..], b"poison");
         assert_eq!(dead[0].header("dlq-topic"), Some("t"));
         assert_eq!(dead[0].header("dlq-offset"), Some("2"));
-        assert_eq!(dead[0].header("dlq-attempts"), Some("3"));
+        assert_eq!(dead[0].header("dlq-attempts"), Some("1"));
         assert!(
             dead[0]
                 .header("dlq-error")
                 .unwrap()
                 .contains("cannot parse")
+        );
+    }
+
+    /// Permanent means now: with a minute of backoff before any retry, a hundred poison records
+    /// (in batches, and one by one) are dead-lettered and the good record behind them is
+    /// handled within the few seconds `wait_committed` allows. One backoff would miss it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_poison_is_dead_lettered_without_backoff() {
+        let mut values = vec!["poison"; 100];
+        values.push("good");
+        let (_dir, log) = one_partition_log(&values).await;
+        for (per_partition, max_batch) in [(1, 1), (1, 16)] {
+            let handler = Scripted::new(false);
+            let stop = CancellationToken::new();
+            let mut config = config(per_partition, max_batch);
+            config.group = format!("g{max_batch}");
+            config.backoff = Duration::from_secs(60);
+            config.max_backoff = Duration::from_secs(60);
+            let group = config.group.clone();
+            let run = tokio::spawn(run(log.clone(), config, handler.clone(), stop.clone()));
+            let done = async {
+                loop {
+                    if log.lag("t", &group).await.unwrap()[0].committed >= 101 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), done)
+                .await
+                .expect("every poison record dead-lettered and the good one handled");
+            stop.cancel();
+            run.await.unwrap().unwrap();
+            assert_eq!(*handler.done.lock().unwrap(), vec!["good"]);
+        }
+        let dead = log.read("t.dlq", 0, 0, 1000).await.unwrap();
+        assert_eq!(
+            dead.len(),
+            200,
+            "each group dead-lettered each poison record once"
         );
     }
 

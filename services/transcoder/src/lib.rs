@@ -142,7 +142,6 @@ impl Transcoder {
         let mut config = ConsumerConfig::new(settings.topic(), &settings.video.group);
         config.per_partition = 1;
         config.max_batch = 1;
-        config.max_attempts = settings.log.max_attempts;
         config.max_buffered = 64;
         config
     }
