@@ -343,13 +343,19 @@ impl TestApp {
         .unwrap_or_else(|| panic!("media {id} never got the title {title:?}"))
     }
 
-    /// Waits until both consumer groups have committed everything in the log.
+    /// Waits until every consumer group has committed everything in the log, for at most 30 s.
     pub async fn wait_caught_up(&self) {
+        self.wait_caught_up_within(Duration::from_secs(30)).await
+    }
+
+    /// Like [`TestApp::wait_caught_up`], for at most `bound`: after an engine restarts, its
+    /// start and the clients' reconnection come first, and a busy machine slows both.
+    pub async fn wait_caught_up_within(&self, bound: Duration) {
         let log = self.backends.log.clone();
         // `serve` runs the transcoder too (ffmpeg is installed for the tests).
         let s = &self.settings;
         let groups = [&s.processor.group, &s.video.group, &s.projector.group];
-        let done = wait_until(Duration::from_secs(30), || async {
+        let done = wait_until(bound, || async {
             groups_caught_up(&*log, s, &groups).await.then_some(())
         })
         .await;

@@ -816,10 +816,13 @@ async fn verify(
 
 /// Removes uploads never completed: `incoming/{id}` objects (and their claimed copies) and
 /// `uploads/{id}.json` records (and their claims and verified records) whose UUIDv7 id is
-/// older than `ttl`. Works on every store. Returns how many objects it removed.
+/// older than `ttl`, after aborting the multipart upload a record names (see
+/// [`ObjectStore::abort_multipart`](conveyor_storage::ObjectStore::abort_multipart)). Works on
+/// every store. Returns how many objects it removed.
 ///
 /// # Errors
-/// The store's, when a listing or a delete fails; objects removed before it stay removed.
+/// The store's, when a listing or a delete fails; objects removed before it stay removed. A
+/// failed abort keeps its record for the next sweep, and is logged.
 pub async fn sweep(
     objects: &dyn conveyor_storage::ObjectStore,
     ttl: Duration,
@@ -841,13 +844,43 @@ pub async fn sweep(
                 let (secs, nanos) = t.to_unix();
                 secs * 1000 + u64::from(nanos) / 1_000_000
             });
-            if created_ms.is_some_and(|ms| ms < cutoff) {
-                objects.delete(&object.key).await?;
-                removed += 1;
+            if !created_ms.is_some_and(|ms| ms < cutoff) {
+                continue;
             }
+            // An abandoned multipart upload's parts are reachable only through the id its
+            // record holds: abort it before the record goes, or they stay (and are billed) for
+            // ever. If the abort fails, the record stays for the next sweep to try again.
+            if object.key == pending_key(id)
+                && let Err(e) = abort_abandoned_multipart(objects, id).await
+            {
+                tracing::warn!(upload = %id, error = %e, "failed to abort an abandoned multipart upload; the next sweep retries");
+                continue;
+            }
+            objects.delete(&object.key).await?;
+            removed += 1;
         }
     }
     Ok(removed)
+}
+
+/// Aborts the multipart upload that upload `id`'s record names, if it names one. A record that
+/// is gone or cannot be read names none.
+async fn abort_abandoned_multipart(
+    objects: &dyn conveyor_storage::ObjectStore,
+    id: Uuid,
+) -> Result<(), ObjectError> {
+    let record = match objects.get_bytes(&pending_key(id)).await {
+        Ok(record) => record,
+        Err(ObjectError::NotFound) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match serde_json::from_slice::<PendingUpload>(&record) {
+        Ok(PendingUpload {
+            multipart: Some(upload_id),
+            ..
+        }) => objects.abort_multipart(&incoming_key(id), &upload_id).await,
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Direct uploads: the API issues URLs, the client sends bytes straight to storage, and the
 //! completion checks what arrived before anything is appended.
 
-use conveyor_tests::helpers::{ALICE, BOB, TestApp, s3_bucket, spawn_app, spawn_app_with};
+use conveyor_tests::helpers::{
+    ALICE, BOB, TestApp, s3_bucket, s3_store, spawn_app, spawn_app_with, wait_until,
+};
 use conveyor_tests::images;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -297,6 +299,85 @@ async fn s3_direct_uploads_use_presigned_puts_and_parts() {
         app.wait_processed(body["id"].as_str().unwrap()).await["status"],
         "processed"
     );
+}
+
+/// Reported: the sweep removed an abandoned multipart upload's record but never aborted the
+/// upload, so its parts stayed (and were billed) for ever, out of anyone's reach. The sweep
+/// now aborts it first: S3 lists no multipart upload afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swept_multipart_upload_leaves_no_parts_behind() {
+    let Some(objects) = s3_bucket().await else {
+        return;
+    };
+    let app = spawn_app_with(|s| {
+        s.objects = objects.clone();
+        s.uploads.multipart_threshold_mib = 5;
+        s.uploads.part_size_mib = 5;
+    })
+    .await;
+    let upload: Value = start_upload(
+        &app,
+        json!({"content_type": "image/jpeg", "bytes": 12 * 1024 * 1024}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let parts = upload["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 3);
+    // One part arrives, then the client goes away for good.
+    let sent = put(
+        &app,
+        parts[0]["url"].as_str().unwrap(),
+        vec![0xab; 5 * 1024 * 1024],
+        "application/octet-stream",
+    )
+    .await;
+    assert_eq!(sent.status(), 200);
+    let store = s3_store(&objects).await;
+    let (client, bucket) = store.client();
+    let open = || async {
+        let listed = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        listed
+            .uploads()
+            .iter()
+            .map(|u| {
+                let key = u.key().unwrap_or_default().to_owned();
+                (key, u.upload_id().unwrap_or_default().to_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    let abandoned = open().await;
+    assert_eq!(abandoned.len(), 1, "the abandoned upload is open");
+
+    // A sweep with no time to live (every upload made before this millisecond has expired).
+    let record = conveyor_ingest::direct::pending_key(
+        upload["upload_id"].as_str().unwrap().parse().unwrap(),
+    );
+    let swept = wait_until(std::time::Duration::from_secs(10), || async {
+        conveyor_ingest::direct::sweep(&store, std::time::Duration::ZERO)
+            .await
+            .unwrap();
+        conveyor_storage::ObjectStore::head(&store, &record)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(swept.is_some(), "the upload's record was swept");
+    assert_eq!(open().await, vec![], "no multipart upload is left behind");
+    // Aborting an upload that is gone already (aborted, or expired by a lifecycle rule) is not
+    // an error: a sweep that failed after its abort can run again.
+    let (key, upload_id) = &abandoned[0];
+    conveyor_storage::ObjectStore::abort_multipart(&store, key, upload_id)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

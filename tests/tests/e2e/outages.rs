@@ -286,7 +286,7 @@ async fn a_cql_node_outage_delays_projection_and_changes_nothing() {
     assert!(lag > 0, "the projector's lag shows the waiting records");
 
     cassandra.restart();
-    app.wait_caught_up().await;
+    app.wait_caught_up_within(Duration::from_secs(120)).await;
     let dead = conveyor::ops::dead_letters(&*log, &app.settings.dlq_topic())
         .await
         .unwrap();

@@ -173,6 +173,19 @@ pub trait ObjectStore: Send + Sync + 'static {
         )))
     }
 
+    /// Aborts a multipart upload started by [`ObjectStore::presigned_multipart`] and never
+    /// completed, so its parts stop taking space (on S3, stop being billed): nothing can reach
+    /// them once the upload's record is gone. An upload that no longer exists (completed,
+    /// aborted before, or expired by a lifecycle rule) is not an error. The default, for a
+    /// store without multipart uploads, does nothing.
+    ///
+    /// # Errors
+    /// The store's own failures, by their kind; retry on the next sweep.
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), ObjectError> {
+        let _ = (key, upload_id);
+        Ok(())
+    }
+
     /// Stores a body that is already in memory; same promises as [`ObjectStore::put`].
     async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<ObjectMeta, ObjectError> {
         self.put(

@@ -605,6 +605,29 @@ impl ObjectStore for S3ObjectStore {
         Ok(())
     }
 
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), ObjectError> {
+        let full = self.full(key)?;
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Completed, aborted before, or expired by a lifecycle rule: nothing to free.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_no_such_upload()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(s3(e)),
+        }
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
         let mut pages = self
             .client
