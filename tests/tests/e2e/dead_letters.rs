@@ -95,17 +95,7 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
 
     // A dead letter that fails no more (say, from a bug fixed since): a description of that
     // upload. A redrive sends it, and the poison, back once each.
-    let media_id = uuid::Uuid::parse_str(&id).unwrap();
-    let description = Envelope::new(
-        media_id,
-        conveyor_storage::clock::now_micros() as u64,
-        "test",
-        Event::MediaDescribed(MediaDescribed {
-            title: Some("redriven".into()),
-            description: None,
-            tags: vec![],
-        }),
-    );
+    let description = titled(&id, "redriven");
     let mut letter = to_record(&description);
     letter.headers.extend([
         ("dlq-topic".to_owned(), topic.clone()),
@@ -229,17 +219,7 @@ async fn a_flood_of_undecodable_records_is_dead_lettered_at_once(app: TestApp) {
         })
         .collect();
     log.append(&topic, poison).await.unwrap();
-    let media_id = uuid::Uuid::parse_str(&id).unwrap();
-    let description = Envelope::new(
-        media_id,
-        conveyor_storage::clock::now_micros() as u64,
-        "test",
-        Event::MediaDescribed(MediaDescribed {
-            title: Some("behind the flood".into()),
-            description: None,
-            tags: vec![],
-        }),
-    );
+    let description = titled(&id, "behind the flood");
     log.append(&topic, vec![to_record(&description)])
         .await
         .unwrap();
@@ -275,4 +255,18 @@ async fn letters_when(
         enough(letters.len()).then_some(letters)
     })
     .await
+}
+
+/// An event that gives media `id` the title `title`, as a producer would append it.
+fn titled(id: &str, title: &str) -> Envelope {
+    Envelope::new(
+        uuid::Uuid::parse_str(id).unwrap(),
+        conveyor_storage::clock::now_micros() as u64,
+        "test",
+        Event::MediaDescribed(MediaDescribed {
+            title: Some(title.into()),
+            description: None,
+            tags: vec![],
+        }),
+    )
 }
