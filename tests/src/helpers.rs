@@ -501,8 +501,59 @@ impl Drop for Process {
 
 /// Starts `conveyor <role>` on port 0 with `data_dir` and `env`, and waits for its address.
 pub fn start_process(role: &str, data_dir: &Path, env: &[(&str, String)]) -> Process {
+    start_process_at(role, data_dir, env, None)
+}
+
+/// `<root>/<any directory>/<tail>`, if one exists: a library under its multiarch directory
+/// (`/usr/lib/x86_64-linux-gnu/…`).
+fn glob_one(root: &str, tail: &str) -> Option<PathBuf> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join(tail))
+        .find(|path| path.exists())
+}
+
+/// How a process started by [`start_process_at`] has its wall clock offset.
+#[derive(Debug, Clone, Copy)]
+pub enum Skew {
+    /// The whole process, through Debian's libfaketime (`"+2d"`, `"-5s"`: `faketime -f`'s
+    /// syntax); only the wall clock moves, timers keep the real monotonic clock, as under NTP.
+    /// Not for processes on Kafka: librdkafka's timed waits spin on a wall clock set back.
+    Faketime(&'static str),
+    /// Conveyor's own clock only ([`conveyor_storage::clock::SKEW_VAR`]), in milliseconds.
+    Offset(i64),
+}
+
+/// Like [`start_process`], with the process's wall clock offset by `skew` when one is given.
+///
+/// # Panics
+/// When [`Skew::Faketime`] is asked for and libfaketime is not installed (`scripts/test`
+/// installs Debian's `faketime`).
+pub fn start_process_at(
+    role: &str,
+    data_dir: &Path,
+    env: &[(&str, String)],
+    skew: Option<Skew>,
+) -> Process {
     use std::io::{BufRead, BufReader};
     let mut command = std::process::Command::new(conveyor_binary());
+    match skew {
+        None => {}
+        Some(Skew::Faketime(offset)) => {
+            // The library itself rather than the `faketime` wrapper, which would stand between
+            // the test and the process it kills.
+            let library = glob_one("/usr/lib", "faketime/libfaketime.so.1")
+                .expect("libfaketime is missing: apt-get install faketime");
+            command
+                .env("LD_PRELOAD", library)
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        Some(Skew::Offset(ms)) => {
+            command.env(conveyor_storage::clock::SKEW_VAR, ms.to_string());
+        }
+    }
     command
         .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -519,7 +570,9 @@ pub fn start_process(role: &str, data_dir: &Path, env: &[(&str, String)]) -> Pro
     for (k, v) in env {
         command.env(k, v);
     }
-    let mut child = command.spawn().expect("spawn conveyor");
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start conveyor {role} ({skew:?}): {e}"));
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let address = loop {

@@ -161,10 +161,12 @@ pub struct ViewSettings {
     /// CQL: how long one schema change (`ops migrate`) may take, including the wait for schema
     /// agreement. A schema change that times out is retried: every statement is idempotent.
     pub ddl_timeout_ms: u64,
-    /// How far ahead of this process's clock an event's version may be, in seconds, before
-    /// the read store refuses the event as permanent (it goes to the dead-letter topic). An
-    /// event from a producer whose clock runs days ahead would otherwise win every later
-    /// write to its item. ScyllaDB refuses more than 3 days (259200) on its own.
+    /// How far ahead of its record's append time (the log's clock: the broker's, on topics
+    /// Conveyor creates) an event's version may be, in seconds; the projector lowers a version
+    /// further ahead to that bound, and never refuses one. It bounds what a producer with a
+    /// forged or skewed clock can make of `created_at`; order never depends on it, as the log
+    /// orders an item's events. Keep it below 3 days (259200): ScyllaDB refuses write
+    /// timestamps further ahead of its own clock.
     pub max_version_ahead_secs: u64,
 }
 

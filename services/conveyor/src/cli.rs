@@ -264,7 +264,8 @@ pub enum KeysCommand {
 #[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
     /// Create the media topic and its dead-letter topic if missing (partitions, replication and
-    /// retention from config). Idempotent; refuses a partition count that differs.
+    /// retention from config), and print each one's partition count. Idempotent; an existing
+    /// topic keeps its count, and a count that differs from `log.partitions` is pointed out.
     Ensure {
         /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]

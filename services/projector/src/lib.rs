@@ -1,8 +1,12 @@
 //! The projector: folds `media.events` into the read models, as consumer group `projector`.
 //!
 //! One partition's records are applied in offset order, in batches: each batch is one write
-//! to the read store, and its offsets are committed only after that write returns. The store's
-//! fold is idempotent and order-insensitive, so redelivery after a crash changes nothing.
+//! to the read store, and its offsets are committed only after that write returns. Offset order
+//! is what orders an item's descriptions (the fold in `conveyor_storage::views`), and a
+//! redelivered suffix ends where it ended, so redelivery after a crash changes nothing.
+//!
+//! No clock of this process takes part: each event's version is bounded by its own record's
+//! append time ([`clamp_to_log_time`]), never refused for being ahead of this clock.
 #![warn(missing_docs)]
 
 use std::sync::Arc;
@@ -14,16 +18,19 @@ use conveyor_runtime::changes::Changes;
 use conveyor_runtime::consumer::{
     ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
 };
-use conveyor_schemas::Envelope;
+use conveyor_schemas::{DecodeError, Envelope};
 use conveyor_storage::ReadStore;
 use conveyor_storage::events::from_delivered;
 use conveyor_storage::log::Delivered;
+use conveyor_storage::views::clamp_to_log_time;
 
 /// Folds events into the read store, announcing each item it wrote.
 pub struct Projector {
     views: Arc<dyn ReadStore>,
     changes: Changes,
     config: ConsumerConfig,
+    /// `views.max_version_ahead_secs`, in µs.
+    max_ahead: u64,
 }
 
 impl Projector {
@@ -34,6 +41,10 @@ impl Projector {
             views,
             changes,
             config: Self::consumer_config(settings),
+            max_ahead: settings
+                .views
+                .max_version_ahead_secs
+                .saturating_mul(1_000_000),
         }
     }
 
@@ -63,7 +74,23 @@ impl Handler for Projector {
     async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
         let events: Vec<Envelope> = records
             .iter()
-            .map(from_delivered)
+            .map(|record| {
+                let mut event = from_delivered(record)?;
+                let bounded = clamp_to_log_time(event.version, record.timestamp, self.max_ahead);
+                if bounded < event.version {
+                    metrics::counter!("conveyor_versions_clamped_total").increment(1);
+                    tracing::warn!(
+                        event_id = %event.event_id,
+                        producer = %event.producer,
+                        version = event.version,
+                        appended_at = record.timestamp,
+                        "an event's version is further ahead of its record's append time than \
+                         views.max_version_ahead_secs; lowered to that bound"
+                    );
+                    event.version = bounded;
+                }
+                Ok::<_, DecodeError>(event)
+            })
             .collect::<Result<_, _>>()
             .abort("undecodable record")?;
         self.views

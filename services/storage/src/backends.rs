@@ -35,9 +35,11 @@ impl Backends {
         let log = open_log(settings)?;
         let views = open_views(&settings.views_uri(), &settings.views).await?;
         for topic in [settings.topic().to_owned(), settings.dlq_topic()] {
-            log.ensure_topic(&topic, settings.log.partitions)
+            let existing = log
+                .ensure_topic(&topic, settings.log.partitions)
                 .await
                 .with_context(|| format!("failed to ensure topic {topic}"))?;
+            crate::log::warn_if_partitions_differ(&topic, existing, settings.log.partitions);
         }
         Ok(Backends {
             objects,
@@ -122,8 +124,7 @@ pub async fn open_views(
     match uri {
         ViewsUri::Sqlite(path) => {
             let store = SqliteReadStore::open(path)
-                .with_context(|| format!("failed to open read store at {}", path.display()))?
-                .with_max_version_ahead(settings.max_version_ahead_secs);
+                .with_context(|| format!("failed to open read store at {}", path.display()))?;
             Ok(Arc::new(store))
         }
         #[cfg(feature = "scylla")]

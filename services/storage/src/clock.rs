@@ -38,12 +38,30 @@ impl VersionClock {
     }
 }
 
-/// Wall-clock microseconds since the Unix epoch.
+/// The environment variable that offsets this process's wall clock, in milliseconds (signed):
+/// for tests that run replicas whose clocks disagree, where Debian's `faketime` cannot be used
+/// (librdkafka's timed waits spin on a clock set back). Never set it in production.
+pub const SKEW_VAR: &str = "CONVEYOR_TEST_CLOCK_SKEW_MS";
+
+/// [`SKEW_VAR`], in µs: 0 when unset or not a number.
+fn skew_micros() -> i64 {
+    static SKEW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var(SKEW_VAR)
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .map_or(0, |ms| ms.saturating_mul(1_000))
+    })
+}
+
+/// Wall-clock microseconds since the Unix epoch (offset by [`SKEW_VAR`] in tests): what every
+/// version, claim time and log append time of Conveyor's own is taken from.
 pub fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+        .saturating_add(skew_micros())
 }
 
 #[cfg(test)]

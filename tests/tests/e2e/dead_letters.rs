@@ -13,9 +13,6 @@ use conveyor_tests::images;
 use serde_json::Value;
 
 conveyor_tests::on_every_log!(a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it);
-conveyor_tests::on_every_log!(
-    a_write_refused_as_permanent_is_dead_lettered_and_redriven_once_fixed
-);
 conveyor_tests::on_every_log!(a_flood_of_undecodable_records_is_dead_lettered_at_once);
 
 async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: TestApp) {
@@ -121,76 +118,6 @@ async fn a_poison_record_is_dead_lettered_and_a_redrive_reprocesses_it(app: Test
             .iter()
             .all(|d| d.header("dlq-offset") != Some(at.offset.to_string().as_str())),
         "the redriven copy"
-    );
-}
-
-/// An event the read store refuses as permanent (a producer whose clock runs two days ahead)
-/// reaches the dead-letter topic at once, while the records behind it on
-/// its partition flow on. Once the cause is fixed (here, the operator allows that skew and
-/// restarts), a redrive applies it.
-async fn a_write_refused_as_permanent_is_dead_lettered_and_redriven_once_fixed(app: TestApp) {
-    let response = app.upload(ALICE, images::jpeg(40, 30, 3), None).await;
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    app.wait_processed(&id).await;
-    let media_id = uuid::Uuid::parse_str(&id).unwrap();
-    let describe = |version: u64, title: &str| {
-        to_record(&Envelope::new(
-            media_id,
-            version,
-            "skewed-producer",
-            Event::MediaDescribed(MediaDescribed {
-                title: Some(title.into()),
-                description: None,
-                tags: vec![],
-            }),
-        ))
-    };
-    let (log, topic, dlq) = (
-        app.backends.log.clone(),
-        app.settings.topic().to_owned(),
-        app.settings.dlq_topic(),
-    );
-    let now = conveyor_storage::clock::now_micros() as u64;
-    let two_days = 2 * 86_400 * 1_000_000;
-    // One key, so one partition: the second record waits behind the first.
-    log.append(
-        &topic,
-        vec![
-            describe(now + two_days, "from the future"),
-            describe(now, "behind the poison"),
-        ],
-    )
-    .await
-    .unwrap();
-    app.wait_for_title(&id, "behind the poison").await;
-    let letters = letters_when(&*log, &dlq, |n| n > 0)
-        .await
-        .expect("the refused write was dead-lettered");
-    assert_eq!(
-        letters.len(),
-        1,
-        "only the projector refuses it: {letters:?}"
-    );
-    assert_eq!(
-        letters[0].header("dlq-group"),
-        Some(app.settings.projector.group.as_str())
-    );
-    assert_eq!(letters[0].header("dlq-attempts"), Some("1"));
-
-    let app = app
-        .restart_with(|s| s.views.max_version_ahead_secs = 7 * 86_400)
-        .await;
-    assert_eq!(redrive(&*app.backends.log, &app.settings).await.unwrap(), 1);
-    app.wait_for_title(&id, "from the future").await;
-    assert!(
-        dead_letters(&*app.backends.log, &dlq)
-            .await
-            .unwrap()
-            .is_empty(),
-        "applied this time, not dead-lettered again"
     );
 }
 

@@ -4,7 +4,8 @@ use conveyor_schemas::{Event, MediaProcessed};
 use conveyor_storage::events::{from_delivered, to_record};
 conveyor_tests::on_every_log!(
     the_same_upload_delivered_twice_changes_nothing,
-    an_older_event_after_a_delete_cannot_bring_the_media_back
+    an_older_event_after_a_delete_cannot_bring_the_media_back,
+    a_replica_configured_with_fewer_partitions_runs_and_takes_them_all
 );
 
 use conveyor_tests::helpers::{ALICE, TestApp};
@@ -162,4 +163,50 @@ async fn json_records_from_internal_producers_are_projected(app: TestApp) {
         .unwrap();
     let body = app.wait_for_title(&id, "from kafka json").await;
     assert_eq!(body["tags"], serde_json::json!(["json"]));
+}
+
+/// Reported: after the topic grew from 4 to 8 partitions, a replica started with the old
+/// setting refused to start (`topic … exists with 8 partitions`), so a rolling restart became an
+/// outage. A replica configured with 4 now runs on the topic's 8, and its consumers take all 8:
+/// uploads keyed to every partition are processed, and every group commits on every partition.
+async fn a_replica_configured_with_fewer_partitions_runs_and_takes_them_all(app: TestApp) {
+    let topic = app.settings.topic().to_owned();
+    assert_eq!(app.backends.log.partitions(&topic).await.unwrap(), 8);
+    let app = app.restart_with(|s| s.log.partitions = 4).await;
+    assert_eq!(
+        app.backends
+            .log
+            .ensure_topic(&topic, app.settings.log.partitions)
+            .await
+            .unwrap(),
+        8,
+        "the topic keeps its 8"
+    );
+    let mut partitions = std::collections::HashSet::new();
+    let mut ids = Vec::new();
+    for seed in 0..40u32 {
+        let response = app.upload(ALICE, images::jpeg(24, 16, seed), None).await;
+        assert_eq!(response.status(), 202);
+        let id = response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        partitions.insert(conveyor_storage::log::partition_for(id.as_bytes(), 8));
+        ids.push(id);
+        if partitions.len() == 8 && ids.len() >= 8 {
+            break;
+        }
+    }
+    assert_eq!(partitions.len(), 8, "uploads on every partition");
+    for id in &ids {
+        app.wait_processed(id).await;
+    }
+    app.wait_caught_up().await;
+    for group in [&app.settings.processor.group, &app.settings.projector.group] {
+        let lag = app.backends.log.lag(&topic, group).await.unwrap();
+        assert_eq!(lag.len(), 8, "{group}: every partition reported");
+        for partition in &lag {
+            assert_eq!(partition.lag(), 0, "{group}: {partition:?}");
+        }
+    }
 }

@@ -3,6 +3,7 @@
 mod backup;
 mod bad_input;
 mod capacity;
+mod clocks;
 mod contract;
 mod crash;
 mod dead_letters;

@@ -248,10 +248,19 @@ pub async fn run(config: &Option<PathBuf>, command: OpsCommand) -> anyhow::Resul
             let settings = settings(config, target)?;
             let log = open_log(&settings)?;
             for topic in [settings.topic().to_owned(), settings.dlq_topic()] {
-                log.ensure_topic(&topic, settings.log.partitions)
+                let existing = log
+                    .ensure_topic(&topic, settings.log.partitions)
                     .await
                     .with_context(|| format!("failed to ensure topic {topic}"))?;
-                println!("topic {topic}: {} partitions", settings.log.partitions);
+                if existing == settings.log.partitions {
+                    println!("topic {topic}: {existing} partitions");
+                } else {
+                    println!(
+                        "topic {topic}: {existing} partitions (log.partitions says {}; an \
+                         existing topic keeps its count)",
+                        settings.log.partitions
+                    );
+                }
             }
             Ok(())
         }

@@ -53,15 +53,23 @@ pub async fn run(open: &(dyn Fn() -> Result<Box<dyn EventLog>, LogError> + Sync)
         format!("tail-{run}"),
     );
 
-    // Topics: idempotent creation, no silent repartitioning, unknown topics refused.
-    log.ensure_topic(topic, 4).await.expect("create topic");
-    log.ensure_topic(topic, 4)
-        .await
-        .expect("ensure is idempotent");
-    assert!(matches!(
-        log.ensure_topic(topic, 8).await,
-        Err(LogError::PartitionMismatch { .. })
-    ));
+    // Topics: idempotent creation, no silent repartitioning (an existing topic keeps its count
+    // and says what it is), unknown topics refused.
+    assert_eq!(log.ensure_topic(topic, 4).await.expect("create topic"), 4);
+    assert_eq!(
+        log.ensure_topic(topic, 4)
+            .await
+            .expect("ensure is idempotent"),
+        4
+    );
+    assert_eq!(
+        log.ensure_topic(topic, 8)
+            .await
+            .expect("another count is no error"),
+        4,
+        "an existing topic keeps its partition count"
+    );
+    assert_eq!(log.ensure_topic(topic, 2).await.unwrap(), 4);
     assert_eq!(log.partitions(topic).await.unwrap(), 4);
     let unknown = format!("never-created-{run}");
     assert!(matches!(

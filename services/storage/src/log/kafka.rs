@@ -46,6 +46,9 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const DRIVER_BUFFER: usize = 2048;
 /// Records the driver holds beyond that before it pauses fetching.
 const PAUSE_AT: usize = 8192;
+/// How long a topic's partition count is trusted before the brokers are asked again: how soon
+/// a group, a tail reader or a lag report sees a topic that grew.
+const PARTITIONS_TTL: Duration = Duration::from_secs(10);
 
 /// A client error, by its kind: the one place this backend maps librdkafka's error codes.
 fn kafka(e: KafkaError) -> LogError {
@@ -119,8 +122,9 @@ pub struct KafkaLog {
     admin: AdminClient<DefaultClientContext>,
     /// A group-less client for metadata and watermarks.
     meta: Arc<BaseConsumer>,
-    /// Partition counts of topics seen to exist: appends never create topics implicitly.
-    known: std::sync::RwLock<HashMap<String, u32>>,
+    /// Partition counts of topics seen to exist, and when: appends never create topics
+    /// implicitly. Asked again after [`PARTITIONS_TTL`], so a topic that grew is seen grown.
+    known: std::sync::RwLock<HashMap<String, (u32, std::time::Instant)>>,
     /// One offsets reader per group asked about ([`KafkaLog::offsets_reader`]).
     offsets_readers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
@@ -152,6 +156,11 @@ impl KafkaLog {
             .set("batch.size", "1000000")
             .set("message.timeout.ms", settings.append_timeout_ms.to_string())
             .set("allow.auto.create.topics", "false")
+            // How soon appends see partitions added to a topic (librdkafka's default is 5 min).
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                PARTITIONS_TTL.as_millis().to_string(),
+            )
             .create()
             .map_err(kafka)?;
         let admin = ClientConfig::new()
@@ -190,6 +199,12 @@ impl KafkaLog {
             )
             // The driver thread polls at least every 100 ms whatever the handlers do.
             .set("max.poll.interval.ms", "60000")
+            // How soon a group sees partitions added to its topic, and rebalances to take
+            // them (librdkafka's default is 5 minutes).
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                PARTITIONS_TTL.as_millis().to_string(),
+            )
             // librdkafka refuses `assign` without a group id. Readers that assign partitions
             // themselves never join or commit, so a unique id leaves no state behind; group
             // members override it.
@@ -245,7 +260,7 @@ fn partition_count(client: &BaseConsumer, topic: &str) -> Result<u32, LogError> 
 /// The topic's partition count from the brokers' metadata (a topic the metadata does not hold,
 /// or holds with an error, is unknown).
 fn partition_count_within(
-    client: &BaseConsumer,
+    client: &BaseConsumer<impl ConsumerContext>,
     topic: &str,
     timeout: Duration,
 ) -> Result<u32, LogError> {
@@ -304,14 +319,17 @@ fn to_delivered(message: &rdkafka::message::BorrowedMessage<'_>) -> Delivered {
 
 #[async_trait]
 impl EventLog for KafkaLog {
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32, LogError> {
         let retention = self.settings.retention_ms.to_string();
         let new = NewTopic::new(
             topic,
             partitions as i32,
             TopicReplication::Fixed(self.settings.replication as i32),
         )
-        .set("retention.ms", &retention);
+        .set("retention.ms", &retention)
+        // The broker stamps each record as it appends it, so no producer, skewed or forged,
+        // chooses a record's time; the projector bounds versions by it (docs/data-model.md).
+        .set("message.timestamp.type", "LogAppendTime");
         let results = self
             .admin
             .create_topics(
@@ -346,14 +364,11 @@ impl EventLog for KafkaLog {
                 last
             })
             .await?;
-        if existing != partitions {
-            return Err(LogError::PartitionMismatch {
-                topic: new.name.to_owned(),
-                existing,
-                requested: partitions,
-            });
-        }
-        Ok(())
+        self.known
+            .write()
+            .expect("topic cache")
+            .insert(new.name.to_owned(), (existing, std::time::Instant::now()));
+        Ok(existing)
     }
 
     async fn ping(&self, topic: &str) -> Result<(), LogError> {
@@ -363,7 +378,13 @@ impl EventLog for KafkaLog {
     }
 
     async fn partitions(&self, topic: &str) -> Result<u32, LogError> {
-        if let Some(n) = self.known.read().expect("topic cache").get(topic) {
+        if let Some((n, _)) = self
+            .known
+            .read()
+            .expect("topic cache")
+            .get(topic)
+            .filter(|(_, at)| at.elapsed() < PARTITIONS_TTL)
+        {
             return Ok(*n);
         }
         let name = topic.to_owned();
@@ -373,7 +394,7 @@ impl EventLog for KafkaLog {
         self.known
             .write()
             .expect("topic cache")
-            .insert(topic.to_owned(), n);
+            .insert(topic.to_owned(), (n, std::time::Instant::now()));
         Ok(n)
     }
 
@@ -477,9 +498,16 @@ impl EventLog for KafkaLog {
         let stop = Arc::new(AtomicBool::new(false));
         let driver = {
             let (consumer, stop) = (consumer.clone(), stop.clone());
+            // A group's coordinator hands it new partitions; a reader that assigned every
+            // partition itself must look for them.
+            let follow = (start == StartFrom::Latest).then(|| Follow {
+                topic: topic.to_owned(),
+                shared: shared.clone(),
+                checked: std::time::Instant::now(),
+            });
             std::thread::Builder::new()
                 .name(format!("kafka-{group}"))
-                .spawn(move || drive(consumer, tx, stop))
+                .spawn(move || drive(consumer, tx, stop, follow))
                 .map_err(task)?
         };
         Ok(Box::new(KafkaSubscription {
@@ -698,16 +726,67 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// A group-less reader of every partition of `topic` (a query's cache tail), which takes
+/// partitions added to the topic as they appear, from their first record: every record in them
+/// was appended after the reader started.
+struct Follow {
+    topic: String,
+    shared: Arc<Shared>,
+    checked: std::time::Instant,
+}
+
+impl Follow {
+    /// Every [`PARTITIONS_TTL`], asks the brokers for the topic's partition count and assigns
+    /// the partitions this reader does not have yet.
+    fn take_new_partitions(&mut self, consumer: &BaseConsumer<GroupContext>) {
+        if self.checked.elapsed() < PARTITIONS_TTL {
+            return;
+        }
+        self.checked = std::time::Instant::now();
+        let count = match partition_count_within(consumer, &self.topic, PING_TIMEOUT) {
+            Ok(count) => count,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot see the topic's partitions; asking again");
+                return;
+            }
+        };
+        let mut assigned = self.shared.assigned.lock().expect("assignment lock");
+        let new: Vec<u32> = (0..count).filter(|p| !assigned.contains(p)).collect();
+        if new.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in &new {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, p as i32, Offset::Beginning) {
+                tracing::warn!(error = %e, partition = p, "cannot add a new partition");
+                return;
+            }
+        }
+        match consumer.incremental_assign(&tpl) {
+            Ok(()) => {
+                tracing::info!(topic = %self.topic, partitions = ?new, "reading new partitions");
+                assigned.extend(new);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot assign new partitions; trying again"),
+        }
+    }
+}
+
 /// Keeps polling `consumer` until `stop`, forwarding records. When the subscription stops
-/// taking them, pauses fetching (and keeps polling, to stay in the group).
+/// taking them, pauses fetching (and keeps polling, to stay in the group). A group-less
+/// reader given `follow` also takes partitions added to its topic.
 fn drive(
     consumer: Arc<BaseConsumer<GroupContext>>,
     tx: mpsc::Sender<Delivered>,
     stop: Arc<AtomicBool>,
+    mut follow: Option<Follow>,
 ) {
     let mut pending: VecDeque<Delivered> = VecDeque::new();
     let mut paused = false;
     while !stop.load(Ordering::Relaxed) {
+        if let Some(follow) = follow.as_mut() {
+            follow.take_new_partitions(&consumer);
+        }
         while let Some(record) = pending.pop_front() {
             match tx.try_send(record) {
                 Ok(()) => {}
@@ -854,6 +933,7 @@ impl Drop for KafkaSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::admin::NewPartitions;
 
     /// Runs the conformance suite against the broker named by `CONVEYOR_TEST_KAFKA`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -872,5 +952,120 @@ mod tests {
             KafkaLog::connect(&brokers, &settings).map(|l| Box::new(l) as Box<dyn EventLog>)
         };
         super::super::conformance::run(&open).await;
+    }
+
+    /// Reported: after a topic grew from 4 to 8 partitions, a replica configured with 4 refused
+    /// to start, and a query's cache tail never read the new partitions. Now `ensure_topic`
+    /// answers the topic's own count, a group takes the new partitions within a metadata
+    /// refresh, and a tail reader (`StartFrom::Latest`) reads them from their first record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_topic_that_grows_is_followed_by_groups_and_tail_readers() {
+        let Some(brokers) =
+            crate::testing::engine(crate::testing::KAFKA, "the Kafka partition-growth test")
+        else {
+            return;
+        };
+        crate::testing::init_test_log();
+        let settings = LogSettings {
+            session_timeout_ms: 6000,
+            ..LogSettings::default()
+        };
+        let log = KafkaLog::connect(&brokers, &settings).unwrap();
+        let topic = format!("grows-{}", uuid::Uuid::new_v4().simple());
+        assert_eq!(log.ensure_topic(&topic, 2).await.unwrap(), 2);
+        let mut group = log
+            .subscribe(&topic, &format!("g-{topic}"), StartFrom::Earliest)
+            .await
+            .unwrap();
+        let mut tail = log
+            .subscribe(&topic, "tail", StartFrom::Latest)
+            .await
+            .unwrap();
+        // The group has its two partitions before the topic grows.
+        let before = Record {
+            key: b"before".to_vec(),
+            headers: vec![],
+            value: Bytes::from_static(b"before"),
+        };
+        log.append(&topic, vec![before]).await.unwrap();
+        assert!(
+            received(&mut *group, |r| r.key == b"before").await,
+            "the group reads before the growth"
+        );
+
+        let grow = NewPartitions::new(&topic, 4);
+        for result in log
+            .admin
+            .create_partitions([&grow], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            result.expect("the topic grows to 4 partitions");
+        }
+        let seen = async {
+            loop {
+                // A replica still configured with 2 runs on, told the topic's own count.
+                if log.ensure_topic(&topic, 2).await.unwrap() == 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), seen)
+            .await
+            .expect("the growth shows in the metadata");
+
+        // One record on each new partition, from a producer that knows the new count.
+        let fresh = KafkaLog::connect(&brokers, &settings).unwrap();
+        let keys: Vec<Vec<u8>> = [2u32, 3]
+            .iter()
+            .map(|&p| {
+                (0u32..)
+                    .map(|i| format!("key-{i}").into_bytes())
+                    .find(|k| crate::log::partition_for(k, 4) == p)
+                    .unwrap()
+            })
+            .collect();
+        let records = keys
+            .iter()
+            .map(|k| Record {
+                key: k.clone(),
+                headers: vec![],
+                value: Bytes::from_static(b"after"),
+            })
+            .collect();
+        let positions = fresh.append(&topic, records).await.unwrap();
+        let mut partitions: Vec<u32> = positions.iter().map(|p| p.partition).collect();
+        partitions.sort();
+        assert_eq!(partitions, vec![2, 3], "appended to the new partitions");
+        for (name, subscription) in [("the group", &mut group), ("the tail reader", &mut tail)] {
+            let mut wanted: Vec<Vec<u8>> = keys.clone();
+            let all = received(&mut **subscription, |r| {
+                wanted.retain(|k| *k != r.key);
+                wanted.is_empty()
+            })
+            .await;
+            assert!(all, "{name} reads both new partitions");
+        }
+    }
+
+    /// Polls `subscription` for up to 60 s until `done` says so of a record.
+    async fn received(
+        subscription: &mut dyn Subscription,
+        mut done: impl FnMut(&Delivered) -> bool,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            for record in subscription
+                .poll(100, Duration::from_millis(500))
+                .await
+                .unwrap()
+            {
+                if done(&record) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }

@@ -123,17 +123,6 @@ pub enum LogError {
     /// [`EventLog::ensure_topic`] does. Not found.
     #[error("unknown topic {0:?}")]
     UnknownTopic(String),
-    /// [`EventLog::ensure_topic`] asked for another partition count than the existing topic
-    /// has. Permanent: repartitioning is a migration.
-    #[error("topic {topic:?} exists with {existing} partitions, not {requested}")]
-    PartitionMismatch {
-        /// The topic's name.
-        topic: String,
-        /// The partition count the topic has.
-        existing: u32,
-        /// The partition count asked for.
-        requested: u32,
-    },
     /// A partition number at or past the topic's partition count. Not found.
     #[error("partition {partition} out of range for topic {topic:?}")]
     UnknownPartition {
@@ -178,7 +167,6 @@ impl Kinded for LogError {
     fn kind(&self) -> ErrorKind {
         match self {
             LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => ErrorKind::NotFound,
-            LogError::PartitionMismatch { .. } => ErrorKind::Permanent,
             // The log (or a subscription's driver) is gone for good in this process: a worker
             // that sees it stops, and the process exits for its orchestrator to restart.
             LogError::Closed => ErrorKind::Permanent,
@@ -190,10 +178,12 @@ impl Kinded for LogError {
 /// The contract every event log keeps.
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
-    /// Creates `topic` with `partitions` partitions if it does not exist. Idempotent; asking for
-    /// a different partition count than an existing topic has is
-    /// [`LogError::PartitionMismatch`] (repartitioning is a migration, never done in place).
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError>;
+    /// Creates `topic` with `partitions` partitions if it does not exist, and returns the
+    /// partition count the topic has. An existing topic keeps its own count, whatever
+    /// `partitions` says: repartitioning is a migration, never done in place, and a replica
+    /// configured with another count (a rolling restart after the topic grew) must still run;
+    /// callers warn when the two differ ([`warn_if_partitions_differ`]). Idempotent.
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32, LogError>;
 
     /// The partition count of `topic`. May be answered from a cache.
     async fn partitions(&self, topic: &str) -> Result<u32, LogError>;
@@ -258,6 +248,24 @@ pub trait Subscription: Send {
     fn take_revoked(&mut self) -> Vec<u32> {
         Vec::new()
     }
+}
+
+/// Warns, once per call, when `topic` has another partition count than the `configured` one
+/// (`log.partitions`): the process runs on with the topic's own count, since every consumer
+/// takes whatever partitions the topic has. Returns whether they differ.
+pub fn warn_if_partitions_differ(topic: &str, existing: u32, configured: u32) -> bool {
+    if existing == configured {
+        return false;
+    }
+    tracing::warn!(
+        topic,
+        partitions = existing,
+        configured,
+        "the topic has {existing} partitions and log.partitions says {configured}: running with \
+         the topic's {existing}. Set log.partitions to match; changing a topic's partition count \
+         is a migration (docs/kafka.md)"
+    );
+    true
 }
 
 /// The partition of `key` among `partitions`: Kafka's murmur2 partitioner, so an embedded log,

@@ -379,13 +379,6 @@ fn ensure_topic(conn: &Connection, name: &str, partitions: u32) -> Result<Topic,
         .optional()
         .map_err(storage)?;
     if let Some(topic) = existing {
-        if topic.partitions != partitions {
-            return Err(LogError::PartitionMismatch {
-                topic: name.to_owned(),
-                existing: topic.partitions,
-                requested: partitions,
-            });
-        }
         return Ok(topic);
     }
     let id: i64 = conn
@@ -511,7 +504,7 @@ fn read_partition(
 
 #[async_trait]
 impl EventLog for SqliteLog {
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<u32, LogError> {
         let name = topic.to_owned();
         let created = self
             .send(|reply| WriteOp::EnsureTopic {
@@ -525,7 +518,7 @@ impl EventLog for SqliteLog {
             .write()
             .expect("topic cache")
             .insert(topic.to_owned(), created);
-        Ok(())
+        Ok(created.partitions)
     }
 
     async fn partitions(&self, topic: &str) -> Result<u32, LogError> {

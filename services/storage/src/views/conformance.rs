@@ -105,8 +105,8 @@ fn deleted(id: Uuid, version: u64) -> Envelope {
 
 /// Runs every check against `store`, which must be empty: upserts and gets, redelivery,
 /// out-of-order versions, tombstones, progress, timelines paged across months, stats after a
-/// reversed replay, deletes below the upload's version, ties between outcomes and between
-/// descriptions at one version, and far-future versions refused.
+/// reversed replay, deletes below the upload's version, ties between outcomes, descriptions in
+/// log order whatever their versions, and no version refused for a clock.
 ///
 /// # Panics
 /// On the first broken promise.
@@ -164,17 +164,24 @@ pub async fn run(store: &dyn ReadStore) {
         "stats count once"
     );
 
-    // Out-of-order versions: an older description never overwrites a newer one, and column
-    // groups do not overwrite each other.
+    // Descriptions in log order: the later one wins whatever its version (a replica whose
+    // clock is behind took it), in one batch and across batches; column groups do not
+    // overwrite each other.
     store
         .apply(&[
-            described(a, JAN_31 + 20, "newer"),
-            described(a, JAN_31 + 10, "older"),
+            described(a, JAN_31 + 20, "first"),
+            described(a, JAN_31 + 10, "second, from a clock behind"),
         ])
         .await
         .unwrap();
     let row = store.media(a).await.unwrap().unwrap();
-    assert_eq!(row.title.as_deref(), Some("newer"));
+    assert_eq!(row.title.as_deref(), Some("second, from a clock behind"));
+    store
+        .apply(&[described(a, JAN_31 + 5, "newer")])
+        .await
+        .unwrap();
+    let row = store.media(a).await.unwrap().unwrap();
+    assert_eq!(row.title.as_deref(), Some("newer"), "in the next batch too");
     assert_eq!(
         row.status,
         MediaStatus::Processed,
@@ -319,7 +326,7 @@ pub async fn run(store: &dyn ReadStore) {
     deletes_below_the_upload_version(store).await;
     outcomes_at_one_version(store).await;
     descriptions_at_one_version(store).await;
-    far_future_versions_are_refused(store).await;
+    no_clock_refuses_a_version(store).await;
 }
 
 /// A delete whose version is below its upload's (a producer's clock behind the ingest's): the
@@ -410,9 +417,9 @@ async fn outcomes_at_one_version(store: &dyn ReadStore) {
     }
 }
 
-/// Two descriptions of one item at one version, in either order of arrival: the greater
-/// encoding ([`super::DescribeGroup::encode`]) stays, whole, on every store; never a mix of
-/// the two (a CQL store holding them as several cells would merge them cell by cell).
+/// Two descriptions of one item at one version, in either log order: the later one stays,
+/// whole, on every store; never a mix of the two (a CQL store holding them as several cells
+/// would merge them cell by cell).
 async fn descriptions_at_one_version(store: &dyn ReadStore) {
     let describe = |id: Uuid, title: Option<&str>, description: Option<&str>, tags: &[&str]| {
         Envelope::new(
@@ -430,9 +437,8 @@ async fn descriptions_at_one_version(store: &dyn ReadStore) {
         let up = uploaded(Uuid::now_v7(), JAN_31 + 800, owner, 3);
         let id = up.aggregate_id;
         // `g` encodes greater (its title), `l` has the greater description and tags: a store
-        // merging the fields one by one at one timestamp would keep g's title beside l's
-        // description, which neither event said. (The order "l first" is the one that makes a
-        // CQL store reconcile: the fold picks g and writes it over l at the same timestamp.)
+        // merging the fields one by one would keep g's title beside l's description, which
+        // neither event said.
         let g = describe(id, Some("b title"), Some("a description"), &["a"]);
         let l = describe(id, Some("a title"), Some("z description"), &["z"]);
         let (first, second) = if greater_first { (g, l) } else { (l, g) };
@@ -445,28 +451,50 @@ async fn descriptions_at_one_version(store: &dyn ReadStore) {
                 row.description.as_deref(),
                 row.tags.len()
             ),
-            (Some("b title"), Some("a description"), 1),
-            "{owner}: the greater description, whole"
+            if greater_first {
+                (Some("a title"), Some("z description"), 1)
+            } else {
+                (Some("b title"), Some("a description"), 1)
+            },
+            "{owner}: the later description, whole"
         );
         let listed = store.owner_timeline(owner, None, 10).await.unwrap();
         assert_eq!(listed.items, vec![row], "{owner}: the timeline agrees");
     }
 }
 
-/// An event whose version is far ahead of the clock would win every later comparison; both
-/// stores refuse it as permanent, and nothing of it is written.
-async fn far_future_versions_are_refused(store: &dyn ReadStore) {
+/// No clock refuses an event: a version days ahead of this process's clock is applied (the
+/// projector bounds versions by the log's append time instead), and a later description still
+/// replaces it. Only a version no store can hold (above `i64::MAX`, the CQL timestamp's range)
+/// is refused, as permanent, with nothing of it written.
+async fn no_clock_refuses_a_version(store: &dyn ReadStore) {
     use crate::error::{ErrorKind, Kinded};
     let id = Uuid::now_v7();
     let now = crate::clock::now_micros() as u64;
-    let error = store
-        .apply(&[uploaded(id, now + 3 * DAY, "hana", 1)])
+    store
+        .apply(&[
+            uploaded(id, now + 2 * DAY, "hana", 1),
+            described(id, now + 2 * DAY + 1, "ahead"),
+        ])
         .await
-        .expect_err("a version three days ahead is refused");
+        .expect("a version two days ahead is applied");
+    store
+        .apply(&[described(id, now, "after it in the log")])
+        .await
+        .unwrap();
+    let row = store.media(id).await.unwrap().expect("visible");
+    assert_eq!(row.title.as_deref(), Some("after it in the log"));
+    assert_eq!(store.owner_stats("hana").await.unwrap().media_count, 1);
+
+    let unstorable = Uuid::now_v7();
+    let error = store
+        .apply(&[uploaded(unstorable, super::MAX_VERSION + 1, "ivo", 1)])
+        .await
+        .expect_err("a version above i64::MAX is refused");
     assert_eq!(error.kind(), ErrorKind::Permanent, "{error}");
-    assert_eq!(store.media(id).await.unwrap(), None);
+    assert_eq!(store.media(unstorable).await.unwrap(), None);
     assert_eq!(
-        store.owner_stats("hana").await.unwrap(),
+        store.owner_stats("ivo").await.unwrap(),
         OwnerStats::default()
     );
 }

@@ -4,14 +4,24 @@
 //!
 //! The folding rules live here, as a pure function ([`MediaState::apply`]), so every store
 //! agrees on them:
-//! - each event owns one column group (upload, description, processing) and a group keeps the
-//!   write with the highest `version`;
-//! - a delete is a tombstone at its version, and a deleted id never shows again;
+//! - each event owns one column group (upload, description, processing);
+//! - the upload group is written once, by the item's upload event;
+//! - the processing group keeps the write with the highest `version`: its events are all
+//!   derived from the upload, at versions that are functions of the upload's (progress at the
+//!   upload's, an outcome one past it), so no replica's clock takes part;
+//! - the description group keeps the *last description in log order*: every event of one item
+//!   shares a partition, and projectors apply a partition in offset order, so the log already
+//!   says which description came last, whatever the clocks of the replicas that took them said.
+//!   A description is stored at one past the stored one's version if its own is not greater,
+//!   so a CQL store's `USING TIMESTAMP` reconciliation agrees ([`MediaState::apply`]);
+//! - a delete is a tombstone, and a deleted id never shows again, whatever comes after;
 //! - `owner_stats` counts a media item while it has an upload and no tombstone, and changes
-//!   only when that flips, in the same write as the row.
+//!   only when that flips.
 //!
-//! Every rule is a max over versions, so applying any set of events in any order, any number
-//! of times, gives the same visible state.
+//! So applying a partition's events in log order, with any suffix of them delivered again (a
+//! crash before a commit, a rebalance), gives the state of applying each once; events of
+//! different items commute. Versions are bounded by the log's own clock before they get here
+//! (the projector's [`clamp_to_log_time`]), so a forged far-future version cannot pin an item.
 
 #[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
@@ -77,26 +87,40 @@ impl Kinded for ViewError {
     }
 }
 
-/// How far past the store's clock an event's version may be by default, in µs: 1 day
-/// (`views.max_version_ahead_secs`). A version further ahead would win every last-writer-wins
-/// comparison for as long as it stays ahead, so no later event could change the item.
-/// ScyllaDB itself refuses `USING TIMESTAMP` more than 3 days ahead (its
-/// `restrict_future_timestamp`); both stores refuse the same events, below that.
+/// How far ahead of its record's append time an event's version may be, by default, in µs:
+/// 1 day (`views.max_version_ahead_secs`). The projector lowers a version further ahead to that
+/// bound ([`clamp_to_log_time`]); ScyllaDB itself refuses `USING TIMESTAMP` more than 3 days
+/// ahead of its own clock (its `restrict_future_timestamp`), so the bound stays below that.
 pub const MAX_VERSION_AHEAD_MICROS: u64 = 24 * 3600 * 1_000_000;
 
-/// Refuses, as [`ViewError::InvalidEvent`] (permanent), any event no store may apply: one
-/// whose version is more than `max_ahead` µs ahead of `now_micros`, or that cannot be stored
-/// as a CQL write timestamp (a signed 64-bit count of µs). Every store calls this before
-/// writing anything of the batch.
-pub fn validate(events: &[Envelope], now_micros: u64, max_ahead: u64) -> Result<(), ViewError> {
-    let limit = now_micros.saturating_add(max_ahead).min(i64::MAX as u64);
+/// The largest version a store can hold: CQL write timestamps are signed 64-bit µs.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
+/// `version`, lowered to `appended_at + max_ahead` if it is further ahead of the time its record
+/// was appended to the log (µs since the Unix epoch; on Kafka the broker's clock for topics
+/// Conveyor creates, `message.timestamp.type=LogAppendTime`). Deterministic for a record, so a
+/// redelivery clamps the same way; never a refusal, so a replica whose clock runs ahead cannot
+/// lose an accepted write. It only bounds the numbers: the order of an item's descriptions comes
+/// from the log ([`MediaState::apply`]), so a forged version never wins a later write anyway; the
+/// bound keeps forged `created_at` values near the truth and every version storable.
+pub fn clamp_to_log_time(version: u64, appended_at: i64, max_ahead: u64) -> u64 {
+    let bound = (appended_at.max(0) as u64)
+        .saturating_add(max_ahead)
+        .min(MAX_VERSION);
+    version.min(bound)
+}
+
+/// Refuses, as [`ViewError::InvalidEvent`] (permanent), any event no store may apply: one whose
+/// version cannot be stored as a CQL write timestamp (above [`MAX_VERSION`]). Every store calls
+/// this before writing anything of the batch. It never consults a clock: which clock is right
+/// is not something a store can know.
+pub fn validate(events: &[Envelope]) -> Result<(), ViewError> {
     for event in events {
-        if event.version > limit {
+        if event.version > MAX_VERSION {
             return Err(ViewError::InvalidEvent {
                 event_id: event.event_id,
                 reason: format!(
-                    "version {} is more than {max_ahead} µs ahead of the store's clock \
-                     ({now_micros}); views.max_version_ahead_secs allows more",
+                    "version {} is above {MAX_VERSION}, the largest a store can hold",
                     event.version
                 ),
             });
@@ -109,8 +133,9 @@ pub fn validate(events: &[Envelope], now_micros: u64, max_ahead: u64) -> Result<
 #[async_trait]
 pub trait ReadStore: Send + Sync + 'static {
     /// Folds `events` into the read models, by the rules in this module, and returns once the
-    /// result is durable. Idempotent and order-insensitive: re-applying any events, in any
-    /// order, leaves the visible state unchanged.
+    /// result is durable. `events` are in log order for each item (a projector's batch of one
+    /// partition); applying a suffix of what was applied already, again in log order, leaves the
+    /// visible state unchanged.
     async fn apply(&self, events: &[Envelope]) -> Result<(), ViewError>;
 
     /// `media_by_id`: the media item, or `None` if it is unknown, not yet uploaded, or deleted.
@@ -173,7 +198,8 @@ pub struct UploadGroup {
 /// The description column group, owned by `MediaDescribed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DescribeGroup {
-    /// The `MediaDescribed` event's version, in µs since the Unix epoch.
+    /// The version it is stored at, in µs since the Unix epoch: its event's, or one past the
+    /// description it replaced if that one's was not lower (log order beats the clocks).
     pub version: u64,
     /// The described title; `None` leaves the upload's title showing.
     pub title: Option<String>,
@@ -198,8 +224,9 @@ struct DescribedCell {
 impl DescribeGroup {
     /// The group as one text value, `{"v":…,"title":…,"description":…,"tags":[…]}`.
     ///
-    /// Also the tiebreak between two descriptions at one version: the greater encoding wins,
-    /// which is how CQL reconciles two live cells written at one timestamp.
+    /// One cell, so a CQL store never merges two descriptions field by field: of two cells at
+    /// one timestamp (two projectors writing one item during a rebalance), CQL keeps the
+    /// greater value whole.
     pub fn encode(&self) -> String {
         serde_json::to_string(&DescribedCell {
             v: self.version,
@@ -353,12 +380,6 @@ fn keep_first<T>(_: &T, _: &T) -> bool {
     false
 }
 
-/// Two descriptions at one version (two producers in one µs): the greater encoding wins
-/// ([`DescribeGroup::encode`]), in any order of arrival and on every store.
-fn greater_description(candidate: &DescribeGroup, existing: &DescribeGroup) -> bool {
-    candidate.encode() > existing.encode()
-}
-
 /// Two outcomes at one version: the greater encoding wins ([`ProcessOutcome::encode`]).
 fn greater_outcome(candidate: &ProcessGroup, existing: &ProcessGroup) -> bool {
     candidate.outcome.encode() > existing.outcome.encode()
@@ -399,18 +420,22 @@ impl MediaState {
                     keep_first,
                 )
             }
-            Event::MediaDescribed(e) => newer(
-                &mut self.describe,
-                v,
-                |g| g.version,
-                || DescribeGroup {
-                    version: v,
+            Event::MediaDescribed(e) => {
+                // The last description in log order wins, whatever its version says: the log
+                // orders an item's events, the replicas' clocks do not. Stored one past the
+                // previous one if need be, so CQL's reconciliation by timestamp agrees.
+                let version = match &self.describe {
+                    Some(d) => v.max(d.version.saturating_add(1)).min(MAX_VERSION),
+                    None => v,
+                };
+                self.describe = Some(DescribeGroup {
+                    version,
                     title: e.title.clone(),
                     description: e.description.clone(),
                     tags: e.tags.clone(),
-                },
-                greater_description,
-            ),
+                });
+                true
+            }
             Event::MediaProcessed(e) => newer(
                 &mut self.process,
                 v,
@@ -552,31 +577,20 @@ mod tests {
         })
     }
 
+    fn describe(title: &str) -> Event {
+        Event::MediaDescribed(MediaDescribed {
+            title: Some(title.into()),
+            description: None,
+            tags: vec![],
+        })
+    }
+
     #[test]
-    fn every_order_of_the_same_events_gives_the_same_row() {
+    fn events_of_different_groups_give_one_row_in_every_order() {
         let id = Uuid::now_v7();
         let events = [
             ev(id, 10, uploaded("alice")),
-            ev(
-                id,
-                20,
-                Event::MediaDescribed(MediaDescribed {
-                    title: Some("t1".into()),
-                    description: None,
-                    tags: vec![],
-                }),
-            ),
-            // At the same version as the one above: the greater description wins, whatever
-            // the order of arrival.
-            ev(
-                id,
-                20,
-                Event::MediaDescribed(MediaDescribed {
-                    title: Some("t2".into()),
-                    description: None,
-                    tags: vec!["x".into()],
-                }),
-            ),
+            ev(id, 20, describe("t1")),
             ev(
                 id,
                 11,
@@ -584,15 +598,18 @@ mod tests {
                     reason: "bad".into(),
                 }),
             ),
+            ev(
+                id,
+                10,
+                Event::MediaProcessingProgress(conveyor_schemas::MediaProcessingProgress {
+                    percent: 40,
+                }),
+            ),
         ];
         let mut reference = MediaState::new(id);
         events.iter().for_each(|e| {
             reference.apply(e);
         });
-        assert_eq!(
-            reference.describe.as_ref().and_then(|d| d.title.as_deref()),
-            Some("t2")
-        );
         // All 24 permutations, each applied twice.
         let mut idx = [0usize, 1, 2, 3];
         let mut permutations = vec![];
@@ -605,8 +622,69 @@ mod tests {
             assert_eq!(state.to_row(), reference.to_row(), "order {order:?}");
         }
         let row = reference.to_row().unwrap();
-        assert_eq!(row.title.as_deref(), Some("t2"));
-        assert_eq!(row.status, MediaStatus::Failed);
+        assert_eq!(row.title.as_deref(), Some("t1"));
+        assert_eq!(
+            row.status,
+            MediaStatus::Failed,
+            "the outcome beats progress"
+        );
+    }
+
+    /// Reported: a description taken by a replica whose clock was 5 s behind, 1 s after
+    /// another, was lost. The last description in log order wins, whatever the versions say,
+    /// and a redelivered suffix of the log ends where it ended the first time.
+    #[test]
+    fn the_last_description_in_log_order_wins_whatever_its_version() {
+        let id = Uuid::now_v7();
+        let second = 1_000_000;
+        let log = [
+            ev(id, 100 * second, uploaded("alice")),
+            ev(id, 101 * second, describe("first")),
+            // Taken 1 s later by a replica 5 s behind.
+            ev(id, 97 * second, describe("second")),
+            // And at the very same version as the one before it.
+            ev(id, 97 * second, describe("third")),
+        ];
+        let mut state = MediaState::new(id);
+        for (i, event) in log.iter().enumerate() {
+            assert!(state.apply(event), "event {i} changes the item");
+        }
+        let stored = state.describe.clone().unwrap();
+        assert_eq!(stored.title.as_deref(), Some("third"));
+        assert!(
+            stored.version > 101 * second + 1,
+            "stored above every description before it: {}",
+            stored.version
+        );
+        // A crash before the commit: the last two are delivered again, in log order.
+        for event in &log[2..] {
+            state.apply(event);
+        }
+        assert_eq!(
+            state.to_row().unwrap().title.as_deref(),
+            Some("third"),
+            "a redelivered suffix ends where it ended"
+        );
+    }
+
+    #[test]
+    fn versions_are_clamped_to_the_log_time_and_never_refused_for_a_clock() {
+        let day = 86_400 * 1_000_000;
+        let now = 1_800_000_000 * 1_000_000u64;
+        assert_eq!(clamp_to_log_time(now + 2 * day, now as i64, day), now + day);
+        assert_eq!(
+            clamp_to_log_time(now - 2 * day, now as i64, day),
+            now - 2 * day
+        );
+        assert_eq!(clamp_to_log_time(u64::MAX, i64::MAX, day), MAX_VERSION);
+        assert_eq!(
+            clamp_to_log_time(5, -1, 0),
+            0,
+            "a log time before 1970 is 0"
+        );
+        let id = Uuid::now_v7();
+        assert!(validate(&[ev(id, now + 400 * day, uploaded("a"))]).is_ok());
+        assert!(validate(&[ev(id, MAX_VERSION + 1, uploaded("a"))]).is_err());
     }
 
     fn permute(items: &mut [usize; 4], k: usize, out: &mut Vec<[usize; 4]>) {

@@ -1,9 +1,11 @@
 //! The distributed read store on ScyllaDB, through the `scylla` driver. The tables are in
 //! `schemas/cql/` (one per query); `conveyor ops migrate` creates them ([`migrate`]).
 //!
-//! Writes are last-writer-wins by event version: every statement carries
-//! `USING TIMESTAMP <version>`, and each event writes only the columns of its own group, so
-//! ScyllaDB's own cell reconciliation is the fold in [`super`]. `apply` is read-then-write:
+//! Writes are last-writer-wins by version: every statement carries `USING TIMESTAMP
+//! <version>`, the version the fold in [`super`] stored the group at (a description's may be
+//! one past the one it replaces, as the log orders them), and each event writes only the
+//! columns of its own group, so ScyllaDB's own cell reconciliation agrees with the fold.
+//! `apply` is read-then-write:
 //! it loads each touched item from `media_by_id`, folds the batch in memory to learn the
 //! item's owner and liveness, and then writes:
 //! 1. first the owner-side tables (`media_by_owner`, `owner_buckets`, `owner_stats`);
@@ -624,8 +626,6 @@ const CONCURRENCY: usize = 64;
 pub struct ScyllaReadStore {
     session: Arc<Session>,
     prepared: HashMap<Stmt, PreparedStatement>,
-    /// [`ViewSettings::max_version_ahead_secs`], in µs.
-    max_version_ahead: u64,
 }
 
 /// A session whose requests run at `LOCAL_QUORUM`, coordinated by the local data centre's
@@ -728,7 +728,6 @@ impl ScyllaReadStore {
         Ok(ScyllaReadStore {
             session: Arc::new(session),
             prepared,
-            max_version_ahead: settings.max_version_ahead_secs.saturating_mul(1_000_000),
         })
     }
 
@@ -793,11 +792,7 @@ impl ScyllaReadStore {
 #[async_trait]
 impl ReadStore for ScyllaReadStore {
     async fn apply(&self, events: &[Envelope]) -> Result<(), ViewError> {
-        super::validate(
-            events,
-            crate::clock::now_micros() as u64,
-            self.max_version_ahead,
-        )?;
+        super::validate(events)?;
         let mut touched: HashMap<Uuid, Touched> = HashMap::new();
         for event in events {
             touched

@@ -130,8 +130,6 @@ pub struct SqliteReadStore {
     /// `Some` for a store writing one generation (a replay building it); `None` follows the
     /// current generation.
     pinned: Option<u32>,
-    /// [`ViewSettings::max_version_ahead_secs`](conveyor_config::ViewSettings), in µs.
-    max_version_ahead: u64,
 }
 
 /// A read against one generation's tables.
@@ -145,9 +143,7 @@ fn current_generation(conn: &Connection) -> rusqlite::Result<u32> {
 
 impl SqliteReadStore {
     /// Opens (creating if needed) the read store at `path`, with the current generation's
-    /// tables, following the current generation. It refuses events more than a day ahead of
-    /// the clock ([`MAX_VERSION_AHEAD_MICROS`](super::MAX_VERSION_AHEAD_MICROS)) unless
-    /// [`with_max_version_ahead`](Self::with_max_version_ahead) says otherwise.
+    /// tables, following the current generation.
     ///
     /// # Errors
     /// [`ViewError::Storage`] when the directory, the file or its tables cannot be created or
@@ -172,15 +168,7 @@ impl SqliteReadStore {
             writer: Arc::new(Mutex::new(conn)),
             readers: Arc::new(ReaderPool::new(path)),
             pinned: None,
-            max_version_ahead: super::MAX_VERSION_AHEAD_MICROS,
         })
-    }
-
-    /// Refuses events whose version is more than `secs` ahead of this process's clock
-    /// ([`super::validate`]), instead of the default day.
-    pub fn with_max_version_ahead(mut self, secs: u64) -> Self {
-        self.max_version_ahead = secs.saturating_mul(1_000_000);
-        self
     }
 
     /// A store that reads and writes generation `generation` only, creating its tables: what
@@ -556,11 +544,7 @@ impl ReadStore for SqliteReadStore {
         if events.is_empty() {
             return Ok(());
         }
-        super::validate(
-            events,
-            crate::clock::now_micros() as u64,
-            self.max_version_ahead,
-        )?;
+        super::validate(events)?;
         let writer = self.writer.clone();
         let events = events.to_vec();
         let pinned = self.pinned;
