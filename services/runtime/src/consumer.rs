@@ -189,7 +189,23 @@ pub async fn run(
     // touch the state of a later ownership.
     let mut epochs = 0u64;
 
+    // Revokes are looked for on every turn of the loop and at least this often, whatever
+    // else the loop waits on: a poll that never completes (an idle member whose commit timer
+    // keeps winning) or a full buffer must not delay them.
+    let mut revoke_check = tokio::time::interval(REVOKE_CHECK);
+    revoke_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     loop {
+        // Partitions another member owns now: forget what is waiting for them, and drop the
+        // batches in flight uncommitted (their new owner redoes them; a transcoder's ffmpeg is
+        // killed with its future), so nothing more is published for them.
+        for partition in sub.take_revoked() {
+            if let Some(state) = partitions.remove(&partition) {
+                tracing::info!(group = %config.group, partition, in_flight = state.in_flight, "partition revoked; its work in flight is dropped");
+                state.revoked.cancel();
+                buffered -= state.unfinished.len();
+            }
+        }
         // Hand waiting records to the handler, up to the in-flight bound of each partition.
         if !stopping {
             for (&partition, state) in partitions.iter_mut() {
@@ -252,10 +268,12 @@ pub async fn run(
                     last_commit = tokio::time::Instant::now();
                 }
             }
-            _ = tokio::time::sleep_until(last_commit + config.commit_interval), if !stopping => {
+            _ = tokio::time::sleep_until(last_commit + config.commit_interval),
+                if !stopping && has_uncommitted(&partitions) => {
                 commit_finished(sub.as_mut(), &mut partitions, &config).await?;
                 last_commit = tokio::time::Instant::now();
             }
+            _ = revoke_check.tick() => {}
             polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), Duration::from_millis(500)),
                 if !stopping && buffered < config.max_buffered => {
                 let records = match polled {
@@ -272,14 +290,6 @@ pub async fn run(
                     }
                     Err(e) => return Err(anyhow::Error::new(e).context("failed to poll the event log")),
                 };
-                // Partitions another member owns now: forget what is waiting for them, and drop
-                // the batches in flight uncommitted (their new owner redoes them).
-                for partition in sub.take_revoked() {
-                    if let Some(state) = partitions.remove(&partition) {
-                        state.revoked.cancel();
-                        buffered -= state.unfinished.len();
-                    }
-                }
                 for record in records {
                     let state = partitions.entry(record.partition).or_insert_with(|| {
                         epochs += 1;
@@ -296,6 +306,18 @@ pub async fn run(
     commit_finished(sub.as_mut(), &mut partitions, &config).await?;
     tracing::info!(group = %config.group, "consumer stopped");
     Ok(())
+}
+
+/// How often a member looks for partitions revoked from it when nothing else wakes it: a
+/// revoke takes effect within this (plus the log's own notice: Kafka's rebalance callback runs
+/// on the driver thread, which polls at least every 100 ms).
+const REVOKE_CHECK: Duration = Duration::from_millis(100);
+
+/// Whether some partition has finished work above its committed offset.
+fn has_uncommitted(partitions: &HashMap<u32, PartitionState>) -> bool {
+    partitions.values().any(|state| {
+        state.fetched_end > 0 && state.committed.is_none_or(|c| c < state.low_watermark())
+    })
 }
 
 /// Commits every partition's low watermark that moved. A transient failure (the broker is
@@ -699,5 +721,157 @@ mod tests {
         let mut redelivered = healthy.done.lock().unwrap().clone();
         redelivered.sort();
         assert_eq!(redelivered, vec!["4", "5", "6", "7", "stuck"]);
+    }
+
+    /// Holds every batch until it is dropped, noting when each partition's work started and
+    /// when it was dropped.
+    #[derive(Default)]
+    struct Hold {
+        started: Mutex<HashMap<u32, std::time::Instant>>,
+        dropped: Mutex<HashMap<u32, std::time::Instant>>,
+    }
+
+    /// Notes, when dropped, that the work of `partition` was dropped.
+    struct DropNote(Arc<Hold>, u32);
+
+    impl Drop for DropNote {
+        fn drop(&mut self) {
+            let at = std::time::Instant::now();
+            self.0.dropped.lock().unwrap().insert(self.1, at);
+        }
+    }
+
+    struct Holding(Arc<Hold>);
+
+    #[async_trait]
+    impl Handler for Holding {
+        async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
+            let partition = records[0].partition;
+            self.0
+                .started
+                .lock()
+                .unwrap()
+                .insert(partition, std::time::Instant::now());
+            let _note = DropNote(self.0.clone(), partition);
+            // A long job: only a revoke (or a shutdown) ends it.
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    }
+
+    /// Reported: a transcoder whose partition moved to a member that had just joined ran its
+    /// job on for 77 s, because it had no new records to read: the revoke was only looked at
+    /// when a poll returned, and its 50 ms commit timer kept cancelling the idle poll. Now the
+    /// member drops the revoked partition's work in flight before its new owner starts it,
+    /// although nothing else arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoke_drops_the_work_in_flight_at_once_on_an_idle_member() {
+        use conveyor_storage::log::kafka::KafkaLog;
+        let Some(brokers) =
+            conveyor_storage::testing::engine(conveyor_storage::testing::KAFKA, "the revoke test")
+        else {
+            return;
+        };
+        let settings = conveyor_config::LogSettings {
+            session_timeout_ms: 6000,
+            ..Default::default()
+        };
+        let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(&brokers, &settings).unwrap());
+        let topic = format!("revoke-{}", uuid::Uuid::new_v4().simple());
+        log.ensure_topic(&topic, 2).await.unwrap();
+        log.ensure_topic(&format!("{topic}.dlq"), 2).await.unwrap();
+        // One long job on each partition.
+        let records = [0u32, 1]
+            .iter()
+            .map(|&p| {
+                let key = (0u32..)
+                    .map(|i| format!("k{i}").into_bytes())
+                    .find(|k| conveyor_storage::log::partition_for(k, 2) == p)
+                    .unwrap();
+                Record {
+                    key,
+                    headers: vec![],
+                    value: bytes::Bytes::from_static(b"long job"),
+                }
+            })
+            .collect();
+        log.append(&topic, records).await.unwrap();
+        let mut config = ConsumerConfig::new(&topic, &format!("g-{topic}"));
+        config.backoff = Duration::from_millis(1);
+
+        let (first, second) = (Arc::new(Hold::default()), Arc::new(Hold::default()));
+        let (stop_first, stop_second) = (CancellationToken::new(), CancellationToken::new());
+        let first_member = tokio::spawn(run(
+            log.clone(),
+            config.clone(),
+            Arc::new(Holding(first.clone())),
+            stop_first.clone(),
+        ));
+        let both = wait_for(Duration::from_secs(60), || {
+            first.started.lock().unwrap().len() == 2
+        })
+        .await;
+        assert!(both, "the first member started both jobs");
+
+        let second_member = tokio::spawn(run(
+            log.clone(),
+            config.clone(),
+            Arc::new(Holding(second.clone())),
+            stop_second.clone(),
+        ));
+        let moved = wait_for(Duration::from_secs(60), || {
+            !second.started.lock().unwrap().is_empty()
+        })
+        .await;
+        assert!(
+            moved,
+            "the member that joined took a partition and started its job"
+        );
+        let (&partition, &taken_at) = second
+            .started
+            .lock()
+            .unwrap()
+            .iter()
+            .next()
+            .map(|(p, t)| (p, t))
+            .unwrap();
+        // The old owner dropped it (at the latest a moment after the new owner started it: the
+        // cooperative protocol revokes before it assigns, and the check runs every 100 ms).
+        let dropped = wait_for(Duration::from_secs(10), || {
+            first.dropped.lock().unwrap().contains_key(&partition)
+        })
+        .await;
+        assert!(
+            dropped,
+            "the old owner still runs partition {partition}'s job"
+        );
+        let dropped_at = first.dropped.lock().unwrap()[&partition];
+        assert!(
+            dropped_at <= taken_at + Duration::from_secs(2),
+            "dropped {:?} after the new owner started",
+            dropped_at.duration_since(taken_at)
+        );
+        let other = 1 - partition;
+        assert!(
+            !first.dropped.lock().unwrap().contains_key(&other),
+            "the partition it kept runs on"
+        );
+
+        // Held jobs never finish: the members are dropped, and leave the group.
+        first_member.abort();
+        second_member.abort();
+        let _ = first_member.await;
+        let _ = second_member.await;
+    }
+
+    async fn wait_for(bound: Duration, check: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + bound;
+        while std::time::Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        check()
     }
 }

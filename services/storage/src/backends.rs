@@ -117,6 +117,7 @@ pub fn open_log(settings: &Settings) -> anyhow::Result<Arc<dyn EventLog>> {
 /// # Errors
 /// A database file that cannot be opened, a CQL cluster that cannot be reached or has no
 /// schema yet (`ops migrate`), or ScyllaDB left out of this build.
+#[cfg_attr(not(feature = "scylla"), allow(unused_variables))]
 pub async fn open_views(
     uri: &ViewsUri,
     settings: &ViewSettings,

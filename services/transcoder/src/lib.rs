@@ -642,6 +642,14 @@ impl Watch {
     }
 }
 
+impl Drop for Watch {
+    /// Ends the watching task with its job, however the job ends: finished, failed, or dropped
+    /// mid-way by a revoke (which would otherwise leave it polling the read store for good).
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
 /// Appends a job's progress at every [`PROGRESS_STEP`] percent and at least every
 /// [`PROGRESS_EVERY`]. Progress is best effort: an append that fails is logged and skipped,
 /// never a reason to fail the job.
