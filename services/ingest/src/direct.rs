@@ -278,7 +278,7 @@ pub(crate) async fn create(
     let parts = request.bytes.div_ceil(part_size) as u32;
     let presigned_parts = if large && parts > 1 {
         objects
-            .presigned_multipart(&incoming, parts, ttl)
+            .presigned_multipart(&incoming, parts, ttl, media.content_type())
             .await
             .map_err(ApiError::backend)?
     } else {
@@ -297,7 +297,7 @@ pub(crate) async fn create(
                 .collect(),
         );
     } else if let Some(url) = objects
-        .presigned_put(&incoming, ttl)
+        .presigned_put(&incoming, ttl, media.content_type())
         .await
         .map_err(ApiError::backend)?
     {
@@ -405,6 +405,7 @@ fn too_large(declared: u64) -> ApiError {
         (status = 404, description = "No such upload (completed, expired or never created)", body = ErrorBody),
         (status = 409, description = "The upload is being completed or was completed; its bytes can no longer change", body = ErrorBody),
         (status = 413, description = "More bytes than declared", body = ErrorBody),
+        (status = 415, description = "A `Content-Type` other than the one the upload was declared with (`unsupported_media_type`): the URL pins it, as S3's signature does", body = ErrorBody),
     ))]
 pub(crate) async fn put_data(
     State(state): State<Arc<IngestState>>,
@@ -438,6 +439,25 @@ pub(crate) async fn put_data(
     };
     if is_claimed(&state, id).await? {
         return Err(refuse(&mut data, expects_continue, completing()).await);
+    }
+    // The URL pins the type the upload was declared with, as S3's signature does: a PUT that
+    // says another is refused (the stored bytes are typed by sniffing either way).
+    let claimed_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    if let Some(claimed) = claimed_type.filter(|c| {
+        MediaType::from_declared(c).is_none_or(|m| m.content_type() != pending.content_type)
+    }) {
+        let refused = ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type: {claimed:?} is not the type this upload was declared with ({}); \
+                 send the headers POST /v1/uploads answered",
+                pending.content_type
+            ),
+        );
+        return Err(refuse(&mut data, expects_continue, refused).await);
     }
     let declared_too_small = headers
         .get(axum::http::header::CONTENT_LENGTH)

@@ -116,13 +116,17 @@ pub(crate) async fn get_object(
         }
     }
     let cache_control = HeaderValue::from_static(if private { PRIVATE } else { IMMUTABLE });
+    // The type is always Conveyor's own: from the key's extension, or sniffed from the bytes,
+    // never what an uploader's PUT said.
+    let content_type = content_type(&state, &key).await?;
     // A store that can hand out its own URLs (S3) serves the bytes itself: redirect there, so
-    // media never passes through this edge. The redirect is short-lived; the CDN in front of
-    // the store caches by path.
+    // media never passes through this edge, with the type pinned in the URL (S3's response
+    // header overrides). The redirect is short-lived; the CDN in front of the store caches by
+    // path.
     if let Some(url) = state
         .backends
         .objects
-        .presigned_get(&key, PRESIGN_TTL)
+        .presigned_get(&key, PRESIGN_TTL, content_type)
         .await
         .map_err(object_error)?
     {
@@ -134,6 +138,10 @@ pub(crate) async fn get_object(
                 (
                     header::CACHE_CONTROL,
                     HeaderValue::from_static("private, max-age=240"),
+                ),
+                (
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
                 ),
             ],
         )
@@ -190,7 +198,6 @@ pub(crate) async fn get_object(
                 .into_response());
         }
     };
-    let content_type = content_type(&state, &key).await?;
     let requested = range.as_ref().map(|r| *r.start()..*r.end() + 1);
     let object = state
         .backends

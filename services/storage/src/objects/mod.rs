@@ -114,6 +114,8 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// `from`. Readers of `to` see the old object or the new one, never a part. Replacing,
     /// rather than keeping an existing `to`, means a content-addressed key always ends up
     /// holding the bytes its caller verified, even if something else was put there first.
+    /// Whatever metadata `from` carried (a client's `PUT` chose it) is not kept: `to` gets
+    /// the headers the store gives every object, its type sniffed from its own bytes.
     /// [`ObjectError::NotFound`] if `from` does not exist.
     async fn promote(&self, from: &str, to: &str) -> Result<(), ObjectError>;
 
@@ -126,36 +128,43 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError>;
 
     /// A URL that lets anyone GET `key` directly from the store for `ttl`, if the store can
-    /// issue one (S3 presigning). `None` means the store's bytes must be served by Conveyor.
+    /// issue one (S3 presigning), served as `content_type` (the server's own sniffing, never
+    /// what an uploader said), inline only for images and videos and as an attachment
+    /// otherwise. `None` means the store's bytes must be served by Conveyor.
     async fn presigned_get(
         &self,
         key: &str,
         ttl: std::time::Duration,
+        content_type: &str,
     ) -> Result<Option<String>, ObjectError> {
-        let _ = (key, ttl);
+        let _ = (key, ttl, content_type);
         Ok(None)
     }
 
-    /// A URL a client can `PUT` the body of `key` to, without credentials, for `ttl`. `None`
-    /// if the store cannot issue one (the embedded store: the edge signs its own URLs).
+    /// A URL a client can `PUT` the body of `key` to, without credentials, for `ttl`, whose
+    /// signature pins `Content-Type: content_type` (a `PUT` with another type is refused by the
+    /// store). `None` if the store cannot issue one (the embedded store: the edge signs its own
+    /// URLs).
     async fn presigned_put(
         &self,
         key: &str,
         ttl: std::time::Duration,
+        content_type: &str,
     ) -> Result<Option<String>, ObjectError> {
-        let _ = (key, ttl);
+        let _ = (key, ttl, content_type);
         Ok(None)
     }
 
-    /// Starts a multipart upload of `key` in `parts` parts and returns its id and one presigned
-    /// `PUT` URL per part, or `None` if the store has no multipart uploads.
+    /// Starts a multipart upload of `key`, typed `content_type`, in `parts` parts and returns its
+    /// id and one presigned `PUT` URL per part, or `None` if the store has no multipart uploads.
     async fn presigned_multipart(
         &self,
         key: &str,
         parts: u32,
         ttl: std::time::Duration,
+        content_type: &str,
     ) -> Result<Option<(String, Vec<String>)>, ObjectError> {
-        let _ = (key, parts, ttl);
+        let _ = (key, parts, ttl, content_type);
         Ok(None)
     }
 

@@ -32,6 +32,8 @@ use conveyor_config::ObjectSettings;
 
 /// S3's smallest part (except the last).
 const MIN_PART: usize = 5 * 1024 * 1024;
+/// The type of an object whose bytes sniff as nothing Conveyor accepts.
+const OCTET_STREAM: &str = "application/octet-stream";
 
 /// The object store on an S3 bucket (or any S3 API), every key under an optional prefix.
 /// Bodies of at least one part (`objects.part_size_mib`, never under S3's 5 MiB minimum) go
@@ -214,6 +216,38 @@ impl S3ObjectStore {
     fn full(&self, key: &str) -> Result<String, ObjectError> {
         validate_key(key)?;
         Ok(format!("{}{key}", self.prefix))
+    }
+
+    /// The first [`SNIFF_BYTES`](crate::media::SNIFF_BYTES) of the object at `full` (a key
+    /// with this store's prefix), for sniffing its type.
+    async fn leading_bytes(&self, full: &str) -> Result<Bytes, ObjectError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .range(format!("bytes=0-{}", crate::media::SNIFF_BYTES - 1))
+            .send()
+            .await;
+        match out {
+            Ok(out) => Ok(out
+                .body
+                .collect()
+                .await
+                .map_err(|e| ObjectError::Storage {
+                    kind: ErrorKind::Transient,
+                    message: format!("s3: reading {full}: {e}"),
+                })?
+                .into_bytes()),
+            // An empty object has no range to give.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                Ok(Bytes::new())
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                Err(ObjectError::NotFound)
+            }
+            Err(e) => Err(s3(e)),
+        }
     }
 
     async fn multipart(
@@ -443,7 +477,7 @@ impl ObjectStore for S3ObjectStore {
 
     async fn promote(&self, from: &str, to: &str) -> Result<(), ObjectError> {
         let (source, target) = (self.full(from)?, self.full(to)?);
-        let found = match self
+        match self
             .client
             .head_object()
             .bucket(&self.bucket)
@@ -451,16 +485,18 @@ impl ObjectStore for S3ObjectStore {
             .send()
             .await
         {
-            Ok(out) => out,
+            Ok(_) => {}
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
                 return Err(ObjectError::NotFound);
             }
             Err(e) => return Err(s3(e)),
         };
-        // The target's headers follow its key (public or private); its type was sniffed when
-        // the source was written. CopyObject takes objects up to 5 GiB, far above the upload
-        // limit, and replaces the target atomically.
-        let (cache, _) = object_headers(to, &[]);
+        // The target's headers follow its key (public or private) and its own bytes: never the
+        // source's metadata, which a client's presigned PUT chose (`text/html` on a JPEG once
+        // made S3 serve a content address as a page). CopyObject takes objects up to 5 GiB,
+        // far above the upload limit, and replaces the target atomically.
+        let head = self.leading_bytes(&source).await?;
+        let (cache, content_type) = object_headers(to, &head);
         self.client
             .copy_object()
             .bucket(&self.bucket)
@@ -468,7 +504,7 @@ impl ObjectStore for S3ObjectStore {
             .copy_source(format!("{}/{}", self.bucket, source))
             .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
             .set_cache_control(cache.map(str::to_owned))
-            .set_content_type(found.content_type().map(str::to_owned))
+            .content_type(content_type.unwrap_or(OCTET_STREAM))
             .send()
             .await
             .map_err(s3)?;
@@ -503,14 +539,21 @@ impl ObjectStore for S3ObjectStore {
         &self,
         key: &str,
         ttl: std::time::Duration,
+        content_type: &str,
     ) -> Result<Option<String>, ObjectError> {
         let full = self.full(key)?;
         let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(io)?;
+        // Response header overrides, part of the signature: S3 serves the type Conveyor
+        // sniffed whatever the object's metadata says, and only media inline. (S3 has no
+        // override for `X-Content-Type-Options`; the CDN in front adds it, infra/cdn.)
+        let inline = content_type.starts_with("image/") || content_type.starts_with("video/");
         let request = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(&full)
+            .response_content_type(content_type)
+            .set_response_content_disposition((!inline).then(|| "attachment".to_owned()))
             .presigned(config)
             .await
             .map_err(s3)?;
@@ -521,6 +564,7 @@ impl ObjectStore for S3ObjectStore {
         &self,
         key: &str,
         ttl: std::time::Duration,
+        content_type: &str,
     ) -> Result<Option<String>, ObjectError> {
         let full = self.full(key)?;
         let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(io)?;
@@ -529,6 +573,7 @@ impl ObjectStore for S3ObjectStore {
             .put_object()
             .bucket(&self.bucket)
             .key(&full)
+            .content_type(content_type)
             .presigned(config)
             .await
             .map_err(s3)?;
@@ -540,6 +585,7 @@ impl ObjectStore for S3ObjectStore {
         key: &str,
         parts: u32,
         ttl: std::time::Duration,
+        content_type: &str,
     ) -> Result<Option<(String, Vec<String>)>, ObjectError> {
         let full = self.full(key)?;
         let created = self
@@ -547,6 +593,7 @@ impl ObjectStore for S3ObjectStore {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&full)
+            .content_type(content_type)
             .send()
             .await
             .map_err(s3)?;
@@ -777,16 +824,82 @@ mod tests {
             .await
             .unwrap();
         let url = store
-            .presigned_get("variants/x/thumb.jpg", std::time::Duration::from_secs(60))
+            .presigned_get(
+                "variants/x/thumb.jpg",
+                std::time::Duration::from_secs(60),
+                "image/jpeg",
+            )
             .await
             .unwrap()
             .unwrap();
-        let fetched = reqwest_get(&url).await;
+        let (head, fetched) = reqwest_get(&url).await;
         assert_eq!(fetched, b"thumbnail bytes");
+        assert!(head.contains("content-type: image/jpeg"), "{head}");
+        assert!(
+            !head.contains("content-disposition"),
+            "media is inline: {head}"
+        );
     }
 
-    /// A plain HTTP GET with no AWS credentials, as a browser or CDN would make it.
-    async fn reqwest_get(url: &str) -> Vec<u8> {
+    /// Reported: a direct upload whose PUT said `Content-Type: text/html` was served by S3 as
+    /// `text/html` through the redirect. The promoted object's type is sniffed from its bytes,
+    /// whatever the source's metadata says; a presigned GET pins the type it is given, and
+    /// what is not media only as an attachment.
+    #[tokio::test]
+    async fn a_promoted_object_is_typed_by_its_bytes_not_by_its_uploader() {
+        let Some(store) = test_store(5).await else {
+            return;
+        };
+        let jpeg = [&[0xFFu8, 0xD8, 0xFF, 0xE0][..], &[0u8; 60]].concat();
+        let (client, bucket) = store.client();
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(store.full("incoming/forged").unwrap())
+            .content_type("text/html")
+            .body(S3Body::from(jpeg.clone()))
+            .send()
+            .await
+            .unwrap();
+        store
+            .promote("incoming/forged", "originals/forged")
+            .await
+            .unwrap();
+        let head = client
+            .head_object()
+            .bucket(bucket)
+            .key(store.full("originals/forged").unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.content_type(), Some("image/jpeg"));
+
+        let url = store
+            .presigned_get(
+                "originals/forged",
+                std::time::Duration::from_secs(60),
+                "application/octet-stream",
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        // S3 serves a presigned GET's signed `response-*` overrides; moto 5.1 ignores them,
+        // so the URL is checked to carry them.
+        assert!(
+            url.contains("response-content-type=application%2Foctet-stream"),
+            "{url}"
+        );
+        assert!(
+            url.contains("response-content-disposition=attachment"),
+            "{url}"
+        );
+        let (_, bytes) = reqwest_get(&url).await;
+        assert_eq!(bytes, jpeg, "the signature covers the overrides");
+    }
+
+    /// A plain HTTP GET with no AWS credentials, as a browser or CDN would make it: the
+    /// response's head, lowercased, and its body.
+    async fn reqwest_get(url: &str) -> (String, Vec<u8>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let rest = url.strip_prefix("http://").expect("loopback test endpoint");
         let (host, path) = rest.split_once('/').unwrap();
@@ -798,6 +911,9 @@ mod tests {
         let text = String::from_utf8_lossy(&response);
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         let at = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        response[at..].to_vec()
+        (
+            String::from_utf8_lossy(&response[..at]).to_lowercase(),
+            response[at..].to_vec(),
+        )
     }
 }
