@@ -104,8 +104,11 @@ pub struct Transcoder {
     tools: Tools,
     /// Bounds the jobs run at once (`video.jobs`).
     jobs: Arc<Semaphore>,
-    /// Where job directories go: `<data_dir>/transcode`.
+    /// Where this process's job directories go: `<data_dir>/transcode/<process id>`, its own
+    /// ([`JobDirs`]), made in [`Stage::prepare`].
     work_dir: PathBuf,
+    /// The lock that says `work_dir` belongs to a live process, held for the process's life.
+    work_lock: Option<std::fs::File>,
     /// How long a shutdown lets running jobs finish before killing them.
     drain: Duration,
     /// The group's stop token, given in [`Stage::prepare`]: a shutdown gives running jobs the
@@ -129,7 +132,11 @@ impl Transcoder {
             rungs: settings.video.rungs().map_err(anyhow::Error::msg)?,
             tools,
             jobs: Arc::new(Semaphore::new(settings.video.jobs.max(1))),
-            work_dir: settings.data_dir.join("transcode"),
+            work_dir: settings
+                .data_dir
+                .join("transcode")
+                .join(uuid::Uuid::now_v7().simple().to_string()),
+            work_lock: None,
             drain: Duration::from_millis(settings.http.drain_timeout_ms),
             stop: CancellationToken::new(),
             config: Self::consumer_config(settings),
@@ -692,6 +699,66 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// Makes `dir` (`<data_dir>/transcode/<process id>`) and locks `<dir>.lock` for as long as the
+/// returned file lives, then removes every sibling whose lock no live process holds: the job
+/// directories of a transcoder that died. Several transcoders may share a data directory (the
+/// docs allow it); each removes only what is nobody's. Directories left by releases that kept
+/// jobs straight under `transcode/` (`.tmp…`) are removed too.
+///
+/// The locks are `flock`s (`File::try_lock`): the kernel drops them with their process,
+/// however it ends.
+///
+/// # Errors
+/// The directory or its lock cannot be made.
+fn claim_work_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let base = dir.parent().expect("a work dir has a parent");
+    std::fs::create_dir_all(base)
+        .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", base.display()))?;
+    // Locked under another name first and then renamed: a sibling's sweep only ever sees this
+    // lock file held.
+    let lock_path = dir.with_extension("lock");
+    let fresh = dir.with_extension("lock.new");
+    let lock = std::fs::File::create(&fresh)
+        .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", fresh.display()))?;
+    lock.try_lock()
+        .map_err(|e| anyhow::anyhow!("failed to lock {}: {e}", fresh.display()))?;
+    std::fs::rename(&fresh, &lock_path)
+        .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", lock_path.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", dir.display()))?;
+    for entry in std::fs::read_dir(base)?.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path == dir || path == lock_path {
+            continue;
+        }
+        let stale = if let Some(owner) = name.strip_suffix(".lock") {
+            // A lock nobody holds: its process is gone.
+            let free = std::fs::File::open(&path).is_ok_and(|f| f.try_lock().is_ok());
+            if free {
+                let _ = std::fs::remove_dir_all(base.join(owner));
+            }
+            free
+        } else if name.starts_with(".tmp") {
+            true
+        } else {
+            // A directory whose lock file is being created this moment, or is held.
+            false
+        };
+        if stale {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(e) = removed {
+                tracing::debug!(path = %path.display(), error = %e, "cannot remove a stale job directory");
+            }
+        }
+    }
+    Ok(lock)
+}
+
 #[async_trait]
 impl Stage for Transcoder {
     fn name(&self) -> &'static str {
@@ -702,15 +769,15 @@ impl Stage for Transcoder {
         self.config.clone()
     }
 
-    /// Starts libvips (for posters), and empties the work directory: job directories of a
-    /// process that died are nobody's now. Once `stop` is cancelled, running jobs get the
-    /// drain timeout (`http.drain_timeout_ms`) to finish and commit, and are killed after it.
+    /// Starts libvips (for posters), takes a work directory of this process's own, and removes
+    /// those of processes that died ([`claim_work_dir`]). Once `stop` is cancelled, running jobs
+    /// get the drain timeout (`http.drain_timeout_ms`) to finish and commit, and are killed
+    /// after it.
     async fn prepare(&mut self, stop: &CancellationToken) -> anyhow::Result<()> {
         conveyor_processor::render::init()?;
-        let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
-        tokio::fs::create_dir_all(&self.work_dir)
-            .await
-            .map_err(|e| anyhow::anyhow!("failed to create {}: {e}", self.work_dir.display()))?;
+        let dir = self.work_dir.clone();
+        let lock = tokio::task::spawn_blocking(move || claim_work_dir(&dir)).await??;
+        self.work_lock = Some(lock);
         self.stop = stop.clone();
         Ok(())
     }
@@ -736,6 +803,39 @@ impl Handler for Transcoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reported: a transcoder emptied `<data_dir>/transcode` when it started, so a second one on
+    /// the same data directory failed the first one's running job for good. Each now works in a
+    /// directory of its own and removes only those whose owner is gone.
+    #[test]
+    fn transcoders_sharing_a_data_dir_remove_only_the_dead_ones_job_dirs() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = |name: &str| base.path().join("transcode").join(name);
+        let first = claim_work_dir(&dir("a")).unwrap();
+        std::fs::write(dir("a").join("job"), b"running").unwrap();
+        let legacy = base.path().join("transcode").join(".tmpOLD");
+        std::fs::create_dir_all(&legacy).unwrap();
+
+        let second = claim_work_dir(&dir("b")).unwrap();
+        assert!(
+            dir("a").join("job").exists(),
+            "a live transcoder's job is left alone"
+        );
+        assert!(
+            !legacy.exists(),
+            "a job directory of the old layout is removed"
+        );
+
+        drop(first); // the first transcoder dies: the kernel drops its lock
+        let _third = claim_work_dir(&dir("c")).unwrap();
+        assert!(
+            !dir("a").exists(),
+            "the dead one's job directory is removed"
+        );
+        assert!(!dir("a").with_extension("lock").exists());
+        assert!(dir("b").exists(), "the live one's is not");
+        drop(second);
+    }
 
     #[test]
     fn the_ladder_never_upscales() {
