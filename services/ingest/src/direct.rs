@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::upload::Accepted;
-use crate::{IngestState, parse_id};
+use crate::{IngestState, idempotency, parse_id};
 
 /// `POST /v1/uploads`'s body: what the client promises to send.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -541,16 +541,17 @@ pub(crate) struct CompletedPart {
 /// Complete a direct upload: check what arrived, then store and append it as `POST /v1/media`
 /// does. Safe to retry after a 503.
 #[utoipa::path(post, path = "/v1/uploads/{id}/complete", tag = "uploads",
-    params(("id" = Uuid, Path, description = "The upload id")),
+    params(("id" = Uuid, Path, description = "The upload id"),
+        ("idempotency-key" = Option<String>, Header, description = "A retry with the same key and body gets the first answer, also after the upload completed (without a key, 404 then); the same key for another request is 409")),
     request_body(content = Option<Completion>, description = "Only for multipart uploads"),
     responses(
         (status = 202, description = "Verified, stored and appended; the media id is the upload id", body = Accepted,
             headers(("location" = String, description = "The media's URL"))),
-        (status = 400, description = "A malformed id or body", body = ErrorBody),
+        (status = 400, description = "A malformed id, body or `Idempotency-Key`", body = ErrorBody),
         (status = 401, description = "No valid client key", body = ErrorBody),
         (status = 403, description = "Someone else's upload", body = ErrorBody),
         (status = 404, description = "No such upload (completed, expired or never created)", body = ErrorBody),
-        (status = 409, description = "Another request is completing it, or has", body = ErrorBody),
+        (status = 409, description = "Another request is completing it, or has; or the `Idempotency-Key` was used for another request", body = ErrorBody),
         (status = 410, description = "The upload expired", body = ErrorBody),
         (status = 413, description = "It would pass the owner's quota (`quota_exceeded`); the upload stays, for after a delete", body = ErrorBody),
         (status = 422, description = "What arrived is not what was declared (size, type, sha256, parts); nothing is kept", body = ErrorBody),
@@ -564,12 +565,50 @@ pub(crate) async fn complete(
 ) -> Result<Response, ApiError> {
     let owner = state.owner(&headers)?;
     let id = parse_id(&id)?;
+    let key = idempotency::key(&headers)?;
     let completion: Completion = if body.iter().all(u8::is_ascii_whitespace) {
         Completion::default()
     } else {
         parse_json(&body)?
     };
-    let pending = load_pending(&state, id).await?;
+    // With a key, a retry after the upload completed gets the first 202 (without one, 404:
+    // the upload is gone), and the key is this upload's alone.
+    let ticket = match key {
+        None => None,
+        Some(key) => {
+            let fingerprint = idempotency::fingerprint(&[b"complete", id.as_bytes(), &body]);
+            let reserved = idempotency::Reserved {
+                id,
+                event_id: Uuid::nil(),
+                version: 0,
+            };
+            match idempotency::claim(&state, &owner, &key, fingerprint, reserved).await? {
+                idempotency::Claim::Replay(first) => return Ok(first.respond()),
+                idempotency::Claim::Run(ticket) => Some(ticket),
+            }
+        }
+    };
+    let outcome = complete_owned(&state, id, owner, completion).await;
+    match (ticket, &outcome) {
+        (Some(ticket), Ok(accepted)) => {
+            if let Err(e) = ticket.finish(&state, accepted).await {
+                tracing::warn!(error = %e, "could not record an idempotency key's answer");
+            }
+        }
+        (Some(ticket), Err(_)) => ticket.release(&state).await,
+        (None, _) => {}
+    }
+    outcome.map(Accepted::respond)
+}
+
+/// The completion of upload `id` by `owner`: checks, claim, verification, append.
+async fn complete_owned(
+    state: &Arc<IngestState>,
+    id: Uuid,
+    owner: String,
+    completion: Completion,
+) -> Result<Accepted, ApiError> {
+    let pending = load_pending(state, id).await?;
     if pending.owner != owner {
         return Err(ApiError::forbidden(
             "only the uploader may complete this upload",
@@ -635,7 +674,7 @@ async fn complete_claimed(
     pending: &PendingUpload,
     owner: String,
     completion: Completion,
-) -> Result<Response, ApiError> {
+) -> Result<Accepted, ApiError> {
     let objects = &state.backends.objects;
     let verified = match objects.get_bytes(&verified_key(id)).await {
         Ok(record) => serde_json::from_slice(&record).map_err(ApiError::internal)?,
@@ -703,8 +742,7 @@ async fn complete_claimed(
         links: SelfLink {
             this: format!("/v1/media/{id}"),
         },
-    }
-    .respond())
+    })
 }
 
 /// Assembles the parts, takes the bytes out of PUTs' reach (to `incoming/{id}.claimed`) and

@@ -8,6 +8,7 @@
 
 pub mod direct;
 pub mod events;
+mod idempotency;
 mod multipart_guard;
 mod upload;
 
@@ -289,17 +290,33 @@ impl IngestState {
     /// Moves a checked upload from `incoming` to its content-addressed key (under `private/`
     /// for private media, which is served only through signed URLs) and appends the event.
     /// Returns the new media id once the event is durable.
-    pub(crate) async fn accept(&self, incoming: &str, upload: Upload) -> Result<Uuid, ApiError> {
+    pub(crate) async fn accept(
+        &self,
+        incoming: &str,
+        upload: Upload,
+        reserved: Option<idempotency::Reserved>,
+    ) -> Result<Uuid, ApiError> {
         let original_key = upload.original_key();
         self.backends
             .objects
             .promote(incoming, &original_key)
             .await
             .map_err(ApiError::backend)?;
-        let id = Uuid::now_v7();
-        let event = Envelope::new(id, self.clock.next(), "ingest", upload.into_event());
+        let event = match reserved {
+            // A retry with an idempotency key appends the very same event as its first try.
+            Some(r) => Envelope {
+                event_id: r.event_id,
+                ..Envelope::new(r.id, r.version, "ingest", upload.into_event())
+            },
+            None => Envelope::new(
+                Uuid::now_v7(),
+                self.clock.next(),
+                "ingest",
+                upload.into_event(),
+            ),
+        };
         self.append(std::slice::from_ref(&event)).await?;
-        Ok(id)
+        Ok(event.aggregate_id)
     }
 }
 

@@ -11,6 +11,8 @@ use conveyor_schemas::Visibility;
 use conveyor_storage::media::{ACCEPTED, MediaType, SNIFF_BYTES};
 use conveyor_storage::objects::ObjectError;
 use sha2::{Digest, Sha256};
+
+use crate::idempotency;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -68,13 +70,15 @@ impl Accepted {
 /// Upload a photo, streamed: it is stored under its sha256 and `MediaUploaded` is appended
 /// before the 202.
 #[utoipa::path(post, path = "/v1/media", tag = "media",
+    params(("idempotency-key" = Option<String>, Header, description = "Makes a retry safe: the same key with the same file, title and visibility gets the first answer and makes no second item; with anything else, 409. 1 to 255 visible ASCII characters, per client key, remembered as long as the log keeps events")),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
         (status = 202, description = "Stored and appended; processing follows", body = Accepted,
             headers(("location" = String, description = "The media's URL"))),
-        (status = 400, description = "Not a well-formed form, a missing `file`, an unknown field, a body that ended early", body = ErrorBody),
+        (status = 400, description = "Not a well-formed form, a missing `file`, an unknown field, a body that ended early, a malformed `Idempotency-Key`", body = ErrorBody),
         (status = 408, description = "The body arrived slower than `http.min_body_rate_bytes_per_sec` or stalled (`body_too_slow`)", body = ErrorBody),
         (status = 401, description = "No valid client key", body = ErrorBody),
+        (status = 409, description = "The `Idempotency-Key` was used for another upload (`idempotency_key_reused`), or its first request still runs (`idempotency_key_in_use`)", body = ErrorBody),
         (status = 413, description = "Over `limits.max_upload_bytes`, or the owner's quota (`quota_exceeded`)", body = ErrorBody),
         (status = 415, description = "Not one of the accepted image formats", body = ErrorBody),
     ),
@@ -86,6 +90,7 @@ pub(crate) async fn upload(
     use axum::extract::FromRequest;
     let headers = request.headers().clone();
     let owner = state.owner(&headers)?;
+    let idempotency_key = idempotency::key(&headers)?;
     // The body passes through the guard, which bounds what the parser buffers.
     let boundary = headers
         .get(header::CONTENT_TYPE)
@@ -166,7 +171,38 @@ pub(crate) async fn upload(
         }
     };
 
-    let id = state
+    // With an idempotency key: the first request's answer, or this request's ids.
+    let ticket = match idempotency_key {
+        None => None,
+        Some(key) => {
+            let title_part = title.as_deref().map(|t| format!("t{t}"));
+            let fingerprint = idempotency::fingerprint(&[
+                b"POST /v1/media",
+                stored.sha256.as_bytes(),
+                title_part.as_deref().unwrap_or("-").as_bytes(),
+                format!("{visibility:?}").as_bytes(),
+            ]);
+            let fresh = idempotency::Reserved {
+                id: Uuid::now_v7(),
+                event_id: Uuid::now_v7(),
+                version: state.clock.next(),
+            };
+            match idempotency::claim(&state, &owner, &key, fingerprint, fresh).await {
+                Ok(idempotency::Claim::Run(ticket)) => Some(ticket),
+                Ok(idempotency::Claim::Replay(first)) => {
+                    // The first request stored these bytes already.
+                    let _ = state.backends.objects.delete(&stored.incoming_key).await;
+                    return Ok(first.respond());
+                }
+                Err(e) => {
+                    let _ = state.backends.objects.delete(&stored.incoming_key).await;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let reserved = ticket.as_ref().map(idempotency::Ticket::reserved);
+    let accepted = state
         .accept(
             &stored.incoming_key,
             crate::Upload {
@@ -177,21 +213,38 @@ pub(crate) async fn upload(
                 title,
                 visibility,
             },
+            reserved,
         )
-        .await?;
+        .await;
+    let answer = match (accepted, ticket) {
+        (Ok(id), ticket) => {
+            let accepted = Accepted {
+                id,
+                status: "pending",
+                sha256: stored.sha256,
+                bytes: stored.size,
+                content_type: stored.content_type.to_owned(),
+                links: conveyor_runtime::http::SelfLink {
+                    this: format!("/v1/media/{id}"),
+                },
+            };
+            if let Some(ticket) = ticket
+                && let Err(e) = ticket.finish(&state, &accepted).await
+            {
+                tracing::warn!(error = %e, "could not record an idempotency key's answer");
+            }
+            accepted
+        }
+        (Err(e), ticket) => {
+            if let Some(ticket) = ticket {
+                ticket.release(&state).await;
+            }
+            return Err(e);
+        }
+    };
     metrics::counter!("conveyor_uploads_total").increment(1);
     metrics::counter!("conveyor_upload_bytes_total").increment(stored.size);
-    Ok(Accepted {
-        id,
-        status: "pending",
-        sha256: stored.sha256,
-        bytes: stored.size,
-        content_type: stored.content_type.to_owned(),
-        links: conveyor_runtime::http::SelfLink {
-            this: format!("/v1/media/{id}"),
-        },
-    }
-    .respond())
+    Ok(answer.respond())
 }
 
 struct Stored {

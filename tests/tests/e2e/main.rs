@@ -10,6 +10,7 @@ mod dead_letters;
 mod delivery;
 mod direct_uploads;
 mod hostile;
+mod idempotency;
 mod outages;
 mod photos;
 mod pipeline;

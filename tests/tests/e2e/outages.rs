@@ -95,6 +95,62 @@ async fn a_broker_outage_refuses_uploads_with_503_and_loses_no_acknowledged_one(
     app.stop().await;
 }
 
+/// An upload refused with 503 while the broker is down, retried with its `Idempotency-Key`
+/// until the broker is back, is one media item (issue 24, item 5): the retries reuse the first
+/// attempt's media id, event id and version, so an append that landed after all is the same
+/// event as the one that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_retried_with_its_key_through_an_outage_is_one_item() {
+    let Some(kafka) = OwnEngine::start("kafka", testing::KAFKA) else {
+        return;
+    };
+    let app = spawn_app_with(|s: &mut Settings| {
+        s.log.uri = Some(conveyor_config::LogUri::Kafka(kafka.address.clone()));
+        s.log.partitions = 2;
+        s.log.session_timeout_ms = 6_000;
+        s.log.append_timeout_ms = 3_000;
+    })
+    .await;
+    let warm = upload(&app, 1).await;
+    assert_eq!(warm.status(), 202);
+    app.wait_processed(&id_of(warm).await).await;
+    let file = images::jpeg(32, 24, 2);
+    let keyed = || async {
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(file.clone()).file_name("p.jpg"),
+        );
+        app.client
+            .post(app.url("/v1/media"))
+            .bearer_auth(ALICE)
+            .header("idempotency-key", "through-the-outage")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+    };
+
+    kafka.kill();
+    let refused = keyed().await;
+    assert_eq!(refused.status(), 503, "refused while the broker is down");
+    kafka.restart();
+    let answered = wait_until(Duration::from_secs(60), || async {
+        let response = keyed().await;
+        (response.status() == 202).then_some(response)
+    })
+    .await
+    .expect("the retry is accepted once the broker is back");
+    let id = id_of(answered).await;
+    app.wait_processed(&id).await;
+    app.wait_caught_up_within(Duration::from_secs(60)).await;
+    let (_, stats) = app.get_json_as(Some(ALICE), "/v1/owners/alice/stats").await;
+    assert_eq!(
+        stats["media_count"], 2,
+        "the warm-up and one keyed item: {stats}"
+    );
+    app.stop().await;
+}
+
 /// Reported: a direct-upload completion that got 503 while the broker was down could not be
 /// retried. It had promoted the bytes before its append failed, so the retry found nothing and
 /// got 422 `nothing_uploaded`. Now the retry completes, with the upload's id, and the upload
