@@ -380,11 +380,12 @@ fn routes(
         } else {
             let (state, log, stop) = (state.clone(), backends.log.clone(), shutdown.token.clone());
             let topic = settings.topic().to_owned();
+            let projectors = settings.projector.group.clone();
             workers.push((
                 "query cache invalidation",
-                shutdown
-                    .tracker
-                    .spawn(conveyor_query::tail_invalidations(state, log, topic, stop)),
+                shutdown.tracker.spawn(conveyor_query::tail_invalidations(
+                    state, log, topic, projectors, stop,
+                )),
             ));
         }
         router = router.merge(conveyor_query::router(state));

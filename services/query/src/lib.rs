@@ -11,6 +11,7 @@
 mod media;
 mod views;
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,33 +142,73 @@ impl QueryState {
     }
 }
 
-/// For a query edge without a projector beside it: tails `media.events` from its end in a
-/// group of its own and drops the cache entry of every id an event names. The entry may be
-/// reloaded before the projector writes; the cache TTL bounds that window.
+/// For a query edge without a projector beside it: tails `media.events` from its end, outside
+/// any group, and drops the cache entry of every id an event names: once when it reads the
+/// record, and again once `projector_group` has committed past it, that is, once the read
+/// model holds the event. So an entry reloaded between the append and the projection (which
+/// the first drop alone would leave for up to `query.cache_ttl_ms`) is dropped as soon as the
+/// projection is done: a delete hides the item on every replica within
+/// [`PROJECTED_CHECK`] of its projection.
 pub async fn tail_invalidations(
     state: Arc<QueryState>,
     log: Arc<dyn EventLog>,
     topic: String,
+    projector_group: String,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let group = format!("query-cache-{}", Uuid::now_v7());
     let mut sub = log.subscribe(&topic, &group, StartFrom::Latest).await?;
+    // Ids to drop again once the projector's committed offset passes theirs, per partition
+    // (a partition's records arrive in offset order).
+    let mut pending: HashMap<u32, VecDeque<(u64, Uuid)>> = HashMap::new();
+    let mut check = tokio::time::interval(PROJECTED_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.is_cancelled() {
-        let records = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => break,
-            polled = sub.poll(1024, Duration::from_millis(500)) => polled?,
-        };
-        for record in records {
-            if let Some(id) = std::str::from_utf8(&record.key)
-                .ok()
-                .and_then(|k| Uuid::parse_str(k).ok())
-            {
-                state.cache.invalidate(&id).await;
+            _ = check.tick(), if !pending.is_empty() => {
+                match log.lag(&topic, &projector_group).await {
+                    Ok(lags) => {
+                        for lag in lags {
+                            let Some(ids) = pending.get_mut(&lag.partition) else { continue };
+                            while ids.front().is_some_and(|(offset, _)| *offset < lag.committed) {
+                                let (_, id) = ids.pop_front().expect("checked");
+                                state.cache.invalidate(&id).await;
+                            }
+                        }
+                        pending.retain(|_, ids| !ids.is_empty());
+                    }
+                    // The TTL still bounds staleness; look again at the next tick.
+                    Err(e) => tracing::debug!(error = %e, "cannot read the projector's offsets"),
+                }
+            }
+            polled = sub.poll(1024, Duration::from_millis(500)) => {
+                for record in polled? {
+                    if let Some(id) = std::str::from_utf8(&record.key)
+                        .ok()
+                        .and_then(|k| Uuid::parse_str(k).ok())
+                    {
+                        state.cache.invalidate(&id).await;
+                        let ids = pending.entry(record.partition).or_default();
+                        // Bounded: past it, the TTL is the bound, as it was.
+                        if ids.len() < MAX_PENDING {
+                            ids.push_back((record.offset, id));
+                        }
+                    }
+                }
             }
         }
     }
     Ok(())
 }
+
+/// How often a standalone query edge looks at the projector's committed offsets while ids wait
+/// for their projection.
+pub const PROJECTED_CHECK: Duration = Duration::from_millis(100);
+
+/// Most ids one partition keeps waiting for their projection (a projector far behind): the
+/// oldest are dropped once, and their entries expire with the TTL.
+const MAX_PENDING: usize = 65_536;
 
 /// What a private media URL signs.
 pub fn media_message(key: &str, expires: i64) -> String {

@@ -16,6 +16,7 @@ mod photos;
 mod pipeline;
 mod private_media;
 mod replay;
+mod replicas;
 mod s3;
 mod scale_out;
 mod video;
