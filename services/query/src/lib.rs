@@ -1,11 +1,12 @@
 //! The query edge: the read API over the read models, a cache in front of them, and (in
 //! embedded mode) the media bytes themselves.
 //!
-//! `GET /v1/media/{id}` is served from an in-process cache (moka): concurrent misses for one id
-//! are coalesced into one read-store lookup, and every change a projector commits drops the
-//! entry. In one process (`serve`) the projector tells the cache directly; a standalone query
-//! edge tails the log in a group of its own ([`tail_invalidations`]). A TTL bounds staleness
-//! if an invalidation races a load.
+//! `GET /v1/media/{id}` (found or not), owners' stats and the first page of their timelines are
+//! served from in-process caches (moka): concurrent misses for one response are coalesced into
+//! one read-store lookup, and every change a projector commits drops the entries it makes stale
+//! ([`QueryState::invalidate`]). In one process (`serve`) the projector tells the cache
+//! directly; a standalone query edge tails the log ([`tail_invalidations`]). A TTL bounds
+//! staleness if an invalidation races a load.
 #![warn(missing_docs)]
 
 mod media;
@@ -41,6 +42,40 @@ pub struct Cached {
     pub private: bool,
 }
 
+/// An owner-level response the query edge caches: an owner's stats, or the first page of their
+/// timeline as its owner or as anyone else sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OwnerKey {
+    /// The owner.
+    pub owner: String,
+    /// Which of their responses.
+    pub view: OwnerView,
+}
+
+/// Which owner-level response an [`OwnerKey`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OwnerView {
+    /// `GET /v1/owners/{owner}/stats` (shown to the owner only).
+    Stats,
+    /// `GET /v1/owners/{owner}/media` without a cursor, `limit` items long, as the owner sees it
+    /// (`as_owner`, private items included) or as anyone else does.
+    FirstPage {
+        /// The page size asked for.
+        limit: usize,
+        /// Whether the reader is the owner.
+        as_owner: bool,
+    },
+}
+
+/// A rendered response body and its ETag.
+#[derive(Debug)]
+pub struct Rendered {
+    /// The JSON body.
+    pub body: Bytes,
+    /// Its strong ETag, quoted.
+    pub etag: String,
+}
+
 /// What the query routes share: the backends, the response cache, and how media URLs are
 /// made and readers identified.
 pub struct QueryState {
@@ -50,7 +85,16 @@ pub struct QueryState {
     /// Rendered `GET /v1/media/{id}` responses by media id: at most `query.cache_capacity`
     /// entries, each for at most `query.cache_ttl_ms`, dropped when a change to its media
     /// is announced ([`QueryState::follow`], [`tail_invalidations`]).
-    pub cache: Cache<Uuid, Arc<Cached>>,
+    /// `None` is a negative entry: no such media (yet), so concurrent and repeated reads of an
+    /// unknown id cost one store read per TTL too.
+    pub cache: Cache<Uuid, Option<Arc<Cached>>>,
+    /// Owners' stats and first timeline pages ([`OwnerKey`]), on the same capacity and TTL,
+    /// coalesced like media reads, and dropped when a change to one of the owner's media is
+    /// announced ([`QueryState::invalidate`]).
+    pub owners: Cache<OwnerKey, Arc<Rendered>>,
+    /// The owner of every media id this edge has read, so a change to an item drops its
+    /// owner's entries only.
+    pub owner_of: Cache<Uuid, String>,
     /// Prefix of media URLs: the CDN, or empty for this edge's own `/media/`.
     pub cdn_base: String,
     /// Keys for private media URLs: the first signs, all verify.
@@ -71,13 +115,25 @@ impl QueryState {
         settings: &Settings,
         keys: conveyor_runtime::keys::Keys,
     ) -> Arc<Self> {
+        let ttl = Duration::from_millis(settings.query.cache_ttl_ms.max(1));
         let cache = Cache::builder()
             .max_capacity(settings.query.cache_capacity)
-            .time_to_live(Duration::from_millis(settings.query.cache_ttl_ms.max(1)))
+            .time_to_live(ttl)
+            .build();
+        let owners = Cache::builder()
+            .max_capacity(settings.query.cache_capacity)
+            .time_to_live(ttl)
+            .support_invalidation_closures()
+            .build();
+        // Ids and owners are small; an entry outlives the responses it maps.
+        let owner_of = Cache::builder()
+            .max_capacity(settings.query.cache_capacity.saturating_mul(4))
             .build();
         Arc::new(QueryState {
             backends,
             cache,
+            owners,
+            owner_of,
             cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned(),
             signing_keys: settings.cdn.signing_keys.clone(),
             signed_ttl: settings.cdn.signed_url_ttl_secs.max(60),
@@ -118,6 +174,30 @@ impl QueryState {
         }
     }
 
+    /// Drops what a change to media `id` makes stale: its own entry, and its owner's stats and
+    /// first pages; every owner's, when this edge has not seen whose it is (a new upload).
+    pub async fn invalidate(&self, id: &Uuid) {
+        self.cache.invalidate(id).await;
+        match self.owner_of.get(id).await {
+            Some(owner) => {
+                if self
+                    .owners
+                    .invalidate_entries_if(move |key, _| key.owner == owner)
+                    .is_err()
+                {
+                    self.owners.invalidate_all();
+                }
+            }
+            None => self.owners.invalidate_all(),
+        }
+    }
+
+    /// Drops every cached response.
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+        self.owners.invalidate_all();
+    }
+
     /// Drops every cached response that `changes` announces, until `stop`.
     pub fn follow(
         self: &Arc<Self>,
@@ -131,9 +211,9 @@ impl QueryState {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     received = rx.recv() => match received {
-                        Ok(id) => state.cache.invalidate(&id).await,
+                        Ok(id) => state.invalidate(&id).await,
                         // Missed some: drop everything rather than serve stale entries.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.cache.invalidate_all(),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.invalidate_all(),
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     }
                 }
@@ -173,7 +253,7 @@ pub async fn tail_invalidations(
                             let Some(ids) = pending.get_mut(&lag.partition) else { continue };
                             while ids.front().is_some_and(|(offset, _)| *offset < lag.committed) {
                                 let (_, id) = ids.pop_front().expect("checked");
-                                state.cache.invalidate(&id).await;
+                                state.invalidate(&id).await;
                             }
                         }
                         pending.retain(|_, ids| !ids.is_empty());
@@ -188,7 +268,7 @@ pub async fn tail_invalidations(
                         .ok()
                         .and_then(|k| Uuid::parse_str(k).ok())
                     {
-                        state.cache.invalidate(&id).await;
+                        state.invalidate(&id).await;
                         let ids = pending.entry(record.partition).or_default();
                         // Bounded: past it, the TTL is the bound, as it was.
                         if ids.len() < MAX_PENDING {
@@ -233,4 +313,129 @@ pub fn router(state: Arc<QueryState>) -> Router {
         .route("/v1/owners/{owner}/stats", get(views::owner_stats))
         .route("/media/{*key}", get(media::get_object))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use conveyor_schemas::{MediaRow, OwnerStats, TimelinePage};
+    use conveyor_storage::views::ViewError;
+    use conveyor_storage::views::sqlite::SqliteReadStore;
+    use conveyor_storage::{ObjectStore, ReadStore};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    /// The SQLite read store, counting the reads that reach it.
+    struct Counting {
+        store: SqliteReadStore,
+        media: AtomicUsize,
+        timeline: AtomicUsize,
+        stats: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ReadStore for Counting {
+        async fn apply(&self, events: &[conveyor_schemas::Envelope]) -> Result<(), ViewError> {
+            self.store.apply(events).await
+        }
+        async fn media(&self, id: Uuid) -> Result<Option<MediaRow>, ViewError> {
+            self.media.fetch_add(1, Ordering::SeqCst);
+            // Slow enough that the requests below all arrive while the first read runs.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.store.media(id).await
+        }
+        async fn is_deleted(&self, id: Uuid) -> Result<bool, ViewError> {
+            self.store.is_deleted(id).await
+        }
+        async fn owner_timeline(
+            &self,
+            owner: &str,
+            after: Option<(i64, Uuid)>,
+            limit: usize,
+        ) -> Result<TimelinePage, ViewError> {
+            self.timeline.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.store.owner_timeline(owner, after, limit).await
+        }
+        async fn owner_stats(&self, owner: &str) -> Result<OwnerStats, ViewError> {
+            self.stats.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.store.owner_stats(owner).await
+        }
+        async fn ping(&self) -> Result<(), ViewError> {
+            self.store.ping().await
+        }
+    }
+
+    async fn get_all(router: &Router, path: &str, key: Option<&str>, n: usize) -> Vec<u16> {
+        let requests = (0..n).map(|_| {
+            let mut request = axum::http::Request::get(path);
+            if let Some(key) = key {
+                request = request.header("authorization", format!("Bearer {key}"));
+            }
+            router
+                .clone()
+                .oneshot(request.body(axum::body::Body::empty()).unwrap())
+        });
+        futures::future::join_all(requests)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().status().as_u16())
+            .collect()
+    }
+
+    /// Reported: 300 concurrent reads of one owner's stats were 300 store reads, and reads of
+    /// unknown ids were not coalesced either. Stats, first timeline pages and misses are now
+    /// cached and coalesced, and a change drops them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_of_stats_pages_and_unknown_ids_cost_one_store_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::for_test(dir.path());
+        settings.query.cache_ttl_ms = 60_000;
+        let counting = Arc::new(Counting {
+            store: SqliteReadStore::open(dir.path().join("views.db")).unwrap(),
+            media: AtomicUsize::new(0),
+            timeline: AtomicUsize::new(0),
+            stats: AtomicUsize::new(0),
+        });
+        let objects: Arc<dyn ObjectStore> = Arc::new(
+            conveyor_storage::objects::fs::FsObjectStore::open(dir.path().join("objects")).unwrap(),
+        );
+        let log: Arc<dyn EventLog> = Arc::new(
+            conveyor_storage::log::sqlite::SqliteLog::open(
+                dir.path().join("log.db"),
+                conveyor_config::Durability::Os,
+            )
+            .unwrap(),
+        );
+        let backends = Backends {
+            objects,
+            log,
+            views: counting.clone(),
+        };
+        let keys = conveyor_runtime::keys::Keys::configured(&settings.auth);
+        let state = QueryState::new(backends, &settings, keys);
+        let router = router(state.clone());
+
+        let stats = get_all(&router, "/v1/owners/alice/stats", Some("alice-key"), 300).await;
+        assert!(stats.iter().all(|s| *s == 200), "{stats:?}");
+        assert_eq!(counting.stats.load(Ordering::SeqCst), 1, "one stats read");
+        let page = get_all(&router, "/v1/owners/alice/media", None, 300).await;
+        assert!(page.iter().all(|s| *s == 200));
+        assert_eq!(counting.timeline.load(Ordering::SeqCst), 1, "one page read");
+        let unknown = format!("/v1/media/{}", Uuid::now_v7());
+        let missing = get_all(&router, &unknown, None, 300).await;
+        assert!(missing.iter().all(|s| *s == 404));
+        assert_eq!(counting.media.load(Ordering::SeqCst), 1, "one miss read");
+
+        // A change to an item this edge has not seen (a new upload) drops every owner's.
+        state.invalidate(&Uuid::now_v7()).await;
+        get_all(&router, "/v1/owners/alice/stats", Some("alice-key"), 10).await;
+        assert_eq!(
+            counting.stats.load(Ordering::SeqCst),
+            2,
+            "read again after a change"
+        );
+    }
 }

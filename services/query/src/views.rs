@@ -12,7 +12,7 @@ use conveyor_schemas::MediaRow;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{Cached, QueryState};
+use crate::{Cached, OwnerKey, OwnerView, QueryState, Rendered};
 
 /// One rendered size of the media.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -243,28 +243,28 @@ pub(crate) async fn get_media(
                 .media(id)
                 .await
                 .map_err(ApiError::backend)?;
-            let row = row.ok_or_else(|| ApiError::not_found("no such media"))?;
+            // Unknown (or not yet projected): a negative entry, dropped like any other when
+            // the id's events are announced.
+            let Some(row) = row else {
+                return Ok::<_, ApiError>(None);
+            };
+            state.owner_of.insert(id, row.owner.clone()).await;
             let body = json_bytes(&view(&state, &row))?;
             let etag = etag_of(&body);
-            Ok::<_, ApiError>(Arc::new(Cached {
+            Ok(Some(Arc::new(Cached {
                 body,
                 etag,
                 owner: row.owner,
                 private: row.private,
-            }))
+            })))
         }
     };
     let cached = state
         .cache
         .try_get_with(id, loader)
         .await
-        .map_err(|e: Arc<ApiError>| {
-            // Coalesced callers share one error; rebuild it for this response.
-            match Arc::try_unwrap(e) {
-                Ok(e) => e,
-                Err(shared) => ApiError::new(shared.status, shared.code, shared.message.clone()),
-            }
-        })?;
+        .map_err(unshare)?
+        .ok_or_else(no_such_media)?;
     if !visible_to(viewer.as_deref(), &cached.owner, cached.private) {
         return Err(no_such_media());
     }
@@ -273,6 +273,37 @@ pub(crate) async fn get_media(
 
 fn no_such_media() -> ApiError {
     ApiError::not_found("no such media")
+}
+
+/// Coalesced callers share one error; rebuild it for this response.
+fn unshare(e: Arc<ApiError>) -> ApiError {
+    match Arc::try_unwrap(e) {
+        Ok(e) => e,
+        Err(shared) => ApiError::new(shared.status, shared.code, shared.message.clone()),
+    }
+}
+
+/// The owner-level response `key` from the cache, or rendered by `render` (once for all the
+/// requests that miss at once).
+async fn owner_response<F>(
+    state: &Arc<QueryState>,
+    headers: &HeaderMap,
+    key: OwnerKey,
+    render: F,
+) -> Result<Response, ApiError>
+where
+    F: std::future::Future<Output = Result<Bytes, ApiError>>,
+{
+    let rendered = state
+        .owners
+        .try_get_with(key, async move {
+            let body = render.await?;
+            let etag = etag_of(&body);
+            Ok::<_, ApiError>(Arc::new(Rendered { body, etag }))
+        })
+        .await
+        .map_err(unshare)?;
+    Ok(respond(headers, rendered.body.clone(), &rendered.etag))
 }
 
 /// Whether `viewer` may see an item of `owner`'s: public items are anyone's to read, private
@@ -337,13 +368,32 @@ pub(crate) async fn owner_timeline(
             ApiError::bad_request("invalid_query", "cursor: not a cursor from this API")
         })?),
     };
-    let (rows, next) = visible_page(&state, &owner, viewer.as_deref(), after, limit).await?;
-    let body = json_bytes(&TimelinePage {
-        items: rows.iter().map(|row| view(&state, row)).collect(),
-        next_cursor: next.map(conveyor_wire::cursor::encode),
-    })?;
-    let etag = etag_of(&body);
-    Ok(respond(&headers, body, &etag))
+    let render = {
+        let (state, owner) = (state.clone(), owner.clone());
+        async move {
+            let (rows, next) =
+                visible_page(&state, &owner, viewer.as_deref(), after, limit).await?;
+            for row in &rows {
+                state.owner_of.insert(row.id, row.owner.clone()).await;
+            }
+            json_bytes(&TimelinePage {
+                items: rows.iter().map(|row| view(&state, row)).collect(),
+                next_cursor: next.map(conveyor_wire::cursor::encode),
+            })
+        }
+    };
+    if after.is_some() {
+        // Later pages are read once each, by one reader walking on: not cached.
+        let body = render.await?;
+        let etag = etag_of(&body);
+        return Ok(respond(&headers, body, &etag));
+    }
+    let as_owner = state.viewer(&headers)?.as_deref() == Some(owner.as_str());
+    let key = OwnerKey {
+        owner,
+        view: OwnerView::FirstPage { limit, as_owner },
+    };
+    owner_response(&state, &headers, key, render).await
 }
 
 /// Most rows one timeline request reads past for someone who is not the owner, hidden private
@@ -419,17 +469,25 @@ pub(crate) async fn owner_stats(
             "no stats for this owner (stats are shown to their owner, with the owner's key)",
         ));
     }
-    let stats = state
-        .backends
-        .views
-        .owner_stats(&owner)
-        .await
-        .map_err(ApiError::backend)?;
-    let body = json_bytes(&StatsView {
-        owner: &owner,
-        media_count: stats.media_count,
-        bytes: stats.bytes,
-    })?;
-    let etag = etag_of(&body);
-    Ok(respond(&headers, body, &etag))
+    let render = {
+        let (state, owner) = (state.clone(), owner.clone());
+        async move {
+            let stats = state
+                .backends
+                .views
+                .owner_stats(&owner)
+                .await
+                .map_err(ApiError::backend)?;
+            json_bytes(&StatsView {
+                owner: &owner,
+                media_count: stats.media_count,
+                bytes: stats.bytes,
+            })
+        }
+    };
+    let key = OwnerKey {
+        owner,
+        view: OwnerView::Stats,
+    };
+    owner_response(&state, &headers, key, render).await
 }
