@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::upload::Accepted;
+use crate::accepted::Accepted;
 use crate::{IngestState, idempotency, parse_id};
 
 /// `POST /v1/uploads`'s body: what the client promises to send.

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::IngestState;
-use crate::upload::Accepted;
+use crate::accepted::Accepted;
 
 /// The request header.
 pub const HEADER: &str = "idempotency-key";

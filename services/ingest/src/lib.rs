@@ -6,6 +6,7 @@
 //! is `MediaUploaded` appended, and only once that append is durable does the client get 202.
 #![warn(missing_docs)]
 
+mod accepted;
 pub mod direct;
 pub mod events;
 mod idempotency;

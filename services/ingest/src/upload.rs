@@ -5,13 +5,14 @@ use std::sync::Arc;
 use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{Multipart, State};
 use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use conveyor_schemas::Visibility;
 use conveyor_storage::media::{ACCEPTED, MediaType, SNIFF_BYTES};
 use conveyor_storage::objects::ObjectError;
 use sha2::{Digest, Sha256};
 
+use crate::accepted::Accepted;
 use crate::idempotency;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -35,36 +36,6 @@ pub(crate) struct UploadForm {
     /// At most 500 characters.
     title: Option<String>,
     visibility: Option<Visibility>,
-}
-
-/// An upload that is stored and whose `MediaUploaded` is durable; processing follows.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub(crate) struct Accepted {
-    /// The media id.
-    pub id: Uuid,
-    /// Always `pending`: watch `links.self` until it is `processed` or `failed`.
-    #[schema(example = "pending")]
-    pub status: &'static str,
-    /// Hex sha256 of the bytes, which is also their content address.
-    pub sha256: String,
-    /// Size of the original, in bytes.
-    pub bytes: u64,
-    /// The sniffed type, such as `image/jpeg`.
-    pub content_type: String,
-    pub links: conveyor_runtime::http::SelfLink,
-}
-
-impl Accepted {
-    /// The 202 with its `Location`.
-    pub(crate) fn respond(self) -> Response {
-        let location = format!("/v1/media/{}", self.id);
-        (
-            StatusCode::ACCEPTED,
-            [(header::LOCATION, location)],
-            axum::Json(self),
-        )
-            .into_response()
-    }
 }
 
 /// Upload a photo, streamed: it is stored under its sha256 and `MediaUploaded` is appended
