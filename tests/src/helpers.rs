@@ -469,6 +469,20 @@ pub fn conveyor_binary() -> PathBuf {
     binary
 }
 
+/// Counts the files of transcoding jobs under a `<data_dir>/transcode` directory: everything
+/// but each transcoder's own lock file (`<process id>.lock`), which lives as long as it does.
+pub fn count_job_files(transcode: &Path) -> usize {
+    let locks = std::fs::read_dir(transcode)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".lock"))
+                .count()
+        })
+        .unwrap_or(0);
+    count_files(transcode) - locks
+}
+
 /// Counts files under `dir/prefix` (for "nothing was stored" checks).
 pub fn count_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -18,7 +18,6 @@ use bytes::Bytes;
 use conveyor_config::Settings;
 use conveyor_runtime::Stage;
 use conveyor_runtime::consumer::{ConsumerConfig, HandleError, Handler};
-use conveyor_storage::events::from_delivered;
 use conveyor_storage::log::Delivered;
 use conveyor_storage::objects::ObjectStore;
 use conveyor_storage::views::ReadStore;
@@ -207,8 +206,10 @@ pub async fn replay_into(
     objects: &dyn ObjectStore,
     topic: &str,
     store: &dyn ReadStore,
+    max_version_ahead_secs: u64,
     bar: &ProgressBar,
 ) -> anyhow::Result<u64> {
+    let max_ahead = max_version_ahead_secs.saturating_mul(1_000_000);
     let all = segments(objects, topic).await?;
     bar.set_length(all.values().flatten().map(|(f, l, _)| l - f + 1).sum());
     let mut applied = 0u64;
@@ -231,7 +232,9 @@ pub async fn replay_into(
                     continue;
                 }
                 next = Some(record.offset + 1);
-                match from_delivered(&record.to_delivered(topic, partition)) {
+                // Bounded as the projector bounds them, so both build the same rows.
+                let delivered = record.to_delivered(topic, partition);
+                match conveyor_projector::projected_event(&delivered, max_ahead) {
                     Ok(event) => events.push(event),
                     Err(e) => tracing::warn!(
                         partition,

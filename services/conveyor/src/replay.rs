@@ -160,7 +160,14 @@ pub async fn replay(
     let archived_events = match archive {
         Some(objects) => {
             bar.set_message("archive");
-            crate::archive::replay_into(objects, &topic, &*store, &bar).await?
+            crate::archive::replay_into(
+                objects,
+                &topic,
+                &*store,
+                settings.views.max_version_ahead_secs,
+                &bar,
+            )
+            .await?
         }
         None => 0,
     };

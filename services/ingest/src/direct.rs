@@ -576,7 +576,21 @@ pub(crate) async fn complete(
     let ticket = match key {
         None => None,
         Some(key) => {
-            let fingerprint = idempotency::fingerprint(&[b"complete", id.as_bytes(), &body]);
+            // Someone else's upload leaves no receipt behind.
+            if let Ok(pending) = load_pending(&state, id).await
+                && pending.owner != owner
+            {
+                return Err(ApiError::forbidden(
+                    "only the uploader may complete this upload",
+                ));
+            }
+            // An empty body and one of whitespace are the same completion.
+            let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+                &[]
+            } else {
+                &body
+            };
+            let fingerprint = idempotency::fingerprint(&[b"complete", id.as_bytes(), body]);
             let reserved = idempotency::Reserved {
                 id,
                 event_id: Uuid::nil(),
@@ -595,7 +609,9 @@ pub(crate) async fn complete(
                 tracing::warn!(error = %e, "could not record an idempotency key's answer");
             }
         }
-        (Some(ticket), Err(_)) => ticket.release(&state).await,
+        // A completion appends the same event however often it is retried (its ids are the
+        // upload's), so a failed one needs no takeover: its key is forgotten.
+        (Some(ticket), Err(_)) => ticket.forget(&state).await,
         (None, _) => {}
     }
     outcome.map(Accepted::respond)

@@ -60,8 +60,9 @@ struct Receipt {
     /// When the receipt was claimed, in microseconds since the epoch.
     claimed_at: i64,
     /// The event's version, fixed by the first claim: a retry that takes an abandoned claim
-    /// over (its append may have landed, its receipt not) appends the very same version, which
-    /// the read models apply once, so an older event never overwrites a newer one. `None` in
+    /// over (its append may have landed, its receipt not) appends the very same event again.
+    /// A delete is applied once whatever; a description re-appended after a newer one is the
+    /// last in the log, so it stands (the retry is the producer's latest word). `None` in
     /// receipts written before versions were kept.
     #[serde(default)]
     version: Option<u64>,

@@ -134,6 +134,8 @@ pub(crate) struct Reserved {
 pub(crate) struct Ticket {
     object: String,
     receipt: Receipt,
+    /// Whether the key was taken over from a request that failed or died.
+    taken_over: bool,
 }
 
 /// What a request with a key does.
@@ -172,6 +174,7 @@ pub(crate) async fn claim(
     let objects = &state.backends.objects;
     let object = object_key(owner, key);
     let mut reserved = fresh;
+    let mut taken_over = false;
     for _ in 0..2 {
         let receipt = Receipt {
             fingerprint: fingerprint.clone(),
@@ -188,7 +191,11 @@ pub(crate) async fn claim(
             .await
             .map_err(ApiError::backend)?
         {
-            return Ok(Claim::Run(Ticket { object, receipt }));
+            return Ok(Claim::Run(Ticket {
+                object,
+                receipt,
+                taken_over,
+            }));
         }
         let existing = match objects.get_bytes(&object).await {
             Ok(bytes) => bytes,
@@ -215,6 +222,7 @@ pub(crate) async fn claim(
                 event_id: existing.event_id,
                 version: existing.version,
             };
+            taken_over = true;
             objects.delete(&object).await.map_err(ApiError::backend)?;
             continue;
         }
@@ -245,6 +253,12 @@ fn accepted(id: Uuid, answer: Answer) -> Accepted {
 }
 
 impl Ticket {
+    /// Whether the key was taken over from an earlier request that failed or died (whose
+    /// append may have landed).
+    pub(crate) fn taken_over(&self) -> bool {
+        self.taken_over
+    }
+
     /// The ids this request appends with.
     pub(crate) fn reserved(&self) -> Reserved {
         Reserved {
@@ -276,6 +290,12 @@ impl Ticket {
             .await
             .map(|_| ())
             .map_err(ApiError::backend)
+    }
+
+    /// Forgets the key after a failure of a request that is idempotent on its own (a
+    /// completion), so nothing of it stays behind.
+    pub(crate) async fn forget(self, state: &IngestState) {
+        let _ = state.backends.objects.delete(&self.object).await;
     }
 
     /// Gives the key up after a failure, so a retry takes it over at once with the same ids.

@@ -73,8 +73,12 @@ pub(crate) async fn upload(
                 "expected `Content-Type: multipart/form-data; boundary=…`",
             )
         })?;
-    // An owner at the quota is refused before the body is read (its size is known after).
-    state.check_quota(&owner, 0).await?;
+    // An owner at the quota is refused before the body is read (its size is known after);
+    // with an idempotency key, only once the key is known to be new: a retry of an upload that
+    // filled the quota gets its first answer.
+    if idempotency_key.is_none() {
+        state.check_quota(&owner, 0).await?;
+    }
     let violation = Arc::new(std::sync::OnceLock::new());
     let (parts, body) = request.into_parts();
     let guarded =
@@ -121,6 +125,7 @@ pub(crate) async fn upload(
     }
     .await;
     let result = match result {
+        Ok(s) if idempotency_key.is_some() => Ok(s),
         Ok(s) => match state.check_quota(&owner, s.size).await {
             Ok(()) => Ok(s),
             Err(e) => {
@@ -159,7 +164,16 @@ pub(crate) async fn upload(
                 version: state.clock.next(),
             };
             match idempotency::claim(&state, &owner, &key, fingerprint, fresh).await {
-                Ok(idempotency::Claim::Run(ticket)) => Some(ticket),
+                // A key taken over from a request that failed was counted, if at all, then.
+                Ok(idempotency::Claim::Run(ticket)) if ticket.taken_over() => Some(ticket),
+                Ok(idempotency::Claim::Run(ticket)) => {
+                    if let Err(e) = state.check_quota(&owner, stored.size).await {
+                        let _ = state.backends.objects.delete(&stored.incoming_key).await;
+                        ticket.release(&state).await;
+                        return Err(e);
+                    }
+                    Some(ticket)
+                }
                 Ok(idempotency::Claim::Replay(first)) => {
                     // The first request stored these bytes already.
                     let _ = state.backends.objects.delete(&stored.incoming_key).await;

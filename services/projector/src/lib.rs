@@ -69,28 +69,41 @@ impl Stage for Projector {
     }
 }
 
+/// The event `record` holds, as projected: its version lowered to `max_ahead` µs past the
+/// record's append time if it is further ahead ([`clamp_to_log_time`]; counted in
+/// `conveyor_versions_clamped_total`). A record without an append time (0 or less) is not
+/// clamped. Every path into the read models decodes with this: the projector, and a replay
+/// from the archive, so both build the same rows.
+///
+/// # Errors
+/// A record that is not an event.
+pub fn projected_event(record: &Delivered, max_ahead: u64) -> Result<Envelope, DecodeError> {
+    let mut event = from_delivered(record)?;
+    if record.timestamp <= 0 {
+        return Ok(event);
+    }
+    let bounded = clamp_to_log_time(event.version, record.timestamp, max_ahead);
+    if bounded < event.version {
+        metrics::counter!("conveyor_versions_clamped_total").increment(1);
+        tracing::warn!(
+            event_id = %event.event_id,
+            producer = %event.producer,
+            version = event.version,
+            appended_at = record.timestamp,
+            "an event's version is further ahead of its record's append time than \
+             views.max_version_ahead_secs; lowered to that bound"
+        );
+        event.version = bounded;
+    }
+    Ok(event)
+}
+
 #[async_trait]
 impl Handler for Projector {
     async fn handle(&self, records: &[Delivered]) -> Result<(), HandleError> {
         let events: Vec<Envelope> = records
             .iter()
-            .map(|record| {
-                let mut event = from_delivered(record)?;
-                let bounded = clamp_to_log_time(event.version, record.timestamp, self.max_ahead);
-                if bounded < event.version {
-                    metrics::counter!("conveyor_versions_clamped_total").increment(1);
-                    tracing::warn!(
-                        event_id = %event.event_id,
-                        producer = %event.producer,
-                        version = event.version,
-                        appended_at = record.timestamp,
-                        "an event's version is further ahead of its record's append time than \
-                         views.max_version_ahead_secs; lowered to that bound"
-                    );
-                    event.version = bounded;
-                }
-                Ok::<_, DecodeError>(event)
-            })
+            .map(|record| projected_event(record, self.max_ahead))
             .collect::<Result<_, _>>()
             .abort("undecodable record")?;
         self.views

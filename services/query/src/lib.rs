@@ -92,9 +92,15 @@ pub struct QueryState {
     /// coalesced like media reads, and dropped when a change to one of the owner's media is
     /// announced ([`QueryState::invalidate`]).
     pub owners: Cache<OwnerKey, Arc<Rendered>>,
+    /// Which of [`owners`](Self::owners)' views each owner has had cached, so a change drops
+    /// exactly those (a stats entry and a few page sizes).
+    pub owner_views: Cache<String, Arc<std::sync::Mutex<std::collections::HashSet<OwnerView>>>>,
     /// The owner of every media id this edge has read, so a change to an item drops its
     /// owner's entries only.
     pub owner_of: Cache<Uuid, String>,
+    /// The sniffed type of originals (keys without an extension) this edge has served: keys
+    /// are content addresses, so a redirect to S3 sniffs each at most once.
+    pub sniffed: Cache<String, &'static str>,
     /// Prefix of media URLs: the CDN, or empty for this edge's own `/media/`.
     pub cdn_base: String,
     /// Keys for private media URLs: the first signs, all verify.
@@ -123,17 +129,25 @@ impl QueryState {
         let owners = Cache::builder()
             .max_capacity(settings.query.cache_capacity)
             .time_to_live(ttl)
-            .support_invalidation_closures()
+            .build();
+        // No TTL: an owner's view set must outlive every entry it lists.
+        let owner_views = Cache::builder()
+            .max_capacity(settings.query.cache_capacity.saturating_mul(4))
             .build();
         // Ids and owners are small; an entry outlives the responses it maps.
         let owner_of = Cache::builder()
+            .max_capacity(settings.query.cache_capacity.saturating_mul(4))
+            .build();
+        let sniffed = Cache::builder()
             .max_capacity(settings.query.cache_capacity.saturating_mul(4))
             .build();
         Arc::new(QueryState {
             backends,
             cache,
             owners,
+            owner_views,
             owner_of,
+            sniffed,
             cdn_base: settings.cdn.base_url.trim_end_matches('/').to_owned(),
             signing_keys: settings.cdn.signing_keys.clone(),
             signed_ttl: settings.cdn.signed_url_ttl_secs.max(60),
@@ -180,16 +194,30 @@ impl QueryState {
         self.cache.invalidate(id).await;
         match self.owner_of.get(id).await {
             Some(owner) => {
-                if self
-                    .owners
-                    .invalidate_entries_if(move |key, _| key.owner == owner)
-                    .is_err()
-                {
-                    self.owners.invalidate_all();
+                let Some(views) = self.owner_views.get(&owner).await else {
+                    return;
+                };
+                let views: Vec<OwnerView> =
+                    views.lock().expect("views lock").iter().copied().collect();
+                for view in views {
+                    let key = OwnerKey {
+                        owner: owner.clone(),
+                        view,
+                    };
+                    self.owners.invalidate(&key).await;
                 }
             }
             None => self.owners.invalidate_all(),
         }
+    }
+
+    /// Notes that `key` is about to be cached, so [`invalidate`](Self::invalidate) finds it.
+    pub async fn note_owner_view(&self, key: &OwnerKey) {
+        let views = self
+            .owner_views
+            .get_with(key.owner.clone(), async { Arc::default() })
+            .await;
+        views.lock().expect("views lock").insert(key.view);
     }
 
     /// Drops every cached response.

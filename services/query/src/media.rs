@@ -32,6 +32,10 @@ async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, Api
     if let Some(ct) = content_type_by_extension(key) {
         return Ok(ct);
     }
+    // Keys are content addresses, so a key's type never changes: sniffed once per edge.
+    if let Some(ct) = state.sniffed.get(key).await {
+        return Ok(ct);
+    }
     // Originals carry no extension: sniff their first bytes.
     let head = state
         .backends
@@ -45,7 +49,10 @@ async fn content_type(state: &QueryState, key: &str) -> Result<&'static str, Api
         .await
         .map_err(ApiError::unavailable)?;
     let head = bytes.concat();
-    Ok(MediaType::sniff(&head).map_or("application/octet-stream", MediaType::content_type))
+    let sniffed =
+        MediaType::sniff(&head).map_or("application/octet-stream", MediaType::content_type);
+    state.sniffed.insert(key.to_owned(), sniffed).await;
+    Ok(sniffed)
 }
 
 fn object_error(e: ObjectError) -> ApiError {

@@ -294,6 +294,7 @@ async fn owner_response<F>(
 where
     F: std::future::Future<Output = Result<Bytes, ApiError>>,
 {
+    state.note_owner_view(&key).await;
     let rendered = state
         .owners
         .try_get_with(key, async move {

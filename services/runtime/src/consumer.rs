@@ -189,9 +189,10 @@ pub async fn run(
     // touch the state of a later ownership.
     let mut epochs = 0u64;
 
-    // Revokes are looked for on every turn of the loop and at least this often, whatever
-    // else the loop waits on: a poll that never completes (an idle member whose commit timer
-    // keeps winning) or a full buffer must not delay them.
+    // Revokes are looked for on every turn of the loop, which turns at least every
+    // REVOKE_CHECK whatever else it waits on: an idle poll returns by then, and while the
+    // buffer is full (no poll) this tick turns it. They were once looked for only when a poll
+    // returned records, so an idle member never saw them.
     let mut revoke_check = tokio::time::interval(REVOKE_CHECK);
     revoke_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -273,8 +274,11 @@ pub async fn run(
                 commit_finished(sub.as_mut(), &mut partitions, &config).await?;
                 last_commit = tokio::time::Instant::now();
             }
-            _ = revoke_check.tick() => {}
-            polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), Duration::from_millis(500)),
+            // Only while the poll below is off: a tick beside it would cancel every poll that
+            // takes longer than the tick.
+            _ = revoke_check.tick(), if stopping || buffered >= config.max_buffered => {}
+            // Returns within REVOKE_CHECK when idle, so the loop turns and looks for revokes.
+            polled = sub.poll(config.max_buffered.saturating_sub(buffered).max(1), REVOKE_CHECK),
                 if !stopping && buffered < config.max_buffered => {
                 let records = match polled {
                     Ok(records) => records,

@@ -703,7 +703,7 @@ impl<'a> Progress<'a> {
 /// returned file lives, then removes every sibling whose lock no live process holds: the job
 /// directories of a transcoder that died. Several transcoders may share a data directory (the
 /// docs allow it); each removes only what is nobody's. Directories left by releases that kept
-/// jobs straight under `transcode/` (`.tmp…`) are removed too.
+/// jobs straight under `transcode/` (`.tmp…`) are removed once a day old.
 ///
 /// The locks are `flock`s (`File::try_lock`): the kernel drops them with their process,
 /// however it ends.
@@ -739,8 +739,13 @@ fn claim_work_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
                 let _ = std::fs::remove_dir_all(base.join(owner));
             }
             free
+        } else if name.ends_with(".lock.new") {
+            // A process that died between creating its lock and taking it.
+            older_than(&path, Duration::from_secs(60))
         } else if name.starts_with(".tmp") {
-            true
+            // A job of a release that kept jobs straight under `transcode/`: one still running
+            // during a rolling upgrade is younger than a day.
+            older_than(&path, Duration::from_secs(24 * 3600))
         } else {
             // A directory whose lock file is being created this moment, or is held.
             false
@@ -757,6 +762,15 @@ fn claim_work_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         }
     }
     Ok(lock)
+}
+
+/// Whether `path` was last modified more than `age` ago (false when that cannot be told).
+fn older_than(path: &std::path::Path, age: Duration) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|at| at.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
 }
 
 #[async_trait]
@@ -822,8 +836,8 @@ mod tests {
             "a live transcoder's job is left alone"
         );
         assert!(
-            !legacy.exists(),
-            "a job directory of the old layout is removed"
+            legacy.exists(),
+            "a job directory of the old layout younger than a day may still be running"
         );
 
         drop(first); // the first transcoder dies: the kernel drops its lock

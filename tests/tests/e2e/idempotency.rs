@@ -189,3 +189,65 @@ async fn a_completion_retried_with_its_key_gets_its_first_answer(app: TestApp) {
     .await;
     assert!(processed.is_some(), "{id} was processed");
 }
+
+/// A retry of an upload that filled the owner's quota gets its first answer, not 413 (review
+/// finding: the quota was checked before the key was looked up), while a new upload is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_retry_at_the_quota_gets_its_first_answer() {
+    let file = images::jpeg(48, 32, 73);
+    let quota = file.len() as u64 + 10;
+    let app = conveyor_tests::helpers::spawn_app_with(|s| s.auth.owner_quota_bytes = quota).await;
+    let first = upload_with_key(&app, ALICE, Some("fills-the-quota"), file.clone()).await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    app.wait_processed(first["id"].as_str().unwrap()).await;
+    let again = upload_with_key(&app, ALICE, Some("fills-the-quota"), file.clone()).await;
+    assert_eq!(again.status(), 202, "the first answer, not 413");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    let new = upload_with_key(&app, ALICE, Some("a-new-one"), images::jpeg(48, 32, 74)).await;
+    assert_eq!(new.status(), 413, "a new upload is over the quota");
+    let unkeyed = upload_with_key(&app, ALICE, None, images::jpeg(48, 32, 75)).await;
+    assert_eq!(unkeyed.status(), 413);
+
+    // Someone else's completion with a key is refused and leaves no receipt behind.
+    let before = app
+        .backends
+        .objects
+        .list("events/idempotency/")
+        .await
+        .unwrap()
+        .len();
+    let upload: Value = app
+        .client
+        .post(app.url("/v1/uploads"))
+        .bearer_auth(BOB)
+        .json(&json!({"content_type": "image/jpeg", "bytes": 100}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stranger = app
+        .client
+        .post(app.url(&format!(
+            "/v1/uploads/{}/complete",
+            upload["upload_id"].as_str().unwrap()
+        )))
+        .bearer_auth(ALICE)
+        .header("idempotency-key", "not-mine")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stranger.status(), 403);
+    assert_eq!(
+        app.backends
+            .objects
+            .list("events/idempotency/")
+            .await
+            .unwrap()
+            .len(),
+        before,
+        "no receipt left behind"
+    );
+}

@@ -216,6 +216,7 @@ async fn the_archive_rebuilds_the_same_model(app: TestApp) {
         &*app.backends.objects,
         &topic,
         &rebuilt,
+        app.settings.views.max_version_ahead_secs,
         &indicatif::ProgressBar::hidden(),
     )
     .await

@@ -436,7 +436,7 @@ async fn a_delete_during_a_transcode_stops_it_and_publishes_nothing() {
     // Stopped within seconds: ffmpeg gone, its job directory gone.
     let stopped = wait_until(Duration::from_secs(10), || async {
         (videos::processes_mentioning(&needle) == 0
-            && conveyor_tests::helpers::count_files(&jobs) == 0)
+            && conveyor_tests::helpers::count_job_files(&jobs) == 0)
             .then_some(())
     })
     .await;
@@ -575,7 +575,7 @@ async fn processed_once_after_restart(dir: &std::path::Path, id: &str, sha: &str
     stored.sort();
     assert_eq!(stored, ["360p.mp4", "large.jpg", "small.jpg", "thumb.jpg"]);
     assert_eq!(
-        conveyor_tests::helpers::count_files(&dir.join("transcode")),
+        conveyor_tests::helpers::count_job_files(&dir.join("transcode")),
         0,
         "no job directory left"
     );
@@ -669,7 +669,7 @@ async fn a_job_past_its_time_limit_is_killed_and_fails_saying_so() {
     let needle = jobs.to_string_lossy().into_owned();
     let cleared = wait_until(Duration::from_secs(5), || async {
         (videos::processes_mentioning(&needle) == 0
-            && conveyor_tests::helpers::count_files(&jobs) == 0)
+            && conveyor_tests::helpers::count_job_files(&jobs) == 0)
             .then_some(())
     })
     .await;

@@ -242,6 +242,31 @@ impl KafkaLog {
         config.create().map_err(kafka)
     }
 
+    /// Warns when `topic` (created before Conveyor set it) stamps records with the producer's
+    /// clock (`CreateTime`): the projector's bound on versions then comes from that clock, and
+    /// a producer days ahead is not bounded. Best effort: a topic whose config cannot be read
+    /// is not reported.
+    async fn warn_unless_log_append_time(&self, topic: &str) {
+        let spec = rdkafka::admin::ResourceSpecifier::Topic(topic);
+        let options = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
+        let Ok(results) = self.admin.describe_configs([&spec], &options).await else {
+            return;
+        };
+        for resource in results.into_iter().flatten() {
+            let kind = resource
+                .get("message.timestamp.type")
+                .and_then(|e| e.value.clone());
+            if kind.as_deref().is_some_and(|k| k != "LogAppendTime") {
+                tracing::warn!(
+                    topic,
+                    "the topic stamps records with the producer's clock (CreateTime): set \
+                     message.timestamp.type=LogAppendTime so versions are bounded by the \
+                     broker's (docs/kafka.md)"
+                );
+            }
+        }
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&BaseConsumer) -> Result<T, LogError> + Send + 'static,
@@ -368,6 +393,7 @@ impl EventLog for KafkaLog {
             .write()
             .expect("topic cache")
             .insert(new.name.to_owned(), (existing, std::time::Instant::now()));
+        self.warn_unless_log_append_time(new.name).await;
         Ok(existing)
     }
 

@@ -207,7 +207,16 @@ pub struct DescribeGroup {
     pub description: Option<String>,
     /// The described tags, in order; empty when there are none.
     pub tags: Vec<String>,
+    /// The event ids of the last [`APPLIED_KEPT`] descriptions applied to the item, newest
+    /// last: a description appended again (a producer's retry that took over its own
+    /// abandoned request, after a newer one) is recognised and changes nothing. Empty for
+    /// groups stored before this was kept.
+    pub applied: Vec<Uuid>,
 }
+
+/// How many applied description event ids an item remembers ([`DescribeGroup::applied`]): a
+/// retry comes back within seconds, a few descriptions later at most.
+pub const APPLIED_KEPT: usize = 8;
 
 /// How the description group is stored in the CQL `described` text column: one cell. Unknown
 /// fields are ignored, so a later release may add some.
@@ -219,6 +228,8 @@ struct DescribedCell {
     title: Option<String>,
     description: Option<String>,
     tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    a: Vec<Uuid>,
 }
 
 impl DescribeGroup {
@@ -233,6 +244,7 @@ impl DescribeGroup {
             title: self.title.clone(),
             description: self.description.clone(),
             tags: self.tags.clone(),
+            a: self.applied.clone(),
         })
         .expect("a description serializes")
     }
@@ -245,6 +257,7 @@ impl DescribeGroup {
             title: cell.title,
             description: cell.description,
             tags: cell.tags,
+            applied: cell.a,
         })
     }
 }
@@ -423,16 +436,26 @@ impl MediaState {
             Event::MediaDescribed(e) => {
                 // The last description in log order wins, whatever its version says: the log
                 // orders an item's events, the replicas' clocks do not. Stored one past the
-                // previous one if need be, so CQL's reconciliation by timestamp agrees.
-                let version = match &self.describe {
-                    Some(d) => v.max(d.version.saturating_add(1)).min(MAX_VERSION),
-                    None => v,
+                // previous one if need be, so CQL's reconciliation by timestamp agrees. One
+                // applied already (the same event appended again) changes nothing.
+                let (version, mut applied) = match &self.describe {
+                    Some(d) if d.applied.contains(&event.event_id) => return false,
+                    Some(d) => (
+                        v.max(d.version.saturating_add(1)).min(MAX_VERSION),
+                        d.applied.clone(),
+                    ),
+                    None => (v, Vec::new()),
                 };
+                applied.push(event.event_id);
+                if applied.len() > APPLIED_KEPT {
+                    applied.remove(0);
+                }
                 self.describe = Some(DescribeGroup {
                     version,
                     title: e.title.clone(),
                     description: e.description.clone(),
                     tags: e.tags.clone(),
+                    applied,
                 });
                 true
             }
@@ -665,6 +688,15 @@ mod tests {
             Some("third"),
             "a redelivered suffix ends where it ended"
         );
+        // The first description appended again (a producer's retry that took over its own
+        // request after the others): applied already, so it changes nothing.
+        assert!(!state.apply(&log[1]), "a description applied already");
+        assert_eq!(state.to_row().unwrap().title.as_deref(), Some("third"));
+        // The memory is bounded.
+        for i in 0..(APPLIED_KEPT as u64 + 3) {
+            state.apply(&ev(id, 200 * second + i, describe("more")));
+        }
+        assert_eq!(state.describe.unwrap().applied.len(), APPLIED_KEPT);
     }
 
     #[test]

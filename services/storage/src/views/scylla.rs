@@ -596,6 +596,7 @@ fn state_from_row(row: Row) -> Result<MediaState, ViewError> {
             title,
             description,
             tags,
+            applied: Vec::new(),
         }),
     };
     let process = match process_v {

@@ -97,7 +97,9 @@ CREATE TABLE IF NOT EXISTS {media} (
     -- tombstone
     deleted_v INTEGER,
     -- upload group, added later: 1 for private media
-    private INTEGER
+    private INTEGER,
+    -- description group, added later: event ids of the last descriptions applied (JSON)
+    describe_applied TEXT
 ) WITHOUT ROWID;
 -- media_by_owner: live items, newest first.
 CREATE INDEX IF NOT EXISTS {index} ON {media} (owner, upload_v DESC, id DESC)
@@ -220,6 +222,17 @@ fn create_tables(conn: &Connection, tables: &Tables) -> rusqlite::Result<()> {
     if !has_private {
         conn.execute_batch(&format!(
             "ALTER TABLE {} ADD COLUMN private INTEGER",
+            tables.media
+        ))?;
+    }
+    let has_applied: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'describe_applied'",
+        [&tables.media],
+        |r| r.get(0),
+    )?;
+    if !has_applied {
+        conn.execute_batch(&format!(
+            "ALTER TABLE {} ADD COLUMN describe_applied TEXT",
             tables.media
         ))?;
     }
@@ -359,7 +372,8 @@ pub fn summarize_file(path: &Path) -> Result<ViewSummary, ViewError> {
 }
 
 const COLUMNS: &str = "id, upload_v, owner, content_type, bytes, sha256, original_key, upload_title, \
-     describe_v, title, description, tags, process_v, processed, failure_reason, deleted_v, private";
+     describe_v, title, description, tags, process_v, processed, failure_reason, deleted_v, private, \
+     describe_applied";
 
 fn json_err(e: serde_json::Error) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(e))
@@ -389,6 +403,10 @@ fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaState> {
             title: r.get(9)?,
             description: r.get(10)?,
             tags: serde_json::from_str(&r.get::<_, String>(11)?).map_err(json_err)?,
+            applied: match r.get::<_, Option<String>>(17)? {
+                Some(json) => serde_json::from_str(&json).map_err(json_err)?,
+                None => Vec::new(),
+            },
         }),
     };
     let process = match r.get::<_, Option<i64>>(12)? {
@@ -428,13 +446,18 @@ fn save(conn: &Connection, t: &Tables, s: &MediaState) -> rusqlite::Result<()> {
         .map(|d| serde_json::to_string(&d.tags))
         .transpose()
         .map_err(json_err)?;
+    let applied = d
+        .filter(|d| !d.applied.is_empty())
+        .map(|d| serde_json::to_string(&d.applied))
+        .transpose()
+        .map_err(json_err)?;
     let (processed, failure) = match p.map(|p| &p.outcome) {
         Some(ProcessOutcome::Failed(reason)) => (None, Some(reason.as_str())),
         Some(outcome) => (Some(outcome.encode()), None),
         None => (None, None),
     };
     conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO {} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        "INSERT OR REPLACE INTO {} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         t.media
     ))?
     .execute(params![
@@ -455,6 +478,7 @@ fn save(conn: &Connection, t: &Tables, s: &MediaState) -> rusqlite::Result<()> {
         failure,
         s.deleted.map(|v| v as i64),
         u.map(|u| u.private),
+        applied,
     ])?;
     Ok(())
 }
