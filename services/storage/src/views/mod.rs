@@ -233,7 +233,8 @@ struct DescribedCell {
 }
 
 impl DescribeGroup {
-    /// The group as one text value, `{"v":…,"title":…,"description":…,"tags":[…]}`.
+    /// The group as one text value, `{"v":…,"title":…,"description":…,"tags":[…],"a":[…]}`
+    /// (`a`: [`DescribeGroup::applied`], left out when empty).
     ///
     /// One cell, so a CQL store never merges two descriptions field by field: of two cells at
     /// one timestamp (two projectors writing one item during a rebalance), CQL keeps the

@@ -1338,9 +1338,11 @@ mod tests {
         let group = vec![
             v.clone(),
             v.clone(),
+            // With the event ids of the descriptions applied (a re-appended one is known).
             text(&format!(
-                r#"{{"v":{},"title":"t","description":null,"tags":["x"]}}"#,
-                JAN_31 + 5
+                r#"{{"v":{},"title":"t","description":null,"tags":["x"],"a":["{}"]}}"#,
+                JAN_31 + 5,
+                describe.event_id
             )),
         ];
         let mut by_id = group.clone();
