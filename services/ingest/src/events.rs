@@ -30,6 +30,7 @@ use uuid::Uuid;
 use conveyor_schemas::intake::{IncomingEvent, IncomingEvents};
 
 use crate::IngestState;
+use crate::receipts::{self, ABANDONED_AFTER_MICROS, Claimed, Refused, encode};
 
 /// `POST /v1/events`'s answer: each event's fate, in the order sent.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -51,7 +52,7 @@ pub(crate) struct AcceptedEvent {
 
 /// What the first request with an `event_id` left behind.
 #[derive(Debug, Serialize, Deserialize)]
-struct Receipt {
+pub(crate) struct Receipt {
     /// sha256 over the producer, the aggregate and the event, as sent.
     fingerprint: String,
     aggregate_id: Uuid,
@@ -70,10 +71,6 @@ struct Receipt {
     #[serde(default)]
     released: bool,
 }
-
-/// A receipt without a position older than this was left by a request that died before its
-/// append; a retry takes it over. Appends time out well within it (`log.append_timeout_ms`).
-const ABANDONED_AFTER_MICROS: i64 = 60_000_000;
 
 /// Deletes the receipts claimed more than `retention` ago: past it, a request with the same
 /// `event_id` is appended again. The window is `Settings::receipt_retention`: as long as the
@@ -114,6 +111,21 @@ pub async fn sweep_receipts(
         }
     }
     Ok(removed)
+}
+
+impl receipts::Receipt for Receipt {
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+    fn finished(&self) -> bool {
+        self.position.is_some()
+    }
+    fn released(&self) -> bool {
+        self.released
+    }
+    fn claimed_at(&self) -> i64 {
+        self.claimed_at
+    }
 }
 
 /// Where receipts live in the object store.
@@ -266,53 +278,36 @@ async fn claim(
     service: &str,
     event: IncomingEvent,
 ) -> Result<Fate, ApiError> {
-    let objects = &state.backends.objects;
     let key = receipt_key(event_id);
     let fingerprint = fingerprint(service, &event);
-    let mut version = state.clock.next();
-    for _ in 0..2 {
-        let receipt = Receipt {
-            fingerprint: fingerprint.clone(),
-            aggregate_id: event.aggregate_id,
-            position: None,
-            claimed_at: now_micros(),
-            version: Some(version),
-            released: false,
-        };
-        let body = Bytes::from(serde_json::to_vec(&receipt).expect("receipts serialize"));
-        if objects
-            .put_if_absent(&key, body)
-            .await
-            .map_err(ApiError::backend)?
-        {
+    let fresh = state.clock.next();
+    let make = |previous: Option<&Receipt>| Receipt {
+        fingerprint: fingerprint.clone(),
+        aggregate_id: event.aggregate_id,
+        position: None,
+        claimed_at: now_micros(),
+        // Taken over with the first claim's version: its append may have landed.
+        version: Some(previous.and_then(|p| p.version).unwrap_or(fresh)),
+        released: false,
+    };
+    match receipts::claim(&*state.backends.objects, &key, &fingerprint, make).await {
+        Ok(Claimed::Held { receipt, .. }) => {
+            let version = receipt.version.expect("claims carry their version");
             let mut envelope =
                 Envelope::new(event.aggregate_id, version, service, event.payload.into());
             envelope.event_id = event_id;
-            return Ok(Fate::New(Box::new(envelope), Some((event_id, fingerprint))));
+            Ok(Fate::New(Box::new(envelope), Some((event_id, fingerprint))))
         }
-        let existing = match objects.get_bytes(&key).await {
-            Ok(bytes) => bytes,
-            // Released between our claim and our read: claim again.
-            Err(ObjectError::NotFound) => continue,
-            Err(e) => return Err(ApiError::backend(e)),
-        };
-        let existing: Receipt = serde_json::from_slice(&existing).map_err(ApiError::internal)?;
-        if existing.fingerprint != fingerprint {
-            return Err(conflict(i, event_id));
-        }
-        match existing.position {
-            Some(position) => return Ok(Fate::Replayed(event_id, existing.aggregate_id, position)),
-            None if existing.released
-                || now_micros() - existing.claimed_at > ABANDONED_AFTER_MICROS =>
-            {
-                // Taken over with the first claim's version: its append may have landed.
-                version = existing.version.unwrap_or(version);
-                objects.delete(&key).await.map_err(ApiError::backend)?;
-            }
-            None => return Err(in_progress(i, event_id)),
-        }
+        Ok(Claimed::Finished(first)) => Ok(Fate::Replayed(
+            event_id,
+            first.aggregate_id,
+            first.position.expect("a finished receipt has its position"),
+        )),
+        Err(Refused::Conflict) => Err(conflict(i, event_id)),
+        Err(Refused::InUse) => Err(in_progress(i, event_id)),
+        Err(Refused::Store(e)) => Err(ApiError::backend(e)),
+        Err(Refused::Corrupt(e)) => Err(ApiError::internal(e)),
     }
-    Err(in_progress(i, event_id))
 }
 
 /// Records where a claimed event landed, so that a retry answers with it.
@@ -330,7 +325,7 @@ async fn complete(
         version: Some(envelope.version),
         released: false,
     };
-    let body = Bytes::from(serde_json::to_vec(&receipt).expect("receipts serialize"));
+    let body = encode(&receipt);
     state
         .backends
         .objects
@@ -357,7 +352,7 @@ fn abandoned(envelope: &Envelope, fingerprint: String) -> (Uuid, Receipt) {
 /// Gives up this request's claims after a failure, so that a retry can take them.
 async fn release(state: &IngestState, claimed: &[(Uuid, Receipt)]) {
     for (id, receipt) in claimed {
-        let body = Bytes::from(serde_json::to_vec(receipt).expect("receipts serialize"));
+        let body = encode(receipt);
         let _ = state
             .backends
             .objects

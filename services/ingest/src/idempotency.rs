@@ -19,16 +19,15 @@
 //! [`ObjectStore::put_if_absent`]: conveyor_storage::ObjectStore::put_if_absent
 
 use axum::http::{HeaderMap, StatusCode};
-use bytes::Bytes;
 use conveyor_runtime::http::ApiError;
 use conveyor_storage::clock::now_micros;
-use conveyor_storage::objects::ObjectError;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::IngestState;
 use crate::accepted::Accepted;
+use crate::receipts::{self, Claimed, Refused, encode};
 
 /// The request header.
 pub const HEADER: &str = "idempotency-key";
@@ -39,9 +38,6 @@ const PREFIX: &str = "events/idempotency/";
 
 /// The longest key accepted, in bytes. The draft leaves it to the server; Stripe's is 255.
 pub const MAX_KEY_BYTES: usize = 255;
-
-/// A request that ran this long without finishing died; a retry takes its key over.
-const ABANDONED_AFTER_MICROS: i64 = 60_000_000;
 
 /// The `Idempotency-Key` of a request, if it has one: 1 to [`MAX_KEY_BYTES`] visible ASCII
 /// characters (the draft's sf-string, unquoted as clients send it, or quoted).
@@ -88,7 +84,7 @@ pub(crate) fn fingerprint(parts: &[&[u8]]) -> String {
 
 /// What a key's first request reserved, and, once it answered, what it answered.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Receipt {
+pub(crate) struct Receipt {
     fingerprint: String,
     /// The media id the first request made (or completed).
     aggregate_id: Uuid,
@@ -105,9 +101,25 @@ struct Receipt {
     #[serde(default)]
     answer: Option<Answer>,
     /// Always `None`: lets the event receipts' sweep read this receipt (it keeps receipts
-    /// without a position for [`ABANDONED_AFTER_MICROS`] longer).
+    /// without a position for [`ABANDONED_AFTER_MICROS`](receipts::ABANDONED_AFTER_MICROS)
+    /// longer).
     #[serde(default)]
     position: Option<conveyor_storage::log::Position>,
+}
+
+impl receipts::Receipt for Receipt {
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+    fn finished(&self) -> bool {
+        self.answer.is_some()
+    }
+    fn released(&self) -> bool {
+        self.released
+    }
+    fn claimed_at(&self) -> i64 {
+        self.claimed_at
+    }
 }
 
 /// The fields of the first 202.
@@ -154,10 +166,6 @@ fn object_key(owner: &str, key: &str) -> String {
     format!("{PREFIX}{}.json", hex::encode(hasher.finalize()))
 }
 
-fn encode(receipt: &Receipt) -> Bytes {
-    Bytes::from(serde_json::to_vec(receipt).expect("receipts serialize"))
-}
-
 /// Claims `owner`'s `key` for a request with `fingerprint`, reserving `fresh` ids for it, or
 /// finds what the key's first request did.
 ///
@@ -171,12 +179,15 @@ pub(crate) async fn claim(
     fingerprint: String,
     fresh: Reserved,
 ) -> Result<Claim, ApiError> {
-    let objects = &state.backends.objects;
     let object = object_key(owner, key);
-    let mut reserved = fresh;
-    let mut taken_over = false;
-    for _ in 0..2 {
-        let receipt = Receipt {
+    let make = |previous: Option<&Receipt>| {
+        // A takeover gets the ids of the request that failed: its append may have landed.
+        let reserved = previous.map_or(fresh, |p| Reserved {
+            id: p.aggregate_id,
+            event_id: p.event_id,
+            version: p.version,
+        });
+        Receipt {
             fingerprint: fingerprint.clone(),
             aggregate_id: reserved.id,
             event_id: reserved.event_id,
@@ -185,50 +196,31 @@ pub(crate) async fn claim(
             released: false,
             answer: None,
             position: None,
-        };
-        if objects
-            .put_if_absent(&object, encode(&receipt))
-            .await
-            .map_err(ApiError::backend)?
-        {
-            return Ok(Claim::Run(Ticket {
-                object,
-                receipt,
-                taken_over,
-            }));
         }
-        let existing = match objects.get_bytes(&object).await {
-            Ok(bytes) => bytes,
-            // Taken over and removed between our claim and our read: claim again.
-            Err(ObjectError::NotFound) => continue,
-            Err(e) => return Err(ApiError::backend(e)),
-        };
-        let existing: Receipt = serde_json::from_slice(&existing).map_err(ApiError::internal)?;
-        if existing.fingerprint != fingerprint {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_reused",
-                "Idempotency-Key: already used for a different request; use a new key for a new \
-                 upload",
-            ));
+    };
+    match receipts::claim(&*state.backends.objects, &object, &fingerprint, make).await {
+        Ok(Claimed::Held {
+            receipt,
+            taken_over,
+        }) => Ok(Claim::Run(Ticket {
+            object,
+            receipt,
+            taken_over,
+        })),
+        Ok(Claimed::Finished(first)) => {
+            let answer = first.answer.expect("a finished receipt has its answer");
+            Ok(Claim::Replay(accepted(first.aggregate_id, answer)))
         }
-        if let Some(answer) = existing.answer {
-            return Ok(Claim::Replay(accepted(existing.aggregate_id, answer)));
-        }
-        if existing.released || now_micros() - existing.claimed_at > ABANDONED_AFTER_MICROS {
-            // The first request failed (its append may have landed anyway): take its ids.
-            reserved = Reserved {
-                id: existing.aggregate_id,
-                event_id: existing.event_id,
-                version: existing.version,
-            };
-            taken_over = true;
-            objects.delete(&object).await.map_err(ApiError::backend)?;
-            continue;
-        }
-        return Err(in_use());
+        Err(Refused::Conflict) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            "Idempotency-Key: already used for a different request; use a new key for a new \
+             upload",
+        )),
+        Err(Refused::InUse) => Err(in_use()),
+        Err(Refused::Store(e)) => Err(ApiError::backend(e)),
+        Err(Refused::Corrupt(e)) => Err(ApiError::internal(e)),
     }
-    Err(in_use())
 }
 
 fn in_use() -> ApiError {

@@ -11,6 +11,7 @@ pub mod direct;
 pub mod events;
 mod idempotency;
 mod multipart_guard;
+mod receipts;
 mod upload;
 
 use std::sync::Arc;

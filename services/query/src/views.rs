@@ -369,6 +369,7 @@ pub(crate) async fn owner_timeline(
             ApiError::bad_request("invalid_query", "cursor: not a cursor from this API")
         })?),
     };
+    let as_owner = viewer.as_deref() == Some(owner.as_str());
     let render = {
         let (state, owner) = (state.clone(), owner.clone());
         async move {
@@ -389,7 +390,6 @@ pub(crate) async fn owner_timeline(
         let etag = etag_of(&body);
         return Ok(respond(&headers, body, &etag));
     }
-    let as_owner = state.viewer(&headers)?.as_deref() == Some(owner.as_str());
     let key = OwnerKey {
         owner,
         view: OwnerView::FirstPage { limit, as_owner },

@@ -961,18 +961,23 @@ mod tests {
     use super::*;
     use rdkafka::admin::NewPartitions;
 
-    /// Runs the conformance suite against the broker named by `CONVEYOR_TEST_KAFKA`.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn conformance() {
-        let Some(brokers) =
-            crate::testing::engine(crate::testing::KAFKA, "the Kafka conformance suite")
-        else {
-            return;
-        };
+    /// The broker named by `CONVEYOR_TEST_KAFKA` and settings for a test against it (a short
+    /// session, so rebalances settle fast), or `None` after a loud skip notice for `what`.
+    fn test_broker(what: &str) -> Option<(String, LogSettings)> {
+        let brokers = crate::testing::engine(crate::testing::KAFKA, what)?;
         crate::testing::init_test_log();
         let settings = LogSettings {
             session_timeout_ms: 6000,
             ..LogSettings::default()
+        };
+        Some((brokers, settings))
+    }
+
+    /// Runs the conformance suite against the broker named by `CONVEYOR_TEST_KAFKA`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let Some((brokers, settings)) = test_broker("the Kafka conformance suite") else {
+            return;
         };
         let open = move || {
             KafkaLog::connect(&brokers, &settings).map(|l| Box::new(l) as Box<dyn EventLog>)
@@ -986,15 +991,8 @@ mod tests {
     /// refresh, and a tail reader (`StartFrom::Latest`) reads them from their first record.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_topic_that_grows_is_followed_by_groups_and_tail_readers() {
-        let Some(brokers) =
-            crate::testing::engine(crate::testing::KAFKA, "the Kafka partition-growth test")
-        else {
+        let Some((brokers, settings)) = test_broker("the Kafka partition-growth test") else {
             return;
-        };
-        crate::testing::init_test_log();
-        let settings = LogSettings {
-            session_timeout_ms: 6000,
-            ..LogSettings::default()
         };
         let log = KafkaLog::connect(&brokers, &settings).unwrap();
         let topic = format!("grows-{}", uuid::Uuid::new_v4().simple());
