@@ -39,8 +39,9 @@ const PREFIX: &str = "events/idempotency/";
 /// The longest key accepted, in bytes. The draft leaves it to the server; Stripe's is 255.
 pub const MAX_KEY_BYTES: usize = 255;
 
-/// The `Idempotency-Key` of a request, if it has one: 1 to [`MAX_KEY_BYTES`] visible ASCII
-/// characters (the draft's sf-string, unquoted as clients send it, or quoted).
+/// The `Idempotency-Key` of a request, if it has one: 1 to [`MAX_KEY_BYTES`] printable ASCII
+/// characters, spaces included (the draft's sf-string, unquoted as clients send it, or
+/// quoted).
 ///
 /// # Errors
 /// 400 `invalid_idempotency_key` for an empty, overlong or non-ASCII key, or one sent twice.
@@ -57,7 +58,7 @@ pub(crate) fn key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
     let text = value
         .to_str()
-        .map_err(|_| invalid("not visible ASCII"))?
+        .map_err(|_| invalid("not printable ASCII"))?
         .trim();
     let text = text
         .strip_prefix('"')
@@ -67,7 +68,7 @@ pub(crate) fn key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         return Err(invalid(&format!("1 to {MAX_KEY_BYTES} characters")));
     }
     if !text.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        return Err(invalid("not visible ASCII"));
+        return Err(invalid("not printable ASCII"));
     }
     Ok(Some(text.to_owned()))
 }

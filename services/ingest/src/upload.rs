@@ -41,7 +41,7 @@ pub(crate) struct UploadForm {
 /// Upload a photo, streamed: it is stored under its sha256 and `MediaUploaded` is appended
 /// before the 202.
 #[utoipa::path(post, path = "/v1/media", tag = "media",
-    params(("idempotency-key" = Option<String>, Header, description = "Makes a retry safe: the same key with the same file, title and visibility gets the first answer and makes no second item; with anything else, 409. 1 to 255 visible ASCII characters, per client key, remembered as long as the log keeps events")),
+    params(("idempotency-key" = Option<String>, Header, description = "Makes a retry safe: the same key with the same file, title and visibility gets the first answer and makes no second item; with anything else, 409. 1 to 255 printable ASCII characters, per client key, remembered as long as the log keeps events")),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
         (status = 202, description = "Stored and appended; processing follows", body = Accepted,
@@ -112,7 +112,7 @@ pub(crate) async fn upload(
                     return Err(ApiError::bad_request(
                         "invalid_multipart",
                         format!(
-                            "unexpected field {:?}; expected `file` and optionally `title`",
+                            "unexpected field {:?}; expected `file`, and optionally `title` and `visibility`",
                             other.unwrap_or("")
                         ),
                     ));
