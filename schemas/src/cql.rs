@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_one_cell_description",
         text: include_str!("../cql/0002_one_cell_description.cql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_owner_ledger",
+        text: include_str!("../cql/0003_owner_ledger.cql"),
+    },
 ];
 
 /// `ALTER TABLE table ADD column type`, the one schema change besides `CREATE … IF NOT EXISTS`
@@ -189,7 +194,7 @@ pub fn parse_create_table(statement: &str) -> Result<TableDef, DdlError> {
             .eq(["PRIMARY", "KEY"])
         {
             primary_key = Some(format!("({column})"));
-        } else if !tail.is_empty() {
+        } else if !tail.is_empty() && !(tail.len() == 1 && tail[0].eq_ignore_ascii_case("STATIC")) {
             return Err(fail("unexpected words after a column type"));
         }
         columns.push((column.to_owned(), ty.to_owned()));
@@ -327,6 +332,9 @@ mod tests {
         assert_eq!(get("owner_buckets").clustering_key, ["bucket"]);
         assert!(get("media_by_id").has_column("described"), "added by 0002");
         assert!(by_owner.has_column("described"), "added by 0002");
+        let ledger = get("owner_ledger");
+        assert_eq!(ledger.partition_key, ["owner"], "one partition per owner, for its CAS");
+        assert_eq!(ledger.clustering_key, ["kind", "bucket", "id"]);
     }
 
     #[test]

@@ -8,13 +8,19 @@
 //! `apply` is read-then-write:
 //! it loads each touched item from `media_by_id`, folds the batch in memory to learn the
 //! item's owner and liveness, and then writes:
-//! 1. first the owner-side tables (`media_by_owner`, `owner_buckets`, `owner_stats`);
-//! 2. then `media_by_id`, the table the next `apply` reads.
+//! 1. the owner ledger (`owner_ledger`, migration 0003) for items that became live;
+//! 2. the owner's timeline (`media_by_owner`);
+//! 3. the owner ledger for items that were deleted;
+//! 4. then `media_by_id`, the table the next `apply` reads.
 //!
-//! A crash between the two leaves `media_by_id` as it was, so the redelivered batch writes
+//! A crash between two of them leaves `media_by_id` as it was, so the redelivered batch writes
 //! everything again; every statement is idempotent, so writing twice is harmless. The
 //! projector applies one partition's batches one at a time, and a media id lives on one
-//! partition, so no two writers fold the same item at once.
+//! partition, so no two writers fold the same item at once. The ledger is the one table where
+//! writers of different items meet (an owner's items are on every partition): it is changed
+//! only by lightweight transactions ([`ScyllaReadStore::settle`]). Its order around the
+//! timeline keeps a month's live count at or above the rows the timeline holds for it, so a
+//! read that stops after that many rows never stops early.
 //!
 //! Every statement is prepared, binds every key as a parameter (so the driver routes it to a
 //! replica that owns the token), is marked idempotent (so the driver may retry it), and every
@@ -33,7 +39,8 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::response::PagingState;
-use scylla::statement::Consistency;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::{Consistency, SerialConsistency};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::unprepared::Statement;
 use scylla::value::{CqlValue, Row};
@@ -201,23 +208,28 @@ pub enum Stmt {
     ProcessByOwner,
     /// Deletes the item's `media_by_owner` row.
     DeleteByOwner,
-    /// Records a month bucket the owner has uploads in (`owner_buckets`).
-    AddBucket,
-    /// Adds the item's `(id, bytes)` row to `owner_stats`, in its month bucket.
-    CountItem,
-    /// Deletes the item's row from `owner_stats`.
-    UncountItem,
     /// Reads an item's `media_by_id` row, with `deleted_v`.
     SelectById,
-    /// Lists the owner's month buckets up to a given one, newest first.
-    SelectBuckets,
-    /// Reads one month bucket of the owner's timeline, newest first.
+    /// Reads the owner's month totals in `owner_ledger` up to a given month, newest first:
+    /// `(bucket, live_count, bytes)`. The timeline's walk and the stats.
+    SelectMonths,
+    /// Reads at most `?` rows of one month bucket of the owner's timeline, newest first.
     SelectTimeline,
-    /// Reads one month bucket of the owner's timeline strictly after a `(created_at, id)`
-    /// cursor, newest first.
+    /// Reads at most `?` rows of one month bucket of the owner's timeline strictly after a
+    /// `(created_at, id)` cursor, newest first.
     SelectTimelineAfter,
-    /// Counts the owner's `owner_stats` rows in one bucket and sums their bytes.
-    SelectStats,
+    /// Reads every month total of the owner's ledger with its `seq`, at `LOCAL_SERIAL`: the
+    /// state a ledger transaction starts from.
+    LedgerMonths,
+    /// Reads one item's ledger row (`bytes`, `gone`), at `LOCAL_SERIAL`.
+    LedgerItem,
+    /// Sets the ledger's `seq` if it is still the one read: the condition of every ledger
+    /// transaction (a conditional batch on the owner's partition).
+    LedgerSeq,
+    /// Sets one month's totals, inside a ledger transaction.
+    LedgerMonth,
+    /// Sets one item's ledger row, inside a ledger transaction.
+    LedgerItemSet,
     /// Reads the node's `release_version` from `system.local`: the `/readyz` check.
     Ping,
 }
@@ -230,7 +242,7 @@ const ITEM_COLUMNS: &str = "id, upload_v, owner, content_type, bytes, sha256, or
 
 impl Stmt {
     /// Every statement, once each: what [`ScyllaReadStore::connect`] prepares.
-    pub const ALL: [Stmt; 17] = [
+    pub const ALL: [Stmt; 18] = [
         Stmt::UploadById,
         Stmt::DescribeById,
         Stmt::ProcessById,
@@ -239,19 +251,34 @@ impl Stmt {
         Stmt::DescribeByOwner,
         Stmt::ProcessByOwner,
         Stmt::DeleteByOwner,
-        Stmt::AddBucket,
-        Stmt::CountItem,
-        Stmt::UncountItem,
         Stmt::SelectById,
-        Stmt::SelectBuckets,
+        Stmt::SelectMonths,
         Stmt::SelectTimeline,
         Stmt::SelectTimelineAfter,
-        Stmt::SelectStats,
+        Stmt::LedgerMonths,
+        Stmt::LedgerItem,
+        Stmt::LedgerSeq,
+        Stmt::LedgerMonth,
+        Stmt::LedgerItemSet,
         Stmt::Ping,
     ];
 
+    /// Whether the statement belongs to a ledger transaction, which takes its timestamp from
+    /// Paxos: CQL refuses `USING TIMESTAMP` on conditional updates.
+    pub fn is_ledger(self) -> bool {
+        matches!(
+            self,
+            Stmt::LedgerMonths
+                | Stmt::LedgerItem
+                | Stmt::LedgerSeq
+                | Stmt::LedgerMonth
+                | Stmt::LedgerItemSet
+        )
+    }
+
     /// The statement's CQL, with one `?` marker per bound value ([`Write::values`]). Every
-    /// write carries `USING TIMESTAMP ?`, bound to the version it writes at.
+    /// write outside the ledger carries `USING TIMESTAMP ?`, bound to the version it writes
+    /// at.
     pub fn cql(self) -> String {
         match self {
             Stmt::UploadById => "UPDATE media_by_id USING TIMESTAMP ? SET upload_v = ?, \
@@ -290,30 +317,32 @@ impl Stmt {
             Stmt::DeleteByOwner => "DELETE FROM media_by_owner USING TIMESTAMP ? \
                 WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
                 .into(),
-            Stmt::AddBucket => {
-                "INSERT INTO owner_buckets (owner, bucket) VALUES (?, ?) USING TIMESTAMP ?".into()
-            }
-            Stmt::CountItem => "INSERT INTO owner_stats (owner, bucket, id, bytes) \
-                VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
-                .into(),
-            Stmt::UncountItem => "DELETE FROM owner_stats USING TIMESTAMP ? \
-                WHERE owner = ? AND bucket = ? AND id = ?"
-                .into(),
             Stmt::SelectById => {
                 format!("SELECT {ITEM_COLUMNS}, deleted_v FROM media_by_id WHERE id = ?")
             }
-            Stmt::SelectBuckets => {
-                "SELECT bucket FROM owner_buckets WHERE owner = ? AND bucket <= ?".into()
-            }
-            Stmt::SelectTimeline => {
-                format!("SELECT {ITEM_COLUMNS} FROM media_by_owner WHERE owner = ? AND bucket = ?")
-            }
+            Stmt::SelectMonths => "SELECT bucket, live_count, bytes FROM owner_ledger \
+                WHERE owner = ? AND kind = 0 AND bucket <= ?"
+                .into(),
+            Stmt::SelectTimeline => format!(
+                "SELECT {ITEM_COLUMNS} FROM media_by_owner WHERE owner = ? AND bucket = ? \
+                 LIMIT ?"
+            ),
             Stmt::SelectTimelineAfter => format!(
                 "SELECT {ITEM_COLUMNS} FROM media_by_owner WHERE owner = ? AND bucket = ? \
-                 AND (created_at, id) < (?, ?)"
+                 AND (created_at, id) < (?, ?) LIMIT ?"
             ),
-            Stmt::SelectStats => "SELECT count(*), sum(bytes) FROM owner_stats \
-                WHERE owner = ? AND bucket = ?"
+            Stmt::LedgerMonths => "SELECT bucket, live_count, bytes, seq FROM owner_ledger \
+                WHERE owner = ? AND kind = 0"
+                .into(),
+            Stmt::LedgerItem => "SELECT bytes, gone FROM owner_ledger \
+                WHERE owner = ? AND kind = 1 AND bucket = ? AND id = ?"
+                .into(),
+            Stmt::LedgerSeq => "UPDATE owner_ledger SET seq = ? WHERE owner = ? IF seq = ?".into(),
+            Stmt::LedgerMonth => "UPDATE owner_ledger SET live_count = ?, bytes = ? \
+                WHERE owner = ? AND kind = 0 AND bucket = ? AND id = ?"
+                .into(),
+            Stmt::LedgerItemSet => "UPDATE owner_ledger SET bytes = ?, gone = ? \
+                WHERE owner = ? AND kind = 1 AND bucket = ? AND id = ?"
                 .into(),
             Stmt::Ping => "SELECT release_version FROM system.local WHERE key = ?".into(),
         }
@@ -365,10 +394,37 @@ impl Touched {
     }
 }
 
-/// The writes of one batch, in two phases: the owner-side tables, then `media_by_id`.
+/// Where an item stands in its owner's ledger (`owner_ledger`, kind 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Counted in its month's totals, with its size in bytes.
+    Live {
+        /// The item's size in bytes, as uploaded.
+        bytes: u64,
+    },
+    /// Deleted: counted nowhere, and never counted again (a delete is final).
+    Gone,
+}
+
+/// One item's standing as the fold has it: what a ledger transaction makes the ledger say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// The item's owner: the ledger partition.
+    pub owner: String,
+    /// The month bucket of the item's upload ([`bucket_of`]).
+    pub bucket: i32,
+    /// The media id.
+    pub id: Uuid,
+    /// Where the item stands now.
+    pub standing: Standing,
+}
+
+/// The writes of one batch, in the order [`ScyllaReadStore::apply`] runs them.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
-    /// Writes to `media_by_owner`, `owner_buckets` and `owner_stats`, run first.
+    /// The standing of every item the batch uploaded or deleted, for the owner ledger.
+    pub ledger: Vec<LedgerEntry>,
+    /// Writes to `media_by_owner`, run between the ledger's live entries and its gone ones.
     pub owner_side: Vec<Write>,
     /// Writes to `media_by_id`, run once every owner-side write succeeded: the next `apply`
     /// reads this table, so a crash before it makes the redelivered batch write everything
@@ -422,8 +478,8 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
         )
     });
     if let Some(deleted) = state.deleted {
-        if let Some((_, owner, bucket)) = &key {
-            let created_at = big(state.upload.as_ref().map_or(0, |u| u.version));
+        if let Some((upload, owner, bucket)) = &key {
+            let created_at = big(upload.version);
             // A row tombstone hides only cells written at or below its timestamp, and a delete
             // is final whatever its version: so the owner-side rows are deleted at or above
             // every version written to them. Nothing writes them again once the item is
@@ -444,10 +500,16 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
                     id.clone(),
                 ],
             });
-            plan.owner_side.push(Write {
-                stmt: Stmt::UncountItem,
-                values: vec![at, owner.clone(), bucket.clone(), id.clone()],
-            });
+            // Only an upload or a delete changes where the item stands; a late outcome for a
+            // deleted item needs no ledger transaction.
+            if touched.delete || touched.upload {
+                plan.ledger.push(LedgerEntry {
+                    owner: upload.owner.clone(),
+                    bucket: bucket_of(upload.version as i64),
+                    id: state.id,
+                    standing: Standing::Gone,
+                });
+            }
         }
         if touched.delete {
             plan.by_id.push(Write {
@@ -475,19 +537,13 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
             .filter(|_| touched.process || touched.upload);
         if touched.upload {
             let at = big(upload.version);
-            plan.owner_side.push(Write {
-                stmt: Stmt::AddBucket,
-                values: vec![owner.clone(), bucket.clone(), at.clone()],
-            });
-            plan.owner_side.push(Write {
-                stmt: Stmt::CountItem,
-                values: vec![
-                    owner.clone(),
-                    bucket.clone(),
-                    id.clone(),
-                    big(upload.bytes),
-                    at.clone(),
-                ],
+            plan.ledger.push(LedgerEntry {
+                owner: upload.owner.clone(),
+                bucket: bucket_of(upload.version as i64),
+                id: state.id,
+                standing: Standing::Live {
+                    bytes: upload.bytes,
+                },
             });
             let mut values = row_key.to_vec();
             values.extend(upload_values(upload));
@@ -715,15 +771,26 @@ impl ScyllaReadStore {
             .use_keyspace(&uri.keyspace, false)
             .await
             .map_err(storage)?;
+        Self::prepare(session).await
+    }
+
+    /// Prepares every statement on a session already in the keyspace.
+    async fn prepare(session: Session) -> Result<Self, ViewError> {
         let mut prepared = HashMap::new();
         for stmt in Stmt::ALL {
             let mut p = session
                 .prepare(Statement::new(stmt.cql()).with_page_size(stmt.page_size()))
                 .await
                 .map_err(|e| context(format_args!("cannot prepare {stmt:?}"), e))?;
-            // Every statement sets absolute values at a fixed timestamp or reads: retrying one
-            // after a timeout cannot change the outcome.
+            // Every statement sets absolute values at a fixed timestamp or reads, and a ledger
+            // transaction is conditional on the `seq` it read: retrying one after a timeout
+            // cannot change the outcome.
             p.set_is_idempotent(true);
+            if matches!(stmt, Stmt::LedgerMonths | Stmt::LedgerItem) {
+                // A serial read completes any transaction in flight, so the state a ledger
+                // transaction starts from is the latest one.
+                p.set_consistency(Consistency::LocalSerial);
+            }
             prepared.insert(stmt, p);
         }
         Ok(ScyllaReadStore {
@@ -776,18 +843,222 @@ impl ScyllaReadStore {
         }
     }
 
-    /// The owner's buckets at or before `at_most`, newest first.
-    async fn buckets(&self, owner: &str, at_most: i32) -> Result<Vec<i32>, ViewError> {
+    /// The owner's month totals at or before `at_most`, newest first.
+    async fn months(&self, owner: &str, at_most: i32) -> Result<Vec<MonthTotal>, ViewError> {
         self.session
-            .execute_iter(self.prepared(Stmt::SelectBuckets).clone(), (owner, at_most))
+            .execute_iter(self.prepared(Stmt::SelectMonths).clone(), (owner, at_most))
             .await
             .map_err(storage)?
-            .rows_stream::<(i32,)>()
+            .rows_stream::<(i32, Option<i64>, Option<i64>)>()
             .map_err(storage)?
-            .map(|r| r.map(|(b,)| b).map_err(storage))
+            .map(|r| {
+                r.map(|(bucket, live, bytes)| MonthTotal {
+                    bucket,
+                    live: live.unwrap_or(0),
+                    bytes: bytes.unwrap_or(0),
+                })
+                .map_err(storage)
+            })
             .try_collect()
             .await
     }
+
+    /// Makes the owner ledger say what `entries` say, each owner's in its own transactions.
+    ///
+    /// Idempotent: an item already where its entry puts it is left alone, so a replayed
+    /// batch changes nothing. Errors: transient when a transaction keeps losing to others on
+    /// the same owner ([`LEDGER_ATTEMPTS`]), or when the store fails.
+    pub async fn settle(&self, entries: Vec<LedgerEntry>) -> Result<(), ViewError> {
+        let mut by_owner: HashMap<String, Vec<LedgerEntry>> = HashMap::new();
+        for entry in entries {
+            by_owner.entry(entry.owner.clone()).or_default().push(entry);
+        }
+        stream::iter(by_owner)
+            .map(|(owner, entries)| async move {
+                for chunk in entries.chunks(LEDGER_BATCH) {
+                    self.settle_owner(&owner, chunk).await?;
+                }
+                Ok::<_, ViewError>(())
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// One owner's entries (at most [`LEDGER_BATCH`]) in one transaction: read the months and
+    /// the items serially, work out the changes, and write them in one conditional batch on
+    /// the owner's partition, `IF seq = <the seq read>`. A batch that loses to another writer
+    /// starts again from a fresh read.
+    async fn settle_owner(&self, owner: &str, entries: &[LedgerEntry]) -> Result<(), ViewError> {
+        let mut backoff = Duration::from_millis(2);
+        for _ in 0..LEDGER_ATTEMPTS {
+            let (seq, mut months) = self.ledger_months(owner).await?;
+            let standings: Vec<Option<Standing>> = futures::future::try_join_all(
+                entries.iter().map(|e| self.ledger_item(owner, e.bucket, e.id)),
+            )
+            .await?;
+            let mut items = Vec::new();
+            let mut touched_months = std::collections::BTreeSet::new();
+            for (entry, now) in entries.iter().zip(standings) {
+                let total = months.entry(entry.bucket).or_default();
+                match (now, entry.standing) {
+                    // A delete is final, and an upload's size never changes.
+                    (Some(Standing::Gone), _) | (Some(Standing::Live { .. }), Standing::Live { .. }) => {
+                        continue;
+                    }
+                    (Some(Standing::Live { bytes }), Standing::Gone) => {
+                        total.0 -= 1;
+                        total.1 -= bytes as i64;
+                    }
+                    (None, Standing::Live { bytes }) => {
+                        total.0 += 1;
+                        total.1 += bytes as i64;
+                    }
+                    // Deleted before it was counted: remember it, so a late upload is not.
+                    (None, Standing::Gone) => {}
+                }
+                items.push(entry);
+                touched_months.insert(entry.bucket);
+            }
+            if items.is_empty() {
+                return Ok(());
+            }
+            let next = seq.unwrap_or(0) + 1;
+            let mut batch = Batch::new(BatchType::Logged);
+            batch.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+            batch.set_is_idempotent(true);
+            let mut values: Vec<Vec<Option<CqlValue>>> = Vec::new();
+            batch.append_statement(self.prepared(Stmt::LedgerSeq).clone());
+            values.push(vec![
+                Some(CqlValue::BigInt(next)),
+                text(owner),
+                seq.map(CqlValue::BigInt),
+            ]);
+            // Every transaction writes a month row, so a partition with a `seq` always has
+            // one, and the months' read always sees the `seq`.
+            for bucket in touched_months {
+                let (live, bytes) = months[&bucket];
+                batch.append_statement(self.prepared(Stmt::LedgerMonth).clone());
+                values.push(vec![
+                    Some(CqlValue::BigInt(live)),
+                    Some(CqlValue::BigInt(bytes)),
+                    text(owner),
+                    Some(CqlValue::Int(bucket)),
+                    Some(CqlValue::Uuid(Uuid::nil())),
+                ]);
+            }
+            for entry in items {
+                let (bytes, gone) = match entry.standing {
+                    Standing::Live { bytes } => (Some(CqlValue::BigInt(bytes as i64)), false),
+                    Standing::Gone => (None, true),
+                };
+                batch.append_statement(self.prepared(Stmt::LedgerItemSet).clone());
+                values.push(vec![
+                    bytes,
+                    Some(CqlValue::Boolean(gone)),
+                    text(owner),
+                    Some(CqlValue::Int(entry.bucket)),
+                    Some(CqlValue::Uuid(entry.id)),
+                ]);
+            }
+            let result = self
+                .session
+                .batch(&batch, values)
+                .await
+                .map_err(|e| context("the owner ledger's transaction", e))?;
+            if applied(result)? {
+                return Ok(());
+            }
+            // Another projector changed this owner since the read: read again, after a
+            // jittered pause so two losers do not collide again in step.
+            let jitter = rand::random_range(0..=backoff.as_micros() as u64);
+            tokio::time::sleep(Duration::from_micros(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+        Err(ViewError::transient(format!(
+            "the owner ledger of {owner:?} kept changing under {LEDGER_ATTEMPTS} transactions"
+        )))
+    }
+
+    /// The ledger's `seq` (`None` for an owner never counted) and month totals
+    /// `bucket → (live, bytes)`, read serially.
+    async fn ledger_months(
+        &self,
+        owner: &str,
+    ) -> Result<(Option<i64>, HashMap<i32, (i64, i64)>), ViewError> {
+        let mut seq = None;
+        let mut months = HashMap::new();
+        let mut rows = self
+            .session
+            .execute_iter(self.prepared(Stmt::LedgerMonths).clone(), (owner,))
+            .await
+            .map_err(storage)?
+            .rows_stream::<(i32, Option<i64>, Option<i64>, Option<i64>)>()
+            .map_err(storage)?;
+        while let Some((bucket, live, bytes, s)) = rows.try_next().await.map_err(storage)? {
+            seq = seq.or(s);
+            months.insert(bucket, (live.unwrap_or(0), bytes.unwrap_or(0)));
+        }
+        Ok((seq, months))
+    }
+
+    /// Where one item stands in the ledger, read serially; `None` if it has no row.
+    async fn ledger_item(
+        &self,
+        owner: &str,
+        bucket: i32,
+        id: Uuid,
+    ) -> Result<Option<Standing>, ViewError> {
+        let rows = self
+            .rows(
+                Stmt::LedgerItem,
+                vec![
+                    text(owner),
+                    Some(CqlValue::Int(bucket)),
+                    Some(CqlValue::Uuid(id)),
+                ],
+            )
+            .await?;
+        Ok(rows.into_iter().next().map(|row| {
+            match (row.columns.first().cloned().flatten(), row.columns.get(1).cloned().flatten()) {
+                (_, Some(CqlValue::Boolean(true))) => Standing::Gone,
+                (Some(CqlValue::BigInt(bytes)), _) => Standing::Live {
+                    bytes: bytes.max(0) as u64,
+                },
+                // A row without its size was written by no version of this code: count it
+                // as gone rather than guess.
+                _ => Standing::Gone,
+            }
+        }))
+    }
+}
+
+/// One month of an owner's ledger: its live items and their bytes.
+#[derive(Debug, Clone, Copy)]
+struct MonthTotal {
+    bucket: i32,
+    live: i64,
+    bytes: i64,
+}
+
+/// Items in one ledger transaction at most. A conditional batch is one mutation of one
+/// partition; Cassandra warns at 5 KiB of batch and refuses 50 KiB
+/// (`batch_size_warn_threshold`, `batch_size_fail_threshold`), and an item's statement is
+/// about 60 bytes.
+const LEDGER_BATCH: usize = 50;
+
+/// Transactions one owner's entries may lose to other writers before `settle` gives up with a
+/// transient error (the projector then retries the whole batch).
+const LEDGER_ATTEMPTS: u32 = 30;
+
+/// Whether a conditional statement or batch was applied: its result's `[applied]` column.
+fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, ViewError> {
+    let rows = result.into_rows_result().map_err(storage)?;
+    let first = rows.rows::<Row>().map_err(storage)?.next().transpose().map_err(storage)?;
+    Ok(matches!(
+        first.and_then(|r| r.columns.into_iter().next().flatten()),
+        Some(CqlValue::Boolean(true))
+    ))
 }
 
 #[async_trait]
@@ -815,7 +1086,15 @@ impl ReadStore for ScyllaReadStore {
         for (id, state) in &states {
             plan_item(state, touched[id], &mut plan);
         }
+        // Counted before its timeline row appears, uncounted after it is gone: a month's live
+        // count is never below the rows its timeline partition holds.
+        let (live, gone): (Vec<_>, Vec<_>) = plan
+            .ledger
+            .into_iter()
+            .partition(|e| matches!(e.standing, Standing::Live { .. }));
+        self.settle(live).await?;
         self.write_all(plan.owner_side).await?;
+        self.settle(gone).await?;
         self.write_all(plan.by_id).await
     }
 
@@ -835,8 +1114,17 @@ impl ReadStore for ScyllaReadStore {
     ) -> Result<TimelinePage, ViewError> {
         let start = after.map_or(i32::MAX, |(created_at, _)| bucket_of(created_at));
         let mut items: Vec<MediaRow> = Vec::with_capacity(limit + 1);
-        'buckets: for bucket in self.buckets(owner, start).await? {
-            let (stmt, values) = match after {
+        for month in self.months(owner, start).await? {
+            // A month with nothing live is skipped unread, whatever it once held; a month is
+            // read up to its live count, so the read stops at its last live row instead of
+            // passing the rows deleted below it.
+            if month.live <= 0 {
+                continue;
+            }
+            let want = (limit + 1 - items.len()) as i64;
+            let bound = Some(CqlValue::Int(month.live.min(want).min(i32::MAX as i64) as i32));
+            let bucket = month.bucket;
+            let (stmt, mut values) = match after {
                 Some((created_at, id)) if bucket == start => (
                     Stmt::SelectTimelineAfter,
                     vec![
@@ -851,6 +1139,7 @@ impl ReadStore for ScyllaReadStore {
                     vec![text(owner), Some(CqlValue::Int(bucket))],
                 ),
             };
+            values.push(bound);
             let mut rows = self
                 .session
                 .execute_iter(self.prepared(stmt).clone(), values)
@@ -862,42 +1151,22 @@ impl ReadStore for ScyllaReadStore {
                 // A row whose upload cells are gone (a write racing a delete) is not an item.
                 if let Some(item) = state_from_row(row)?.to_row() {
                     items.push(item);
-                    if items.len() > limit {
-                        break 'buckets;
-                    }
                 }
+            }
+            if items.len() > limit {
+                break;
             }
         }
         Ok(super::page_of(items, limit))
     }
 
     async fn owner_stats(&self, owner: &str) -> Result<OwnerStats, ViewError> {
-        let buckets = self.buckets(owner, i32::MAX).await?;
-        let sums: Vec<(i64, i64)> = stream::iter(buckets)
-            .map(|bucket| async move {
-                let rows = self
-                    .rows(
-                        Stmt::SelectStats,
-                        vec![text(owner), Some(CqlValue::Int(bucket))],
-                    )
-                    .await?;
-                let row = rows.into_iter().next().map(|r| r.columns);
-                let count = match row.as_ref().and_then(|c| c.first().cloned().flatten()) {
-                    Some(CqlValue::BigInt(n)) => n,
-                    _ => 0,
-                };
-                let bytes = match row.as_ref().and_then(|c| c.get(1).cloned().flatten()) {
-                    Some(CqlValue::BigInt(n)) => n,
-                    _ => 0,
-                };
-                Ok::<_, ViewError>((count, bytes))
-            })
-            .buffer_unordered(CONCURRENCY)
-            .try_collect()
-            .await?;
-        let (count, bytes) = sums
-            .into_iter()
-            .fold((0i64, 0i64), |(c, b), (c2, b2)| (c + c2, b + b2));
+        // One row per month the owner has uploaded in, none of them ever deleted.
+        let (count, bytes) = self
+            .months(owner, i32::MAX)
+            .await?
+            .iter()
+            .fold((0i64, 0i64), |(c, b), m| (c + m.live, b + m.bytes));
         Ok(OwnerStats {
             media_count: count.max(0) as u64,
             bytes: bytes.max(0) as u64,
@@ -1087,6 +1356,10 @@ pub async fn migrate(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Migrate
                 return Err(e);
             }
         }
+        if m.name == "0003_owner_ledger" {
+            let counted = fill_ledger(uri, settings).await?;
+            tracing::info!(counted, "filled the owner ledger from media_by_id");
+        }
         session
             .query_unpaged(
                 "INSERT INTO schema_migrations (scope, version, name, sha256) VALUES (?, ?, ?, ?)",
@@ -1097,6 +1370,59 @@ pub async fn migrate(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Migrate
         report.applied.push(m.name);
     }
     Ok(report)
+}
+
+/// Items per ledger fill step: how many `media_by_id` rows are read before their owners'
+/// transactions run.
+const FILL_STEP: usize = 2_000;
+
+/// Fills the owner ledger (migration 0003) from `media_by_id`: every live item is counted in
+/// its owner's month. The same transactions as the projector's, so filling twice, or beside
+/// another `ops migrate`, or beside a projector of this release, counts each item once.
+/// Returns the live items seen. A full scan of `media_by_id`, paged, once per keyspace.
+async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, ViewError> {
+    let session = connect(uri, settings).await?;
+    session
+        .use_keyspace(&uri.keyspace, false)
+        .await
+        .map_err(storage)?;
+    let store = ScyllaReadStore::prepare(session).await?;
+    let scan = Statement::new(format!("SELECT {ITEM_COLUMNS}, deleted_v FROM media_by_id"))
+        .with_page_size(1_000);
+    let mut rows = store
+        .session
+        .query_iter(scan, ())
+        .await
+        .map_err(storage)?
+        .rows_stream::<Row>()
+        .map_err(storage)?;
+    let (mut seen, mut step) = (0u64, Vec::with_capacity(FILL_STEP));
+    loop {
+        let row = rows.try_next().await.map_err(storage)?;
+        let done = row.is_none();
+        if let Some(row) = row {
+            let state = state_from_row(row)?;
+            // A deleted item's columns were erased with its tombstone: nothing to count.
+            if let (Some(upload), None) = (&state.upload, state.deleted) {
+                step.push(LedgerEntry {
+                    owner: upload.owner.clone(),
+                    bucket: bucket_of(upload.version as i64),
+                    id: state.id,
+                    standing: Standing::Live {
+                        bytes: upload.bytes,
+                    },
+                });
+            }
+        }
+        if step.len() >= FILL_STEP || (done && !step.is_empty()) {
+            seen += step.len() as u64;
+            store.settle(std::mem::take(&mut step)).await?;
+            tracing::info!(seen, "filling the owner ledger");
+        }
+        if done {
+            return Ok(seen);
+        }
+    }
 }
 
 /// Drops a keyspace: for tests, which each migrate a fresh one.
@@ -1138,12 +1464,13 @@ mod tests {
             "VALUES",
             "DELETE",
             "null",
-            "count",
-            "sum",
+            "LIMIT",
+            "IF",
         ];
         cql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '*'))
             .filter(|w| !w.is_empty() && !KEYWORDS.contains(w) && *w != "*")
             .filter(|w| !w.contains('.'))
+            .filter(|w| !w.chars().all(|c| c.is_ascii_digit()))
             .map(str::to_owned)
             .collect()
     }
@@ -1187,8 +1514,8 @@ mod tests {
                 assert!(bound, "{stmt:?} must bind partition key {key}");
             }
             assert!(
-                cql.starts_with("SELECT") || cql.contains("USING TIMESTAMP ?"),
-                "{stmt:?}: every write is versioned"
+                cql.starts_with("SELECT") || cql.contains("USING TIMESTAMP ?") || stmt.is_ledger(),
+                "{stmt:?}: every write outside the ledger's transactions is versioned"
             );
             assert!(!cql.contains("ALLOW FILTERING"), "{stmt:?}");
         }
@@ -1250,20 +1577,23 @@ mod tests {
         let id = Uuid::now_v7();
         let (state, touched) = fold(&[ev(id, JAN_31, uploaded())]);
         let plan = plan_of(&state, touched);
+        assert_eq!(stmts(&plan.owner_side), [Stmt::UploadByOwner]);
         assert_eq!(
-            stmts(&plan.owner_side),
-            [Stmt::AddBucket, Stmt::CountItem, Stmt::UploadByOwner]
+            plan.ledger,
+            [LedgerEntry {
+                owner: "alice".into(),
+                bucket: 202601,
+                id,
+                standing: Standing::Live { bytes: 42 }
+            }],
+            "counted in its month"
         );
         let v = Some(CqlValue::BigInt(JAN_31 as i64));
         let jan = Some(CqlValue::Int(202601));
         let alice = text("alice");
         let uuid = Some(CqlValue::Uuid(id));
         assert_eq!(
-            plan.owner_side[1].values,
-            [alice.clone(), jan.clone(), uuid.clone(), big(42), v.clone()]
-        );
-        assert_eq!(
-            plan.owner_side[2].values,
+            plan.owner_side[0].values,
             [
                 alice.clone(),
                 jan,
@@ -1391,15 +1721,10 @@ mod tests {
         let plan = plan_of(&state, ONLY_UPLOAD);
         assert_eq!(
             stmts(&plan.owner_side),
-            [
-                Stmt::AddBucket,
-                Stmt::CountItem,
-                Stmt::UploadByOwner,
-                Stmt::ProcessByOwner
-            ]
+            [Stmt::UploadByOwner, Stmt::ProcessByOwner]
         );
         assert_eq!(
-            &plan.owner_side[3].values[..4],
+            &plan.owner_side[1].values[..4],
             [
                 big(JAN_31 + 1),
                 big(JAN_31 + 1),
@@ -1416,7 +1741,7 @@ mod tests {
     }
 
     #[test]
-    fn a_delete_removes_the_timeline_row_and_stats_at_its_version_before_the_tombstone() {
+    fn a_delete_removes_the_timeline_row_and_uncounts_the_item_before_the_tombstone() {
         let id = Uuid::now_v7();
         let dv = JAN_31 + 1_000;
         let (state, touched) = fold(&[
@@ -1445,12 +1770,15 @@ mod tests {
                         uuid.clone()
                     ],
                 },
-                Write {
-                    stmt: Stmt::UncountItem,
-                    values: vec![big(dv), key[0].clone(), key[1].clone(), uuid.clone()],
-                },
             ]
         );
+        let gone = LedgerEntry {
+            owner: "alice".into(),
+            bucket: 202601,
+            id,
+            standing: Standing::Gone,
+        };
+        assert_eq!(plan.ledger, [gone.clone()]);
         assert_eq!(
             plan.by_id,
             [Write {
@@ -1468,10 +1796,8 @@ mod tests {
         )]);
         late.apply(&ev(id, JAN_31, uploaded()));
         let plan = plan_of(&late, ONLY_UPLOAD);
-        assert_eq!(
-            stmts(&plan.owner_side),
-            [Stmt::DeleteByOwner, Stmt::UncountItem]
-        );
+        assert_eq!(stmts(&plan.owner_side), [Stmt::DeleteByOwner]);
+        assert_eq!(plan.ledger, [gone], "never counted");
         assert!(plan.by_id.is_empty());
     }
 
