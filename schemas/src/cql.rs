@@ -335,6 +335,10 @@ mod tests {
         let ledger = get("owner_ledger");
         assert_eq!(ledger.partition_key, ["owner"], "one partition per owner, for its CAS");
         assert_eq!(ledger.clustering_key, ["kind", "bucket", "id"]);
+        let timeline = get("timeline");
+        assert_eq!(timeline.partition_key, ["owner", "bucket", "chunk"]);
+        assert_eq!(timeline.clustering_key, ["created_at", "id"]);
+        assert!(get("media_by_id").has_column("chunk"), "added by 0003");
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! replica that owns the token), is marked idempotent (so the driver may retry it), and every
 //! read is paged.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -281,9 +281,10 @@ impl Stmt {
     /// at.
     pub fn cql(self) -> String {
         match self {
+            // The chunk is the item's place in its owner's timeline, from the ledger.
             Stmt::UploadById => "UPDATE media_by_id USING TIMESTAMP ? SET upload_v = ?, \
                 owner = ?, content_type = ?, bytes = ?, sha256 = ?, original_key = ?, \
-                upload_title = ?, private = ? WHERE id = ?"
+                upload_title = ?, private = ?, chunk = ? WHERE id = ?"
                 .into(),
             // The description is one cell (`described`, migration 0002), as the outcome is.
             Stmt::DescribeById => "UPDATE media_by_id USING TIMESTAMP ? SET describe_v = ?, \
@@ -300,48 +301,51 @@ impl Stmt {
                 upload_v = null, owner = null, content_type = null, bytes = null, \
                 sha256 = null, original_key = null, upload_title = null, private = null, \
                 describe_v = null, title = null, description = null, tags = null, described = null, \
-                process_v = null, processed = null, failure_reason = null WHERE id = ?"
+                process_v = null, processed = null, failure_reason = null, chunk = null \
+                WHERE id = ?"
                 .into(),
-            Stmt::UploadByOwner => "INSERT INTO media_by_owner (owner, bucket, created_at, id, \
+            Stmt::UploadByOwner => "INSERT INTO timeline (owner, bucket, chunk, created_at, id, \
                 upload_v, content_type, bytes, sha256, original_key, upload_title, private) \
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
                 .into(),
-            Stmt::DescribeByOwner => "UPDATE media_by_owner USING TIMESTAMP ? SET describe_v = ?, \
+            Stmt::DescribeByOwner => "UPDATE timeline USING TIMESTAMP ? SET describe_v = ?, \
                 described = ? \
-                WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
+                WHERE owner = ? AND bucket = ? AND chunk = ? AND created_at = ? AND id = ?"
                 .into(),
-            Stmt::ProcessByOwner => "UPDATE media_by_owner USING TIMESTAMP ? SET process_v = ?, \
+            Stmt::ProcessByOwner => "UPDATE timeline USING TIMESTAMP ? SET process_v = ?, \
                 processed = ? \
-                WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
+                WHERE owner = ? AND bucket = ? AND chunk = ? AND created_at = ? AND id = ?"
                 .into(),
-            Stmt::DeleteByOwner => "DELETE FROM media_by_owner USING TIMESTAMP ? \
-                WHERE owner = ? AND bucket = ? AND created_at = ? AND id = ?"
+            Stmt::DeleteByOwner => "DELETE FROM timeline USING TIMESTAMP ? \
+                WHERE owner = ? AND bucket = ? AND chunk = ? AND created_at = ? AND id = ?"
                 .into(),
             Stmt::SelectById => {
-                format!("SELECT {ITEM_COLUMNS}, deleted_v FROM media_by_id WHERE id = ?")
+                format!("SELECT {ITEM_COLUMNS}, deleted_v, chunk FROM media_by_id WHERE id = ?")
             }
-            Stmt::SelectMonths => "SELECT bucket, live_count, bytes FROM owner_ledger \
-                WHERE owner = ? AND kind = 0 AND bucket <= ?"
+            Stmt::SelectMonths => "SELECT bucket, live_count, bytes, chunk_live, chunk_newest \
+                FROM owner_ledger WHERE owner = ? AND kind = 0 AND bucket <= ?"
                 .into(),
             Stmt::SelectTimeline => format!(
-                "SELECT {ITEM_COLUMNS} FROM media_by_owner WHERE owner = ? AND bucket = ? \
-                 LIMIT ?"
+                "SELECT {ITEM_COLUMNS} FROM timeline \
+                 WHERE owner = ? AND bucket = ? AND chunk = ? LIMIT ?"
             ),
             Stmt::SelectTimelineAfter => format!(
-                "SELECT {ITEM_COLUMNS} FROM media_by_owner WHERE owner = ? AND bucket = ? \
-                 AND (created_at, id) < (?, ?) LIMIT ?"
+                "SELECT {ITEM_COLUMNS} FROM timeline \
+                 WHERE owner = ? AND bucket = ? AND chunk = ? AND (created_at, id) < (?, ?) LIMIT ?"
             ),
-            Stmt::LedgerMonths => "SELECT bucket, live_count, bytes, seq FROM owner_ledger \
-                WHERE owner = ? AND kind = 0"
+            Stmt::LedgerMonths => "SELECT bucket, live_count, bytes, placed, chunk_live, \
+                chunk_newest, seq FROM owner_ledger WHERE owner = ? AND kind = 0"
                 .into(),
-            Stmt::LedgerItem => "SELECT bytes, gone FROM owner_ledger \
+            Stmt::LedgerItem => "SELECT bytes, gone, chunk FROM owner_ledger \
                 WHERE owner = ? AND kind = 1 AND bucket = ? AND id = ?"
                 .into(),
             Stmt::LedgerSeq => "UPDATE owner_ledger SET seq = ? WHERE owner = ? IF seq = ?".into(),
-            Stmt::LedgerMonth => "UPDATE owner_ledger SET live_count = ?, bytes = ? \
+            // The maps are added to, never overwritten: an overwrite would leave a tombstone.
+            Stmt::LedgerMonth => "UPDATE owner_ledger SET live_count = ?, bytes = ?, placed = ?, \
+                chunk_live = chunk_live + ?, chunk_newest = chunk_newest + ? \
                 WHERE owner = ? AND kind = 0 AND bucket = ? AND id = ?"
                 .into(),
-            Stmt::LedgerItemSet => "UPDATE owner_ledger SET bytes = ?, gone = ? \
+            Stmt::LedgerItemSet => "UPDATE owner_ledger SET bytes = ?, gone = ?, chunk = ? \
                 WHERE owner = ? AND kind = 1 AND bucket = ? AND id = ?"
                 .into(),
             Stmt::Ping => "SELECT release_version FROM system.local WHERE key = ?".into(),
@@ -413,18 +417,19 @@ pub struct LedgerEntry {
     pub owner: String,
     /// The month bucket of the item's upload ([`bucket_of`]).
     pub bucket: i32,
+    /// The item's `created_at` (its upload's version, µs): the newest a chunk holds is kept.
+    pub created_at: i64,
     /// The media id.
     pub id: Uuid,
     /// Where the item stands now.
     pub standing: Standing,
 }
 
-/// The writes of one batch, in the order [`ScyllaReadStore::apply`] runs them.
+/// The writes of one batch besides the ledger's, in the order [`ScyllaReadStore::apply`] runs
+/// them.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
-    /// The standing of every item the batch uploaded or deleted, for the owner ledger.
-    pub ledger: Vec<LedgerEntry>,
-    /// Writes to `media_by_owner`, run between the ledger's live entries and its gone ones.
+    /// Writes to `timeline`, run between the ledger's live entries and its gone ones.
     pub owner_side: Vec<Write>,
     /// Writes to `media_by_id`, run once every owner-side write succeeded: the next `apply`
     /// reads this table, so a crash before it makes the redelivered batch write everything
@@ -464,52 +469,62 @@ fn process_values(p: &ProcessGroup) -> Vec<Option<CqlValue>> {
     vec![big(p.version), text(&p.outcome.encode())]
 }
 
-/// What to write for one item, given its state after the batch and which groups the batch
-/// carried. Pure, so every statement and value is unit-tested without a node.
-pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
+/// Where the item stands after the batch, for the owner ledger: `None` when the batch carried
+/// neither its upload nor its delete (nothing else moves it), or its upload is unknown (no
+/// owner yet).
+pub fn ledger_entry(state: &MediaState, touched: Touched) -> Option<LedgerEntry> {
+    let upload = state.upload.as_ref()?;
+    (touched.upload || touched.delete).then(|| LedgerEntry {
+        owner: upload.owner.clone(),
+        bucket: bucket_of(upload.version as i64),
+        created_at: upload.version as i64,
+        id: state.id,
+        standing: match state.deleted {
+            Some(_) => Standing::Gone,
+            None => Standing::Live {
+                bytes: upload.bytes,
+            },
+        },
+    })
+}
+
+/// What to write for one item, given its state after the batch, which groups the batch
+/// carried, and its timeline chunk (`None` if the ledger never placed it: then it has no
+/// timeline row to write or delete). Pure, so every statement and value is unit-tested
+/// without a node.
+pub fn plan_item(state: &MediaState, touched: Touched, chunk: Option<i32>, plan: &mut Plan) {
     let id = Some(CqlValue::Uuid(state.id));
-    // The timeline key, once the upload is known.
-    let key = state.upload.as_ref().map(|u| {
-        let created_at = u.version as i64;
+    // The timeline key, once the upload is known and the ledger has placed it.
+    let key = state.upload.as_ref().zip(chunk).map(|(u, chunk)| {
         (
             u,
-            text(&u.owner),
-            Some(CqlValue::Int(bucket_of(created_at))),
+            [
+                text(&u.owner),
+                Some(CqlValue::Int(bucket_of(u.version as i64))),
+                Some(CqlValue::Int(chunk)),
+                big(u.version),
+                id.clone(),
+            ],
         )
     });
     if let Some(deleted) = state.deleted {
-        if let Some((upload, owner, bucket)) = &key {
-            let created_at = big(upload.version);
+        if let Some((_, row_key)) = &key {
             // A row tombstone hides only cells written at or below its timestamp, and a delete
-            // is final whatever its version: so the owner-side rows are deleted at or above
-            // every version written to them. Nothing writes them again once the item is
-            // deleted (the fold keeps it deleted), so a high timestamp shadows nothing live.
+            // is final whatever its version: so the timeline row is deleted at or above every
+            // version written to it. Nothing writes it again once the item is deleted (the
+            // fold keeps it deleted), so a high timestamp shadows nothing live.
             let written = [
                 state.upload.as_ref().map(|g| g.version),
                 state.describe.as_ref().map(|g| g.version),
                 state.process.as_ref().map(|g| g.version),
             ];
             let at = big(written.into_iter().flatten().fold(deleted, u64::max));
+            let mut values = vec![at];
+            values.extend(row_key.iter().cloned());
             plan.owner_side.push(Write {
                 stmt: Stmt::DeleteByOwner,
-                values: vec![
-                    at.clone(),
-                    owner.clone(),
-                    bucket.clone(),
-                    created_at,
-                    id.clone(),
-                ],
+                values,
             });
-            // Only an upload or a delete changes where the item stands; a late outcome for a
-            // deleted item needs no ledger transaction.
-            if touched.delete || touched.upload {
-                plan.ledger.push(LedgerEntry {
-                    owner: upload.owner.clone(),
-                    bucket: bucket_of(upload.version as i64),
-                    id: state.id,
-                    standing: Standing::Gone,
-                });
-            }
         }
         if touched.delete {
             plan.by_id.push(Write {
@@ -519,13 +534,7 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
         }
         return;
     }
-    if let Some((upload, owner, bucket)) = &key {
-        let row_key = [
-            owner.clone(),
-            bucket.clone(),
-            big(upload.version),
-            id.clone(),
-        ];
+    if let Some((upload, row_key)) = &key {
         // A newly placed row also carries the groups that arrived before its upload.
         let describe = state
             .describe
@@ -536,18 +545,9 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
             .as_ref()
             .filter(|_| touched.process || touched.upload);
         if touched.upload {
-            let at = big(upload.version);
-            plan.ledger.push(LedgerEntry {
-                owner: upload.owner.clone(),
-                bucket: bucket_of(upload.version as i64),
-                id: state.id,
-                standing: Standing::Live {
-                    bytes: upload.bytes,
-                },
-            });
             let mut values = row_key.to_vec();
             values.extend(upload_values(upload));
-            values.push(at);
+            values.push(big(upload.version));
             plan.owner_side.push(Write {
                 stmt: Stmt::UploadByOwner,
                 values,
@@ -577,6 +577,7 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
     if let Some(u) = state.upload.as_ref().filter(|_| touched.upload) {
         let mut group = upload_values(u);
         group.insert(1, text(&u.owner));
+        group.push(chunk.map(CqlValue::Int));
         update(Stmt::UploadById, u.version, group);
     }
     if let Some(d) = state.describe.as_ref().filter(|_| touched.describe) {
@@ -585,6 +586,15 @@ pub fn plan_item(state: &MediaState, touched: Touched, plan: &mut Plan) {
     if let Some(p) = state.process.as_ref().filter(|_| touched.process) {
         update(Stmt::ProcessById, p.version, process_values(p));
     }
+}
+
+/// Reads an item and its timeline chunk from a `media_by_id` row ([`Stmt::SelectById`]).
+fn placed_from_row(mut row: Row) -> Result<(MediaState, Option<i32>), ViewError> {
+    let chunk = match row.columns.pop().flatten() {
+        Some(CqlValue::Int(chunk)) => Some(chunk),
+        _ => None,
+    };
+    Ok((state_from_row(row)?, chunk))
 }
 
 /// Reads an item from a row of [`ITEM_COLUMNS`] (plus `deleted_v` from `media_by_id`).
@@ -834,28 +844,42 @@ impl ScyllaReadStore {
     }
 
     async fn load(&self, id: Uuid) -> Result<MediaState, ViewError> {
+        self.load_placed(id).await.map(|(state, _)| state)
+    }
+
+    /// An item's state and its timeline chunk, as `media_by_id` has them.
+    async fn load_placed(&self, id: Uuid) -> Result<(MediaState, Option<i32>), ViewError> {
         let rows = self
             .rows(Stmt::SelectById, vec![Some(CqlValue::Uuid(id))])
             .await?;
         match rows.into_iter().next() {
-            Some(row) => state_from_row(row),
-            None => Ok(MediaState::new(id)),
+            Some(row) => placed_from_row(row),
+            None => Ok((MediaState::new(id), None)),
         }
     }
 
     /// The owner's month totals at or before `at_most`, newest first.
     async fn months(&self, owner: &str, at_most: i32) -> Result<Vec<MonthTotal>, ViewError> {
+        type MonthRow = (
+            i32,
+            Option<i64>,
+            Option<i64>,
+            Option<HashMap<i32, i64>>,
+            Option<HashMap<i32, i64>>,
+        );
         self.session
             .execute_iter(self.prepared(Stmt::SelectMonths).clone(), (owner, at_most))
             .await
             .map_err(storage)?
-            .rows_stream::<(i32, Option<i64>, Option<i64>)>()
+            .rows_stream::<MonthRow>()
             .map_err(storage)?
             .map(|r| {
-                r.map(|(bucket, live, bytes)| MonthTotal {
+                r.map(|(bucket, live, bytes, chunk_live, chunk_newest)| MonthTotal {
                     bucket,
                     live: live.unwrap_or(0),
                     bytes: bytes.unwrap_or(0),
+                    chunk_live: chunk_live.unwrap_or_default(),
+                    chunk_newest: chunk_newest.unwrap_or_default(),
                 })
                 .map_err(storage)
             })
@@ -863,65 +887,160 @@ impl ScyllaReadStore {
             .await
     }
 
-    /// Makes the owner ledger say what `entries` say, each owner's in its own transactions.
+    /// Up to `want` rows of one month of the owner's timeline, newest first, strictly after
+    /// `after` if given: the month's chunks with something live, merged. A chunk is read up to
+    /// its live count, newest first by the newest item it ever held, and the walk stops at a
+    /// chunk whose newest item is older than the `want`-th row found so far.
+    async fn month_rows(
+        &self,
+        owner: &str,
+        month: &MonthTotal,
+        after: Option<(i64, Uuid)>,
+        want: usize,
+    ) -> Result<Vec<MediaRow>, ViewError> {
+        let mut chunks: Vec<(i32, i64, i64)> = month
+            .chunk_live
+            .iter()
+            .filter(|(_, live)| **live > 0)
+            .map(|(chunk, live)| {
+                let newest = month.chunk_newest.get(chunk).copied().unwrap_or(i64::MAX);
+                (*chunk, *live, newest)
+            })
+            .collect();
+        chunks.sort_by_key(|(chunk, _, newest)| std::cmp::Reverse((*newest, *chunk)));
+        let mut found: Vec<MediaRow> = Vec::new();
+        for (chunk, live, newest) in chunks {
+            if found.len() >= want
+                && found
+                    .get(want - 1)
+                    .is_some_and(|last| newest < last.created_at)
+            {
+                break;
+            }
+            let limit = Some(CqlValue::Int(live.min(want as i64).min(i32::MAX as i64) as i32));
+            let mut values = vec![
+                text(owner),
+                Some(CqlValue::Int(month.bucket)),
+                Some(CqlValue::Int(chunk)),
+            ];
+            let stmt = match after {
+                Some((created_at, id)) => {
+                    values.push(Some(CqlValue::BigInt(created_at)));
+                    values.push(Some(CqlValue::Uuid(id)));
+                    Stmt::SelectTimelineAfter
+                }
+                None => Stmt::SelectTimeline,
+            };
+            values.push(limit);
+            let mut rows = self
+                .session
+                .execute_iter(self.prepared(stmt).clone(), values)
+                .await
+                .map_err(storage)?
+                .rows_stream::<Row>()
+                .map_err(storage)?;
+            while let Some(row) = rows.try_next().await.map_err(storage)? {
+                // A row whose upload cells are gone (a write racing a delete) is not an item.
+                if let Some(item) = state_from_row(row)?.to_row() {
+                    found.push(item);
+                }
+            }
+            found.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+            found.truncate(want);
+        }
+        Ok(found)
+    }
+
+    /// Makes the owner ledger say what `entries` say, each owner's in its own transactions,
+    /// and returns the timeline chunk of every entry's item that has one (every live one).
     ///
     /// Idempotent: an item already where its entry puts it is left alone, so a replayed
-    /// batch changes nothing. Errors: transient when a transaction keeps losing to others on
-    /// the same owner ([`LEDGER_ATTEMPTS`]), or when the store fails.
-    pub async fn settle(&self, entries: Vec<LedgerEntry>) -> Result<(), ViewError> {
+    /// batch changes nothing, and an item keeps the chunk it was first placed in. Errors:
+    /// transient when a transaction keeps losing to others on the same owner
+    /// ([`LEDGER_ATTEMPTS`]), or when the store fails.
+    pub async fn settle(&self, entries: Vec<LedgerEntry>) -> Result<HashMap<Uuid, i32>, ViewError> {
         let mut by_owner: HashMap<String, Vec<LedgerEntry>> = HashMap::new();
         for entry in entries {
             by_owner.entry(entry.owner.clone()).or_default().push(entry);
         }
-        stream::iter(by_owner)
-            .map(|(owner, entries)| async move {
+        let placed: Vec<HashMap<Uuid, i32>> = stream::iter(by_owner)
+            .map(|(owner, mut entries)| async move {
+                // Placed in time order, so a chunk's items are close in time and a timeline
+                // page reads few chunks.
+                entries.sort_by_key(|e| (e.created_at, e.id));
+                let mut placed = HashMap::new();
                 for chunk in entries.chunks(LEDGER_BATCH) {
-                    self.settle_owner(&owner, chunk).await?;
+                    placed.extend(self.settle_owner(&owner, chunk).await?);
                 }
-                Ok::<_, ViewError>(())
+                Ok::<_, ViewError>(placed)
             })
             .buffer_unordered(CONCURRENCY)
             .try_collect()
-            .await
+            .await?;
+        Ok(placed.into_iter().flatten().collect())
     }
 
     /// One owner's entries (at most [`LEDGER_BATCH`]) in one transaction: read the months and
     /// the items serially, work out the changes, and write them in one conditional batch on
     /// the owner's partition, `IF seq = <the seq read>`. A batch that loses to another writer
-    /// starts again from a fresh read.
-    async fn settle_owner(&self, owner: &str, entries: &[LedgerEntry]) -> Result<(), ViewError> {
+    /// starts again from a fresh read. Returns the entries' chunks.
+    async fn settle_owner(
+        &self,
+        owner: &str,
+        entries: &[LedgerEntry],
+    ) -> Result<HashMap<Uuid, i32>, ViewError> {
         let mut backoff = Duration::from_millis(2);
         for _ in 0..LEDGER_ATTEMPTS {
             let (seq, mut months) = self.ledger_months(owner).await?;
-            let standings: Vec<Option<Standing>> = futures::future::try_join_all(
+            let rows: Vec<Option<LedgerItem>> = futures::future::try_join_all(
                 entries.iter().map(|e| self.ledger_item(owner, e.bucket, e.id)),
             )
             .await?;
-            let mut items = Vec::new();
-            let mut touched_months = std::collections::BTreeSet::new();
-            for (entry, now) in entries.iter().zip(standings) {
-                let total = months.entry(entry.bucket).or_default();
-                match (now, entry.standing) {
+            let mut placed = HashMap::new();
+            let mut writes: Vec<(&LedgerEntry, Option<i32>)> = Vec::new();
+            let mut changed: BTreeMap<i32, (BTreeSet<i32>, BTreeSet<i32>)> = BTreeMap::new();
+            for (entry, row) in entries.iter().zip(rows) {
+                let month = months.entry(entry.bucket).or_default();
+                let touched = changed.entry(entry.bucket).or_default();
+                let chunk = row.as_ref().and_then(|r| r.chunk);
+                if let Some(chunk) = chunk {
+                    placed.insert(entry.id, chunk);
+                }
+                match (row, entry.standing) {
                     // A delete is final, and an upload's size never changes.
-                    (Some(Standing::Gone), _) | (Some(Standing::Live { .. }), Standing::Live { .. }) => {
-                        continue;
-                    }
-                    (Some(Standing::Live { bytes }), Standing::Gone) => {
-                        total.0 -= 1;
-                        total.1 -= bytes as i64;
+                    (Some(LedgerItem { gone: true, .. }), _)
+                    | (Some(LedgerItem { gone: false, .. }), Standing::Live { .. }) => continue,
+                    (Some(LedgerItem { bytes, .. }), Standing::Gone) => {
+                        month.live -= 1;
+                        month.bytes -= bytes as i64;
+                        if let Some(chunk) = chunk {
+                            *month.chunk_live.entry(chunk).or_default() -= 1;
+                            touched.0.insert(chunk);
+                        }
                     }
                     (None, Standing::Live { bytes }) => {
-                        total.0 += 1;
-                        total.1 += bytes as i64;
+                        // Chunk n of a month takes its items n·CHUNK_ROWS .. (n+1)·CHUNK_ROWS:
+                        // no chunk ever holds more than CHUNK_ROWS items, live or deleted.
+                        let chunk = (month.placed / CHUNK_ROWS) as i32;
+                        month.placed += 1;
+                        month.live += 1;
+                        month.bytes += bytes as i64;
+                        *month.chunk_live.entry(chunk).or_default() += 1;
+                        let newest = month.chunk_newest.entry(chunk).or_insert(i64::MIN);
+                        *newest = (*newest).max(entry.created_at);
+                        touched.0.insert(chunk);
+                        touched.1.insert(chunk);
+                        placed.insert(entry.id, chunk);
+                        writes.push((entry, Some(chunk)));
+                        continue;
                     }
                     // Deleted before it was counted: remember it, so a late upload is not.
                     (None, Standing::Gone) => {}
                 }
-                items.push(entry);
-                touched_months.insert(entry.bucket);
+                writes.push((entry, chunk));
             }
-            if items.is_empty() {
-                return Ok(());
+            if writes.is_empty() {
+                return Ok(placed);
             }
             let next = seq.unwrap_or(0) + 1;
             let mut batch = Batch::new(BatchType::Logged);
@@ -936,18 +1055,34 @@ impl ScyllaReadStore {
             ]);
             // Every transaction writes a month row, so a partition with a `seq` always has
             // one, and the months' read always sees the `seq`.
-            for bucket in touched_months {
-                let (live, bytes) = months[&bucket];
+            let int_map = |entries: Vec<(i32, i64)>| {
+                Some(CqlValue::Map(
+                    entries
+                        .into_iter()
+                        .map(|(k, v)| (CqlValue::Int(k), CqlValue::BigInt(v)))
+                        .collect(),
+                ))
+            };
+            for (bucket, (live_chunks, newest_chunks)) in changed {
+                let month = &months[&bucket];
+                let live = live_chunks.iter().map(|c| (*c, month.chunk_live[c])).collect();
+                let newest = newest_chunks
+                    .iter()
+                    .map(|c| (*c, month.chunk_newest[c]))
+                    .collect();
                 batch.append_statement(self.prepared(Stmt::LedgerMonth).clone());
                 values.push(vec![
-                    Some(CqlValue::BigInt(live)),
-                    Some(CqlValue::BigInt(bytes)),
+                    Some(CqlValue::BigInt(month.live)),
+                    Some(CqlValue::BigInt(month.bytes)),
+                    Some(CqlValue::BigInt(month.placed)),
+                    int_map(live),
+                    int_map(newest),
                     text(owner),
                     Some(CqlValue::Int(bucket)),
                     Some(CqlValue::Uuid(Uuid::nil())),
                 ]);
             }
-            for entry in items {
+            for (entry, chunk) in writes {
                 let (bytes, gone) = match entry.standing {
                     Standing::Live { bytes } => (Some(CqlValue::BigInt(bytes as i64)), false),
                     Standing::Gone => (None, true),
@@ -956,6 +1091,7 @@ impl ScyllaReadStore {
                 values.push(vec![
                     bytes,
                     Some(CqlValue::Boolean(gone)),
+                    chunk.map(CqlValue::Int),
                     text(owner),
                     Some(CqlValue::Int(entry.bucket)),
                     Some(CqlValue::Uuid(entry.id)),
@@ -967,7 +1103,7 @@ impl ScyllaReadStore {
                 .await
                 .map_err(|e| context("the owner ledger's transaction", e))?;
             if applied(result)? {
-                return Ok(());
+                return Ok(placed);
             }
             // Another projector changed this owner since the read: read again, after a
             // jittered pause so two losers do not collide again in step.
@@ -980,12 +1116,20 @@ impl ScyllaReadStore {
         )))
     }
 
-    /// The ledger's `seq` (`None` for an owner never counted) and month totals
-    /// `bucket → (live, bytes)`, read serially.
+    /// The ledger's `seq` (`None` for an owner never counted) and its months, read serially.
     async fn ledger_months(
         &self,
         owner: &str,
-    ) -> Result<(Option<i64>, HashMap<i32, (i64, i64)>), ViewError> {
+    ) -> Result<(Option<i64>, HashMap<i32, LedgerMonth>), ViewError> {
+        type Row = (
+            i32,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<HashMap<i32, i64>>,
+            Option<HashMap<i32, i64>>,
+            Option<i64>,
+        );
         let mut seq = None;
         let mut months = HashMap::new();
         let mut rows = self
@@ -993,22 +1137,33 @@ impl ScyllaReadStore {
             .execute_iter(self.prepared(Stmt::LedgerMonths).clone(), (owner,))
             .await
             .map_err(storage)?
-            .rows_stream::<(i32, Option<i64>, Option<i64>, Option<i64>)>()
+            .rows_stream::<Row>()
             .map_err(storage)?;
-        while let Some((bucket, live, bytes, s)) = rows.try_next().await.map_err(storage)? {
+        while let Some((bucket, live, bytes, placed, chunk_live, chunk_newest, s)) =
+            rows.try_next().await.map_err(storage)?
+        {
             seq = seq.or(s);
-            months.insert(bucket, (live.unwrap_or(0), bytes.unwrap_or(0)));
+            months.insert(
+                bucket,
+                LedgerMonth {
+                    live: live.unwrap_or(0),
+                    bytes: bytes.unwrap_or(0),
+                    placed: placed.unwrap_or(0),
+                    chunk_live: chunk_live.unwrap_or_default(),
+                    chunk_newest: chunk_newest.unwrap_or_default(),
+                },
+            );
         }
         Ok((seq, months))
     }
 
-    /// Where one item stands in the ledger, read serially; `None` if it has no row.
+    /// One item's ledger row, read serially; `None` if it has none.
     async fn ledger_item(
         &self,
         owner: &str,
         bucket: i32,
         id: Uuid,
-    ) -> Result<Option<Standing>, ViewError> {
+    ) -> Result<Option<LedgerItem>, ViewError> {
         let rows = self
             .rows(
                 Stmt::LedgerItem,
@@ -1020,25 +1175,62 @@ impl ScyllaReadStore {
             )
             .await?;
         Ok(rows.into_iter().next().map(|row| {
-            match (row.columns.first().cloned().flatten(), row.columns.get(1).cloned().flatten()) {
-                (_, Some(CqlValue::Boolean(true))) => Standing::Gone,
-                (Some(CqlValue::BigInt(bytes)), _) => Standing::Live {
-                    bytes: bytes.max(0) as u64,
+            let mut cols = row.columns.into_iter();
+            let bytes = cols.next().flatten();
+            let gone = cols.next().flatten();
+            let chunk = cols.next().flatten();
+            LedgerItem {
+                bytes: match bytes {
+                    Some(CqlValue::BigInt(b)) => b.max(0) as u64,
+                    _ => 0,
                 },
-                // A row without its size was written by no version of this code: count it
-                // as gone rather than guess.
-                _ => Standing::Gone,
+                gone: matches!(gone, Some(CqlValue::Boolean(true))),
+                chunk: match chunk {
+                    Some(CqlValue::Int(c)) => Some(c),
+                    _ => None,
+                },
             }
         }))
     }
 }
 
-/// One month of an owner's ledger: its live items and their bytes.
+/// One item's row in the ledger (kind 1).
 #[derive(Debug, Clone, Copy)]
+struct LedgerItem {
+    /// Its size in bytes, counted in its month while it is live.
+    bytes: u64,
+    /// Deleted: uncounted, for good.
+    gone: bool,
+    /// Its timeline chunk; `None` for an item deleted before it was placed.
+    chunk: Option<i32>,
+}
+
+/// One month of an owner's ledger (kind 0), as a transaction reads and rewrites it.
+#[derive(Debug, Clone, Default)]
+struct LedgerMonth {
+    live: i64,
+    bytes: i64,
+    /// Items ever placed in the month's timeline: the next goes in chunk `placed / CHUNK_ROWS`.
+    placed: i64,
+    /// Live items per chunk.
+    chunk_live: HashMap<i32, i64>,
+    /// The newest `created_at` ever placed in each chunk.
+    chunk_newest: HashMap<i32, i64>,
+}
+
+/// Items a timeline chunk receives in its life, so the most tombstones a read of one chunk can
+/// pass: Cassandra's `tombstone_warn_threshold` (1,000 by default).
+pub const CHUNK_ROWS: i64 = 1_000;
+
+/// One month of an owner's ledger as the edge reads it: its live items, their bytes, and its
+/// chunks' live items and newest `created_at`.
+#[derive(Debug, Clone)]
 struct MonthTotal {
     bucket: i32,
     live: i64,
     bytes: i64,
+    chunk_live: HashMap<i32, i64>,
+    chunk_newest: HashMap<i32, i64>,
 }
 
 /// Items in one ledger transaction at most. A conditional batch is one mutation of one
@@ -1072,27 +1264,52 @@ impl ReadStore for ScyllaReadStore {
                 .or_default()
                 .add(&event.payload);
         }
-        let mut states: HashMap<Uuid, MediaState> = stream::iter(touched.keys().copied())
-            .map(|id| async move { self.load(id).await.map(|s| (id, s)) })
-            .buffer_unordered(CONCURRENCY)
-            .try_collect()
-            .await?;
+        let loaded: Vec<(Uuid, (MediaState, Option<i32>))> =
+            stream::iter(touched.keys().copied())
+                .map(|id| async move { self.load_placed(id).await.map(|s| (id, s)) })
+                .buffer_unordered(CONCURRENCY)
+                .try_collect()
+                .await?;
+        let mut states = HashMap::with_capacity(loaded.len());
+        let mut chunks = HashMap::new();
+        for (id, (state, chunk)) in loaded {
+            states.insert(id, state);
+            if let Some(chunk) = chunk {
+                chunks.insert(id, chunk);
+            }
+        }
         for event in events {
             if let Some(state) = states.get_mut(&event.aggregate_id) {
                 state.apply(event);
             }
         }
+        // Counted before its timeline row appears, uncounted after it is gone: a chunk's live
+        // count is never below the rows its timeline partition holds, so a read that stops
+        // after that many rows never stops early.
+        let (live, gone): (Vec<_>, Vec<_>) = states
+            .values()
+            .filter_map(|state| ledger_entry(state, touched[&state.id]))
+            .partition(|e| matches!(e.standing, Standing::Live { .. }));
+        chunks.extend(self.settle(live).await?);
+        // An item `media_by_id` has no chunk for (its by-id write did not happen yet, or it
+        // predates the ledger) has it in the ledger, if it was ever placed.
+        let unplaced: Vec<(String, i32, Uuid)> = states
+            .values()
+            .filter(|s| !chunks.contains_key(&s.id))
+            .filter_map(|s| {
+                let u = s.upload.as_ref()?;
+                Some((u.owner.clone(), bucket_of(u.version as i64), s.id))
+            })
+            .collect();
+        for (owner, bucket, id) in unplaced {
+            if let Some(chunk) = self.ledger_item(&owner, bucket, id).await?.and_then(|r| r.chunk) {
+                chunks.insert(id, chunk);
+            }
+        }
         let mut plan = Plan::default();
         for (id, state) in &states {
-            plan_item(state, touched[id], &mut plan);
+            plan_item(state, touched[id], chunks.get(id).copied(), &mut plan);
         }
-        // Counted before its timeline row appears, uncounted after it is gone: a month's live
-        // count is never below the rows its timeline partition holds.
-        let (live, gone): (Vec<_>, Vec<_>) = plan
-            .ledger
-            .into_iter()
-            .partition(|e| matches!(e.standing, Standing::Live { .. }));
-        self.settle(live).await?;
         self.write_all(plan.owner_side).await?;
         self.settle(gone).await?;
         self.write_all(plan.by_id).await
@@ -1115,44 +1332,13 @@ impl ReadStore for ScyllaReadStore {
         let start = after.map_or(i32::MAX, |(created_at, _)| bucket_of(created_at));
         let mut items: Vec<MediaRow> = Vec::with_capacity(limit + 1);
         for month in self.months(owner, start).await? {
-            // A month with nothing live is skipped unread, whatever it once held; a month is
-            // read up to its live count, so the read stops at its last live row instead of
-            // passing the rows deleted below it.
+            // A month with nothing live is skipped unread, whatever it once held.
             if month.live <= 0 {
                 continue;
             }
-            let want = (limit + 1 - items.len()) as i64;
-            let bound = Some(CqlValue::Int(month.live.min(want).min(i32::MAX as i64) as i32));
-            let bucket = month.bucket;
-            let (stmt, mut values) = match after {
-                Some((created_at, id)) if bucket == start => (
-                    Stmt::SelectTimelineAfter,
-                    vec![
-                        text(owner),
-                        Some(CqlValue::Int(bucket)),
-                        Some(CqlValue::BigInt(created_at)),
-                        Some(CqlValue::Uuid(id)),
-                    ],
-                ),
-                _ => (
-                    Stmt::SelectTimeline,
-                    vec![text(owner), Some(CqlValue::Int(bucket))],
-                ),
-            };
-            values.push(bound);
-            let mut rows = self
-                .session
-                .execute_iter(self.prepared(stmt).clone(), values)
-                .await
-                .map_err(storage)?
-                .rows_stream::<Row>()
-                .map_err(storage)?;
-            while let Some(row) = rows.try_next().await.map_err(storage)? {
-                // A row whose upload cells are gone (a write racing a delete) is not an item.
-                if let Some(item) = state_from_row(row)?.to_row() {
-                    items.push(item);
-                }
-            }
+            let after = after.filter(|_| month.bucket == start);
+            let want = limit + 1 - items.len();
+            items.extend(self.month_rows(owner, &month, after, want).await?);
             if items.len() > limit {
                 break;
             }
@@ -1372,14 +1558,17 @@ pub async fn migrate(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Migrate
     Ok(report)
 }
 
-/// Items per ledger fill step: how many `media_by_id` rows are read before their owners'
-/// transactions run.
+/// Items per fill step: how many `media_by_id` rows are read before their owners'
+/// transactions and timeline rows are written.
 const FILL_STEP: usize = 2_000;
 
-/// Fills the owner ledger (migration 0003) from `media_by_id`: every live item is counted in
-/// its owner's month. The same transactions as the projector's, so filling twice, or beside
-/// another `ops migrate`, or beside a projector of this release, counts each item once.
-/// Returns the live items seen. A full scan of `media_by_id`, paged, once per keyspace.
+/// Fills the owner ledger and the timeline (migration 0003) from `media_by_id`: every live item
+/// is counted in its owner's month, placed in a chunk, and its timeline row written with every
+/// group it has. The same transactions and writes as the projector's, so filling twice, or
+/// beside another `ops migrate`, or beside a projector of this release, places each item once.
+/// Returns the live items seen. A full scan of `media_by_id`, paged, once per keyspace; items
+/// are placed in scan order within a step, so an old month's chunks hold items from across it
+/// and a page of that month may read several of them.
 async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, ViewError> {
     let session = connect(uri, settings).await?;
     session
@@ -1387,8 +1576,10 @@ async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, Vi
         .await
         .map_err(storage)?;
     let store = ScyllaReadStore::prepare(session).await?;
-    let scan = Statement::new(format!("SELECT {ITEM_COLUMNS}, deleted_v FROM media_by_id"))
-        .with_page_size(1_000);
+    let scan = Statement::new(format!(
+        "SELECT {ITEM_COLUMNS}, deleted_v, chunk FROM media_by_id"
+    ))
+    .with_page_size(1_000);
     let mut rows = store
         .session
         .query_iter(scan, ())
@@ -1396,28 +1587,34 @@ async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, Vi
         .map_err(storage)?
         .rows_stream::<Row>()
         .map_err(storage)?;
+    // Everything but the delete: a deleted item's columns were erased with its tombstone.
+    let all = Touched {
+        upload: true,
+        describe: true,
+        process: true,
+        delete: false,
+    };
     let (mut seen, mut step) = (0u64, Vec::with_capacity(FILL_STEP));
     loop {
         let row = rows.try_next().await.map_err(storage)?;
         let done = row.is_none();
         if let Some(row) = row {
-            let state = state_from_row(row)?;
-            // A deleted item's columns were erased with its tombstone: nothing to count.
-            if let (Some(upload), None) = (&state.upload, state.deleted) {
-                step.push(LedgerEntry {
-                    owner: upload.owner.clone(),
-                    bucket: bucket_of(upload.version as i64),
-                    id: state.id,
-                    standing: Standing::Live {
-                        bytes: upload.bytes,
-                    },
-                });
+            let (state, _) = placed_from_row(row)?;
+            if state.upload.is_some() && state.deleted.is_none() {
+                step.push(state);
             }
         }
         if step.len() >= FILL_STEP || (done && !step.is_empty()) {
             seen += step.len() as u64;
-            store.settle(std::mem::take(&mut step)).await?;
-            tracing::info!(seen, "filling the owner ledger");
+            let entries = step.iter().filter_map(|s| ledger_entry(s, all)).collect();
+            let chunks = store.settle(entries).await?;
+            let mut plan = Plan::default();
+            for state in step.drain(..) {
+                plan_item(&state, all, chunks.get(&state.id).copied(), &mut plan);
+            }
+            store.write_all(plan.owner_side).await?;
+            store.write_all(plan.by_id).await?;
+            tracing::info!(seen, "filling the owner ledger and the timeline");
         }
         if done {
             return Ok(seen);
@@ -1442,6 +1639,8 @@ mod tests {
     use conveyor_schemas::{MediaDeleted, MediaDescribed, MediaProcessingFailed, MediaUploaded};
 
     const JAN_31: u64 = 1_769_903_940_000_000;
+    /// The timeline chunk the plan tests place items in.
+    const CHUNK: i32 = 3;
 
     fn tables() -> Vec<TableDef> {
         conveyor_schemas::cql::final_tables().unwrap()
@@ -1548,7 +1747,7 @@ mod tests {
 
     fn plan_of(state: &MediaState, touched: Touched) -> Plan {
         let mut plan = Plan::default();
-        plan_item(state, touched, &mut plan);
+        plan_item(state, touched, Some(CHUNK), &mut plan);
         for w in plan.owner_side.iter().chain(&plan.by_id) {
             assert_eq!(
                 w.stmt.cql().matches('?').count(),
@@ -1579,13 +1778,14 @@ mod tests {
         let plan = plan_of(&state, touched);
         assert_eq!(stmts(&plan.owner_side), [Stmt::UploadByOwner]);
         assert_eq!(
-            plan.ledger,
-            [LedgerEntry {
+            ledger_entry(&state, touched),
+            Some(LedgerEntry {
                 owner: "alice".into(),
                 bucket: 202601,
+                created_at: JAN_31 as i64,
                 id,
                 standing: Standing::Live { bytes: 42 }
-            }],
+            }),
             "counted in its month"
         );
         let v = Some(CqlValue::BigInt(JAN_31 as i64));
@@ -1597,6 +1797,7 @@ mod tests {
             [
                 alice.clone(),
                 jan,
+                Some(CqlValue::Int(CHUNK)),
                 v.clone(),
                 uuid.clone(),
                 v.clone(),
@@ -1623,9 +1824,11 @@ mod tests {
                     text("originals/ab"),
                     None,
                     Some(CqlValue::Boolean(false)),
+                    Some(CqlValue::Int(CHUNK)),
                     uuid,
                 ],
-            }]
+            }],
+            "the chunk goes with the upload group, so later events find the row"
         );
     }
 
@@ -1699,6 +1902,7 @@ mod tests {
         by_owner.extend([
             text("alice"),
             Some(CqlValue::Int(202601)),
+            Some(CqlValue::Int(CHUNK)),
             big(JAN_31),
             Some(CqlValue::Uuid(id)),
         ]);
@@ -1755,7 +1959,11 @@ mod tests {
             ),
         ]);
         let plan = plan_of(&state, touched);
-        let key = [text("alice"), Some(CqlValue::Int(202601))];
+        let key = [
+            text("alice"),
+            Some(CqlValue::Int(202601)),
+            Some(CqlValue::Int(CHUNK)),
+        ];
         let uuid = Some(CqlValue::Uuid(id));
         assert_eq!(
             plan.owner_side,
@@ -1766,6 +1974,7 @@ mod tests {
                         big(dv),
                         key[0].clone(),
                         key[1].clone(),
+                        key[2].clone(),
                         big(JAN_31),
                         uuid.clone()
                     ],
@@ -1775,10 +1984,11 @@ mod tests {
         let gone = LedgerEntry {
             owner: "alice".into(),
             bucket: 202601,
+            created_at: JAN_31 as i64,
             id,
             standing: Standing::Gone,
         };
-        assert_eq!(plan.ledger, [gone.clone()]);
+        assert_eq!(ledger_entry(&state, touched), Some(gone.clone()));
         assert_eq!(
             plan.by_id,
             [Write {
@@ -1797,7 +2007,7 @@ mod tests {
         late.apply(&ev(id, JAN_31, uploaded()));
         let plan = plan_of(&late, ONLY_UPLOAD);
         assert_eq!(stmts(&plan.owner_side), [Stmt::DeleteByOwner]);
-        assert_eq!(plan.ledger, [gone], "never counted");
+        assert_eq!(ledger_entry(&late, ONLY_UPLOAD), Some(gone), "never counted");
         assert!(plan.by_id.is_empty());
     }
 
