@@ -2135,6 +2135,88 @@ mod migrations_on_a_real_node {
         drop_keyspace(&uri, &settings).await.unwrap();
     }
 
+    /// A keyspace written by the release before the ledger (`media_by_id` only, as it wrote
+    /// it) gets its ledger and timeline from `ops migrate`: stats and pages are the live items,
+    /// newest first, and a later delete finds the item's row.
+    #[tokio::test]
+    async fn migrate_fills_the_ledger_and_the_timeline_from_media_by_id() {
+        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
+        else {
+            return;
+        };
+        let uri = keyspace_uri(&base);
+        let settings = ViewSettings {
+            replication_factor: 1,
+            ..ViewSettings::default()
+        };
+        migrate(&uri, &settings).await.expect("migrate");
+        let session = connect(&uri, &settings).await.unwrap();
+        session.use_keyspace(&uri.keyspace, false).await.unwrap();
+        // Back to version 2: no ledger, no timeline, no chunk column.
+        for cql in [
+            "DROP TABLE owner_ledger",
+            "DROP TABLE timeline",
+            "ALTER TABLE media_by_id DROP chunk",
+            "DELETE FROM schema_migrations WHERE scope = 'conveyor' AND version = 3",
+        ] {
+            session.query_unpaged(cql, ()).await.unwrap();
+            session.await_schema_agreement().await.unwrap();
+        }
+        // What version 2 wrote: three live items of one owner, one deleted (its tombstone
+        // erased every column but `deleted_v`), and one of another owner.
+        const FEB: i64 = 1_769_990_400_000_000;
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        let owners = ["dana", "dana", "dana", "dana", "eve"];
+        for (i, (id, owner)) in ids.iter().zip(owners).enumerate() {
+            let v = FEB + i as i64 * 1_000;
+            session
+                .query_unpaged(
+                    "INSERT INTO media_by_id (id, upload_v, owner, content_type, bytes, sha256, \
+                     original_key, private) VALUES (?, ?, ?, 'image/png', 7, 'ab', 'originals/ab', \
+                     false) USING TIMESTAMP ?",
+                    (*id, v, owner, v),
+                )
+                .await
+                .unwrap();
+        }
+        session
+            .query_unpaged(
+                "UPDATE media_by_id USING TIMESTAMP ? SET deleted_v = ?, upload_v = null, \
+                 owner = null, content_type = null, bytes = null, sha256 = null, \
+                 original_key = null, private = null WHERE id = ?",
+                (FEB + 10_000, FEB + 10_000, ids[1]),
+            )
+            .await
+            .unwrap();
+        let again = migrate(&uri, &settings).await.expect("migrate with a fill");
+        assert_eq!(again.applied, ["0003_owner_ledger"]);
+        let store = ScyllaReadStore::connect(&uri, &settings).await.unwrap();
+        let stats = store.owner_stats("dana").await.unwrap();
+        assert_eq!((stats.media_count, stats.bytes), (3, 21));
+        let page = store.owner_timeline("dana", None, 10).await.unwrap();
+        let listed: Vec<Uuid> = page.items.iter().map(|m| m.id).collect();
+        assert_eq!(listed, [ids[3], ids[2], ids[0]], "live, newest first");
+        assert_eq!(store.owner_stats("eve").await.unwrap().media_count, 1);
+        // A fill run again (a retried migration) places nothing twice.
+        fill_ledger(&uri, &settings).await.unwrap();
+        assert_eq!(store.owner_stats("dana").await.unwrap().media_count, 3);
+        // The filled item's row is found by a later delete.
+        let delete = Envelope::new(
+            ids[3],
+            (FEB + 20_000) as u64,
+            "test",
+            Event::MediaDeleted(conveyor_schemas::MediaDeleted {
+                deleted_by: "dana".into(),
+            }),
+        );
+        store.apply(&[delete]).await.unwrap();
+        let page = store.owner_timeline("dana", None, 10).await.unwrap();
+        let listed: Vec<Uuid> = page.items.iter().map(|m| m.id).collect();
+        assert_eq!(listed, [ids[2], ids[0]]);
+        assert_eq!(store.owner_stats("dana").await.unwrap().media_count, 2);
+        drop_keyspace(&uri, &settings).await.unwrap();
+    }
+
     /// Eight migrations of different keyspaces at once (eight test processes starting
     /// together) all succeed: schema changes wait for agreement and retry when they time out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
