@@ -1,15 +1,15 @@
 //! The distributed read store on ScyllaDB, through the `scylla` driver. The tables are in
 //! `schemas/cql/` (one per query); `conveyor ops migrate` creates them ([`migrate`]).
 //!
-//! Writes are last-writer-wins by version: every statement carries `USING TIMESTAMP
-//! <version>`, the version the fold in [`super`] stored the group at (a description's may be
-//! one past the one it replaces, as the log orders them), and each event writes only the
-//! columns of its own group, so ScyllaDB's own cell reconciliation agrees with the fold.
-//! `apply` is read-then-write:
-//! it loads each touched item from `media_by_id`, folds the batch in memory to learn the
-//! item's owner and liveness, and then writes:
-//! 1. the owner ledger (`owner_ledger`, migration 0003) for items that became live;
-//! 2. the owner's timeline (`media_by_owner`);
+//! Writes outside the owner ledger are last-writer-wins by version: every such statement
+//! carries `USING TIMESTAMP <version>`, the version the fold in [`super`] stored the group at (a
+//! description's may be one past the one it replaces, as the log orders them), and each event
+//! writes only the columns of its own group, so ScyllaDB's own cell reconciliation agrees with
+//! the fold. `apply` is read-then-write: it loads each touched item from `media_by_id`, folds
+//! the batch in memory to learn the item's owner, liveness and timeline chunk, and then writes:
+//! 1. the owner ledger (`owner_ledger`, migration 0003) for items that became live, which
+//!    places each new one in a timeline chunk;
+//! 2. the owner's timeline (`timeline`);
 //! 3. the owner ledger for items that were deleted;
 //! 4. then `media_by_id`, the table the next `apply` reads.
 //!
