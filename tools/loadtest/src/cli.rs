@@ -238,6 +238,22 @@ pub enum LoadtestCommand {
         #[arg(long, default_value_t = 3)]
         backlog: usize,
     },
+    /// What an owner's deletes cost their timeline page and stats reads, as the deletes grow:
+    /// the owner keeps 10 items from before the deletes and 10 from after, and each read is
+    /// timed beside an owner with the same 20 items and no deletes (the floor); on CQL also
+    /// beside the tables and queries of the release before the owner ledger. Medians.
+    Deletes {
+        /// The read store: `sqlite` (in a temp dir) or `scylla://host:9042/keyspace` (a fresh
+        /// keyspace, replication factor 1, dropped at the end).
+        #[arg(long, default_value = "sqlite")]
+        views: BenchViews,
+        /// Cumulative delete counts to measure at, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        steps: Vec<u64>,
+        /// Timed reads of each kind per step and owner.
+        #[arg(long, default_value_t = 30)]
+        reads: usize,
+    },
     /// Time thumbnails of one image against `vipsthumbnail` on the same file.
     Thumbnail {
         /// A JPEG, PNG, WebP, GIF, HEIC or AVIF file.

@@ -5,6 +5,7 @@
 //!
 //! - [`bench`]: micro-benchmarks (events, produce, thumbnail, photos), each beside a reference
 //!   in the same run;
+//! - [`deletes`]: an owner's reads as their deletes grow, against an owner without them;
 //! - [`video`]: the transcoder against plain ffmpeg, and photos behind a video backlog;
 //! - [`capacity`]: `run` (an open-model load against a deployment, with a report) and
 //!   `scale` (the scaling curve over local role processes).
@@ -12,6 +13,7 @@
 mod bench;
 mod capacity;
 mod cli;
+mod deletes;
 mod photos;
 mod stats;
 mod video;
@@ -214,6 +216,16 @@ async fn run(command: LoadtestCommand) -> anyhow::Result<ExitCode> {
                 backlog,
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LoadtestCommand::Deletes {
+            views,
+            mut steps,
+            reads,
+        } => {
+            steps.sort_unstable();
+            steps.dedup();
+            deletes::deletes(&views, &steps, reads).await?;
             Ok(ExitCode::SUCCESS)
         }
         LoadtestCommand::Photos {

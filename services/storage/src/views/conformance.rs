@@ -399,6 +399,23 @@ async fn a_heavy_deleter(store: &dyn ReadStore) {
         }
     }
     assert_eq!(seen, kept, "pages of two: every kept item once, in order");
+
+    // A projector that lost the partition, still applying an upload, beside its successor
+    // applying the upload and its delete: the item ends up nowhere, whichever lands first.
+    for i in 0..20 {
+        let up = uploaded(Uuid::now_v7(), at(20 + HEAVY_DELETES + i), owner, 10);
+        let both = [up.clone(), deleted(up.aggregate_id, up.version + 1)];
+        let (a, b) = tokio::join!(store.apply(std::slice::from_ref(&up)), store.apply(&both));
+        a.unwrap();
+        b.unwrap();
+    }
+    let page = store.owner_timeline(owner, None, 100).await.unwrap();
+    assert_eq!(
+        page.items.iter().map(|m| m.id).collect::<Vec<_>>(),
+        kept,
+        "no deleted item left behind by the stale writer"
+    );
+    assert_eq!(store.owner_stats(owner).await.unwrap().media_count, 5);
 }
 
 /// A delete whose version is below its upload's (a producer's clock behind the ingest's): the

@@ -19,7 +19,7 @@
 //! partition, so no two writers fold the same item at once. The ledger is the one table where
 //! writers of different items meet (an owner's items are on every partition): it is changed
 //! only by lightweight transactions ([`ScyllaReadStore::settle`]). Its order around the
-//! timeline keeps a month's live count at or above the rows the timeline holds for it, so a
+//! timeline keeps a chunk's live count at or above the rows the timeline holds in it, so a
 //! read that stops after that many rows never stops early.
 //!
 //! Every statement is prepared, binds every key as a parameter (so the driver routes it to a
@@ -210,23 +210,24 @@ pub enum Stmt {
     DeleteByOwner,
     /// Reads an item's `media_by_id` row, with `deleted_v`.
     SelectById,
-    /// Reads the owner's month totals in `owner_ledger` up to a given month, newest first:
-    /// `(bucket, live_count, bytes)`. The timeline's walk and the stats.
+    /// Reads the owner's month rows in `owner_ledger` up to a given month, newest first:
+    /// `(bucket, live_count, bytes, chunk_live, chunk_newest)`. The timeline's walk and the
+    /// stats.
     SelectMonths,
-    /// Reads at most `?` rows of one month bucket of the owner's timeline, newest first.
+    /// Reads at most `?` rows of one chunk of one month of the owner's timeline, newest first.
     SelectTimeline,
-    /// Reads at most `?` rows of one month bucket of the owner's timeline strictly after a
-    /// `(created_at, id)` cursor, newest first.
+    /// Reads at most `?` rows of one chunk of one month of the owner's timeline strictly after
+    /// a `(created_at, id)` cursor, newest first.
     SelectTimelineAfter,
-    /// Reads every month total of the owner's ledger with its `seq`, at `LOCAL_SERIAL`: the
-    /// state a ledger transaction starts from.
+    /// Reads every month row of the owner's ledger with its `seq`, at `SERIAL`: the state a
+    /// ledger transaction starts from.
     LedgerMonths,
-    /// Reads one item's ledger row (`bytes`, `gone`), at `LOCAL_SERIAL`.
+    /// Reads one item's ledger row (`bytes`, `gone`, `chunk`), after [`Stmt::LedgerMonths`].
     LedgerItem,
     /// Sets the ledger's `seq` if it is still the one read: the condition of every ledger
     /// transaction (a conditional batch on the owner's partition).
     LedgerSeq,
-    /// Sets one month's totals, inside a ledger transaction.
+    /// Sets one month's totals and adds to its chunk maps, inside a ledger transaction.
     LedgerMonth,
     /// Sets one item's ledger row, inside a ledger transaction.
     LedgerItemSet,
@@ -796,10 +797,13 @@ impl ScyllaReadStore {
             // transaction is conditional on the `seq` it read: retrying one after a timeout
             // cannot change the outcome.
             p.set_is_idempotent(true);
-            if matches!(stmt, Stmt::LedgerMonths | Stmt::LedgerItem) {
-                // A serial read completes any transaction in flight, so the state a ledger
-                // transaction starts from is the latest one.
-                p.set_consistency(Consistency::LocalSerial);
+            if stmt == Stmt::LedgerMonths {
+                // A serial read completes any transaction in flight on the owner's partition,
+                // so the `seq` a transaction starts from is the latest; the item reads after it
+                // at LOCAL_QUORUM then see at least that state, and anything committed later
+                // bumps `seq` and fails the transaction's condition. SERIAL, not LOCAL_SERIAL:
+                // projectors in two data centres must not both win.
+                p.set_consistency(Consistency::Serial);
             }
             prepared.insert(stmt, p);
         }
@@ -888,9 +892,12 @@ impl ScyllaReadStore {
     }
 
     /// Up to `want` rows of one month of the owner's timeline, newest first, strictly after
-    /// `after` if given: the month's chunks with something live, merged. A chunk is read up to
-    /// its live count, newest first by the newest item it ever held, and the walk stops at a
-    /// chunk whose newest item is older than the `want`-th row found so far.
+    /// `after` if given: the month's chunks with something live, merged, newest first by the
+    /// newest item each ever held; the walk stops at a chunk whose newest item is older than
+    /// the `want`-th row found so far. A chunk is read with `LIMIT want`, not its live count: an
+    /// upload placed in it after the months were read would push its oldest row past that
+    /// count, and the page's cursor past that row. A chunk has held at most [`CHUNK_ROWS`]
+    /// items, so the read passes at most that many tombstones.
     async fn month_rows(
         &self,
         owner: &str,
@@ -909,7 +916,7 @@ impl ScyllaReadStore {
             .collect();
         chunks.sort_by_key(|(chunk, _, newest)| std::cmp::Reverse((*newest, *chunk)));
         let mut found: Vec<MediaRow> = Vec::new();
-        for (chunk, live, newest) in chunks {
+        for (chunk, _, newest) in chunks {
             if found.len() >= want
                 && found
                     .get(want - 1)
@@ -917,7 +924,7 @@ impl ScyllaReadStore {
             {
                 break;
             }
-            let limit = Some(CqlValue::Int(live.min(want as i64).min(i32::MAX as i64) as i32));
+            let limit = Some(CqlValue::Int(want.min(i32::MAX as usize) as i32));
             let mut values = vec![
                 text(owner),
                 Some(CqlValue::Int(month.bucket)),
@@ -980,8 +987,8 @@ impl ScyllaReadStore {
         Ok(placed.into_iter().flatten().collect())
     }
 
-    /// One owner's entries (at most [`LEDGER_BATCH`]) in one transaction: read the months and
-    /// the items serially, work out the changes, and write them in one conditional batch on
+    /// One owner's entries (at most [`LEDGER_BATCH`]) in one transaction: read the months
+    /// serially and then the items, work out the changes, and write them in one conditional batch on
     /// the owner's partition, `IF seq = <the seq read>`. A batch that loses to another writer
     /// starts again from a fresh read. Returns the entries' chunks.
     async fn settle_owner(
@@ -1044,7 +1051,7 @@ impl ScyllaReadStore {
             }
             let next = seq.unwrap_or(0) + 1;
             let mut batch = Batch::new(BatchType::Logged);
-            batch.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+            batch.set_serial_consistency(Some(SerialConsistency::Serial));
             batch.set_is_idempotent(true);
             let mut values: Vec<Vec<Option<CqlValue>>> = Vec::new();
             batch.append_statement(self.prepared(Stmt::LedgerSeq).clone());
@@ -1116,7 +1123,8 @@ impl ScyllaReadStore {
         )))
     }
 
-    /// The ledger's `seq` (`None` for an owner never counted) and its months, read serially.
+    /// The ledger's `seq` (`None` for an owner never counted) and its months, read serially
+    /// (`SERIAL`).
     async fn ledger_months(
         &self,
         owner: &str,
@@ -1157,7 +1165,28 @@ impl ScyllaReadStore {
         Ok((seq, months))
     }
 
-    /// One item's ledger row, read serially; `None` if it has none.
+    /// Every live item in `media_by_id`, a full scan in pages of 1,000 (for the fill).
+    async fn live_items(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<MediaState, ViewError>> + Unpin, ViewError>
+    {
+        let scan = Statement::new(format!(
+            "SELECT {ITEM_COLUMNS}, deleted_v, chunk FROM media_by_id"
+        ))
+        .with_page_size(1_000);
+        let rows = self
+            .session
+            .query_iter(scan, ())
+            .await
+            .map_err(storage)?
+            .rows_stream::<Row>()
+            .map_err(storage)?;
+        Ok(rows
+            .map(|row| placed_from_row(row.map_err(storage)?).map(|(state, _)| state))
+            .try_filter(|s| futures::future::ready(s.upload.is_some() && s.deleted.is_none())))
+    }
+
+    /// One item's ledger row; `None` if it has none.
     async fn ledger_item(
         &self,
         owner: &str,
@@ -1301,17 +1330,30 @@ impl ReadStore for ScyllaReadStore {
                 Some((u.owner.clone(), bucket_of(u.version as i64), s.id))
             })
             .collect();
-        for (owner, bucket, id) in unplaced {
-            if let Some(chunk) = self.ledger_item(&owner, bucket, id).await?.and_then(|r| r.chunk) {
-                chunks.insert(id, chunk);
-            }
-        }
+        let found: Vec<(Uuid, Option<LedgerItem>)> = stream::iter(unplaced)
+            .map(|(owner, bucket, id)| async move {
+                self.ledger_item(&owner, bucket, id).await.map(|r| (id, r))
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        chunks.extend(found.into_iter().filter_map(|(id, r)| Some((id, r?.chunk?))));
         let mut plan = Plan::default();
         for (id, state) in &states {
             plan_item(state, touched[id], chunks.get(id).copied(), &mut plan);
         }
         self.write_all(plan.owner_side).await?;
-        self.settle(gone).await?;
+        // A deleted item another writer placed since the lookups above (a projector that lost
+        // its partition, still applying the upload) has its chunk now: delete that row too, at
+        // the same timestamp at or above every version, which shadows the late insert
+        // whichever lands first.
+        let mut late = Plan::default();
+        for (id, chunk) in self.settle(gone).await? {
+            if !chunks.contains_key(&id) {
+                plan_item(&states[&id], Touched::default(), Some(chunk), &mut late);
+            }
+        }
+        self.write_all(late.owner_side).await?;
         self.write_all(plan.by_id).await
     }
 
@@ -1558,17 +1600,19 @@ pub async fn migrate(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Migrate
     Ok(report)
 }
 
-/// Items per fill step: how many `media_by_id` rows are read before their owners'
-/// transactions and timeline rows are written.
+/// Items per fill step: how many `media_by_id` rows are read before their timeline rows are
+/// written.
 const FILL_STEP: usize = 2_000;
 
-/// Fills the owner ledger and the timeline (migration 0003) from `media_by_id`: every live item
-/// is counted in its owner's month, placed in a chunk, and its timeline row written with every
-/// group it has. The same transactions and writes as the projector's, so filling twice, or
-/// beside another `ops migrate`, or beside a projector of this release, places each item once.
-/// Returns the live items seen. A full scan of `media_by_id`, paged, once per keyspace; items
-/// are placed in scan order within a step, so an old month's chunks hold items from across it
-/// and a page of that month may read several of them.
+/// Fills the owner ledger and the timeline (migration 0003) from `media_by_id`, in two scans:
+/// 1. every live item is counted in its owner's month and placed in a chunk, each owner's in
+///    upload order (so an old month's chunks are in time order, as new ones are, and a page
+///    reads one or two), which holds about 100 bytes per live item in memory;
+/// 2. every live item's timeline row is written with every group it has, and its chunk in
+///    `media_by_id`.
+///
+/// The same transactions and writes as the projector's, so filling twice, or beside another
+/// `ops migrate`, places each item once. Returns the live items seen.
 async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, ViewError> {
     let session = connect(uri, settings).await?;
     session
@@ -1576,17 +1620,6 @@ async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, Vi
         .await
         .map_err(storage)?;
     let store = ScyllaReadStore::prepare(session).await?;
-    let scan = Statement::new(format!(
-        "SELECT {ITEM_COLUMNS}, deleted_v, chunk FROM media_by_id"
-    ))
-    .with_page_size(1_000);
-    let mut rows = store
-        .session
-        .query_iter(scan, ())
-        .await
-        .map_err(storage)?
-        .rows_stream::<Row>()
-        .map_err(storage)?;
     // Everything but the delete: a deleted item's columns were erased with its tombstone.
     let all = Touched {
         upload: true,
@@ -1594,27 +1627,29 @@ async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, Vi
         process: true,
         delete: false,
     };
-    let (mut seen, mut step) = (0u64, Vec::with_capacity(FILL_STEP));
+    let mut entries = Vec::new();
+    let mut items = store.live_items().await?;
+    while let Some(state) = items.try_next().await? {
+        entries.extend(ledger_entry(&state, all));
+    }
+    let seen = entries.len() as u64;
+    tracing::info!(seen, "placing the live items in the owner ledger");
+    let chunks = store.settle(entries).await?;
+    let (mut step, mut written) = (Vec::with_capacity(FILL_STEP), 0u64);
+    let mut items = store.live_items().await?;
     loop {
-        let row = rows.try_next().await.map_err(storage)?;
-        let done = row.is_none();
-        if let Some(row) = row {
-            let (state, _) = placed_from_row(row)?;
-            if state.upload.is_some() && state.deleted.is_none() {
-                step.push(state);
-            }
-        }
+        let state = items.try_next().await?;
+        let done = state.is_none();
+        step.extend(state);
         if step.len() >= FILL_STEP || (done && !step.is_empty()) {
-            seen += step.len() as u64;
-            let entries = step.iter().filter_map(|s| ledger_entry(s, all)).collect();
-            let chunks = store.settle(entries).await?;
             let mut plan = Plan::default();
             for state in step.drain(..) {
                 plan_item(&state, all, chunks.get(&state.id).copied(), &mut plan);
+                written += 1;
             }
             store.write_all(plan.owner_side).await?;
             store.write_all(plan.by_id).await?;
-            tracing::info!(seen, "filling the owner ledger and the timeline");
+            tracing::info!(written, seen, "writing the timeline");
         }
         if done {
             return Ok(seen);
