@@ -140,9 +140,12 @@ async fn run(
                 .expect("a valid template"),
         );
         progress.set_message(format!("to {target}"));
+        let mut applying = Duration::ZERO;
         for chunk in bulk.chunks(BATCH) {
             let ups: Vec<Envelope> = chunk.iter().map(|(id, v)| uploaded(*id, *v, HEAVY)).collect();
+            let started = Instant::now();
             store.apply(&ups).await?;
+            applying += started.elapsed();
             if let Some(old) = old {
                 old.upload(HEAVY, chunk).await?;
             }
@@ -150,13 +153,23 @@ async fn run(
         }
         for chunk in bulk.chunks(BATCH) {
             let downs: Vec<Envelope> = chunk.iter().map(|(id, v)| deleted(*id, v + 1)).collect();
+            let started = Instant::now();
             store.apply(&downs).await?;
+            applying += started.elapsed();
             if let Some(old) = old {
                 old.delete(HEAVY, chunk).await?;
             }
             progress.inc(chunk.len() as u64);
         }
         progress.finish_and_clear();
+        if !bulk.is_empty() {
+            eprintln!(
+                "{target:>8} applied {} uploads and their deletes, one owner, batches of {BATCH}: \
+                 {:.0} events/s",
+                bulk.len(),
+                (2 * bulk.len()) as f64 / applying.as_secs_f64()
+            );
+        }
         done = target;
 
         let page = (2 * KEPT_EACH_SIDE) as usize;
