@@ -194,7 +194,9 @@ pub fn parse_create_table(statement: &str) -> Result<TableDef, DdlError> {
             .eq(["PRIMARY", "KEY"])
         {
             primary_key = Some(format!("({column})"));
-        } else if !tail.is_empty() && !(tail.len() == 1 && tail[0].eq_ignore_ascii_case("STATIC")) {
+        } else if !tail.is_empty()
+            && !matches!(tail.as_slice(), [w] if w.eq_ignore_ascii_case("STATIC"))
+        {
             return Err(fail("unexpected words after a column type"));
         }
         columns.push((column.to_owned(), ty.to_owned()));
@@ -333,7 +335,11 @@ mod tests {
         assert!(get("media_by_id").has_column("described"), "added by 0002");
         assert!(by_owner.has_column("described"), "added by 0002");
         let ledger = get("owner_ledger");
-        assert_eq!(ledger.partition_key, ["owner"], "one partition per owner, for its CAS");
+        assert_eq!(
+            ledger.partition_key,
+            ["owner"],
+            "one partition per owner, for its CAS"
+        );
         assert_eq!(ledger.clustering_key, ["kind", "bucket", "id"]);
         let timeline = get("timeline");
         assert_eq!(timeline.partition_key, ["owner", "bucket", "chunk"]);

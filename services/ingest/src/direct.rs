@@ -647,7 +647,7 @@ async fn complete_owned(
         return Err(completing());
     }
     // A completion that finished between our read of the pending record and our claim.
-    if let Err(e) = load_pending(&state, id).await {
+    if let Err(e) = load_pending(state, id).await {
         let _ = objects.delete(&claim_key(id)).await;
         return Err(if e.status == StatusCode::NOT_FOUND {
             ApiError::new(
@@ -659,7 +659,7 @@ async fn complete_owned(
             e
         });
     }
-    let outcome = complete_claimed(&state, id, &pending, owner, completion).await;
+    let outcome = complete_claimed(state, id, &pending, owner, completion).await;
     match &outcome {
         Ok(_) => {
             // The pending record goes first: from then on a completion finds no upload (404).
@@ -918,7 +918,7 @@ pub async fn sweep(
                 let (secs, nanos) = t.to_unix();
                 secs * 1000 + u64::from(nanos) / 1_000_000
             });
-            if !created_ms.is_some_and(|ms| ms < cutoff) {
+            if created_ms.is_none_or(|ms| ms >= cutoff) {
                 continue;
             }
             // An abandoned multipart upload's parts are reachable only through the id its

@@ -142,7 +142,10 @@ async fn run(
         progress.set_message(format!("to {target}"));
         let mut applying = Duration::ZERO;
         for chunk in bulk.chunks(BATCH) {
-            let ups: Vec<Envelope> = chunk.iter().map(|(id, v)| uploaded(*id, *v, HEAVY)).collect();
+            let ups: Vec<Envelope> = chunk
+                .iter()
+                .map(|(id, v)| uploaded(*id, *v, HEAVY))
+                .collect();
             let started = Instant::now();
             store.apply(&ups).await?;
             applying += started.elapsed();
@@ -175,7 +178,11 @@ async fn run(
         let page = (2 * KEPT_EACH_SIDE) as usize;
         let timed = timed_pair(reads, |owner| async move {
             let got = store.owner_timeline(owner, None, page).await?;
-            anyhow::ensure!(got.items.len() == page, "{owner}: {} items", got.items.len());
+            anyhow::ensure!(
+                got.items.len() == page,
+                "{owner}: {} items",
+                got.items.len()
+            );
             Ok(())
         })
         .await;
@@ -224,7 +231,13 @@ fn print_line(deletes: u64, layout: &str, page: &Pair, stats: &Pair) {
         ),
         Err(e) => (
             "fails".to_owned(),
-            e.split(':').next_back().unwrap_or(e).trim().chars().take(28).collect(),
+            e.split(':')
+                .next_back()
+                .unwrap_or(e)
+                .trim()
+                .chars()
+                .take(28)
+                .collect(),
         ),
     };
     let (page_ms, page_x) = cells(page);
@@ -279,10 +292,9 @@ impl OldLayout {
         )
         .await?;
         page.set_page_size(101);
-        let stats = prepare(
-            "SELECT count(*), sum(bytes) FROM owner_stats WHERE owner = ? AND bucket = ?",
-        )
-        .await?;
+        let stats =
+            prepare("SELECT count(*), sum(bytes) FROM owner_stats WHERE owner = ? AND bucket = ?")
+                .await?;
         Ok(OldLayout {
             session,
             insert_row,

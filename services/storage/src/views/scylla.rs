@@ -40,9 +40,9 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::response::PagingState;
 use scylla::statement::batch::{Batch, BatchType};
-use scylla::statement::{Consistency, SerialConsistency};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::unprepared::Statement;
+use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -767,7 +767,7 @@ impl ScyllaReadStore {
     /// Connects, checks that `ops migrate` has brought the keyspace up to date, and prepares
     /// every statement.
     pub async fn connect(uri: &ScyllaUri, settings: &ViewSettings) -> Result<Self, ViewError> {
-        let session = connect(&uri, settings).await?;
+        let session = connect(uri, settings).await?;
         let applied = applied_migrations(&session, &uri.keyspace).await?;
         if let Some(missing) = MIGRATIONS
             .iter()
@@ -878,13 +878,15 @@ impl ScyllaReadStore {
             .rows_stream::<MonthRow>()
             .map_err(storage)?
             .map(|r| {
-                r.map(|(bucket, live, bytes, chunk_live, chunk_newest)| MonthTotal {
-                    bucket,
-                    live: live.unwrap_or(0),
-                    bytes: bytes.unwrap_or(0),
-                    chunk_live: chunk_live.unwrap_or_default(),
-                    chunk_newest: chunk_newest.unwrap_or_default(),
-                })
+                r.map(
+                    |(bucket, live, bytes, chunk_live, chunk_newest)| MonthTotal {
+                        bucket,
+                        live: live.unwrap_or(0),
+                        bytes: bytes.unwrap_or(0),
+                        chunk_live: chunk_live.unwrap_or_default(),
+                        chunk_newest: chunk_newest.unwrap_or_default(),
+                    },
+                )
                 .map_err(storage)
             })
             .try_collect()
@@ -952,7 +954,7 @@ impl ScyllaReadStore {
                     found.push(item);
                 }
             }
-            found.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+            found.sort_by_key(|m| std::cmp::Reverse((m.created_at, m.id)));
             found.truncate(want);
         }
         Ok(found)
@@ -1000,7 +1002,9 @@ impl ScyllaReadStore {
         for _ in 0..LEDGER_ATTEMPTS {
             let (seq, mut months) = self.ledger_months(owner).await?;
             let rows: Vec<Option<LedgerItem>> = futures::future::try_join_all(
-                entries.iter().map(|e| self.ledger_item(owner, e.bucket, e.id)),
+                entries
+                    .iter()
+                    .map(|e| self.ledger_item(owner, e.bucket, e.id)),
             )
             .await?;
             let mut placed = HashMap::new();
@@ -1072,7 +1076,10 @@ impl ScyllaReadStore {
             };
             for (bucket, (live_chunks, newest_chunks)) in changed {
                 let month = &months[&bucket];
-                let live = live_chunks.iter().map(|c| (*c, month.chunk_live[c])).collect();
+                let live = live_chunks
+                    .iter()
+                    .map(|c| (*c, month.chunk_live[c]))
+                    .collect();
                 let newest = newest_chunks
                     .iter()
                     .map(|c| (*c, month.chunk_newest[c]))
@@ -1168,8 +1175,7 @@ impl ScyllaReadStore {
     /// Every live item in `media_by_id`, a full scan in pages of 1,000 (for the fill).
     async fn live_items(
         &self,
-    ) -> Result<impl futures::Stream<Item = Result<MediaState, ViewError>> + Unpin, ViewError>
-    {
+    ) -> Result<impl futures::Stream<Item = Result<MediaState, ViewError>> + Unpin, ViewError> {
         let scan = Statement::new(format!(
             "SELECT {ITEM_COLUMNS}, deleted_v, chunk FROM media_by_id"
         ))
@@ -1275,7 +1281,12 @@ const LEDGER_ATTEMPTS: u32 = 30;
 /// Whether a conditional statement or batch was applied: its result's `[applied]` column.
 fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, ViewError> {
     let rows = result.into_rows_result().map_err(storage)?;
-    let first = rows.rows::<Row>().map_err(storage)?.next().transpose().map_err(storage)?;
+    let first = rows
+        .rows::<Row>()
+        .map_err(storage)?
+        .next()
+        .transpose()
+        .map_err(storage)?;
     Ok(matches!(
         first.and_then(|r| r.columns.into_iter().next().flatten()),
         Some(CqlValue::Boolean(true))
@@ -1293,12 +1304,11 @@ impl ReadStore for ScyllaReadStore {
                 .or_default()
                 .add(&event.payload);
         }
-        let loaded: Vec<(Uuid, (MediaState, Option<i32>))> =
-            stream::iter(touched.keys().copied())
-                .map(|id| async move { self.load_placed(id).await.map(|s| (id, s)) })
-                .buffer_unordered(CONCURRENCY)
-                .try_collect()
-                .await?;
+        let loaded: Vec<(Uuid, (MediaState, Option<i32>))> = stream::iter(touched.keys().copied())
+            .map(|id| async move { self.load_placed(id).await.map(|s| (id, s)) })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
         let mut states = HashMap::with_capacity(loaded.len());
         let mut chunks = HashMap::new();
         for (id, (state, chunk)) in loaded {
@@ -1337,7 +1347,11 @@ impl ReadStore for ScyllaReadStore {
             .buffer_unordered(CONCURRENCY)
             .try_collect()
             .await?;
-        chunks.extend(found.into_iter().filter_map(|(id, r)| Some((id, r?.chunk?))));
+        chunks.extend(
+            found
+                .into_iter()
+                .filter_map(|(id, r)| Some((id, r?.chunk?))),
+        );
         let mut plan = Plan::default();
         for (id, state) in &states {
             plan_item(state, touched[id], chunks.get(id).copied(), &mut plan);
@@ -2002,19 +2016,17 @@ mod tests {
         let uuid = Some(CqlValue::Uuid(id));
         assert_eq!(
             plan.owner_side,
-            [
-                Write {
-                    stmt: Stmt::DeleteByOwner,
-                    values: vec![
-                        big(dv),
-                        key[0].clone(),
-                        key[1].clone(),
-                        key[2].clone(),
-                        big(JAN_31),
-                        uuid.clone()
-                    ],
-                },
-            ]
+            [Write {
+                stmt: Stmt::DeleteByOwner,
+                values: vec![
+                    big(dv),
+                    key[0].clone(),
+                    key[1].clone(),
+                    key[2].clone(),
+                    big(JAN_31),
+                    uuid.clone()
+                ],
+            },]
         );
         let gone = LedgerEntry {
             owner: "alice".into(),
@@ -2042,7 +2054,11 @@ mod tests {
         late.apply(&ev(id, JAN_31, uploaded()));
         let plan = plan_of(&late, ONLY_UPLOAD);
         assert_eq!(stmts(&plan.owner_side), [Stmt::DeleteByOwner]);
-        assert_eq!(ledger_entry(&late, ONLY_UPLOAD), Some(gone), "never counted");
+        assert_eq!(
+            ledger_entry(&late, ONLY_UPLOAD),
+            Some(gone),
+            "never counted"
+        );
         assert!(plan.by_id.is_empty());
     }
 
