@@ -1674,10 +1674,11 @@ async fn fill_ledger(uri: &ScyllaUri, settings: &ViewSettings) -> Result<u64, Vi
 /// Drops a keyspace: for tests, which each migrate a fresh one.
 pub async fn drop_keyspace(uri: &ScyllaUri, settings: &ViewSettings) -> Result<(), ViewError> {
     let session = connect(uri, settings).await?;
-    session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", uri.keyspace), ())
-        .await
-        .map_err(storage)?;
+    // Dropping a keyspace snapshots and removes its SSTables: a schema change's timeout, not a
+    // request's.
+    let mut drop = Statement::new(format!("DROP KEYSPACE IF EXISTS {}", uri.keyspace));
+    drop.set_request_timeout(Some(Duration::from_millis(settings.ddl_timeout_ms)));
+    session.query_unpaged(drop, ()).await.map_err(storage)?;
     Ok(())
 }
 
