@@ -9,6 +9,7 @@ use conveyor_schemas::{
 use uuid::Uuid;
 
 use super::ReadStore;
+use crate::error::Kinded;
 
 /// 2026-01-31T23:59:00Z and one day later, in µs: timelines must page across months.
 const JAN_31: u64 = 1_769_903_940_000_000;
@@ -330,6 +331,18 @@ pub async fn run(store: &dyn ReadStore) {
     a_heavy_deleter(store).await;
 }
 
+/// Applies `events` as a projector does: a transient error (on CQL, a contended transaction
+/// whose Paxos round timed out on a busy node) is retried, a few times.
+async fn apply_as_projector(store: &dyn ReadStore, events: &[Envelope]) {
+    for attempt in 1.. {
+        match store.apply(events).await {
+            Ok(()) => return,
+            Err(e) if e.is_transient() && attempt < 10 => continue,
+            Err(e) => panic!("apply, attempt {attempt}: {e}"),
+        }
+    }
+}
+
 /// Deleted items in a heavy deleter's timeline, beyond the test Cassandra node's
 /// `tombstone_failure_threshold` (1,500, `infra/engines/cassandra`): a read that passed them
 /// all would fail.
@@ -355,16 +368,17 @@ async fn a_heavy_deleter(store: &dyn ReadStore) {
         .map(|i| uploaded(Uuid::now_v7(), at(10 + i), owner, 1_000))
         .collect();
     for batch in bulk.chunks(500) {
-        store.apply(batch).await.unwrap();
+        apply_as_projector(store, batch).await;
     }
     let deletes: Vec<Envelope> = bulk
         .iter()
         .map(|u| deleted(u.aggregate_id, u.version + 1))
         .collect();
     for batch in deletes.chunks(500) {
-        let (a, b) = tokio::join!(store.apply(batch), store.apply(batch));
-        a.unwrap();
-        b.unwrap();
+        tokio::join!(
+            apply_as_projector(store, batch),
+            apply_as_projector(store, batch)
+        );
     }
     let mut new = Vec::new();
     for i in 0..2 {
@@ -405,9 +419,10 @@ async fn a_heavy_deleter(store: &dyn ReadStore) {
     for i in 0..20 {
         let up = uploaded(Uuid::now_v7(), at(20 + HEAVY_DELETES + i), owner, 10);
         let both = [up.clone(), deleted(up.aggregate_id, up.version + 1)];
-        let (a, b) = tokio::join!(store.apply(std::slice::from_ref(&up)), store.apply(&both));
-        a.unwrap();
-        b.unwrap();
+        tokio::join!(
+            apply_as_projector(store, std::slice::from_ref(&up)),
+            apply_as_projector(store, &both)
+        );
     }
     let page = store.owner_timeline(owner, None, 100).await.unwrap();
     assert_eq!(

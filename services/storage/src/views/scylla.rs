@@ -10,7 +10,8 @@
 //! 1. the owner ledger (`owner_ledger`, migration 0003) for items that became live, which
 //!    places each new one in a timeline chunk;
 //! 2. the owner's timeline (`timeline`);
-//! 3. the owner ledger for items that were deleted;
+//! 3. the owner ledger for items that were deleted, and the timeline row of a deleted item
+//!    that another writer placed meanwhile (its chunk comes back from that transaction);
 //! 4. then `media_by_id`, the table the next `apply` reads.
 //!
 //! A crash between two of them leaves `media_by_id` as it was, so the redelivered batch writes
@@ -18,9 +19,9 @@
 //! projector applies one partition's batches one at a time, and a media id lives on one
 //! partition, so no two writers fold the same item at once. The ledger is the one table where
 //! writers of different items meet (an owner's items are on every partition): it is changed
-//! only by lightweight transactions ([`ScyllaReadStore::settle`]). Its order around the
-//! timeline keeps a chunk's live count at or above the rows the timeline holds in it, so a
-//! read that stops after that many rows never stops early.
+//! only by lightweight transactions ([`ScyllaReadStore::settle`]). An item is counted before
+//! its timeline row is written, so a chunk holding a live row is never skipped as empty; reads
+//! are limited by the page, not by live counts.
 //!
 //! Every statement is prepared, binds every key as a parameter (so the driver routes it to a
 //! replica that owns the token), is marked idempotent (so the driver may retry it), and every
@@ -199,14 +200,14 @@ pub enum Stmt {
     /// Writes the tombstone (`deleted_v`) to the item's `media_by_id` row and erases every
     /// group's columns at the same timestamp.
     TombstoneById,
-    /// Inserts the item's row in its owner's timeline (`media_by_owner`), with the upload
+    /// Inserts the item's row in its owner's timeline (`timeline`), with the upload
     /// group.
     UploadByOwner,
-    /// Writes the description group to the item's `media_by_owner` row.
+    /// Writes the description group to the item's `timeline` row.
     DescribeByOwner,
-    /// Writes the processing group to the item's `media_by_owner` row.
+    /// Writes the processing group to the item's `timeline` row.
     ProcessByOwner,
-    /// Deletes the item's `media_by_owner` row.
+    /// Deletes the item's `timeline` row.
     DeleteByOwner,
     /// Reads an item's `media_by_id` row, with `deleted_v`.
     SelectById,
@@ -797,13 +798,16 @@ impl ScyllaReadStore {
             // transaction is conditional on the `seq` it read: retrying one after a timeout
             // cannot change the outcome.
             p.set_is_idempotent(true);
-            if stmt == Stmt::LedgerMonths {
-                // A serial read completes any transaction in flight on the owner's partition,
-                // so the `seq` a transaction starts from is the latest; the item reads after it
-                // at LOCAL_QUORUM then see at least that state, and anything committed later
-                // bumps `seq` and fails the transaction's condition. SERIAL, not LOCAL_SERIAL:
-                // projectors in two data centres must not both win.
-                p.set_consistency(Consistency::Serial);
+            // A serial read completes any transaction in flight on the owner's partition, so
+            // the `seq` a transaction starts from is the latest; the item reads after it, and
+            // the transaction's commit, are at QUORUM, so they see and leave at least that
+            // state in every data centre; anything committed later bumps `seq` and fails the
+            // transaction's condition. SERIAL and QUORUM, not their LOCAL_ forms: projectors in
+            // two data centres must not both win. In one data centre they are the same.
+            match stmt {
+                Stmt::LedgerMonths => p.set_consistency(Consistency::Serial),
+                Stmt::LedgerItem => p.set_consistency(Consistency::Quorum),
+                _ => {}
             }
             prepared.insert(stmt, p);
         }
@@ -1055,6 +1059,7 @@ impl ScyllaReadStore {
             }
             let next = seq.unwrap_or(0) + 1;
             let mut batch = Batch::new(BatchType::Logged);
+            batch.set_consistency(Consistency::Quorum);
             batch.set_serial_consistency(Some(SerialConsistency::Serial));
             batch.set_is_idempotent(true);
             let mut values: Vec<Vec<Option<CqlValue>>> = Vec::new();
@@ -1253,8 +1258,9 @@ struct LedgerMonth {
     chunk_newest: HashMap<i32, i64>,
 }
 
-/// Items a timeline chunk receives in its life, so the most tombstones a read of one chunk can
-/// pass: Cassandra's `tombstone_warn_threshold` (1,000 by default).
+/// Items a timeline chunk receives in its life, so the most deleted rows a read of one chunk
+/// can pass: Cassandra's `tombstone_warn_threshold` (1,000 by default). (The rows it returns
+/// add their null cells, such as an upload without a title: at most one page's worth.)
 pub const CHUNK_ROWS: i64 = 1_000;
 
 /// One month of an owner's ledger as the edge reads it: its live items, their bytes, and its
@@ -1322,9 +1328,8 @@ impl ReadStore for ScyllaReadStore {
                 state.apply(event);
             }
         }
-        // Counted before its timeline row appears, uncounted after it is gone: a chunk's live
-        // count is never below the rows its timeline partition holds, so a read that stops
-        // after that many rows never stops early.
+        // Counted before its timeline row appears (so a chunk holding a live row is never
+        // skipped as empty), uncounted after it is gone.
         let (live, gone): (Vec<_>, Vec<_>) = states
             .values()
             .filter_map(|state| ledger_entry(state, touched[&state.id]))
@@ -1363,8 +1368,8 @@ impl ReadStore for ScyllaReadStore {
         // whichever lands first.
         let mut late = Plan::default();
         for (id, chunk) in self.settle(gone).await? {
-            if !chunks.contains_key(&id) {
-                plan_item(&states[&id], Touched::default(), Some(chunk), &mut late);
+            if let Some(state) = states.get(&id).filter(|_| !chunks.contains_key(&id)) {
+                plan_item(state, Touched::default(), Some(chunk), &mut late);
             }
         }
         self.write_all(late.owner_side).await?;
@@ -2109,6 +2114,19 @@ mod migrations_on_a_real_node {
             .unwrap()
     }
 
+    /// A fresh keyspace on the test node, migrated, at replication factor 1; `None` when no
+    /// node is named (which fails the test under CI).
+    async fn migrated() -> Option<(ScyllaUri, ViewSettings)> {
+        let base = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")?;
+        let uri = keyspace_uri(&base);
+        let settings = ViewSettings {
+            replication_factor: 1,
+            ..ViewSettings::default()
+        };
+        migrate(&uri, &settings).await.expect("migrate");
+        Some((uri, settings))
+    }
+
     /// A replication factor above the data centre's node count is refused before anything is
     /// created, naming both numbers; a data centre that does not exist is refused by name.
     #[tokio::test]
@@ -2158,16 +2176,9 @@ mod migrations_on_a_real_node {
     /// or the record's write timed out) runs again without failing on the columns it added.
     #[tokio::test]
     async fn a_half_applied_column_migration_runs_again() {
-        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
-        else {
+        let Some((uri, settings)) = migrated().await else {
             return;
         };
-        let uri = keyspace_uri(&base);
-        let settings = ViewSettings {
-            replication_factor: 1,
-            ..ViewSettings::default()
-        };
-        migrate(&uri, &settings).await.expect("migrate");
         let parsed = uri.clone();
         let session = connect(&parsed, &settings).await.unwrap();
         let last = MIGRATIONS.last().unwrap();
@@ -2192,16 +2203,9 @@ mod migrations_on_a_real_node {
     /// newest first, and a later delete finds the item's row.
     #[tokio::test]
     async fn migrate_fills_the_ledger_and_the_timeline_from_media_by_id() {
-        let Some(base) = crate::testing::engine(crate::testing::CQL, "the CQL migration tests")
-        else {
+        let Some((uri, settings)) = migrated().await else {
             return;
         };
-        let uri = keyspace_uri(&base);
-        let settings = ViewSettings {
-            replication_factor: 1,
-            ..ViewSettings::default()
-        };
-        migrate(&uri, &settings).await.expect("migrate");
         let session = connect(&uri, &settings).await.unwrap();
         session.use_keyspace(&uri.keyspace, false).await.unwrap();
         // Back to version 2: no ledger, no timeline, no chunk column.
