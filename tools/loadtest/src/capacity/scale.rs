@@ -469,11 +469,11 @@ async fn one_count(
         }
     }
     drop(roles);
-    if let Some(views) = &options.views {
-        if let Ok(keyspace) = crate::bench::run_keyspace(views, &run) {
-            let settings = conveyor_config::ViewSettings::default();
-            let _ = conveyor_storage::views::scylla::drop_keyspace(&keyspace, &settings).await;
-        }
+    if let Some(views) = &options.views
+        && let Ok(keyspace) = crate::bench::run_keyspace(views, &run)
+    {
+        let settings = conveyor_config::ViewSettings::default();
+        let _ = conveyor_storage::views::scylla::drop_keyspace(&keyspace, &settings).await;
     }
     let capacity = report.capacity.as_ref();
     let held = capacity.and_then(last_held);
