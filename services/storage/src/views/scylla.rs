@@ -903,7 +903,7 @@ impl ScyllaReadStore {
     /// the `want`-th row found so far. A chunk is read with `LIMIT want`, not its live count: an
     /// upload placed in it after the months were read would push its oldest row past that
     /// count, and the page's cursor past that row. A chunk has held at most [`CHUNK_ROWS`]
-    /// items, so the read passes at most that many tombstones.
+    /// items, so the read passes at most that many deleted rows.
     async fn month_rows(
         &self,
         owner: &str,
@@ -911,18 +911,19 @@ impl ScyllaReadStore {
         after: Option<(i64, Uuid)>,
         want: usize,
     ) -> Result<Vec<MediaRow>, ViewError> {
-        let mut chunks: Vec<(i32, i64, i64)> = month
+        // `(chunk, newest created_at it ever held)` of the chunks with something live.
+        let mut chunks: Vec<(i32, i64)> = month
             .chunk_live
             .iter()
             .filter(|(_, live)| **live > 0)
-            .map(|(chunk, live)| {
+            .map(|(chunk, _)| {
                 let newest = month.chunk_newest.get(chunk).copied().unwrap_or(i64::MAX);
-                (*chunk, *live, newest)
+                (*chunk, newest)
             })
             .collect();
-        chunks.sort_by_key(|(chunk, _, newest)| std::cmp::Reverse((*newest, *chunk)));
+        chunks.sort_by_key(|(chunk, newest)| std::cmp::Reverse((*newest, *chunk)));
         let mut found: Vec<MediaRow> = Vec::new();
-        for (chunk, _, newest) in chunks {
+        for (chunk, newest) in chunks {
             if found.len() >= want
                 && found
                     .get(want - 1)
