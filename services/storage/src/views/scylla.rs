@@ -212,8 +212,8 @@ pub enum Stmt {
     /// Reads an item's `media_by_id` row, with `deleted_v`.
     SelectById,
     /// Reads the owner's month rows in `owner_ledger` up to a given month, newest first:
-    /// `(bucket, live_count, bytes, chunk_live, chunk_newest)`. The timeline's walk and the
-    /// stats.
+    /// `(bucket, live_count, bytes, placed, chunk_live, chunk_newest)`. The timeline's walk and
+    /// the stats.
     SelectMonths,
     /// Reads at most `?` rows of one chunk of one month of the owner's timeline, newest first.
     SelectTimeline,
@@ -324,8 +324,8 @@ impl Stmt {
             Stmt::SelectById => {
                 format!("SELECT {ITEM_COLUMNS}, deleted_v, chunk FROM media_by_id WHERE id = ?")
             }
-            Stmt::SelectMonths => "SELECT bucket, live_count, bytes, chunk_live, chunk_newest \
-                FROM owner_ledger WHERE owner = ? AND kind = 0 AND bucket <= ?"
+            Stmt::SelectMonths => "SELECT bucket, live_count, bytes, placed, chunk_live, \
+                chunk_newest FROM owner_ledger WHERE owner = ? AND kind = 0 AND bucket <= ?"
                 .into(),
             Stmt::SelectTimeline => format!(
                 "SELECT {ITEM_COLUMNS} FROM timeline \
@@ -866,33 +866,19 @@ impl ScyllaReadStore {
         }
     }
 
-    /// The owner's month totals at or before `at_most`, newest first.
-    async fn months(&self, owner: &str, at_most: i32) -> Result<Vec<MonthTotal>, ViewError> {
-        type MonthRow = (
-            i32,
-            Option<i64>,
-            Option<i64>,
-            Option<HashMap<i32, i64>>,
-            Option<HashMap<i32, i64>>,
-        );
+    /// The owner's months at or before `at_most`, newest first, as `(bucket, month)`.
+    async fn months(
+        &self,
+        owner: &str,
+        at_most: i32,
+    ) -> Result<Vec<(i32, LedgerMonth)>, ViewError> {
         self.session
             .execute_iter(self.prepared(Stmt::SelectMonths).clone(), (owner, at_most))
             .await
             .map_err(storage)?
             .rows_stream::<MonthRow>()
             .map_err(storage)?
-            .map(|r| {
-                r.map(
-                    |(bucket, live, bytes, chunk_live, chunk_newest)| MonthTotal {
-                        bucket,
-                        live: live.unwrap_or(0),
-                        bytes: bytes.unwrap_or(0),
-                        chunk_live: chunk_live.unwrap_or_default(),
-                        chunk_newest: chunk_newest.unwrap_or_default(),
-                    },
-                )
-                .map_err(storage)
-            })
+            .map(|r| r.map(LedgerMonth::from_row).map_err(storage))
             .try_collect()
             .await
     }
@@ -907,7 +893,8 @@ impl ScyllaReadStore {
     async fn month_rows(
         &self,
         owner: &str,
-        month: &MonthTotal,
+        bucket: i32,
+        month: &LedgerMonth,
         after: Option<(i64, Uuid)>,
         want: usize,
     ) -> Result<Vec<MediaRow>, ViewError> {
@@ -934,7 +921,7 @@ impl ScyllaReadStore {
             let limit = Some(CqlValue::Int(want.min(i32::MAX as usize) as i32));
             let mut values = vec![
                 text(owner),
-                Some(CqlValue::Int(month.bucket)),
+                Some(CqlValue::Int(bucket)),
                 Some(CqlValue::Int(chunk)),
             ];
             let stmt = match after {
@@ -1142,15 +1129,6 @@ impl ScyllaReadStore {
         &self,
         owner: &str,
     ) -> Result<(Option<i64>, HashMap<i32, LedgerMonth>), ViewError> {
-        type Row = (
-            i32,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<HashMap<i32, i64>>,
-            Option<HashMap<i32, i64>>,
-            Option<i64>,
-        );
         let mut seq = None;
         let mut months = HashMap::new();
         let mut rows = self
@@ -1158,22 +1136,23 @@ impl ScyllaReadStore {
             .execute_iter(self.prepared(Stmt::LedgerMonths).clone(), (owner,))
             .await
             .map_err(storage)?
-            .rows_stream::<Row>()
+            .rows_stream::<(
+                i32,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                Option<HashMap<i32, i64>>,
+                Option<HashMap<i32, i64>>,
+                Option<i64>,
+            )>()
             .map_err(storage)?;
         while let Some((bucket, live, bytes, placed, chunk_live, chunk_newest, s)) =
             rows.try_next().await.map_err(storage)?
         {
             seq = seq.or(s);
-            months.insert(
-                bucket,
-                LedgerMonth {
-                    live: live.unwrap_or(0),
-                    bytes: bytes.unwrap_or(0),
-                    placed: placed.unwrap_or(0),
-                    chunk_live: chunk_live.unwrap_or_default(),
-                    chunk_newest: chunk_newest.unwrap_or_default(),
-                },
-            );
+            let row = (bucket, live, bytes, placed, chunk_live, chunk_newest);
+            let (bucket, month) = LedgerMonth::from_row(row);
+            months.insert(bucket, month);
         }
         Ok((seq, months))
     }
@@ -1246,10 +1225,13 @@ struct LedgerItem {
     chunk: Option<i32>,
 }
 
-/// One month of an owner's ledger (kind 0), as a transaction reads and rewrites it.
+/// One month of an owner's ledger (kind 0): what a page walks, the stats sum, and a
+/// transaction reads and rewrites.
 #[derive(Debug, Clone, Default)]
 struct LedgerMonth {
+    /// Live items uploaded in the month.
     live: i64,
+    /// Their bytes.
     bytes: i64,
     /// Items ever placed in the month's timeline: the next goes in chunk `placed / CHUNK_ROWS`.
     placed: i64,
@@ -1259,21 +1241,33 @@ struct LedgerMonth {
     chunk_newest: HashMap<i32, i64>,
 }
 
+/// A month row as [`Stmt::SelectMonths`] reads it (and [`Stmt::LedgerMonths`] before `seq`).
+type MonthRow = (
+    i32,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<HashMap<i32, i64>>,
+    Option<HashMap<i32, i64>>,
+);
+
+impl LedgerMonth {
+    fn from_row((bucket, live, bytes, placed, chunk_live, chunk_newest): MonthRow) -> (i32, Self) {
+        let month = LedgerMonth {
+            live: live.unwrap_or(0),
+            bytes: bytes.unwrap_or(0),
+            placed: placed.unwrap_or(0),
+            chunk_live: chunk_live.unwrap_or_default(),
+            chunk_newest: chunk_newest.unwrap_or_default(),
+        };
+        (bucket, month)
+    }
+}
+
 /// Items a timeline chunk receives in its life, so the most deleted rows a read of one chunk
 /// can pass: Cassandra's `tombstone_warn_threshold` (1,000 by default). (The rows it returns
 /// add their null cells, such as an upload without a title: at most one page's worth.)
 pub const CHUNK_ROWS: i64 = 1_000;
-
-/// One month of an owner's ledger as the edge reads it: its live items, their bytes, and its
-/// chunks' live items and newest `created_at`.
-#[derive(Debug, Clone)]
-struct MonthTotal {
-    bucket: i32,
-    live: i64,
-    bytes: i64,
-    chunk_live: HashMap<i32, i64>,
-    chunk_newest: HashMap<i32, i64>,
-}
 
 /// Items in one ledger transaction at most. A conditional batch is one mutation of one
 /// partition; Cassandra warns at 5 KiB of batch and refuses 50 KiB
@@ -1393,14 +1387,14 @@ impl ReadStore for ScyllaReadStore {
     ) -> Result<TimelinePage, ViewError> {
         let start = after.map_or(i32::MAX, |(created_at, _)| bucket_of(created_at));
         let mut items: Vec<MediaRow> = Vec::with_capacity(limit + 1);
-        for month in self.months(owner, start).await? {
+        for (bucket, month) in self.months(owner, start).await? {
             // A month with nothing live is skipped unread, whatever it once held.
             if month.live <= 0 {
                 continue;
             }
-            let after = after.filter(|_| month.bucket == start);
+            let after = after.filter(|_| bucket == start);
             let want = limit + 1 - items.len();
-            items.extend(self.month_rows(owner, &month, after, want).await?);
+            items.extend(self.month_rows(owner, bucket, &month, after, want).await?);
             if items.len() > limit {
                 break;
             }
@@ -1414,7 +1408,7 @@ impl ReadStore for ScyllaReadStore {
             .months(owner, i32::MAX)
             .await?
             .iter()
-            .fold((0i64, 0i64), |(c, b), m| (c + m.live, b + m.bytes));
+            .fold((0i64, 0i64), |(c, b), (_, m)| (c + m.live, b + m.bytes));
         Ok(OwnerStats {
             media_count: count.max(0) as u64,
             bytes: bytes.max(0) as u64,
