@@ -327,6 +327,14 @@ pub(crate) struct PageParams {
 
 const MAX_LIMIT: usize = 100;
 
+/// Refuses an `{owner}` that no key can name (`conveyor_config::check_key_name`: 1 to 64 of
+/// `A-Z a-z 0-9 . _ @ -`, not only dots) with 400 `invalid_owner`, before any store read: it
+/// can have no media, and an empty one is not even a key a store can look up.
+fn check_owner(owner: &str) -> Result<(), ApiError> {
+    conveyor_config::check_key_name(owner)
+        .map_err(|rule| ApiError::bad_request("invalid_owner", format!("owner: {rule}")))
+}
+
 /// An owner's media, newest first, in pages. Their private items are in it only for the
 /// owner's own key.
 #[utoipa::path(get, path = "/v1/owners/{owner}/media", tag = "media",
@@ -337,7 +345,7 @@ const MAX_LIMIT: usize = 100;
         (status = 200, description = "A page", body = TimelinePage,
             headers(("etag" = String), ("cache-control" = String))),
         (status = 304, description = "The client's copy is current"),
-        (status = 400, description = "A bad `limit` or `cursor`, or an unknown parameter", body = ErrorBody),
+        (status = 400, description = "An owner no key can name (`invalid_owner`), a bad `limit` or `cursor`, or an unknown parameter", body = ErrorBody),
         (status = 401, description = "A key was given and is not valid", body = ErrorBody),
     ),
     security((), ("client_key" = [])))]
@@ -347,6 +355,7 @@ pub(crate) async fn owner_timeline(
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    check_owner(&owner)?;
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let viewer = state.viewer(&headers)?;
@@ -454,6 +463,7 @@ async fn visible_page(
         (status = 200, description = "The totals", body = StatsView,
             headers(("etag" = String), ("cache-control" = String))),
         (status = 304, description = "The client's copy is current"),
+        (status = 400, description = "An owner no key can name (`invalid_owner`)", body = ErrorBody),
         (status = 401, description = "A key was given and is not valid", body = ErrorBody),
         (status = 404, description = "Not the owner's own key: stats are shown to their owner only", body = ErrorBody),
     ),
@@ -463,6 +473,7 @@ pub(crate) async fn owner_stats(
     Path(owner): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    check_owner(&owner)?;
     // The counts include private media, so they are the owner's alone; anyone else gets the
     // 404 of an owner without media, whatever the owner has.
     if state.viewer(&headers)?.as_deref() != Some(owner.as_str()) {

@@ -152,6 +152,28 @@ async fn api_errors_have_the_right_status_and_name_the_problem() {
             .0,
         400
     );
+    // An owner no key can name: refused before any store read (an empty one reached the CQL
+    // store as an empty partition key, and came back 503).
+    let long = "a".repeat(65);
+    for owner in [
+        "",
+        "%00",
+        "ali%00ce",
+        "alice%2Fx",
+        "%20",
+        "...",
+        "%F0%9F%98%80",
+        &long,
+    ] {
+        for what in ["media", "stats"] {
+            let (status, body) = app.get_json(&format!("/v1/owners/{owner}/{what}")).await;
+            assert_eq!(
+                (status.as_u16(), body["error"]["code"].as_str()),
+                (400, Some("invalid_owner")),
+                "{owner:?}/{what}: {body}"
+            );
+        }
+    }
     assert_eq!(app.get_json("/media/../../etc/passwd").await.0, 404);
     assert_eq!(app.get_json("/media/originals/0000").await.0, 404);
 
