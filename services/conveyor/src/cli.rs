@@ -157,7 +157,7 @@ pub enum OpsCommand {
         /// The deployment's data directory (`--data-dir`); `--listen` is ignored.
         #[command(flatten)]
         target: RoleArgs,
-        /// Which read model: `media` (media_by_id, media_by_owner and owner_stats).
+        /// Which read model: `media` (the items, the owners' timelines and their stats).
         #[arg(long)]
         projection: String,
         /// Abandon an interrupted replay and start again from the log's first event.
