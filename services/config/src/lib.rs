@@ -58,7 +58,7 @@ pub struct Settings {
     pub query: QuerySettings,
     /// `[cdn]`: media URLs and the keys that sign private ones.
     pub cdn: CdnSettings,
-    /// `[telemetry]`: the log output's format.
+    /// `[telemetry]`: the log output's format, and where traces go.
     pub telemetry: TelemetrySettings,
 }
 
@@ -495,12 +495,43 @@ impl Default for CdnSettings {
     }
 }
 
-/// The process's own log output. `RUST_LOG` sets the filter.
+/// The process's own log output and traces. `RUST_LOG` sets the log filter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
     /// `text` for people, `json` for log pipelines.
     pub format: LogFormat,
+    /// Where traces go: a Zipkin v2 collector's span endpoint over plain HTTP, such as
+    /// `http://zipkin:9411/api/v2/spans` (Zipkin, Jaeger and Grafana Tempo all take it). Unset
+    /// (the default), no trace is recorded or exported and no `traceparent` header is written.
+    pub zipkin_endpoint: Option<String>,
+    /// The share of new traces kept, 0.0 to 1.0 (default 1.0). The choice is made once, where
+    /// a trace starts (an upload, or a record without a `traceparent`); every later process
+    /// follows the sampled flag it receives, so a trace is kept whole or not at all.
+    pub trace_sample_ratio: f64,
+}
+
+impl TelemetrySettings {
+    /// Refuses an endpoint that is not an `http://` URL with a host, and a ratio outside 0..=1.
+    fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(format!(
+                "telemetry.trace_sample_ratio: {} is not between 0.0 and 1.0",
+                self.trace_sample_ratio
+            ));
+        }
+        if let Some(endpoint) = &self.zipkin_endpoint {
+            let host = endpoint.strip_prefix("http://").unwrap_or_default();
+            if host.split('/').next().unwrap_or_default().is_empty() {
+                return Err(format!(
+                    "telemetry.zipkin_endpoint: {endpoint:?} is not an http:// URL, such as \
+                     http://zipkin:9411/api/v2/spans (https is not supported: put the \
+                     collector beside the pods, or an agent that forwards over TLS)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How log lines are written (`telemetry.format`).
@@ -657,6 +688,8 @@ impl Default for TelemetrySettings {
     fn default() -> Self {
         TelemetrySettings {
             format: LogFormat::Text,
+            zipkin_endpoint: None,
+            trace_sample_ratio: 1.0,
         }
     }
 }
@@ -727,6 +760,7 @@ impl Settings {
             }
         }
         self.video.rungs()?;
+        self.telemetry.check()?;
         if self.video.crf > 51 {
             return Err("video.crf: libx264 takes 0 to 51".into());
         }

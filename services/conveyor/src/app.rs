@@ -14,7 +14,8 @@ use axum::response::IntoResponse;
 use conveyor_config::Settings;
 use conveyor_runtime::Stage;
 use conveyor_runtime::changes::Changes;
-use conveyor_runtime::consumer::report_lag;
+use conveyor_runtime::consumer::{LagOf, report_lag};
+use conveyor_runtime::http::ops::report_health;
 use conveyor_runtime::http::{ApiError, json_errors, not_found, ops_router, track_requests};
 use conveyor_runtime::keys::Keys;
 use conveyor_runtime::shutdown::Shutdown;
@@ -79,6 +80,20 @@ impl Role {
             Role::Project => &[Part::Projector],
             Role::Query => &[Part::Query],
             Role::Archive => &[Part::Archiver],
+        }
+    }
+
+    /// The service name its traces carry: `conveyor-serve`, `conveyor-ingest`, `conveyor-process`,
+    /// and so on, the subcommand's name.
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Role::Serve => "conveyor-serve",
+            Role::Ingest => "conveyor-ingest",
+            Role::Process => "conveyor-process",
+            Role::Transcode => "conveyor-transcode",
+            Role::Project => "conveyor-project",
+            Role::Query => "conveyor-query",
+            Role::Archive => "conveyor-archive",
         }
     }
 
@@ -223,9 +238,32 @@ pub async fn build_with(
             groups,
             // Every second: a load run reads lag from /metrics to see a group fall behind.
             Duration::from_secs(1),
+            LagOf::Members,
+            shutdown.token.clone(),
+        ));
+    } else if role.runs(Part::Ingest) {
+        // The producer watches the pipeline's groups from outside, so a group whose members
+        // are all gone still shows its lag (the "no members" alert).
+        shutdown.tracker.spawn(report_lag(
+            backends.log.clone(),
+            settings.topic().to_owned(),
+            vec![
+                settings.processor.group.clone(),
+                settings.video.group.clone(),
+                settings.projector.group.clone(),
+            ],
+            Duration::from_secs(15),
+            LagOf::Started,
             shutdown.token.clone(),
         ));
     }
+    shutdown.tracker.spawn(report_health(
+        backends.clone(),
+        settings.topic().to_owned(),
+        settings.data_dir.clone(),
+        Duration::from_secs(5),
+        shutdown.token.clone(),
+    ));
     if let (Role::Serve, Some(every)) = (role, settings.backup.every) {
         let (settings, stop) = (settings.clone(), shutdown.token.clone());
         shutdown
@@ -436,7 +474,8 @@ fn sweep_uploads(
 }
 
 /// The layers every route sits under, outermost last: per-key rate limits, JSON error bodies,
-/// request metrics, a panic turned into a 500, tracing, and CORS when configured.
+/// request metrics, a panic turned into a 500, the request's span (in its caller's trace when
+/// export is on), and CORS when configured.
 fn layers(router: Router, settings: &Settings, keys: Keys) -> Router {
     let router = router
         .fallback(not_found)
@@ -453,21 +492,30 @@ fn layers(router: Router, settings: &Settings, keys: Keys) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
-        .layer(TraceLayer::new_for_http().on_failure(
-            |failure: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span| {
-                // A backend that is down (503) is an operator's to watch (WARN, and /readyz);
-                // any other 5xx is a fault to fix (ERROR).
-                let latency_ms = latency.as_millis() as u64;
-                match failure {
-                    ServerErrorsFailureClass::StatusCode(
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    ) => {
-                        tracing::warn!(%failure, latency_ms, "response failed")
-                    }
-                    _ => tracing::error!(%failure, latency_ms, "response failed"),
-                }
-            },
-        ));
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(conveyor_runtime::trace::request_span)
+                .on_response(
+                    |response: &axum::http::Response<_>, _: Duration, span: &tracing::Span| {
+                        conveyor_runtime::trace::record_status(span, response.status())
+                    },
+                )
+                .on_failure(
+                    |failure: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span| {
+                        // A backend that is down (503) is an operator's to watch (WARN, and /readyz);
+                        // any other 5xx is a fault to fix (ERROR).
+                        let latency_ms = latency.as_millis() as u64;
+                        match failure {
+                            ServerErrorsFailureClass::StatusCode(
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            ) => {
+                                tracing::warn!(%failure, latency_ms, "response failed")
+                            }
+                            _ => tracing::error!(%failure, latency_ms, "response failed"),
+                        }
+                    },
+                ),
+        );
     match conveyor_runtime::http::cors(&settings.http.cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,

@@ -43,16 +43,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if let Some((role, args)) = role {
         let settings = settings(&cli, &args)?;
-        conveyor_runtime::telemetry::init(settings.telemetry.format);
-        let app = conveyor::build(settings, role).await?;
-        conveyor_runtime::shutdown::cancel_on_signal(app.stop_token());
-        tracing::info!(role = ?role, port = app.port(), data_dir = %app.settings.data_dir.display(), "conveyor listening");
-        println!(
-            "conveyor {role:?} listening on http://{}:{}",
-            app.settings.listen.ip(),
-            app.port()
-        );
-        return app.run_until_stopped().await;
+        let telemetry =
+            conveyor_runtime::telemetry::init(&settings.telemetry, role.service_name())?;
+        let served = async {
+            let app = conveyor::build(settings, role).await?;
+            conveyor_runtime::shutdown::cancel_on_signal(app.stop_token());
+            tracing::info!(role = ?role, port = app.port(), data_dir = %app.settings.data_dir.display(), "conveyor listening");
+            println!(
+                "conveyor {role:?} listening on http://{}:{}",
+                app.settings.listen.ip(),
+                app.port()
+            );
+            app.run_until_stopped().await
+        }
+        .await;
+        // Sends the spans still queued; it blocks, so off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        return served;
     }
     match cli.command {
         Some(Command::Ops(cmd)) => ops::run(&cli.config, cmd).await,

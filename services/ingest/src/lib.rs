@@ -25,6 +25,7 @@ use axum::routing::{delete, post};
 use conveyor_config::{Limits, Settings, UploadSettings};
 use conveyor_runtime::http::{ApiError, ErrorBody, bearer, content_length_over};
 use conveyor_runtime::keys::{KeyKind, Keys};
+use conveyor_runtime::trace::traced;
 use conveyor_schemas::{
     Envelope, Event, MediaDeleted, MediaUploaded, MediaUploadedWithVisibility, Visibility,
 };
@@ -173,7 +174,7 @@ impl IngestState {
         &self,
         events: &[Envelope],
     ) -> Result<Vec<conveyor_storage::log::Position>, ApiError> {
-        let records = events.iter().map(to_record).collect();
+        let records = events.iter().map(|e| traced(to_record(e))).collect();
         self.backends
             .log
             .append(&self.topic, records)

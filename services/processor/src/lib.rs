@@ -18,6 +18,7 @@ use conveyor_runtime::Stage;
 use conveyor_runtime::consumer::{
     ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
 };
+use conveyor_runtime::trace::traced;
 use conveyor_schemas::{
     Envelope, Event, MediaProcessed, MediaProcessingFailed, MediaUploaded, VariantInfo, Visibility,
 };
@@ -98,9 +99,12 @@ impl Processor {
         let kind = outcome.type_name();
         let derived = cause.derive("processor", now_micros(), outcome);
         self.log
-            .append(&self.topic, vec![to_record(&derived)])
+            .append(&self.topic, vec![traced(to_record(&derived))])
             .await
             .by_kind("failed to append the outcome")?;
+        // By the two processes' clocks: the ingest replica's and this one's.
+        metrics::histogram!("conveyor_upload_to_processed_seconds", "stage" => "processor")
+            .record(derived.occurred_at.saturating_sub(cause.occurred_at).max(0) as f64 / 1e6);
         metrics::counter!("conveyor_processed_total", "outcome" => kind).increment(1);
         metrics::histogram!("conveyor_process_seconds").record(started.elapsed().as_secs_f64());
         Ok(())

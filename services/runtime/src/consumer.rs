@@ -15,8 +15,13 @@
 //!   its cause is fixed.
 //! - On shutdown the runtime stops fetching, lets in-flight work finish, commits it, and
 //!   returns.
+//! - Each record handled gets a consumer span in its upload's trace ([`crate::trace`]), and two
+//!   metrics say how far behind the group is in time: `conveyor_record_wait_seconds{group}`,
+//!   how long each record waited in the log before the group took it, and
+//!   `conveyor_consumer_oldest_unhandled_seconds{group}`, the age of the oldest record this
+//!   member holds unfinished (what a person means by "the queue is behind").
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +29,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use conveyor_storage::error::Kinded;
 use conveyor_storage::log::{Delivered, EventLog, StartFrom};
@@ -149,7 +155,9 @@ struct PartitionState {
     waiting: VecDeque<Delivered>,
     /// Batches of this partition being handled now (at most `per_partition`).
     in_flight: usize,
-    unfinished: BTreeSet<u64>,
+    /// Offsets fetched and not finished, each with its record's append time (microseconds
+    /// since the Unix epoch).
+    unfinished: BTreeMap<u64, i64>,
     /// One past the highest offset fetched.
     fetched_end: u64,
     committed: Option<u64>,
@@ -161,7 +169,9 @@ struct PartitionState {
 impl PartitionState {
     /// The offset everything below which is finished.
     fn low_watermark(&self) -> u64 {
-        self.unfinished.first().copied().unwrap_or(self.fetched_end)
+        self.unfinished
+            .first_key_value()
+            .map_or(self.fetched_end, |(&offset, _)| offset)
     }
 }
 
@@ -195,8 +205,17 @@ pub async fn run(
     // returned records, so an idle member never saw them.
     let mut revoke_check = tokio::time::interval(REVOKE_CHECK);
     revoke_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let record_wait =
+        metrics::histogram!("conveyor_record_wait_seconds", "group" => config.group.clone());
+    let oldest = metrics::gauge!("conveyor_consumer_oldest_unhandled_seconds", "group" => config.group.clone());
+    let mut oldest_at = tokio::time::Instant::now();
 
     loop {
+        // The loop turns at least every REVOKE_CHECK, so the age is at most a second stale.
+        if oldest_at.elapsed() >= Duration::from_secs(1) {
+            oldest.set(oldest_unhandled_secs(&partitions, now_micros()));
+            oldest_at = tokio::time::Instant::now();
+        }
         // Partitions another member owns now: forget what is waiting for them, and drop the
         // batches in flight uncommitted (their new owner redoes them; a transcoder's ffmpeg is
         // killed with its future), so nothing more is published for them.
@@ -222,13 +241,27 @@ pub async fn run(
                     );
                     let epoch = state.epoch;
                     let revoked = state.revoked.clone();
+                    let taken = now_micros();
+                    for record in &batch {
+                        record_wait
+                            .record(taken.saturating_sub(record.timestamp).max(0) as f64 / 1e6);
+                    }
+                    // The batch runs in its first record's span; the others' spans, in their
+                    // own traces, cover the same time.
+                    let spans: Vec<tracing::Span> = batch
+                        .iter()
+                        .map(|record| crate::trace::record_span(&config.group, record))
+                        .collect();
                     tasks.spawn(async move {
                         let offsets: Vec<u64> = batch.iter().map(|r| r.offset).collect();
+                        let handled = handle_with_retries(&*handler, &*log, &config, batch, &token)
+                            .instrument(spans[0].clone());
                         let done = tokio::select! {
-                            done = handle_with_retries(&*handler, &*log, &config, batch, &token) => done,
+                            done = handled => done,
                             // Another member owns the partition now and redoes this batch.
                             _ = revoked.cancelled() => false,
                         };
+                        drop(spans);
                         ((partition, epoch), offsets, done)
                     });
                 }
@@ -299,7 +332,7 @@ pub async fn run(
                         epochs += 1;
                         PartitionState { epoch: epochs, ..PartitionState::default() }
                     });
-                    state.unfinished.insert(record.offset);
+                    state.unfinished.insert(record.offset, record.timestamp);
                     state.fetched_end = record.offset + 1;
                     state.waiting.push_back(record);
                     buffered += 1;
@@ -316,6 +349,25 @@ pub async fn run(
 /// revoke takes effect within this (plus the log's own notice: Kafka's rebalance callback runs
 /// on the driver thread, which polls at least every 100 ms).
 const REVOKE_CHECK: Duration = Duration::from_millis(100);
+
+/// The age in seconds of the oldest record fetched and not finished on any partition, by its
+/// append time and the clock `now` (microseconds); 0 when nothing is unfinished. Records not
+/// fetched yet are newer than those fetched on their partition, so on every partition that has
+/// records fetched this is the oldest unhandled one.
+fn oldest_unhandled_secs(partitions: &HashMap<u32, PartitionState>, now: i64) -> f64 {
+    partitions
+        .values()
+        .filter_map(|state| state.unfinished.first_key_value().map(|(_, &at)| at))
+        .min()
+        .map_or(0.0, |at| now.saturating_sub(at).max(0) as f64 / 1e6)
+}
+
+/// The wall clock in microseconds since the Unix epoch, the unit of [`Delivered::timestamp`].
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
 
 /// Whether some partition has finished work above its committed offset.
 fn has_uncommitted(partitions: &HashMap<u32, PartitionState>) -> bool {
@@ -464,18 +516,32 @@ async fn dead_letter(
     }
 }
 
-/// Publishes `conveyor_consumer_lag{group, partition}` for `groups` every `every`, until
-/// `stop`. Labels are bounded by groups × partitions. An autoscaler (KEDA) reads this.
+/// Whose lag [`report_lag`] publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LagOf {
+    /// The groups this process is a member of: always, from the first report.
+    Members,
+    /// Groups watched from outside (by the producer): only once they have committed an offset,
+    /// so a group this deployment never runs (no transcoder) does not show as stalled.
+    Started,
+}
+
+/// Publishes `conveyor_consumer_lag{group, partition}` and `conveyor_consumer_lag_total{group}`
+/// for `groups` every `every`, until `stop`. Labels are bounded by groups × partitions. An
+/// autoscaler (KEDA) and the alert rules read these.
 pub async fn report_lag(
     log: Arc<dyn EventLog>,
     topic: String,
     groups: Vec<String>,
     every: Duration,
+    of: LagOf,
     stop: CancellationToken,
 ) {
     loop {
         for group in &groups {
             match log.lag(&topic, group).await {
+                Ok(partitions)
+                    if of == LagOf::Started && partitions.iter().all(|p| p.committed == 0) => {}
                 Ok(partitions) => {
                     let mut total = 0;
                     for p in partitions {

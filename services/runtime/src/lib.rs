@@ -16,5 +16,7 @@ pub mod shutdown;
 pub mod signing;
 pub mod stage;
 pub mod telemetry;
+pub mod trace;
+pub mod zipkin;
 
 pub use stage::Stage;

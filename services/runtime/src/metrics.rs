@@ -3,7 +3,13 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Buckets of the histograms that measure time spent waiting, in seconds: 10 ms to an hour.
+const LONG_WAIT_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    3600.0,
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -15,6 +21,14 @@ pub fn handle() -> &'static PrometheusHandle {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0,
             ])
+            .expect("static buckets are valid")
+            // Waits measured in minutes as well as milliseconds: a backlog, a long video.
+            .set_buckets_for_metric(Matcher::Suffix("_wait_seconds".into()), LONG_WAIT_BUCKETS)
+            .expect("static buckets are valid")
+            .set_buckets_for_metric(
+                Matcher::Full("conveyor_upload_to_processed_seconds".into()),
+                LONG_WAIT_BUCKETS,
+            )
             .expect("static buckets are valid")
             .build_recorder();
         let handle = recorder.handle();

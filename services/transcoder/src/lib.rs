@@ -34,6 +34,7 @@ use conveyor_runtime::Stage;
 use conveyor_runtime::consumer::{
     ConsumerConfig, HandleError, Handler, JobResult, KindedJobResult,
 };
+use conveyor_runtime::trace::traced;
 use conveyor_schemas::{
     Envelope, Event, MediaProcessingFailed, MediaUploaded, VariantInfo, VideoProcessed, Visibility,
 };
@@ -206,9 +207,12 @@ impl Transcoder {
         let kind = outcome.type_name();
         let derived = cause.derive("transcoder", now_micros(), outcome);
         self.log
-            .append(&self.topic, vec![to_record(&derived)])
+            .append(&self.topic, vec![traced(to_record(&derived))])
             .await
             .by_kind("failed to append the outcome")?;
+        // By the two processes' clocks: the ingest replica's and this one's.
+        metrics::histogram!("conveyor_upload_to_processed_seconds", "stage" => "transcoder")
+            .record(derived.occurred_at.saturating_sub(cause.occurred_at).max(0) as f64 / 1e6);
         metrics::counter!("conveyor_transcodes_total", "outcome" => kind).increment(1);
         metrics::histogram!("conveyor_transcode_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
@@ -691,7 +695,7 @@ impl<'a> Progress<'a> {
         if let Err(e) = self
             .transcoder
             .log
-            .append(&self.transcoder.topic, vec![to_record(&event)])
+            .append(&self.transcoder.topic, vec![traced(to_record(&event))])
             .await
         {
             tracing::warn!(error = %e, percent, "failed to append progress; carrying on");

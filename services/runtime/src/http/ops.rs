@@ -59,6 +59,14 @@ async fn healthz() -> axum::Json<Health> {
     responses((status = 200, description = "Every metric of this process",
         body = String, content_type = "text/plain")))]
 async fn metrics() -> impl IntoResponse {
+    static PROCESS: std::sync::LazyLock<metrics_process::Collector> =
+        std::sync::LazyLock::new(|| {
+            let collector = metrics_process::Collector::default();
+            collector.describe();
+            collector
+        });
+    // CPU seconds, resident memory, threads and open files, read from /proc at each scrape.
+    PROCESS.collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(),
@@ -74,6 +82,21 @@ async fn metrics() -> impl IntoResponse {
     ))]
 async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
     let (backends, topic) = &*state;
+    let (body, ready) = readiness(backends, topic).await;
+    if ready {
+        (StatusCode::OK, axum::Json(body)).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, RETRY_AFTER_SECS)],
+            axum::Json(body),
+        )
+            .into_response()
+    }
+}
+
+/// Asks each backend whether it answers, as `/readyz` does; `true` when all three do.
+async fn readiness(backends: &Backends, topic: &str) -> (Readiness, bool) {
     let log = backends.log.ping(topic).await.map_err(|e| e.to_string());
     let views = backends.views.ping().await.map_err(|e| e.to_string());
     let objects = backends
@@ -93,14 +116,44 @@ async fn readyz(State(state): State<Arc<(Backends, String)>>) -> Response {
         views: status(&views),
         objects: status(&objects),
     };
-    if ready {
-        (StatusCode::OK, axum::Json(body)).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, RETRY_AFTER_SECS)],
-            axum::Json(body),
-        )
-            .into_response()
+    (body, ready)
+}
+
+/// Publishes, every `every` until `stop`, what the alert rules watch without asking `/readyz`:
+/// `conveyor_backend_ready{backend}` (1 when the `log`, `views` or `objects` backend answers,
+/// else 0), and the free and total bytes of the file system holding `data_dir`
+/// (`conveyor_data_dir_free_bytes`, `conveyor_data_dir_capacity_bytes`), where the embedded
+/// log, read models and media live.
+pub async fn report_health(
+    backends: Backends,
+    topic: String,
+    data_dir: std::path::PathBuf,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (body, _) = readiness(&backends, &topic).await;
+        for (backend, answer) in [
+            ("log", &body.log),
+            ("views", &body.views),
+            ("objects", &body.objects),
+        ] {
+            metrics::gauge!("conveyor_backend_ready", "backend" => backend)
+                .set(if answer == "ok" { 1.0 } else { 0.0 });
+        }
+        match rustix::fs::statvfs(&data_dir) {
+            Ok(fs) => {
+                let unit = fs.f_frsize as f64;
+                metrics::gauge!("conveyor_data_dir_free_bytes").set(fs.f_bavail as f64 * unit);
+                metrics::gauge!("conveyor_data_dir_capacity_bytes").set(fs.f_blocks as f64 * unit);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %data_dir.display(), "failed to read the data dir's free space")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }

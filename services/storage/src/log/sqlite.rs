@@ -561,6 +561,9 @@ impl EventLog for SqliteLog {
         })
         .await
         .map_err(storage)??;
+        // The embedded log's groups have one member, which owns every partition.
+        metrics::gauge!("conveyor_consumer_assigned_partitions", "group" => group.to_owned())
+            .set(info.partitions as f64);
         Ok(Box::new(SqliteSubscription {
             log: self.clone(),
             topic: topic.to_owned(),

@@ -1,0 +1,217 @@
+//! One trace per upload, across processes: the W3C trace context (`traceparent`,
+//! `tracestate`) travels in HTTP headers and in the headers of every record Conveyor appends,
+//! on Kafka and on the embedded log alike.
+//!
+//! - An HTTP request gets a server span ([`request_span`]), the child of the caller's
+//!   `traceparent` when it sends one.
+//! - A record appended inside a span carries that span's context ([`inject`]).
+//! - A record handled by a consumer group gets a consumer span, the child of the context the
+//!   record carries, and beside it a span from the record's append time to the moment the group
+//!   took it: the wait in the log ([`record_span`]).
+//!
+//! All of this is off until [`crate::telemetry::init`] turns export on; until then the
+//! functions here return [`Span::none`] and write no header.
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use conveyor_storage::log::{Delivered, Record};
+use opentelemetry::KeyValue;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt, Tracer as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracer;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The `tracing` target of the pipeline's spans. Only the trace export listens to it; log
+/// lines never show these spans.
+pub const TARGET: &str = "conveyor::trace";
+
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+/// Turns propagation on, with the tracer the wait spans are made with. Called once by
+/// [`crate::telemetry::init`] after the export is installed.
+pub(crate) fn enable(tracer: SdkTracer) {
+    let _ = TRACER.set(tracer);
+}
+
+/// Whether traces are exported by this process.
+pub fn enabled() -> bool {
+    TRACER.get().is_some()
+}
+
+/// Adds the current span's `traceparent` (and `tracestate`, when there is one) to `headers`,
+/// so whoever handles the record continues this trace. Does nothing when export is off or no
+/// span is current.
+pub fn inject(headers: &mut Vec<(String, String)>) {
+    if !enabled() {
+        return;
+    }
+    let cx = Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    headers.retain(|(name, _)| name != "traceparent" && name != "tracestate");
+    TraceContextPropagator::new().inject_context(&cx, &mut RecordHeaders(headers));
+}
+
+/// `record` with the current span's context in its headers ([`inject`]).
+pub fn traced(mut record: Record) -> Record {
+    inject(&mut record.headers);
+    record
+}
+
+/// The server span of one HTTP request, named `{METHOD} {route}` (the route as matched, such
+/// as `/v1/media/{id}`, so names stay few), the child of the request's `traceparent` when it
+/// has one. Record its status with [`record_status`].
+pub fn request_span<B>(request: &axum::http::Request<B>) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    let method = request.method().as_str();
+    let span = tracing::info_span!(
+        target: TARGET,
+        "request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let parent = TraceContextPropagator::new().extract(&HttpHeaders(request.headers()));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// Puts the response's status on a span of [`request_span`]; a 5xx marks it an error.
+pub fn record_status(span: &Span, status: axum::http::StatusCode) {
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+}
+
+/// The consumer span of `record` handled by `group`, named `{group} {event-type}` (such as
+/// `processor media.uploaded`), the child of the context the record carries. Its siblings: a
+/// span named `{event-type} waits in {topic}`, from the record's append time to now, ended at
+/// once. Every span gets the topic, partition, offset and group as attributes.
+///
+/// A record that carries no context (appended by a producer that does not trace) starts a
+/// trace of its own, subject to the sampling ratio, and its wait is only an attribute.
+pub fn record_span(group: &str, record: &Delivered) -> Span {
+    let Some(tracer) = TRACER.get() else {
+        return Span::none();
+    };
+    let event = record.header("event-type").unwrap_or("record");
+    let now = SystemTime::now();
+    let appended = SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp.max(0) as u64);
+    // The producer's clock may run ahead of this one: a wait is never negative.
+    let appended = appended.min(now);
+    let waited = now.duration_since(appended).unwrap_or_default();
+    let span = tracing::info_span!(
+        target: TARGET,
+        "handle",
+        otel.name = %format!("{group} {event}"),
+        otel.kind = "consumer",
+        messaging.destination.name = %record.topic,
+        messaging.destination.partition.id = record.partition,
+        messaging.kafka.offset = record.offset,
+        messaging.consumer.group.name = %group,
+        conveyor.log_wait_ms = waited.as_millis() as u64,
+    );
+    let parent = TraceContextPropagator::new().extract(&ReadHeaders(&record.headers));
+    if !parent.span().span_context().is_valid() {
+        return span;
+    }
+    let mut wait = tracer
+        .span_builder(format!("{event} waits in {}", record.topic))
+        .with_kind(SpanKind::Internal)
+        .with_start_time(appended)
+        .with_attributes([
+            KeyValue::new("messaging.destination.name", record.topic.clone()),
+            KeyValue::new(
+                "messaging.destination.partition.id",
+                record.partition.to_string(),
+            ),
+            KeyValue::new("messaging.kafka.offset", record.offset as i64),
+            KeyValue::new("messaging.consumer.group.name", group.to_owned()),
+        ])
+        .start_with_context(tracer, &parent);
+    wait.end_with_timestamp(now);
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// A record's headers, written to.
+struct RecordHeaders<'a>(&'a mut Vec<(String, String)>);
+
+impl Injector for RecordHeaders<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.push((key.to_owned(), value));
+    }
+}
+
+/// A record's headers, read from.
+struct ReadHeaders<'a>(&'a [(String, String)]);
+
+impl Extractor for ReadHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(key))
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_str()).collect()
+    }
+}
+
+/// A request's headers, read from.
+struct HttpHeaders<'a>(&'a axum::http::HeaderMap);
+
+impl Extractor for HttpHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `traceparent` written into record headers is read back as the same remote context.
+    #[test]
+    fn record_headers_carry_the_w3c_context() {
+        let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let headers = vec![
+            ("event-type".to_owned(), "media.uploaded".to_owned()),
+            ("traceparent".to_owned(), sent.to_owned()),
+        ];
+        let cx = TraceContextPropagator::new().extract(&ReadHeaders(&headers));
+        let span = cx.span();
+        let got = span.span_context();
+        assert!(got.is_valid() && got.is_remote() && got.is_sampled());
+        assert_eq!(
+            got.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        let mut out = vec![("traceparent".to_owned(), "stale".to_owned())];
+        out.retain(|(name, _)| name != "traceparent");
+        TraceContextPropagator::new().inject_context(&cx, &mut RecordHeaders(&mut out));
+        assert_eq!(out, vec![("traceparent".to_owned(), sent.to_owned())]);
+    }
+}
