@@ -14,6 +14,10 @@ cluster. Run by scripts/test after the release build:
 - The ConfigMap's and Secret's CONVEYOR__ keys pass the same parsing.
 - The nginx configs (CDN stand-in, load balancer) pass `nginx -t` with their upstream host
   names pointed at loopback.
+- Monitoring (Debian's `promtool`): the Prometheus config and the alert rules pass
+  `promtool check`, the rules pass their unit tests (`promtool test rules`), every query of
+  the Grafana dashboard parses (`promtool check rules` on them as recording rules), and the
+  PodMonitor has the fields the Prometheus Operator needs.
 """
 
 import os
@@ -23,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import json
 
 import jsonpatch
 import kubernetes_validate
@@ -251,6 +257,54 @@ def check_nginx():
                 print(f"ok {conf}: nginx -t")
 
 
+def dashboard_queries(path):
+    """Every query of a Grafana dashboard, with Grafana's own variables given the values a
+    Prometheus query needs ($__rate_interval: 1m)."""
+    dashboard = json.loads(path.read_text())
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        if not panel.get("targets"):
+            fail(f"{path.name}: panel {panel['title']!r} has no query")
+        for target in panel.get("targets", []):
+            yield panel["title"], target["expr"].replace("$__rate_interval", "1m")
+
+
+def check_monitoring():
+    promtool = shutil.which("promtool")
+    if not promtool:
+        fail("promtool is not installed; scripts/deps --test installs Debian's prometheus")
+        return
+    prometheus = ROOT / "infra" / "prometheus"
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]):
+        run = subprocess.run([promtool, *args], cwd=prometheus, capture_output=True, text=True)
+        if run.returncode != 0:
+            fail(f"promtool {' '.join(args)}: {run.stdout.strip()} {run.stderr.strip()}")
+        else:
+            print(f"ok infra/prometheus: promtool {' '.join(args)}")
+    dashboard = ROOT / "infra" / "grafana" / "conveyor.json"
+    queries = list(dashboard_queries(dashboard))
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]}]}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "dashboard.yml").write_text(yaml.safe_dump(rules))
+        run = subprocess.run([promtool, "check", "rules", "dashboard.yml"], cwd=tmp, capture_output=True, text=True)
+        if run.returncode != 0:
+            fail(f"infra/grafana/conveyor.json: a query does not parse: {run.stdout.strip()} {run.stderr.strip()}")
+        else:
+            print(f"ok infra/grafana/conveyor.json: {len(queries)} queries parse")
+    monitor = load_all(K8S / "monitoring" / "podmonitor.yaml")[0]
+    if (monitor.get("apiVersion"), monitor.get("kind")) != ("monitoring.coreos.com/v1", "PodMonitor"):
+        fail("infra/k8s/monitoring/podmonitor.yaml: not a monitoring.coreos.com/v1 PodMonitor")
+    endpoints = monitor.get("spec", {}).get("podMetricsEndpoints", [])
+    if not monitor.get("spec", {}).get("selector") or [e.get("port") for e in endpoints] != ["http"]:
+        fail("infra/k8s/monitoring/podmonitor.yaml: needs a selector and one endpoint on port http")
+    for role in ("ingest", "processor", "projector", "query"):
+        ports = [p["name"] for d in load_all(K8S / "base" / f"{role}.yaml") if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+        if "http" not in ports:
+            fail(f"infra/k8s/base/{role}.yaml: the PodMonitor scrapes a port named http, which it lacks")
+    print("ok infra/k8s/monitoring/podmonitor.yaml")
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: check_deploy.py PATH/TO/conveyor")
@@ -259,6 +313,7 @@ if __name__ == "__main__":
     check_compose()
     check_dockerfile()
     check_nginx()
+    check_monitoring()
     if failures:
         sys.exit(f"{len(failures)} deployment check(s) failed")
     print("deployment checks passed")

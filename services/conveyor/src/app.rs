@@ -83,8 +83,13 @@ impl Role {
         }
     }
 
-    /// The service name its traces carry: `conveyor-serve`, `conveyor-ingest`, `conveyor-process`,
-    /// and so on, the subcommand's name.
+    /// The subcommand that runs it: `serve`, `ingest`, `process`, `transcode`, `project`,
+    /// `query` or `archive`. Its metrics carry it as the label `role`.
+    pub fn name(self) -> &'static str {
+        self.service_name().trim_start_matches("conveyor-")
+    }
+
+    /// The service name its traces carry: `conveyor-` and [`Role::name`].
     pub fn service_name(self) -> &'static str {
         match self {
             Role::Serve => "conveyor-serve",
@@ -192,6 +197,7 @@ pub async fn build_with(
              topic at once, and transient ones are retried until they succeed"
         );
     }
+    conveyor_runtime::metrics::set_role(role.name());
     conveyor_runtime::metrics::handle();
     let backends = Backends::open(&settings).await?;
     let shutdown = Shutdown::new();

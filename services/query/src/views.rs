@@ -237,6 +237,7 @@ pub(crate) async fn get_media(
     let loader = {
         let state = state.clone();
         async move {
+            cache_miss("media");
             let row = state
                 .backends
                 .views
@@ -259,6 +260,7 @@ pub(crate) async fn get_media(
             })))
         }
     };
+    cache_lookup("media");
     let cached = state
         .cache
         .try_get_with(id, loader)
@@ -269,6 +271,19 @@ pub(crate) async fn get_media(
         return Err(no_such_media());
     }
     Ok(respond(&headers, cached.body.clone(), &cached.etag))
+}
+
+/// Counts a read of the response cache `cache` (`media` or `owner`):
+/// `conveyor_query_cache_lookups_total{cache}`. With [`cache_miss`], the hit ratio.
+fn cache_lookup(cache: &'static str) {
+    metrics::counter!("conveyor_query_cache_lookups_total", "cache" => cache).increment(1);
+}
+
+/// Counts a lookup the cache could not answer, so the store was read:
+/// `conveyor_query_cache_misses_total{cache}`. Requests that miss together count once, as they
+/// read the store once.
+fn cache_miss(cache: &'static str) {
+    metrics::counter!("conveyor_query_cache_misses_total", "cache" => cache).increment(1);
 }
 
 fn no_such_media() -> ApiError {
@@ -295,9 +310,11 @@ where
     F: std::future::Future<Output = Result<Bytes, ApiError>>,
 {
     state.note_owner_view(&key).await;
+    cache_lookup("owner");
     let rendered = state
         .owners
         .try_get_with(key, async move {
+            cache_miss("owner");
             let body = render.await?;
             let etag = etag_of(&body);
             Ok::<_, ApiError>(Arc::new(Rendered { body, etag }))

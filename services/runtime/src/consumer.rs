@@ -187,6 +187,13 @@ pub async fn run(
         .await
         .with_context(|| format!("failed to join group {} on {}", config.group, config.topic))?;
     tracing::info!(group = %config.group, topic = %config.topic, "consumer started");
+    // At 0 from the start, so a rate over them is 0, not absent, until the first one.
+    for counter in [
+        "conveyor_dead_letters_total",
+        "conveyor_handler_retries_total",
+    ] {
+        metrics::counter!(counter, "group" => config.group.clone()).increment(0);
+    }
     let mut partitions: HashMap<u32, PartitionState> = HashMap::new();
     let mut tasks: JoinSet<((u32, u64), Vec<u64>, bool)> = JoinSet::new();
     // Handlers see a child token: cancelling it abandons retries, whose records stay

@@ -12,11 +12,23 @@ const LONG_WAIT_BUCKETS: &[f64] = &[
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static ROLE: OnceLock<&'static str> = OnceLock::new();
+
+/// Puts the label `role="<role>"` (`serve`, `ingest`, `process`, …) on every series this
+/// process exports, so the dashboard and the alert rules can tell the roles apart under any
+/// scrape configuration. Takes effect only before the first [`handle`]; the first call wins.
+pub fn set_role(role: &'static str) {
+    let _ = ROLE.set(role);
+}
 
 /// Installs the recorder on first use and returns the handle `/metrics` renders.
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
+        let mut builder = PrometheusBuilder::new();
+        if let Some(role) = ROLE.get() {
+            builder = builder.add_global_label("role", *role);
+        }
+        let recorder = builder
             .set_buckets(&[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0,
