@@ -11,6 +11,7 @@ mod delivery;
 mod direct_uploads;
 mod hostile;
 mod idempotency;
+mod observability;
 mod outages;
 mod photos;
 mod pipeline;
