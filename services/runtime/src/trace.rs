@@ -26,7 +26,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The `tracing` target of the pipeline's spans. Only the trace export listens to it; log
 /// lines never show these spans.
-pub const TARGET: &str = "conveyor::trace";
+pub const TARGET: &str = "conveyor_trace";
 
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
