@@ -155,8 +155,12 @@ pub fn record_span(group: &str, record: &Delivered) -> Span {
 struct RecordHeaders<'a>(&'a mut Vec<(String, String)>);
 
 impl Injector for RecordHeaders<'_> {
+    /// Skips an empty value: the propagator writes `tracestate` even when there is none, and
+    /// an empty header on every record is bytes for nothing.
     fn set(&mut self, key: &str, value: String) {
-        self.0.push((key.to_owned(), value));
+        if !value.is_empty() {
+            self.0.push((key.to_owned(), value));
+        }
     }
 }
 
