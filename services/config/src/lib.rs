@@ -521,8 +521,19 @@ impl TelemetrySettings {
             ));
         }
         if let Some(endpoint) = &self.zipkin_endpoint {
+            if endpoint.is_empty() {
+                return Err(
+                    "telemetry.zipkin_endpoint is empty: unset it to turn traces off, \
+                            or give a collector's URL, such as http://zipkin:9411/api/v2/spans"
+                        .into(),
+                );
+            }
             let host = endpoint.strip_prefix("http://").unwrap_or_default();
-            if host.split('/').next().unwrap_or_default().is_empty() {
+            if host.split('/').next().unwrap_or_default().is_empty()
+                || endpoint
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(format!(
                     "telemetry.zipkin_endpoint: {endpoint:?} is not an http:// URL, such as \
                      http://zipkin:9411/api/v2/spans (https is not supported: put the \

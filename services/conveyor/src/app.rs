@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use conveyor_config::Settings;
 use conveyor_runtime::Stage;
 use conveyor_runtime::changes::Changes;
-use conveyor_runtime::consumer::{LagOf, report_lag};
+use conveyor_runtime::consumer::report_lag;
 use conveyor_runtime::http::ops::report_health;
 use conveyor_runtime::http::{ApiError, json_errors, not_found, ops_router, track_requests};
 use conveyor_runtime::keys::Keys;
@@ -244,12 +244,11 @@ pub async fn build_with(
             groups,
             // Every second: a load run reads lag from /metrics to see a group fall behind.
             Duration::from_secs(1),
-            LagOf::Members,
             shutdown.token.clone(),
         ));
     } else if role.runs(Part::Ingest) {
         // The producer watches the pipeline's groups from outside, so a group whose members
-        // are all gone still shows its lag (the "no members" alert).
+        // are all gone, or never came, still shows its lag (the "no members" alert).
         shutdown.tracker.spawn(report_lag(
             backends.log.clone(),
             settings.topic().to_owned(),
@@ -259,7 +258,6 @@ pub async fn build_with(
                 settings.projector.group.clone(),
             ],
             Duration::from_secs(15),
-            LagOf::Started,
             shutdown.token.clone(),
         ));
     }

@@ -18,8 +18,8 @@
 //! - Each record handled gets a consumer span in its upload's trace ([`crate::trace`]), and two
 //!   metrics say how far behind the group is in time: `conveyor_record_wait_seconds{group}`,
 //!   how long each record waited in the log before the group took it, and
-//!   `conveyor_consumer_oldest_unhandled_seconds{group}`, the age of the oldest record this
-//!   member holds unfinished (what a person means by "the queue is behind").
+//!   `conveyor_consumer_oldest_waiting_seconds{group}`, the age of the oldest record this
+//!   member has fetched and not yet taken (what a person means by "the queue is behind").
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -214,13 +214,13 @@ pub async fn run(
     revoke_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let record_wait =
         metrics::histogram!("conveyor_record_wait_seconds", "group" => config.group.clone());
-    let oldest = metrics::gauge!("conveyor_consumer_oldest_unhandled_seconds", "group" => config.group.clone());
+    let oldest = metrics::gauge!("conveyor_consumer_oldest_waiting_seconds", "group" => config.group.clone());
     let mut oldest_at = tokio::time::Instant::now();
 
     loop {
         // The loop turns at least every REVOKE_CHECK, so the age is at most a second stale.
         if oldest_at.elapsed() >= Duration::from_secs(1) {
-            oldest.set(oldest_unhandled_secs(&partitions, now_micros()));
+            oldest.set(oldest_waiting_secs(&partitions, now_micros()));
             oldest_at = tokio::time::Instant::now();
         }
         // Partitions another member owns now: forget what is waiting for them, and drop the
@@ -357,23 +357,23 @@ pub async fn run(
 /// on the driver thread, which polls at least every 100 ms).
 const REVOKE_CHECK: Duration = Duration::from_millis(100);
 
-/// The age in seconds of the oldest record fetched and not finished on any partition, by its
-/// append time and the clock `now` (microseconds); 0 when nothing is unfinished. Records not
-/// fetched yet are newer than those fetched on their partition, so on every partition that has
-/// records fetched this is the oldest unhandled one.
-fn oldest_unhandled_secs(partitions: &HashMap<u32, PartitionState>, now: i64) -> f64 {
+/// The age in seconds of the oldest record fetched and not yet handed to the handler, on any
+/// partition, by its append time and the clock `now` (microseconds); 0 when none waits.
+/// Records not fetched yet are newer than those waiting on their partition. A record being
+/// handled does not count (a long video is work, not a queue), but the records behind it on
+/// its partition do.
+fn oldest_waiting_secs(partitions: &HashMap<u32, PartitionState>, now: i64) -> f64 {
     partitions
         .values()
-        .filter_map(|state| state.unfinished.first_key_value().map(|(_, &at)| at))
+        .filter_map(|state| state.waiting.front().map(|record| record.timestamp))
         .min()
         .map_or(0.0, |at| now.saturating_sub(at).max(0) as f64 / 1e6)
 }
 
-/// The wall clock in microseconds since the Unix epoch, the unit of [`Delivered::timestamp`].
+/// This process's clock in microseconds since the Unix epoch, the unit of
+/// [`Delivered::timestamp`] (`conveyor_storage::clock`, which tests may skew).
 fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+    conveyor_storage::clock::now_micros()
 }
 
 /// Whether some partition has finished work above its committed offset.
@@ -523,16 +523,6 @@ async fn dead_letter(
     }
 }
 
-/// Whose lag [`report_lag`] publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LagOf {
-    /// The groups this process is a member of: always, from the first report.
-    Members,
-    /// Groups watched from outside (by the producer): only once they have committed an offset,
-    /// so a group this deployment never runs (no transcoder) does not show as stalled.
-    Started,
-}
-
 /// Publishes `conveyor_consumer_lag{group, partition}` and `conveyor_consumer_lag_total{group}`
 /// for `groups` every `every`, until `stop`. Labels are bounded by groups × partitions. An
 /// autoscaler (KEDA) and the alert rules read these.
@@ -541,14 +531,11 @@ pub async fn report_lag(
     topic: String,
     groups: Vec<String>,
     every: Duration,
-    of: LagOf,
     stop: CancellationToken,
 ) {
     loop {
         for group in &groups {
             match log.lag(&topic, group).await {
-                Ok(partitions)
-                    if of == LagOf::Started && partitions.iter().all(|p| p.committed == 0) => {}
                 Ok(partitions) => {
                     let mut total = 0;
                     for p in partitions {
@@ -939,6 +926,42 @@ mod tests {
         second_member.abort();
         let _ = first_member.await;
         let _ = second_member.await;
+    }
+
+    /// The age is the oldest waiting record's, over every partition; records being handled
+    /// (no longer waiting) do not count.
+    #[test]
+    fn the_oldest_waiting_record_gives_the_age() {
+        let record = |partition: u32, offset: u64, timestamp: i64| Delivered {
+            topic: "t".into(),
+            partition,
+            offset,
+            key: Vec::new(),
+            headers: Vec::new(),
+            value: bytes::Bytes::new(),
+            timestamp,
+        };
+        let mut partitions: HashMap<u32, PartitionState> = HashMap::new();
+        assert_eq!(oldest_waiting_secs(&partitions, 10_000_000), 0.0);
+        let busy = partitions.entry(0).or_default();
+        busy.unfinished.insert(0, 1_000_000);
+        busy.in_flight = 1;
+        assert_eq!(
+            oldest_waiting_secs(&partitions, 10_000_000),
+            0.0,
+            "in flight is not waiting"
+        );
+        partitions
+            .get_mut(&0)
+            .unwrap()
+            .waiting
+            .push_back(record(0, 1, 4_000_000));
+        let other = partitions.entry(1).or_default();
+        other.waiting.push_back(record(1, 0, 7_000_000));
+        other.waiting.push_back(record(1, 1, 8_000_000));
+        assert_eq!(oldest_waiting_secs(&partitions, 10_000_000), 6.0);
+        // A clock behind the producer's reads 0, never a negative age.
+        assert_eq!(oldest_waiting_secs(&partitions, 1_000_000), 0.0);
     }
 
     async fn wait_for(bound: Duration, check: impl Fn() -> bool) -> bool {

@@ -27,7 +27,7 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Sends the spans still queued (waiting at most the exporter's timeout, 10 s) and stops
+    /// Sends the spans still queued (waiting at most the SDK's shutdown timeout, 5 s) and stops
     /// the export thread. A failure is logged, never returned: it cannot change the exit.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
@@ -97,7 +97,7 @@ pub fn init(settings: &TelemetrySettings, service: &str) -> anyhow::Result<Telem
         let _ = provider.shutdown();
         return Ok(Telemetry { provider: None });
     }
-    trace::enable(tracer);
+    trace::enable(tracer, settings.trace_sample_ratio);
     tracing::info!(%endpoint, ratio = settings.trace_sample_ratio, %service, "trace export on");
     Ok(Telemetry {
         provider: Some(provider),

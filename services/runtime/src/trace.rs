@@ -16,9 +16,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use conveyor_storage::log::{Delivered, Record};
-use opentelemetry::KeyValue;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+    Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracer;
 use tracing::Span;
@@ -28,12 +31,13 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// lines never show these spans.
 pub const TARGET: &str = "conveyor_trace";
 
-static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+/// The tracer the wait spans are made with, and `telemetry.trace_sample_ratio`.
+static TRACER: OnceLock<(SdkTracer, f64)> = OnceLock::new();
 
-/// Turns propagation on, with the tracer the wait spans are made with. Called once by
-/// [`crate::telemetry::init`] after the export is installed.
-pub(crate) fn enable(tracer: SdkTracer) {
-    let _ = TRACER.set(tracer);
+/// Turns propagation on, with the tracer the wait spans are made with and the share of traces
+/// kept. Called once by [`crate::telemetry::init`] after the export is installed.
+pub(crate) fn enable(tracer: SdkTracer, ratio: f64) {
+    let _ = TRACER.set((tracer, ratio));
 }
 
 /// Whether traces are exported by this process.
@@ -41,9 +45,17 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
-/// Adds the current span's `traceparent` (and `tracestate`, when there is one) to `headers`,
-/// so whoever handles the record continues this trace. Does nothing when export is off or no
-/// span is current.
+/// Whether a trace is kept: `ratio` of them, by the trace id's low 64 bits, as OpenTelemetry's
+/// `TraceIdRatioBased` sampler decides, so every process decides alike for one trace id.
+fn keep(trace_id: TraceId, ratio: f64) -> bool {
+    let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().expect("8 bytes"));
+    ratio >= 1.0 || (low >> 1) < (ratio * (1u64 << 63) as f64) as u64
+}
+
+/// Adds the current span's `traceparent` to `headers`, so whoever handles the record continues
+/// this trace. Never `tracestate`: Conveyor sets none of its own, and a caller's would be copied
+/// into every record its request causes (up to the 400 KB a header may take). Does nothing
+/// when export is off or no span is current.
 pub fn inject(headers: &mut Vec<(String, String)>) {
     if !enabled() {
         return;
@@ -54,6 +66,7 @@ pub fn inject(headers: &mut Vec<(String, String)>) {
     }
     headers.retain(|(name, _)| name != "traceparent" && name != "tracestate");
     TraceContextPropagator::new().inject_context(&cx, &mut RecordHeaders(headers));
+    headers.retain(|(name, _)| name != "tracestate");
 }
 
 /// `record` with the current span's context in its headers ([`inject`]).
@@ -63,17 +76,24 @@ pub fn traced(mut record: Record) -> Record {
 }
 
 /// The server span of one HTTP request, named `{METHOD} {route}` (the route as matched, such
-/// as `/v1/media/{id}`, so names stay few), the child of the request's `traceparent` when it
-/// has one. Record its status with [`record_status`].
+/// as `/v1/media/{id}`, and a method outside the standard ones as `OTHER`, so names stay few).
+/// A caller's `traceparent` gives the trace id and the parent, so a client's or an internal
+/// service's trace goes on through Conveyor; its `sampled` flag does not decide: this edge keeps
+/// `telemetry.trace_sample_ratio` of the traces whatever callers ask, and ignores `tracestate`.
+/// The probes and the scrape (`/healthz`, `/readyz`, `/metrics`) get no span. Record the
+/// response's status with [`record_status`].
 pub fn request_span<B>(request: &axum::http::Request<B>) -> Span {
-    if !enabled() {
+    let Some((_, ratio)) = TRACER.get() else {
         return Span::none();
-    }
+    };
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str());
-    let method = request.method().as_str();
+    if matches!(route, "/healthz" | "/readyz" | "/metrics") {
+        return Span::none();
+    }
+    let method = crate::http::method_name(request.method());
     let span = tracing::info_span!(
         target: TARGET,
         "request",
@@ -81,13 +101,25 @@ pub fn request_span<B>(request: &axum::http::Request<B>) -> Span {
         otel.kind = "server",
         http.request.method = %method,
         http.route = %route,
-        url.path = %request.uri().path(),
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
     let parent = TraceContextPropagator::new().extract(&HttpHeaders(request.headers()));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
+    let caller = parent.span().span_context().clone();
+    if caller.is_valid() {
+        let flags = if keep(caller.trace_id(), *ratio) {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let decided = SpanContext::new(
+            caller.trace_id(),
+            caller.span_id(),
+            flags,
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(Context::new().with_remote_span_context(decided));
     }
     span
 }
@@ -105,14 +137,16 @@ pub fn record_status(span: &Span, status: axum::http::StatusCode) {
 /// span named `{event-type} waits in {topic}`, from the record's append time to now, ended at
 /// once. Every span gets the topic, partition, offset and group as attributes.
 ///
-/// A record that carries no context (appended by a producer that does not trace) starts a
-/// trace of its own, subject to the sampling ratio, and its wait is only an attribute.
+/// A record that carries no context (appended by a producer that does not trace, or by a
+/// process with traces off) gets one made from its position ([`record_context`]): every group
+/// that handles it joins the same trace, and keeps it or not alike.
 pub fn record_span(group: &str, record: &Delivered) -> Span {
-    let Some(tracer) = TRACER.get() else {
+    let Some((tracer, ratio)) = TRACER.get() else {
         return Span::none();
     };
     let event = record.header("event-type").unwrap_or("record");
-    let now = SystemTime::now();
+    let now = SystemTime::UNIX_EPOCH
+        + Duration::from_micros(conveyor_storage::clock::now_micros().max(0) as u64);
     let appended = SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp.max(0) as u64);
     // The producer's clock may run ahead of this one: a wait is never negative.
     let appended = appended.min(now);
@@ -128,9 +162,9 @@ pub fn record_span(group: &str, record: &Delivered) -> Span {
         messaging.consumer.group.name = %group,
         conveyor.log_wait_ms = waited.as_millis() as u64,
     );
-    let parent = TraceContextPropagator::new().extract(&ReadHeaders(&record.headers));
+    let mut parent = TraceContextPropagator::new().extract(&ReadHeaders(&record.headers));
     if !parent.span().span_context().is_valid() {
-        return span;
+        parent = Context::new().with_remote_span_context(record_context(record, *ratio));
     }
     let mut wait = tracer
         .span_builder(format!("{event} waits in {}", record.topic))
@@ -149,6 +183,27 @@ pub fn record_span(group: &str, record: &Delivered) -> Span {
     wait.end_with_timestamp(now);
     let _ = span.set_parent(parent);
     span
+}
+
+/// The context a record without `traceparent` is handled in: a remote parent whose trace and
+/// span ids are hashes of the record's topic, partition and offset (SHA-256), so every group,
+/// in every process, puts its spans for that record in one trace, kept by the sampling ratio
+/// alike. The parent itself is never exported: the trace shows a missing root.
+fn record_context(record: &Delivered, ratio: f64) -> SpanContext {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(record.topic.as_bytes())
+        .chain_update(record.partition.to_be_bytes())
+        .chain_update(record.offset.to_be_bytes())
+        .finalize();
+    let trace_id = TraceId::from_bytes(digest[..16].try_into().expect("16 bytes"));
+    let span_id = SpanId::from_bytes(digest[16..24].try_into().expect("8 bytes"));
+    let flags = if keep(trace_id, ratio) {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    SpanContext::new(trace_id, span_id, flags, true, TraceState::default())
 }
 
 /// A record's headers, written to.
@@ -184,7 +239,11 @@ impl Extractor for ReadHeaders<'_> {
 struct HttpHeaders<'a>(&'a axum::http::HeaderMap);
 
 impl Extractor for HttpHeaders<'_> {
+    /// Never `tracestate`: a caller's vendor state is not Conveyor's to carry.
     fn get(&self, key: &str) -> Option<&str> {
+        if key.eq_ignore_ascii_case("tracestate") {
+            return None;
+        }
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
 

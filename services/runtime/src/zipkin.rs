@@ -6,7 +6,10 @@
 //! (its `localEndpoint` has no `serviceName`), so no span could be found by service.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
 
 use opentelemetry::trace::{SpanKind, Status};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -16,27 +19,43 @@ use serde::Serialize;
 /// How long one batch may take to reach the collector before it is dropped.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sends batches of spans to a Zipkin v2 collector as service `service`.
+/// Sends batches of spans to a Zipkin v2 collector as service `service`. A failed batch is
+/// dropped and counted (`conveyor_trace_export_failures_total`); the first failure of a streak
+/// is logged at WARN, and the recovery after it at INFO, so a collector that is down says so
+/// once, not once per batch.
 #[derive(Debug)]
 pub struct ZipkinExporter {
     client: reqwest::blocking::Client,
-    endpoint: String,
+    endpoint: reqwest::Url,
     service: String,
+    failing: AtomicBool,
 }
 
 impl ZipkinExporter {
     /// An exporter to `endpoint` (`http://host:9411/api/v2/spans`).
     ///
     /// # Errors
-    /// The HTTP client cannot be built (no TLS backend is needed: the endpoint is `http://`).
+    /// `endpoint` is not a URL, or the HTTP client cannot be built.
     pub fn new(endpoint: &str, service: &str) -> anyhow::Result<ZipkinExporter> {
+        let endpoint = reqwest::Url::parse(endpoint)
+            .with_context(|| format!("telemetry.zipkin_endpoint: {endpoint:?} is not a URL"))?;
         Ok(ZipkinExporter {
             client: reqwest::blocking::Client::builder()
                 .timeout(TIMEOUT)
                 .build()?,
-            endpoint: endpoint.to_owned(),
+            endpoint,
             service: service.to_owned(),
+            failing: AtomicBool::new(false),
         })
+    }
+
+    /// Counts and logs a failed batch (see the type's docs).
+    fn failed(&self, error: String) -> OTelSdkResult {
+        metrics::counter!("conveyor_trace_export_failures_total").increment(1);
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(endpoint = %self.endpoint, %error, "failed to send spans to the trace collector; dropping them until it answers (counted in conveyor_trace_export_failures_total)");
+        }
+        Err(OTelSdkError::InternalFailure(error))
     }
 }
 
@@ -57,6 +76,16 @@ struct ZipkinSpan<'a> {
     duration: u64,
     local_endpoint: Endpoint<'a>,
     tags: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    annotations: Vec<Annotation>,
+}
+
+/// A timed note on a span: an event logged inside it.
+#[derive(Serialize)]
+struct Annotation {
+    /// Microseconds since the Unix epoch.
+    timestamp: u64,
+    value: String,
 }
 
 #[derive(Serialize)]
@@ -76,9 +105,29 @@ fn to_zipkin<'a>(span: &'a SpanData, service: &'a str) -> ZipkinSpan<'a> {
         .iter()
         .map(|kv| (kv.key.to_string(), kv.value.to_string()))
         .collect();
+    // Events logged inside the span (its warnings and errors): `message field=value …`.
+    let annotations: Vec<Annotation> = span
+        .events
+        .iter()
+        .map(|event| {
+            let mut value = event.name.to_string();
+            for kv in &event.attributes {
+                value.push_str(&format!(" {}={}", kv.key, kv.value));
+            }
+            Annotation {
+                timestamp: micros(event.timestamp),
+                value,
+            }
+        })
+        .collect();
     if let Status::Error { description } = &span.status {
-        // Zipkin's UI marks a span red by its `error` tag.
-        tags.insert("error".into(), description.to_string());
+        // Zipkin's UI marks a span red by its `error` tag, whose value is shown as the cause:
+        // the status's description, or else the last event logged in the span.
+        let cause = match description.as_ref() {
+            "" => annotations.last().map_or("error", |a| a.value.as_str()),
+            given => given,
+        };
+        tags.insert("error".into(), cause.to_owned());
     }
     let parent = span.parent_span_id;
     ZipkinSpan {
@@ -101,6 +150,7 @@ fn to_zipkin<'a>(span: &'a SpanData, service: &'a str) -> ZipkinSpan<'a> {
             service_name: service,
         },
         tags,
+        annotations,
     }
 }
 
@@ -109,19 +159,19 @@ impl SpanExporter for ZipkinExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans: Vec<ZipkinSpan<'_>> =
             batch.iter().map(|s| to_zipkin(s, &self.service)).collect();
-        let response = self
-            .client
-            .post(&self.endpoint)
-            .json(&spans)
-            .send()
-            .map_err(|e| OTelSdkError::InternalFailure(format!("zipkin: {e}")))?;
-        if !response.status().is_success() {
-            return Err(OTelSdkError::InternalFailure(format!(
-                "zipkin answered {}",
-                response.status()
-            )));
+        let response = self.client.post(self.endpoint.clone()).json(&spans).send();
+        match response {
+            Err(e) => self.failed(format!("{e}")),
+            Ok(r) if !r.status().is_success() => {
+                self.failed(format!("the collector answered {}", r.status()))
+            }
+            Ok(_) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(endpoint = %self.endpoint, "the trace collector answers again");
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 }
 

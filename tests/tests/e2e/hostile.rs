@@ -520,7 +520,11 @@ async fn a_client_that_stops_reading_is_dropped() {
         let metrics = app.client.get(app.url("/metrics")).send().await.ok()?;
         let text = metrics.text().await.ok()?;
         text.lines()
-            .any(|l| l.starts_with("conveyor_write_stalls_total ") && !l.ends_with(" 0"))
+            .any(|l| {
+                // `conveyor_write_stalls_total{role="serve"} 1`, or without labels.
+                let name = l.split(['{', ' ']).next();
+                name == Some("conveyor_write_stalls_total") && !l.ends_with(" 0")
+            })
             .then_some(())
     })
     .await;

@@ -297,6 +297,79 @@ async fn one_trace_crosses_the_ingest_process_and_project_processes_on_kafka() {
     assert_one_trace(trace).await;
 }
 
+/// Every record's headers on `topic` of the embedded log in `data_dir`.
+async fn record_headers(data_dir: &Path, topic: &str) -> Vec<Vec<(String, String)>> {
+    let settings = conveyor_config::Settings::for_test(data_dir);
+    let log = conveyor_storage::backends::open_log(&settings).unwrap();
+    let mut headers = Vec::new();
+    for p in log.lag(topic, "nobody").await.unwrap() {
+        for record in log.read(topic, p.partition, 0, 1_000).await.unwrap() {
+            headers.push(record.headers);
+        }
+    }
+    headers
+}
+
+/// Reported: a caller decided what was traced (`sampled` in its `traceparent`, even on a
+/// server keeping no trace), and its `tracestate`, up to 400 KB, was copied into every record
+/// its request caused. Now the edge keeps `trace_sample_ratio` of the traces whatever the
+/// caller asks, continues the caller's trace id, and drops its `tracestate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_neither_forces_sampling_nor_fills_the_log_with_its_tracestate() {
+    let Some(zipkin) = zipkin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = traced_env(&zipkin);
+    env.push(("CONVEYOR__TELEMETRY__TRACE_SAMPLE_RATIO", "0".to_owned()));
+    let serve = start_process("serve", dir.path(), &env);
+    let (traceparent, trace_id, _) = traceparent();
+    let state = (0..32)
+        .map(|i| format!("vendor{i}={}", "x".repeat(200)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(images::jpeg(64, 48, 3)).file_name("p.jpg"),
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/media", serve.address))
+        .bearer_auth(ALICE)
+        .header("traceparent", &traceparent)
+        .header("tracestate", state)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_processed(&serve.address, &id).await;
+    drop(serve);
+    let records = record_headers(dir.path(), "media.events").await;
+    assert_eq!(records.len(), 2, "the upload and its outcome: {records:?}");
+    for headers in &records {
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
+        assert!(!names.contains(&"tracestate"), "{headers:?}");
+        let parent = headers
+            .iter()
+            .find(|(name, _)| name == "traceparent")
+            .map(|(_, value)| value.as_str())
+            .unwrap_or_else(|| panic!("no traceparent in {headers:?}"));
+        // The caller's trace, not sampled: the ratio is 0, whatever the caller's flag said.
+        assert!(parent.starts_with(&format!("00-{trace_id}-")), "{parent}");
+        assert!(parent.ends_with("-00"), "{parent}");
+        assert!(
+            headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+                < 300,
+            "{headers:?}"
+        );
+    }
+}
+
 /// A free loopback port, for a server that must be told its port (Prometheus).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -21,5 +21,5 @@ pub use headers::{bearer, content_length_over, etag_of, not_modified};
 pub use json::{parse_json, require_json};
 pub use ops::{Health, OpsApi, Readiness, ops_router};
 pub use rate_limit::{RateLimit, rate_limit};
-pub use requests::track_requests;
+pub use requests::{method_name, track_requests};
 pub use serve::{BodyTooSlow, body_read_error, serve};

@@ -561,9 +561,12 @@ impl EventLog for SqliteLog {
         })
         .await
         .map_err(storage)??;
-        // The embedded log's groups have one member, which owns every partition.
-        metrics::gauge!("conveyor_consumer_assigned_partitions", "group" => group.to_owned())
-            .set(info.partitions as f64);
+        // The embedded log's groups have one member, which owns every partition. Not for the
+        // tails that start at the end (a query edge's cache invalidation, named per process).
+        if start == StartFrom::Earliest {
+            metrics::gauge!("conveyor_consumer_assigned_partitions", "group" => group.to_owned())
+                .set(info.partitions as f64);
+        }
         Ok(Box::new(SqliteSubscription {
             log: self.clone(),
             topic: topic.to_owned(),

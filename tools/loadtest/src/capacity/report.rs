@@ -1063,7 +1063,7 @@ mod tests {
     #[test]
     fn lag_totals_come_from_the_prometheus_page() {
         let page = "# TYPE conveyor_consumer_lag_total gauge\n\
-                    conveyor_consumer_lag_total{group=\"processor\"} 12\n\
+                    conveyor_consumer_lag_total{role=\"process\",group=\"processor\"} 12\n\
                     conveyor_consumer_lag_total{group=\"projector\"} 0\n\
                     conveyor_consumer_lag{group=\"processor\",partition=\"3\"} 12\n";
         let lag = lag_totals(page);
