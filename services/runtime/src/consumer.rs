@@ -21,7 +21,7 @@
 //!   `conveyor_consumer_oldest_waiting_seconds{group}`, the age of the oldest record this
 //!   member has fetched and not yet taken (what a person means by "the queue is behind").
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -155,9 +155,7 @@ struct PartitionState {
     waiting: VecDeque<Delivered>,
     /// Batches of this partition being handled now (at most `per_partition`).
     in_flight: usize,
-    /// Offsets fetched and not finished, each with its record's append time (microseconds
-    /// since the Unix epoch).
-    unfinished: BTreeMap<u64, i64>,
+    unfinished: BTreeSet<u64>,
     /// One past the highest offset fetched.
     fetched_end: u64,
     committed: Option<u64>,
@@ -169,9 +167,7 @@ struct PartitionState {
 impl PartitionState {
     /// The offset everything below which is finished.
     fn low_watermark(&self) -> u64 {
-        self.unfinished
-            .first_key_value()
-            .map_or(self.fetched_end, |(&offset, _)| offset)
+        self.unfinished.first().copied().unwrap_or(self.fetched_end)
     }
 }
 
@@ -339,7 +335,7 @@ pub async fn run(
                         epochs += 1;
                         PartitionState { epoch: epochs, ..PartitionState::default() }
                     });
-                    state.unfinished.insert(record.offset, record.timestamp);
+                    state.unfinished.insert(record.offset);
                     state.fetched_end = record.offset + 1;
                     state.waiting.push_back(record);
                     buffered += 1;
@@ -944,7 +940,7 @@ mod tests {
         let mut partitions: HashMap<u32, PartitionState> = HashMap::new();
         assert_eq!(oldest_waiting_secs(&partitions, 10_000_000), 0.0);
         let busy = partitions.entry(0).or_default();
-        busy.unfinished.insert(0, 1_000_000);
+        busy.unfinished.insert(0);
         busy.in_flight = 1;
         assert_eq!(
             oldest_waiting_secs(&partitions, 10_000_000),

@@ -133,7 +133,7 @@ pub fn record_status(span: &Span, status: axum::http::StatusCode) {
 }
 
 /// The consumer span of `record` handled by `group`, named `{group} {event-type}` (such as
-/// `processor media.uploaded`), the child of the context the record carries. Its siblings: a
+/// `processor MediaUploaded`), the child of the context the record carries. Its siblings: a
 /// span named `{event-type} waits in {topic}`, from the record's append time to now, ended at
 /// once. Every span gets the topic, partition, offset and group as attributes.
 ///

@@ -25,19 +25,20 @@ fn traceparent() -> (String, String, String) {
     (format!("00-{trace_id}-{parent}-01"), trace_id, parent)
 }
 
-async fn upload_traced(address: &str, traceparent: &str) -> String {
+/// Uploads `jpeg` as alice with `headers` on the request, and returns its id (after a 202).
+async fn upload(address: &str, jpeg: Vec<u8>, headers: &[(&str, &str)]) -> String {
     let form = reqwest::multipart::Form::new().part(
         "file",
-        reqwest::multipart::Part::bytes(images::jpeg(320, 240, 7)).file_name("p.jpg"),
+        reqwest::multipart::Part::bytes(jpeg).file_name("p.jpg"),
     );
-    let response = reqwest::Client::new()
+    let mut request = reqwest::Client::new()
         .post(format!("{address}/v1/media"))
         .bearer_auth(ALICE)
-        .header("traceparent", traceparent)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+        .multipart(form);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     body["id"].as_str().unwrap().to_owned()
@@ -245,7 +246,12 @@ async fn one_trace_holds_an_upload_its_processing_and_its_projection_in_serve() 
     let dir = tempfile::tempdir().unwrap();
     let serve = start_process("serve", dir.path(), &traced_env(&zipkin));
     let (traceparent, trace_id, client_span) = traceparent();
-    let id = upload_traced(&serve.address, &traceparent).await;
+    let id = upload(
+        &serve.address,
+        images::jpeg(320, 240, 7),
+        &[("traceparent", &traceparent)],
+    )
+    .await;
     wait_processed(&serve.address, &id).await;
     let trace = Trace {
         zipkin: &zipkin,
@@ -284,7 +290,12 @@ async fn one_trace_crosses_the_ingest_process_and_project_processes_on_kafka() {
         .collect();
     let query = start_process("query", dir.path(), &env);
     let (traceparent, trace_id, client_span) = traceparent();
-    let id = upload_traced(&ingest.address, &traceparent).await;
+    let id = upload(
+        &ingest.address,
+        images::jpeg(320, 240, 7),
+        &[("traceparent", &traceparent)],
+    )
+    .await;
     wait_processed(&query.address, &id).await;
     let trace = Trace {
         zipkin: &zipkin,
@@ -326,24 +337,11 @@ async fn a_caller_neither_forces_sampling_nor_fills_the_log_with_its_tracestate(
         .map(|i| format!("vendor{i}={}", "x".repeat(200)))
         .collect::<Vec<_>>()
         .join(",");
-    let form = reqwest::multipart::Form::new().part(
-        "file",
-        reqwest::multipart::Part::bytes(images::jpeg(64, 48, 3)).file_name("p.jpg"),
-    );
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/media", serve.address))
-        .bearer_auth(ALICE)
-        .header("traceparent", &traceparent)
-        .header("tracestate", state)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let headers = [
+        ("traceparent", traceparent.as_str()),
+        ("tracestate", &state),
+    ];
+    let id = upload(&serve.address, images::jpeg(64, 48, 3), &headers).await;
     wait_processed(&serve.address, &id).await;
     drop(serve);
     let records = record_headers(dir.path(), "media.events").await;
@@ -508,21 +506,8 @@ async fn every_dashboard_panel_has_data_from_a_real_prometheus() {
     loop {
         let mut ids = Vec::new();
         for i in 0..5 {
-            let form = reqwest::multipart::Form::new().part(
-                "file",
-                reqwest::multipart::Part::bytes(images::jpeg(64, 48, round * 5 + i))
-                    .file_name("p.jpg"),
-            );
-            let response = client
-                .post(format!("{}/v1/media", serve.address))
-                .bearer_auth(ALICE)
-                .multipart(form)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 202);
-            let body: Value = response.json().await.unwrap();
-            ids.push(body["id"].as_str().unwrap().to_owned());
+            let jpeg = images::jpeg(64, 48, round * 5 + i);
+            ids.push(upload(&serve.address, jpeg, &[]).await);
         }
         for id in &ids {
             wait_processed(&serve.address, id).await;
