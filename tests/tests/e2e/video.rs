@@ -637,7 +637,13 @@ async fn a_sigkill_mid_job_leaves_one_set_of_renditions_after_the_restart() {
     let client = reqwest::Client::new();
     let (id, sha) = start_long_job(&client, &server).await;
     let needle = dir.path().join("transcode").to_string_lossy().into_owned();
-    assert!(videos::processes_mentioning(&needle) > 0, "ffmpeg runs");
+    // `processing` is announced before the first ffmpeg (the poster's) starts, and there is a
+    // moment between the poster's and the rendition's: wait for one to run.
+    let running = wait_until(Duration::from_secs(30), || async {
+        (videos::processes_mentioning(&needle) > 0).then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "ffmpeg runs");
     drop(server); // SIGKILL
     // ffmpeg dies with its transcoder rather than running on, orphaned.
     let orphans = wait_until(Duration::from_secs(5), || async {
