@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use conveyor_config::Settings;
 use conveyor_runtime::Stage;
 use conveyor_runtime::changes::Changes;
-use conveyor_runtime::consumer::report_lag;
+use conveyor_runtime::consumer::{LagOf, report_lag};
 use conveyor_runtime::http::ops::report_health;
 use conveyor_runtime::http::{ApiError, json_errors, not_found, ops_router, track_requests};
 use conveyor_runtime::keys::Keys;
@@ -244,22 +244,33 @@ pub async fn build_with(
             groups,
             // Every second: a load run reads lag from /metrics to see a group fall behind.
             Duration::from_secs(1),
+            LagOf::Always,
             shutdown.token.clone(),
         ));
     } else if role.runs(Part::Ingest) {
         // The producer watches the pipeline's groups from outside, so a group whose members
-        // are all gone, or never came, still shows its lag (the "no members" alert).
-        shutdown.tracker.spawn(report_lag(
-            backends.log.clone(),
-            settings.topic().to_owned(),
-            vec![
-                settings.processor.group.clone(),
-                settings.video.group.clone(),
-                settings.projector.group.clone(),
-            ],
-            Duration::from_secs(15),
-            shutdown.token.clone(),
-        ));
+        // are all gone, or never came, still shows its lag (the "no members" alert). Every
+        // deployment runs a processor and a projector; the transcoder group only counts once
+        // it has committed, since a deployment without video never runs one.
+        for (groups, of) in [
+            (
+                vec![
+                    settings.processor.group.clone(),
+                    settings.projector.group.clone(),
+                ],
+                LagOf::Always,
+            ),
+            (vec![settings.video.group.clone()], LagOf::OnceStarted),
+        ] {
+            shutdown.tracker.spawn(report_lag(
+                backends.log.clone(),
+                settings.topic().to_owned(),
+                groups,
+                Duration::from_secs(15),
+                of,
+                shutdown.token.clone(),
+            ));
+        }
     }
     shutdown.tracker.spawn(report_health(
         backends.clone(),
@@ -500,8 +511,17 @@ fn layers(router: Router, settings: &Settings, keys: Keys) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(conveyor_runtime::trace::request_span)
                 .on_response(
-                    |response: &axum::http::Response<_>, _: Duration, span: &tracing::Span| {
-                        conveyor_runtime::trace::record_status(span, response.status())
+                    |response: &axum::http::Response<_>,
+                     latency: Duration,
+                     span: &tracing::Span| {
+                        conveyor_runtime::trace::record_status(span, response.status());
+                        // The DEBUG line tower-http writes by default.
+                        tower_http::trace::OnResponse::on_response(
+                            tower_http::trace::DefaultOnResponse::new(),
+                            response,
+                            latency,
+                            span,
+                        );
                     },
                 )
                 .on_failure(

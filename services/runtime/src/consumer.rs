@@ -250,9 +250,12 @@ pub async fn run(
                             .record(taken.saturating_sub(record.timestamp).max(0) as f64 / 1e6);
                     }
                     // The batch runs in its first record's span; the others' spans, in their
-                    // own traces, cover the same time.
+                    // own traces, cover the same time. At most TRACED_PER_BATCH of them, so a
+                    // projector's or the archive's batch of thousands does not flood the
+                    // export's queue (2,048 spans).
                     let spans: Vec<tracing::Span> = batch
                         .iter()
+                        .take(TRACED_PER_BATCH)
                         .map(|record| crate::trace::record_span(&config.group, record))
                         .collect();
                     tasks.spawn(async move {
@@ -348,6 +351,10 @@ pub async fn run(
     Ok(())
 }
 
+/// Most records of one batch that get spans of their own (each gets two: its handling and its
+/// wait); the rest of a larger batch is handled untraced.
+const TRACED_PER_BATCH: usize = 16;
+
 /// How often a member looks for partitions revoked from it when nothing else wakes it: a
 /// revoke takes effect within this (plus the log's own notice: Kafka's rebalance callback runs
 /// on the driver thread, which polls at least every 100 ms).
@@ -430,15 +437,21 @@ async fn handle_with_retries(
         Outcome::GaveUp(error) if batch.len() > 1 => {
             tracing::warn!(group = %config.group, error = %error, size = batch.len(), "batch failed, retrying records one by one");
             for record in batch {
-                let single = std::slice::from_ref(&record);
-                match attempt(handler, config, single, stop).await {
-                    Outcome::Done => {}
-                    Outcome::Stopped => return false,
-                    Outcome::GaveUp(error) => {
-                        if !dead_letter(log, config, &record, &error, stop).await {
-                            return false;
+                // In the record's own trace, so its retry and dead letter show there, not in
+                // the batch's first record's.
+                let alone = async {
+                    let single = std::slice::from_ref(&record);
+                    match attempt(handler, config, single, stop).await {
+                        Outcome::Done => true,
+                        Outcome::Stopped => false,
+                        Outcome::GaveUp(error) => {
+                            dead_letter(log, config, &record, &error, stop).await
                         }
                     }
+                };
+                let span = crate::trace::record_span(&config.group, &record);
+                if !alone.instrument(span).await {
+                    return false;
                 }
             }
             true
@@ -519,6 +532,17 @@ async fn dead_letter(
     }
 }
 
+/// Which groups' lag [`report_lag`] publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LagOf {
+    /// Every group it is given, from the first report: a group that never committed shows
+    /// its whole backlog.
+    Always,
+    /// A group only once it has committed an offset, so one this deployment never runs (a
+    /// transcoder where there is no video) does not show as stalled.
+    OnceStarted,
+}
+
 /// Publishes `conveyor_consumer_lag{group, partition}` and `conveyor_consumer_lag_total{group}`
 /// for `groups` every `every`, until `stop`. Labels are bounded by groups × partitions. An
 /// autoscaler (KEDA) and the alert rules read these.
@@ -527,11 +551,14 @@ pub async fn report_lag(
     topic: String,
     groups: Vec<String>,
     every: Duration,
+    of: LagOf,
     stop: CancellationToken,
 ) {
     loop {
         for group in &groups {
             match log.lag(&topic, group).await {
+                Ok(partitions)
+                    if of == LagOf::OnceStarted && partitions.iter().all(|p| p.committed == 0) => {}
                 Ok(partitions) => {
                     let mut total = 0;
                     for p in partitions {

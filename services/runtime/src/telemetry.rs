@@ -3,8 +3,8 @@
 //!
 //! Traces are OpenTelemetry spans made from the `tracing` spans of target [`trace::TARGET`]
 //! (`crate::trace`) by `tracing-opentelemetry`, batched on a thread of their own and sent to a
-//! Zipkin v2 collector ([`crate::zipkin`]). With no endpoint set, no span of that target is enabled anywhere, so
-//! the hot path pays one cached callsite check per span.
+//! Zipkin v2 collector ([`crate::zipkin`]). With no endpoint set, no span of that target is
+//! made, so the hot path pays one check per request and per record.
 
 use anyhow::Context;
 use opentelemetry::trace::TracerProvider as _;
@@ -64,8 +64,14 @@ pub fn init(settings: &TelemetrySettings, service: &str) -> anyhow::Result<Telem
         let _ = Registry::default().with(fmt).try_init();
         return Ok(Telemetry { provider: None });
     };
-    let exporter = crate::zipkin::ZipkinExporter::new(endpoint, service)
-        .with_context(|| format!("failed to build the trace exporter for {endpoint}"))?;
+    // reqwest's blocking client may not be built, nor dropped, on a runtime's thread (debug
+    // builds panic): a thread of its own for each.
+    let exporter = std::thread::scope(|s| {
+        s.spawn(|| crate::zipkin::ZipkinExporter::new(endpoint, service))
+            .join()
+            .expect("building the exporter does not panic")
+    })
+    .with_context(|| format!("failed to build the trace exporter for {endpoint}"))?;
     let provider = SdkTracerProvider::builder()
         .with_span_processor(BatchSpanProcessor::builder(exporter).build())
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -94,7 +100,7 @@ pub fn init(settings: &TelemetrySettings, service: &str) -> anyhow::Result<Telem
         .with_filter(spans);
     if Registry::default().with(fmt).with(otel).try_init().is_err() {
         // Another subscriber came first (a test harness): nothing would reach this exporter.
-        let _ = provider.shutdown();
+        std::thread::spawn(move || provider.shutdown());
         return Ok(Telemetry { provider: None });
     }
     trace::enable(tracer, settings.trace_sample_ratio);

@@ -1,6 +1,6 @@
-//! One trace per upload, across processes: the W3C trace context (`traceparent`,
-//! `tracestate`) travels in HTTP headers and in the headers of every record Conveyor appends,
-//! on Kafka and on the embedded log alike.
+//! One trace per upload, across processes: the W3C trace context (`traceparent`) travels in
+//! HTTP headers and in the headers of every record Conveyor appends, on Kafka and on the
+//! embedded log alike.
 //!
 //! - An HTTP request gets a server span ([`request_span`]), the child of the caller's
 //!   `traceparent` when it sends one.
@@ -45,11 +45,19 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
-/// Whether a trace is kept: `ratio` of them, by the trace id's low 64 bits, as OpenTelemetry's
-/// `TraceIdRatioBased` sampler decides, so every process decides alike for one trace id.
+/// Whether the trace `trace_id` is kept at `ratio`: OpenTelemetry's own `TraceIdRatioBased`
+/// decision, so every process decides alike for one trace id.
 fn keep(trace_id: TraceId, ratio: f64) -> bool {
-    let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().expect("8 bytes"));
-    ratio >= 1.0 || (low >> 1) < (ratio * (1u64 << 63) as f64) as u64
+    use opentelemetry_sdk::trace::{Sampler, ShouldSample};
+    let result = Sampler::TraceIdRatioBased(ratio).should_sample(
+        None,
+        trace_id,
+        "",
+        &SpanKind::Internal,
+        &[],
+        &[],
+    );
+    result.decision == opentelemetry::trace::SamplingDecision::RecordAndSample
 }
 
 /// Adds the current span's `traceparent` to `headers`, so whoever handles the record continues
@@ -66,7 +74,6 @@ pub fn inject(headers: &mut Vec<(String, String)>) {
     }
     headers.retain(|(name, _)| name != "traceparent" && name != "tracestate");
     TraceContextPropagator::new().inject_context(&cx, &mut RecordHeaders(headers));
-    headers.retain(|(name, _)| name != "tracestate");
 }
 
 /// `record` with the current span's context in its headers ([`inject`]).
@@ -80,11 +87,19 @@ pub fn traced(mut record: Record) -> Record {
 /// A caller's `traceparent` gives the trace id and the parent, so a client's or an internal
 /// service's trace goes on through Conveyor; its `sampled` flag does not decide: this edge keeps
 /// `telemetry.trace_sample_ratio` of the traces whatever callers ask, and ignores `tracestate`.
-/// The probes and the scrape (`/healthz`, `/readyz`, `/metrics`) get no span. Record the
-/// response's status with [`record_status`].
+/// The probes and the scrape (`/healthz`, `/readyz`, `/metrics`) get no span. With traces
+/// off, the DEBUG `request` span logs always had. Record the response's status with
+/// [`record_status`].
 pub fn request_span<B>(request: &axum::http::Request<B>) -> Span {
     let Some((_, ratio)) = TRACER.get() else {
-        return Span::none();
+        // With traces off, the span tower-http's `DefaultMakeSpan` made for logs (DEBUG, so
+        // free unless `RUST_LOG` asks for it).
+        return tracing::debug_span!(
+            "request",
+            method = %request.method(),
+            uri = %request.uri(),
+            version = ?request.version(),
+        );
     };
     let route = request
         .extensions()
@@ -107,7 +122,9 @@ pub fn request_span<B>(request: &axum::http::Request<B>) -> Span {
     let parent = TraceContextPropagator::new().extract(&HttpHeaders(request.headers()));
     let caller = parent.span().span_context().clone();
     if caller.is_valid() {
-        let flags = if keep(caller.trace_id(), *ratio) {
+        // A draw of this edge's own: a decision by the trace id would be the caller's to make,
+        // since the caller picks the id. Later processes follow the flag this sets.
+        let flags = if rand::random::<f64>() < *ratio {
             TraceFlags::SAMPLED
         } else {
             TraceFlags::default()
@@ -186,7 +203,8 @@ pub fn record_span(group: &str, record: &Delivered) -> Span {
 }
 
 /// The context a record without `traceparent` is handled in: a remote parent whose trace and
-/// span ids are hashes of the record's topic, partition and offset (SHA-256), so every group,
+/// span ids are hashes (SHA-256) of the record's topic, partition, offset and append time (so a
+/// topic made again, whose offsets start over, gives new ids), so every group,
 /// in every process, puts its spans for that record in one trace, kept by the sampling ratio
 /// alike. The parent itself is never exported: the trace shows a missing root.
 fn record_context(record: &Delivered, ratio: f64) -> SpanContext {
@@ -195,6 +213,7 @@ fn record_context(record: &Delivered, ratio: f64) -> SpanContext {
         .chain_update(record.topic.as_bytes())
         .chain_update(record.partition.to_be_bytes())
         .chain_update(record.offset.to_be_bytes())
+        .chain_update(record.timestamp.to_be_bytes())
         .finalize();
     let trace_id = TraceId::from_bytes(digest[..16].try_into().expect("16 bytes"));
     let span_id = SpanId::from_bytes(digest[16..24].try_into().expect("8 bytes"));
@@ -210,10 +229,9 @@ fn record_context(record: &Delivered, ratio: f64) -> SpanContext {
 struct RecordHeaders<'a>(&'a mut Vec<(String, String)>);
 
 impl Injector for RecordHeaders<'_> {
-    /// Skips an empty value: the propagator writes `tracestate` even when there is none, and
-    /// an empty header on every record is bytes for nothing.
+    /// Writes `traceparent` only (see [`inject`]).
     fn set(&mut self, key: &str, value: String) {
-        if !value.is_empty() {
+        if key == "traceparent" {
             self.0.push((key.to_owned(), value));
         }
     }
@@ -256,13 +274,15 @@ impl Extractor for HttpHeaders<'_> {
 mod tests {
     use super::*;
 
-    /// A `traceparent` written into record headers is read back as the same remote context.
+    /// A `traceparent` written into record headers is read back as the same remote context,
+    /// and written again without the `tracestate` beside it.
     #[test]
     fn record_headers_carry_the_w3c_context() {
         let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let headers = vec![
             ("event-type".to_owned(), "media.uploaded".to_owned()),
             ("traceparent".to_owned(), sent.to_owned()),
+            ("tracestate".to_owned(), "vendor=opaque".to_owned()),
         ];
         let cx = TraceContextPropagator::new().extract(&ReadHeaders(&headers));
         let span = cx.span();
@@ -272,9 +292,38 @@ mod tests {
             got.trace_id().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
-        let mut out = vec![("traceparent".to_owned(), "stale".to_owned())];
-        out.retain(|(name, _)| name != "traceparent");
+        // Written back: the `traceparent` alone, never the `tracestate` that came with it.
+        let mut out = Vec::new();
         TraceContextPropagator::new().inject_context(&cx, &mut RecordHeaders(&mut out));
         assert_eq!(out, vec![("traceparent".to_owned(), sent.to_owned())]);
+    }
+
+    /// A record without context gets the same one in every group and process (its position
+    /// and append time decide the ids), and the ratio decides alike for it everywhere.
+    #[test]
+    fn a_record_without_context_gets_one_from_its_position() {
+        let record = |offset: u64, timestamp: i64| Delivered {
+            topic: "media.events".into(),
+            partition: 3,
+            offset,
+            key: Vec::new(),
+            headers: Vec::new(),
+            value: bytes::Bytes::new(),
+            timestamp,
+        };
+        let cx = record_context(&record(7, 1_000), 1.0);
+        assert!(cx.is_valid() && cx.is_remote() && cx.is_sampled());
+        assert_eq!(cx, record_context(&record(7, 1_000), 1.0));
+        let later_topic = record_context(&record(7, 2_000), 1.0);
+        assert_ne!(cx.trace_id(), later_topic.trace_id(), "a topic made again");
+        assert_ne!(
+            cx.trace_id(),
+            record_context(&record(8, 1_000), 1.0).trace_id()
+        );
+        assert!(!record_context(&record(7, 1_000), 0.0).is_sampled());
+        let kept = (0..1_000u64)
+            .filter(|&offset| record_context(&record(offset, 1_000), 0.25).is_sampled())
+            .count();
+        assert!((150..350).contains(&kept), "{kept} of 1000 kept at 0.25");
     }
 }
