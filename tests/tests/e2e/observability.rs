@@ -379,17 +379,7 @@ fn free_port() -> u16 {
 
 /// Debian's Prometheus, scraping `target` (`host:port`) every second, with its data in `dir`.
 /// Killed when dropped.
-struct Prometheus {
-    child: std::process::Child,
-    address: String,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+struct Prometheus(Process);
 
 impl Prometheus {
     /// `None`, after a loud skip, when Prometheus is not installed (a failure on CI, where
@@ -427,16 +417,16 @@ impl Prometheus {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("prometheus starts");
-        Some(Prometheus {
+        Some(Prometheus(Process {
             child,
             address: format!("http://127.0.0.1:{port}"),
-        })
+        }))
     }
 
     /// The instant query's result vector, or `None` while Prometheus does not answer.
     async fn query(&self, expr: &str) -> Option<Vec<Value>> {
         let body: Value = reqwest::Client::new()
-            .get(format!("{}/api/v1/query", self.address))
+            .get(format!("{}/api/v1/query", self.0.address))
             .query(&[("query", expr)])
             .send()
             .await

@@ -1136,15 +1136,7 @@ impl ScyllaReadStore {
             .execute_iter(self.prepared(Stmt::LedgerMonths).clone(), (owner,))
             .await
             .map_err(storage)?
-            .rows_stream::<(
-                i32,
-                Option<i64>,
-                Option<i64>,
-                Option<i64>,
-                Option<HashMap<i32, i64>>,
-                Option<HashMap<i32, i64>>,
-                Option<i64>,
-            )>()
+            .rows_stream::<LedgerMonthRow>()
             .map_err(storage)?;
         while let Some((bucket, live, bytes, placed, chunk_live, chunk_newest, s)) =
             rows.try_next().await.map_err(storage)?
@@ -1249,6 +1241,17 @@ type MonthRow = (
     Option<i64>,
     Option<HashMap<i32, i64>>,
     Option<HashMap<i32, i64>>,
+);
+
+/// A month row as [`Stmt::LedgerMonths`] reads it: a [`MonthRow`], then the partition's `seq`.
+type LedgerMonthRow = (
+    i32,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<HashMap<i32, i64>>,
+    Option<HashMap<i32, i64>>,
+    Option<i64>,
 );
 
 impl LedgerMonth {
