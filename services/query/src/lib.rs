@@ -121,6 +121,15 @@ impl QueryState {
         settings: &Settings,
         keys: conveyor_runtime::keys::Keys,
     ) -> Arc<Self> {
+        // At 0 from the start, so the hit ratio has data before the first read.
+        for cache in ["media", "owner"] {
+            for counter in [
+                "conveyor_query_cache_lookups_total",
+                "conveyor_query_cache_misses_total",
+            ] {
+                metrics::counter!(counter, "cache" => cache).increment(0);
+            }
+        }
         let ttl = Duration::from_millis(settings.query.cache_ttl_ms.max(1));
         let cache = Cache::builder()
             .max_capacity(settings.query.cache_capacity)

@@ -104,6 +104,8 @@ pub fn init(settings: &TelemetrySettings, service: &str) -> anyhow::Result<Telem
         return Ok(Telemetry { provider: None });
     }
     trace::enable(tracer, settings.trace_sample_ratio);
+    // At 0 from the start, so a rate over it is 0, not absent, until the first failure.
+    metrics::counter!("conveyor_trace_export_failures_total").increment(0);
     tracing::info!(%endpoint, ratio = settings.trace_sample_ratio, %service, "trace export on");
     Ok(Telemetry {
         provider: Some(provider),

@@ -84,6 +84,8 @@ pub fn traced(mut record: Record) -> Record {
 
 /// The server span of one HTTP request, named `{METHOD} {route}` (the route as matched, such
 /// as `/v1/media/{id}`, and a method outside the standard ones as `OTHER`, so names stay few).
+/// An error answer puts its code (`unsupported_media_type`, `incomplete_body`, …) in the
+/// span's `error.type`.
 /// A caller's `traceparent` gives the trace id and the parent, so a client's or an internal
 /// service's trace goes on through Conveyor; its `sampled` flag does not decide: this edge keeps
 /// `telemetry.trace_sample_ratio` of the traces whatever callers ask, and ignores `tracestate`.
@@ -118,6 +120,7 @@ pub fn request_span<B>(request: &axum::http::Request<B>) -> Span {
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
     );
     let parent = TraceContextPropagator::new().extract(&HttpHeaders(request.headers()));
     let caller = parent.span().span_context().clone();

@@ -262,6 +262,40 @@ async fn one_trace_holds_an_upload_its_processing_and_its_projection_in_serve() 
         services: ["conveyor-serve"; 3],
     };
     assert_one_trace(trace).await;
+
+    // Reported: a refused upload's span did not say why. Bytes that are no image, sent as one:
+    // the span carries the 415 and its error code.
+    let (refused_parent, refused_trace, _) = self::traceparent();
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(vec![7u8; 4096])
+            .file_name("p.jpg")
+            .mime_str("image/jpeg")
+            .unwrap(),
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/media", serve.address))
+        .bearer_auth(ALICE)
+        .header("traceparent", &refused_parent)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let refused = loop {
+        let spans = spans_of(&zipkin, &refused_trace).await;
+        if let Some(span) = spans.into_iter().find(|s| s.name == "post /v1/media") {
+            break span;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refused upload's span never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(refused.tags["http.response.status_code"], "415");
+    assert_eq!(refused.tags["error.type"], "unsupported_media_type");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

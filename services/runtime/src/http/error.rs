@@ -160,6 +160,8 @@ impl IntoResponse for ApiError {
                 );
             }
         }
+        // On the request's span, when traces are on: which error a 4xx or 5xx was.
+        tracing::Span::current().record("error.type", self.code);
         let body = ErrorBody::new(self.code, self.message);
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
